@@ -1,0 +1,164 @@
+"""The `saepipe` command line. Heavy imports (torch, zarr, transformer_lens) happen inside commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.config import DEFAULT_DATASET, DEFAULT_HOOK, DEFAULT_MODEL, CollectConfig, TrainConfig
+from pipeline.errors import SaepipeError
+
+EXIT_USER_ERROR = 2
+
+
+class _Group(click.Group):
+    """Turns the project's user-facing errors into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        from store_schema.schema import StoreError
+
+        try:
+            return super().invoke(ctx)
+        except (SaepipeError, StoreError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+
+def _device_option(f):
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")(f)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="saepipe")
+def main() -> None:
+    """Collect a model's activations once into a Zarr store, then train and evaluate SAEs from it."""
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, help="smollm2-135m (offline), an HF id, or a local HF model folder")
+@click.option("--dataset", default=DEFAULT_DATASET,
+              help="python-docs (offline), an HF dataset name, or local .txt/.jsonl/.parquet files (comma list or glob)")
+@click.option("--split", "dataset_split", default="train", help="dataset split (HF datasets)")
+@click.option("--text-column", default="text")
+@click.option("--hook", "hooks", multiple=True, default=[DEFAULT_HOOK], help="hook point; repeat for several")
+@click.option("--tokens", type=int, default=100_000, help="training rows (tokens) to collect; eval rows come on top")
+@click.option("--context-size", type=int, default=128)
+@click.option("--out", required=True, type=click.Path(), help="the store folder to write (STORE.zarr)")
+@click.option("--normalize", type=click.Choice(["center-scale", "token", "none"]), default="center-scale")
+@click.option("--eval-fraction", type=float, default=0.05, help="share of contexts held out for eval")
+@click.option("--batch-size", type=int, default=16, help="contexts per forward pass")
+@_device_option
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              help="the host model's dtype")
+@click.option("--seed", type=int, default=0)
+@click.option("--drop-first", type=int, default=1, help="positions [0, N) are not stored (0 is an attention sink)")
+@click.option("--shuffle-buffer-rows", type=int, default=65_536, help="rows shuffled together before writing")
+@click.option("--chunk-rows", type=int, default=8_192, help="rows per Zarr chunk")
+@click.option("--warmup-rows", type=int, default=65_536, help="rows the normalization is estimated from")
+@click.option("--nonfinite", type=click.Choice(["skip", "abort"]), default="skip",
+              help="contexts with NaN/inf activations: leave them out (counted) or stop")
+@click.option("--resume", is_flag=True, help="continue an interrupted collect (also done by re-running it)")
+@click.option("--overwrite", is_flag=True, help="replace whatever --out holds")
+@click.option("--no-progress", is_flag=True)
+def collect(no_progress: bool, **kwargs) -> None:
+    """Run the model once over the text and write normalized fp16 activations to a Zarr store."""
+    from stages.collect import run_collect
+
+    cfg = CollectConfig(**kwargs, progress=not no_progress)
+    cfg.hooks = tuple(cfg.hooks)
+    out = run_collect(cfg)
+    click.echo(f"store ready: {out}")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--hook", default=None, help="the store's hook to train on (default: its only hook)")
+@click.option("--arch", default="topk", help="SAE architecture")
+@click.option("--width", type=int, default=4096, help="number of latents (d_sae)")
+@click.option("--k", type=int, default=32, help="active latents per token (TopK)")
+@click.option("--tokens", type=int, default=1_000_000, help="training tokens (epochs repeat when above the store)")
+@click.option("--batch-size", type=int, default=4096)
+@click.option("--out", required=True, type=click.Path(), help="run folder to write")
+@click.option("--lr", type=float, default=None, help="default: 2e-4 / sqrt(width / 2^14) (TopK paper)")
+@click.option("--aux-k", type=int, default=None, help="AuxK latents (default d_in / 2)")
+@click.option("--aux-coef", type=float, default=1 / 32)
+@click.option("--dead-window", "dead_window_tokens", type=int, default=None,
+              help="tokens without firing before a latent counts as dead (default min(10M, tokens/4))")
+@_device_option
+@click.option("--seed", type=int, default=0)
+@click.option("--log-every", type=int, default=20, help="steps between training-log lines")
+@click.option("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+@click.option("--resume", is_flag=True, help="continue from the run folder's checkpoint")
+@click.option("--overwrite", is_flag=True, help="replace the run folder")
+@click.option("--no-progress", is_flag=True)
+def train(store: str, hook: str | None, no_progress: bool, **kwargs) -> None:
+    """Train an SAE on a store's training rows (the model is never loaded)."""
+    from stages.train import run_train
+    from store_schema.reader import open_store
+
+    if hook is None:
+        hooks = open_store(store).hooks
+        if len(hooks) > 1:
+            raise SaepipeError(f"the store holds several hooks ({', '.join(hooks)}): pick one with --hook")
+        hook = hooks[0]
+    out = run_train(TrainConfig(store=store, hook=hook, progress=not no_progress, **kwargs))
+    click.echo(f"run ready: {out}")
+
+
+@main.command(name="eval")
+@click.argument("run", type=click.Path())
+@click.option("--store", default=None, help="default: the store the SAE was trained on")
+@click.option("--model", default=None, help="default: the store's model")
+@click.option("--tokens", type=int, default=None, help="at most this many held-out tokens (default: all)")
+@click.option("--no-model", is_flag=True, help="store-only metrics; do not load the model")
+@_device_option
+@click.option("--no-progress", is_flag=True)
+def eval_(run: str, store: str | None, model: str | None, tokens: int | None, no_model: bool, device: str,
+          no_progress: bool) -> None:
+    """Evaluate a trained SAE on held-out rows; with the model, CE loss and KL with it spliced in."""
+    from stages.evaluate import format_table, run_eval
+
+    result = run_eval(run, store, model, tokens, use_model=not no_model, device=device, progress=not no_progress)
+    click.echo(format_table(result))
+    click.echo(f"written: {Path(run) / 'eval.json'}")
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the raw metadata as JSON")
+def info(path: str, as_json: bool) -> None:
+    """Describe a store or a run folder."""
+    from pipeline.describe import describe
+
+    summary = describe(path)
+    click.echo(json.dumps(summary, indent=2) if as_json else summary_text(summary))
+
+
+def summary_text(summary: dict, indent: str = "") -> str:
+    lines = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.append(summary_text(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return "\n".join(lines)
+
+
+@main.command(name="prepare-model")
+@click.argument("name", default=DEFAULT_MODEL)
+def prepare_model(name: str) -> None:
+    """Convert the offline default model once into the user cache (done by `make setup`)."""
+    from pipeline.host_models import prepare_default_model
+
+    if name != DEFAULT_MODEL:
+        raise SaepipeError(f"only the offline default {DEFAULT_MODEL} needs preparing; other models load directly")
+    click.echo(f"model ready: {prepare_default_model()}")
+
+
+if __name__ == "__main__":
+    main()

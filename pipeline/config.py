@@ -1,0 +1,131 @@
+"""Configuration of each stage as dataclasses, validated before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from pipeline.errors import SaepipeError
+from store_schema.normalization import MODES as NORMALIZATION_MODES
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DATASET = "python-docs"
+DEFAULT_HOOK = "blocks.15.hook_resid_post"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SaepipeError(message)
+
+
+@dataclass
+class CollectConfig:
+    out: str
+    model: str = DEFAULT_MODEL
+    dataset: str = DEFAULT_DATASET
+    dataset_split: str = "train"
+    text_column: str = "text"
+    hooks: tuple[str, ...] = (DEFAULT_HOOK,)
+    tokens: int = 100_000
+    context_size: int = 128
+    normalize: str = "center-scale"
+    eval_fraction: float = 0.05
+    batch_size: int = 16  # contexts per forward pass
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+    drop_first: int = 1  # positions [0, drop_first) are not stored: position 0 is an attention sink
+    shuffle_buffer_rows: int = 65_536
+    chunk_rows: int = 8_192
+    warmup_rows: int = 65_536
+    nonfinite: str = "skip"
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> CollectConfig:
+        _require(len(self.hooks) > 0, "give at least one --hook")
+        _require(len(set(self.hooks)) == len(self.hooks), "a --hook is given twice; name each hook once")
+        _require(self.tokens > 0, f"--tokens must be positive, got {self.tokens}")
+        _require(self.context_size >= 2, f"--context-size must be at least 2, got {self.context_size}")
+        _require(0 <= self.drop_first < self.context_size,
+                 f"--drop-first must be in [0, context size), got {self.drop_first}")
+        _require(0 <= self.eval_fraction < 0.5, f"--eval-fraction must be in [0, 0.5), got {self.eval_fraction}")
+        _require(self.normalize in NORMALIZATION_MODES,
+                 f"--normalize must be one of {', '.join(NORMALIZATION_MODES)}, got {self.normalize!r}")
+        _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        _require(self.chunk_rows > 0 and self.shuffle_buffer_rows > 0 and self.warmup_rows > 0,
+                 "--chunk-rows, --shuffle-buffer-rows and --warmup-rows must be positive")
+        _require(self.nonfinite in ("skip", "abort"), f"--nonfinite must be skip or abort, got {self.nonfinite!r}")
+        _require(self.dtype in ("float32", "bfloat16", "float16"),
+                 f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        _require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: pick one")
+        return self
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context_size - self.drop_first
+
+    def content_fields(self) -> dict:
+        """The fields that decide the store's bytes: equal fields mean a resumable, identical store."""
+        skip = {"out", "device", "overwrite", "resume", "progress"}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        fields["hooks"] = sorted(self.hooks)
+        return fields
+
+
+@dataclass
+class TrainConfig:
+    store: str
+    out: str
+    hook: str = DEFAULT_HOOK
+    arch: str = "topk"
+    width: int = 4096
+    k: int = 32
+    tokens: int = 1_000_000
+    batch_size: int = 4096
+    lr: float | None = None  # None: the TopK paper's 2e-4 / sqrt(width / 2**14)
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 6.25e-10
+    aux_k: int | None = None  # None: d_in // 2
+    aux_coef: float = 1 / 32
+    dead_window_tokens: int | None = None  # None: min(10M, tokens // 4)
+    geometric_median_rows: int = 8192
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 200
+    resident: bool | None = None
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> TrainConfig:
+        _require(self.arch == "topk", f"unknown --arch {self.arch!r}; available: topk")
+        _require(self.width > 0, f"--width must be positive, got {self.width}")
+        _require(0 < self.k <= self.width, f"--k must be in [1, width={self.width}], got {self.k}")
+        _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        _require(self.tokens >= self.batch_size,
+                 f"--tokens ({self.tokens:,}) must be at least one batch ({self.batch_size:,})")
+        _require(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
+        _require(0 <= self.warmup_frac < 1 and 0 <= self.decay_frac < 1 and self.warmup_frac + self.decay_frac <= 1,
+                 "warm-up and decay fractions must be in [0, 1) and sum to at most 1")
+        _require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: pick one")
+        return self
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / (self.width / 2**14) ** 0.5
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lr"] = self.resolved_lr()
+        for key in ("overwrite", "resume", "progress"):
+            d.pop(key)
+        return d

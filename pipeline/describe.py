@@ -1,0 +1,62 @@
+"""`saepipe info`: a short summary of a store or a run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import run_dir
+from pipeline.errors import SaepipeError
+
+
+def describe(path: str) -> dict:
+    p = Path(path)
+    if (p / run_dir.CONFIG).exists() or (p / run_dir.CHECKPOINT).exists():
+        return describe_run(p)
+    from store_schema.reader import open_store
+    from store_schema.schema import StoreError
+
+    try:
+        return describe_store(open_store(path))
+    except StoreError as e:
+        raise SaepipeError(f"{path} is neither a saepipe store nor a run folder ({e})") from None
+
+
+def describe_store(store) -> dict:
+    h = store.header
+    out = {
+        "store": store.location,
+        "schema": f"{h['schema']} v{h['schema_version']} (written by {h['writer']})",
+        "complete": store.complete,
+        "model": f"{h['model']['name']} (revision {h['model']['revision']}, d_model {h['d_model']}, {h['model']['dtype']})",
+        "text source": h["text_source"].get("name"),
+        "hooks": ", ".join(store.hooks),
+        "context size": f"{h['context_size']} (dropped positions {h['dropped_positions']})",
+        "rows": {s: f"{store.n_rows(s):,} of {h['layout']['planned_rows'][s]:,} planned" for s in ("train", "eval")},
+        "normalization": h["normalization_mode"],
+        "fingerprint": store.fingerprint,
+    }
+    for hook in store.hooks:
+        stats = store.running_stats("train", hook)
+        if stats is not None:
+            out[f"train stats {hook}"] = {"mean sq norm": round(stats.mean_sq_norm, 4),
+                                          "max |x|": round(stats.max_abs, 3),
+                                          "non-finite values": stats.nonfinite_values,
+                                          "skipped contexts": stats.nonfinite_contexts}
+    return out
+
+
+def describe_run(p: Path) -> dict:
+    if not (p / run_dir.CONFIG).exists():
+        return {"run": str(p), "state": "in progress (checkpoint only)"}
+    cfg = run_dir.load_config(p)
+    log = run_dir.read_log(p)
+    out = {"run": str(p), "finished": cfg.get("finished", False), "sae": json.dumps(cfg["sae"]),
+           "hook": cfg["hook"], "store": cfg["store"]["path"], "normalization": cfg["normalization"]["mode"]}
+    if log:
+        last = log[-1]
+        out["last log"] = {k: last[k] for k in ("step", "tokens", "loss", "fve", "l0", "dead_fraction")}
+    if (p / run_dir.EVAL).exists():
+        ev = json.loads((p / run_dir.EVAL).read_text())
+        out["eval"] = {k: ev[k] for k in ("fve", "l0", "dead_fraction", "ce_recovered", "kl") if k in ev}
+    return out

@@ -1,0 +1,95 @@
+"""The run folder that training writes and eval/report read: names, saving, loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import SaepipeError
+
+SAE_WEIGHTS = "sae.safetensors"
+CONFIG = "cfg.json"
+TRAIN_LOG = "train_log.jsonl"
+CHECKPOINT = "checkpoint.pt"
+EVAL = "eval.json"
+SAELENS = "saelens"
+
+
+def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:
+    """Make `run_dir` ready for training; True when resuming from its checkpoint."""
+    if resume:
+        if (run_dir / CHECKPOINT).exists():
+            return True
+        if (run_dir / SAE_WEIGHTS).exists():
+            raise SaepipeError(f"{run_dir} holds a finished run with no checkpoint to resume: "
+                               f"pass --overwrite to train again")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise SaepipeError(f"--out {run_dir} is not empty: pass --resume to continue its run, "
+                               f"--overwrite to replace it, or choose another --out")
+        if not ((run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists()):
+            raise SaepipeError(f"--out {run_dir} is not a saepipe run folder; refusing to overwrite it: "
+                               f"choose another --out")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_torch_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_sae(run_dir: Path, sae: torch.nn.Module, config: dict) -> None:
+    tmp = run_dir / (SAE_WEIGHTS + ".tmp")
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp))
+    os.replace(tmp, run_dir / SAE_WEIGHTS)
+    write_json_atomic(run_dir / CONFIG, config)
+
+
+def load_config(run_dir: Path) -> dict:
+    cfg_path = Path(run_dir) / CONFIG
+    if not cfg_path.exists():
+        raise SaepipeError(f"{run_dir} is not a finished saepipe run (no {CONFIG}): train it with `saepipe train`")
+    return json.loads(cfg_path.read_text())
+
+
+def load_sae(run_dir: Path, device: torch.device | str = "cpu"):
+    """(SAE module, cfg dict) of a finished run."""
+    from stages.saes import build_sae
+
+    cfg = load_config(run_dir)
+    weights = Path(run_dir) / SAE_WEIGHTS
+    if not weights.exists():
+        raise SaepipeError(f"{run_dir} has a {CONFIG} but no {SAE_WEIGHTS}: the run did not finish; "
+                           f"resume it with `saepipe train ... --resume`")
+    sae = build_sae(cfg["sae"])
+    sae.load_state_dict(load_file(str(weights)))
+    return sae.to(device).eval(), cfg
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / TRAIN_LOG
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(run_dir: Path, last_step: int) -> None:
+    """Keep log lines up to `last_step` (a resume redoes the steps after its checkpoint)."""
+    kept = [row for row in read_log(run_dir) if row["step"] <= last_step]
+    tmp = Path(run_dir) / (TRAIN_LOG + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(tmp, Path(run_dir) / TRAIN_LOG)

@@ -1,0 +1,414 @@
+"""Where the text comes from, and how it is cut into fixed-size token contexts.
+
+Three kinds of text source:
+
+* ``python-docs`` (``kind="builtin"``): the documentation that ships with the running Python
+  (``pydoc_data.topics`` plus the docstrings of the standard library, read with ``ast`` so no
+  module is imported). Needs no network and no download; the offline default.
+* a Hugging Face dataset name (``kind="hf"``): ``datasets.load_dataset(name, split=..., streaming=...)``.
+* local files (``kind="files"``): a path, a comma-separated list of paths or a glob of
+  ``.txt`` (one document per file), ``.jsonl``/``.json`` or ``.parquet`` files.
+
+``open_text_source`` validates eagerly, so a bad ``--dataset`` fails before any model is loaded.
+``pack_contexts`` tokenizes documents lazily and packs them into ``[n, context_size]`` int32 rows.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import os
+import sys
+import sysconfig
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import SaepipeError
+
+PYTHON_DOCS = "python-docs"
+
+# File suffix -> (datasets packaged builder, extra load_dataset kwargs).
+_FILE_LOADERS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".txt": ("text", {"sample_by": "document"}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+# Suffixes that clearly name a local data file we do not read: such an argument is treated as
+# a file (so the user gets "unknown extension"), never sent to the Hub as a dataset name.
+_OTHER_FILE_SUFFIXES = {
+    ".csv", ".tsv", ".arrow", ".feather", ".md", ".rst", ".html", ".htm", ".xml", ".pdf",
+    ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".tgz", ".7z", ".npy", ".npz", ".pkl",
+    ".pickle", ".pt", ".bin", ".safetensors", ".zarr", ".h5", ".hdf5", ".doc", ".docx",
+    ".text", ".log", ".py", ".yaml", ".yml", ".ndjson", ".pq",
+}
+_GLOB_CHARS = set("*?[")
+
+# Directories of the standard library whose docstrings are not used for python-docs.
+_STDLIB_SKIP_DIRS = frozenset({
+    "site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
+    "ensurepip", "__pycache__",
+})
+
+_HF_BATCH = 64  # rows fetched per batch when iterating a datasets object
+
+
+@dataclass(frozen=True)
+class TextSource:
+    name: str  # "python-docs", an HF dataset name, or a description of local files
+    kind: str  # "builtin" | "hf" | "files"
+    split: str | None
+    text_column: str | None
+    paths: tuple[str, ...] = ()  # local files, resolved absolute, sorted (empty otherwise)
+    # The datasets object opened (and checked) by open_text_source; reused by documents().
+    _dataset: Any = field(default=None, repr=False, compare=False, hash=False)
+
+    def describe(self) -> dict:
+        """JSON-able record of where the text came from, for store metadata."""
+        record: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "split": self.split,
+            "text_column": self.text_column,
+            "paths": list(self.paths),
+        }
+        if self.kind == "builtin":
+            # The python-docs text is whatever this interpreter ships with.
+            record["python_version"] = sys.version
+        return record
+
+    def documents(self) -> Iterator[str]:
+        """Yield the document texts, lazily, in a deterministic order."""
+        if self.kind == "builtin":
+            return _python_docs()
+        if self.kind in ("hf", "files"):
+            ds = self._dataset
+            if ds is None:  # constructed by hand rather than by open_text_source
+                ds = _reopen(self)
+            return _iter_column(ds, self.text_column or "text", self.name)
+        raise SaepipeError(f"unknown text source kind '{self.kind}': use 'builtin', 'hf' or 'files'")
+
+
+# --------------------------------------------------------------------------------------------
+# open_text_source
+
+
+def open_text_source(
+    dataset: str, split: str = "train", text_column: str = "text", streaming: bool = True
+) -> TextSource:
+    """Resolve ``dataset`` to a TextSource, checking eagerly that it can be read.
+
+    Raises SaepipeError (one line) for a missing file, an unknown extension, a dataset that
+    cannot be found or loaded, or a missing text column.
+    """
+    spec = (dataset or "").strip()
+    if not spec:
+        raise SaepipeError("no dataset given: pass --dataset python-docs, an HF dataset name, or local .txt/.jsonl/.parquet files")
+    if spec == PYTHON_DOCS:
+        return TextSource(name=PYTHON_DOCS, kind="builtin", split=None, text_column=None, paths=())
+    if _looks_like_files(spec):
+        return _open_files(spec, text_column, streaming)
+    return _open_hf(spec, split, text_column, streaming)
+
+
+def _looks_like_files(spec: str) -> bool:
+    if "," in spec or any(c in _GLOB_CHARS for c in spec):
+        return True
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or os.path.exists(spec):
+        return True
+    suffix = Path(spec).suffix.lower()
+    return suffix in _FILE_LOADERS or suffix in _OTHER_FILE_SUFFIXES
+
+
+def _expand_paths(spec: str) -> tuple[str, ...]:
+    found: set[str] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        pattern = os.path.expanduser(part)
+        if any(c in _GLOB_CHARS for c in pattern):
+            matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
+            if not matches:
+                raise SaepipeError(f"no files match '{part}': check the pattern, or pass the files explicitly")
+            found.update(os.path.abspath(m) for m in matches)
+            continue
+        if os.path.isdir(pattern):
+            raise SaepipeError(f"'{part}' is a directory: pass the files in it, e.g. '{os.path.join(part, '*.txt')}'")
+        if not os.path.isfile(pattern):
+            raise SaepipeError(f"file not found: '{part}': check the path, or use --dataset python-docs")
+        found.add(os.path.abspath(pattern))
+    if not found:
+        raise SaepipeError(f"no files named in '{spec}': pass local .txt/.jsonl/.parquet files")
+    return tuple(sorted(found))
+
+
+def _open_files(spec: str, text_column: str, streaming: bool) -> TextSource:
+    paths = _expand_paths(spec)
+    builders = set()
+    for p in paths:
+        suffix = Path(p).suffix.lower()
+        if suffix not in _FILE_LOADERS:
+            raise SaepipeError(
+                f"unknown file extension '{suffix or '(none)'}' for '{p}': use .txt, .jsonl/.json or .parquet files"
+            )
+        builders.add(_FILE_LOADERS[suffix][0])
+    if len(builders) > 1:
+        raise SaepipeError(
+            f"'{spec}' mixes file kinds ({', '.join(sorted(builders))}): pass files of one kind (.txt, .jsonl/.json or .parquet)"
+        )
+    builder = builders.pop()
+    extra = _FILE_LOADERS[Path(paths[0]).suffix.lower()][1]
+    # .txt files have a single column called "text"; --text-column does not apply to them.
+    column = "text" if builder == "text" else text_column
+    ds = _load_files(builder, paths, extra, streaming, spec)
+    _check_column(ds, column, spec)
+    return TextSource(name=spec, kind="files", split="train", text_column=column, paths=paths, _dataset=ds)
+
+
+def _load_files(builder: str, paths: tuple[str, ...], extra: dict, streaming: bool, spec: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=list(paths), split="train", streaming=streaming, **extra)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
+        raise SaepipeError(f"could not read '{spec}' as {builder} files ({_first_line(e)}): check the files") from e
+
+
+def _open_hf(name: str, split: str, text_column: str, streaming: bool) -> TextSource:
+    ds = _load_hf(name, split, streaming)
+    _check_column(ds, text_column, name)
+    return TextSource(name=name, kind="hf", split=split, text_column=text_column, paths=(), _dataset=ds)
+
+
+def _load_hf(name: str, split: str, streaming: bool):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split, streaming=streaming)
+    except Exception as e:  # noqa: BLE001 - offline it may be ConnectionError, FileNotFoundError, ...
+        msg = str(e)
+        if isinstance(e, (ValueError, KeyError)) and ("split" in msg.lower()):
+            raise SaepipeError(f"dataset '{name}' has no split '{split}' ({_first_line(e)}): pass another --split") from e
+        raise SaepipeError(
+            f"dataset '{name}' could not be loaded (not found locally and the hub is unreachable): "
+            "pass local .txt/.jsonl/.parquet files or use --dataset python-docs"
+        ) from e
+
+
+def _reopen(source: TextSource):
+    if source.kind == "files":
+        suffix = Path(source.paths[0]).suffix.lower() if source.paths else ""
+        if suffix not in _FILE_LOADERS:
+            raise SaepipeError(f"text source '{source.name}' has no readable files: pass .txt/.jsonl/.parquet files")
+        builder, extra = _FILE_LOADERS[suffix]
+        return _load_files(builder, source.paths, extra, True, source.name)
+    return _load_hf(source.name, source.split or "train", True)
+
+
+def _column_names(ds) -> list[str] | None:
+    features = getattr(ds, "features", None)
+    if features:
+        return list(features)
+    names = getattr(ds, "column_names", None)
+    return list(names) if names else None
+
+
+def _check_column(ds, column: str, label: str) -> None:
+    """Raise SaepipeError unless ``ds`` has a text column ``column``."""
+    names = _column_names(ds)
+    first_row = None
+    if names is None:
+        # Streaming JSON has no schema until read: look at the first row.
+        try:
+            first_row = next(iter(ds), None)
+        except Exception as e:  # noqa: BLE001
+            raise SaepipeError(f"could not read the first row of '{label}' ({_first_line(e)}): check the data") from e
+        if first_row is None:
+            raise SaepipeError(f"'{label}' holds no rows: use a dataset with text in it")
+        names = list(first_row)
+    if column not in names:
+        raise SaepipeError(
+            f"'{label}' has no column '{column}' (available columns: {', '.join(names) or 'none'}): "
+            "pass --text-column with one of them"
+        )
+    features = getattr(ds, "features", None)
+    if features and column in features:
+        dtype = getattr(features[column], "dtype", None)
+        if dtype not in ("string", "large_string"):
+            raise SaepipeError(
+                f"column '{column}' of '{label}' holds {features[column]!r}, not text: pass --text-column naming a text column"
+            )
+    elif first_row is not None and not isinstance(first_row.get(column), (str, type(None))):
+        raise SaepipeError(
+            f"column '{column}' of '{label}' holds {type(first_row[column]).__name__} values, not text: "
+            "pass --text-column naming a text column"
+        )
+
+
+def _iter_column(ds, column: str, label: str) -> Iterator[str]:
+    try:
+        ds = ds.select_columns([column])
+    except Exception:  # noqa: BLE001 - older objects without select_columns: iterate whole rows
+        pass
+    for batch in ds.iter(batch_size=_HF_BATCH):
+        for text in batch[column]:
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise SaepipeError(
+                    f"column '{column}' of '{label}' holds {type(text).__name__} values, not text: "
+                    "pass --text-column naming a text column"
+                )
+            yield text
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else ""
+    line = f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# python-docs
+
+
+def _python_docs() -> Iterator[str]:
+    """The documentation shipped with this Python, one document per pydoc topic and per module."""
+    try:
+        from pydoc_data.topics import topics  # a plain dict of strings; no side effects
+    except ImportError:  # some distributions package pydoc_data separately
+        topics = {}
+    for key in sorted(topics):
+        text = topics[key]
+        if text and text.strip():
+            yield text
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for rel in _stdlib_sources(stdlib):
+        doc = _module_document(stdlib / rel, rel)
+        if doc:
+            yield doc
+
+
+def _stdlib_sources(stdlib: Path) -> list[str]:
+    """Relative POSIX paths of the stdlib .py files used for python-docs, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+        for name in filenames:
+            if name.endswith(".py"):
+                found.append(Path(dirpath, name).relative_to(stdlib).as_posix())
+    return sorted(found)
+
+
+def _module_name(rel: str) -> str:
+    parts = rel[: -len(".py")].split("/")
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts) or rel
+
+
+def _module_document(path: Path, rel: str) -> str:
+    try:
+        source = path.read_bytes()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. SyntaxWarning for invalid escapes
+            tree = ast.parse(source, filename=str(path))
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError, RecursionError, MemoryError):
+        return ""
+    sections = []
+    module_doc = ast.get_docstring(tree)
+    if module_doc:
+        sections.append(f"module {_module_name(rel)}\n{module_doc}")
+    sections.extend(_definition_docs(tree.body, prefix=""))
+    return "\n\n".join(sections)
+
+
+def _definition_docs(body: list[ast.stmt], prefix: str) -> Iterator[str]:
+    """Docstrings of the classes and functions defined in ``body`` (and in nested classes)."""
+    for node in body:
+        if isinstance(node, ast.ClassDef):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield f"class {prefix}{node.name}\n{doc}"
+            yield from _definition_docs(node.body, prefix=f"{prefix}{node.name}.")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                keyword = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+                try:
+                    args = ast.unparse(node.args)
+                except Exception:  # noqa: BLE001 - unparse of exotic defaults; keep the docstring
+                    args = "..."
+                yield f"{keyword} {prefix}{node.name}({args})\n{doc}"
+
+
+# --------------------------------------------------------------------------------------------
+# packing
+
+
+def pack_contexts(
+    documents: Iterable[str],
+    encode: Callable[[str], list[int]],
+    *,
+    context_size: int,
+    n_contexts: int,
+    bos_token_id: int,
+    separator_token_id: int,
+    progress: bool = True,
+) -> np.ndarray:
+    """Pack tokenized documents into an int32 ``[n_contexts, context_size]`` array.
+
+    Every row starts with ``bos_token_id``; the other ``context_size - 1`` positions are filled, in
+    order, from the stream ``doc0 + [sep] + doc1 + [sep] + ...`` (empty documents are skipped, and
+    a document may run on into the next row). Documents are pulled and encoded one at a time and no
+    more are read once the last row is full. Raises SaepipeError if the documents run out first.
+    """
+    from tqdm.auto import tqdm
+
+    if context_size < 2:
+        raise SaepipeError(f"context size {context_size} is too small: use at least 2 (BOS plus one token)")
+    if n_contexts < 0:
+        raise SaepipeError(f"cannot pack {n_contexts} contexts: ask for a positive number")
+    out = np.empty((n_contexts, context_size), dtype=np.int32)
+    if n_contexts == 0:
+        return out
+    out[:, 0] = bos_token_id
+    sep = np.asarray([separator_token_id], dtype=np.int32)
+    row, col = 0, 1  # next position to fill
+    stream_tokens = 0
+    first = True
+    bar = tqdm(total=n_contexts, unit="ctx", desc="packing contexts", file=sys.stderr, disable=not progress)
+    try:
+        for doc in documents:
+            if not doc:
+                continue
+            tokens = np.asarray(encode(doc), dtype=np.int32).reshape(-1)
+            if tokens.size == 0:
+                continue
+            for piece in ((tokens,) if first else (sep, tokens)):
+                first = False
+                stream_tokens += piece.size
+                start = 0
+                while start < piece.size:
+                    take = min(context_size - col, piece.size - start)
+                    out[row, col : col + take] = piece[start : start + take]
+                    start += take
+                    col += take
+                    if col == context_size:
+                        row += 1
+                        col = 1
+                        bar.update(1)
+                        if row == n_contexts:
+                            return out  # full: do not pull another document
+    finally:
+        bar.close()
+    raise SaepipeError(
+        f"the text source yields only {row} contexts of {context_size} tokens ({stream_tokens} tokens); "
+        "ask for fewer tokens or use a larger dataset"
+    )

@@ -1,0 +1,259 @@
+"""Stage one: run the host model once over packed text and write normalized, shuffled fp16 rows.
+
+The work is cut into blocks of whole contexts (the shuffle buffer). The main thread runs the model
+over a block, stopping at the deepest hook; a writer thread normalizes it, permutes its rows, writes
+them and commits. A block depends only on (seed, block index), so a killed collect resumes at the first
+uncommitted block and ends bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.config import CollectConfig
+from pipeline.errors import SaepipeError
+from store_schema import schema
+from store_schema.normalization import Normalization
+from store_schema.reader import ActivationStore
+from store_schema.writer import StoreWriter
+
+
+@dataclass
+class _Block:
+    """Raw activations of one block's contexts, as produced by the forward pass."""
+
+    split: str
+    index: int
+    contexts: np.ndarray  # context indices whose activations are all finite, in block order
+    raw: dict[str, torch.Tensor]  # hook -> float32 [len(contexts), rows_per_context, d] on CPU
+    nonfinite: dict[str, tuple[int, int]]  # hook -> (non-finite values, contexts hit)
+    dropped: list[int]  # contexts skipped for non-finite activations
+
+
+def plan_action(cfg: CollectConfig) -> str:
+    """What to do with --out: 'create', 'resume' or 'done'. Refuses to touch another store."""
+    out = Path(cfg.out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return "create"
+    try:
+        existing = ActivationStore.open(out)
+    except schema.StoreError:
+        if cfg.overwrite:
+            return "create"
+        raise SaepipeError(f"--out {out} exists and is not a saepipe store: choose another --out, "
+                           f"or pass --overwrite to replace it") from None
+    if cfg.overwrite:
+        return "create"
+    theirs = existing.header.get("collect_config", {})
+    ours = cfg.content_fields()
+    if existing.header.get("config_fingerprint") != schema.fingerprint(ours):
+        differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise SaepipeError(f"--out {out} holds a store of a different configuration (differs in: "
+                           f"{', '.join(differing) or 'version'}): pass --overwrite to replace it, or choose another --out")
+    return "done" if existing.complete else "resume"
+
+
+def run_collect(cfg: CollectConfig) -> Path:
+    cfg.validate()
+    out = Path(cfg.out)
+    action = plan_action(cfg)
+    if action == "done":
+        print(f"store {out} is already complete for this configuration; nothing to do", file=sys.stderr)
+        return out
+
+    from pipeline.host_models import load_host_model, validate_hooks
+
+    model = load_host_model(cfg.model, cfg.device, cfg.dtype)
+    hooks = validate_hooks(model, list(cfg.hooks))
+    if action == "create":
+        if out.exists():
+            shutil.rmtree(out)
+        writer = _create_store(cfg, model, hooks)
+    else:
+        writer = StoreWriter.open(out)
+        if writer.header["model"]["revision"] != model.revision:
+            raise SaepipeError(f"--out {out} was collected from other weights of {cfg.model} "
+                               f"(revision {writer.header['model']['revision']}, now {model.revision}): "
+                               f"pass --overwrite to start again")
+        done = {s: writer.progress(s)["rows_committed"] for s in schema.SPLITS}
+        print(f"resuming {out}: {done['train']:,} train and {done['eval']:,} eval rows already committed",
+              file=sys.stderr)
+    _fill_store(cfg, model, hooks, writer)
+    writer.finalize()
+    return out
+
+
+def _create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
+    from pipeline.text_sources import open_text_source, pack_contexts
+
+    source = open_text_source(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column)
+    tok = model.tokenizer
+    separator = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
+    n_contexts = schema.contexts_needed(cfg.tokens, cfg.rows_per_context, cfg.eval_fraction)
+    tokens = pack_contexts(source.documents(), tok.encode, context_size=cfg.context_size, n_contexts=n_contexts,
+                           bos_token_id=tok.bos_token_id, separator_token_id=separator, progress=cfg.progress)
+    context_split = schema.assign_split(n_contexts, cfg.eval_fraction, cfg.seed)
+    n_train, n_eval = schema.split_counts(n_contexts, cfg.eval_fraction)
+    content = cfg.content_fields()
+    header = {
+        "schema": schema.SCHEMA_NAME,
+        "schema_version": schema.SCHEMA_VERSION,
+        "writer": f"saepipe {__version__}",
+        "config_fingerprint": schema.fingerprint(content),
+        "collect_config": content,
+        "model": {"name": cfg.model, "revision": model.revision, "d_model": model.d_model,
+                  "n_layers": model.n_layers, "dtype": cfg.dtype},
+        "text_source": {**source.describe(), "tokens_fingerprint": schema.tokens_fingerprint(tokens)},
+        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "bos_token_id": tok.bos_token_id,
+                      "separator_token_id": separator, "bos_at_position_0": True},
+        "context_size": cfg.context_size,
+        "dropped_positions": list(range(cfg.drop_first)),
+        "hooks": hooks,
+        "d_model": model.d_model,
+        "token_budget": cfg.tokens,
+        "shuffle": {"seed": cfg.seed, "buffer_rows": cfg.shuffle_buffer_rows,
+                    "contexts_per_block": _contexts_per_block(cfg)},
+        "split": {"eval_fraction": cfg.eval_fraction, "n_train_contexts": n_train, "n_eval_contexts": n_eval},
+        "normalization_mode": cfg.normalize,
+        "warmup_rows": cfg.warmup_rows,
+        "nonfinite_policy": cfg.nonfinite,
+    }
+    planned = {"train": n_train * cfg.rows_per_context, "eval": n_eval * cfg.rows_per_context}
+    return StoreWriter.create(cfg.out, header, tokens, context_split, planned, cfg.chunk_rows)
+
+
+def _contexts_per_block(cfg: CollectConfig) -> int:
+    return max(1, cfg.shuffle_buffer_rows // cfg.rows_per_context)
+
+
+def _block_plan(cfg: CollectConfig, context_split: np.ndarray, split: str) -> list[np.ndarray]:
+    """The split's contexts cut into blocks; training contexts in a seeded random order, so every block
+    (the first one, which fixes the normalization, included) samples the whole corpus."""
+    ids = np.flatnonzero(context_split == schema.SPLIT_CODES[split])
+    if split == "train":
+        ids = np.random.default_rng([cfg.seed, 0x0D3]).permutation(ids)
+    per_block = _contexts_per_block(cfg)
+    return [ids[i:i + per_block] for i in range(0, len(ids), per_block)]
+
+
+def _fill_store(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter) -> None:
+    tokens = writer.group[schema.TOKENS][:]
+    context_split = writer.group[schema.CONTEXT_SPLIT][:]
+    plans = {split: _block_plan(cfg, context_split, split) for split in schema.SPLITS}
+    planned_rows = sum(len(ids) for blocks in plans.values() for ids in blocks) * cfg.rows_per_context
+    committed_contexts = sum(len(ids) for split in schema.SPLITS
+                             for ids in plans[split][:writer.progress(split)["blocks_done"]])
+    sink = _BlockSink(cfg, writer, hooks)
+    bar = tqdm(total=planned_rows, initial=committed_contexts * cfg.rows_per_context, unit="tok",
+               unit_scale=True, desc="collect", disable=not cfg.progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool:
+        pending: Future | None = None
+        for split in schema.SPLITS:
+            for index in range(writer.progress(split)["blocks_done"], len(plans[split])):
+                block = _forward_block(cfg, model, hooks, tokens, split, index, plans[split][index], bar)
+                if pending is not None:
+                    pending.result()  # one block in flight: bounded memory, writer errors surface here
+                pending = pool.submit(sink.write, block)
+        if pending is not None:
+            pending.result()
+    bar.close()
+
+
+def _forward_block(cfg: CollectConfig, model, hooks: list[str], tokens: np.ndarray, split: str, index: int,
+                   contexts: np.ndarray, bar: tqdm) -> _Block:
+    from pipeline.host_models import run_to_hooks
+
+    kept, dropped = [], []
+    raw: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    nonfinite = {h: [0, 0] for h in hooks}
+    for start in range(0, len(contexts), cfg.batch_size):
+        ids = contexts[start:start + cfg.batch_size]
+        batch = torch.from_numpy(tokens[ids].astype(np.int64))
+        acts = run_to_hooks(model, batch, hooks)
+        finite = torch.ones(len(ids), dtype=torch.bool)
+        per_hook = {}
+        for hook in hooks:
+            x = acts[hook][:, cfg.drop_first:, :].float()
+            bad_values = (~torch.isfinite(x)).sum(dim=(1, 2)).cpu()
+            nonfinite[hook][0] += int(bad_values.sum())
+            nonfinite[hook][1] += int((bad_values > 0).sum())
+            finite &= bad_values == 0
+            per_hook[hook] = x.cpu()
+        if not bool(finite.all()):
+            bad = [int(c) for c in ids[~finite.numpy()]]
+            if cfg.nonfinite == "abort":
+                raise SaepipeError(f"non-finite activations in context(s) {bad[:5]} of the {split} split: "
+                                   f"rerun with --nonfinite skip to leave such contexts out (they are counted)")
+            dropped += bad
+        kept.append(ids[finite.numpy()])
+        for hook in hooks:
+            raw[hook].append(per_hook[hook][finite])
+        bar.update(int(finite.sum()) * cfg.rows_per_context)
+    return _Block(split, index, np.concatenate(kept) if kept else np.zeros(0, np.int64),
+                  {h: torch.cat(v) for h, v in raw.items()},
+                  {h: (v[0], v[1]) for h, v in nonfinite.items()}, dropped)
+
+
+class _BlockSink:
+    """Runs on the writer thread: normalize, permute, cast to fp16, write, commit."""
+
+    def __init__(self, cfg: CollectConfig, writer: StoreWriter, hooks: list[str]):
+        self.cfg, self.writer, self.hooks = cfg, writer, hooks
+        self.norms = writer.normalizations()
+        self.positions = np.arange(cfg.drop_first, cfg.context_size, dtype=np.int16)
+
+    def _fix_normalization(self, block: _Block) -> None:
+        if not len(block.contexts):
+            raise SaepipeError("every context of the first block had non-finite activations: "
+                               "the model or its dtype is broken (try --dtype float32)")
+        norms = {}
+        for hook in self.hooks:
+            sample = block.raw[hook].reshape(-1, block.raw[hook].shape[-1])[:self.cfg.warmup_rows]
+            norms[hook] = Normalization.estimate(self.cfg.normalize, sample)
+        self.writer.record_normalization(norms)
+        self.norms = self.writer.normalizations()  # use the recorded float32 values, as a resume would
+
+    def write(self, block: _Block) -> None:
+        if self.norms is None:
+            self._fix_normalization(block)
+        n_ctx, rows_per_ctx = len(block.contexts), self.cfg.rows_per_context
+        n = n_ctx * rows_per_ctx
+        perm = np.arange(n)
+        if block.split == "train":
+            perm = np.random.default_rng([self.cfg.seed, schema.SPLIT_CODES[block.split], block.index]).permutation(n)
+        row_context = np.repeat(block.contexts, rows_per_ctx)[perm]
+        row_position = np.tile(self.positions, n_ctx)[perm]
+        progress = self.writer.progress(block.split)
+        stats = {h: self.writer.running_stats(block.split, h) for h in self.hooks}
+        acts, row_stats = {}, {}
+        for hook in self.hooks:
+            rows = block.raw[hook].reshape(n, -1)
+            normalized, per_row = self.norms[hook].apply(rows)
+            acts[hook] = _to_fp16(normalized.numpy()[perm], hook)
+            if per_row is not None:
+                row_stats[hook] = per_row.numpy()[perm]
+            stats[hook].update(acts[hook])
+            stats[hook].nonfinite_values += block.nonfinite[hook][0]
+            stats[hook].nonfinite_contexts += block.nonfinite[hook][1]
+        start = progress["rows_committed"]
+        self.writer.write_rows(block.split, start, acts, row_context, row_position, row_stats or None)
+        skipped = self.writer.header["progress"]["skipped_contexts"] + block.dropped
+        self.writer.commit(block.split, block.index + 1, start + n, stats, skipped)
+
+
+def _to_fp16(rows: np.ndarray, hook: str) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        out = rows.astype(np.float16)
+    if not np.isfinite(out).all():
+        raise SaepipeError(f"normalized activations at {hook} overflow float16 (max |x| {np.abs(rows).max():.3g}): "
+                           f"use --normalize center-scale or token, or drop outlier positions with --drop-first")
+    return out

@@ -1,0 +1,17 @@
+"""SAE architectures, one module each, all trained by stages.train."""
+
+from __future__ import annotations
+
+from stages.saes.base import SparseAutoencoder, SparseCode
+from stages.saes.topk import TopKSAE
+
+ARCHITECTURES = {"topk": TopKSAE}
+
+
+def build_sae(config: dict) -> SparseAutoencoder:
+    """Rebuild an SAE module (uninitialized weights) from `SparseAutoencoder.config()`."""
+    params = {k: v for k, v in config.items() if k != "arch"}
+    return ARCHITECTURES[config["arch"]](**params)
+
+
+__all__ = ["ARCHITECTURES", "SparseAutoencoder", "SparseCode", "TopKSAE", "build_sae"]

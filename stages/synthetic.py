@@ -1,0 +1,78 @@
+"""Ground truth for SAE recipes: activations built from known sparse features, written as a store.
+
+Each row is a sparse non-negative combination of unit "feature" directions plus Gaussian noise; feature
+i fires independently with probability `frequencies[i]` (spread log-uniformly, so rare and common
+features both exist). An SAE trained right recovers the directions as decoder rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from store_schema import schema
+from store_schema.normalization import Normalization
+from store_schema.writer import StoreWriter
+
+
+@dataclass(frozen=True)
+class PlantedFeatures:
+    directions: np.ndarray  # float32 [n_features, d], unit rows
+    frequencies: np.ndarray  # float64 [n_features], firing probability per row
+
+    @classmethod
+    def make(cls, d: int, n_features: int, *, min_freq: float = 0.005, max_freq: float = 0.05,
+             seed: int = 0) -> PlantedFeatures:
+        rng = np.random.default_rng(seed)
+        directions = rng.standard_normal((n_features, d)).astype(np.float32)
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        frequencies = np.exp(rng.uniform(np.log(min_freq), np.log(max_freq), n_features))
+        return cls(directions, frequencies)
+
+    def sample(self, n: int, *, noise: float = 0.01, seed: int = 1) -> np.ndarray:
+        """float32 [n, d] rows; magnitudes of active features uniform in [0.5, 1.5]."""
+        rng = np.random.default_rng(seed)
+        active = rng.random((n, len(self.frequencies))) < self.frequencies
+        magnitudes = rng.uniform(0.5, 1.5, active.shape) * active
+        rows = magnitudes.astype(np.float32) @ self.directions
+        return rows + noise * rng.standard_normal(rows.shape).astype(np.float32)
+
+    def recovered_fraction(self, decoder_rows: torch.Tensor | np.ndarray, threshold: float = 0.9) -> float:
+        """Share of planted directions matched by some decoder row at cosine >= threshold."""
+        dec = torch.as_tensor(decoder_rows, dtype=torch.float32)
+        dec = dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        best = (torch.from_numpy(self.directions) @ dec.T).max(dim=1).values
+        return float((best >= threshold).float().mean())
+
+
+def write_array_store(path: str | Path, train: np.ndarray, eval_rows: np.ndarray, *, hook: str = "synthetic",
+                      chunk_rows: int = 4096) -> Path:
+    """A complete store (normalization `none`) holding the given rows, as if collected: one position per
+    "context", so its mapping and token arrays are trivial. For tests and ground-truth benchmarks."""
+    d = train.shape[1]
+    n_train, n_eval = len(train), len(eval_rows)
+    tokens = np.zeros((n_train + n_eval, 2), np.int32)
+    split = np.concatenate([np.zeros(n_train, np.int8), np.ones(n_eval, np.int8)])
+    header = {
+        "schema": schema.SCHEMA_NAME, "schema_version": schema.SCHEMA_VERSION, "writer": "saepipe synthetic",
+        "config_fingerprint": schema.fingerprint({"synthetic": True, "n": [n_train, n_eval], "d": d}),
+        "collect_config": {}, "model": {"name": "synthetic", "revision": "synthetic", "d_model": d, "n_layers": 0,
+                                        "dtype": "float32"},
+        "text_source": {"name": "synthetic"}, "tokenizer": {}, "context_size": 2, "dropped_positions": [0],
+        "hooks": [hook], "d_model": d, "token_budget": n_train, "shuffle": {}, "split": {},
+        "normalization_mode": "none", "warmup_rows": 0, "nonfinite_policy": "skip",
+    }
+    writer = StoreWriter.create(path, header, tokens, split, {"train": n_train, "eval": n_eval}, chunk_rows)
+    writer.record_normalization({hook: Normalization("none")})
+    for name, rows, offset in (("train", train, 0), ("eval", eval_rows, n_train)):
+        fp16 = rows.astype(np.float16)
+        stats = schema.RunningStats(d)
+        stats.update(fp16)
+        contexts = np.arange(offset, offset + len(rows))
+        writer.write_rows(name, 0, {hook: fp16}, contexts, np.ones(len(rows), np.int16))
+        writer.commit(name, 1, len(rows), {hook: stats}, [])
+    writer.finalize()
+    return Path(path)

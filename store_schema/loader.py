@@ -1,0 +1,155 @@
+"""Shuffled training batches from one hook of a store.
+
+Two ways to serve them, picked by size:
+- resident: the whole split is read once (chunks decoded on a thread pool) into device memory as fp16,
+  and each epoch draws a fresh permutation of all rows; batches are converted to the compute dtype on
+  the device.
+- streaming: each epoch visits the chunks in a seeded random order, a window of whole chunks at a
+  time; a window's rows are permuted together (the mixing buffer) and cut into batches, while a
+  background thread reads the next window. Rows left over at the end of a window (fewer than a batch)
+  are skipped that epoch.
+
+Batch `i` depends only on (seed, i), never on what happened before, so a resumed run continues the
+exact sequence of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from store_schema.reader import ActivationStore
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+@dataclass(frozen=True)
+class _Window:
+    epoch: int
+    index: int
+    chunks: tuple[int, ...]
+    n_batches: int
+
+
+class ShuffledBatches:
+    def __init__(self, store: ActivationStore, hook: str, batch_size: int, *, device: torch.device,
+                 dtype: torch.dtype = torch.float32, seed: int = 0, split: str = "train",
+                 resident: bool | None = None, memory_fraction: float = 0.5, window_chunks: int = 8):
+        store.require_hook(hook)
+        self.store, self.hook, self.split = store, hook, split
+        self.batch_size, self.device, self.dtype, self.seed = batch_size, device, dtype, seed
+        self.n_rows = store.n_rows(split)
+        if self.n_rows < batch_size:
+            raise ValueError(f"the store's {split} split has {self.n_rows:,} rows, fewer than one batch of "
+                             f"{batch_size:,}: lower --batch-size or collect more tokens")
+        nbytes = self.n_rows * store.d_model * 2
+        self.resident = nbytes <= memory_fraction * available_memory_bytes(device) if resident is None else resident
+        self.window_chunks = window_chunks
+        self._rows: torch.Tensor | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        if self.resident:
+            return self.n_rows // self.batch_size
+        return sum(w.n_batches for w in self._windows(0))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """Endless batches [batch_size, d] in `dtype` on `device`, beginning with batch number `start`."""
+        return self._resident_batches(start) if self.resident else self._streamed_batches(start)
+
+    # -- resident -----------------------------------------------------------------------------------
+    def _resident_batches(self, start: int) -> Iterator[torch.Tensor]:
+        if self._rows is None:
+            rows = torch.from_numpy(self.store.read_rows(self.split, self.hook))
+            self._rows = rows.to(self.device)
+        per_epoch = self.n_rows // self.batch_size
+        epoch, step = divmod(start, per_epoch)
+        while True:
+            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            perm = torch.randperm(self.n_rows, generator=gen).to(self.device)
+            for j in range(step, per_epoch):
+                idx = perm[j * self.batch_size:(j + 1) * self.batch_size]
+                yield self._rows.index_select(0, idx).to(self.dtype)
+            epoch, step = epoch + 1, 0
+
+    # -- streaming ----------------------------------------------------------------------------------
+    def _windows(self, epoch: int) -> list[_Window]:
+        chunk = self.store.chunk_rows
+        n_chunks = -(-self.n_rows // chunk)
+        order = np.random.default_rng([self.seed, epoch, 0xC4]).permutation(n_chunks)
+        windows = []
+        for w, first in enumerate(range(0, n_chunks, self.window_chunks)):
+            chunks = tuple(int(c) for c in order[first:first + self.window_chunks])
+            rows = sum(min(chunk, self.n_rows - c * chunk) for c in chunks)
+            windows.append(_Window(epoch, w, chunks, rows // self.batch_size))
+        return windows
+
+    def _read_window(self, window: _Window) -> torch.Tensor:
+        chunk = self.store.chunk_rows
+        parts = [self.store.read_rows(self.split, self.hook, c * chunk, (c + 1) * chunk, threads=2)
+                 for c in window.chunks]
+        rows = np.concatenate(parts)
+        perm = np.random.default_rng([self.seed, window.epoch, window.index]).permutation(len(rows))
+        tensor = torch.from_numpy(rows[perm])
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+
+    def _streamed_batches(self, start: int) -> Iterator[torch.Tensor]:
+        def plan() -> Iterator[tuple[_Window, int]]:
+            """(window, first batch within it) from batch `start` on, skipping whole windows unread."""
+            epoch, skip = 0, start
+            while True:
+                for window in self._windows(epoch):
+                    if skip >= window.n_batches:
+                        skip -= window.n_batches
+                        continue
+                    yield window, skip
+                    skip = 0
+                epoch += 1
+
+        ready: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def read_ahead() -> None:
+            try:
+                for window, first in plan():
+                    if stop.is_set():
+                        return
+                    ready.put((window, first, self._read_window(window)))
+            except BaseException as e:  # surface read errors in the consuming thread
+                ready.put(e)
+
+        threading.Thread(target=read_ahead, daemon=True, name="saepipe-read-ahead").start()
+        try:
+            while True:
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                window, first, rows = item
+                for j in range(first, window.n_batches):
+                    batch = rows[j * self.batch_size:(j + 1) * self.batch_size]
+                    yield batch.to(self.device, non_blocking=True).to(self.dtype)
+        finally:
+            stop.set()
+
+
+def _mix(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])

@@ -1,0 +1,90 @@
+"""Activation normalization: estimated once from a warm-up sample, recorded in the store, inverted exactly.
+
+Modes (``x`` is one raw activation row of width ``d``):
+
+- ``center-scale``: ``x̂ = (x − μ) · c`` with ``μ`` the dataset mean and ``c = √d / E‖x − μ‖``,
+  both float32, estimated (in float64) from the warm-up sample and recorded. Inverse ``x = x̂ / c + μ``.
+- ``token``: per row, ``x̂ = (x − m) / s`` with ``m`` the row's own mean over ``d`` and
+  ``s = ‖x − m‖ / √d`` (so ``‖x̂‖ = √d``, the same scale as ``center-scale``). ``m`` and ``s`` are kept
+  per row (float32) so the map stays invertible: ``x = x̂ · s + m``.
+- ``none``: ``x̂ = x``.
+
+All arithmetic is float32 on the tensor's device, so a resumed collect normalizes bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MODES = ("center-scale", "token", "none")
+
+# Guard against a zero-norm row (e.g. an all-constant activation) in `token` mode.
+_TOKEN_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mode: str
+    mean: np.ndarray | None = None  # float32 [d], center-scale only
+    scale: float = 1.0  # the float32 value of c, center-scale only
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown normalization mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.mode == "center-scale" and self.mean is None:
+            raise ValueError("center-scale normalization needs a mean")
+
+    @property
+    def has_row_stats(self) -> bool:
+        """True when each stored row carries its own (mean, scale) pair needed to invert it."""
+        return self.mode == "token"
+
+    @classmethod
+    def estimate(cls, mode: str, sample: torch.Tensor) -> Normalization:
+        """Fix the normalization from a warm-up sample of raw rows [n, d] (float64 accumulation)."""
+        if mode != "center-scale":
+            return cls(mode)
+        x = sample.detach().to("cpu", torch.float64)
+        mean = x.mean(dim=0)
+        mean_norm = (x - mean).norm(dim=1).mean().item()
+        if not math.isfinite(mean_norm) or mean_norm <= 0:
+            raise ValueError("cannot estimate center-scale normalization: warm-up rows have no spread")
+        scale = float(np.float32(math.sqrt(x.shape[1]) / mean_norm))
+        return cls(mode, mean.numpy().astype(np.float32), scale)
+
+    def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw float32 rows [n, d] -> (normalized rows, per-row stats [n, 2] or None)."""
+        if self.mode == "none":
+            return x, None
+        if self.mode == "center-scale":
+            mean = torch.as_tensor(self.mean, device=x.device, dtype=torch.float32)
+            return (x - mean) * torch.tensor(self.scale, dtype=torch.float32, device=x.device), None
+        row_mean = x.mean(dim=1, keepdim=True)
+        centered = x - row_mean
+        row_scale = centered.norm(dim=1, keepdim=True) / math.sqrt(x.shape[1]) + _TOKEN_EPS
+        return centered / row_scale, torch.cat([row_mean, row_scale], dim=1)
+
+    def invert(self, x_hat: torch.Tensor, row_stats: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalized rows [..., d] -> raw rows (float32)."""
+        x_hat = x_hat.float()
+        if self.mode == "none":
+            return x_hat
+        if self.mode == "center-scale":
+            mean = torch.as_tensor(self.mean, device=x_hat.device, dtype=torch.float32)
+            return x_hat / torch.tensor(self.scale, dtype=torch.float32, device=x_hat.device) + mean
+        if row_stats is None:
+            raise ValueError("token normalization needs the per-row (mean, scale) stats to invert")
+        row_stats = row_stats.to(x_hat.device, torch.float32)
+        return x_hat * row_stats[..., 1:2] + row_stats[..., 0:1]
+
+    def to_attrs(self) -> dict:
+        """The JSON part; the mean vector is stored as an array beside it."""
+        return {"mode": self.mode, "scale": self.scale}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, mean: np.ndarray | None) -> Normalization:
+        return cls(attrs["mode"], None if mean is None else np.asarray(mean, dtype=np.float32), float(attrs["scale"]))

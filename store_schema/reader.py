@@ -1,0 +1,151 @@
+"""Opening and validating a store, and reading committed rows from it."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from store_schema import schema
+from store_schema.normalization import Normalization
+
+
+class ActivationStore:
+    """A read-only view of a store that shows committed rows only."""
+
+    def __init__(self, group: zarr.Group, location: str):
+        self.group = group
+        self.location = location
+        self.header = dict(group.attrs[schema.ATTRS_KEY])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ActivationStore:
+        location = str(path)
+        if "://" not in location and not Path(location).exists():
+            raise schema.StoreError(f"no store at {location}: run `saepipe collect --out {location}` first")
+        try:
+            group = zarr.open_group(store=location, mode="r")
+        except Exception as e:  # zarr raises several kinds for "not a group"
+            raise schema.StoreError(f"{location} is not a Zarr group ({type(e).__name__}); "
+                                    f"pass the folder that `saepipe collect --out` wrote") from e
+        header = group.attrs.get(schema.ATTRS_KEY)
+        if not isinstance(header, dict):
+            raise schema.StoreError(f"{location} is a Zarr group but not a saepipe activation store")
+        try:
+            schema.check_header(header)
+        except schema.StoreError as e:
+            raise schema.StoreError(f"{location}: {e}") from None
+        return cls(group, location)
+
+    # -- description --------------------------------------------------------------------------------
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.header["hooks"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.header["d_model"])
+
+    @property
+    def context_size(self) -> int:
+        return int(self.header["context_size"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.header["complete"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the store's contents: its configuration plus the rows committed so far."""
+        rows = {s: self.n_rows(s) for s in schema.SPLITS}
+        return schema.fingerprint({"config": self.header["config_fingerprint"], "rows": rows})
+
+    def n_rows(self, split: str) -> int:
+        return int(self.header["progress"][split]["rows_committed"])
+
+    def require_complete(self) -> None:
+        if not self.complete:
+            done = self.n_rows("train")
+            planned = self.header["layout"]["planned_rows"]["train"]
+            raise schema.StoreError(f"store {self.location} is incomplete ({done:,} of {planned:,} training rows "
+                                    f"committed): finish it by re-running the same `saepipe collect` command")
+
+    def require_hook(self, hook: str) -> None:
+        if hook not in self.hooks:
+            raise schema.StoreError(f"hook '{hook}' is not in store {self.location}; it holds: {', '.join(self.hooks)}")
+
+    def normalization(self, hook: str) -> Normalization:
+        saved = (self.header.get("normalization") or {}).get(hook)
+        if saved is None:
+            raise schema.StoreError(f"store {self.location} has no normalization recorded for '{hook}' yet")
+        mean = self.group[schema.norm_mean_path(hook)][:] if saved["mode"] == "center-scale" else None
+        return Normalization.from_attrs(saved, mean)
+
+    def running_stats(self, split: str, hook: str) -> schema.RunningStats | None:
+        saved = self.header["running_stats"][split].get(hook)
+        return None if saved is None else schema.RunningStats.from_json(self.d_model, saved)
+
+    # -- arrays -------------------------------------------------------------------------------------
+    @cached_property
+    def tokens(self) -> zarr.Array:
+        return self.group[schema.TOKENS]
+
+    @cached_property
+    def context_split(self) -> np.ndarray:
+        return self.group[schema.CONTEXT_SPLIT][:]
+
+    def contexts(self, split: str) -> np.ndarray:
+        """Indices into `tokens` of the split's contexts that have rows (skipped ones left out)."""
+        idx = np.flatnonzero(self.context_split == schema.SPLIT_CODES[split])
+        skipped = self.header["progress"].get("skipped_contexts") or []
+        return np.setdiff1d(idx, np.asarray(skipped, dtype=idx.dtype)) if skipped else idx
+
+    def acts(self, split: str, hook: str) -> zarr.Array:
+        """The raw Zarr array; rows at and beyond n_rows(split) are not committed and must not be read."""
+        self.require_hook(hook)
+        return self.group[schema.acts_path(split, hook)]
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.header["layout"]["chunk_rows"])
+
+    def read_rows(self, split: str, hook: str, start: int = 0, stop: int | None = None,
+                  threads: int = 4) -> np.ndarray:
+        """Committed fp16 rows [start, stop) of one hook, read a chunk per task on a thread pool."""
+        n = self.n_rows(split)
+        stop = n if stop is None else min(stop, n)
+        start = max(0, min(start, stop))
+        arr = self.acts(split, hook)
+        out = np.empty((stop - start, self.d_model), np.float16)
+        step = self.chunk_rows
+        # Align reads to chunk boundaries so no chunk is decoded twice.
+        bounds = list(range(start - start % step + step, stop, step))
+        ranges = list(zip([start] + bounds, bounds + [stop]))
+
+        def read(r: tuple[int, int]) -> None:
+            out[r[0] - start:r[1] - start] = arr[r[0]:r[1]]
+
+        if ranges and ranges[0][0] < ranges[0][1]:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(read, ranges))
+        return out
+
+    def read_mapping(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(context index, position) of committed rows [start, stop)."""
+        stop = self.n_rows(split) if stop is None else min(stop, self.n_rows(split))
+        return (self.group[schema.row_context_path(split)][start:stop],
+                self.group[schema.row_position_path(split)][start:stop])
+
+    def read_row_stats(self, split: str, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        if self.header["normalization_mode"] != "token":
+            return None
+        stop = self.n_rows(split) if stop is None else min(stop, self.n_rows(split))
+        return self.group[schema.row_stats_path(split, hook)][start:stop]
+
+
+def open_store(path: str | os.PathLike) -> ActivationStore:
+    return ActivationStore.open(path)

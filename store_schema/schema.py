@@ -1,0 +1,139 @@
+"""Names, version and invariants of the activation store (schema version 1). SPEC.md is the prose twin."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+
+SCHEMA_NAME = "saepipe.activation-store"
+SCHEMA_VERSION = 1
+ATTRS_KEY = "saepipe"  # every attribute of ours lives under this one root attribute
+
+SPLITS = ("train", "eval")
+SPLIT_CODES = {"train": 0, "eval": 1}
+
+TOKENS = "tokens"
+CONTEXT_SPLIT = "context_split"
+TOKENS_CHUNK_CONTEXTS = 1024
+
+
+class StoreError(Exception):
+    """A store cannot be opened or used as asked; the message says why and what to do."""
+
+
+def acts_path(split: str, hook: str) -> str:
+    return f"{split}/acts/{hook}"
+
+
+def row_stats_path(split: str, hook: str) -> str:
+    return f"{split}/row_stats/{hook}"
+
+
+def row_context_path(split: str) -> str:
+    return f"{split}/row_context"
+
+
+def row_position_path(split: str) -> str:
+    return f"{split}/row_position"
+
+
+def norm_mean_path(hook: str) -> str:
+    return f"normalization/{hook}/mean"
+
+
+def fingerprint(obj) -> str:
+    """A short stable hash of a JSON-able object (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tokens_fingerprint(tokens: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:16]
+
+
+class RunningStats:
+    """Statistics over every row written for one hook and split, accumulated in float64.
+
+    Kept in the store's attributes and rewritten with each commit, so a resumed collect continues the
+    very same sums and ends bit-identical to an uninterrupted one.
+    """
+
+    def __init__(self, d: int, count: int = 0, total=None, sum_sq_norm: float = 0.0, max_abs: float = 0.0,
+                 nonfinite_values: int = 0, nonfinite_contexts: int = 0):
+        self.count = count
+        self.total = np.zeros(d, np.float64) if total is None else np.asarray(total, np.float64)
+        self.sum_sq_norm = sum_sq_norm
+        self.max_abs = max_abs
+        self.nonfinite_values = nonfinite_values
+        self.nonfinite_contexts = nonfinite_contexts
+
+    def update(self, rows: np.ndarray) -> None:
+        """Add written (normalized, fp16) rows [n, d]."""
+        x = rows.astype(np.float64)
+        self.count += x.shape[0]
+        self.total += x.sum(axis=0)
+        self.sum_sq_norm += float(np.einsum("ij,ij->", x, x))
+        if x.size:
+            self.max_abs = max(self.max_abs, float(np.abs(x).max()))
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def mean_sq_norm(self) -> float:
+        return self.sum_sq_norm / max(self.count, 1)
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "sum": self.total.tolist(), "sum_sq_norm": self.sum_sq_norm,
+                "max_abs": self.max_abs, "nonfinite_values": self.nonfinite_values,
+                "nonfinite_contexts": self.nonfinite_contexts}
+
+    @classmethod
+    def from_json(cls, d: int, obj: dict) -> RunningStats:
+        return cls(d, obj["count"], obj["sum"], obj["sum_sq_norm"], obj["max_abs"], obj["nonfinite_values"],
+                   obj["nonfinite_contexts"])
+
+
+def check_header(header: dict) -> None:
+    """Raise StoreError unless `header` (the ATTRS_KEY attribute) is a store this code can read."""
+    if header.get("schema") != SCHEMA_NAME:
+        raise StoreError("not a saepipe activation store (its attributes carry no saepipe schema)")
+    version = header.get("schema_version")
+    if not isinstance(version, int) or version < 1:
+        raise StoreError(f"store has an invalid schema version {version!r}")
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"store uses schema version {version}, newer than this saepipe reads ({SCHEMA_VERSION}): "
+                         f"upgrade saepipe (pip install -U saepipe)")
+    for key in ("hooks", "d_model", "context_size", "progress", "layout", "complete"):
+        if key not in header:
+            raise StoreError(f"store attributes lack '{key}': the store is damaged or was not written by saepipe")
+
+
+def split_counts(n_contexts: int, eval_fraction: float) -> tuple[int, int]:
+    """(train, eval) context counts: eval gets round(f * n), at least one when f > 0 and n > 1."""
+    n_eval = int(round(n_contexts * eval_fraction))
+    if eval_fraction > 0 and n_contexts > 1:
+        n_eval = max(n_eval, 1)
+    return n_contexts - n_eval, n_eval
+
+
+def assign_split(n_contexts: int, eval_fraction: float, seed: int) -> np.ndarray:
+    """int8 [n_contexts]: SPLIT_CODES per context, eval contexts a seeded random subset."""
+    _, n_eval = split_counts(n_contexts, eval_fraction)
+    rng = np.random.default_rng([seed, 0x5E1])
+    split = np.zeros(n_contexts, np.int8)
+    split[rng.choice(n_contexts, size=n_eval, replace=False)] = SPLIT_CODES["eval"]
+    return split
+
+
+def contexts_needed(tokens: int, rows_per_context: int, eval_fraction: float) -> int:
+    """How many contexts give at least `tokens` training rows once the eval share is set aside."""
+    n_train = math.ceil(tokens / rows_per_context)
+    n = math.ceil(n_train / (1 - eval_fraction)) if eval_fraction > 0 else n_train
+    while split_counts(n, eval_fraction)[0] < n_train:
+        n += 1
+    return n

@@ -1,0 +1,138 @@
+"""Writing a store: create it atomically, append blocks of rows, commit, resume, finalize.
+
+Commit protocol. Row arrays are preallocated to the planned size; a block's rows are written into them
+first and become visible only when `commit` rewrites the root attributes with the new `rows_committed`
+(one metadata document, written atomically by Zarr's local store: temp file + rename). A writer killed
+at any point leaves either the old or the new attributes, never a mix, so readers see whole blocks only
+and a resume restarts exactly at the first uncommitted block. Rows past `rows_committed` may hold
+bytes of an interrupted block; the resume overwrites them with the same values.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from store_schema import schema
+from store_schema.normalization import Normalization
+
+
+class StoreWriter:
+    def __init__(self, group: zarr.Group):
+        self.group = group
+        self.header = dict(group.attrs[schema.ATTRS_KEY])
+
+    # -- creation -----------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, header: dict, tokens: np.ndarray, context_split: np.ndarray,
+               planned_rows: dict[str, int], chunk_rows: int) -> StoreWriter:
+        """Write the empty store (tokens, split, preallocated row arrays, attributes) to a temporary
+        folder beside `path` and rename it into place, so a killed creation leaves no half store."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(store=str(tmp), mode="w")
+        d_model = header["d_model"]
+        group.create_array(schema.TOKENS, data=tokens.astype(np.int32),
+                           chunks=(min(schema.TOKENS_CHUNK_CONTEXTS, max(len(tokens), 1)), tokens.shape[1]))
+        group.create_array(schema.CONTEXT_SPLIT, data=context_split.astype(np.int8),
+                           chunks=(max(len(context_split), 1),))
+        row_stats = header["normalization_mode"] == "token"
+        for split in schema.SPLITS:
+            n = planned_rows[split]
+            chunk = (max(min(chunk_rows, n), 1),)
+            group.create_array(schema.row_context_path(split), shape=(n,), dtype="int32", chunks=chunk,
+                               fill_value=-1)
+            group.create_array(schema.row_position_path(split), shape=(n,), dtype="int16", chunks=chunk,
+                               fill_value=-1)
+            for hook in header["hooks"]:
+                # fp16 activations barely compress; raw chunks read fastest.
+                group.create_array(schema.acts_path(split, hook), shape=(n, d_model), dtype="float16",
+                                   chunks=chunk + (d_model,), compressors=None, fill_value=0)
+                if row_stats:
+                    group.create_array(schema.row_stats_path(split, hook), shape=(n, 2), dtype="float32",
+                                       chunks=chunk + (2,), compressors=None, fill_value=0)
+        header = dict(header)
+        header["layout"] = {"chunk_rows": chunk_rows, "planned_rows": dict(planned_rows)}
+        header["progress"] = {split: {"blocks_done": 0, "rows_committed": 0} for split in schema.SPLITS}
+        header["progress"]["skipped_contexts"] = []
+        header["running_stats"] = {split: {} for split in schema.SPLITS}
+        header["normalization"] = None
+        header["complete"] = False
+        group.update_attributes({schema.ATTRS_KEY: header})
+        os.replace(tmp, path)
+        return cls(zarr.open_group(store=str(path), mode="r+"))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> StoreWriter:
+        group = zarr.open_group(store=str(path), mode="r+")
+        schema.check_header(dict(group.attrs.get(schema.ATTRS_KEY, {})))
+        return cls(group)
+
+    # -- state --------------------------------------------------------------------------------------
+    def progress(self, split: str) -> dict:
+        return self.header["progress"][split]
+
+    def running_stats(self, split: str, hook: str) -> schema.RunningStats:
+        saved = self.header["running_stats"][split].get(hook)
+        d = self.header["d_model"]
+        return schema.RunningStats(d) if saved is None else schema.RunningStats.from_json(d, saved)
+
+    def normalizations(self) -> dict[str, Normalization] | None:
+        saved = self.header.get("normalization")
+        if saved is None:
+            return None
+        return {hook: Normalization.from_attrs(attrs, self.group[schema.norm_mean_path(hook)][:]
+                                               if attrs["mode"] == "center-scale" else None)
+                for hook, attrs in saved.items()}
+
+    # -- writing ------------------------------------------------------------------------------------
+    def record_normalization(self, norms: dict[str, Normalization]) -> None:
+        """Arrays first, then the attribute that makes them count (a kill in between just re-estimates)."""
+        for hook, norm in norms.items():
+            if norm.mean is not None:
+                self.group.create_array(schema.norm_mean_path(hook), data=norm.mean.astype(np.float32),
+                                        overwrite=True)
+        self._update(normalization={hook: norm.to_attrs() for hook, norm in norms.items()})
+
+    def write_rows(self, split: str, start: int, acts: dict[str, np.ndarray], row_context: np.ndarray,
+                   row_position: np.ndarray, row_stats: dict[str, np.ndarray] | None = None) -> None:
+        """Write one block's rows at [start, start + n); invisible until `commit`."""
+        stop = start + len(row_context)
+        self.group[schema.row_context_path(split)][start:stop] = row_context.astype(np.int32)
+        self.group[schema.row_position_path(split)][start:stop] = row_position.astype(np.int16)
+        for hook, rows in acts.items():
+            self.group[schema.acts_path(split, hook)][start:stop] = rows
+            if row_stats is not None:
+                self.group[schema.row_stats_path(split, hook)][start:stop] = row_stats[hook]
+
+    def commit(self, split: str, blocks_done: int, rows_committed: int, stats: dict[str, schema.RunningStats],
+               skipped_contexts: list[int]) -> None:
+        progress = dict(self.header["progress"])
+        progress[split] = {"blocks_done": blocks_done, "rows_committed": rows_committed}
+        progress["skipped_contexts"] = sorted(skipped_contexts)
+        running = dict(self.header["running_stats"])
+        running[split] = {hook: s.to_json() for hook, s in stats.items()}
+        self._update(progress=progress, running_stats=running)
+
+    def finalize(self) -> None:
+        """Trim row arrays to what was written (contexts may have been skipped) and mark complete."""
+        for split in schema.SPLITS:
+            n = self.progress(split)["rows_committed"]
+            names = [schema.row_context_path(split), schema.row_position_path(split)]
+            names += [schema.acts_path(split, h) for h in self.header["hooks"]]
+            if self.header["normalization_mode"] == "token":
+                names += [schema.row_stats_path(split, h) for h in self.header["hooks"]]
+            for name in names:
+                arr = self.group[name]
+                if arr.shape[0] != n:
+                    arr.resize((n,) + arr.shape[1:])
+        self._update(complete=True)
+
+    def _update(self, **changes) -> None:
+        self.header.update(changes)
+        self.group.update_attributes({schema.ATTRS_KEY: self.header})
