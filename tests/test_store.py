@@ -1,0 +1,134 @@
+"""The store contract: normalization, schema checks, writer/reader round trip, commit visibility, loader."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from stages.synthetic import write_array_store
+from store_schema import schema
+from store_schema.loader import ShuffledBatches
+from store_schema.normalization import Normalization
+from store_schema.reader import ActivationStore, open_store
+from store_schema.writer import StoreWriter
+
+
+def raw_activations(n=2048, d=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # an offset mean and uneven per-dimension scales, like a residual stream
+    return torch.randn(n, d, generator=g) * torch.linspace(0.5, 30, d) + 7.0
+
+
+@pytest.mark.parametrize("mode", ["center-scale", "token", "none"])
+def test_normalization_inverts_within_fp16_precision(mode):
+    x = raw_activations()
+    norm = Normalization.estimate(mode, x[:1024])
+    x_hat, row_stats = norm.apply(x)
+    stored = torch.from_numpy(x_hat.numpy().astype(np.float16))
+    back = norm.invert(stored, row_stats)
+    # fp16 keeps 11 significant bits: the round trip may lose ~2^-11 of each row's scale, no more
+    err = (back - x).norm(dim=1) / x.norm(dim=1)
+    assert err.max() < 2e-3
+    if mode != "none":
+        assert x_hat.norm(dim=1).mean() == pytest.approx(x.shape[1] ** 0.5, rel=0.05)
+
+
+def test_center_scale_statistics_are_the_documented_ones():
+    x = raw_activations().double()
+    norm = Normalization.estimate("center-scale", x.float())
+    mean = x.mean(0)
+    np.testing.assert_allclose(norm.mean, mean.numpy(), rtol=1e-6, atol=1e-5)
+    expected_c = x.shape[1] ** 0.5 / (x - mean).norm(dim=1).mean().item()
+    assert norm.scale == pytest.approx(expected_c, rel=1e-6)
+    assert norm.mean.dtype == np.float32
+
+
+def test_round_trip_and_metadata(tmp_path):
+    rng = np.random.default_rng(0)
+    train, evl = rng.standard_normal((5000, 16)).astype(np.float32), rng.standard_normal((300, 16)).astype(np.float32)
+    write_array_store(tmp_path / "s.zarr", train, evl, hook="h", chunk_rows=1024)
+    store = open_store(tmp_path / "s.zarr")
+    assert store.complete and store.hooks == ["h"] and store.d_model == 16
+    assert store.n_rows("train") == 5000 and store.n_rows("eval") == 300
+    np.testing.assert_array_equal(store.read_rows("train", "h"), train.astype(np.float16))
+    np.testing.assert_array_equal(store.read_rows("eval", "h", 17, 250), evl[17:250].astype(np.float16))
+    stats = store.running_stats("train", "h")
+    np.testing.assert_allclose(stats.mean, train.astype(np.float16).astype(np.float64).mean(0), rtol=1e-9)
+    # a teammate with plain zarr reads the same bytes
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert group.attrs["saepipe"]["schema_version"] == schema.SCHEMA_VERSION
+    np.testing.assert_array_equal(group["train/acts/h"][:10], train[:10].astype(np.float16))
+
+
+def test_uncommitted_rows_are_invisible(tmp_path):
+    rng = np.random.default_rng(0)
+    write_array_store(tmp_path / "s.zarr", rng.standard_normal((100, 8)), rng.standard_normal((10, 8)), hook="h")
+    writer = StoreWriter.open(tmp_path / "s.zarr")
+    writer.commit("train", 1, 60, {"h": writer.running_stats("train", "h")}, [])
+    writer._update(complete=False)
+    store = open_store(tmp_path / "s.zarr")
+    assert store.n_rows("train") == 60
+    assert len(store.read_rows("train", "h")) == 60
+    with pytest.raises(schema.StoreError, match="incomplete"):
+        store.require_complete()
+
+
+def test_open_refuses_what_is_not_a_readable_store(tmp_path):
+    with pytest.raises(schema.StoreError, match="no store at"):
+        open_store(tmp_path / "missing.zarr")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file.txt").write_text("x")
+    with pytest.raises(schema.StoreError, match="not a Zarr group"):
+        open_store(tmp_path / "plain")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    with pytest.raises(schema.StoreError, match="not a saepipe activation store"):
+        open_store(tmp_path / "other.zarr")
+    rng = np.random.default_rng(0)
+    write_array_store(tmp_path / "new.zarr", rng.standard_normal((10, 4)), rng.standard_normal((2, 4)), hook="h")
+    meta = tmp_path / "new.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["saepipe"]["schema_version"] = schema.SCHEMA_VERSION + 1
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(schema.StoreError, match="newer than this saepipe reads"):
+        open_store(tmp_path / "new.zarr")
+
+
+def test_missing_hook_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    write_array_store(tmp_path / "s.zarr", rng.standard_normal((10, 4)), rng.standard_normal((2, 4)), hook="h")
+    with pytest.raises(schema.StoreError, match="hook 'blocks.3.hook_resid_post' is not in store .* holds: h"):
+        open_store(tmp_path / "s.zarr").require_hook("blocks.3.hook_resid_post")
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_loader_epoch_is_a_permutation_and_resumable(tmp_path, resident):
+    n, d, batch = 2048, 4, 128
+    # row i holds the value i in its first column, so batches tell which rows they hold
+    train = np.zeros((n, d), np.float32)
+    train[:, 0] = np.arange(n)
+    write_array_store(tmp_path / "s.zarr", train, train[:8], hook="h", chunk_rows=512)
+    store = ActivationStore.open(tmp_path / "s.zarr")
+    loader = ShuffledBatches(store, "h", batch, device=torch.device("cpu"), seed=3, resident=resident,
+                             window_chunks=2)
+    assert loader.batches_per_epoch == n // batch
+    it = loader.batches()
+    seen = [next(it) for _ in range(loader.batches_per_epoch + 3)]
+    ids = torch.cat([b[:, 0] for b in seen[:loader.batches_per_epoch]]).long()
+    assert sorted(ids.tolist()) == list(range(n))  # fp16 holds integers up to 2048 exactly
+    assert not torch.equal(ids, torch.arange(n))  # shuffled
+    # batch i depends only on (seed, i): starting at 5 continues the same sequence
+    restarted = loader.batches(5)
+    for i in range(5, len(seen)):
+        assert torch.equal(next(restarted), seen[i])
+    # the next epoch is a different order
+    assert not torch.equal(seen[loader.batches_per_epoch], seen[0])
+
+
+def test_split_assignment_and_budget():
+    n_ctx = schema.contexts_needed(10_000, 127, 0.1)
+    n_train, n_eval = schema.split_counts(n_ctx, 0.1)
+    assert n_train * 127 >= 10_000 and n_eval >= 1
+    split = schema.assign_split(n_ctx, 0.1, seed=0)
+    assert (split == 1).sum() == n_eval and np.array_equal(split, schema.assign_split(n_ctx, 0.1, seed=0))

@@ -1,0 +1,156 @@
+"""The TopK recipe: init, decoder constraint, AuxK, sparse decode, and recovery of planted features."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline import run_dir
+from pipeline.config import TrainConfig
+from stages import train as train_stage
+from stages.saes import TopKSAE
+from stages.saes.base import geometric_median
+from stages.synthetic import PlantedFeatures, write_array_store
+
+
+def test_init_is_decoder_transpose_with_unit_rows():
+    sae = TopKSAE(32, 128, 4)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()  # not tied
+
+
+def test_sparse_decode_equals_dense_decode():
+    sae = TopKSAE(16, 64, 5)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(10, 16)
+    code = sae.encode(x)
+    assert (code.dense(64) > 0).sum(dim=1).le(5).all()
+    torch.testing.assert_close(sae.decode(code), code.dense(64) @ sae.W_dec + sae.b_dec)
+
+
+def test_parallel_gradient_removed_and_norms_stay_one():
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, 4)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(5):
+        x = torch.randn(32, 16)
+        loss, _ = sae.training_loss(x, mse_scale=1.0, dead=None, aux_k=8, aux_coef=0.0)
+        opt.zero_grad()
+        loss.backward()
+        assert (sae.W_dec.grad * sae.W_dec).sum(dim=1).abs().max() > 1e-4  # there was a parallel part
+        sae.remove_parallel_gradient()
+        parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
+        assert parallel.abs().max() < 1e-6
+        opt.step()
+        sae.normalize_decoder()
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_auxk_trains_only_dead_latents_on_the_residual():
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, 2)
+    x = torch.randn(32, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[40:] = True
+    loss, metrics = sae.training_loss(x, mse_scale=1.0, dead=dead, aux_k=8, aux_coef=1.0)
+    assert metrics["aux_loss"] > 0
+    main_only, _ = sae.training_loss(x, mse_scale=1.0, dead=None, aux_k=8, aux_coef=1.0)
+    (loss - main_only).backward()  # the gradient of the AuxK term alone
+    alive_rows = sae.W_dec.grad[:40].abs().sum()
+    assert alive_rows == 0 and sae.W_dec.grad[40:].abs().sum() > 0
+
+
+def test_geometric_median_resists_outliers():
+    points = torch.randn(500, 8) * 0.1 + 3.0
+    points[:40] += 1000.0  # 8% far outliers drag the mean, not the median
+    median = geometric_median(points)
+    assert (median - 3.0).abs().max() < 0.1
+    assert (points.mean(0) - 3.0).abs().max() > 50
+
+
+def test_lr_schedule_warms_up_and_decays():
+    f = train_stage.lr_schedule(100, 0.1, 0.2)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(50) == 1.0
+    assert f(80) == pytest.approx(1.0) and f(90) == pytest.approx(0.5) and f(99) == pytest.approx(0.05)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    features = PlantedFeatures.make(64, 256, seed=0)
+    path = tmp_path_factory.mktemp("planted") / "store.zarr"
+    write_array_store(path, features.sample(120_000, seed=1), features.sample(4096, seed=2), hook="synthetic")
+    return features, path
+
+
+def test_topk_recovers_planted_features(planted, tmp_path):
+    features, store = planted
+    cfg = TrainConfig(store=str(store), out=str(tmp_path / "run"), hook="synthetic", width=512, k=8,
+                      tokens=480_000, batch_size=1024, lr=4e-3, progress=False)
+    train_stage.run_train(cfg)
+    sae, saved = run_dir.load_sae(tmp_path / "run")
+    recovered = features.recovered_fraction(sae.W_dec.detach(), threshold=0.9)
+    assert recovered >= 0.9, f"only {recovered:.1%} of planted features recovered at cosine >= 0.9"
+    log = run_dir.read_log(tmp_path / "run")
+    assert log[-1]["step"] == cfg.steps and log[-1]["fve"] > 0.8
+    assert [row["step"] for row in log] == sorted({row["step"] for row in log})
+    assert saved["finished"] and saved["sae"] == {"arch": "topk", "d_in": 64, "d_sae": 512, "k": 8}
+    assert (tmp_path / "run" / "saelens" / "cfg.json").exists()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(planted, tmp_path, monkeypatch):
+    _, store = planted
+    common = dict(store=str(store), hook="synthetic", width=128, k=4, tokens=60 * 512, batch_size=512,
+                  lr=1e-3, progress=False, log_every=5, checkpoint_every=20)
+    train_stage.run_train(TrainConfig(out=str(tmp_path / "whole"), **common))
+
+    real_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def failing_step(self, *a, **kw):  # dies after 33 steps: the checkpoint at 20 survives
+        calls["n"] += 1
+        if calls["n"] > 33:
+            raise _Interrupt()
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
+    with pytest.raises(_Interrupt):
+        train_stage.run_train(TrainConfig(out=str(tmp_path / "cut"), **common))
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    assert max(r["step"] for r in run_dir.read_log(tmp_path / "cut")) == 30  # logged past the checkpoint
+    train_stage.run_train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **common))
+
+    whole, _ = run_dir.load_sae(tmp_path / "whole")
+    resumed, _ = run_dir.load_sae(tmp_path / "cut")
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0)
+    steps = [r["step"] for r in run_dir.read_log(tmp_path / "cut")]
+    assert steps == list(range(5, 61, 5))  # no step logged twice, none missing
+
+
+def test_training_never_imports_the_model_library(planted, tmp_path):
+    _, store = planted
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        "try:\n"
+        f"    main(['train', {str(store)!r}, '--out', {str(tmp_path / 'run')!r}, '--width', '64', '--k', '4',"
+        " '--tokens', '4096', '--batch-size', '1024', '--no-progress'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformer_lens', 'transformers', 'sae_lens')]\n"
+        "print(bad)\n"
+        "assert not bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "run" / "cfg.json").read_text())["finished"]
