@@ -1,0 +1,163 @@
+"""Collect on the tiny random model: contents, resume after kill -9, refusals, non-finite policy."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import CollectConfig
+from pipeline.errors import SaepipeError
+from stages import collect as collect_stage
+from store_schema.reader import open_store
+
+HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
+SMALL = dict(model="tiny-random", hooks=HOOKS, tokens=6000, context_size=32, eval_fraction=0.1, batch_size=8,
+             shuffle_buffer_rows=620, chunk_rows=256, warmup_rows=500, progress=False)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rows_are_the_models_activations_at_their_recorded_positions(tmp_path):
+    from pipeline.host_models import load_host_model, run_to_hooks
+
+    collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **SMALL))
+    store = open_store(tmp_path / "s.zarr")
+    assert store.complete and store.hooks == list(HOOKS)
+    assert store.n_rows("train") >= 6000 and store.n_rows("eval") > 0
+    contexts, positions = store.read_mapping("train")
+    assert positions.min() == 1  # position 0 (BOS) is dropped by default
+    assert len(np.unique(contexts)) * 31 == store.n_rows("train")
+    assert not np.array_equal(contexts[:31], np.repeat(contexts[0], 31))  # rows are shuffled
+    tokens = store.tokens[:]
+    bos = store.header["tokenizer"]["bos_token_id"]
+    assert (tokens[:, 0] == bos).all()
+    model = load_host_model("tiny-random")
+    picks = np.random.default_rng(0).choice(store.n_rows("train"), 12, replace=False)
+    for hook in HOOKS:
+        norm = store.normalization(hook)
+        stored = store.read_rows("train", hook)
+        ctx_tokens = torch.from_numpy(tokens[contexts[picks]].astype(np.int64))
+        raw = run_to_hooks(model, ctx_tokens, [hook])[hook]
+        expected = raw[torch.arange(len(picks)), torch.from_numpy(positions[picks].astype(np.int64))]
+        normalized = norm.apply(expected.float())[0].numpy().astype(np.float16)
+        np.testing.assert_array_equal(stored[picks], normalized)
+    # eval rows never share a context with training rows
+    eval_contexts, _ = store.read_mapping("eval")
+    assert not set(np.unique(eval_contexts)) & set(np.unique(contexts))
+    assert set(np.unique(eval_contexts)) == set(store.contexts("eval"))
+
+
+def test_resume_after_kill_9_is_bit_identical(tmp_path):
+    args = ["--model", "tiny-random", "--hook", HOOKS[0], "--hook", HOOKS[1], "--tokens", "60000",
+            "--context-size", "32", "--batch-size", "8", "--shuffle-buffer-rows", "620", "--chunk-rows", "256",
+            "--warmup-rows", "500", "--eval-fraction", "0.1", "--no-progress"]
+    cmd = [sys.executable, "-m", "pipeline.cli", "collect", *args]
+    subprocess.run(cmd + ["--out", str(tmp_path / "whole.zarr")], check=True, capture_output=True)
+
+    cut = tmp_path / "cut.zarr"
+    proc = subprocess.Popen(cmd + ["--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    committed = 0
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        meta = cut / "zarr.json"
+        if meta.exists():
+            try:
+                committed = json.loads(meta.read_text())["attributes"]["saepipe"]["progress"]["train"]["rows_committed"]
+            except (json.JSONDecodeError, KeyError):
+                committed = 0
+            if committed >= 3 * 620:  # a few blocks in, mid-run
+                break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = open_store(cut)
+    assert not interrupted.complete, "collect finished before it could be killed: make the test's run longer"
+    assert 0 < interrupted.n_rows("train") < open_store(tmp_path / "whole.zarr").n_rows("train")
+
+    resumed = subprocess.run(cmd + ["--out", str(cut)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert tree_bytes(cut) == tree_bytes(tmp_path / "whole.zarr")
+
+
+def test_out_holding_another_configuration_is_refused(tmp_path):
+    out = str(tmp_path / "s.zarr")
+    collect_stage.run_collect(CollectConfig(out=out, **SMALL))
+    before = tree_bytes(Path(out))
+    with pytest.raises(SaepipeError, match=r"different configuration \(differs in: context_size, tokens\).*--overwrite"):
+        collect_stage.run_collect(CollectConfig(out=out, **{**SMALL, "tokens": 7000, "context_size": 16}))
+    assert tree_bytes(Path(out)) == before  # nothing touched
+    assert collect_stage.plan_action(CollectConfig(out=out, **SMALL)) == "done"
+    collect_stage.run_collect(CollectConfig(out=out, **{**SMALL, "tokens": 3000, "overwrite": True}))
+    assert open_store(out).header["token_budget"] == 3000
+
+
+def test_out_that_is_not_a_store_is_refused(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("precious")
+    with pytest.raises(SaepipeError, match="exists and is not a saepipe store"):
+        collect_stage.run_collect(CollectConfig(out=str(tmp_path / "notes"), **SMALL))
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "precious"
+
+
+@pytest.fixture
+def nan_in_context(monkeypatch):
+    """Make the model produce NaN activations for every context whose second token is even."""
+    from pipeline import host_models
+
+    real = host_models.run_to_hooks
+    poisoned = []
+
+    def run(model, tokens, hooks):
+        acts = real(model, tokens, hooks)
+        bad = tokens[:, 1] % 2 == 0
+        poisoned.extend(tokens[bad, :3].tolist())
+        for h in hooks:
+            acts[h] = acts[h].clone()
+            acts[h][bad, 5, 0] = float("nan")
+        return acts
+
+    monkeypatch.setattr(host_models, "run_to_hooks", run)
+    return poisoned
+
+
+def test_nonfinite_contexts_are_skipped_and_counted(tmp_path, nan_in_context):
+    collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **SMALL))
+    store = open_store(tmp_path / "s.zarr")
+    skipped = store.header["progress"]["skipped_contexts"]
+    assert skipped and len(skipped) == len(nan_in_context)
+    for hook in HOOKS:
+        rows = store.read_rows("train", hook)
+        assert np.isfinite(rows).all()
+        stats = store.running_stats("train", hook)
+        assert stats.nonfinite_values > 0 and stats.nonfinite_contexts > 0
+    contexts, _ = store.read_mapping("train")
+    assert not set(contexts.tolist()) & set(skipped)
+    assert store.n_rows("train") == len(np.unique(contexts)) * 31
+
+
+def test_nonfinite_abort_policy_stops_with_a_clear_error(tmp_path, nan_in_context):
+    with pytest.raises(SaepipeError, match="non-finite activations .* --nonfinite skip"):
+        collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **{**SMALL, "nonfinite": "abort"}))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hooks": ("blocks.1.hook_resid_post", "blocks.1.hook_resid_post")}, "given twice"),
+    ({"eval_fraction": 0.7}, "--eval-fraction"),
+    ({"tokens": 0}, "--tokens must be positive"),
+    ({"drop_first": 40}, "--drop-first"),
+    ({"overwrite": True, "resume": True}, "exclude each other"),
+])
+def test_bad_collect_settings_are_named(tmp_path, change, message):
+    with pytest.raises(SaepipeError, match=message):
+        collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **{**SMALL, **change}))
+    assert not (tmp_path / "s.zarr").exists()
