@@ -1,0 +1,124 @@
+"""The `saepipe` command line end to end on the tiny random model, and its one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from stages.synthetic import write_array_store
+from store_schema.writer import StoreWriter
+
+HOOK = "blocks.2.hook_resid_post"
+COLLECT = ["collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "8000", "--context-size", "32",
+           "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "1000", "--no-progress"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "s.zarr"
+    result = run(*COLLECT, "--out", str(path))
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_collect_train_eval_info(store, tmp_path):
+    out = tmp_path / "run"
+    result = run("train", str(store), "--width", "128", "--k", "4", "--tokens", "40000", "--batch-size", "512",
+                 "--out", str(out), "--no-progress")
+    assert result.exit_code == 0, result.output
+    for name in ("sae.safetensors", "cfg.json", "train_log.jsonl", "saelens/cfg.json", "saelens/sae_weights.safetensors"):
+        assert (out / name).exists(), name
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["hook"] == HOOK and cfg["normalization"]["mode"] == "center-scale"
+    assert cfg["store"]["fingerprint"] and cfg["training"]["width"] == 128
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"step", "tokens", "loss", "mse", "fve", "l0", "dead_fraction", "it_per_s", "tokens_per_s"} <= set(log[-1])
+
+    result = run("eval", str(out), "--no-progress")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "eval.json").read_text())
+    keys = {"mse", "nmse", "fve", "cosine", "l0", "dead_fraction", "dense_fraction", "ce_clean", "ce_sae", "ce_zero",
+            "ce_recovered", "kl", "delta_loss"}
+    assert keys <= set(metrics)
+    assert all(np.isfinite(metrics[k]) for k in keys)
+    assert metrics["l0"] <= 4 and 0 < metrics["fve"] <= 1 and metrics["kl"] >= 0
+    assert metrics["ce_zero"] > metrics["ce_clean"]
+    assert "ce_recovered" in result.output
+
+    result = run("eval", str(out), "--no-model", "--no-progress")
+    assert result.exit_code == 0 and "ce_clean" not in json.loads((out / "eval.json").read_text())
+
+    for path in (store, out):
+        result = run("info", str(path))
+        assert result.exit_code == 0, result.output
+        assert ("fingerprint" if path == store else "finished") in result.output
+
+
+def test_train_again_needs_overwrite_or_resume(store, tmp_path):
+    args = ["train", str(store), "--width", "64", "--k", "4", "--tokens", "2048", "--batch-size", "512",
+            "--out", str(tmp_path / "r"), "--no-progress"]
+    assert run(*args).exit_code == 0
+    again = run(*args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert run(*args, "--overwrite").exit_code == 0
+
+
+def expect_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_unknown_hook_lists_close_matches(tmp_path):
+    expect_error(run(*COLLECT[:3], "--hook", "blocks.2.hook_resid_pots", "--out", str(tmp_path / "s.zarr")),
+                 "unknown hook 'blocks.2.hook_resid_pots'", "blocks.2.hook_resid_post")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_missing_dataset_and_column(tmp_path):
+    expect_error(run(*COLLECT, "--dataset", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "s.zarr")),
+                 "nope.jsonl")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"body": "hello world"}\n')
+    expect_error(run(*COLLECT, "--dataset", str(data), "--out", str(tmp_path / "s.zarr")), "text", "body")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_unknown_model_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    expect_error(run(*COLLECT[:1], "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "s.zarr")),
+                 "no-such-org/no-such-model")
+
+
+def test_store_problems_are_named(store, tmp_path):
+    expect_error(run("train", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "r")), "no store at")
+    expect_error(run("train", str(store), "--hook", "blocks.0.hook_resid_post", "--out", str(tmp_path / "r")),
+                 "hook 'blocks.0.hook_resid_post' is not in store")
+    expect_error(run("train", str(store), "--k", "0", "--out", str(tmp_path / "r")), "--k must be in")
+    expect_error(run("train", str(store), "--arch", "vq", "--out", str(tmp_path / "r")), "unknown --arch 'vq'")
+
+    rng = np.random.default_rng(0)
+    partial = tmp_path / "partial.zarr"
+    write_array_store(partial, rng.standard_normal((4096, 64)), rng.standard_normal((64, 64)), hook=HOOK)
+    writer = StoreWriter.open(partial)
+    writer._update(complete=False)
+    expect_error(run("train", str(partial), "--out", str(tmp_path / "r2")), "incomplete", "re-running the same")
+
+
+def test_eval_refuses_a_store_of_another_width(store, tmp_path):
+    out = tmp_path / "run"
+    assert run("train", str(store), "--width", "64", "--k", "4", "--tokens", "2048", "--batch-size", "512",
+               "--out", str(out), "--no-progress").exit_code == 0
+    rng = np.random.default_rng(0)
+    other = tmp_path / "other.zarr"
+    write_array_store(other, rng.standard_normal((600, 32)), rng.standard_normal((60, 32)), hook=HOOK)
+    expect_error(run("eval", str(out), "--store", str(other), "--no-model"), "d_in (64)", "d_model (32)")
+    expect_error(run("eval", str(tmp_path / "nothing")), "not a finished saepipe run")
