@@ -56,6 +56,10 @@ def main() -> None:
               help="the host model's dtype")
 @click.option("--seed", type=int, default=0)
 @click.option("--drop-first", type=int, default=1, help="positions [0, N) are not stored (0 is an attention sink)")
+@click.option("--keep-special", is_flag=True,
+              help="also store rows at BOS/separator tokens inside contexts (attention sinks; left out by default)")
+@click.option("--outlier-factor", type=float, default=10.0,
+              help="leave out rows whose norm exceeds this many times the median (massive activations); 0 keeps all")
 @click.option("--shuffle-buffer-rows", type=int, default=65_536, help="rows shuffled together before writing")
 @click.option("--chunk-rows", type=int, default=8_192, help="rows per Zarr chunk")
 @click.option("--warmup-rows", type=int, default=65_536, help="rows the normalization is estimated from")
@@ -64,11 +68,12 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="continue an interrupted collect (also done by re-running it)")
 @click.option("--overwrite", is_flag=True, help="replace whatever --out holds")
 @click.option("--no-progress", is_flag=True)
-def collect(no_progress: bool, **kwargs) -> None:
+def collect(no_progress: bool, keep_special: bool, outlier_factor: float, **kwargs) -> None:
     """Run the model once over the text and write normalized fp16 activations to a Zarr store."""
     from stages.collect import run_collect
 
-    cfg = CollectConfig(**kwargs, progress=not no_progress)
+    cfg = CollectConfig(**kwargs, exclude_special=not keep_special, outlier_factor=outlier_factor or None,
+                        progress=not no_progress)
     cfg.hooks = tuple(cfg.hooks)
     out = run_collect(cfg)
     click.echo(f"store ready: {out}")

@@ -35,6 +35,8 @@ class CollectConfig:
     dtype: str = "float32"
     seed: int = 0
     drop_first: int = 1  # positions [0, drop_first) are not stored: position 0 is an attention sink
+    exclude_special: bool = True  # BOS/separator tokens inside contexts are sinks too: not stored
+    outlier_factor: float | None = 10.0  # rows with raw norm > factor x median are not stored; None keeps all
     shuffle_buffer_rows: int = 65_536
     chunk_rows: int = 8_192
     warmup_rows: int = 65_536
@@ -56,6 +58,8 @@ class CollectConfig:
         _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _require(self.chunk_rows > 0 and self.shuffle_buffer_rows > 0 and self.warmup_rows > 0,
                  "--chunk-rows, --shuffle-buffer-rows and --warmup-rows must be positive")
+        _require(self.outlier_factor is None or self.outlier_factor > 1,
+                 f"--outlier-factor must be above 1 (or 0 to keep every row), got {self.outlier_factor}")
         _require(self.nonfinite in ("skip", "abort"), f"--nonfinite must be skip or abort, got {self.nonfinite!r}")
         _require(self.dtype in ("float32", "bfloat16", "float16"),
                  f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")

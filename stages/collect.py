@@ -29,12 +29,13 @@ from store_schema.writer import StoreWriter
 
 @dataclass
 class _Block:
-    """Raw activations of one block's contexts, as produced by the forward pass."""
+    """Raw activations of one block's stored positions, as produced by the forward pass."""
 
     split: str
     index: int
-    contexts: np.ndarray  # context indices whose activations are all finite, in block order
-    raw: dict[str, torch.Tensor]  # hook -> float32 [len(contexts), rows_per_context, d] on CPU
+    raw: dict[str, torch.Tensor]  # hook -> float32 [n, d] on CPU, rows in context order
+    row_context: np.ndarray  # [n] context index of each row
+    row_position: np.ndarray  # [n] position of each row in its context
     nonfinite: dict[str, tuple[int, int]]  # hook -> (non-finite values, contexts hit)
     dropped: list[int]  # contexts skipped for non-finite activations
 
@@ -117,6 +118,8 @@ def _create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
                       "separator_token_id": separator, "bos_at_position_0": True},
         "context_size": cfg.context_size,
         "dropped_positions": list(range(cfg.drop_first)),
+        "excluded_tokens": sorted({tok.bos_token_id, separator}) if cfg.exclude_special else [],
+        "outlier_factor": cfg.outlier_factor,
         "hooks": hooks,
         "d_model": model.d_model,
         "token_budget": cfg.tokens,
@@ -127,7 +130,8 @@ def _create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
         "warmup_rows": cfg.warmup_rows,
         "nonfinite_policy": cfg.nonfinite,
     }
-    planned = {"train": n_train * cfg.rows_per_context, "eval": n_eval * cfg.rows_per_context}
+    stored = schema.stored_positions(tokens, cfg.drop_first, header["excluded_tokens"]).sum(axis=1)
+    planned = {split: int(stored[context_split == code].sum()) for split, code in schema.SPLIT_CODES.items()}
     return StoreWriter.create(cfg.out, header, tokens, context_split, planned, cfg.chunk_rows)
 
 
@@ -148,18 +152,18 @@ def _block_plan(cfg: CollectConfig, context_split: np.ndarray, split: str) -> li
 def _fill_store(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter) -> None:
     tokens = writer.group[schema.TOKENS][:]
     context_split = writer.group[schema.CONTEXT_SPLIT][:]
+    keep = schema.stored_positions(tokens, cfg.drop_first, writer.header["excluded_tokens"])
     plans = {split: _block_plan(cfg, context_split, split) for split in schema.SPLITS}
-    planned_rows = sum(len(ids) for blocks in plans.values() for ids in blocks) * cfg.rows_per_context
-    committed_contexts = sum(len(ids) for split in schema.SPLITS
-                             for ids in plans[split][:writer.progress(split)["blocks_done"]])
+    done_contexts = np.concatenate([np.zeros(0, np.int64)] + [ids for split in schema.SPLITS
+                                    for ids in plans[split][:writer.progress(split)["blocks_done"]]])
+    bar = tqdm(total=int(keep.sum()), initial=int(keep[done_contexts].sum()), unit="tok", unit_scale=True,
+               desc="collect", disable=not cfg.progress, dynamic_ncols=True)
     sink = _BlockSink(cfg, writer, hooks)
-    bar = tqdm(total=planned_rows, initial=committed_contexts * cfg.rows_per_context, unit="tok",
-               unit_scale=True, desc="collect", disable=not cfg.progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool:
         pending: Future | None = None
         for split in schema.SPLITS:
             for index in range(writer.progress(split)["blocks_done"], len(plans[split])):
-                block = _forward_block(cfg, model, hooks, tokens, split, index, plans[split][index], bar)
+                block = _forward_block(cfg, model, hooks, tokens, keep, split, index, plans[split][index], bar)
                 if pending is not None:
                     pending.result()  # one block in flight: bounded memory, writer errors surface here
                 pending = pool.submit(sink.write, block)
@@ -168,84 +172,81 @@ def _fill_store(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter
     bar.close()
 
 
-def _forward_block(cfg: CollectConfig, model, hooks: list[str], tokens: np.ndarray, split: str, index: int,
-                   contexts: np.ndarray, bar: tqdm) -> _Block:
+def _forward_block(cfg: CollectConfig, model, hooks: list[str], tokens: np.ndarray, keep: np.ndarray, split: str,
+                   index: int, contexts: np.ndarray, bar: tqdm) -> _Block:
     from pipeline.host_models import run_to_hooks
 
-    kept, dropped = [], []
     raw: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    row_context, row_position, dropped = [], [], []
     nonfinite = {h: [0, 0] for h in hooks}
     for start in range(0, len(contexts), cfg.batch_size):
         ids = contexts[start:start + cfg.batch_size]
-        batch = torch.from_numpy(tokens[ids].astype(np.int64))
-        acts = run_to_hooks(model, batch, hooks)
+        acts = run_to_hooks(model, torch.from_numpy(tokens[ids].astype(np.int64)), hooks)
+        mask = torch.from_numpy(keep[ids])
+        acts = {hook: acts[hook].float().cpu() for hook in hooks}
         finite = torch.ones(len(ids), dtype=torch.bool)
-        per_hook = {}
         for hook in hooks:
-            x = acts[hook][:, cfg.drop_first:, :].float()
-            bad_values = (~torch.isfinite(x)).sum(dim=(1, 2)).cpu()
+            bad_values = (~torch.isfinite(acts[hook]) & mask[..., None]).sum(dim=(1, 2))
             nonfinite[hook][0] += int(bad_values.sum())
             nonfinite[hook][1] += int((bad_values > 0).sum())
             finite &= bad_values == 0
-            per_hook[hook] = x.cpu()
         if not bool(finite.all()):
             bad = [int(c) for c in ids[~finite.numpy()]]
             if cfg.nonfinite == "abort":
                 raise SaepipeError(f"non-finite activations in context(s) {bad[:5]} of the {split} split: "
                                    f"rerun with --nonfinite skip to leave such contexts out (they are counted)")
             dropped += bad
-        kept.append(ids[finite.numpy()])
+            mask &= finite[:, None]
         for hook in hooks:
-            raw[hook].append(per_hook[hook][finite])
-        bar.update(int(finite.sum()) * cfg.rows_per_context)
-    return _Block(split, index, np.concatenate(kept) if kept else np.zeros(0, np.int64),
-                  {h: torch.cat(v) for h, v in raw.items()},
+            raw[hook].append(acts[hook][mask])
+        ctx_idx, positions = np.nonzero(mask.numpy())
+        row_context.append(ids[ctx_idx])
+        row_position.append(positions)
+        bar.update(int(mask.sum()))
+    return _Block(split, index, {h: torch.cat(v) for h, v in raw.items()},
+                  np.concatenate(row_context), np.concatenate(row_position),
                   {h: (v[0], v[1]) for h, v in nonfinite.items()}, dropped)
 
 
 class _BlockSink:
-    """Runs on the writer thread: normalize, permute, cast to fp16, write, commit."""
+    """Runs on the writer thread: drop outliers, normalize, permute, cast to fp16, write, commit."""
 
     def __init__(self, cfg: CollectConfig, writer: StoreWriter, hooks: list[str]):
         self.cfg, self.writer, self.hooks = cfg, writer, hooks
         self.norms = writer.normalizations()
-        self.positions = np.arange(cfg.drop_first, cfg.context_size, dtype=np.int16)
 
     def _fix_normalization(self, block: _Block) -> None:
-        if not len(block.contexts):
+        if not len(block.row_context):
             raise SaepipeError("every context of the first block had non-finite activations: "
                                "the model or its dtype is broken (try --dtype float32)")
-        norms = {}
-        for hook in self.hooks:
-            sample = block.raw[hook].reshape(-1, block.raw[hook].shape[-1])[:self.cfg.warmup_rows]
-            norms[hook] = Normalization.estimate(self.cfg.normalize, sample)
+        norms = {hook: Normalization.estimate(self.cfg.normalize, block.raw[hook][:self.cfg.warmup_rows],
+                                              self.cfg.outlier_factor) for hook in self.hooks}
         self.writer.record_normalization(norms)
         self.norms = self.writer.normalizations()  # use the recorded float32 values, as a resume would
 
     def write(self, block: _Block) -> None:
         if self.norms is None:
             self._fix_normalization(block)
-        n_ctx, rows_per_ctx = len(block.contexts), self.cfg.rows_per_context
-        n = n_ctx * rows_per_ctx
+        inlier = {h: self.norms[h].inliers(block.raw[h]) for h in self.hooks}
+        keep = torch.stack(list(inlier.values())).all(dim=0).numpy()
+        n = int(keep.sum())
         perm = np.arange(n)
         if block.split == "train":
             perm = np.random.default_rng([self.cfg.seed, schema.SPLIT_CODES[block.split], block.index]).permutation(n)
-        row_context = np.repeat(block.contexts, rows_per_ctx)[perm]
-        row_position = np.tile(self.positions, n_ctx)[perm]
-        progress = self.writer.progress(block.split)
         stats = {h: self.writer.running_stats(block.split, h) for h in self.hooks}
         acts, row_stats = {}, {}
         for hook in self.hooks:
-            rows = block.raw[hook].reshape(n, -1)
-            normalized, per_row = self.norms[hook].apply(rows)
+            normalized, per_row = self.norms[hook].apply(block.raw[hook][keep])
             acts[hook] = _to_fp16(normalized.numpy()[perm], hook)
             if per_row is not None:
                 row_stats[hook] = per_row.numpy()[perm]
             stats[hook].update(acts[hook])
             stats[hook].nonfinite_values += block.nonfinite[hook][0]
             stats[hook].nonfinite_contexts += block.nonfinite[hook][1]
-        start = progress["rows_committed"]
-        self.writer.write_rows(block.split, start, acts, row_context, row_position, row_stats or None)
+            stats[hook].outlier_rows += int((~inlier[hook]).sum())
+        start = self.writer.progress(block.split)["rows_committed"]
+        self.writer.write_rows(block.split, start, acts, block.row_context[keep][perm],
+                               block.row_position[keep][perm], row_stats or None)
         skipped = self.writer.header["progress"]["skipped_contexts"] + block.dropped
         self.writer.commit(block.split, block.index + 1, start + n, stats, skipped)
 
@@ -255,5 +256,5 @@ def _to_fp16(rows: np.ndarray, hook: str) -> np.ndarray:
         out = rows.astype(np.float16)
     if not np.isfinite(out).all():
         raise SaepipeError(f"normalized activations at {hook} overflow float16 (max |x| {np.abs(rows).max():.3g}): "
-                           f"use --normalize center-scale or token, or drop outlier positions with --drop-first")
+                           f"use --normalize center-scale or token, or lower --outlier-factor")
     return out

@@ -2,8 +2,9 @@
 
 Store-only metrics are computed on normalized rows (the space the SAE works in). Downstream metrics
 replay held-out contexts from the store's `tokens` through the host model, splice the SAE's
-de-normalized reconstruction in at the hook for every stored (non-dropped) position, and compare next-
-token predictions made from those positions.
+de-normalized reconstruction in at the hook exactly where the store keeps rows (not a dropped
+position, not an excluded special token, not a massive-activation outlier), and compare the next-token
+predictions made from those positions.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline.errors import SaepipeError
 from stages.saes import SparseAutoencoder
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore, open_store
+from store_schema.schema import stored_positions
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens counts as dense
 
@@ -29,7 +31,7 @@ DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens co
 def run_normalization(cfg: dict) -> Normalization:
     saved = cfg["normalization"]
     mean = None if saved.get("mean") is None else np.asarray(saved["mean"], np.float32)
-    return Normalization(saved["mode"], mean, float(saved["scale"]))
+    return Normalization(saved["mode"], mean, float(saved["scale"]), saved.get("max_norm"))
 
 
 def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) -> None:
@@ -46,7 +48,7 @@ def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) 
 
 
 def _same(a: Normalization, b: Normalization) -> bool:
-    return a.mode == b.mode and a.scale == b.scale and (
+    return a.mode == b.mode and a.scale == b.scale and a.max_norm == b.max_norm and (
         (a.mean is None and b.mean is None) or (a.mean is not None and b.mean is not None and np.array_equal(a.mean, b.mean)))
 
 
@@ -97,7 +99,7 @@ def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str
                        model_name: str | None, device: torch.device, max_tokens: int | None,
                        batch_size: int = 8, progress: bool = True) -> dict:
     """CE loss and KL with the SAE spliced in, on held-out contexts replayed from the store's tokens."""
-    from pipeline.host_models import load_host_model, logits_with_hook_replaced
+    from pipeline.host_models import load_host_model, logits_with_hook_replaced, run_to_hooks
 
     header = store.header
     name = model_name or header["model"]["name"]
@@ -109,25 +111,25 @@ def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str
         print(f"warning: model {name} weights (revision {model.revision}) differ from the store's "
               f"({header['model']['revision']})", file=sys.stderr)
     first = len(header["dropped_positions"])
-    rows_per_context = store.context_size - first
     contexts = store.contexts("eval")
     if max_tokens is not None:
-        contexts = contexts[:max(1, math.ceil(max_tokens / rows_per_context))]
+        contexts = contexts[:max(1, math.ceil(max_tokens / (store.context_size - first)))]
     if len(contexts) == 0:
         raise SaepipeError(f"store {store.location} has no held-out contexts: collect with --eval-fraction > 0")
     sae_dtype = next(sae.parameters()).dtype
+    spliced: torch.Tensor | None = None  # [batch, ctx] positions of the current batch the SAE replaces
 
     def splice_sae(act: torch.Tensor) -> torch.Tensor:
-        x = act[:, first:, :].float()
-        x_hat, row_stats = sae_norm.apply(x.reshape(-1, x.shape[-1]))
+        x = act[spliced].float()
+        x_hat, row_stats = sae_norm.apply(x)
         rec = sae(x_hat.to(sae_dtype)).float()
         out = act.clone()
-        out[:, first:, :] = sae_norm.invert(rec, row_stats).reshape(x.shape).to(act.dtype)
+        out[spliced] = sae_norm.invert(rec, row_stats).to(act.dtype)
         return out
 
     def zero_ablate(act: torch.Tensor) -> torch.Tensor:
         out = act.clone()
-        out[:, first:, :] = 0
+        out[spliced] = 0
         return out
 
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0}
@@ -135,11 +137,18 @@ def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str
     with torch.inference_mode():
         for start in tqdm(range(0, len(contexts), batch_size), desc="eval ce/kl", disable=not progress, leave=False):
             ids = contexts[start:start + batch_size]
-            tokens = torch.from_numpy(store.tokens.oindex[ids.tolist(), :].astype(np.int64)).to(device)
-            targets = tokens[:, first + 1:]
+            token_ids = store.tokens.oindex[ids.tolist(), :]
+            tokens = torch.from_numpy(token_ids.astype(np.int64)).to(device)
+            # splice exactly where the store would have kept a row: stored positions, minus outliers
+            stored = torch.from_numpy(stored_positions(token_ids, first, header.get("excluded_tokens", []))).to(device)
+            clean_act = run_to_hooks(model, tokens, [hook])[hook]
+            spliced = stored & sae_norm.inliers(clean_act)
+            # next-token predictions made from spliced positions (the last position predicts nothing)
+            scored = spliced[:, :-1]
+            targets = tokens[:, 1:][scored]
             logp = {}
             for key, replace in (("clean", None), ("sae", splice_sae), ("zero", zero_ablate)):
-                logits = logits_with_hook_replaced(model, tokens, hook, replace)[:, first:-1, :]
+                logits = logits_with_hook_replaced(model, tokens, hook, replace)[:, :-1][scored]
                 logp[key] = torch.log_softmax(logits.float(), dim=-1)
             for key in ("clean", "sae", "zero"):
                 nll = -logp[key].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -147,6 +156,8 @@ def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str
             kl = (logp["clean"].exp() * (logp["clean"] - logp["sae"])).sum(dim=-1)
             totals["kl"] += float(kl.double().sum())
             count += targets.numel()
+    if count == 0:
+        raise SaepipeError("no held-out position was left to splice (all excluded or outliers): evaluate more --tokens")
     m = {k: v / count for k, v in totals.items()}
     gap = m["ce_zero"] - m["ce_clean"]
     m["ce_recovered"] = (m["ce_zero"] - m["ce_sae"]) / gap if gap != 0 else float("nan")

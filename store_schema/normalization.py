@@ -9,6 +9,11 @@ Modes (``x`` is one raw activation row of width ``d``):
   per row (float32) so the map stays invertible: ``x = x̂ · s + m``.
 - ``none``: ``x̂ = x``.
 
+Massive activations. A few tokens (attention sinks: document separators, some first newlines) have
+residual norms ~100x the rest; left in, they hold almost all of the variance and an SAE spends itself on
+them. `max_norm` (raw ‖x‖ above `outlier_factor` x the warm-up median) marks such rows: collect does not
+store them, the statistics above are estimated without them, and eval leaves them unspliced.
+
 All arithmetic is float32 on the tensor's device, so a resumed collect normalizes bit-identically.
 """
 
@@ -31,6 +36,7 @@ class Normalization:
     mode: str
     mean: np.ndarray | None = None  # float32 [d], center-scale only
     scale: float = 1.0  # the float32 value of c, center-scale only
+    max_norm: float | None = None  # raw rows with a larger L2 norm are outliers (never stored)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -44,17 +50,27 @@ class Normalization:
         return self.mode == "token"
 
     @classmethod
-    def estimate(cls, mode: str, sample: torch.Tensor) -> Normalization:
+    def estimate(cls, mode: str, sample: torch.Tensor, outlier_factor: float | None = None) -> Normalization:
         """Fix the normalization from a warm-up sample of raw rows [n, d] (float64 accumulation)."""
-        if mode != "center-scale":
-            return cls(mode)
         x = sample.detach().to("cpu", torch.float64)
+        max_norm = None
+        if outlier_factor is not None:
+            max_norm = float(np.float32(outlier_factor * x.norm(dim=1).median().item()))
+            x = x[x.norm(dim=1) <= max_norm]
+        if mode != "center-scale":
+            return cls(mode, max_norm=max_norm)
         mean = x.mean(dim=0)
         mean_norm = (x - mean).norm(dim=1).mean().item()
         if not math.isfinite(mean_norm) or mean_norm <= 0:
             raise ValueError("cannot estimate center-scale normalization: warm-up rows have no spread")
         scale = float(np.float32(math.sqrt(x.shape[1]) / mean_norm))
-        return cls(mode, mean.numpy().astype(np.float32), scale)
+        return cls(mode, mean.numpy().astype(np.float32), scale, max_norm)
+
+    def inliers(self, x: torch.Tensor) -> torch.Tensor:
+        """Bool mask over raw rows [..., d]: True where the row is not a massive-activation outlier."""
+        if self.max_norm is None:
+            return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        return x.float().norm(dim=-1) <= self.max_norm
 
     def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw float32 rows [n, d] -> (normalized rows, per-row stats [n, 2] or None)."""
@@ -83,8 +99,9 @@ class Normalization:
 
     def to_attrs(self) -> dict:
         """The JSON part; the mean vector is stored as an array beside it."""
-        return {"mode": self.mode, "scale": self.scale}
+        return {"mode": self.mode, "scale": self.scale, "max_norm": self.max_norm}
 
     @classmethod
     def from_attrs(cls, attrs: dict, mean: np.ndarray | None) -> Normalization:
-        return cls(attrs["mode"], None if mean is None else np.asarray(mean, dtype=np.float32), float(attrs["scale"]))
+        return cls(attrs["mode"], None if mean is None else np.asarray(mean, dtype=np.float32), float(attrs["scale"]),
+                   attrs.get("max_norm"))

@@ -62,13 +62,14 @@ class RunningStats:
     """
 
     def __init__(self, d: int, count: int = 0, total=None, sum_sq_norm: float = 0.0, max_abs: float = 0.0,
-                 nonfinite_values: int = 0, nonfinite_contexts: int = 0):
+                 nonfinite_values: int = 0, nonfinite_contexts: int = 0, outlier_rows: int = 0):
         self.count = count
         self.total = np.zeros(d, np.float64) if total is None else np.asarray(total, np.float64)
         self.sum_sq_norm = sum_sq_norm
         self.max_abs = max_abs
         self.nonfinite_values = nonfinite_values
         self.nonfinite_contexts = nonfinite_contexts
+        self.outlier_rows = outlier_rows  # rows above the normalization's max_norm, not stored
 
     def update(self, rows: np.ndarray) -> None:
         """Add written (normalized, fp16) rows [n, d]."""
@@ -90,12 +91,12 @@ class RunningStats:
     def to_json(self) -> dict:
         return {"count": self.count, "sum": self.total.tolist(), "sum_sq_norm": self.sum_sq_norm,
                 "max_abs": self.max_abs, "nonfinite_values": self.nonfinite_values,
-                "nonfinite_contexts": self.nonfinite_contexts}
+                "nonfinite_contexts": self.nonfinite_contexts, "outlier_rows": self.outlier_rows}
 
     @classmethod
     def from_json(cls, d: int, obj: dict) -> RunningStats:
         return cls(d, obj["count"], obj["sum"], obj["sum_sq_norm"], obj["max_abs"], obj["nonfinite_values"],
-                   obj["nonfinite_contexts"])
+                   obj["nonfinite_contexts"], obj.get("outlier_rows", 0))
 
 
 def check_header(header: dict) -> None:
@@ -128,6 +129,14 @@ def assign_split(n_contexts: int, eval_fraction: float, seed: int) -> np.ndarray
     split = np.zeros(n_contexts, np.int8)
     split[rng.choice(n_contexts, size=n_eval, replace=False)] = SPLIT_CODES["eval"]
     return split
+
+
+def stored_positions(tokens: np.ndarray, drop_first: int, excluded_tokens: list[int]) -> np.ndarray:
+    """Bool mask [n_contexts, C] of the positions whose activations a store keeps (before the
+    outlier filter): not among the first `drop_first`, and not an excluded (special) token."""
+    keep = ~np.isin(tokens, np.asarray(excluded_tokens, dtype=tokens.dtype))
+    keep[:, :drop_first] = False
+    return keep
 
 
 def contexts_needed(tokens: int, rows_per_context: int, eval_fraction: float) -> int:

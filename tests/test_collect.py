@@ -35,10 +35,14 @@ def test_rows_are_the_models_activations_at_their_recorded_positions(tmp_path):
     assert store.n_rows("train") >= 6000 and store.n_rows("eval") > 0
     contexts, positions = store.read_mapping("train")
     assert positions.min() == 1  # position 0 (BOS) is dropped by default
-    assert len(np.unique(contexts)) * 31 == store.n_rows("train")
-    assert not np.array_equal(contexts[:31], np.repeat(contexts[0], 31))  # rows are shuffled
     tokens = store.tokens[:]
     bos = store.header["tokenizer"]["bos_token_id"]
+    assert store.header["excluded_tokens"] == [bos]
+    assert not (tokens[contexts, positions] == bos).any()  # separators inside contexts are not stored
+    expected_rows = ((tokens[np.unique(contexts)] != bos)[:, 1:]).sum()
+    outliers = store.running_stats("train", HOOKS[0]).outlier_rows + store.running_stats("train", HOOKS[1]).outlier_rows
+    assert store.n_rows("train") <= expected_rows <= store.n_rows("train") + outliers
+    assert not np.array_equal(contexts[:31], np.repeat(contexts[0], 31))  # rows are shuffled
     assert (tokens[:, 0] == bos).all()
     model = load_host_model("tiny-random")
     picks = np.random.default_rng(0).choice(store.n_rows("train"), 12, replace=False)
@@ -142,7 +146,6 @@ def test_nonfinite_contexts_are_skipped_and_counted(tmp_path, nan_in_context):
         assert stats.nonfinite_values > 0 and stats.nonfinite_contexts > 0
     contexts, _ = store.read_mapping("train")
     assert not set(contexts.tolist()) & set(skipped)
-    assert store.n_rows("train") == len(np.unique(contexts)) * 31
 
 
 def test_nonfinite_abort_policy_stops_with_a_clear_error(tmp_path, nan_in_context):
@@ -161,3 +164,36 @@ def test_bad_collect_settings_are_named(tmp_path, change, message):
     with pytest.raises(SaepipeError, match=message):
         collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **{**SMALL, **change}))
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_massive_activation_rows_are_left_out_and_counted(tmp_path, monkeypatch):
+    from pipeline import host_models
+
+    real = host_models.run_to_hooks
+
+    def run(model, tokens, hooks):  # position 7 becomes an attention-sink-like outlier, 300x the norm
+        acts = {h: a.clone() for h, a in real(model, tokens, hooks).items()}
+        for h in hooks:
+            acts[h][:, 7] *= 300.0
+        return acts
+
+    monkeypatch.setattr(host_models, "run_to_hooks", run)
+    collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **SMALL))
+    store = open_store(tmp_path / "s.zarr")
+    _, positions = store.read_mapping("train")
+    assert 7 not in set(positions.tolist()) and len(set(positions.tolist())) == 30
+    for hook in HOOKS:
+        stats = store.running_stats("train", hook)
+        n_contexts = len(np.unique(store.read_mapping("train")[0]))
+        assert stats.outlier_rows == n_contexts  # one per context, counted
+        assert 0.8 * 64 < stats.mean_sq_norm < 1.5 * 64  # the scale is set by ordinary rows
+        assert store.normalization(hook).max_norm is not None
+
+
+def test_without_outlier_filter_every_stored_position_is_kept(tmp_path):
+    collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **{**SMALL, "outlier_factor": None,
+                                                                             "exclude_special": False}))
+    store = open_store(tmp_path / "s.zarr")
+    contexts, _ = store.read_mapping("train")
+    assert store.n_rows("train") == len(np.unique(contexts)) * 31
+    assert store.normalization(HOOKS[0]).max_norm is None and store.header["excluded_tokens"] == []

@@ -132,3 +132,15 @@ def test_split_assignment_and_budget():
     assert n_train * 127 >= 10_000 and n_eval >= 1
     split = schema.assign_split(n_ctx, 0.1, seed=0)
     assert (split == 1).sum() == n_eval and np.array_equal(split, schema.assign_split(n_ctx, 0.1, seed=0))
+
+
+def test_outlier_rows_do_not_shape_the_statistics():
+    x = raw_activations()
+    polluted = x.clone()
+    polluted[::100] *= 200.0  # 1% massive-activation rows
+    clean = Normalization.estimate("center-scale", x, outlier_factor=10.0)
+    robust = Normalization.estimate("center-scale", polluted, outlier_factor=10.0)
+    assert robust.inliers(polluted).sum() == len(x) - len(x[::100])
+    assert robust.scale == pytest.approx(clean.scale, rel=0.05)
+    naive = Normalization.estimate("center-scale", polluted)
+    assert naive.scale < 0.5 * clean.scale and naive.max_norm is None
