@@ -42,7 +42,8 @@ def describe_store(store) -> dict:
             out[f"train stats {hook}"] = {"mean sq norm": round(stats.mean_sq_norm, 4),
                                           "max |x|": round(stats.max_abs, 3),
                                           "non-finite values": stats.nonfinite_values,
-                                          "skipped contexts": stats.nonfinite_contexts}
+                                          "skipped contexts": stats.nonfinite_contexts,
+                                          "outlier rows left out": stats.outlier_rows}
     return out
 
 
