@@ -108,9 +108,11 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
-        _require(self.arch == "topk", f"unknown --arch {self.arch!r}; available: topk")
+        from stages.saes import ARCHITECTURES  # here, not at the top: the CLI starts without torch
+
+        _require(self.arch in ARCHITECTURES, f"unknown --arch {self.arch!r}; available: {', '.join(ARCHITECTURES)}")
         _require(self.width > 0, f"--width must be positive, got {self.width}")
-        _require(0 < self.k <= self.width, f"--k must be in [1, width={self.width}], got {self.k}")
+        ARCHITECTURES[self.arch].check_config(self)
         _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _require(self.tokens >= self.batch_size,
                  f"--tokens ({self.tokens:,}) must be at least one batch ({self.batch_size:,})")

@@ -19,8 +19,8 @@ from pipeline import __version__, run_dir
 from pipeline.config import TrainConfig
 from pipeline.device import resolve_device
 from pipeline.errors import SaepipeError
-from stages.saes import SparseAutoencoder, TopKSAE
-from stages.saes.base import geometric_median
+from stages.saes import ARCHITECTURES, SparseAutoencoder
+from stages.saes.base import TrainContext, geometric_median
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import ActivationStore, open_store
 
@@ -45,7 +45,7 @@ def build_for_store(cfg: TrainConfig, store: ActivationStore, device: torch.devi
     (rows are stored shuffled, so the first rows are a random sample)."""
     sample = torch.from_numpy(store.read_rows("train", cfg.hook, 0, cfg.geometric_median_rows)).float()
     generator = torch.Generator().manual_seed(cfg.seed)
-    sae = TopKSAE(store.d_model, cfg.width, cfg.k)
+    sae = ARCHITECTURES[cfg.arch].from_config(store.d_model, cfg)
     sae.reset_parameters(generator)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample))
@@ -99,7 +99,6 @@ def run_train(cfg: TrainConfig) -> Path:
     loader = ShuffledBatches(store, cfg.hook, cfg.batch_size, device=device, seed=cfg.seed, resident=cfg.resident)
     batches = loader.batches(start)
     dead_window = cfg.dead_window_tokens or min(10_000_000, max(cfg.tokens // 4, cfg.batch_size))
-    aux_k = cfg.aux_k or store.d_model // 2
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
 
     def checkpoint(step: int) -> None:
@@ -118,14 +117,13 @@ def run_train(cfg: TrainConfig) -> Path:
             x = next(batches)
             dead = tokens_since_fired >= dead_window
             with autocast:
-                loss, metrics = sae.training_loss(x, mse_scale=mse_scale, dead=dead, aux_k=aux_k,
-                                                  aux_coef=cfg.aux_coef)
+                loss, metrics = sae.training_loss(x, TrainContext(mse_scale, dead, step / cfg.steps))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            sae.remove_parallel_gradient()
+            sae.before_optimizer_step()
             optimizer.step()
             scheduler.step()
-            sae.normalize_decoder()
+            sae.after_optimizer_step()
             tokens_since_fired += cfg.batch_size
             tokens_since_fired[metrics["fire_counts"] > 0] = 0
             sums += torch.stack([metrics[k].float() for k in keys])

@@ -11,7 +11,7 @@ from pipeline import run_dir
 from pipeline.config import TrainConfig
 from stages import train as train_stage
 from stages.saes import TopKSAE
-from stages.saes.base import geometric_median
+from stages.saes.base import TrainContext, geometric_median
 from stages.synthetic import PlantedFeatures, write_array_store
 
 
@@ -39,7 +39,7 @@ def test_parallel_gradient_removed_and_norms_stay_one():
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for _ in range(5):
         x = torch.randn(32, 16)
-        loss, _ = sae.training_loss(x, mse_scale=1.0, dead=None, aux_k=8, aux_coef=0.0)
+        loss, _ = sae.training_loss(x, TrainContext(1.0, None, 0.0))
         opt.zero_grad()
         loss.backward()
         assert (sae.W_dec.grad * sae.W_dec).sum(dim=1).abs().max() > 1e-4  # there was a parallel part
@@ -53,13 +53,13 @@ def test_parallel_gradient_removed_and_norms_stay_one():
 
 def test_auxk_trains_only_dead_latents_on_the_residual():
     torch.manual_seed(0)
-    sae = TopKSAE(16, 64, 2)
+    sae = TopKSAE(16, 64, 2, aux_k=8, aux_coef=1.0)
     x = torch.randn(32, 16)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[40:] = True
-    loss, metrics = sae.training_loss(x, mse_scale=1.0, dead=dead, aux_k=8, aux_coef=1.0)
+    loss, metrics = sae.training_loss(x, TrainContext(1.0, dead, 0.0))
     assert metrics["aux_loss"] > 0
-    main_only, _ = sae.training_loss(x, mse_scale=1.0, dead=None, aux_k=8, aux_coef=1.0)
+    main_only, _ = sae.training_loss(x, TrainContext(1.0, None, 0.0))
     (loss - main_only).backward()  # the gradient of the AuxK term alone
     alive_rows = sae.W_dec.grad[:40].abs().sum()
     assert alive_rows == 0 and sae.W_dec.grad[40:].abs().sum() > 0
@@ -98,7 +98,8 @@ def test_topk_recovers_planted_features(planted, tmp_path):
     log = run_dir.read_log(tmp_path / "run")
     assert log[-1]["step"] == cfg.steps and log[-1]["fve"] > 0.8
     assert [row["step"] for row in log] == sorted({row["step"] for row in log})
-    assert saved["finished"] and saved["sae"] == {"arch": "topk", "d_in": 64, "d_sae": 512, "k": 8}
+    assert saved["finished"] and saved["sae"] == {"arch": "topk", "d_in": 64, "d_sae": 512, "k": 8, "aux_k": 32,
+                                                 "aux_coef": 1 / 32}
     assert (tmp_path / "run" / "saelens" / "cfg.json").exists()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 

@@ -13,6 +13,31 @@ from torch import nn
 
 
 @dataclass
+class TrainContext:
+    """What the training loop tells an SAE about the current step."""
+
+    mse_scale: float  # E‖x − E[x]‖² of a sample, fixed at the start: the loss's normalizer
+    dead: torch.Tensor | None  # bool [d_sae]: latents that have not fired for the dead-latent window
+    progress: float  # fraction of training done, in [0, 1)
+
+
+@dataclass
+class DenseCode:
+    """A batch of latent codes as a dense matrix [n, d_sae] (ReLU/JumpReLU SAEs: L0 varies by row)."""
+
+    values: torch.Tensor
+
+    def dense(self, d_sae: int) -> torch.Tensor:
+        return self.values
+
+    def l0(self) -> torch.Tensor:
+        return (self.values > 0).sum(dim=-1)
+
+    def fire_counts(self, d_sae: int) -> torch.Tensor:
+        return (self.values > 0).sum(dim=0)
+
+
+@dataclass
 class SparseCode:
     """A batch of latent codes kept sparse: the top values and their latent indices per row."""
 
@@ -33,8 +58,16 @@ class SparseCode:
         return torch.bincount(active, minlength=d_sae)
 
 
+Code = SparseCode | DenseCode
+
+
 class SparseAutoencoder(nn.Module):
+    """Subclasses set `arch`, implement `encode`, `training_loss` and `from_config`, and extend `config`."""
+
     arch = "base"
+    # Unit-norm decoder rows, kept by removing the gradient's parallel part and renormalizing each
+    # step. Architectures whose sparsity penalty is weighted by decoder norms turn this off.
+    unit_norm_decoder = True
 
     def __init__(self, d_in: int, d_sae: int):
         super().__init__()
@@ -57,15 +90,30 @@ class SparseAutoencoder(nn.Module):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    @classmethod
+    def from_config(cls, d_in: int, cfg) -> SparseAutoencoder:
+        """A new SAE for inputs of width `d_in` from a `pipeline.config.TrainConfig`."""
         raise NotImplementedError
 
-    def decode(self, code: SparseCode) -> torch.Tensor:
-        """Sparse decode: a weighted sum of k decoder rows per input row, never the dense d_sae matmul."""
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise SaepipeError for settings that contradict this architecture."""
+
+    def encode(self, x: torch.Tensor) -> Code:
+        raise NotImplementedError
+
+    def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, detached metrics incl. loss, mse, fve, l0, aux_loss and fire_counts [d_sae])."""
+        raise NotImplementedError
+
+    def decode(self, code: Code) -> torch.Tensor:
         return self.decode_rows(code) + self.b_dec
 
-    def decode_rows(self, code: SparseCode) -> torch.Tensor:
-        """The decoder rows' weighted sum without b_dec (also what AuxK reconstructs the residual with)."""
+    def decode_rows(self, code: Code) -> torch.Tensor:
+        """The decoder's output without b_dec. A sparse code is decoded as a weighted sum of its k
+        decoder rows (also what AuxK reconstructs the residual with), never a dense d_sae matmul."""
+        if isinstance(code, DenseCode):
+            return code.values.to(self.W_dec.dtype) @ self.W_dec
         return nn.functional.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values.to(self.W_dec.dtype),
                                            mode="sum")
 
@@ -73,6 +121,14 @@ class SparseAutoencoder(nn.Module):
         return self.decode(self.encode(x))
 
     # -- the decoder-norm constraint ----------------------------------------------------------------
+    def before_optimizer_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.remove_parallel_gradient()
+
+    def after_optimizer_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.normalize_decoder()
+
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
@@ -88,6 +144,16 @@ class SparseAutoencoder(nn.Module):
     def config(self) -> dict:
         """Architecture hyper-parameters, enough to rebuild the module (see stages.saes.build_sae)."""
         return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae}
+
+
+def reconstruction_metrics(x: torch.Tensor, sq_err: torch.Tensor, code, d_sae: int, loss: torch.Tensor,
+                           aux: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-batch metrics every architecture's training_loss reports (detached)."""
+    with torch.no_grad():
+        variance = (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        return {"loss": loss.detach(), "mse": sq_err.mean().detach() / x.shape[-1], "aux_loss": aux.detach(),
+                "fve": 1 - sq_err.mean().detach() / variance, "l0": code.l0().float().mean(),
+                "fire_counts": code.fire_counts(d_sae)}
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-7) -> torch.Tensor:

@@ -7,17 +7,29 @@ from __future__ import annotations
 
 import torch
 
-from stages.saes.base import SparseAutoencoder, SparseCode
+from pipeline.errors import SaepipeError
+from stages.saes.base import SparseAutoencoder, SparseCode, TrainContext, reconstruction_metrics
 
 
 class TopKSAE(SparseAutoencoder):
     arch = "topk"
 
-    def __init__(self, d_in: int, d_sae: int, k: int):
+    def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coef: float = 1 / 32):
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
         self.k = k
+        self.aux_k = aux_k if aux_k is not None else d_in // 2  # the TopK paper's d/2
+        self.aux_coef = aux_coef
         super().__init__(d_in, d_sae)
+
+    @classmethod
+    def from_config(cls, d_in: int, cfg) -> TopKSAE:
+        return cls(d_in, cfg.width, cfg.k, cfg.aux_k, cfg.aux_coef)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not 0 < cfg.k <= cfg.width:
+            raise SaepipeError(f"--k must be in [1, width={cfg.width}], got {cfg.k}")
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         return self.encode_pre(self.pre_acts(x))
@@ -26,39 +38,28 @@ class TopKSAE(SparseAutoencoder):
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return SparseCode(values.relu(), indices)
 
-    def training_loss(self, x: torch.Tensor, *, mse_scale: float, dead: torch.Tensor | None,
-                      aux_k: int, aux_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss = ‖x − x̂‖² / mse_scale (mse_scale fixed once at the start of training) + aux_coef · AuxK.
-
-        `dead` is a bool mask [d_sae] of latents that have not fired for the dead-latent window.
-        Returns the loss and detached per-batch metrics.
-        """
+    def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss = ‖x − x̂‖² / mse_scale (fixed once at the start of training) + aux_coef · AuxK."""
         pre = self.pre_acts(x)
         code = self.encode_pre(pre)
         recon = self.decode(code)
         sq_err = (recon - x).pow(2).sum(dim=-1)
-        loss = sq_err.mean() / mse_scale
-        aux = torch.zeros((), device=x.device)
-        n_dead = 0 if dead is None else int(dead.sum())
-        if n_dead > 0 and aux_coef > 0:
-            residual = (x - recon).detach()
-            dead_pre = pre.masked_fill(~dead, float("-inf"))
-            aux_code = self.encode_dead(dead_pre, min(aux_k, n_dead))
-            aux_recon = self.decode_rows(aux_code)
-            baseline = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
-            aux = (aux_recon - residual).pow(2).sum(dim=-1).mean() / baseline
-            loss = loss + aux_coef * aux
-        with torch.no_grad():
-            variance = (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
-            metrics = {"loss": loss.detach(), "mse": sq_err.mean() / x.shape[-1], "aux_loss": aux.detach(),
-                       "fve": 1 - sq_err.mean() / variance, "l0": code.l0().float().mean(),
-                       "fire_counts": code.fire_counts(self.d_sae)}
-        return loss, metrics
+        aux = self.auxk_loss(pre, x - recon, ctx.dead)
+        loss = sq_err.mean() / ctx.mse_scale + self.aux_coef * aux
+        return loss, reconstruction_metrics(x, sq_err, code, self.d_sae, loss, aux)
 
-    @staticmethod
-    def encode_dead(masked_pre: torch.Tensor, k: int) -> SparseCode:
-        values, indices = masked_pre.topk(k, dim=-1, sorted=False)
-        return SparseCode(values.relu(), indices)
+    def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+        """The top `aux_k` dead latents reconstruct the main reconstruction's (detached) residual; the
+        error is normalized by the residual's own variance. Zero when nothing is dead."""
+        n_dead = 0 if dead is None else int(dead.sum())
+        if n_dead == 0 or self.aux_coef == 0:
+            return torch.zeros((), device=pre.device)
+        residual = residual.detach()
+        values, indices = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
+        aux_recon = self.decode_rows(SparseCode(values.relu(), indices))
+        baseline = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        return (aux_recon - residual).pow(2).sum(dim=-1).mean() / baseline
 
     def config(self) -> dict:
-        return {**super().config(), "k": self.k}
+        return {**super().config(), "k": self.k, "aux_k": self.aux_k, "aux_coef": self.aux_coef}
+
