@@ -84,7 +84,7 @@ def collect(no_progress: bool, keep_special: bool, outlier_factor: float, **kwar
 @click.option("--hook", default=None, help="the store's hook to train on (default: its only hook)")
 @click.option("--arch", default="topk", help="SAE architecture")
 @click.option("--width", type=int, default=4096, help="number of latents (d_sae)")
-@click.option("--k", type=int, default=32, help="active latents per token (TopK)")
+@click.option("--k", type=int, default=None, help="active latents per token: topk, batchtopk, matryoshka, mp [default: 32]")
 @click.option("--tokens", type=int, default=1_000_000, help="training tokens (epochs repeat when above the store)")
 @click.option("--batch-size", type=int, default=4096)
 @click.option("--out", required=True, type=click.Path(), help="run folder to write")
@@ -93,6 +93,16 @@ def collect(no_progress: bool, keep_special: bool, outlier_factor: float, **kwar
 @click.option("--aux-coef", type=float, default=1 / 32)
 @click.option("--dead-window", "dead_window_tokens", type=int, default=None,
               help="tokens without firing before a latent counts as dead (default min(10M, tokens/4))")
+@click.option("--l1-coef", type=float, default=None, help="relu: L1 coefficient (sparsity penalty weighted by decoder norms)")
+@click.option("--l1-warmup-frac", type=float, default=0.05, help="relu: share of training over which L1 ramps up")
+@click.option("--ghost-grads", is_flag=True, help="relu: ghost gradients for dead latents (after the dead window)")
+@click.option("--bandwidth", type=float, default=0.001, help="jumprelu: straight-through estimator bandwidth")
+@click.option("--init-threshold", type=float, default=0.001, help="jumprelu: initial threshold")
+@click.option("--l0-coef", type=float, default=None, help="jumprelu: L0 penalty coefficient")
+@click.option("--target-l0", type=float, default=None, help="jumprelu: penalize L0 away from this target instead")
+@click.option("--groups", default=None, help="matryoshka: increasing prefix sizes, e.g. 512,2048,4096 (last = width)")
+@click.option("--residual-threshold", type=float, default=None, help="mp (dynamic): stop when ‖residual‖ falls below")
+@click.option("--max-iterations", type=int, default=None, help="mp (dynamic): at most this many selections per row")
 @_device_option
 @click.option("--seed", type=int, default=0)
 @click.option("--log-every", type=int, default=20, help="steps between training-log lines")
@@ -100,10 +110,16 @@ def collect(no_progress: bool, keep_special: bool, outlier_factor: float, **kwar
 @click.option("--resume", is_flag=True, help="continue from the run folder's checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace the run folder")
 @click.option("--no-progress", is_flag=True)
-def train(store: str, hook: str | None, no_progress: bool, **kwargs) -> None:
+def train(store: str, hook: str | None, no_progress: bool, groups: str | None, **kwargs) -> None:
     """Train an SAE on a store's training rows (the model is never loaded)."""
     from stages.train import run_train
     from store_schema.reader import open_store
+
+    if groups is not None:
+        try:
+            kwargs["groups"] = tuple(int(g) for g in groups.split(","))
+        except ValueError:
+            raise SaepipeError(f"--groups must be comma-separated integers like 512,2048,4096, got {groups!r}") from None
 
     if hook is None:
         hooks = open_store(store).hooks

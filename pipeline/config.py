@@ -78,6 +78,26 @@ class CollectConfig:
         return fields
 
 
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+
+# Settings that belong to some architectures only; giving one to another architecture is an error.
+ARCH_SPECIFIC = {
+    "k": TOPK_FAMILY + ("mp",),
+    "aux_k": TOPK_FAMILY,
+    "aux_coef": TOPK_FAMILY,
+    "l1_coef": ("relu",),
+    "l1_warmup_frac": ("relu",),
+    "ghost_grads": ("relu",),
+    "bandwidth": ("jumprelu",),
+    "init_threshold": ("jumprelu",),
+    "l0_coef": ("jumprelu",),
+    "target_l0": ("jumprelu",),
+    "groups": ("matryoshka",),
+    "residual_threshold": ("mp",),
+    "max_iterations": ("mp",),
+}
+
+
 @dataclass
 class TrainConfig:
     store: str
@@ -85,7 +105,7 @@ class TrainConfig:
     hook: str = DEFAULT_HOOK
     arch: str = "topk"
     width: int = 4096
-    k: int = 32
+    k: int | None = None  # TopK family and mp: active latents per token (None: 32); others: must stay None
     tokens: int = 1_000_000
     batch_size: int = 4096
     lr: float | None = None  # None: the TopK paper's 2e-4 / sqrt(width / 2**14)
@@ -97,6 +117,20 @@ class TrainConfig:
     aux_coef: float = 1 / 32
     dead_window_tokens: int | None = None  # None: min(10M, tokens // 4)
     geometric_median_rows: int = 8192
+    # ReLU + L1
+    l1_coef: float | None = None
+    l1_warmup_frac: float = 0.05
+    ghost_grads: bool = False
+    # JumpReLU
+    bandwidth: float = 0.001
+    init_threshold: float = 0.001
+    l0_coef: float | None = None
+    target_l0: float | None = None
+    # Matryoshka: increasing prefix sizes ending at width
+    groups: tuple[int, ...] | None = None
+    # Matching pursuit, dynamic variant (static when both are None)
+    residual_threshold: float | None = None
+    max_iterations: int | None = None
     device: str = "auto"
     seed: int = 0
     log_every: int = 20
@@ -112,6 +146,10 @@ class TrainConfig:
 
         _require(self.arch in ARCHITECTURES, f"unknown --arch {self.arch!r}; available: {', '.join(ARCHITECTURES)}")
         _require(self.width > 0, f"--width must be positive, got {self.width}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, owners in ARCH_SPECIFIC.items():
+            _require(getattr(self, name) == defaults[name] or self.arch in owners,
+                     f"--{name.replace('_', '-')} does not apply to --arch {self.arch} (it is for {', '.join(owners)})")
         ARCHITECTURES[self.arch].check_config(self)
         _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _require(self.tokens >= self.batch_size,

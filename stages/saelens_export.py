@@ -18,8 +18,8 @@ architecture's own fields (TopK: ``k``, ``rescale_acts_by_decoder_norm``) and a 
 tensors of the architecture. SAELens computes, with ``apply_b_dec_to_input`` true, exactly our
 ``pre = (x − b_dec) W_enc + b_enc`` and ``x_rec = f(pre) W_dec + b_dec``.
 
-Architectures are looked up in ``ARCH_EXPORTERS`` (``sae.arch`` -> a function returning the SAELens
-architecture name, its extra cfg fields and extra tensors). Extra tensors must live in pre-activation
+Each architecture says how it appears in SAELens through ``sae.saelens_export()`` (an ``ArchExport``:
+the SAELens architecture name, its extra cfg fields and extra tensors). Extra tensors must live in pre-activation
 space (e.g. a JumpReLU ``threshold``): the normalization folds below leave pre-activations unchanged,
 so such tensors are exported as they are. ``topk`` maps to SAELens ``topk`` with ``k = sae.k`` and
 ``rescale_acts_by_decoder_norm = false``: SAELens's TopK then takes the top k pre-activations, ReLUs
@@ -62,10 +62,9 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -78,22 +77,6 @@ WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # The SAELens release whose format this module writes; recorded as `sae_lens_version` when sae-lens is not
 # installed (SAELens reads configs without a version >= 6.0 as the old pre-6.0 format).
 SAELENS_FORMAT_VERSION = "6.0.0"
-
-
-@dataclass(frozen=True)
-class ArchExport:
-    """How one of our architectures appears in SAELens."""
-
-    architecture: str  # SAELens's architecture name
-    cfg: dict[str, Any] = field(default_factory=dict)  # extra cfg.json fields of that architecture
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # extra weights, in pre-activation space
-
-
-def _export_topk(sae: SparseAutoencoder) -> ArchExport:
-    return ArchExport("topk", {"k": int(sae.k), "rescale_acts_by_decoder_norm": False})
-
-
-ARCH_EXPORTERS: dict[str, Callable[[SparseAutoencoder], ArchExport]] = {"topk": _export_topk}
 
 
 # -- folding the normalization --------------------------------------------------------------------
@@ -202,10 +185,7 @@ def export_saelens(out_dir: str | Path, sae: SparseAutoencoder, norm: Normalizat
     """
     from safetensors.torch import save_file
 
-    exporter = ARCH_EXPORTERS.get(sae.arch)
-    if exporter is None:
-        raise ValueError(f"cannot export {sae.arch!r} SAEs to SAELens; supported: {', '.join(sorted(ARCH_EXPORTERS))}")
-    arch = exporter(sae)
+    arch = sae.saelens_export()
     raw = {k: getattr(sae, k).detach().to("cpu", torch.float32) for k in WEIGHT_KEYS}
     weights, normalize_activations = to_saelens_space(raw, norm)
     tensors = {**weights, **{k: v.detach().to("cpu", torch.float32).contiguous() for k, v in arch.tensors.items()}}

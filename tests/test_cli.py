@@ -122,3 +122,9 @@ def test_eval_refuses_a_store_of_another_width(store, tmp_path):
     write_array_store(other, rng.standard_normal((600, 32)), rng.standard_normal((60, 32)), hook=HOOK)
     expect_error(run("eval", str(out), "--store", str(other), "--no-model"), "d_in (64)", "d_model (32)")
     expect_error(run("eval", str(tmp_path / "nothing")), "not a finished saepipe run")
+
+
+def test_flags_of_another_architecture_are_refused(store, tmp_path):
+    expect_error(run("train", str(store), "--l1-coef", "5", "--out", str(tmp_path / "r")),
+                 "--l1-coef does not apply to --arch topk", "relu")
+    expect_error(run("train", str(store), "--groups", "16,x", "--out", str(tmp_path / "r")), "--groups must be")

@@ -6,7 +6,7 @@ Shapes follow SAELens: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -61,6 +61,15 @@ class SparseCode:
 Code = SparseCode | DenseCode
 
 
+@dataclass(frozen=True)
+class ArchExport:
+    """How one of our architectures appears in SAELens (see stages.saelens_export)."""
+
+    architecture: str  # SAELens's architecture name
+    cfg: dict = field(default_factory=dict)  # extra cfg.json fields of that architecture
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # extra weights, in pre-activation space
+
+
 class SparseAutoencoder(nn.Module):
     """Subclasses set `arch`, implement `encode`, `training_loss` and `from_config`, and extend `config`."""
 
@@ -105,6 +114,10 @@ class SparseAutoencoder(nn.Module):
     def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, detached metrics incl. loss, mse, fve, l0, aux_loss and fire_counts [d_sae])."""
         raise NotImplementedError
+
+    def saelens_export(self) -> ArchExport:
+        """The SAELens architecture this SAE exports as (weights in our normalized space)."""
+        raise ValueError(f"cannot export {self.arch!r} SAEs to SAELens")
 
     def decode(self, code: Code) -> torch.Tensor:
         return self.decode_rows(code) + self.b_dec

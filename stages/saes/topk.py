@@ -8,7 +8,17 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import SaepipeError
-from stages.saes.base import SparseAutoencoder, SparseCode, TrainContext, reconstruction_metrics
+from stages.saes.base import ArchExport, SparseAutoencoder, SparseCode, TrainContext, reconstruction_metrics
+
+
+DEFAULT_K = 32
+
+
+def check_k(cfg) -> None:
+    """--k for the architectures that take one (None means DEFAULT_K)."""
+    k = DEFAULT_K if cfg.k is None else cfg.k
+    if not 0 < k <= cfg.width:
+        raise SaepipeError(f"--k must be in [1, width={cfg.width}], got {k}")
 
 
 class TopKSAE(SparseAutoencoder):
@@ -24,12 +34,11 @@ class TopKSAE(SparseAutoencoder):
 
     @classmethod
     def from_config(cls, d_in: int, cfg) -> TopKSAE:
-        return cls(d_in, cfg.width, cfg.k, cfg.aux_k, cfg.aux_coef)
+        return cls(d_in, cfg.width, DEFAULT_K if cfg.k is None else cfg.k, cfg.aux_k, cfg.aux_coef)
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if not 0 < cfg.k <= cfg.width:
-            raise SaepipeError(f"--k must be in [1, width={cfg.width}], got {cfg.k}")
+        check_k(cfg)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         return self.encode_pre(self.pre_acts(x))
@@ -59,6 +68,11 @@ class TopKSAE(SparseAutoencoder):
         aux_recon = self.decode_rows(SparseCode(values.relu(), indices))
         baseline = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
         return (aux_recon - residual).pow(2).sum(dim=-1).mean() / baseline
+
+    def saelens_export(self) -> ArchExport:
+        # SAELens's TopK: top k pre-activations, ReLU, no decoder-norm rescaling (folded decoder rows are
+        # no longer unit-norm, so rescaling must stay off): exactly ours.
+        return ArchExport("topk", {"k": int(self.k), "rescale_acts_by_decoder_norm": False})
 
     def config(self) -> dict:
         return {**super().config(), "k": self.k, "aux_k": self.aux_k, "aux_coef": self.aux_coef}
