@@ -24,6 +24,7 @@ K             ?= 32
 TRAIN_TOKENS  ?= 2000000
 BATCH         ?= 4096
 EVAL_TOKENS   ?= 4096
+SWEEP         ?= k=16,32,64
 
 slug   = $(subst /,-,$(subst :,-,$(1)))
 STORE ?= stores/$(call slug,$(MODEL))_$(call slug,$(DATASET))_$(TOKENS)x$(CONTEXT).zarr
@@ -31,7 +32,7 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval test clean distclean
+.PHONY: all setup collect train eval sweep test clean distclean
 
 all: eval
 
@@ -63,6 +64,12 @@ train: collect
 
 eval: $(RUN)/sae.safetensors
 	$(SAEPIPE) eval $(RUN) --tokens $(EVAL_TOKENS) --device $(DEVICE)
+
+# Every combination of SWEEP (space-separated NAME=V1,V2 axes) from one pass over the store.
+sweep: collect
+	$(SAEPIPE) train $(STORE) --hook $(HOOK) --arch $(ARCH) --width $(WIDTH) --tokens $(TRAIN_TOKENS) \
+		--batch-size $(BATCH) --device $(DEVICE) --seed $(SEED) --out runs/sweep_$(call slug,$(MODEL))_$(ARCH) \
+		--overwrite $(foreach axis,$(SWEEP),--sweep $(axis))
 
 test: $(SETUP_DONE)
 	$(PY) -m pytest -q

@@ -107,10 +107,13 @@ def collect(no_progress: bool, keep_special: bool, outlier_factor: float, **kwar
 @click.option("--seed", type=int, default=0)
 @click.option("--log-every", type=int, default=20, help="steps between training-log lines")
 @click.option("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+@click.option("--sweep", "sweep_specs", multiple=True, metavar="NAME=V1,V2",
+              help="train every combination from one pass over the store; --out becomes the sweep folder")
 @click.option("--resume", is_flag=True, help="continue from the run folder's checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace the run folder")
 @click.option("--no-progress", is_flag=True)
-def train(store: str, hook: str | None, no_progress: bool, groups: str | None, **kwargs) -> None:
+def train(store: str, hook: str | None, no_progress: bool, groups: str | None, sweep_specs: tuple[str, ...],
+          **kwargs) -> None:
     """Train an SAE on a store's training rows (the model is never loaded)."""
     from stages.train import run_train
     from store_schema.reader import open_store
@@ -126,8 +129,18 @@ def train(store: str, hook: str | None, no_progress: bool, groups: str | None, *
         if len(hooks) > 1:
             raise SaepipeError(f"the store holds several hooks ({', '.join(hooks)}): pick one with --hook")
         hook = hooks[0]
-    out = run_train(TrainConfig(store=store, hook=hook, progress=not no_progress, **kwargs))
-    click.echo(f"run ready: {out}")
+    cfg = TrainConfig(store=store, hook=hook, progress=not no_progress, **kwargs)
+    if not sweep_specs:
+        click.echo(f"run ready: {run_train(cfg)}")
+        return
+    from stages import sweeps
+    from stages.train import run_sweep
+
+    axes = sweeps.parse_axes(list(sweep_specs))
+    outs = run_sweep(sweeps.expand(cfg, axes))
+    summary = sweeps.write_summary(Path(cfg.out), axes, outs)
+    click.echo(sweeps.format_summary(summary))
+    click.echo(f"sweep ready: {cfg.out} ({len(outs)} runs, summary in sweep.json)")
 
 
 @main.command(name="eval")

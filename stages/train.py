@@ -69,86 +69,128 @@ def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder)
     }
 
 
+class _Run:
+    """One SAE being trained: its optimizer, schedule, dead-latent clock, log and checkpoints."""
+
+    KEYS = ("loss", "mse", "fve", "l0", "aux_loss")
+
+    def __init__(self, cfg: TrainConfig, store: ActivationStore, device: torch.device, resuming: bool):
+        self.cfg, self.store, self.out = cfg, store, Path(cfg.out)
+        self.sae, self.mse_scale = build_for_store(cfg, store, device)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas,
+                                          eps=cfg.adam_eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_schedule(cfg.steps, cfg.warmup_frac, cfg.decay_frac))
+        self.tokens_since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)
+        self.dead_window = cfg.dead_window_tokens or min(10_000_000, max(cfg.tokens // 4, cfg.batch_size))
+        self.start = 0
+        if resuming:
+            ckpt = torch.load(self.out / run_dir.CHECKPOINT, map_location=device, weights_only=False)
+            if ckpt["store_fingerprint"] != store.fingerprint or ckpt["config"] != cfg.to_json():
+                raise SaepipeError(f"{self.out} was trained with another store or configuration: pass the same "
+                                   f"arguments to --resume, or --overwrite to start again")
+            self.sae.load_state_dict(ckpt["sae"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.tokens_since_fired = ckpt["tokens_since_fired"].to(device)
+            self.mse_scale, self.start = ckpt["mse_scale"], ckpt["step"]
+            run_dir.truncate_log(self.out, self.start)
+        else:
+            run_dir.write_json_atomic(self.out / run_dir.CONFIG, run_config(cfg, store, self.sae) | {"finished": False})
+        self.log = open(self.out / run_dir.TRAIN_LOG, "a")
+        self.sums = torch.zeros(len(self.KEYS), device=device)
+        self.last_row: dict | None = None
+
+    def step(self, x: torch.Tensor, step: int, autocast) -> None:
+        dead = self.tokens_since_fired >= self.dead_window
+        with autocast:  # the forward only; backward runs in the dtypes the forward chose
+            loss, metrics = self.sae.training_loss(x, TrainContext(self.mse_scale, dead, step / self.cfg.steps))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.before_optimizer_step()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.sae.after_optimizer_step()
+        self.tokens_since_fired += self.cfg.batch_size
+        self.tokens_since_fired[metrics["fire_counts"] > 0] = 0
+        self.sums += torch.stack([metrics[k].float() for k in self.KEYS])
+
+    def write_log(self, done: int, window_steps: int, elapsed: float) -> dict:
+        row = {"step": done, "tokens": done * self.cfg.batch_size,
+               **dict(zip(self.KEYS, (self.sums / window_steps).tolist())),
+               "dead_fraction": float((self.tokens_since_fired >= self.dead_window).float().mean()),
+               "lr": self.scheduler.get_last_lr()[0], "it_per_s": window_steps / elapsed,
+               "tokens_per_s": window_steps * self.cfg.batch_size / elapsed}
+        self.log.write(json.dumps(row) + "\n")
+        self.log.flush()
+        self.sums.zero_()
+        self.last_row = row
+        return row
+
+    def checkpoint(self, step: int) -> None:
+        run_dir.save_torch_atomic(self.out / run_dir.CHECKPOINT, {
+            "step": step, "sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "tokens_since_fired": self.tokens_since_fired,
+            "mse_scale": self.mse_scale, "store_fingerprint": self.store.fingerprint, "config": self.cfg.to_json()})
+
+    def close(self) -> None:
+        self.log.close()
+
+
 def run_train(cfg: TrainConfig) -> Path:
-    cfg.validate()
-    store = open_store(cfg.store)
+    """Train one SAE (a sweep of one)."""
+    return run_sweep([cfg])[0]
+
+
+def run_sweep(cfgs: list[TrainConfig]) -> list[Path]:
+    """Train several SAEs from one pass over the store: each batch is read and moved to the device once
+    and fed to every SAE. The configurations must share the store, hook, batch size, token budget and
+    data seed (see sweeps.expand); each SAE writes its own run folder."""
+    for cfg in cfgs:
+        cfg.validate()
+    base = cfgs[0]
+    store = open_store(base.store)
     store.require_complete()
-    store.require_hook(cfg.hook)
-    out = Path(cfg.out)
-    resuming = run_dir.prepare(out, overwrite=cfg.overwrite, resume=cfg.resume)
-    device = resolve_device(cfg.device)
-    sae, mse_scale = build_for_store(cfg, store, device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas, eps=cfg.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.steps, cfg.warmup_frac, cfg.decay_frac))
-    tokens_since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)
-    start = 0
-    if resuming:
-        ckpt = torch.load(out / run_dir.CHECKPOINT, map_location=device, weights_only=False)
-        if ckpt["store_fingerprint"] != store.fingerprint or ckpt["config"] != cfg.to_json():
-            raise SaepipeError(f"{out} was trained with another store or configuration: pass the same arguments "
-                               f"to --resume, or --overwrite to start again")
-        sae.load_state_dict(ckpt["sae"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        tokens_since_fired = ckpt["tokens_since_fired"].to(device)
-        mse_scale, start = ckpt["mse_scale"], ckpt["step"]
-        run_dir.truncate_log(out, start)
-    else:
-        run_dir.write_json_atomic(out / run_dir.CONFIG, run_config(cfg, store, sae) | {"finished": False})
-
-    loader = ShuffledBatches(store, cfg.hook, cfg.batch_size, device=device, seed=cfg.seed, resident=cfg.resident)
+    store.require_hook(base.hook)
+    device = resolve_device(base.device)
+    resuming = [run_dir.prepare(Path(c.out), overwrite=c.overwrite, resume=c.resume) for c in cfgs]
+    runs = [_Run(c, store, device, r) for c, r in zip(cfgs, resuming)]
+    starts = {run.start for run in runs}
+    if len(starts) > 1:
+        raise SaepipeError(f"the sweep's checkpoints are at different steps ({sorted(starts)}): "
+                           f"resume the runs one by one, or --overwrite")
+    start = starts.pop()
+    loader = ShuffledBatches(store, base.hook, base.batch_size, device=device, seed=base.seed, resident=base.resident)
     batches = loader.batches(start)
-    dead_window = cfg.dead_window_tokens or min(10_000_000, max(cfg.tokens // 4, cfg.batch_size))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-
-    def checkpoint(step: int) -> None:
-        run_dir.save_torch_atomic(out / run_dir.CHECKPOINT, {
-            "step": step, "sae": sae.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "tokens_since_fired": tokens_since_fired, "mse_scale": mse_scale,
-            "store_fingerprint": store.fingerprint, "config": cfg.to_json()})
-
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
-    keys = ("loss", "mse", "fve", "l0", "aux_loss")
-    sums = torch.zeros(len(keys), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    bar = tqdm(total=base.steps, initial=start, desc="train" if len(runs) == 1 else f"train x{len(runs)}",
+               unit="step", disable=not base.progress, dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
-    with open(out / run_dir.TRAIN_LOG, "a") as log:
-        for step in range(start, cfg.steps):
+    try:
+        for step in range(start, base.steps):
             x = next(batches)
-            dead = tokens_since_fired >= dead_window
-            with autocast:
-                loss, metrics = sae.training_loss(x, TrainContext(mse_scale, dead, step / cfg.steps))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.before_optimizer_step()
-            optimizer.step()
-            scheduler.step()
-            sae.after_optimizer_step()
-            tokens_since_fired += cfg.batch_size
-            tokens_since_fired[metrics["fire_counts"] > 0] = 0
-            sums += torch.stack([metrics[k].float() for k in keys])
+            for run in runs:
+                run.step(x, step, autocast)
             window_steps += 1
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if done % base.log_every == 0 or done == base.steps:
                 elapsed = time.perf_counter() - window_start
-                means = (sums / window_steps).tolist()
-                row = {"step": done, "tokens": done * cfg.batch_size, **dict(zip(keys, means)),
-                       "dead_fraction": float((tokens_since_fired >= dead_window).float().mean()),
-                       "lr": scheduler.get_last_lr()[0], "it_per_s": window_steps / elapsed,
-                       "tokens_per_s": window_steps * cfg.batch_size / elapsed}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                rows = [run.write_log(done, window_steps, elapsed) for run in runs]
+                row = rows[0]
                 bar.set_postfix(loss=f"{row['loss']:.4f}", fve=f"{row['fve']:.3f}", l0=f"{row['l0']:.1f}",
                                 dead=f"{row['dead_fraction']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
-                sums.zero_()
                 window_start, window_steps = time.perf_counter(), 0
-            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                log.flush()
-                checkpoint(done)
+            if done % base.checkpoint_every == 0 and done < base.steps:
+                for run in runs:
+                    run.checkpoint(done)
             bar.update(1)
+    finally:
+        for run in runs:
+            run.close()
     bar.close()
-    finish(cfg, store, sae, out)
-    return out
+    for run in runs:
+        finish(run.cfg, store, run.sae, run.out)
+    return [run.out for run in runs]
 
 
 def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out: Path) -> None:

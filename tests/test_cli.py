@@ -128,3 +128,39 @@ def test_flags_of_another_architecture_are_refused(store, tmp_path):
     expect_error(run("train", str(store), "--l1-coef", "5", "--out", str(tmp_path / "r")),
                  "--l1-coef does not apply to --arch topk", "relu")
     expect_error(run("train", str(store), "--groups", "16,x", "--out", str(tmp_path / "r")), "--groups must be")
+
+
+def test_sweep_trains_every_combination_from_one_read(store, tmp_path, monkeypatch):
+    from store_schema import loader
+
+    reads = []
+    real_batches = loader.ShuffledBatches.batches
+    monkeypatch.setattr(loader.ShuffledBatches, "batches", lambda self, start=0: reads.append(start) or real_batches(self, start))
+    out = tmp_path / "sweep"
+    result = run("train", str(store), "--width", "64", "--tokens", "4096", "--batch-size", "512", "--out", str(out),
+                 "--sweep", "k=2,4", "--sweep", "lr=1e-3,3e-3", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert reads == [0]  # one loader for all four SAEs
+    summary = json.loads((out / "sweep.json").read_text())
+    assert sorted(r["run"] for r in summary["runs"]) == ["k=2_lr=0.001", "k=2_lr=0.003", "k=4_lr=0.001", "k=4_lr=0.003"]
+    for r in summary["runs"]:
+        cfg = json.loads((out / r["run"] / "cfg.json").read_text())
+        assert cfg["sae"]["k"] == r["params"]["k"] and cfg["training"]["lr"] == r["params"]["lr"]
+        assert r["final"]["l0"] <= r["params"]["k"] and (out / r["run"] / "saelens" / "cfg.json").exists()
+    # a sweep's SAE equals the same SAE trained alone (same batches, same init)
+    alone = tmp_path / "alone"
+    assert run("train", str(store), "--width", "64", "--tokens", "4096", "--batch-size", "512", "--k", "4",
+               "--lr", "3e-3", "--out", str(alone), "--no-progress").exit_code == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(alone / "sae.safetensors")), load_file(str(out / "k=4_lr=0.003" / "sae.safetensors"))
+    for key in a:
+        assert (a[key] == b[key]).all(), key
+
+
+def test_bad_sweeps_are_named(store, tmp_path):
+    expect_error(run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "batch_size=256,512"),
+                 "cannot vary")
+    expect_error(run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "colour=red"),
+                 "not a training parameter", "sweepable:")
+    expect_error(run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "k=two"), "cannot read 'two'")
