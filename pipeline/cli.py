@@ -124,11 +124,7 @@ def train(store: str, hook: str | None, no_progress: bool, groups: str | None, s
         except ValueError:
             raise SaepipeError(f"--groups must be comma-separated integers like 512,2048,4096, got {groups!r}") from None
 
-    if hook is None:
-        hooks = open_store(store).hooks
-        if len(hooks) > 1:
-            raise SaepipeError(f"the store holds several hooks ({', '.join(hooks)}): pick one with --hook")
-        hook = hooks[0]
+    hook = hook or _only_hook(open_store(store))
     cfg = TrainConfig(store=store, hook=hook, progress=not no_progress, **kwargs)
     if not sweep_specs:
         click.echo(f"run ready: {run_train(cfg)}")
@@ -159,6 +155,38 @@ def eval_(run: str, store: str | None, model: str | None, tokens: int | None, no
     result = run_eval(run, store, model, tokens, use_model=not no_model, device=device, progress=not no_progress)
     click.echo(format_table(result))
     click.echo(f"written: {Path(run) / 'eval.json'}")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--hook", default=None, help="default: the store's only hook")
+@click.option("--archs", default="topk,batchtopk,jumprelu,mp", help="architectures to compare")
+@click.option("--width", type=int, default=4096)
+@click.option("--k", type=int, default=32, help="the L0 both implementations are trained to")
+@click.option("--tokens", type=int, default=1_000_000, help="training tokens for each SAE")
+@click.option("--batch-size", type=int, default=4096)
+@click.option("--eval-tokens", type=int, default=4096, help="held-out tokens for every metric")
+@click.option("--no-model", is_flag=True, help="store-only metrics (no CE/KL)")
+@click.option("--out", required=True, type=click.Path(), help="folder for the runs, quality.json and quality.md")
+@_device_option
+@click.option("--seed", type=int, default=0)
+@click.option("--no-progress", is_flag=True)
+def quality(store: str, hook: str | None, archs: str, k: int, eval_tokens: int, no_model: bool, no_progress: bool,
+            **kwargs) -> None:
+    """Train ours and SAELens's SAEs on the same rows and compare them (needs sae-lens)."""
+    from stages import quality as quality_stage
+    from store_schema.reader import open_store
+
+    hook = hook or _only_hook(open_store(store))
+    base = TrainConfig(store=store, hook=hook, progress=not no_progress, **kwargs)
+    rows = quality_stage.compare(base, [a.strip() for a in archs.split(",")], k, eval_tokens, use_model=not no_model)
+    click.echo(quality_stage.format_table(rows))
+
+
+def _only_hook(store) -> str:
+    if len(store.hooks) > 1:
+        raise SaepipeError(f"the store holds several hooks ({', '.join(store.hooks)}): pick one with --hook")
+    return store.hooks[0]
 
 
 @main.command()

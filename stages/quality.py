@@ -1,0 +1,123 @@
+"""Side-by-side quality: our SAEs against SAELens's, trained on the very same activation rows.
+
+For each architecture both are trained from one store with the same width, the same target L0, the
+same token budget, the same batches in the same order (our loader feeds SAELens's trainer) and the same
+learning-rate schedule, then both are measured by our eval (held-out reconstruction, CE/KL with the
+SAE spliced into the model). SAELens runs with its own defaults otherwise: that is what its users get.
+Needs sae-lens (a test dependency): `pip install 'saepipe[test]'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from pipeline import run_dir
+from pipeline.config import TrainConfig
+from pipeline.device import resolve_device
+from pipeline.errors import SaepipeError
+from stages import evaluate
+from stages.train import run_train
+from store_schema.loader import ShuffledBatches
+from store_schema.reader import open_store
+
+COLUMNS = ("fve", "nmse", "l0", "dead_fraction", "ce_recovered", "kl", "wall_s")
+
+
+def _ours_config(base: TrainConfig, arch: str, k: int) -> TrainConfig:
+    """Our config for `arch` at (about) k active latents per token."""
+    extra = {"target_l0": float(k)} if arch == "jumprelu" else {"k": k}
+    return dataclasses.replace(base, arch=arch, out=str(Path(base.out) / f"ours-{arch}"), overwrite=True, **extra)
+
+
+def _saelens_sae(arch: str, d_in: int, width: int, k: int, device: str):
+    """SAELens's training SAE for `arch` at (about) k active latents, acting on our normalized rows."""
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.matching_pursuit_sae import MatchingPursuitTrainingSAE, MatchingPursuitTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    common = dict(d_in=d_in, d_sae=width, dtype="float32", device=device, normalize_activations="none")
+    if arch == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
+    if arch == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=k, **common))
+    if arch == "jumprelu":
+        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic",
+                                                             target_l0=float(k), **common))
+    if arch == "mp":  # exactly k selections, like our static matching pursuit
+        return MatchingPursuitTrainingSAE(MatchingPursuitTrainingSAEConfig(
+            residual_threshold=0.0, max_iterations=k, stop_on_duplicate_support=False, **common))
+    raise SaepipeError(f"no SAELens counterpart for --arch {arch}: compare topk, batchtopk, jumprelu or mp")
+
+
+def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    sae = _saelens_sae(arch, store.d_model, cfg.width, k, str(device))
+    loader = ShuffledBatches(store, cfg.hook, cfg.batch_size, device=device, seed=cfg.seed, resident=cfg.resident)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
+        lr=cfg.resolved_lr(), lr_end=0.0, lr_warm_up_steps=int(cfg.steps * cfg.warmup_frac),
+        lr_decay_steps=int(cfg.steps * cfg.decay_frac), device=str(device),
+        dead_feature_window=max(1, (cfg.dead_window_tokens or min(10_000_000, cfg.tokens // 4)) // cfg.batch_size))
+    started = time.perf_counter()
+    trained = SAETrainer(trainer_cfg, sae, loader.batches(0)).fit()
+    return trained, time.perf_counter() - started
+
+
+def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_model: bool = True) -> list[dict]:
+    from stages.saes.external import ExternalSAE
+
+    store = open_store(base.store)
+    store.require_complete()
+    device = resolve_device(base.device)
+    norm = store.normalization(base.hook)
+    rows = []
+    for arch in archs:
+        ours_cfg = _ours_config(base, arch, k)
+        started = time.perf_counter()
+        run_train(ours_cfg)
+        ours_wall = time.perf_counter() - started
+        ours = evaluate.run_eval(ours_cfg.out, tokens=eval_tokens, use_model=use_model, device=base.device,
+                                 progress=base.progress)
+        rows.append({"arch": arch, "impl": "saepipe", **_pick(ours), "wall_s": ours_wall})
+
+        theirs_sae, theirs_wall = _train_saelens(base, arch, k, store, device)
+        adapter = ExternalSAE(theirs_sae.eval())
+        theirs = evaluate.store_metrics(adapter, store, base.hook, norm, device, eval_tokens, base.progress)
+        if use_model:
+            theirs |= evaluate.downstream_metrics(adapter, store, base.hook, norm, None, device, eval_tokens,
+                                                  progress=base.progress)
+        rows.append({"arch": arch, "impl": f"sae-lens {_saelens_version()}", **_pick(theirs), "wall_s": theirs_wall})
+    out = Path(base.out)
+    run_dir.write_json_atomic(out / "quality.json", {"store": base.store, "width": base.width, "k": k,
+                                                       "tokens": base.steps * base.batch_size,
+                                                       "batch_size": base.batch_size, "rows": rows})
+    (out / "quality.md").write_text(format_table(rows) + "\n")
+    return rows
+
+
+def _pick(metrics: dict) -> dict:
+    return {key: metrics.get(key, float("nan")) for key in COLUMNS if key != "wall_s"}
+
+
+def _saelens_version() -> str:
+    from importlib.metadata import version
+
+    return version("sae-lens")
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| arch | implementation | " + " | ".join(COLUMNS) + " |",
+             "| --- | --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['impl']} | " + " | ".join(f"{r[c]:.4g}" for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def load_rows(out: Path) -> list[dict]:
+    return json.loads((out / "quality.json").read_text())["rows"]
