@@ -125,6 +125,16 @@ def fold_normalization(weights: dict[str, torch.Tensor], norm: Normalization) ->
                      "export_saelens maps it onto SAELens's 'layer_norm' normalization instead")
 
 
+def input_scale(norm: Normalization, d_in: int) -> float:
+    """c such that the exported SAE's input, after b_dec, is ours divided by c: the center-scale factor,
+    √(d/(d−1)) for ``token`` (see to_saelens_space), 1 for ``none``."""
+    if norm.mode == "center-scale":
+        return float(torch.tensor(norm.scale, dtype=torch.float32))
+    if norm.mode == "token":
+        return math.sqrt(d_in / (d_in - 1))
+    return 1.0
+
+
 def to_saelens_space(weights: dict[str, torch.Tensor], norm: Normalization) -> tuple[dict[str, torch.Tensor], str]:
     """The weights SAELens should hold and its ``normalize_activations`` mode that goes with them."""
     if norm.mode != "token":
@@ -188,6 +198,13 @@ def export_saelens(out_dir: str | Path, sae: SparseAutoencoder, norm: Normalizat
     arch = sae.saelens_export()
     raw = {k: getattr(sae, k).detach().to("cpu", torch.float32) for k in WEIGHT_KEYS}
     weights, normalize_activations = to_saelens_space(raw, norm)
+    if arch.tied:
+        # One dictionary (SAELens: W_enc = W_decᵀ). Dividing the input by c cannot be folded into a tied
+        # W_dec (the pursuit needs its unit rows), so W_dec stays as it is and only b_dec is folded: SAELens's
+        # codes are ours divided by c, its reconstructions equal ours.
+        weights = {"W_dec": raw["W_dec"].contiguous(), "b_dec": weights["b_dec"]}
+    scale = input_scale(norm, sae.d_in)
+    arch_cfg = {key: value / scale if key in arch.input_units else value for key, value in arch.cfg.items()}
     tensors = {**weights, **{k: v.detach().to("cpu", torch.float32).contiguous() for k, v in arch.tensors.items()}}
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
@@ -224,7 +241,7 @@ def export_saelens(out_dir: str | Path, sae: SparseAutoencoder, norm: Normalizat
         # SAELens flattens [..., n_heads, d_head] inputs of attention hook_z SAEs (its own convention).
         "reshape_activations": "hook_z" if hook_name.endswith("hook_z") else "none",
         "architecture": arch.architecture,
-        **arch.cfg,
+        **arch_cfg,
         "metadata": metadata,
     }
 

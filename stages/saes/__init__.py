@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from stages.saes.base import SparseAutoencoder, SparseCode
+from stages.saes.matching_pursuit import MatchingPursuitSAE
 from stages.saes.topk import TopKSAE
 
-ARCHITECTURES = {"topk": TopKSAE}
+ARCHITECTURES = {"topk": TopKSAE, "mp": MatchingPursuitSAE}
 
 
 def build_sae(config: dict) -> SparseAutoencoder:
@@ -14,4 +15,4 @@ def build_sae(config: dict) -> SparseAutoencoder:
     return ARCHITECTURES[config["arch"]](**params)
 
 
-__all__ = ["ARCHITECTURES", "SparseAutoencoder", "SparseCode", "TopKSAE", "build_sae"]
+__all__ = ["ARCHITECTURES", "MatchingPursuitSAE", "SparseAutoencoder", "SparseCode", "TopKSAE", "build_sae"]

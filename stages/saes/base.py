@@ -68,6 +68,9 @@ class ArchExport:
     architecture: str  # SAELens's architecture name
     cfg: dict = field(default_factory=dict)  # extra cfg.json fields of that architecture
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # extra weights, in pre-activation space
+    # Tied SAEs (SAELens derives W_enc = W_decᵀ): only W_dec and b_dec are written, W_dec not rescaled.
+    tied: bool = False
+    input_units: tuple[str, ...] = ()  # cfg fields measured in our input's units: divided by the input scale
 
 
 class SparseAutoencoder(nn.Module):
