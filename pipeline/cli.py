@@ -96,8 +96,9 @@ def collect(no_progress: bool, keep_special: bool, outlier_factor: float, **kwar
 @click.option("--l1-coef", type=float, default=None, help="relu: L1 coefficient (sparsity penalty weighted by decoder norms)")
 @click.option("--l1-warmup-frac", type=float, default=0.05, help="relu: share of training over which L1 ramps up")
 @click.option("--ghost-grads", is_flag=True, help="relu: ghost gradients for dead latents (after the dead window)")
-@click.option("--bandwidth", type=float, default=0.001, help="jumprelu: straight-through estimator bandwidth")
-@click.option("--init-threshold", type=float, default=0.001, help="jumprelu: initial threshold")
+@click.option("--bandwidth", type=float, default=None,
+              help="jumprelu: straight-through estimator bandwidth [default: 0.001·√d_in]")
+@click.option("--init-threshold", type=float, default=None, help="jumprelu: initial threshold [default: d_in/width]")
 @click.option("--l0-coef", type=float, default=None, help="jumprelu: L0 penalty coefficient")
 @click.option("--target-l0", type=float, default=None, help="jumprelu: penalize L0 away from this target instead")
 @click.option("--groups", default=None, help="matryoshka: increasing prefix sizes, e.g. 512,2048,4096 (last = width)")

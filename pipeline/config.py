@@ -122,8 +122,8 @@ class TrainConfig:
     l1_warmup_frac: float = 0.05
     ghost_grads: bool = False
     # JumpReLU
-    bandwidth: float = 0.001
-    init_threshold: float = 0.001
+    bandwidth: float | None = None  # None: 0.001·√d_in (the paper's value in our input units)
+    init_threshold: float | None = None  # None: d_in / d_sae (one std of the initial pre-activations)
     l0_coef: float | None = None
     target_l0: float | None = None
     # Matryoshka: increasing prefix sizes ending at width

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from stages.saes.base import SparseAutoencoder, SparseCode
+from stages.saes.jumprelu import JumpReLUSAE
 from stages.saes.matching_pursuit import MatchingPursuitSAE
+from stages.saes.relu import ReLUSAE
 from stages.saes.topk import TopKSAE
 
-ARCHITECTURES = {"topk": TopKSAE, "mp": MatchingPursuitSAE}
+ARCHITECTURES = {"topk": TopKSAE, "relu": ReLUSAE, "jumprelu": JumpReLUSAE, "mp": MatchingPursuitSAE}
 
 
 def build_sae(config: dict) -> SparseAutoencoder:
@@ -15,4 +17,4 @@ def build_sae(config: dict) -> SparseAutoencoder:
     return ARCHITECTURES[config["arch"]](**params)
 
 
-__all__ = ["ARCHITECTURES", "MatchingPursuitSAE", "SparseAutoencoder", "SparseCode", "TopKSAE", "build_sae"]
+__all__ = ["ARCHITECTURES", "JumpReLUSAE", "MatchingPursuitSAE", "ReLUSAE", "SparseAutoencoder", "SparseCode", "TopKSAE", "build_sae"]
