@@ -3,6 +3,9 @@
 Each row is a sparse non-negative combination of unit "feature" directions plus Gaussian noise; feature
 i fires independently with probability `frequencies[i]` (spread log-uniformly, so rare and common
 features both exist). An SAE trained right recovers the directions as decoder rows.
+
+`PlantedFeatures.make_hierarchical` adds a two-level hierarchy (for Matryoshka SAEs): child features
+fire only on rows where their parent fires, and each child's direction leans towards its parent's.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from store_schema.writer import StoreWriter
 class PlantedFeatures:
     directions: np.ndarray  # float32 [n_features, d], unit rows
     frequencies: np.ndarray  # float64 [n_features], firing probability per row
+    # Hierarchical features only (None: all independent): int64 [n_features], each feature's parent or -1
+    # for a top-level one. A child's `frequencies` entry is its firing probability on rows where its
+    # parent fires (it never fires otherwise).
+    parents: np.ndarray | None = None
 
     @classmethod
     def make(cls, d: int, n_features: int, *, min_freq: float = 0.005, max_freq: float = 0.05,
@@ -32,19 +39,54 @@ class PlantedFeatures:
         frequencies = np.exp(rng.uniform(np.log(min_freq), np.log(max_freq), n_features))
         return cls(directions, frequencies)
 
+    @classmethod
+    def make_hierarchical(cls, d: int, n_parents: int, children_per_parent: int, *, min_freq: float = 0.01,
+                          max_freq: float = 0.1, child_freq: float = 0.3, parent_share: float = 0.5,
+                          seed: int = 0) -> PlantedFeatures:
+        """`n_parents` top-level features (frequencies log-uniform in [min_freq, max_freq]), each with
+        `children_per_parent` children that fire, each independently with probability `child_freq`, only
+        on rows where their parent fires. A child's direction is parent_share·parent + √(1 − parent_share²)·u,
+        u a random unit vector orthogonal to the parent: cosine `parent_share` with its parent. Features
+        are ordered parents first (0 … n_parents − 1), then the children of parent 0, of parent 1, …"""
+        if not 0 <= parent_share < 1:
+            raise ValueError(f"parent_share must be in [0, 1), got {parent_share}")
+        rng = np.random.default_rng(seed)
+        top = rng.standard_normal((n_parents, d))
+        top /= np.linalg.norm(top, axis=1, keepdims=True)
+        parent_of = np.repeat(np.arange(n_parents), children_per_parent)
+        own = rng.standard_normal((len(parent_of), d))
+        own -= (own * top[parent_of]).sum(axis=1, keepdims=True) * top[parent_of]
+        own /= np.linalg.norm(own, axis=1, keepdims=True)
+        children = parent_share * top[parent_of] + np.sqrt(1 - parent_share**2) * own
+        directions = np.concatenate([top, children]).astype(np.float32)
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        frequencies = np.concatenate([np.exp(rng.uniform(np.log(min_freq), np.log(max_freq), n_parents)),
+                                      np.full(len(parent_of), child_freq)])
+        return cls(directions, frequencies, np.concatenate([np.full(n_parents, -1), parent_of]).astype(np.int64))
+
     def sample(self, n: int, *, noise: float = 0.01, seed: int = 1) -> np.ndarray:
         """float32 [n, d] rows; magnitudes of active features uniform in [0.5, 1.5]."""
+        return self.sample_with_active(n, noise=noise, seed=seed)[0]
+
+    def sample_with_active(self, n: int, *, noise: float = 0.01, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """`sample`'s rows and which features are active in each (bool [n, n_features])."""
         rng = np.random.default_rng(seed)
         active = rng.random((n, len(self.frequencies))) < self.frequencies
+        if self.parents is not None:  # a child fires only where its parent does (parents come first)
+            children = np.flatnonzero(self.parents >= 0)
+            active[:, children] &= active[:, self.parents[children]]
         magnitudes = rng.uniform(0.5, 1.5, active.shape) * active
         rows = magnitudes.astype(np.float32) @ self.directions
-        return rows + noise * rng.standard_normal(rows.shape).astype(np.float32)
+        return rows + noise * rng.standard_normal(rows.shape).astype(np.float32), active
 
-    def recovered_fraction(self, decoder_rows: torch.Tensor | np.ndarray, threshold: float = 0.9) -> float:
-        """Share of planted directions matched by some decoder row at cosine >= threshold."""
+    def recovered_fraction(self, decoder_rows: torch.Tensor | np.ndarray, threshold: float = 0.9,
+                           features: np.ndarray | None = None) -> float:
+        """Share of planted directions (those indexed by `features`, default all) matched by some decoder
+        row at cosine >= threshold."""
         dec = torch.as_tensor(decoder_rows, dtype=torch.float32)
         dec = dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        best = (torch.from_numpy(self.directions) @ dec.T).max(dim=1).values
+        planted = self.directions if features is None else self.directions[features]
+        best = (torch.from_numpy(planted) @ dec.T).max(dim=1).values
         return float((best >= threshold).float().mean())
 
 

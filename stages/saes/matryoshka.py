@@ -1,0 +1,72 @@
+"""Matryoshka SAE (Bussmann, Nabeshima, Karvonen & Nanda, "Learning Multi-Level Features with
+Matryoshka Sparse Autoencoders", 2025): a BatchTopK SAE whose latents form nested prefixes
+m_1 < m_2 < … < m_G = d_sae (`--groups`). The loss sums every prefix's reconstruction error,
+
+    Σ_i ‖x − (z_{<m_i} W_dec[:m_i] + b_dec)‖² / mse_scale  +  aux_coef · AuxK,
+
+z being the one batch-top-k code of the whole SAE. The first m_1 latents must reconstruct on their
+own, so they learn the most general, frequent directions (a parent feature rather than the
+parent-plus-child blends that absorb it in a flat SAE); later groups add detail. The fixed group
+sizes and the plain sum follow Bussmann et al.; Nabeshima's variant samples random prefix sizes
+each step instead. AuxK is computed on the full reconstruction's residual (SAELens's default too;
+its optional variant revives each group's dead latents on that group's own residual). Inference, the
+learned threshold and the SAELens export ("jumprelu") are those of BatchTopKSAE: the nesting only
+shapes training. The prefix reconstructions are built incrementally, one sparse decode per group.
+"""
+
+from __future__ import annotations
+
+from pipeline.errors import SaepipeError
+from stages.saes.batchtopk import BatchTopKSAE
+from stages.saes.topk import DEFAULT_K, check_k
+
+
+def groups_problem(groups, width: int) -> str | None:
+    """Why `groups` cannot be the prefix sizes of a `width`-latent matryoshka SAE (None: they can)."""
+    shown = ",".join(str(g) for g in groups)
+    if not groups:
+        return "must name at least one prefix size"
+    if any(g <= 0 for g in groups):
+        return f"must be positive, got {shown}"
+    if any(g > width for g in groups):
+        return f"must not exceed --width {width}, got {shown}"
+    if any(b <= a for a, b in zip(groups, groups[1:])):
+        return f"must be strictly increasing, got {shown}"
+    if groups[-1] != width:
+        return f"must end at --width {width}, got {shown}"
+    return None
+
+
+class MatryoshkaSAE(BatchTopKSAE):
+    arch = "matryoshka"
+
+    def __init__(self, d_in: int, d_sae: int, k: int, groups, aux_k: int | None = None, aux_coef: float = 1 / 32):
+        groups = tuple(int(g) for g in groups)
+        problem = groups_problem(groups, d_sae)
+        if problem:
+            raise ValueError(f"groups {problem}".replace("--width", "d_sae"))
+        self.groups = groups
+        super().__init__(d_in, d_sae, k, aux_k, aux_coef)
+
+    @classmethod
+    def from_config(cls, d_in: int, cfg) -> MatryoshkaSAE:
+        return cls(d_in, cfg.width, DEFAULT_K if cfg.k is None else cfg.k, cfg.groups, cfg.aux_k, cfg.aux_coef)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_k(cfg)
+        if cfg.groups is None:
+            w = cfg.width
+            example = f"{w // 8},{w // 2},{w}" if w >= 8 else str(w)
+            raise SaepipeError(f"--arch matryoshka needs --groups: increasing prefix sizes ending at --width {w}, "
+                               f"e.g. {example}")
+        problem = groups_problem(tuple(cfg.groups), cfg.width)
+        if problem:
+            raise SaepipeError(f"--groups {problem}")
+
+    @property
+    def prefixes(self) -> tuple[int, ...]:
+        return self.groups
+
+    def config(self) -> dict:
+        return {**super().config(), "groups": list(self.groups)}
