@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import stages.saes
 from pipeline import run_dir
 from pipeline.config import TrainConfig
 from pipeline.errors import SaepipeError
@@ -23,15 +22,6 @@ from stages.saes.batchtopk import BatchTopKSAE
 from stages.saes.matryoshka import MatryoshkaSAE
 from stages.synthetic import PlantedFeatures, write_array_store
 from store_schema.normalization import Normalization
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    """The classes in the registry for these tests (stages.saes registers them for good)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(stages.saes.ARCHITECTURES, "batchtopk", BatchTopKSAE)
-        mp.setitem(stages.saes.ARCHITECTURES, "matryoshka", MatryoshkaSAE)
-        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -252,14 +242,6 @@ def test_hierarchical_children_fire_only_with_their_parent():
 COMMON = dict(hook="synthetic", width=512, k=8, tokens=480_000, batch_size=1024, lr=8e-3,
               dead_window_tokens=5 * 1024, progress=False)
 MATRYOSHKA_GROUPS = (256, 512)
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    features = PlantedFeatures.make(64, 256, seed=0)
-    path = tmp_path_factory.mktemp("planted") / "store.zarr"
-    write_array_store(path, features.sample(120_000, seed=1), features.sample(4096, seed=2), hook="synthetic")
-    return features, path
 
 
 @pytest.fixture(scope="module", params=["batchtopk", "matryoshka"])

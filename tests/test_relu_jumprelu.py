@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import stages.saes
 from pipeline import run_dir
 from pipeline.config import TrainConfig
 from pipeline.errors import SaepipeError
@@ -13,7 +12,6 @@ from stages import train as train_stage
 from stages.saes.base import TrainContext
 from stages.saes.jumprelu import JumpReLUFunction, JumpReLUSAE, StepFunction
 from stages.saes.relu import ReLUSAE
-from stages.synthetic import PlantedFeatures, write_array_store
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore
 
@@ -26,20 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def registered(monkeypatch):
-    monkeypatch.setitem(stages.saes.ARCHITECTURES, "relu", ReLUSAE)
-    monkeypatch.setitem(stages.saes.ARCHITECTURES, "jumprelu", JumpReLUSAE)
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    features = PlantedFeatures.make(64, 256, seed=0)
-    path = tmp_path_factory.mktemp("planted") / "store.zarr"
-    write_array_store(path, features.sample(120_000, seed=1), features.sample(4096, seed=2), hook="synthetic")
-    return features, path
 
 
 def train(store, out, **kw) -> tuple[torch.nn.Module, dict, list[dict]]:

@@ -12,7 +12,6 @@ from pipeline.config import TrainConfig
 from stages import train as train_stage
 from stages.saes import TopKSAE
 from stages.saes.base import TrainContext, geometric_median
-from stages.synthetic import PlantedFeatures, write_array_store
 
 
 def test_init_is_decoder_transpose_with_unit_rows():
@@ -77,14 +76,6 @@ def test_lr_schedule_warms_up_and_decays():
     f = train_stage.lr_schedule(100, 0.1, 0.2)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(50) == 1.0
     assert f(80) == pytest.approx(1.0) and f(90) == pytest.approx(0.5) and f(99) == pytest.approx(0.05)
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    features = PlantedFeatures.make(64, 256, seed=0)
-    path = tmp_path_factory.mktemp("planted") / "store.zarr"
-    write_array_store(path, features.sample(120_000, seed=1), features.sample(4096, seed=2), hook="synthetic")
-    return features, path
 
 
 def test_topk_recovers_planted_features(planted, tmp_path):
