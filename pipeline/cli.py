@@ -89,6 +89,8 @@ def collect(no_progress: bool, keep_special: bool, outlier_factor: float, **kwar
 @click.option("--batch-size", type=int, default=4096)
 @click.option("--out", required=True, type=click.Path(), help="run folder to write")
 @click.option("--lr", type=float, default=None, help="default: 2e-4 / sqrt(width / 2^14) (TopK paper)")
+@click.option("--max-grad-norm", type=float, default=1.0,
+              help="clip the gradient norm (in summed-squared-error units, as SAELens); 0: no clipping")
 @click.option("--aux-k", type=int, default=None, help="AuxK latents (default d_in / 2)")
 @click.option("--aux-coef", type=float, default=1 / 32)
 @click.option("--dead-window", "dead_window_tokens", type=int, default=None,
@@ -166,6 +168,7 @@ def eval_(run: str, store: str | None, model: str | None, tokens: int | None, no
 @click.option("--k", type=int, default=32, help="the L0 both implementations are trained to")
 @click.option("--tokens", type=int, default=1_000_000, help="training tokens for each SAE")
 @click.option("--batch-size", type=int, default=4096)
+@click.option("--lr", type=float, default=None, help="learning rate for both (default: the TopK paper's for the width)")
 @click.option("--eval-tokens", type=int, default=4096, help="held-out tokens for every metric")
 @click.option("--no-model", is_flag=True, help="store-only metrics (no CE/KL)")
 @click.option("--out", required=True, type=click.Path(), help="folder for the runs, quality.json and quality.md")

@@ -113,6 +113,10 @@ class TrainConfig:
     decay_frac: float = 0.2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 6.25e-10
+    # Clip the gradient's global norm, measured as the gradient of the summed squared error (SAELens's
+    # loss units and its default of 1). Short runs gain most: Adam's second moment otherwise remembers
+    # the large early gradients and damps every later step. 0 turns clipping off.
+    max_grad_norm: float = 1.0
     aux_k: int | None = None  # None: d_in // 2
     aux_coef: float = 1 / 32
     dead_window_tokens: int | None = None  # None: min(10M, tokens // 4)
@@ -155,6 +159,7 @@ class TrainConfig:
         _require(self.tokens >= self.batch_size,
                  f"--tokens ({self.tokens:,}) must be at least one batch ({self.batch_size:,})")
         _require(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
+        _require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
         _require(0 <= self.warmup_frac < 1 and 0 <= self.decay_frac < 1 and self.warmup_frac + self.decay_frac <= 1,
                  "warm-up and decay fractions must be in [0, 1) and sum to at most 1")
         _require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: pick one")

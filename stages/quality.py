@@ -76,6 +76,7 @@ def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_m
     store.require_complete()
     device = resolve_device(base.device)
     norm = store.normalization(base.hook)
+    out = Path(base.out)
     rows = []
     for arch in archs:
         ours_cfg = _ours_config(base, arch, k)
@@ -87,18 +88,26 @@ def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_m
         rows.append({"arch": arch, "impl": "saepipe", **_pick(ours), "wall_s": ours_wall})
 
         theirs_sae, theirs_wall = _train_saelens(base, arch, k, store, device)
-        adapter = ExternalSAE(theirs_sae.eval())
+        adapter = ExternalSAE(_inference_model(theirs_sae, out / f"saelens-{arch}", device))
         theirs = evaluate.store_metrics(adapter, store, base.hook, norm, device, eval_tokens, base.progress)
         if use_model:
             theirs |= evaluate.downstream_metrics(adapter, store, base.hook, norm, None, device, eval_tokens,
                                                   progress=base.progress)
         rows.append({"arch": arch, "impl": f"sae-lens {_saelens_version()}", **_pick(theirs), "wall_s": theirs_wall})
-    out = Path(base.out)
     run_dir.write_json_atomic(out / "quality.json", {"store": base.store, "width": base.width, "k": k,
                                                        "tokens": base.steps * base.batch_size,
                                                        "batch_size": base.batch_size, "rows": rows})
     (out / "quality.md").write_text(format_table(rows) + "\n")
     return rows
+
+
+def _inference_model(training_sae, folder: Path, device):
+    """What a SAELens user loads: the training SAE saved as its inference model and loaded back
+    (BatchTopK becomes a JumpReLU with the learned threshold, instead of a batch-dependent top k)."""
+    from sae_lens import SAE
+
+    training_sae.save_inference_model(folder)
+    return SAE.load_from_disk(str(folder), device=str(device)).eval()
 
 
 def _pick(metrics: dict) -> dict:

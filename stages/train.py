@@ -108,6 +108,9 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.before_optimizer_step()
+        if self.cfg.max_grad_norm:
+            # Our loss is the squared error divided by mse_scale: scale the threshold alike.
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.max_grad_norm / self.mse_scale)
         self.optimizer.step()
         self.scheduler.step()
         self.sae.after_optimizer_step()

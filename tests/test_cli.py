@@ -104,6 +104,8 @@ def test_store_problems_are_named(store, tmp_path):
                  "hook 'blocks.0.hook_resid_post' is not in store")
     expect_error(run("train", str(store), "--k", "0", "--out", str(tmp_path / "r")), "--k must be in")
     expect_error(run("train", str(store), "--arch", "vq", "--out", str(tmp_path / "r")), "unknown --arch 'vq'")
+    expect_error(run("train", str(store), "--max-grad-norm", "-1", "--out", str(tmp_path / "r")),
+                 "--max-grad-norm must be >= 0")
 
     rng = np.random.default_rng(0)
     partial = tmp_path / "partial.zarr"

@@ -146,3 +146,26 @@ def test_training_never_imports_the_model_library(planted, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((tmp_path / "run" / "cfg.json").read_text())["finished"]
+
+
+def test_gradient_norm_is_clipped_in_summed_squared_error_units(planted, tmp_path, monkeypatch):
+    """The gradient Adam sees is clipped at max_grad_norm / mse_scale (our loss divides by mse_scale);
+    max_grad_norm=0 leaves it alone."""
+    _, store = planted
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *a, **kw):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    common = dict(store=str(store), hook="synthetic", width=128, k=4, tokens=10 * 512, batch_size=512, progress=False)
+    train_stage.run_train(TrainConfig(out=str(tmp_path / "free"), max_grad_norm=0, **common))
+    unclipped, seen[:] = list(seen), []
+    _, mse_scale = train_stage.build_for_store(TrainConfig(out="unused", **common), train_stage.open_store(str(store)),
+                                               torch.device("cpu"))
+    cap = min(unclipped) / 2  # below every unclipped norm, so every step must be clipped to it
+    train_stage.run_train(TrainConfig(out=str(tmp_path / "clipped"), max_grad_norm=cap * mse_scale, **common))
+    assert len(seen) == 10 and all(norm == pytest.approx(cap, rel=1e-4) for norm in seen)
