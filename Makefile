@@ -1,6 +1,7 @@
 # saepipe: collect -> train -> eval on the offline defaults.
 #   make all     set up .venv if needed, then collect a store, train a TopK SAE, evaluate it
 #   make test    the test suite (what CI runs)
+#   make bench   speed benchmarks (docs/benchmarks.md)
 # Every variable below can be overridden: make all MODEL=gpt2 HOOK=blocks.6.hook_resid_post DEVICE=cuda
 
 PYTHON  ?= python3
@@ -32,7 +33,7 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval sweep test clean distclean
+.PHONY: all setup collect train eval sweep test bench clean distclean
 
 all: eval
 
@@ -75,6 +76,10 @@ sweep: collect
 # the two cores are shared with another job.
 test: $(SETUP_DONE)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+
+# Speed as same-run ratios (docs/benchmarks.md); writes runs/bench/bench.json.
+bench: $(SETUP_DONE)
+	$(SAEPIPE) bench --device $(DEVICE) --model $(MODEL) --hook $(HOOK) --out runs/bench
 
 clean:
 	rm -rf stores runs

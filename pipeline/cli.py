@@ -187,6 +187,35 @@ def quality(store: str, hook: str | None, archs: str, k: int, eval_tokens: int, 
     click.echo(quality_stage.format_table(rows))
 
 
+@main.command()
+@click.option("--out", type=click.Path(), default="runs/bench", show_default=True,
+              help="folder for bench.json and the benchmarks' scratch stores")
+@_device_option
+@click.option("--only", default="", help="comma-separated keys to measure (default: all)")
+@click.option("--d-in", type=int, default=576, show_default=True)
+@click.option("--width", type=int, default=4096, show_default=True)
+@click.option("--k", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=4096, show_default=True)
+@click.option("--rounds", type=int, default=3, show_default=True, help="rounds per side, alternating the sides")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="host model of the collect benchmark")
+@click.option("--hook", "collect_hook", default=DEFAULT_HOOK, show_default=True, help="hook of the collect benchmark")
+@click.option("--no-progress", is_flag=True)
+def bench(out: str, only: str, no_progress: bool, **kwargs) -> None:
+    """Measure speed as same-run ratios (reader, training, matching pursuit, collect, memory); writes
+    OUT/bench.json. Needs sae-lens for the SAELens comparisons."""
+    from stages import bench as bench_stage
+
+    keys = tuple(k.strip() for k in only.split(",") if k.strip())
+    unknown = sorted(set(keys) - set(bench_stage.KEYS))
+    if unknown:
+        raise SaepipeError(f"--only: unknown benchmark {', '.join(unknown)}; known: {', '.join(bench_stage.KEYS)}")
+    if kwargs["rounds"] < 1:
+        raise SaepipeError(f"--rounds must be at least 1, got {kwargs['rounds']}")
+    result = bench_stage.run_bench(bench_stage.BenchConfig(out=Path(out), only=keys, progress=not no_progress, **kwargs))
+    click.echo(bench_stage.format_table(result))
+    click.echo(f"written: {Path(out) / 'bench.json'}")
+
+
 def _only_hook(store) -> str:
     if len(store.hooks) > 1:
         raise SaepipeError(f"the store holds several hooks ({', '.join(store.hooks)}): pick one with --hook")

@@ -63,7 +63,9 @@ def plan_action(cfg: CollectConfig) -> str:
     return "done" if existing.complete else "resume"
 
 
-def run_collect(cfg: CollectConfig) -> Path:
+def run_collect(cfg: CollectConfig, model=None) -> Path:
+    """Collect the store `cfg` describes. `model`: an already loaded HostModel of cfg.model (benchmarks
+    time the collect without the load)."""
     cfg.validate()
     out = Path(cfg.out)
     action = plan_action(cfg)
@@ -73,7 +75,8 @@ def run_collect(cfg: CollectConfig) -> Path:
 
     from pipeline.host_models import load_host_model, validate_hooks
 
-    model = load_host_model(cfg.model, cfg.device, cfg.dtype)
+    if model is None:
+        model = load_host_model(cfg.model, cfg.device, cfg.dtype)
     hooks = validate_hooks(model, list(cfg.hooks))
     if action == "create":
         if out.exists():

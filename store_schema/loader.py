@@ -63,6 +63,14 @@ class ShuffledBatches:
         self.window_chunks = window_chunks
         self._rows: torch.Tensor | None = None
 
+    READ_AHEAD_WINDOWS = 2
+
+    @classmethod
+    def buffer_bytes_for(cls, chunk_rows: int, d_model: int, window_chunks: int = 8) -> int:
+        """Rows the streaming loader holds at once, in bytes: the windows queued ahead, the one being
+        read and the one being served (fp16)."""
+        return (cls.READ_AHEAD_WINDOWS + 2) * window_chunks * chunk_rows * d_model * 2
+
     @property
     def batches_per_epoch(self) -> int:
         if self.resident:
@@ -125,7 +133,7 @@ class ShuffledBatches:
                     skip = 0
                 epoch += 1
 
-        ready: queue.Queue = queue.Queue(maxsize=2)
+        ready: queue.Queue = queue.Queue(maxsize=self.READ_AHEAD_WINDOWS)
         stop = threading.Event()
 
         def read_ahead() -> None:
@@ -133,9 +141,9 @@ class ShuffledBatches:
                 for window, first in plan():
                     if stop.is_set():
                         return
-                    ready.put((window, first, self._read_window(window)))
+                    _put_unless_stopped(ready, (window, first, self._read_window(window)), stop)
             except BaseException as e:  # surface read errors in the consuming thread
-                ready.put(e)
+                _put_unless_stopped(ready, e, stop)
 
         threading.Thread(target=read_ahead, daemon=True, name="saepipe-read-ahead").start()
         try:
@@ -149,6 +157,17 @@ class ShuffledBatches:
                     yield batch.to(self.device, non_blocking=True).to(self.dtype)
         finally:
             stop.set()
+
+
+def _put_unless_stopped(ready: queue.Queue, item, stop: threading.Event) -> None:
+    """Queue `item`, giving up once the consumer has gone (a closed iterator must not leave the reader
+    thread blocked forever on a full queue, holding its windows)."""
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
 
 
 def _mix(seed: int, epoch: int) -> int:

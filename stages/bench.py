@@ -1,0 +1,412 @@
+"""Benchmarks (`saepipe bench`, `make bench`): speed as ratios measured in one run on one machine.
+
+Absolute times on shared machines drift, so every figure is a ratio of two sides measured in the same
+run, alternating the sides round by round; each side's rate is the median over its rounds. The raw
+timings behind every ratio go into bench.json beside the ratios.
+
+Keys (targets in docs/benchmarks.md):
+- read_vs_memmap: shuffled training batches from the store's streaming reader, over a sequential
+  np.memmap read of the same bytes (page cache warm for both).
+- train_roofline_fraction: FLOP/s of a full TopK training step (encoder forward, encoder weight gradient,
+  sparse decoder forward and backward) over the dense matmul rate measured at the step's own GEMM shape.
+- train_vs_saelens / mp_vs_saelens: our training step over SAELens's (its trainer's own step: forward,
+  backward, clipping, Adam, dead-latent bookkeeping), same sizes, same in-memory batches.
+- collect_vs_forward: collect (to disk, normalized, shuffled) over the bare forward pass to the same
+  stop layer, same contexts, same batch; the model loaded once for both.
+- stream_peak_rss_gb: peak RSS of a training process streaming from a store 4x its loader's buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import CollectConfig, TrainConfig
+from pipeline.device import resolve_device
+from pipeline.errors import SaepipeError
+
+TARGETS = {
+    "read_vs_memmap": (">=", 0.7),
+    "train_roofline_fraction": (">=", 0.7),  # CPU fp32; 0.5 on a GPU in bf16
+    "train_vs_saelens": (">=", 1.5),  # CPU; 3 on a GPU
+    "mp_vs_saelens": (">=", 5.0),
+    "collect_vs_forward": (">=", 0.9),
+    "stream_peak_rss_gb": ("<=", None),  # the loader's buffer + 1 GB, known only once measured
+}
+HOOK = "bench"
+KEYS = ("read_vs_memmap", "train_vs_saelens", "mp_vs_saelens", "collect_vs_forward", "stream_peak_rss_gb")
+
+
+@dataclass
+class BenchConfig:
+    out: Path
+    device: str = "auto"
+    d_in: int = 576  # the default model's width
+    width: int = 4096
+    k: int = 32
+    batch_size: int = 4096
+    rounds: int = 3  # per side, alternating
+    train_steps: int = 5  # timed steps per round
+    read_rows: int = 262_144  # rows of the read benchmark's store (d_in fp16 each)
+    model: str = "smollm2-135m"
+    collect_hook: str = "blocks.15.hook_resid_post"
+    collect_contexts: int = 64
+    collect_batch: int = 16
+    context_size: int = 128
+    stream_chunk_rows: int = 8192  # the store chunk of the streaming benchmark (the loader reads 8 at a time)
+    only: tuple[str, ...] = ()
+    progress: bool = True
+
+    def wants(self, key: str) -> bool:
+        return not self.only or key in self.only
+
+
+def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run each side once per round, in turn; each call returns a rate. The lists keep every round."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, side in sides.items():
+            rates[name].append(side())
+    return rates
+
+
+def ratio(rates: dict[str, list[float]], top: str, bottom: str) -> float:
+    return statistics.median(rates[top]) / statistics.median(rates[bottom])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- read_vs_memmap ---------------------------------------------------------------------------------
+def bench_read(cfg: BenchConfig, workdir: Path) -> dict:
+    from stages.synthetic import write_array_store
+    from store_schema.loader import ShuffledBatches
+    from store_schema.reader import open_store
+
+    rows = np.random.default_rng(0).standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16)
+    store_path = write_array_store(workdir / "read.zarr", rows, rows[:cfg.batch_size], hook=HOOK, chunk_rows=8192)
+    raw_path = workdir / "read.raw"
+    rows.tofile(raw_path)
+    del rows
+    store = open_store(store_path)
+    n_batches = cfg.read_rows // cfg.batch_size
+    memmap = np.memmap(raw_path, np.float16, "r", shape=(cfg.read_rows, cfg.d_in))
+
+    def memmap_side() -> float:
+        started = time.perf_counter()
+        for i in range(n_batches):
+            batch = torch.from_numpy(np.array(memmap[i * cfg.batch_size:(i + 1) * cfg.batch_size]))
+        del batch
+        return n_batches * cfg.batch_size / (time.perf_counter() - started)
+
+    def store_side() -> float:
+        loader = ShuffledBatches(store, HOOK, cfg.batch_size, device=torch.device("cpu"), dtype=torch.float16,
+                                 resident=False)
+        batches = loader.batches(0)
+        started = time.perf_counter()
+        for _ in range(loader.batches_per_epoch):
+            next(batches)
+        batches.close()
+        return loader.batches_per_epoch * cfg.batch_size / (time.perf_counter() - started)
+
+    memmap_side(), store_side()  # warm the page cache for both
+    rates = alternate({"store_tokens_per_s": store_side, "memmap_tokens_per_s": memmap_side}, cfg.rounds)
+    return {"read_vs_memmap": ratio(rates, "store_tokens_per_s", "memmap_tokens_per_s"),
+            "read": {"rows": cfg.read_rows, "bytes": cfg.read_rows * cfg.d_in * 2, **rates}}
+
+
+# -- training steps ---------------------------------------------------------------------------------
+def _batches(cfg: BenchConfig, device: torch.device, n: int = 4) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(cfg.batch_size, cfg.d_in, generator=gen).to(device) for _ in range(n)]
+
+
+def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, device: torch.device):
+    """Our training loop's step (stages.train._Run.step) on in-memory batches."""
+    import contextlib
+
+    from stages.train import _Run
+    from store_schema.reader import open_store
+
+    train_cfg = TrainConfig(store=str(store_path), out=str(out), hook=HOOK, arch=arch, width=cfg.width, k=cfg.k,
+                            tokens=cfg.batch_size * 10_000, batch_size=cfg.batch_size, device=str(device),
+                            overwrite=True, progress=False).validate()
+    from pipeline import run_dir
+
+    run_dir.prepare(out, overwrite=True, resume=False)
+    run = _Run(train_cfg, open_store(store_path), device, resuming=False)
+    autocast = contextlib.nullcontext()
+    return lambda x, step: run.step(x, step, autocast)
+
+
+def _saelens_stepper(cfg: BenchConfig, arch: str, device: torch.device):
+    """SAELens's trainer step (SAETrainer._train_step: forward, backward, grad clipping, Adam, scheduler,
+    dead-latent bookkeeping) for its TopK or matching-pursuit training SAE."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from stages.quality import _saelens_sae
+
+    sae = _saelens_sae(arch, cfg.d_in, cfg.width, cfg.k, str(device))
+    lr = TrainConfig(store="", out="", width=cfg.width).resolved_lr()
+    trainer = SAETrainer(SAETrainerConfig(total_training_samples=cfg.batch_size * 10_000, lr=lr, lr_end=lr,
+                                          train_batch_size_samples=cfg.batch_size, device=str(device)),
+                         sae, iter(()))
+    return lambda x, step: trainer._train_step(sae, x), sae
+
+
+def _step_rate(step: Callable, batches: list[torch.Tensor], n: int, device: torch.device, first: int) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    for i in range(n):
+        step(batches[i % len(batches)], first + i)
+    _sync(device)
+    return n * batches[0].shape[0] / (time.perf_counter() - started)
+
+
+def _counter():
+    state = {"step": 0}
+
+    def take(n: int) -> int:
+        state["step"] += n
+        return state["step"] - n
+
+    return take
+
+
+def _bench_store(cfg: BenchConfig, workdir: Path) -> Path:
+    """A small store of d_in-wide rows: _Run reads its init sample (b_dec, loss scale) from one."""
+    from stages.synthetic import write_array_store
+
+    path = workdir / "init.zarr"
+    if not path.exists():
+        rows = np.random.default_rng(2).standard_normal((16_384, cfg.d_in), dtype=np.float32)
+        write_array_store(path, rows, rows[:cfg.batch_size], hook=HOOK)
+    return path
+
+
+def matmul_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Dense [m, k] @ [k, n] FLOP/s: the best of repeated timed calls."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        _sync(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = max(best, 2 * m * k * n / (time.perf_counter() - started))
+    return best
+
+
+def topk_step_flops(batch: int, d_in: int, width: int, k: int) -> int:
+    """Encoder forward and encoder weight gradient (dense GEMMs), sparse decoder forward, its gradient
+    for the codes and for the decoder rows (k rows per token)."""
+    return 2 * 2 * batch * d_in * width + 3 * 2 * batch * k * d_in
+
+
+def bench_train(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
+    store = _bench_store(cfg, workdir)
+    batches = _batches(cfg, device)
+    ours = _our_stepper(cfg, "topk", store, workdir / "ours-topk", device)
+    theirs, _ = _saelens_stepper(cfg, "topk", device)
+    ours_at, theirs_at = _counter(), _counter()
+    n = cfg.train_steps
+    _step_rate(ours, batches, 2, device, ours_at(2)), _step_rate(theirs, batches, 2, device, theirs_at(2))  # warm-up
+    rates = alternate({"ours_tokens_per_s": lambda: _step_rate(ours, batches, n, device, ours_at(n)),
+                       "saelens_tokens_per_s": lambda: _step_rate(theirs, batches, n, device, theirs_at(n))},
+                      cfg.rounds)
+    flops = topk_step_flops(cfg.batch_size, cfg.d_in, cfg.width, cfg.k)
+    peak = max(matmul_rate(cfg.batch_size, cfg.d_in, cfg.width, device, torch.float32),
+               matmul_rate(cfg.d_in, cfg.batch_size, cfg.width, device, torch.float32))
+    achieved = statistics.median(rates["ours_tokens_per_s"]) / cfg.batch_size * flops
+    return {"train_vs_saelens": ratio(rates, "ours_tokens_per_s", "saelens_tokens_per_s"),
+            "train_roofline_fraction": achieved / peak,
+            "train": {**rates, "step_flops": flops, "achieved_flop_per_s": achieved, "matmul_flop_per_s": peak,
+                      "ours_it_per_s": statistics.median(rates["ours_tokens_per_s"]) / cfg.batch_size,
+                      "dtype": "float32"}}
+
+
+def bench_mp(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
+    store = _bench_store(cfg, workdir)
+    batches = _batches(cfg, device)
+    ours = _our_stepper(cfg, "mp", store, workdir / "ours-mp", device)
+    theirs, their_sae = _saelens_stepper(cfg, "mp", device)
+    agreement = _mp_outputs_agree(cfg, their_sae, batches[0], device)
+    ours_at, theirs_at = _counter(), _counter()
+    n = max(1, cfg.train_steps // 2)
+    _step_rate(ours, batches, 1, device, ours_at(1)), _step_rate(theirs, batches, 1, device, theirs_at(1))
+    rates = alternate({"ours_tokens_per_s": lambda: _step_rate(ours, batches, n, device, ours_at(n)),
+                       "saelens_tokens_per_s": lambda: _step_rate(theirs, batches, n, device, theirs_at(n))},
+                      cfg.rounds)
+    return {"mp_vs_saelens": ratio(rates, "ours_tokens_per_s", "saelens_tokens_per_s"),
+            "mp": {**rates, "reconstruction_max_rel_diff": agreement}}
+
+
+@torch.no_grad()
+def _mp_outputs_agree(cfg: BenchConfig, their_sae, x: torch.Tensor, device: torch.device) -> float:
+    """Both implementations given the same dictionary must reconstruct alike (the ratio compares equal
+    work): our static pursuit against SAELens's on the same W_dec and b_dec."""
+    from stages.saes.matching_pursuit import MatchingPursuitSAE
+
+    ours = MatchingPursuitSAE(cfg.d_in, cfg.width, cfg.k).to(device)
+    ours.reset_parameters(torch.Generator().manual_seed(3))
+    their_sae.W_dec.copy_(ours.W_dec)
+    their_sae.b_dec.copy_(ours.b_dec)
+    x = x[:512]
+    mine, theirs = ours(x), their_sae.decode(their_sae.encode(x))
+    diff = float((mine - theirs).norm(dim=-1).max() / x.norm(dim=-1).median())
+    if diff > 1e-3:
+        raise SaepipeError(f"matching pursuit outputs differ from SAELens's ({diff:.2e} relative): "
+                           f"the speed comparison would not compare equal work")
+    return diff
+
+
+# -- collect ----------------------------------------------------------------------------------------
+def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
+    from pipeline.host_models import load_host_model, run_to_hooks, validate_hooks
+    from stages.collect import run_collect
+    from store_schema.reader import open_store
+
+    model = load_host_model(cfg.model, str(device))
+    hooks = validate_hooks(model, [cfg.collect_hook])
+    rows_per_context = cfg.context_size - 1
+    collect_cfg = CollectConfig(model=cfg.model, hooks=(cfg.collect_hook,), tokens=cfg.collect_contexts * rows_per_context,
+                                context_size=cfg.context_size, eval_fraction=0.0, batch_size=cfg.collect_batch,
+                                device=str(device), out=str(workdir / "collect.zarr"), overwrite=True,
+                                warmup_rows=min(65_536, cfg.collect_contexts * rows_per_context // 2),
+                                progress=False)
+
+    def collect_side() -> float:
+        started = time.perf_counter()
+        run_collect(dataclasses.replace(collect_cfg), model=model)
+        elapsed = time.perf_counter() - started
+        return open_store(collect_cfg.out).n_rows("train") / elapsed
+
+    collect_side()  # warm-up, and the contexts for the forward side
+    tokens = torch.from_numpy(open_store(collect_cfg.out).tokens[:].astype(np.int64))
+
+    def forward_side() -> float:
+        started = time.perf_counter()
+        for i in range(0, len(tokens), cfg.collect_batch):
+            acts = run_to_hooks(model, tokens[i:i + cfg.collect_batch], hooks)
+            acts[hooks[0]].float().cpu()
+        elapsed = time.perf_counter() - started
+        return len(tokens) * rows_per_context / elapsed
+
+    rates = alternate({"collect_tokens_per_s": collect_side, "forward_tokens_per_s": forward_side}, cfg.rounds)
+    return {"collect_vs_forward": ratio(rates, "collect_tokens_per_s", "forward_tokens_per_s"),
+            "collect": {**rates, "model": cfg.model, "hook": cfg.collect_hook, "contexts": cfg.collect_contexts,
+                        "context_size": cfg.context_size, "batch_size": cfg.collect_batch}}
+
+
+# -- streaming memory -------------------------------------------------------------------------------
+_RSS_CHILD = """
+import json, resource, sys
+from pipeline.config import TrainConfig
+from stages.train import run_train
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+run_train(cfg)
+print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def bench_stream_rss(cfg: BenchConfig, workdir: Path) -> dict:
+    """Train (in a fresh process) from a store four times the streaming loader's buffer; its peak RSS."""
+    from stages.synthetic import write_array_store
+    from store_schema.loader import ShuffledBatches
+    from store_schema.reader import open_store
+
+    chunk_rows = cfg.stream_chunk_rows
+    buffer_bytes = ShuffledBatches.buffer_bytes_for(chunk_rows, cfg.d_in)
+    n_rows = 4 * buffer_bytes // (cfg.d_in * 2)
+    path = workdir / "stream.zarr"
+    gen = np.random.default_rng(4)
+    rows = np.empty((n_rows, cfg.d_in), np.float16)
+    for i in range(0, n_rows, 65_536):
+        rows[i:i + 65_536] = gen.standard_normal((min(65_536, n_rows - i), cfg.d_in), dtype=np.float32)
+    write_array_store(path, rows, rows[:cfg.batch_size], hook=HOOK, chunk_rows=chunk_rows)
+    store_bytes = n_rows * cfg.d_in * 2
+    del rows
+    assert open_store(path).n_rows("train") == n_rows
+    train = {"store": str(path), "out": str(workdir / "stream-run"), "hook": HOOK, "width": cfg.width, "k": cfg.k,
+             "batch_size": cfg.batch_size, "tokens": n_rows, "resident": False, "overwrite": True,
+             "progress": False, "device": "cpu"}
+    done = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(train)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SaepipeError(f"the streaming-memory benchmark's training failed: {done.stderr.strip().splitlines()[-1]}")
+    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    return {"stream_peak_rss_gb": peak / 1e9,
+            "stream": {"store_bytes": store_bytes, "buffer_bytes": buffer_bytes, "peak_rss_bytes": peak,
+                       "limit_gb": buffer_bytes / 1e9 + 1.0}}
+
+
+# -- the whole run ----------------------------------------------------------------------------------
+def run_bench(cfg: BenchConfig) -> dict:
+    device = resolve_device(cfg.device)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    workdir = cfg.out / "work"
+    workdir.mkdir(exist_ok=True)
+    result: dict = {"device": _describe_device(device), "versions": _versions(),
+                    "sizes": {"d_in": cfg.d_in, "width": cfg.width, "k": cfg.k, "batch_size": cfg.batch_size,
+                              "rounds": cfg.rounds},
+                    "date": time.strftime("%Y-%m-%d")}
+    parts = [("read_vs_memmap", lambda: bench_read(cfg, workdir)),
+             ("train_vs_saelens", lambda: bench_train(cfg, workdir, device)),
+             ("mp_vs_saelens", lambda: bench_mp(cfg, workdir, device)),
+             ("collect_vs_forward", lambda: bench_collect(cfg, workdir, device)),
+             ("stream_peak_rss_gb", lambda: bench_stream_rss(cfg, workdir))]
+    for key, part in parts:
+        if not cfg.wants(key):
+            continue
+        if cfg.progress:
+            print(f"bench: {key} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        result |= part()
+        result.setdefault("seconds", {})[key] = round(time.perf_counter() - started, 1)
+        (cfg.out / "bench.json").write_text(json.dumps(result, indent=2))  # partial results survive a failure
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = ["| key | value | target |", "| --- | ---: | --- |"]
+    for key, (op, target) in TARGETS.items():
+        if key not in result:
+            continue
+        if key == "stream_peak_rss_gb":
+            target = result["stream"]["limit_gb"]
+        lines.append(f"| {key} | {result[key]:.3g} | {op} {target:.3g} |")
+    return "\n".join(lines)
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _versions() -> dict:
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+
+        versions["sae_lens"] = version("sae-lens")
+        versions["zarr"] = version("zarr")
+    except Exception:  # noqa: BLE001 - versions are informative only
+        pass
+    return versions
+

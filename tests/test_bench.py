@@ -1,0 +1,41 @@
+"""The benchmark harness: sides alternate, FLOPs are counted as documented, and a tiny run of every
+benchmark writes the keys, the raw timings behind them and sane values."""
+
+import json
+
+import pytest
+
+from stages import bench
+
+
+def test_sides_alternate_round_by_round():
+    calls = []
+    rates = bench.alternate({"a": lambda: calls.append("a") or 1.0, "b": lambda: calls.append("b") or 2.0}, 3)
+    assert calls == ["a", "b"] * 3
+    assert rates == {"a": [1.0] * 3, "b": [2.0] * 3}
+    assert bench.ratio({"a": [1.0, 9.0, 3.0], "b": [2.0, 2.0, 2.0]}, "a", "b") == pytest.approx(1.5)  # medians
+
+
+def test_topk_step_flops_counts_two_dense_gemms_and_a_sparse_decoder():
+    # encoder forward + encoder weight gradient: 2 x 2BdW; decoder forward, code and row gradients: 3 x 2Bkd
+    assert bench.topk_step_flops(batch=10, d_in=3, width=7, k=2) == 4 * 10 * 3 * 7 + 6 * 10 * 2 * 3
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_tiny_bench_writes_every_key(tmp_path):
+    pytest.importorskip("sae_lens")
+    cfg = bench.BenchConfig(out=tmp_path / "bench", device="cpu", d_in=32, width=256, k=4, batch_size=256, rounds=1,
+                            train_steps=2, read_rows=8192, model="tiny-random", collect_hook="blocks.1.hook_resid_post",
+                            collect_contexts=16, collect_batch=4, context_size=16, stream_chunk_rows=256,
+                            progress=False)
+    result = bench.run_bench(cfg)
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text()) == result
+    for key in ("read_vs_memmap", "train_vs_saelens", "train_roofline_fraction", "mp_vs_saelens",
+                "collect_vs_forward", "stream_peak_rss_gb"):
+        assert result[key] > 0, key
+    assert len(result["read"]["store_tokens_per_s"]) == len(result["read"]["memmap_tokens_per_s"]) == 1
+    assert result["mp"]["reconstruction_max_rel_diff"] < 1e-3
+    stream = result["stream"]
+    assert stream["store_bytes"] == 4 * stream["buffer_bytes"]
+    assert 0 < stream["peak_rss_bytes"] < 8e9
+    assert "| read_vs_memmap |" in bench.format_table(result)
