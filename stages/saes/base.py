@@ -100,7 +100,16 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.zero_()
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        # (x − b_dec) W_enc + b_enc, with b_dec's term as a vector-matrix product: x needs no gradient, so
+        # the backward is one GEMM (W_enc's gradient) instead of two (the second would only feed b_dec).
+        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
+
+    def selected_pre_acts(self, x: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """`pre` (computed without autograd) at the selected latents [n, k], differentiable: the encoder's
+        gradient is built from those n·k entries alone. A dense backward would spend a [n, d_sae] x
+        [n, d_in] GEMM on a gradient that is zero outside the selection."""
+        bias = self.b_enc - self.b_dec @ self.W_enc
+        return _SelectedPreActs.apply(x, self.W_enc, bias, indices, pre.gather(1, indices))
 
     @classmethod
     def from_config(cls, d_in: int, cfg) -> SparseAutoencoder:
@@ -160,6 +169,30 @@ class SparseAutoencoder(nn.Module):
     def config(self) -> dict:
         """Architecture hyper-parameters, enough to rebuild the module (see stages.saes.build_sae)."""
         return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae}
+
+
+class _SelectedPreActs(torch.autograd.Function):
+    """values[i, j] = x[i] · W_enc[:, indices[i, j]] + bias[indices[i, j]], given precomputed; the backward
+    scatters the n·k gradients into W_enc's columns with one sparse x dense product."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, bias, indices, values):
+        ctx.save_for_backward(x, indices)
+        ctx.d_sae = W_enc.shape[1]
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, indices = ctx.saved_tensors
+        n, k = indices.shape
+        grad = grad.to(x.dtype)
+        latents = indices.reshape(-1)
+        grad_bias = grad.new_zeros(ctx.d_sae).index_add_(0, latents, grad.reshape(-1))
+        rows = torch.arange(n, device=x.device).repeat_interleave(k)
+        scatter = torch.sparse_coo_tensor(torch.stack([latents, rows]), grad.reshape(-1), (ctx.d_sae, n),
+                                          check_invariants=False)  # valid by construction
+        grad_W_enc = torch.sparse.mm(scatter, x).t()  # [d_in, d_sae]
+        return None, grad_W_enc, grad_bias, None, None
 
 
 def reconstruction_metrics(x: torch.Tensor, sq_err: torch.Tensor, code, d_sae: int, loss: torch.Tensor,

@@ -99,8 +99,12 @@ class BatchTopKSAE(TopKSAE):
         """Loss = Σ over prefixes m of ‖x − x̂_m‖² / mse_scale + aux_coef · AuxK, where x̂_m decodes the
         batch-top-k code with latents < m only (BatchTopK: the single prefix d_sae). Also moves the
         inference threshold (in training mode)."""
-        pre = self.pre_acts(x)
-        code = self.batch_topk(pre)
+        with torch.no_grad():  # the selection; gradients reach the encoder through the selected entries only
+            pre = self.pre_acts(x)
+            selected = self.batch_topk(pre)
+        values = self.selected_pre_acts(x, pre, selected.indices)
+        code = SparseCode(torch.where(selected.values > 0, values, torch.zeros((), dtype=values.dtype,
+                                                                             device=values.device)), selected.indices)
         if self.training:
             self.update_threshold(code.values)
         recon = self.b_dec.expand_as(x)
@@ -113,7 +117,7 @@ class BatchTopKSAE(TopKSAE):
             sq_err = (recon - x).pow(2).sum(dim=-1)
             mse_sum = mse_sum + sq_err.mean()
             start = end
-        aux = self.auxk_loss(pre, x - recon, ctx.dead)  # the full reconstruction's residual
+        aux = self.auxk_loss(x, pre, x - recon, ctx.dead)  # the full reconstruction's residual
         loss = mse_sum / ctx.mse_scale + self.aux_coef * aux
         return loss, reconstruction_metrics(x, sq_err, code, self.d_sae, loss, aux)
 

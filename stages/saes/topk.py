@@ -49,22 +49,28 @@ class TopKSAE(SparseAutoencoder):
 
     def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss = ‖x − x̂‖² / mse_scale (fixed once at the start of training) + aux_coef · AuxK."""
-        pre = self.pre_acts(x)
-        code = self.encode_pre(pre)
+        with torch.no_grad():  # the selection; gradients reach the encoder through the selected entries only
+            pre = self.pre_acts(x)
+            indices = pre.topk(self.k, dim=-1, sorted=False).indices
+        code = SparseCode(self.selected_pre_acts(x, pre, indices).relu(), indices)
         recon = self.decode(code)
         sq_err = (recon - x).pow(2).sum(dim=-1)
-        aux = self.auxk_loss(pre, x - recon, ctx.dead)
+        aux = self.auxk_loss(x, pre, x - recon, ctx.dead)
         loss = sq_err.mean() / ctx.mse_scale + self.aux_coef * aux
         return loss, reconstruction_metrics(x, sq_err, code, self.d_sae, loss, aux)
 
-    def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+    def auxk_loss(self, x: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor,
+                  dead: torch.Tensor | None) -> torch.Tensor:
         """The top `aux_k` dead latents reconstruct the main reconstruction's (detached) residual; the
-        error is normalized by the residual's own variance. Zero when nothing is dead."""
+        error is normalized by the residual's own variance. Zero when nothing is dead. `pre`: the
+        batch's pre-activations, computed without autograd."""
         n_dead = 0 if dead is None else int(dead.sum())
         if n_dead == 0 or self.aux_coef == 0:
             return torch.zeros((), device=pre.device)
         residual = residual.detach()
-        values, indices = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
+        with torch.no_grad():
+            indices = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=-1, sorted=False).indices
+        values = self.selected_pre_acts(x, pre, indices)
         aux_recon = self.decode_rows(SparseCode(values.relu(), indices))
         baseline = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
         return (aux_recon - residual).pow(2).sum(dim=-1).mean() / baseline
