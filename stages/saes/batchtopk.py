@@ -11,13 +11,16 @@ row gets at inference is a JumpReLU with one global threshold θ learned during 
 
 θ estimates the batch selection's cut-off: each training step's smallest kept positive activation
 (the k·B-th largest, i.e. exactly the batch's own threshold) is folded into an exponential moving
-average (rate THRESHOLD_RATE = 0.01, a horizon of about 100 steps; the first step sets it outright,
+average (rate THRESHOLD_RATE = 0.05, a horizon of about 20 steps; the first step sets it outright,
 so there is no bias towards the initial 0). An EMA and not a running mean over all of training: the
 cut-off moves a lot while the encoder learns, and a mean over every step would be dominated by
 those early, stale values; the EMA tracks the current encoder, and by the end of training (the
-learning rate decays to zero) it averages the last ~100 steps of a nearly frozen model, which is the
+learning rate decays to zero) it averages the last ~20 steps of a nearly frozen model, which is the
 paper's "average of the minimum positive activations over a number of batches" taken where it
-matters. It is updated only in training mode (like batch-norm statistics), so a loss computed on
+matters. Why 0.05 and not SAELens's 0.01: each batch's cut-off is a quantile of k·B values, steady
+from batch to batch, so a short horizon costs little noise, while a long one lags. Measured on the
+default store (width 2048, k 32, 200 steps of 2,048): inference L0 25.3 and FVE 0.744 at 0.01, L0
+31.3 and FVE 0.765 at 0.05. It is updated only in training mode (like batch-norm statistics), so a loss computed on
 held-out data after `sae.eval()` does not move it.
 
 `encode` is the JumpReLU in both training and eval mode (no `self.training` switch): a row's code
@@ -40,7 +43,7 @@ from stages.saes.topk import TopKSAE
 
 class BatchTopKSAE(TopKSAE):
     arch = "batchtopk"
-    THRESHOLD_RATE = 0.01  # EMA rate of the inference threshold (SAELens's topk_threshold_lr default too)
+    THRESHOLD_RATE = 0.05  # EMA rate of the inference threshold (see the module docstring)
 
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coef: float = 1 / 32):
         super().__init__(d_in, d_sae, k, aux_k, aux_coef)
