@@ -285,10 +285,15 @@ def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict
     model = load_host_model(cfg.model, str(device))
     hooks = validate_hooks(model, [cfg.collect_hook])
     rows_per_context = cfg.context_size - 1
-    collect_cfg = CollectConfig(model=cfg.model, hooks=(cfg.collect_hook,), tokens=cfg.collect_contexts * rows_per_context,
-                                context_size=cfg.context_size, eval_fraction=0.0, batch_size=cfg.collect_batch,
-                                device=str(device), out=str(workdir / "collect.zarr"), overwrite=True,
-                                warmup_rows=min(65_536, cfg.collect_contexts * rows_per_context // 2),
+    text = workdir / "collect-text.txt"  # a local file: the corpus is built once, outside the timings
+    text.write_text("\n\n".join(_python_docs(cfg.collect_contexts * cfg.context_size * 8)))
+    collect_cfg = CollectConfig(model=cfg.model, dataset=str(text), hooks=(cfg.collect_hook,),
+                                tokens=cfg.collect_contexts * rows_per_context, context_size=cfg.context_size,
+                                eval_fraction=0.0, batch_size=cfg.collect_batch, device=str(device),
+                                out=str(workdir / "collect.zarr"), overwrite=True,
+                                # four blocks, so the writer thread overlaps forward passes as in a long collect
+                                shuffle_buffer_rows=max(1, cfg.collect_contexts // 4) * rows_per_context,
+                                warmup_rows=min(65_536, cfg.collect_contexts * rows_per_context // 4),
                                 progress=False)
 
     def collect_side() -> float:
@@ -312,6 +317,18 @@ def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict
     return {"collect_vs_forward": ratio(rates, "collect_tokens_per_s", "forward_tokens_per_s"),
             "collect": {**rates, "model": cfg.model, "hook": cfg.collect_hook, "contexts": cfg.collect_contexts,
                         "context_size": cfg.context_size, "batch_size": cfg.collect_batch}}
+
+
+def _python_docs(characters: int) -> list[str]:
+    from pipeline.text_sources import open_text_source
+
+    docs, total = [], 0
+    for doc in open_text_source("python-docs").documents():
+        docs.append(doc)
+        total += len(doc)
+        if total >= characters:
+            break
+    return docs
 
 
 # -- streaming memory -------------------------------------------------------------------------------
