@@ -112,10 +112,7 @@ class ShuffledBatches:
         return windows
 
     def _read_window(self, window: _Window) -> torch.Tensor:
-        chunk = self.store.chunk_rows
-        parts = [self.store.read_rows(self.split, self.hook, c * chunk, (c + 1) * chunk, threads=2)
-                 for c in window.chunks]
-        rows = np.concatenate(parts)
+        rows = self.store.read_chunks(self.split, self.hook, list(window.chunks), threads=2)
         perm = np.random.default_rng([self.seed, window.epoch, window.index]).permutation(len(rows))
         tensor = torch.from_numpy(rows[perm])
         return tensor.pin_memory() if self.device.type == "cuda" else tensor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -119,19 +120,49 @@ class ActivationStore:
         n = self.n_rows(split)
         stop = n if stop is None else min(stop, n)
         start = max(0, min(start, stop))
-        arr = self.acts(split, hook)
-        out = np.empty((stop - start, self.d_model), np.float16)
         step = self.chunk_rows
         # Align reads to chunk boundaries so no chunk is decoded twice.
         bounds = list(range(start - start % step + step, stop, step))
-        ranges = list(zip([start] + bounds, bounds + [stop]))
+        ranges = [r for r in zip([start] + bounds, bounds + [stop]) if r[0] < r[1]]
+        return self._read_ranges(split, hook, ranges, threads)
 
-        def read(r: tuple[int, int]) -> None:
-            out[r[0] - start:r[1] - start] = arr[r[0]:r[1]]
+    def read_chunks(self, split: str, hook: str, chunks: list[int], threads: int = 4) -> np.ndarray:
+        """The committed rows of the given chunks (any order), concatenated in that order, read in parallel."""
+        n, step = self.n_rows(split), self.chunk_rows
+        ranges = [(c * step, min((c + 1) * step, n)) for c in chunks if c * step < n]
+        return self._read_ranges(split, hook, ranges, threads)
 
-        if ranges and ranges[0][0] < ranges[0][1]:
+    def _read_ranges(self, split: str, hook: str, ranges: list[tuple[int, int]], threads: int) -> np.ndarray:
+        """Rows of each [a, b) range (each within one chunk), concatenated; straight from the chunk files
+        when the array is local and uncompressed (what collect writes), through Zarr otherwise."""
+        arr = self.acts(split, hook)
+        out = np.empty((sum(b - a for a, b in ranges), self.d_model), np.float16)
+        offsets = np.cumsum([0] + [b - a for a, b in ranges])
+        raw = _raw_chunk_files(arr)
+
+        def read(i: int) -> None:
+            a, b = ranges[i]
+            dest = out[offsets[i]:offsets[i + 1]]
+            if raw is None:
+                dest[:] = arr[a:b]
+                return
+            chunk = a // self.chunk_rows
+            path = raw(chunk)
+            if not path.exists():  # Zarr leaves a chunk that holds only the fill value unwritten
+                dest[:] = arr[a:b]
+                return
+            with open(path, "rb") as f:
+                f.seek((a - chunk * self.chunk_rows) * self.d_model * 2)
+                if f.readinto(memoryview(dest).cast("B")) != dest.nbytes:
+                    raise schema.StoreError(f"{self.location}: chunk {chunk} of {split}/{hook} is truncated; "
+                                            f"the store is damaged: collect it again")
+
+        if len(ranges) == 1 or threads <= 1:
+            for i in range(len(ranges)):
+                read(i)
+        elif ranges:
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(read, ranges))
+                list(pool.map(read, range(len(ranges))))
         return out
 
     def read_mapping(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +176,22 @@ class ActivationStore:
             return None
         stop = self.n_rows(split) if stop is None else min(stop, self.n_rows(split))
         return self.group[schema.row_stats_path(split, hook)][start:stop]
+
+
+def _raw_chunk_files(arr: zarr.Array):
+    """chunk index -> path of its file, for a local array whose chunks are plain little-endian bytes with
+    no compression, filters or sharding: such a chunk file is exactly the rows' bytes, so reading it
+    into the destination skips Zarr's decode pipeline and its copies. None for any other array."""
+    from zarr.codecs import BytesCodec
+    from zarr.storage import LocalStore
+
+    serializer = arr.serializer
+    if (not isinstance(arr.store, LocalStore) or arr.compressors or arr.filters or not isinstance(serializer, BytesCodec)
+            or serializer.endian is None or serializer.endian.value != sys.byteorder or len(arr.shape) != 2
+            or arr.chunks[1] != arr.shape[1]):
+        return None
+    root = Path(arr.store.root) / arr.path
+    return lambda chunk: root / arr.metadata.encode_chunk_key((chunk, 0))
 
 
 def open_store(path: str | os.PathLike) -> ActivationStore:

@@ -62,6 +62,31 @@ def test_round_trip_and_metadata(tmp_path):
     np.testing.assert_array_equal(group["train/acts/h"][:10], train[:10].astype(np.float16))
 
 
+def test_raw_chunk_reads_equal_zarr_reads(tmp_path, monkeypatch):
+    """The direct chunk-file path returns exactly what Zarr decodes: any row range, chunks in any order,
+    a chunk Zarr left unwritten (all fill value), and it is not taken for a compressed array."""
+    from store_schema import reader
+
+    rng = np.random.default_rng(1)
+    train = rng.standard_normal((5000, 16)).astype(np.float32)
+    train[2048:3072] = 0  # chunk 2 holds only the fill value: Zarr writes no file for it
+    write_array_store(tmp_path / "s.zarr", train, train[:300], hook="h", chunk_rows=1024)
+    store = open_store(tmp_path / "s.zarr")
+    assert reader._raw_chunk_files(store.acts("train", "h")) is not None
+    assert not (tmp_path / "s.zarr" / "train" / "acts" / "h" / "c" / "2").exists()
+    expected = train.astype(np.float16)
+    for start, stop in [(0, 5000), (17, 1030), (1024, 2048), (2000, 4999), (4096, 5000)]:
+        np.testing.assert_array_equal(store.read_rows("train", "h", start, stop), expected[start:stop])
+    np.testing.assert_array_equal(store.read_chunks("train", "h", [4, 0, 2]),
+                                  np.concatenate([expected[4096:], expected[:1024], expected[2048:3072]]))
+
+    compressed = zarr.create_array(str(tmp_path / "z.zarr"), shape=(10, 4), chunks=(5, 4), dtype="float16")
+    assert reader._raw_chunk_files(compressed) is None  # zstd by default: Zarr must decode it
+    monkeypatch.setattr(reader, "_raw_chunk_files", lambda arr: None)
+    np.testing.assert_array_equal(store.read_chunks("train", "h", [4, 0]),
+                                  np.concatenate([expected[4096:], expected[:1024]]))
+
+
 def test_uncommitted_rows_are_invisible(tmp_path):
     rng = np.random.default_rng(0)
     write_array_store(tmp_path / "s.zarr", rng.standard_normal((100, 8)), rng.standard_normal((10, 8)), hook="h")
