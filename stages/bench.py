@@ -332,13 +332,20 @@ def _python_docs(characters: int) -> list[str]:
 
 
 # -- streaming memory -------------------------------------------------------------------------------
+# Peak RSS from the kernel's high-water mark of this process image (VmHWM). Not getrusage's ru_maxrss:
+# Linux carries that across fork and exec, so the child would report the benchmark parent's own peak.
 _RSS_CHILD = """
 import json, resource, sys
 from pipeline.config import TrainConfig
 from stages.train import run_train
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 run_train(cfg)
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+try:
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    peak = int(hwm.split()[1]) * 1024
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+print(json.dumps({"peak_rss_bytes": peak}))
 """
 
 
