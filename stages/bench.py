@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,7 @@ class BenchConfig:
     rounds: int = 3  # per side, alternating
     train_steps: int = 5  # timed steps per round
     read_rows: int = 262_144  # rows of the read benchmark's store (d_in fp16 each)
+    read_passes: int = 4  # passes over those rows per round and side (a pass alone is too short to time)
     model: str = "smollm2-135m"
     collect_hook: str = "blocks.15.hook_resid_post"
     collect_contexts: int = 64
@@ -97,7 +99,7 @@ def bench_read(cfg: BenchConfig, workdir: Path) -> dict:
     from store_schema.reader import open_store
 
     rows = np.random.default_rng(0).standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16)
-    store_path = write_array_store(workdir / "read.zarr", rows, rows[:cfg.batch_size], hook=HOOK, chunk_rows=8192)
+    store_path = write_array_store(_fresh(workdir / "read.zarr"), rows, rows[:cfg.batch_size], hook=HOOK, chunk_rows=8192)
     raw_path = workdir / "read.raw"
     rows.tofile(raw_path)
     del rows
@@ -107,25 +109,36 @@ def bench_read(cfg: BenchConfig, workdir: Path) -> dict:
 
     def memmap_side() -> float:
         started = time.perf_counter()
-        for i in range(n_batches):
-            batch = torch.from_numpy(np.array(memmap[i * cfg.batch_size:(i + 1) * cfg.batch_size]))
+        for _ in range(cfg.read_passes):
+            for i in range(n_batches):
+                batch = torch.from_numpy(np.array(memmap[i * cfg.batch_size:(i + 1) * cfg.batch_size]))
         del batch
-        return n_batches * cfg.batch_size / (time.perf_counter() - started)
+        return cfg.read_passes * n_batches * cfg.batch_size / (time.perf_counter() - started)
+
+    # Steady state, as in training: one streaming loader for the whole benchmark (its reader thread and
+    # window buffers start once), each round serving an epoch's worth of batches from it.
+    loader = ShuffledBatches(store, HOOK, cfg.batch_size, device=torch.device("cpu"), dtype=torch.float16,
+                             resident=False)
+    batches = loader.batches(0)
 
     def store_side() -> float:
-        loader = ShuffledBatches(store, HOOK, cfg.batch_size, device=torch.device("cpu"), dtype=torch.float16,
-                                 resident=False)
-        batches = loader.batches(0)
         started = time.perf_counter()
-        for _ in range(loader.batches_per_epoch):
+        for _ in range(cfg.read_passes * loader.batches_per_epoch):
             next(batches)
-        batches.close()
-        return loader.batches_per_epoch * cfg.batch_size / (time.perf_counter() - started)
+        return cfg.read_passes * loader.batches_per_epoch * cfg.batch_size / (time.perf_counter() - started)
 
     memmap_side(), store_side()  # warm the page cache for both
     rates = alternate({"store_tokens_per_s": store_side, "memmap_tokens_per_s": memmap_side}, cfg.rounds)
+    batches.close()
     return {"read_vs_memmap": ratio(rates, "store_tokens_per_s", "memmap_tokens_per_s"),
-            "read": {"rows": cfg.read_rows, "bytes": cfg.read_rows * cfg.d_in * 2, **rates}}
+            "read": {"rows": cfg.read_rows, "bytes": cfg.read_rows * cfg.d_in * 2, "passes_per_round": cfg.read_passes,
+                     **rates}}
+
+
+def _fresh(path: Path) -> Path:
+    """A scratch store's path, cleared of an earlier run's store."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 # -- training steps ---------------------------------------------------------------------------------
@@ -363,7 +376,7 @@ def bench_stream_rss(cfg: BenchConfig, workdir: Path) -> dict:
     rows = np.empty((n_rows, cfg.d_in), np.float16)
     for i in range(0, n_rows, 65_536):
         rows[i:i + 65_536] = gen.standard_normal((min(65_536, n_rows - i), cfg.d_in), dtype=np.float32)
-    write_array_store(path, rows, rows[:cfg.batch_size], hook=HOOK, chunk_rows=chunk_rows)
+    write_array_store(_fresh(path), rows, rows[:cfg.batch_size], hook=HOOK, chunk_rows=chunk_rows)
     store_bytes = n_rows * cfg.d_in * 2
     del rows
     assert open_store(path).n_rows("train") == n_rows

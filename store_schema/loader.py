@@ -6,8 +6,11 @@ Two ways to serve them, picked by size:
   the device.
 - streaming: each epoch visits the chunks in a seeded random order, a window of whole chunks at a
   time; a window's rows are permuted together (the mixing buffer) and cut into batches, while a
-  background thread reads the next window. Rows left over at the end of a window (fewer than a batch)
-  are skipped that epoch.
+  background thread reads the next window. The permutation moves runs of RUN_ROWS adjacent rows, not
+  single rows: the store's rows are already shuffled at collect time, so adjacent rows are unrelated,
+  and gathering runs is ~3x faster than gathering rows one by one (16M against 5M rows/s on this CPU
+  at d 576), which is what kept the loader below memmap speed. Rows left over at the end of a window
+  (fewer than a batch) are skipped that epoch.
 
 Batch `i` depends only on (seed, i), never on what happened before, so a resumed run continues the
 exact sequence of an uninterrupted one.
@@ -64,6 +67,7 @@ class ShuffledBatches:
         self._rows: torch.Tensor | None = None
 
     READ_AHEAD_WINDOWS = 2
+    RUN_ROWS = 4  # streaming mixes runs of this many adjacent rows (see the module docstring)
 
     @classmethod
     def buffer_bytes_for(cls, chunk_rows: int, d_model: int, window_chunks: int = 8) -> int:
@@ -108,14 +112,19 @@ class ShuffledBatches:
         for w, first in enumerate(range(0, n_chunks, self.window_chunks)):
             chunks = tuple(int(c) for c in order[first:first + self.window_chunks])
             rows = sum(min(chunk, self.n_rows - c * chunk) for c in chunks)
-            windows.append(_Window(epoch, w, chunks, rows // self.batch_size))
+            windows.append(_Window(epoch, w, chunks, rows // self.RUN_ROWS * self.RUN_ROWS // self.batch_size))
         return windows
 
-    def _read_window(self, window: _Window) -> torch.Tensor:
-        rows = self.store.read_chunks(self.split, self.hook, list(window.chunks), threads=2)
-        perm = np.random.default_rng([self.seed, window.epoch, window.index]).permutation(len(rows))
-        tensor = torch.from_numpy(rows[perm])
-        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+    def _read_window(self, window: _Window, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's rows as read (chunk after chunk, into `buffer`) and the permutation that mixes
+        them. The rows are not permuted here: each batch gathers its own rows where it is served, so the
+        reading thread makes one copy (file to memory) and the gathers run beside it."""
+        n = sum(min(self.store.chunk_rows, self.n_rows - c * self.store.chunk_rows) for c in window.chunks)
+        rows = buffer[:n]
+        self.store.read_chunks(self.split, self.hook, list(window.chunks), threads=2, out=rows.numpy())
+        runs = np.random.default_rng([self.seed, window.epoch, window.index]).permutation(n // self.RUN_ROWS)
+        perm = torch.from_numpy((runs[:, None] * self.RUN_ROWS + np.arange(self.RUN_ROWS)).reshape(-1))
+        return rows, perm
 
     def _streamed_batches(self, start: int) -> Iterator[torch.Tensor]:
         def plan() -> Iterator[tuple[_Window, int]]:
@@ -131,14 +140,23 @@ class ShuffledBatches:
                 epoch += 1
 
         ready: queue.Queue = queue.Queue(maxsize=self.READ_AHEAD_WINDOWS)
+        # Window buffers are recycled, never reallocated: a fresh buffer of this size is fresh pages that the
+        # kernel must fault in and zero on every window (measured: that alone held reads to a third of
+        # memmap speed). Pinned on CUDA, so the copies to the device are asynchronous.
+        free: queue.Queue = queue.Queue()
+        window_rows = self.window_chunks * self.store.chunk_rows
+        for _ in range(self.READ_AHEAD_WINDOWS + 2):  # queued ahead, being read, being served
+            buffer = torch.empty(window_rows, self.store.d_model, dtype=torch.float16)
+            free.put(buffer.pin_memory() if self.device.type == "cuda" else buffer)
         stop = threading.Event()
 
         def read_ahead() -> None:
             try:
                 for window, first in plan():
-                    if stop.is_set():
+                    buffer = _get_unless_stopped(free, stop)
+                    if buffer is None:
                         return
-                    _put_unless_stopped(ready, (window, first, self._read_window(window)), stop)
+                    _put_unless_stopped(ready, (window, first, self._read_window(window, buffer), buffer), stop)
             except BaseException as e:  # surface read errors in the consuming thread
                 _put_unless_stopped(ready, e, stop)
 
@@ -148,12 +166,24 @@ class ShuffledBatches:
                 item = ready.get()
                 if isinstance(item, BaseException):
                     raise item
-                window, first, rows = item
+                window, first, (rows, perm), buffer = item
+                rows, perm = rows.to(self.device, non_blocking=True), perm.to(self.device, non_blocking=True)
                 for j in range(first, window.n_batches):
-                    batch = rows[j * self.batch_size:(j + 1) * self.batch_size]
-                    yield batch.to(self.device, non_blocking=True).to(self.dtype)
+                    yield rows.index_select(0, perm[j * self.batch_size:(j + 1) * self.batch_size]).to(self.dtype)
+                if self.device.type == "cuda":  # the asynchronous copy out of `buffer` must be done
+                    torch.cuda.current_stream(self.device).synchronize()
+                free.put(buffer)
         finally:
             stop.set()
+
+
+def _get_unless_stopped(free: queue.Queue, stop: threading.Event):
+    while not stop.is_set():
+        try:
+            return free.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return None
 
 
 def _put_unless_stopped(ready: queue.Queue, item, stop: threading.Event) -> None:

@@ -126,17 +126,24 @@ class ActivationStore:
         ranges = [r for r in zip([start] + bounds, bounds + [stop]) if r[0] < r[1]]
         return self._read_ranges(split, hook, ranges, threads)
 
-    def read_chunks(self, split: str, hook: str, chunks: list[int], threads: int = 4) -> np.ndarray:
-        """The committed rows of the given chunks (any order), concatenated in that order, read in parallel."""
+    def read_chunks(self, split: str, hook: str, chunks: list[int], threads: int = 4,
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """The committed rows of the given chunks (any order), concatenated in that order, read in
+        parallel; into `out` (exactly that many fp16 rows) when given."""
         n, step = self.n_rows(split), self.chunk_rows
         ranges = [(c * step, min((c + 1) * step, n)) for c in chunks if c * step < n]
-        return self._read_ranges(split, hook, ranges, threads)
+        return self._read_ranges(split, hook, ranges, threads, out)
 
-    def _read_ranges(self, split: str, hook: str, ranges: list[tuple[int, int]], threads: int) -> np.ndarray:
+    def _read_ranges(self, split: str, hook: str, ranges: list[tuple[int, int]], threads: int,
+                     out: np.ndarray | None = None) -> np.ndarray:
         """Rows of each [a, b) range (each within one chunk), concatenated; straight from the chunk files
         when the array is local and uncompressed (what collect writes), through Zarr otherwise."""
         arr = self.acts(split, hook)
-        out = np.empty((sum(b - a for a, b in ranges), self.d_model), np.float16)
+        shape = (sum(b - a for a, b in ranges), self.d_model)
+        if out is None:
+            out = np.empty(shape, np.float16)
+        elif out.shape != shape or out.dtype != np.float16 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous float16 array of shape {shape}, got {out.dtype} {out.shape}")
         offsets = np.cumsum([0] + [b - a for a, b in ranges])
         raw = _raw_chunk_files(arr)
 
