@@ -364,3 +364,18 @@ def test_export_matches_on_raw_activations(tmp_path, mode, variant):
     assert torch.equal(z_sl > 0, z > 0), "SAELens picked different latents"
     assert_close_rel(z_sl * c, z)
     assert_close_rel(rec_sl, rec)
+
+
+def test_replay_backward_passes_gradcheck():
+    """The written-out backward of the replayed pursuit, for x, W and b_dec and for both outputs
+    (coefficients and residual), against numerical gradients in float64."""
+    from stages.saes.matching_pursuit import _PursuitReplay
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    W = torch.nn.functional.normalize(torch.randn(12, 5, generator=gen, dtype=torch.float64), dim=1).requires_grad_()
+    b = (0.1 * torch.randn(5, generator=gen, dtype=torch.float64)).requires_grad_()
+    indices = torch.randint(0, 12, (6, 4), generator=gen)
+    live = torch.ones(6, 4, dtype=torch.float64)
+    live[0, 2] = 0  # a step where the selection added nothing
+    assert torch.autograd.gradcheck(lambda x, W, b: _PursuitReplay.apply(x, W, b, indices, live), (x, W, b))

@@ -196,18 +196,14 @@ class MatchingPursuitSAE(SparseAutoencoder):
         return indices, coefs, steps, r if keep_residual else None
 
     def _replay(self, x: torch.Tensor, indices: torch.Tensor, coefs: torch.Tensor):
-        """A fixed selection replayed with autograd: c_t = relu(r · W[j_t]) where the selection added
+        """A fixed selection replayed differentiably: c_t = relu(r · W[j_t]) where the selection added
         something (0 elsewhere), r −= c_t · W[j_t]. Returns (coefficients [n, T], final residual), both
-        differentiable in W and b_dec; they equal the selection's up to rounding. O(T·n·d_in), where solving
-        for all coefficients at once (a triangular system in the picks' Gram matrix) would cost O(T²·n·d_in)."""
-        live = (coefs > 0).to(coefs.dtype)
-        picked = nn.functional.embedding(indices, self.W_dec).unbind(dim=1)  # T × [n, d_in]: one gather
-        r, values = x - self.b_dec, []
-        for t, w in enumerate(picked):
-            c = torch.linalg.vecdot(r, w).relu() * live[:, t]
-            r = r - c[:, None] * w
-            values.append(c)
-        return torch.stack(values, dim=1), r
+        differentiable in x, W and b_dec; they equal the selection's up to rounding. O(T·n·d_in), where
+        solving for all coefficients at once (a triangular system in the picks' Gram matrix) would cost
+        O(T²·n·d_in). The backward is written out (_PursuitReplay): autograd through the T steps spent
+        most of a training step on saved [n, d_in] intermediates."""
+        live = (coefs > 0).to(x.dtype)
+        return _PursuitReplay.apply(x, self.W_dec, self.b_dec, indices, live)
 
     # -- training ------------------------------------------------------------------------------------
     def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -232,6 +228,44 @@ class MatchingPursuitSAE(SparseAutoencoder):
     def config(self) -> dict:
         return {**super().config(), "k": self.k, "residual_threshold": self.residual_threshold,
                 "max_iterations": self.max_iterations}
+
+
+class _PursuitReplay(torch.autograd.Function):
+    """Forward: r_0 = x − b_dec; for each step t, w = W[j_t], c_t = relu(r_{t−1} · w) · live_t,
+    r_t = r_{t−1} − c_t · w. Backward walks the steps in reverse. It rebuilds r_{t−1} = r_t + c_t · w, so
+    nothing of size [T, n, d_in] is stored, and it applies, with g = ∂L/∂r_t and
+    δ = (∂L/∂c_t − g · w) · [c_t > 0]:
+        ∂L/∂W[j_t] += δ · r_{t−1} − c_t · g,        ∂L/∂r_{t−1} = g + δ · w."""
+
+    @staticmethod
+    def forward(ctx, x, W, b_dec, indices, live):
+        r = x - b_dec
+        coefs = torch.empty(indices.shape, dtype=r.dtype, device=r.device)
+        for t in range(indices.shape[1]):
+            w = W.index_select(0, indices[:, t])
+            c = torch.linalg.vecdot(r, w).relu_().mul_(live[:, t])
+            r.addcmul_(c[:, None], w, value=-1)  # r is this function's own tensor from the start
+            coefs[:, t] = c
+        ctx.save_for_backward(W, indices, coefs, r)
+        return coefs, r.clone()
+
+    @staticmethod
+    def backward(ctx, grad_coefs, grad_r):
+        W, indices, coefs, r = ctx.saved_tensors
+        g = torch.zeros_like(r) if grad_r is None else grad_r.clone()
+        grad_W = torch.zeros_like(W)
+        r = r.clone()
+        for t in reversed(range(indices.shape[1])):
+            j, c = indices[:, t], coefs[:, t]
+            w = W.index_select(0, j)
+            r.addcmul_(c[:, None], w)  # r_{t-1}
+            delta = -torch.linalg.vecdot(g, w)
+            if grad_coefs is not None:
+                delta += grad_coefs[:, t]
+            delta *= c > 0
+            grad_W.index_add_(0, j, delta[:, None] * r - c[:, None] * g)
+            g.addcmul_(delta[:, None], w)
+        return g, grad_W, -g.sum(dim=0), None, None
 
 
 def merge_picks(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> SparseCode:
