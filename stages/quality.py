@@ -64,8 +64,12 @@ def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
         lr=cfg.resolved_lr(), lr_end=0.0, lr_warm_up_steps=int(cfg.steps * cfg.warmup_frac),
         lr_decay_steps=int(cfg.steps * cfg.decay_frac), device=str(device),
         dead_feature_window=max(1, (cfg.dead_window_tokens or min(10_000_000, cfg.tokens // 4)) // cfg.batch_size))
+    batches = loader.batches(0)
     started = time.perf_counter()
-    trained = SAETrainer(trainer_cfg, sae, loader.batches(0)).fit()
+    try:
+        trained = SAETrainer(trainer_cfg, sae, batches).fit()
+    finally:
+        batches.close()
     return trained, time.perf_counter() - started
 
 

@@ -188,6 +188,7 @@ def run_sweep(cfgs: list[TrainConfig]) -> list[Path]:
                     run.checkpoint(done)
             bar.update(1)
     finally:
+        batches.close()  # stops and joins the loader's read-ahead thread
         for run in runs:
             run.close()
     bar.close()

@@ -160,7 +160,8 @@ class ShuffledBatches:
             except BaseException as e:  # surface read errors in the consuming thread
                 _put_unless_stopped(ready, e, stop)
 
-        threading.Thread(target=read_ahead, daemon=True, name="saepipe-read-ahead").start()
+        reader = threading.Thread(target=read_ahead, daemon=True, name="saepipe-read-ahead")
+        reader.start()
         try:
             while True:
                 item = ready.get()
@@ -174,7 +175,10 @@ class ShuffledBatches:
                     torch.cuda.current_stream(self.device).synchronize()
                 free.put(buffer)
         finally:
+            # Wait for the reader (it polls `stop` while waiting, and a read is bounded): a thread still
+            # inside torch or numpy when the interpreter exits can abort the process.
             stop.set()
+            reader.join(timeout=60)
 
 
 def _get_unless_stopped(free: queue.Queue, stop: threading.Event):
