@@ -166,3 +166,10 @@ def test_bad_sweeps_are_named(store, tmp_path):
     expect_error(run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "colour=red"),
                  "not a training parameter", "sweepable:")
     expect_error(run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "k=two"), "cannot read 'two'")
+
+
+def test_bench_refuses_unknown_keys_and_zero_rounds(tmp_path):
+    expect_error(run("bench", "--out", str(tmp_path / "b"), "--only", "read_vs_memmap,warp_speed"),
+                 "--only: unknown benchmark warp_speed")
+    expect_error(run("bench", "--out", str(tmp_path / "b"), "--rounds", "0"), "--rounds must be at least 1")
+    assert not (tmp_path / "b").exists()  # refused before any work
