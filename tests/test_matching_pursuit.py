@@ -59,9 +59,14 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("cpu_block", [1024, 37], ids=["one-block", "blocks-of-37"])
 @pytest.mark.parametrize("scoring", ["gram", "matmul"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_batched_pursuit_equals_per_row_loop(variant, scoring):
+def test_batched_pursuit_equals_per_row_loop(variant, scoring, cpu_block, monkeypatch):
+    """Also in row blocks (as on CPU), where dynamic blocks stop after different numbers of steps."""
+    import stages.saes.matching_pursuit as mp
+
+    monkeypatch.setattr(mp, "CPU_ROW_BLOCK", cpu_block)
     sae = random_sae(8, 24, **VARIANTS[variant])
     x = torch.randn(300, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.5
     with torch.no_grad():
