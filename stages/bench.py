@@ -46,7 +46,6 @@ TARGETS = {
     "stream_peak_rss_gb": ("<=", None),  # the loader's buffer + 1 GB, known only once measured
 }
 HOOK = "bench"
-KEYS = ("read_vs_memmap", "train_vs_saelens", "mp_vs_saelens", "collect_vs_forward", "stream_peak_rss_gb")
 
 
 @dataclass
@@ -93,7 +92,8 @@ def _sync(device: torch.device) -> None:
 
 
 # -- read_vs_memmap ---------------------------------------------------------------------------------
-def bench_read(cfg: BenchConfig, workdir: Path) -> dict:
+def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
+    """On the CPU whatever `device` is: the reader's own speed."""
     from stages.synthetic import write_array_store
     from store_schema.loader import ShuffledBatches
     from store_schema.reader import open_store
@@ -127,9 +127,11 @@ def bench_read(cfg: BenchConfig, workdir: Path) -> dict:
             next(batches)
         return cfg.read_passes * loader.batches_per_epoch * cfg.batch_size / (time.perf_counter() - started)
 
-    memmap_side(), store_side()  # warm the page cache for both
-    rates = alternate({"store_tokens_per_s": store_side, "memmap_tokens_per_s": memmap_side}, cfg.rounds)
-    batches.close()
+    try:
+        memmap_side(), store_side()  # warm the page cache for both
+        rates = alternate({"store_tokens_per_s": store_side, "memmap_tokens_per_s": memmap_side}, cfg.rounds)
+    finally:
+        batches.close()
     return {"read_vs_memmap": ratio(rates, "store_tokens_per_s", "memmap_tokens_per_s"),
             "read": {"rows": cfg.read_rows, "bytes": cfg.read_rows * cfg.d_in * 2, "passes_per_round": cfg.read_passes,
                      **rates}}
@@ -151,14 +153,13 @@ def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, devic
     """Our training loop's step (stages.train._Run.step) on in-memory batches."""
     import contextlib
 
+    from pipeline import run_dir
     from stages.train import _Run
     from store_schema.reader import open_store
 
     train_cfg = TrainConfig(store=str(store_path), out=str(out), hook=HOOK, arch=arch, width=cfg.width, k=cfg.k,
                             tokens=cfg.batch_size * 10_000, batch_size=cfg.batch_size, device=str(device),
                             overwrite=True, progress=False).validate()
-    from pipeline import run_dir
-
     run_dir.prepare(out, overwrite=True, resume=False)
     run = _Run(train_cfg, open_store(store_path), device, resuming=False)
     autocast = contextlib.nullcontext()
@@ -181,23 +182,31 @@ def _saelens_stepper(cfg: BenchConfig, arch: str, device: torch.device):
     return lambda x, step: trainer._train_step(sae, x), sae
 
 
-def _step_rate(step: Callable, batches: list[torch.Tensor], n: int, device: torch.device, first: int) -> float:
-    _sync(device)
-    started = time.perf_counter()
-    for i in range(n):
-        step(batches[i % len(batches)], first + i)
-    _sync(device)
-    return n * batches[0].shape[0] / (time.perf_counter() - started)
+class _TimedSteps:
+    """A training step function and the count of steps it has taken (its step index goes on across rounds)."""
+
+    def __init__(self, step: Callable, batches: list[torch.Tensor], device: torch.device):
+        self.step, self.batches, self.device, self.taken = step, batches, device, 0
+
+    def rate(self, n: int) -> float:
+        """Tokens/s over n steps."""
+        _sync(self.device)
+        started = time.perf_counter()
+        for i in range(n):
+            self.step(self.batches[i % len(self.batches)], self.taken + i)
+        _sync(self.device)
+        self.taken += n
+        return n * self.batches[0].shape[0] / (time.perf_counter() - started)
 
 
-def _counter():
-    state = {"step": 0}
-
-    def take(n: int) -> int:
-        state["step"] += n
-        return state["step"] - n
-
-    return take
+def _compare_steps(cfg: BenchConfig, ours: Callable, theirs: Callable, batches: list[torch.Tensor],
+                   device: torch.device, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Our step against SAELens's, after `warmup` untimed steps each, alternating rounds of `steps`."""
+    sides = {"ours_tokens_per_s": _TimedSteps(ours, batches, device),
+             "saelens_tokens_per_s": _TimedSteps(theirs, batches, device)}
+    for side in sides.values():
+        side.rate(warmup)
+    return alternate({name: (lambda side=side: side.rate(steps)) for name, side in sides.items()}, cfg.rounds)
 
 
 def _bench_store(cfg: BenchConfig, workdir: Path) -> Path:
@@ -237,12 +246,7 @@ def bench_train(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     batches = _batches(cfg, device)
     ours = _our_stepper(cfg, "topk", store, workdir / "ours-topk", device)
     theirs, _ = _saelens_stepper(cfg, "topk", device)
-    ours_at, theirs_at = _counter(), _counter()
-    n = cfg.train_steps
-    _step_rate(ours, batches, 2, device, ours_at(2)), _step_rate(theirs, batches, 2, device, theirs_at(2))  # warm-up
-    rates = alternate({"ours_tokens_per_s": lambda: _step_rate(ours, batches, n, device, ours_at(n)),
-                       "saelens_tokens_per_s": lambda: _step_rate(theirs, batches, n, device, theirs_at(n))},
-                      cfg.rounds)
+    rates = _compare_steps(cfg, ours, theirs, batches, device, steps=cfg.train_steps, warmup=2)
     flops = topk_step_flops(cfg.batch_size, cfg.d_in, cfg.width, cfg.k)
     peak = max(matmul_rate(cfg.batch_size, cfg.d_in, cfg.width, device, torch.float32),
                matmul_rate(cfg.d_in, cfg.batch_size, cfg.width, device, torch.float32))
@@ -260,12 +264,7 @@ def bench_mp(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     ours = _our_stepper(cfg, "mp", store, workdir / "ours-mp", device)
     theirs, their_sae = _saelens_stepper(cfg, "mp", device)
     agreement = _mp_outputs_agree(cfg, their_sae, batches[0], device)
-    ours_at, theirs_at = _counter(), _counter()
-    n = max(1, cfg.train_steps // 2)
-    _step_rate(ours, batches, 1, device, ours_at(1)), _step_rate(theirs, batches, 1, device, theirs_at(1))
-    rates = alternate({"ours_tokens_per_s": lambda: _step_rate(ours, batches, n, device, ours_at(n)),
-                       "saelens_tokens_per_s": lambda: _step_rate(theirs, batches, n, device, theirs_at(n))},
-                      cfg.rounds)
+    rates = _compare_steps(cfg, ours, theirs, batches, device, steps=max(1, cfg.train_steps // 2), warmup=1)
     return {"mp_vs_saelens": ratio(rates, "ours_tokens_per_s", "saelens_tokens_per_s"),
             "mp": {**rates, "reconstruction_max_rel_diff": agreement}}
 
@@ -362,8 +361,9 @@ print(json.dumps({"peak_rss_bytes": peak}))
 """
 
 
-def bench_stream_rss(cfg: BenchConfig, workdir: Path) -> dict:
-    """Train (in a fresh process) from a store four times the streaming loader's buffer; its peak RSS."""
+def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
+    """Train (in a fresh process, on the CPU: host memory is what is measured) from a store four times
+    the streaming loader's buffer; its peak RSS."""
     from stages.synthetic import write_array_store
     from store_schema.loader import ShuffledBatches
     from store_schema.reader import open_store
@@ -393,6 +393,17 @@ def bench_stream_rss(cfg: BenchConfig, workdir: Path) -> dict:
 
 
 # -- the whole run ----------------------------------------------------------------------------------
+# Each key's benchmark (bench_train also yields train_roofline_fraction), run in this order.
+BENCHMARKS: dict[str, Callable[[BenchConfig, Path, torch.device], dict]] = {
+    "read_vs_memmap": bench_read,
+    "train_vs_saelens": bench_train,
+    "mp_vs_saelens": bench_mp,
+    "collect_vs_forward": bench_collect,
+    "stream_peak_rss_gb": bench_stream_rss,
+}
+KEYS = tuple(BENCHMARKS)
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     device = resolve_device(cfg.device)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -402,18 +413,13 @@ def run_bench(cfg: BenchConfig) -> dict:
                     "sizes": {"d_in": cfg.d_in, "width": cfg.width, "k": cfg.k, "batch_size": cfg.batch_size,
                               "rounds": cfg.rounds},
                     "date": time.strftime("%Y-%m-%d")}
-    parts = [("read_vs_memmap", lambda: bench_read(cfg, workdir)),
-             ("train_vs_saelens", lambda: bench_train(cfg, workdir, device)),
-             ("mp_vs_saelens", lambda: bench_mp(cfg, workdir, device)),
-             ("collect_vs_forward", lambda: bench_collect(cfg, workdir, device)),
-             ("stream_peak_rss_gb", lambda: bench_stream_rss(cfg, workdir))]
-    for key, part in parts:
+    for key, part in BENCHMARKS.items():
         if not cfg.wants(key):
             continue
         if cfg.progress:
             print(f"bench: {key} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        result |= part()
+        result |= part(cfg, workdir, device)
         result.setdefault("seconds", {})[key] = round(time.perf_counter() - started, 1)
         (cfg.out / "bench.json").write_text(json.dumps(result, indent=2))  # partial results survive a failure
     return result

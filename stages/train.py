@@ -99,7 +99,6 @@ class _Run:
             run_dir.write_json_atomic(self.out / run_dir.CONFIG, run_config(cfg, store, self.sae) | {"finished": False})
         self.log = open(self.out / run_dir.TRAIN_LOG, "a")
         self.sums = torch.zeros(len(self.KEYS), device=device)
-        self.last_row: dict | None = None
 
     def step(self, x: torch.Tensor, step: int, autocast) -> None:
         dead = self.tokens_since_fired >= self.dead_window
@@ -127,7 +126,6 @@ class _Run:
         self.log.write(json.dumps(row) + "\n")
         self.log.flush()
         self.sums.zero_()
-        self.last_row = row
         return row
 
     def checkpoint(self, step: int) -> None:

@@ -42,18 +42,23 @@ def available_memory_bytes(device: torch.device) -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+WINDOW_CHUNKS = 8  # chunks the streaming loader reads and mixes together
+
+
 @dataclass(frozen=True)
 class _Window:
     epoch: int
     index: int
     chunks: tuple[int, ...]
+    n_rows: int
     n_batches: int
 
 
 class ShuffledBatches:
     def __init__(self, store: ActivationStore, hook: str, batch_size: int, *, device: torch.device,
                  dtype: torch.dtype = torch.float32, seed: int = 0, split: str = "train",
-                 resident: bool | None = None, memory_fraction: float = 0.5, window_chunks: int = 8):
+                 resident: bool | None = None, memory_fraction: float = 0.5,
+                 window_chunks: int = WINDOW_CHUNKS):
         store.require_hook(hook)
         self.store, self.hook, self.split = store, hook, split
         self.batch_size, self.device, self.dtype, self.seed = batch_size, device, dtype, seed
@@ -67,13 +72,13 @@ class ShuffledBatches:
         self._rows: torch.Tensor | None = None
 
     READ_AHEAD_WINDOWS = 2
+    WINDOW_BUFFERS = READ_AHEAD_WINDOWS + 2  # the windows queued ahead, the one being read, the one served
     RUN_ROWS = 4  # streaming mixes runs of this many adjacent rows (see the module docstring)
 
     @classmethod
-    def buffer_bytes_for(cls, chunk_rows: int, d_model: int, window_chunks: int = 8) -> int:
-        """Rows the streaming loader holds at once, in bytes: the windows queued ahead, the one being
-        read and the one being served (fp16)."""
-        return (cls.READ_AHEAD_WINDOWS + 2) * window_chunks * chunk_rows * d_model * 2
+    def buffer_bytes_for(cls, chunk_rows: int, d_model: int, window_chunks: int = WINDOW_CHUNKS) -> int:
+        """Rows the streaming loader holds at once, in bytes (fp16)."""
+        return cls.WINDOW_BUFFERS * window_chunks * chunk_rows * d_model * 2
 
     @property
     def batches_per_epoch(self) -> int:
@@ -112,17 +117,17 @@ class ShuffledBatches:
         for w, first in enumerate(range(0, n_chunks, self.window_chunks)):
             chunks = tuple(int(c) for c in order[first:first + self.window_chunks])
             rows = sum(min(chunk, self.n_rows - c * chunk) for c in chunks)
-            windows.append(_Window(epoch, w, chunks, rows // self.RUN_ROWS * self.RUN_ROWS // self.batch_size))
+            windows.append(_Window(epoch, w, chunks, rows, rows // self.RUN_ROWS * self.RUN_ROWS // self.batch_size))
         return windows
 
     def _read_window(self, window: _Window, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The window's rows as read (chunk after chunk, into `buffer`) and the permutation that mixes
         them. The rows are not permuted here: each batch gathers its own rows where it is served, so the
         reading thread makes one copy (file to memory) and the gathers run beside it."""
-        n = sum(min(self.store.chunk_rows, self.n_rows - c * self.store.chunk_rows) for c in window.chunks)
-        rows = buffer[:n]
+        rows = buffer[:window.n_rows]
         self.store.read_chunks(self.split, self.hook, list(window.chunks), threads=2, out=rows.numpy())
-        runs = np.random.default_rng([self.seed, window.epoch, window.index]).permutation(n // self.RUN_ROWS)
+        rng = np.random.default_rng([self.seed, window.epoch, window.index])
+        runs = rng.permutation(window.n_rows // self.RUN_ROWS)
         perm = torch.from_numpy((runs[:, None] * self.RUN_ROWS + np.arange(self.RUN_ROWS)).reshape(-1))
         return rows, perm
 
@@ -145,7 +150,7 @@ class ShuffledBatches:
         # memmap speed). Pinned on CUDA, so the copies to the device are asynchronous.
         free: queue.Queue = queue.Queue()
         window_rows = self.window_chunks * self.store.chunk_rows
-        for _ in range(self.READ_AHEAD_WINDOWS + 2):  # queued ahead, being read, being served
+        for _ in range(self.WINDOW_BUFFERS):
             buffer = torch.empty(window_rows, self.store.d_model, dtype=torch.float16)
             free.put(buffer.pin_memory() if self.device.type == "cuda" else buffer)
         stop = threading.Event()

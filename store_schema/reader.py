@@ -150,12 +150,9 @@ class ActivationStore:
         def read(i: int) -> None:
             a, b = ranges[i]
             dest = out[offsets[i]:offsets[i + 1]]
-            if raw is None:
-                dest[:] = arr[a:b]
-                return
             chunk = a // self.chunk_rows
-            path = raw(chunk)
-            if not path.exists():  # Zarr leaves a chunk that holds only the fill value unwritten
+            path = None if raw is None else raw(chunk)
+            if path is None or not path.exists():  # Zarr leaves a chunk of only the fill value unwritten
                 dest[:] = arr[a:b]
                 return
             with open(path, "rb") as f:

@@ -100,16 +100,19 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.zero_()
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        # (x − b_dec) W_enc + b_enc, with b_dec's term as a vector-matrix product: x needs no gradient, so
-        # the backward is one GEMM (W_enc's gradient) instead of two (the second would only feed b_dec).
-        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
+        return torch.addmm(self.encoder_bias(), x, self.W_enc)
+
+    def encoder_bias(self) -> torch.Tensor:
+        """b_enc − b_dec W_enc: (x − b_dec) W_enc + b_enc = x W_enc + this. With b_dec's term as a
+        vector-matrix product, x needs no gradient, so the backward is one GEMM (W_enc's gradient)
+        instead of two (the second would only feed b_dec)."""
+        return self.b_enc - self.b_dec @ self.W_enc
 
     def selected_pre_acts(self, x: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """`pre` (computed without autograd) at the selected latents [n, k], differentiable: the encoder's
         gradient is built from those n·k entries alone. A dense backward would spend a [n, d_sae] x
         [n, d_in] GEMM on a gradient that is zero outside the selection."""
-        bias = self.b_enc - self.b_dec @ self.W_enc
-        return _SelectedPreActs.apply(x, self.W_enc, bias, indices, pre.gather(1, indices))
+        return _SelectedPreActs.apply(x, self.W_enc, self.encoder_bias(), indices, pre.gather(1, indices))
 
     @classmethod
     def from_config(cls, d_in: int, cfg) -> SparseAutoencoder:

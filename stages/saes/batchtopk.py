@@ -105,9 +105,8 @@ class BatchTopKSAE(TopKSAE):
         with torch.no_grad():  # the selection; gradients reach the encoder through the selected entries only
             pre = self.pre_acts(x)
             selected = self.batch_topk(pre)
-        values = self.selected_pre_acts(x, pre, selected.indices)
-        code = SparseCode(torch.where(selected.values > 0, values, torch.zeros((), dtype=values.dtype,
-                                                                             device=values.device)), selected.indices)
+        values = self.selected_pre_acts(x, pre, selected.indices).masked_fill(selected.values <= 0, 0.0)
+        code = SparseCode(values, selected.indices)
         if self.training:
             self.update_threshold(code.values)
         recon = self.b_dec.expand_as(x)
