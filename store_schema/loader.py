@@ -5,12 +5,14 @@ Two ways to serve them, picked by size:
   and each epoch draws a fresh permutation of all rows; batches are converted to the compute dtype on
   the device.
 - streaming: each epoch visits the chunks in a seeded random order, a window of whole chunks at a
-  time; a window's rows are permuted together (the mixing buffer) and cut into batches, while a
-  background thread reads the next window. The permutation moves runs of RUN_ROWS adjacent rows, not
-  single rows: the store's rows are already shuffled at collect time, so adjacent rows are unrelated,
-  and gathering runs is ~3x faster than gathering rows one by one (16M against 5M rows/s on this CPU
-  at d 576), which is what kept the loader below memmap speed. Rows left over at the end of a window
-  (fewer than a batch) are skipped that epoch.
+  time, while a background thread reads the next window. The window's chunks are cut into runs of
+  adjacent rows (batch_size / RUNS_PER_BATCH rows, so at least 16 runs per batch) and each run is read
+  straight from its chunk file to a seeded random slot of the window's buffer (the mixing buffer), so a
+  batch is a plain slice: one copy from the page cache, like a memmap read. Moving runs rather than
+  single rows is sound because collect already shuffles rows across a block of 65,536 rows (512
+  contexts): the rows of a run come from unrelated contexts. Moving single rows cost a second copy (a
+  gather per batch) that held the reader to 40% of memmap speed on 2 cores. Runs that do not fill a
+  last whole batch in a window are skipped that epoch.
 
 Batch `i` depends only on (seed, i), never on what happened before, so a resumed run continues the
 exact sequence of an uninterrupted one.
@@ -73,12 +75,17 @@ class ShuffledBatches:
 
     READ_AHEAD_WINDOWS = 2
     WINDOW_BUFFERS = READ_AHEAD_WINDOWS + 2  # the windows queued ahead, the one being read, the one served
-    RUN_ROWS = 4  # streaming mixes runs of this many adjacent rows (see the module docstring)
+    RUNS_PER_BATCH = 16  # streaming builds each batch from at least this many runs (see the module docstring)
 
     @classmethod
     def buffer_bytes_for(cls, chunk_rows: int, d_model: int, window_chunks: int = WINDOW_CHUNKS) -> int:
         """Rows the streaming loader holds at once, in bytes (fp16)."""
         return cls.WINDOW_BUFFERS * window_chunks * chunk_rows * d_model * 2
+
+    @property
+    def run_rows(self) -> int:
+        """Adjacent rows the streaming loader moves together."""
+        return max(1, min(self.store.chunk_rows, self.batch_size // self.RUNS_PER_BATCH))
 
     @property
     def batches_per_epoch(self) -> int:
@@ -90,7 +97,9 @@ class ShuffledBatches:
         return self.batches()
 
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
-        """Endless batches [batch_size, d] in `dtype` on `device`, beginning with batch number `start`."""
+        """Endless batches [batch_size, d] in `dtype` on `device`, beginning with batch number `start`.
+        A streamed batch already in `dtype` on the CPU is a view of the loader's buffer, which is
+        recycled only once nothing else refers to it: keeping a batch is safe, and only costs a buffer."""
         return self._resident_batches(start) if self.resident else self._streamed_batches(start)
 
     # -- resident -----------------------------------------------------------------------------------
@@ -110,28 +119,35 @@ class ShuffledBatches:
 
     # -- streaming ----------------------------------------------------------------------------------
     def _windows(self, epoch: int) -> list[_Window]:
-        chunk = self.store.chunk_rows
+        chunk, run = self.store.chunk_rows, self.run_rows
         n_chunks = -(-self.n_rows // chunk)
         order = np.random.default_rng([self.seed, epoch, 0xC4]).permutation(n_chunks)
         windows = []
         for w, first in enumerate(range(0, n_chunks, self.window_chunks)):
             chunks = tuple(int(c) for c in order[first:first + self.window_chunks])
-            rows = sum(min(chunk, self.n_rows - c * chunk) for c in chunks)
-            windows.append(_Window(epoch, w, chunks, rows, rows // self.RUN_ROWS * self.RUN_ROWS // self.batch_size))
+            runs = sum(min(chunk, self.n_rows - c * chunk) // run for c in chunks)
+            windows.append(_Window(epoch, w, chunks, runs * run, runs * run // self.batch_size))
         return windows
 
-    def _read_window(self, window: _Window, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window's rows as read (chunk after chunk, into `buffer`) and the permutation that mixes
-        them. The rows are not permuted here: each batch gathers its own rows where it is served, so the
-        reading thread makes one copy (file to memory) and the gathers run beside it."""
-        rows = buffer[:window.n_rows]
-        self.store.read_chunks(self.split, self.hook, list(window.chunks), threads=2, out=rows.numpy())
-        rng = np.random.default_rng([self.seed, window.epoch, window.index])
-        runs = rng.permutation(window.n_rows // self.RUN_ROWS)
-        perm = torch.from_numpy((runs[:, None] * self.RUN_ROWS + np.arange(self.RUN_ROWS)).reshape(-1))
-        return rows, perm
+    def _read_window(self, window: _Window, buffer: torch.Tensor) -> torch.Tensor:
+        """The window's batches, back to back: its chunks cut into runs, and each run read straight to a
+        seeded random slot of `buffer` (the mixing buffer), so a batch is a plain slice."""
+        chunk, run = self.store.chunk_rows, self.run_rows
+        starts = np.concatenate([c * chunk + np.arange(min(chunk, self.n_rows - c * chunk) // run) * run
+                                 for c in window.chunks])
+        slots = np.random.default_rng([self.seed, window.epoch, window.index]).permutation(len(starts))
+        used_slots = -(-window.n_batches * self.batch_size // run)  # runs beyond the last whole batch: unread
+        dest = buffer.numpy()
+        pieces = [(int(first), dest[slot * run:(slot + 1) * run]) for first, slot in zip(starts, slots)
+                  if slot < used_slots]
+        self.store.read_into(self.split, self.hook, pieces, threads=2)
+        return buffer[:window.n_batches * self.batch_size]
 
     def _streamed_batches(self, start: int) -> Iterator[torch.Tensor]:
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"a streaming window ({self.window_chunks} chunks of {self.store.chunk_rows:,} rows) holds "
+                             f"less than one batch of {self.batch_size:,}: lower --batch-size")
+
         def plan() -> Iterator[tuple[_Window, int]]:
             """(window, first batch within it) from batch `start` on, skipping whole windows unread."""
             epoch, skip = 0, start
@@ -149,10 +165,8 @@ class ShuffledBatches:
         # kernel must fault in and zero on every window (measured: that alone held reads to a third of
         # memmap speed). Pinned on CUDA, so the copies to the device are asynchronous.
         free: queue.Queue = queue.Queue()
-        window_rows = self.window_chunks * self.store.chunk_rows
         for _ in range(self.WINDOW_BUFFERS):
-            buffer = torch.empty(window_rows, self.store.d_model, dtype=torch.float16)
-            free.put(buffer.pin_memory() if self.device.type == "cuda" else buffer)
+            free.put(self._window_buffer())
         stop = threading.Event()
 
         def read_ahead() -> None:
@@ -167,23 +181,55 @@ class ShuffledBatches:
 
         reader = threading.Thread(target=read_ahead, daemon=True, name="saepipe-read-ahead")
         reader.start()
+        served: list[torch.Tensor] = []  # buffers of windows fully served, recycled once the consumer moved on
         try:
             while True:
                 item = ready.get()
                 if isinstance(item, BaseException):
                     raise item
-                window, first, (rows, perm), buffer = item
-                rows, perm = rows.to(self.device, non_blocking=True), perm.to(self.device, non_blocking=True)
+                window, first, rows, buffer = item
+                del item
+                rows = rows.to(self.device, non_blocking=True)
                 for j in range(first, window.n_batches):
-                    yield rows.index_select(0, perm[j * self.batch_size:(j + 1) * self.batch_size]).to(self.dtype)
-                if self.device.type == "cuda":  # the asynchronous copy out of `buffer` must be done
-                    torch.cuda.current_stream(self.device).synchronize()
-                free.put(buffer)
+                    yield self._batch(rows[j * self.batch_size:(j + 1) * self.batch_size])
+                    # The consumer asked for the next batch, so it has let go of the previous window's last one.
+                    while served:
+                        free.put(self._recycled(served.pop()))
+                del rows
+                served.append(buffer)
         finally:
             # Wait for the reader (it polls `stop` while waiting, and a read is bounded): a thread still
             # inside torch or numpy when the interpreter exits can abort the process.
             stop.set()
             reader.join(timeout=60)
+
+    def _window_buffer(self) -> torch.Tensor:
+        buffer = torch.empty(self.window_chunks * self.store.chunk_rows, self.store.d_model, dtype=torch.float16)
+        return buffer.pin_memory() if self.device.type == "cuda" else buffer
+
+    def _batch(self, rows: torch.Tensor) -> torch.Tensor:
+        batch = rows.to(self.dtype)
+        if batch.device.type == "cpu" and batch.data_ptr() == rows.data_ptr() and not _CAN_COUNT_USES:
+            batch = batch.clone()  # a view of a recycled buffer, and no way to tell when it is free again
+        return batch
+
+    def _recycled(self, buffer: torch.Tensor) -> torch.Tensor:
+        """`buffer` itself when nothing but the loader refers to it any more; else (the consumer kept a
+        batch, a view of it) a new buffer, leaving the old one to the consumer."""
+        if self.device.type == "cuda":  # the asynchronous copy out of `buffer` must be done
+            torch.cuda.current_stream(self.device).synchronize()
+        if _CAN_COUNT_USES and _memory_holders(buffer) > 1:
+            return self._window_buffer()
+        return buffer
+
+
+_CAN_COUNT_USES = hasattr(torch._C, "_storage_Use_Count")
+
+
+def _memory_holders(tensor: torch.Tensor) -> int:
+    """How many tensors hold this tensor's memory: itself, plus one per live view of it."""
+    storage = tensor.untyped_storage()
+    return torch._C._storage_Use_Count(storage._cdata) - 1
 
 
 def _get_unless_stopped(free: queue.Queue, stop: threading.Event):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -136,38 +137,55 @@ class ActivationStore:
 
     def _read_ranges(self, split: str, hook: str, ranges: list[tuple[int, int]], threads: int,
                      out: np.ndarray | None = None) -> np.ndarray:
-        """Rows of each [a, b) range (each within one chunk), concatenated; straight from the chunk files
-        when the array is local and uncompressed (what collect writes), through Zarr otherwise."""
-        arr = self.acts(split, hook)
+        """Rows of each [a, b) range (each within one chunk), concatenated."""
         shape = (sum(b - a for a, b in ranges), self.d_model)
         if out is None:
             out = np.empty(shape, np.float16)
         elif out.shape != shape or out.dtype != np.float16 or not out.flags.c_contiguous:
             raise ValueError(f"out must be a contiguous float16 array of shape {shape}, got {out.dtype} {out.shape}")
         offsets = np.cumsum([0] + [b - a for a, b in ranges])
+        self.read_into(split, hook, [(a, out[offsets[i]:offsets[i + 1]]) for i, (a, b) in enumerate(ranges)], threads)
+        return out
+
+    def read_into(self, split: str, hook: str, pieces: list[tuple[int, np.ndarray]], threads: int = 2) -> None:
+        """Fill each piece's destination (a contiguous fp16 [n, d_model] array) with the committed rows
+        [first, first + n); a piece lies within one chunk. One task per chunk; when the array is local and
+        uncompressed (what collect writes) a chunk's file is read straight into the destinations, one
+        `preadv` per stretch of adjacent pieces, so scattering rows costs no more than reading them."""
+        arr, n_rows = self.acts(split, hook), self.n_rows(split)
+        by_chunk: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for first, dest in pieces:
+            if not len(dest):
+                continue
+            chunk = first // self.chunk_rows
+            if first < 0 or first + len(dest) > min(n_rows, (chunk + 1) * self.chunk_rows) or not dest.flags.c_contiguous:
+                raise ValueError(f"rows [{first}, {first + len(dest)}) are not committed rows within one chunk "
+                                 f"of {split}/{hook}, or their destination is not contiguous")
+            by_chunk.setdefault(chunk, []).append((first, dest))
         raw = _raw_chunk_files(arr)
 
-        def read(i: int) -> None:
-            a, b = ranges[i]
-            dest = out[offsets[i]:offsets[i + 1]]
-            chunk = a // self.chunk_rows
+        def read(chunk: int) -> None:
+            todo = sorted(by_chunk[chunk], key=lambda piece: piece[0])
             path = None if raw is None else raw(chunk)
             if path is None or not path.exists():  # Zarr leaves a chunk of only the fill value unwritten
-                dest[:] = arr[a:b]
+                a, b = todo[0][0], max(first + len(dest) for first, dest in todo)
+                rows = arr[a:b]
+                for first, dest in todo:
+                    dest[:] = rows[first - a:first - a + len(dest)]
                 return
+            row_bytes, base = self.d_model * 2, chunk * self.chunk_rows
             with open(path, "rb") as f:
-                f.seek((a - chunk * self.chunk_rows) * self.d_model * 2)
-                if f.readinto(memoryview(dest).cast("B")) != dest.nbytes:
-                    raise schema.StoreError(f"{self.location}: chunk {chunk} of {split}/{hook} is truncated; "
-                                            f"the store is damaged: collect it again")
+                for start, stretch in _adjacent_stretches(todo):
+                    if not _read_exactly(f, [memoryview(dest).cast("B") for dest in stretch], (start - base) * row_bytes):
+                        raise schema.StoreError(f"{self.location}: chunk {chunk} of {split}/{hook} is truncated; "
+                                                f"the store is damaged: collect it again")
 
-        if len(ranges) == 1 or threads <= 1:
-            for i in range(len(ranges)):
-                read(i)
-        elif ranges:
+        if len(by_chunk) == 1 or threads <= 1:
+            for chunk in by_chunk:
+                read(chunk)
+        elif by_chunk:
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(read, range(len(ranges))))
-        return out
+                list(pool.map(read, by_chunk))
 
     def read_mapping(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(context index, position) of committed rows [start, stop)."""
@@ -196,6 +214,41 @@ def _raw_chunk_files(arr: zarr.Array):
         return None
     root = Path(arr.store.root) / arr.path
     return lambda chunk: root / arr.metadata.encode_chunk_key((chunk, 0))
+
+
+def _adjacent_stretches(pieces: list[tuple[int, np.ndarray]]) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """(first row, destinations) of each stretch of pieces (sorted by first row) that follow one another
+    with no gap: one read each."""
+    start, stretch, end = pieces[0][0], [], pieces[0][0]
+    for first, dest in pieces:
+        if first != end:
+            yield start, stretch
+            start, stretch = first, []
+        stretch.append(dest)
+        end = first + len(dest)
+    yield start, stretch
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 16
+
+
+def _read_exactly(f, views: list[memoryview], offset: int) -> bool:
+    """Fill `views` in turn from the file at `offset`; False when the file ends first."""
+    if not hasattr(os, "preadv"):
+        f.seek(offset)
+        return all(f.readinto(view) == len(view) for view in views)
+    i = 0
+    while i < len(views):
+        got = os.preadv(f.fileno(), views[i:i + _IOV_MAX], offset)
+        if got == 0:
+            return False
+        offset += got
+        while i < len(views) and got >= len(views[i]):  # a short read leaves a view part-filled
+            got -= len(views[i])
+            i += 1
+        if got:
+            views[i] = views[i][got:]
+    return True
 
 
 def open_store(path: str | os.PathLike) -> ActivationStore:

@@ -1,5 +1,6 @@
 """The store contract: normalization, schema checks, writer/reader round trip, commit visibility, loader."""
 
+import itertools
 import json
 
 import numpy as np
@@ -149,6 +150,76 @@ def test_loader_epoch_is_a_permutation_and_resumable(tmp_path, resident):
         assert torch.equal(next(restarted), seen[i])
     # the next epoch is a different order
     assert not torch.equal(seen[loader.batches_per_epoch], seen[0])
+
+
+def test_streamed_fp16_batches_are_views_that_stay_valid_when_kept(tmp_path, monkeypatch):
+    """On the CPU in fp16 a streamed batch is a slice of the loader's window buffer. A buffer is recycled
+    once the consumer has moved on (no new allocation per window in a plain loop), and never while a
+    kept batch still refers to it."""
+    n, d, batch = 2048, 4, 64
+    train = np.zeros((n, d), np.float32)
+    train[:, 0] = np.arange(n)  # fp16 holds integers up to 2048 exactly
+    write_array_store(tmp_path / "s.zarr", train, train[:8], hook="h", chunk_rows=128)
+    store = ActivationStore.open(tmp_path / "s.zarr")
+    allocations = []
+    original = ShuffledBatches._window_buffer
+    monkeypatch.setattr(ShuffledBatches, "_window_buffer", lambda self: allocations.append(1) or original(self))
+    loader = ShuffledBatches(store, "h", batch, device=torch.device("cpu"), dtype=torch.float16, seed=1,
+                             resident=False, window_chunks=2)
+    per_epoch = loader.batches_per_epoch  # 8 windows of 4 batches
+    it = loader.batches()
+    for _ in range(3 * per_epoch):
+        batch_rows = next(it)
+    it.close()
+    assert len(allocations) == ShuffledBatches.WINDOW_BUFFERS  # recycled: 24 windows served from 4 buffers
+    del batch_rows
+
+    kept = list(itertools.islice(loader.batches(), 3 * per_epoch))
+    assert kept[0]._base is not None  # a view, not a copy
+    copies = ShuffledBatches(store, "h", batch, device=torch.device("cpu"), dtype=torch.float32, seed=1,
+                             resident=False, window_chunks=2)
+    for got, want in zip(kept, itertools.islice(copies.batches(), 3 * per_epoch)):
+        assert torch.equal(got.float(), want)  # no kept batch was overwritten by a later window
+    for epoch in range(3):
+        ids = torch.cat(kept[epoch * per_epoch:(epoch + 1) * per_epoch])[:, 0].long()
+        assert sorted(ids.tolist()) == list(range(n))
+
+
+def test_read_into_scatters_rows_to_any_destinations(tmp_path, monkeypatch):
+    from store_schema import reader
+
+    rng = np.random.default_rng(2)
+    train = rng.standard_normal((3000, 8)).astype(np.float32)
+    write_array_store(tmp_path / "s.zarr", train, train[:10], hook="h", chunk_rows=1024)
+    store = open_store(tmp_path / "s.zarr")
+    expected = train.astype(np.float16)
+    # pieces out of order, adjacent and not, across chunks, into slots of one buffer in a shuffled order
+    firsts = [2048 + 900, 0, 10, 1024, 100, 1000, 2048]
+    lengths = [52, 10, 90, 512, 7, 24, 300]
+    for raw in (True, False):
+        if not raw:
+            monkeypatch.setattr(reader, "_raw_chunk_files", lambda arr: None)
+        out = np.zeros((sum(lengths), 8), np.float16)
+        pieces, slot = [], 0
+        for i in [3, 0, 6, 1, 5, 2, 4]:
+            pieces.append((firsts[i], out[slot:slot + lengths[i]]))
+            slot += lengths[i]
+        store.read_into("train", "h", pieces, threads=2)
+        for first, dest in pieces:
+            np.testing.assert_array_equal(dest, expected[first:first + len(dest)])
+    with pytest.raises(ValueError, match="within one chunk"):
+        store.read_into("train", "h", [(1000, np.zeros((48, 8), np.float16))])
+    with pytest.raises(ValueError, match="not committed"):
+        store.read_into("train", "h", [(2990, np.zeros((20, 8), np.float16))])
+
+
+def test_a_truncated_chunk_file_is_named(tmp_path):
+    train = np.ones((2048, 8), np.float32)
+    write_array_store(tmp_path / "s.zarr", train, train[:10], hook="h", chunk_rows=1024)
+    path = tmp_path / "s.zarr" / "train" / "acts" / "h" / "c" / "1" / "0"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(schema.StoreError, match="chunk 1 of train/h is truncated"):
+        open_store(tmp_path / "s.zarr").read_rows("train", "h")
 
 
 def test_split_assignment_and_budget():
