@@ -13,6 +13,7 @@ Keys (targets in docs/benchmarks.md):
   backward, clipping, Adam, dead-latent bookkeeping), same sizes, same in-memory batches.
 - collect_vs_forward: collect (to disk, normalized, shuffled) over the bare forward pass to the same
   stop layer, same contexts, same batch; the model loaded once for both.
+- collect_vs_saelens: collect over SAELens's CacheActivationsRunner, same model, hook, contexts, batch.
 - stream_peak_rss_gb: peak RSS of a training process streaming from a store 4x its loader's buffer.
 """
 
@@ -43,6 +44,7 @@ TARGETS = {
     "train_vs_saelens": (">=", 1.5),  # CPU; 3 on a GPU
     "mp_vs_saelens": (">=", 5.0),
     "collect_vs_forward": (">=", 0.9),
+    "collect_vs_saelens": (">=", 1.5),
     "stream_peak_rss_gb": ("<=", None),  # the loader's buffer + 1 GB, known only once measured
 }
 HOOK = "bench"
@@ -289,46 +291,131 @@ def _mp_outputs_agree(cfg: BenchConfig, their_sae, x: torch.Tensor, device: torc
 
 
 # -- collect ----------------------------------------------------------------------------------------
-def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
-    from pipeline.host_models import load_host_model, run_to_hooks, validate_hooks
-    from stages.collect import run_collect
-    from store_schema.reader import open_store
+@dataclass
+class _CollectSetup:
+    model: object  # the host model, loaded once for every side
+    hooks: list[str]
+    config: CollectConfig
+
+    def collect_side(self) -> float:
+        """Our collect, rows stored per second (store creation and tokenization included)."""
+        from stages.collect import run_collect
+        from store_schema.reader import open_store
+
+        started = time.perf_counter()
+        run_collect(dataclasses.replace(self.config), model=self.model)
+        elapsed = time.perf_counter() - started
+        return open_store(self.config.out).n_rows("train") / elapsed
+
+    def tokens(self) -> np.ndarray:
+        """The collected contexts [n, context_size] (after a first collect_side)."""
+        from store_schema.reader import open_store
+
+        return open_store(self.config.out).tokens[:].astype(np.int64)
+
+
+def _collect_setup(cfg: BenchConfig, workdir: Path, device: torch.device) -> _CollectSetup:
+    from pipeline.host_models import load_host_model, validate_hooks
 
     model = load_host_model(cfg.model, str(device))
     hooks = validate_hooks(model, [cfg.collect_hook])
     rows_per_context = cfg.context_size - 1
     text = workdir / "collect-text.txt"  # a local file: the corpus is built once, outside the timings
     text.write_text("\n\n".join(_python_docs(cfg.collect_contexts * cfg.context_size * 8)))
-    collect_cfg = CollectConfig(model=cfg.model, dataset=str(text), hooks=(cfg.collect_hook,),
-                                tokens=cfg.collect_contexts * rows_per_context, context_size=cfg.context_size,
-                                eval_fraction=0.0, batch_size=cfg.collect_batch, device=str(device),
-                                out=str(workdir / "collect.zarr"), overwrite=True,
-                                # four blocks, so the writer thread overlaps forward passes as in a long collect
-                                shuffle_buffer_rows=max(1, cfg.collect_contexts // 4) * rows_per_context,
-                                warmup_rows=min(65_536, cfg.collect_contexts * rows_per_context // 4),
-                                progress=False)
+    config = CollectConfig(model=cfg.model, dataset=str(text), hooks=(cfg.collect_hook,),
+                           tokens=cfg.collect_contexts * rows_per_context, context_size=cfg.context_size,
+                           eval_fraction=0.0, batch_size=cfg.collect_batch, device=str(device),
+                           out=str(workdir / "collect.zarr"), overwrite=True,
+                           # four blocks, so the writer thread overlaps forward passes as in a long collect
+                           shuffle_buffer_rows=max(1, cfg.collect_contexts // 4) * rows_per_context,
+                           warmup_rows=min(65_536, cfg.collect_contexts * rows_per_context // 4),
+                           progress=False)
+    return _CollectSetup(model, hooks, config)
 
-    def collect_side() -> float:
-        started = time.perf_counter()
-        run_collect(dataclasses.replace(collect_cfg), model=model)
-        elapsed = time.perf_counter() - started
-        return open_store(collect_cfg.out).n_rows("train") / elapsed
 
-    collect_side()  # warm-up, and the contexts for the forward side
-    tokens = torch.from_numpy(open_store(collect_cfg.out).tokens[:].astype(np.int64))
+def _collect_sizes(cfg: BenchConfig) -> dict:
+    return {"model": cfg.model, "hook": cfg.collect_hook, "contexts": cfg.collect_contexts,
+            "context_size": cfg.context_size, "batch_size": cfg.collect_batch}
+
+
+def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
+    from pipeline.host_models import run_to_hooks
+
+    setup = _collect_setup(cfg, workdir, device)
+    setup.collect_side()  # warm-up, and the contexts for the forward side
+    tokens = torch.from_numpy(setup.tokens())
 
     def forward_side() -> float:
         started = time.perf_counter()
         for i in range(0, len(tokens), cfg.collect_batch):
-            acts = run_to_hooks(model, tokens[i:i + cfg.collect_batch], hooks)
-            acts[hooks[0]].float().cpu()
+            acts = run_to_hooks(setup.model, tokens[i:i + cfg.collect_batch], setup.hooks)
+            acts[setup.hooks[0]].float().cpu()
         elapsed = time.perf_counter() - started
-        return len(tokens) * rows_per_context / elapsed
+        return len(tokens) * (cfg.context_size - 1) / elapsed
 
-    rates = alternate({"collect_tokens_per_s": collect_side, "forward_tokens_per_s": forward_side}, cfg.rounds)
+    rates = alternate({"collect_tokens_per_s": setup.collect_side, "forward_tokens_per_s": forward_side}, cfg.rounds)
     return {"collect_vs_forward": ratio(rates, "collect_tokens_per_s", "forward_tokens_per_s"),
-            "collect": {**rates, "model": cfg.model, "hook": cfg.collect_hook, "contexts": cfg.collect_contexts,
-                        "context_size": cfg.context_size, "batch_size": cfg.collect_batch}}
+            "collect": {**rates, **_collect_sizes(cfg)}}
+
+
+def bench_collect_saelens(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
+    """Our collect against SAELens's CacheActivationsRunner over the same contexts, hook and batch, both
+    storing fp16, shuffled, position 0 left out. TransformerLens 3.9 has no SmolLM2 among its
+    HookedTransformer models, so SAELens runs the same HF checkpoint through its HookedProxyLM
+    (model_class_name AutoModelForCausalLM), hooking the decoder layer whose output is the residual
+    stream after that block, and stopping there, as it does for HookedTransformer hooks. Each SAELens
+    round builds its runner (and so loads its model) outside the timing; it is given the contexts
+    already tokenized, while our side tokenizes and creates its store inside the timing."""
+    import re
+
+    from datasets import Dataset
+    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+
+    from pipeline.host_models import DEFAULT_MODEL_NAME, prepare_default_model
+
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", cfg.collect_hook)
+    if match is None:
+        raise SaepipeError(f"collect_vs_saelens maps only blocks.N.hook_resid_post onto SAELens's HF hooks, "
+                           f"not {cfg.collect_hook}: pass --hook blocks.15.hook_resid_post or leave this key out")
+    setup = _collect_setup(cfg, workdir, device)
+    setup.collect_side()  # warm-up, and the contexts for SAELens
+    tokens = setup.tokens()
+    rows = len(tokens) * (cfg.context_size - 1)
+    model_dir = str(prepare_default_model()) if cfg.model.lower() == DEFAULT_MODEL_NAME else cfg.model
+    out = workdir / "saelens-cache"
+    # Four buffers (shards) of whole model batches, as our collect writes four blocks; half a row more
+    # than needed, because SAELens turns the size in GB back into tokens by flooring.
+    row_bytes = int(setup.model.d_model) * 2
+    buffer_rows = max(1, cfg.collect_contexts // 4 // cfg.collect_batch) * cfg.collect_batch * (cfg.context_size - 1)
+    buffer_bytes = buffer_rows * row_bytes + row_bytes // 2
+
+    def saelens_side() -> float:
+        shutil.rmtree(out, ignore_errors=True)
+        runner_cfg = CacheActivationsRunnerConfig(
+            dataset_path="saepipe-bench", model_name=model_dir, model_class_name="AutoModelForCausalLM",
+            hook_name=_hf_block_name(setup.model, int(match.group(1))), d_in=int(setup.model.d_model), training_tokens=rows,
+            context_size=cfg.context_size, seqpos_slice=(1, None), prepend_bos=False,
+            model_batch_size=cfg.collect_batch, dtype="float16", device=str(device), shuffle=True,
+            new_cached_activations_path=str(out),
+            buffer_size_gb=buffer_bytes / 1e9)
+        runner = CacheActivationsRunner(runner_cfg, override_dataset=Dataset.from_dict({"input_ids": tokens.tolist()}))
+        started = time.perf_counter()
+        cached = runner.run()
+        elapsed = time.perf_counter() - started
+        return len(cached) * (cfg.context_size - 1) / elapsed
+
+    rates = alternate({"collect_tokens_per_s": setup.collect_side, "saelens_tokens_per_s": saelens_side}, cfg.rounds)
+    return {"collect_vs_saelens": ratio(rates, "collect_tokens_per_s", "saelens_tokens_per_s"),
+            "collect_saelens": {**rates, **_collect_sizes(cfg), "saelens_model_class": "AutoModelForCausalLM"}}
+
+
+def _hf_block_name(model, layer: int) -> str:
+    """The HF module name of block `layer` (whose output is that block's hook_resid_post): the entry of
+    the model's list of decoder blocks, e.g. model.layers.15 (Llama) or transformer.h.15 (GPT-2)."""
+    for name, module in model.bridge.original_model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == model.n_layers:
+            return f"{name}.{layer}"
+    raise SaepipeError(f"collect_vs_saelens: no list of {model.n_layers} decoder blocks in {model.name}")
 
 
 def _python_docs(characters: int) -> list[str]:
@@ -399,6 +486,7 @@ BENCHMARKS: dict[str, Callable[[BenchConfig, Path, torch.device], dict]] = {
     "train_vs_saelens": bench_train,
     "mp_vs_saelens": bench_mp,
     "collect_vs_forward": bench_collect,
+    "collect_vs_saelens": bench_collect_saelens,
     "stream_peak_rss_gb": bench_stream_rss,
 }
 KEYS = tuple(BENCHMARKS)

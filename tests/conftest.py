@@ -1,6 +1,7 @@
-"""Fixtures shared by the SAE recipe tests."""
+"""Fixtures shared by several test modules."""
 
 import pytest
+import torch
 
 from stages.synthetic import PlantedFeatures, write_array_store
 
@@ -13,3 +14,25 @@ def planted(tmp_path_factory):
     path = tmp_path_factory.mktemp("planted") / "store.zarr"
     write_array_store(path, features.sample(120_000, seed=1), features.sample(4096, seed=2), hook="synthetic")
     return features, path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A 3-layer random GPT-2 with a byte-level BPE tokenizer, saved like any local HF model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=3, n_head=4,
+                                        bos_token_id=256, eos_token_id=256)).eval()
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = 256
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, hf

@@ -27,7 +27,7 @@ def test_tiny_bench_writes_every_key(tmp_path):
     cfg = bench.BenchConfig(out=tmp_path / "bench", device="cpu", d_in=32, width=256, k=4, batch_size=256, rounds=1,
                             train_steps=2, read_rows=8192, model="tiny-random", collect_hook="blocks.1.hook_resid_post",
                             collect_contexts=16, collect_batch=4, context_size=16, stream_chunk_rows=256,
-                            progress=False)
+                            only=tuple(k for k in bench.KEYS if k != "collect_vs_saelens"), progress=False)
     result = bench.run_bench(cfg)
     assert json.loads((tmp_path / "bench" / "bench.json").read_text()) == result
     for key in ("read_vs_memmap", "train_vs_saelens", "train_roofline_fraction", "mp_vs_saelens",
@@ -39,3 +39,21 @@ def test_tiny_bench_writes_every_key(tmp_path):
     assert stream["store_bytes"] == 4 * stream["buffer_bytes"]
     assert 0 < stream["peak_rss_bytes"] < 8e9
     assert "| read_vs_memmap |" in bench.format_table(result)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_tiny_collect_vs_saelens(tmp_path, tiny_gpt2_dir):
+    """SAELens's cache runner runs the same local HF checkpoint, hooked at the matching decoder block,
+    and caches exactly the rows our collect stores (every context, position 0 left out)."""
+    pytest.importorskip("sae_lens")
+    from datasets import load_from_disk
+
+    path, _ = tiny_gpt2_dir
+    cfg = bench.BenchConfig(out=tmp_path / "bench", device="cpu", rounds=1, model=str(path),
+                            collect_hook="blocks.1.hook_resid_post", collect_contexts=16, collect_batch=4,
+                            context_size=16, only=("collect_vs_saelens",), progress=False)
+    result = bench.run_bench(cfg)
+    assert result["collect_vs_saelens"] > 0
+    cached = load_from_disk(str(tmp_path / "bench" / "work" / "saelens-cache"))
+    assert cached.column_names == ["transformer.h.1", "token_ids"]
+    assert len(cached) == 16 and len(cached[0]["token_ids"]) == 15

@@ -316,28 +316,6 @@ def test_missing_wheel_and_no_conversion(monkeypatch, tmp_path):
         load_host_model("smollm2-135m", device="cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory):
-    """A 3-layer random GPT-2 with a byte-level BPE tokenizer, saved like any local HF model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=3, n_head=4,
-                                        bos_token_id=256, eos_token_id=256)).eval()
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = 256
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path, hf
-
-
 def test_local_hf_directory(tiny_gpt2_dir, tokens):
     path, hf = tiny_gpt2_dir
     model = load_host_model(str(path), device="cpu")
