@@ -9,8 +9,11 @@ predictions made from those positions.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +23,13 @@ from tqdm import tqdm
 from pipeline import run_dir
 from pipeline.device import resolve_device
 from pipeline.errors import SaepipeError
+from stages.ablation import ablation_sparsity
+from stages.eval_metrics import ReconstructionStats, SparsityStats
 from stages.saes import SparseAutoencoder
+from stages.saes.external import ExternalSAE
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore, open_store
 from store_schema.schema import stored_positions
-
-DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens counts as dense
 
 
 def run_normalization(cfg: dict) -> Normalization:
@@ -52,54 +56,48 @@ def _same(a: Normalization, b: Normalization) -> bool:
         (a.mean is None and b.mean is None) or (a.mean is not None and b.mean is not None and np.array_equal(a.mean, b.mean)))
 
 
+def _normalize_like_store(store_norm: Normalization, raw: torch.Tensor, row_stats: torch.Tensor | None) -> torch.Tensor:
+    """Raw rows into the store's normalized space, with the stored rows' own (mean, scale) in token mode."""
+    if store_norm.has_row_stats:
+        return (raw - row_stats[:, 0:1]) / row_stats[:, 1:2]
+    return store_norm.apply(raw)[0]
+
+
 def store_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str, sae_norm: Normalization,
-                  device: torch.device, max_rows: int | None = None, progress: bool = True) -> dict:
-    """Reconstruction and sparsity on the held-out rows, in the SAE's normalized space."""
+                  device: torch.device, max_rows: int | None = None, progress: bool = True) -> tuple[dict, np.ndarray]:
+    """Reconstruction (in the SAE's normalized space, and on the raw activation scale) and sparsity on
+    the held-out rows; and each latent's firing fraction."""
     n = store.n_rows("eval") if max_rows is None else min(max_rows, store.n_rows("eval"))
     if n == 0:
         raise SaepipeError(f"store {store.location} has no held-out rows: collect with --eval-fraction > 0")
     store_norm = store.normalization(hook)
-    convert = not _same(store_norm, sae_norm)
-    if convert and store_norm.has_row_stats:
-        raise SaepipeError("the store's token normalization differs from the SAE's: evaluate on the SAE's own store")
-    d = store.d_model
-    sum_x = torch.zeros(d, dtype=torch.float64, device=device)
-    sum_sq = torch.zeros((), dtype=torch.float64, device=device)
-    sq_err = torch.zeros((), dtype=torch.float64, device=device)
-    cos_sum = torch.zeros((), dtype=torch.float64, device=device)
-    l0_sum = torch.zeros((), dtype=torch.float64, device=device)
-    l0_hist = torch.zeros(sae.d_sae + 1, dtype=torch.long, device=device)
-    fires = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+    convert = not _same(store_norm, sae_norm)  # e.g. an external SAE, which reads raw activations
+    normalized = ReconstructionStats(store.d_model, device)
+    raw = ReconstructionStats(store.d_model, device)
+    sparsity = SparsityStats(sae.d_sae, device)
     step = store.chunk_rows
     with torch.inference_mode():
         for start in tqdm(range(0, n, step), desc="eval rows", disable=not progress, leave=False):
-            x = torch.from_numpy(store.read_rows("eval", hook, start, min(start + step, n))).to(device).float()
-            if convert:
-                x = sae_norm.apply(store_norm.invert(x))[0]
-            code = sae.encode(x)
+            stop = min(start + step, n)
+            x = torch.from_numpy(store.read_rows("eval", hook, start, stop)).to(device).float()
+            row_stats = store.read_row_stats("eval", hook, start, stop)
+            row_stats = None if row_stats is None else torch.from_numpy(row_stats).to(device)
+            x_raw = store_norm.invert(x, row_stats)
+            sae_in, sae_row_stats = sae_norm.apply(x_raw) if convert else (x, row_stats)
+            code = sae.encode(sae_in)
             rec = sae.decode(code)
-            sum_x += x.sum(dim=0).double()
-            sum_sq += x.double().pow(2).sum()
-            sq_err += (rec - x).double().pow(2).sum()
-            cos_sum += torch.nn.functional.cosine_similarity(rec, x, dim=-1).double().sum()
-            l0 = code.l0()
-            l0_sum += l0.sum()
-            l0_hist += torch.bincount(l0, minlength=sae.d_sae + 1)
-            fires += code.fire_counts(sae.d_sae)
-    total_var = sum_sq - sum_x.pow(2).sum() / n  # Σ‖x − mean‖²
-    nmse = float(sq_err / total_var)
-    density = fires.double() / n
-    return {"eval_rows": n, "mse": float(sq_err) / (n * d), "nmse": nmse, "fve": 1 - nmse,
-            "cosine": float(cos_sum) / n, "l0": float(l0_sum) / n,
-            "dead_fraction": float((fires == 0).double().mean()),
-            "dense_fraction": float((density > DENSE_THRESHOLD).double().mean())}
+            rec_raw = sae_norm.invert(rec, sae_row_stats)
+            # the normalized-scale metrics are always in the store's space: one yardstick for every SAE
+            normalized.add(x, _normalize_like_store(store_norm, rec_raw, row_stats) if convert else rec)
+            raw.add(x_raw, rec_raw)
+            sparsity.add(code)
+    return ({"eval_rows": n, **normalized.result(), **raw.result("raw_"), **sparsity.result()},
+            sparsity.density())
 
 
-def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str, sae_norm: Normalization,
-                       model_name: str | None, device: torch.device, max_tokens: int | None,
-                       batch_size: int = 8, progress: bool = True) -> dict:
-    """CE loss and KL with the SAE spliced in, on held-out contexts replayed from the store's tokens."""
-    from pipeline.host_models import load_host_model, logits_with_hook_replaced, run_to_hooks
+def load_eval_model(store: ActivationStore, model_name: str | None, device: torch.device):
+    """The host model for the downstream metrics: the store's own unless named, checked against it."""
+    from pipeline.host_models import load_host_model
 
     header = store.header
     name = model_name or header["model"]["name"]
@@ -110,12 +108,33 @@ def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str
     if model.revision != header["model"]["revision"]:
         print(f"warning: model {name} weights (revision {model.revision}) differ from the store's "
               f"({header['model']['revision']})", file=sys.stderr)
-    first = len(header["dropped_positions"])
+    return model
+
+
+def held_out_contexts(store: ActivationStore, max_tokens: int | None) -> np.ndarray:
+    first = len(store.header["dropped_positions"])
     contexts = store.contexts("eval")
     if max_tokens is not None:
         contexts = contexts[:max(1, math.ceil(max_tokens / (store.context_size - first)))]
     if len(contexts) == 0:
         raise SaepipeError(f"store {store.location} has no held-out contexts: collect with --eval-fraction > 0")
+    return contexts
+
+
+def stored_mask(store: ActivationStore, token_ids: np.ndarray) -> np.ndarray:
+    """[n, ctx] True where the store keeps a row (before the outlier check, which needs activations)."""
+    header = store.header
+    return stored_positions(token_ids, len(header["dropped_positions"]), header.get("excluded_tokens", []))
+
+
+def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str, sae_norm: Normalization,
+                       model, device: torch.device, max_tokens: int | None, splice_from: int = 0,
+                       batch_size: int = 8, progress: bool = True) -> dict:
+    """CE loss and KL with the SAE spliced in, on held-out contexts replayed from the store's tokens, at
+    every position the store would keep from `splice_from` on."""
+    from pipeline.host_models import logits_with_hook_replaced, run_to_hooks
+
+    contexts = held_out_contexts(store, max_tokens)
     sae_dtype = next(sae.parameters()).dtype
     spliced: torch.Tensor | None = None  # [batch, ctx] positions of the current batch the SAE replaces
 
@@ -132,7 +151,7 @@ def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str
         out[spliced] = 0
         return out
 
-    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0}
+    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
     count = 0
     with torch.inference_mode():
         for start in tqdm(range(0, len(contexts), batch_size), desc="eval ce/kl", disable=not progress, leave=False):
@@ -140,7 +159,8 @@ def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str
             token_ids = store.tokens.oindex[ids.tolist(), :]
             tokens = torch.from_numpy(token_ids.astype(np.int64)).to(device)
             # splice exactly where the store would have kept a row: stored positions, minus outliers
-            stored = torch.from_numpy(stored_positions(token_ids, first, header.get("excluded_tokens", []))).to(device)
+            stored = torch.from_numpy(stored_mask(store, token_ids)).to(device)
+            stored[:, :splice_from] = False
             clean_act = run_to_hooks(model, tokens, [hook])[hook]
             spliced = stored & sae_norm.inliers(clean_act)
             # next-token predictions made from spliced positions (the last position predicts nothing)
@@ -153,50 +173,141 @@ def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str
             for key in ("clean", "sae", "zero"):
                 nll = -logp[key].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 totals[f"ce_{key}"] += float(nll.double().sum())
-            kl = (logp["clean"].exp() * (logp["clean"] - logp["sae"])).sum(dim=-1)
-            totals["kl"] += float(kl.double().sum())
+            for key, other in (("kl", "sae"), ("kl_zero", "zero")):  # KL(clean || spliced) per token
+                kl = (logp["clean"].exp() * (logp["clean"] - logp[other])).sum(dim=-1)
+                totals[key] += float(kl.double().sum())
             count += targets.numel()
     if count == 0:
         raise SaepipeError("no held-out position was left to splice (all excluded or outliers): evaluate more --tokens")
     m = {k: v / count for k, v in totals.items()}
     gap = m["ce_zero"] - m["ce_clean"]
     m["ce_recovered"] = (m["ce_zero"] - m["ce_sae"]) / gap if gap != 0 else float("nan")
+    m["kl_div_score"] = (m["kl_zero"] - m["kl"]) / m["kl_zero"] if m["kl_zero"] != 0 else float("nan")
     m["delta_loss"] = m["ce_sae"] - m["ce_clean"]
     m["downstream_tokens"] = count
     m["downstream_contexts"] = len(contexts)
-    m["model"] = name
+    m["splice_from"] = splice_from
+    m["model"] = model.name
     return m
 
 
+@dataclass
+class EvaluatedSAE:
+    """What eval, report and compare need of a run folder: the SAE, the normalization mapping raw
+    activations into the SAE's input space, the hook and the store it is evaluated on."""
+
+    path: Path
+    sae: SparseAutoencoder
+    normalization: Normalization
+    hook: str
+    store_path: str
+    model_name: str
+    label: str  # a short name for tables and plots
+
+
+EXTERNAL = "external.json"  # in an eval folder of an SAE trained elsewhere: where it is, and the store
+FEATURE_DENSITY = "feature_density.npy"
+
+
+def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_path: str | None = None) -> EvaluatedSAE:
+    """A trained run folder (cfg.json + sae.safetensors), or an eval folder of an external SAE."""
+    path = Path(run)
+    if (path / EXTERNAL).exists() and not (path / run_dir.CONFIG).exists():
+        saved = json.loads((path / EXTERNAL).read_text())
+        return open_external(saved["saelens_dir"], store_path or saved["store"], path, device)
+    sae, cfg = run_dir.load_sae(path, device)
+    store = store_path or cfg["store"]["path"]
+    return EvaluatedSAE(path, sae, run_normalization(cfg), cfg["hook"], store, cfg["store"]["model"]["name"],
+                        path.name)
+
+
+def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: torch.device | str) -> EvaluatedSAE:
+    """A SAELens-format SAE folder (cfg.json + sae_weights.safetensors), to be measured on our store. It
+    reads raw activations, so its normalization is the identity, keeping the store's outlier bound: it is
+    spliced and scored exactly where the store keeps rows."""
+    folder = Path(saelens_dir)
+    if not (folder / "cfg.json").exists() or not (folder / "sae_weights.safetensors").exists():
+        raise SaepipeError(f"{folder} is not a SAELens SAE folder (cfg.json and sae_weights.safetensors): "
+                           f"pass the folder SAELens's save_model / save_inference_model wrote")
+    try:
+        from sae_lens import SAE
+    except ImportError as e:
+        raise SaepipeError("evaluating a SAELens SAE needs sae-lens: pip install 'sae-lens>=6'") from e
+    store = open_store(store_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inner = SAE.load_from_disk(str(folder), device=str(device))
+    sae = ExternalSAE(inner)
+    hook = inner.cfg.metadata.hook_name
+    if hook not in store.hooks:
+        raise SaepipeError(f"the SAE at {folder} reads hook '{hook}' but store {store.location} holds "
+                           f"{', '.join(store.hooks)}: pass --store with a store of that hook")
+    if sae.d_in != store.d_model:
+        raise SaepipeError(f"the SAE at {folder} has d_in {sae.d_in} but store {store.location} has d_model "
+                           f"{store.d_model}: pass --store with activations of the SAE's model")
+    identity = Normalization("none", max_norm=store.normalization(hook).max_norm)
+    return EvaluatedSAE(out, sae, identity, hook, store.location, store.header["model"]["name"],
+                        f"{folder.name} (external)")
+
+
 def run_eval(run: str, store_path: str | None = None, model: str | None = None, tokens: int | None = None,
-             use_model: bool = True, device: str = "auto", progress: bool = True) -> dict:
+             use_model: bool = True, device: str = "auto", progress: bool = True, splice_from: int = 0,
+             ablation_contexts: int = 4, external: str | None = None) -> dict:
+    """Evaluate the run folder `run` (or, with `external`, a SAELens SAE folder, writing into `run`)
+    and write eval.json and the per-latent firing fractions there."""
     run_path = Path(run)
     dev = resolve_device(device)
-    sae, cfg = run_dir.load_sae(run_path, dev)
-    store = open_store(store_path or cfg["store"]["path"])
+    if external is not None:
+        if store_path is None:
+            raise SaepipeError("--external needs --store: the store to evaluate the SAE on")
+        if (run_path / run_dir.CONFIG).exists():
+            raise SaepipeError(f"{run_path} is a training run: give --external another folder to write into")
+        evaluated = open_external(external, store_path, run_path, dev)
+        run_path.mkdir(parents=True, exist_ok=True)
+        run_dir.write_json_atomic(run_path / EXTERNAL, {"saelens_dir": str(Path(external).resolve()),
+                                                        "store": evaluated.store_path})
+    else:
+        evaluated = open_evaluated(run_path, dev, store_path)
+    store = open_store(evaluated.store_path)
     store.require_complete()
-    check_compatible(sae, cfg, store)
-    sae_norm = run_normalization(cfg)
-    hook = cfg["hook"]
+    if (run_path / run_dir.CONFIG).exists():
+        check_compatible(evaluated.sae, run_dir.load_config(run_path), store)
+    if splice_from < 0 or splice_from >= store.context_size:
+        raise SaepipeError(f"--splice-from {splice_from} is outside the context (0 to {store.context_size - 1})")
+    sae, norm, hook = evaluated.sae, evaluated.normalization, evaluated.hook
     result = {"run": str(run_path), "store": store.location, "store_fingerprint": store.fingerprint,
-              "hook": hook, "sae": cfg["sae"]}
-    result |= store_metrics(sae, store, hook, sae_norm, dev, tokens, progress)
+              "hook": hook, "sae": sae.config()}
+    metrics, density = store_metrics(sae, store, hook, norm, dev, tokens, progress)
+    result |= metrics
     if use_model:
-        result |= downstream_metrics(sae, store, hook, sae_norm, model, dev, tokens, progress=progress)
+        host = load_eval_model(store, model, dev)
+        result |= downstream_metrics(sae, store, hook, norm, host, dev, tokens, splice_from, progress=progress)
+        if ablation_contexts > 0:
+            ids = held_out_contexts(store, None)[:ablation_contexts]
+            token_rows = store.tokens.oindex[ids.tolist(), :]
+            result |= ablation_sparsity(sae, norm, host, token_rows, stored_mask(store, token_rows), hook,
+                                        progress=progress)
+    np.save(run_path / FEATURE_DENSITY, density)
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
     return result
 
 
-TABLE_KEYS = ("mse", "nmse", "fve", "cosine", "l0", "dead_fraction", "dense_fraction",
-              "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl", "delta_loss")
+TABLE_KEYS = ("mse", "nmse", "fve", "fve_per_token", "fve_vs_zero", "cosine", "l2_ratio", "relative_reconstruction_bias",
+              "raw_mse", "raw_fve", "raw_cosine", "l0", "dead_fraction", "dense_fraction",
+              "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl", "kl_div_score", "delta_loss", "ablation_sparsity")
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'metric':<16}{'value':>14}", "-" * 30]
+    lines = [f"{'metric':<30}{'value':>14}", "-" * 44]
     for key in TABLE_KEYS:
         if key in result:
-            lines.append(f"{key:<16}{result[key]:>14.5g}")
-    lines.append(f"{'eval rows':<16}{result['eval_rows']:>14,}")
+            lines.append(f"{key:<30}{result[key]:>14.5g}")
+    if "l0_quantiles" in result:
+        q = result["l0_quantiles"]
+        lines.append(f"{'l0 p10 / p50 / p90':<30}{q['p10']:>6} /{q['p50']:>3} /{q['p90']:>3}")
+    lines.append(f"{'eval rows':<30}{result['eval_rows']:>14,}")
     if "downstream_tokens" in result:
-        lines.append(f"{'ce/kl tokens':<16}{result['downstream_tokens']:>14,}")
+        lines.append(f"{'ce/kl tokens':<30}{result['downstream_tokens']:>14,}")
+    if "ablation_count" in result:
+        lines.append(f"{'ablations':<30}{result['ablation_count']:>14,}")
     return "\n".join(lines)

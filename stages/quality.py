@@ -88,14 +88,16 @@ def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_m
         run_train(ours_cfg)
         ours_wall = time.perf_counter() - started
         ours = evaluate.run_eval(ours_cfg.out, tokens=eval_tokens, use_model=use_model, device=base.device,
+                                 ablation_contexts=0,
                                  progress=base.progress)
         rows.append({"arch": arch, "impl": "saepipe", **_pick(ours), "wall_s": ours_wall})
 
         theirs_sae, theirs_wall = _train_saelens(base, arch, k, store, device)
         adapter = ExternalSAE(_inference_model(theirs_sae, out / f"saelens-{arch}", device))
-        theirs = evaluate.store_metrics(adapter, store, base.hook, norm, device, eval_tokens, base.progress)
+        theirs, _ = evaluate.store_metrics(adapter, store, base.hook, norm, device, eval_tokens, base.progress)
         if use_model:
-            theirs |= evaluate.downstream_metrics(adapter, store, base.hook, norm, None, device, eval_tokens,
+            host = evaluate.load_eval_model(store, None, device)
+            theirs |= evaluate.downstream_metrics(adapter, store, base.hook, norm, host, device, eval_tokens,
                                                   progress=base.progress)
         rows.append({"arch": arch, "impl": f"sae-lens {_saelens_version()}", **_pick(theirs), "wall_s": theirs_wall})
     run_dir.write_json_atomic(out / "quality.json", {"store": base.store, "width": base.width, "k": k,

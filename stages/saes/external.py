@@ -17,6 +17,10 @@ class ExternalSAE(SparseAutoencoder):
         self.inner = inner
         self.d_in, self.d_sae = int(inner.cfg.d_in), int(inner.cfg.d_sae)
 
+    @property
+    def W_dec(self) -> torch.Tensor:  # noqa: N802 - the name every SAE library uses
+        return self.inner.W_dec
+
     def encode(self, x: torch.Tensor) -> DenseCode:
         acts = self.inner.encode(x)
         return DenseCode(acts.to_dense() if acts.is_sparse else acts)
