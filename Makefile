@@ -1,5 +1,6 @@
 # saepipe: collect -> train -> eval on the offline defaults.
-#   make all     set up .venv if needed, then collect a store, train a TopK SAE, evaluate it
+#   make all     set up .venv if needed, then collect a store, train a TopK SAE, evaluate it, report
+#   make report  the HTML report of the run (evaluating it first if it has no eval.json)
 #   make test    the test suite (what CI runs)
 #   make bench   speed benchmarks (docs/benchmarks.md)
 # Every variable below can be overridden: make all MODEL=gpt2 HOOK=blocks.6.hook_resid_post DEVICE=cuda
@@ -26,6 +27,7 @@ TRAIN_TOKENS  ?= 2000000
 BATCH         ?= 4096
 EVAL_TOKENS   ?= 4096
 SWEEP         ?= k=16,32,64
+REPORT        ?= $(RUN)/report
 
 slug   = $(subst /,-,$(subst :,-,$(1)))
 STORE ?= stores/$(call slug,$(MODEL))_$(call slug,$(DATASET))_$(TOKENS)x$(CONTEXT).zarr
@@ -33,9 +35,9 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval sweep test bench clean distclean
+.PHONY: all setup collect train eval report sweep test bench clean distclean
 
-all: eval
+all: report
 
 $(SETUP_DONE): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +67,13 @@ train: collect
 
 eval: $(RUN)/sae.safetensors
 	$(SAEPIPE) eval $(RUN) --tokens $(EVAL_TOKENS) --device $(DEVICE)
+
+$(RUN)/eval.json: $(RUN)/sae.safetensors
+	$(MAKE) --no-print-directory eval
+
+# One self-contained HTML page (and PNGs) in $(REPORT): curves, density, frontiers, latent browser.
+report: $(RUN)/eval.json
+	$(SAEPIPE) report $(RUN) --out $(REPORT) --device $(DEVICE)
 
 # Every combination of SWEEP (space-separated NAME=V1,V2 axes) from one pass over the store.
 sweep: collect
