@@ -38,14 +38,18 @@ def run_normalization(cfg: dict) -> Normalization:
     return Normalization(saved["mode"], mean, float(saved["scale"]), saved.get("max_norm"))
 
 
-def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) -> None:
-    hook = cfg["hook"]
+def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStore) -> None:
+    """`which` SAE (e.g. "the SAE") reads `hook` with width `d_in`: the store must hold them."""
     if hook not in store.hooks:
-        raise SaepipeError(f"the SAE was trained on hook '{hook}' but store {store.location} holds "
+        raise SaepipeError(f"{which} reads hook '{hook}' but store {store.location} holds "
                            f"{', '.join(store.hooks)}: pass --store with a store of that hook")
-    if sae.d_in != store.d_model:
-        raise SaepipeError(f"the SAE's d_in ({sae.d_in}) does not match the store's d_model ({store.d_model}): "
-                           f"pass --store with activations of the model the SAE was trained on")
+    if d_in != store.d_model:
+        raise SaepipeError(f"{which} has d_in {d_in} but store {store.location} has d_model {store.d_model}: "
+                           f"pass --store with activations of the SAE's model")
+
+
+def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) -> None:
+    check_hook_and_width("the SAE", cfg["hook"], sae.d_in, store)
     if store.header["model"]["name"] != cfg["store"]["model"]["name"]:
         raise SaepipeError(f"the SAE was trained on {cfg['store']['model']['name']} activations but the store holds "
                            f"{store.header['model']['name']}: pass --store with a store of that model")
@@ -239,12 +243,7 @@ def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: t
         inner = SAE.load_from_disk(str(folder), device=str(device))
     sae = ExternalSAE(inner)
     hook = inner.cfg.metadata.hook_name
-    if hook not in store.hooks:
-        raise SaepipeError(f"the SAE at {folder} reads hook '{hook}' but store {store.location} holds "
-                           f"{', '.join(store.hooks)}: pass --store with a store of that hook")
-    if sae.d_in != store.d_model:
-        raise SaepipeError(f"the SAE at {folder} has d_in {sae.d_in} but store {store.location} has d_model "
-                           f"{store.d_model}: pass --store with activations of the SAE's model")
+    check_hook_and_width(f"the SAE at {folder}", hook, sae.d_in, store)
     identity = Normalization("none", max_norm=store.normalization(hook).max_norm)
     return EvaluatedSAE(out, sae, identity, hook, store.location, store.header["model"]["name"],
                         f"{folder.name} (external)")
