@@ -167,6 +167,16 @@ def eval_(run: str, store: str | None, model: str | None, tokens: int | None, no
     click.echo(f"written: {Path(run) / 'eval.json'}")
 
 
+def _register_report_commands() -> None:
+    from stages.report.commands import compare, report
+
+    main.add_command(report)
+    main.add_command(compare)
+
+
+_register_report_commands()
+
+
 @main.command()
 @click.argument("store")
 @click.option("--hook", default=None, help="default: the store's only hook")

@@ -184,8 +184,11 @@ def test_external_saelens_sae_scores_like_our_own(trained, tmp_path):
     for key in ("fve", "raw_fve", "cosine", "l0", "ce_sae", "ce_recovered", "kl"):
         assert theirs[key] == pytest.approx(ours[key], rel=2e-3, abs=1e-4), key
     assert theirs["sae"]["arch"] == "external"
-    # re-evaluating the folder needs no --external: it remembers the SAE and the store
+    # re-evaluating the folder needs no --external: it remembers the SAE and the store; and it reports
     assert run("eval", str(external), "--no-model", "--no-progress").exit_code == 0
+    result = run("report", str(out), str(external), "--out", str(tmp_path / "report"), "--no-model", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "ext" in (tmp_path / "report" / "index.html").read_text()
 
     bad = tmp_path / "bad"
     shutil.copytree(out / "saelens", bad)

@@ -1,0 +1,118 @@
+"""`saepipe report`: gather every run's data, draw the figures, write index.html and the PNG files."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.device import resolve_device
+from pipeline.errors import SaepipeError
+from stages.report import plots
+from stages.report.html import Image, Page, render
+from stages.report.latents import BrowseOptions, browse, check_latents
+from stages.report.runs import EvaluatedRun, load_runs
+
+INDEX = "index.html"
+LATENT_PLOTS = "latents"  # subfolder for the per-latent histograms
+
+
+@dataclass
+class ReportOptions:
+    runs: list[str]
+    out: Path
+    browse: BrowseOptions = field(default_factory=BrowseOptions)
+    use_model: bool = True
+    device: str = "auto"
+
+
+def check_named_latents(runs: list[EvaluatedRun], named: tuple[int, ...]) -> None:
+    """Out-of-range latents fail before any run is scanned (eval.json records each SAE's width)."""
+    for run in runs:
+        d_sae = run.sae_config.get("d_sae")
+        if d_sae is not None:
+            check_latents(named, int(d_sae), run.label)
+
+
+class ModelCache:
+    """Host models by name, each loaded once (several runs usually share one model)."""
+
+    def __init__(self, device):
+        self.device, self.models = device, {}
+
+    def __call__(self, name: str):
+        from pipeline.host_models import load_host_model
+
+        if name not in self.models:
+            self.models[name] = load_host_model(name, str(self.device))
+        return self.models[name]
+
+
+def build_report(opts: ReportOptions) -> Path:
+    from stages.evaluate import open_evaluated
+    from store_schema.reader import open_store
+
+    runs = load_runs(opts.runs)
+    check_named_latents(runs, opts.browse.named)
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise SaepipeError(f"--out {out} is a file: pass a folder for index.html and the PNG files")
+    (out / LATENT_PLOTS).mkdir(parents=True, exist_ok=True)
+    device = resolve_device(opts.device)
+    model_for = ModelCache(device) if opts.use_model else None
+
+    images: list[Image] = []
+
+    def keep(filename: str, png: bytes | None, alt: str) -> Image | None:
+        if png is None:
+            return None
+        images.append(Image(filename, png, alt))
+        return images[-1]
+
+    browsers, densities = [], []
+    for i, run in enumerate(runs):
+        evaluated = open_evaluated(run.path, device)
+        evaluated.label = run.label
+        store_path = evaluated.store_path
+        if not Path(store_path).exists() and "://" not in store_path and run.eval.get("store"):
+            store_path = run.eval["store"]  # cfg.json may hold a path relative to where training ran
+        browser, density = browse(evaluated, open_store(store_path), run.density, opts.browse, model_for, device)
+        histograms = {}
+        for latent in browser.latents:
+            png = plots.activation_histogram(latent.values, f"latent {latent.latent}", plots.run_color(i))
+            histograms[latent.latent] = keep(f"{LATENT_PLOTS}/{run.slug}_latent_{latent.latent}.png", png,
+                                             f"{run.label} latent {latent.latent} activations")
+        browsers.append((run, browser, histograms))
+        note = "" if run.density is not None or run.eval.get("log10_density_histogram") else " (scanned rows)"
+        png = plots.density_histogram(run, density, plots.run_color(i), note)
+        densities.append(keep(f"density_{run.slug}.png", png, f"{run.label} feature density"))
+
+    notes: dict[str, list[str]] = {}
+    training = keep("training_curves.png", plots.training_curves(runs), "training curves")
+    if training is None:
+        notes["training"] = ["no run has a training log (train_log.jsonl)"]
+    frontiers = [keep("frontier_l0_fve.png", plots.frontier(runs, "fve", "fve"), "L0 vs fve"),
+                 keep("frontier_l0_ce_recovered.png", plots.frontier(runs, "ce_recovered", "CE loss recovered"),
+                      "L0 vs CE loss recovered")]
+    if frontiers[1] is None:
+        notes["frontier"] = ["no run has ce_recovered: evaluate with the model (`saepipe eval RUN` without --no-model)"]
+    if len(runs) == 1:
+        notes.setdefault("frontier", []).append("one run: pass several run folders to compare them")
+
+    page = Page(runs, time.strftime("%Y-%m-%d %H:%M"), training, [d for d in densities if d],
+                [f for f in frontiers if f], browsers, notes)
+    for image in images:
+        _write_atomic(out / image.filename, image.png)
+    _write_atomic(out / INDEX, render(page).encode("utf-8"))
+    return out / INDEX
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def report_summary(index: Path, started: float) -> str:
+    return f"report written: {index} ({time.perf_counter() - started:.1f} s); open it in a browser"
