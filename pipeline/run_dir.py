@@ -17,6 +17,8 @@ CONFIG = "cfg.json"
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINT = "checkpoint.pt"
 EVAL = "eval.json"
+FEATURE_DENSITY = "feature_density.npy"  # eval: each latent's firing fraction over the eval rows
+EXTERNAL = "external.json"  # an eval folder of an SAE trained elsewhere: where it is, and the store
 SAELENS = "saelens"
 
 

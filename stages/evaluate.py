@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -209,15 +210,13 @@ class EvaluatedSAE:
     label: str  # a short name for tables and plots
 
 
-EXTERNAL = "external.json"  # in an eval folder of an SAE trained elsewhere: where it is, and the store
-FEATURE_DENSITY = "feature_density.npy"
 
 
 def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_path: str | None = None) -> EvaluatedSAE:
     """A trained run folder (cfg.json + sae.safetensors), or an eval folder of an external SAE."""
     path = Path(run)
-    if (path / EXTERNAL).exists() and not (path / run_dir.CONFIG).exists():
-        saved = json.loads((path / EXTERNAL).read_text())
+    if (path / run_dir.EXTERNAL).exists() and not (path / run_dir.CONFIG).exists():
+        saved = json.loads((path / run_dir.EXTERNAL).read_text())
         return open_external(saved["saelens_dir"], store_path or saved["store"], path, device)
     sae, cfg = run_dir.load_sae(path, device)
     store = store_path or cfg["store"]["path"]
@@ -263,7 +262,7 @@ def run_eval(run: str, store_path: str | None = None, model: str | None = None, 
             raise SaepipeError(f"{run_path} is a training run: give --external another folder to write into")
         evaluated = open_external(external, store_path, run_path, dev)
         run_path.mkdir(parents=True, exist_ok=True)
-        run_dir.write_json_atomic(run_path / EXTERNAL, {"saelens_dir": str(Path(external).resolve()),
+        run_dir.write_json_atomic(run_path / run_dir.EXTERNAL, {"saelens_dir": str(Path(external).resolve()),
                                                         "store": evaluated.store_path})
     else:
         evaluated = open_evaluated(run_path, dev, store_path)
@@ -286,7 +285,10 @@ def run_eval(run: str, store_path: str | None = None, model: str | None = None, 
             token_rows = store.tokens.oindex[ids.tolist(), :]
             result |= ablation_sparsity(sae, norm, host, token_rows, stored_mask(store, token_rows), hook,
                                         progress=progress)
-    np.save(run_path / FEATURE_DENSITY, density)
+    tmp = run_path / (run_dir.FEATURE_DENSITY + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, density)
+    os.replace(tmp, run_path / run_dir.FEATURE_DENSITY)
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
     return result
 

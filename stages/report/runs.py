@@ -16,8 +16,6 @@ import numpy as np
 from pipeline import run_dir
 from pipeline.errors import SaepipeError
 
-FEATURE_DENSITY = "feature_density.npy"  # written by `saepipe eval` beside eval.json
-
 
 @dataclass
 class EvaluatedRun:
@@ -45,7 +43,7 @@ def require_eval(path: Path) -> Path:
 
 
 def read_density(path: Path, d_sae: int | None) -> np.ndarray | None:
-    file = path / FEATURE_DENSITY
+    file = path / run_dir.FEATURE_DENSITY
     if not file.is_file():
         return None
     density = np.load(file)
