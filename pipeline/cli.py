@@ -261,6 +261,39 @@ def summary_text(summary: dict, indent: str = "") -> str:
     return "\n".join(lines)
 
 
+@main.group(cls=_Group)
+def store() -> None:
+    """Look after a store: describe it, verify its checksums."""
+
+
+@store.command(name="info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the raw metadata as JSON")
+@click.pass_context
+def store_info(ctx: click.Context, path: str, as_json: bool) -> None:
+    """Describe a store (the same as `saepipe info`)."""
+    ctx.invoke(info, path=path, as_json=as_json)
+
+
+@store.command(name="verify")
+@click.argument("path", type=click.Path())
+@click.option("--no-progress", is_flag=True)
+def store_verify(path: str, no_progress: bool) -> None:
+    """Check every chunk against the CRC32C written with it; name every damaged or missing chunk."""
+    from store_schema.reader import open_store
+    from store_schema.verify import verify_store
+
+    result = verify_store(open_store(path), progress=not no_progress)
+    for name in result.unverifiable:
+        click.echo(f"warning: {name} has no checksums (written before saepipe recorded them): not verified", err=True)
+    for line in result.damaged:
+        click.echo(line)
+    if result.damaged:
+        raise SaepipeError(f"{len(result.damaged)} damaged chunk(s) in {path} (listed above): the store cannot be "
+                           f"trusted; collect it again, or copy it again from a good replica")
+    click.echo(f"ok: {result.checked:,} chunks match their checksums")
+
+
 @main.command(name="prepare-model")
 @click.argument("name", default=DEFAULT_MODEL)
 def prepare_model(name: str) -> None:

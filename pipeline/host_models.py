@@ -38,6 +38,7 @@ import torch
 
 from pipeline.device import resolve_device as _resolve_device
 from pipeline.errors import SaepipeError
+from store_schema.lock import pid_alive
 
 DEFAULT_MODEL_NAME = "smollm2-135m"
 TINY_RANDOM_NAME = "tiny-random"
@@ -432,21 +433,11 @@ def _read_marker(target: Path) -> dict | None:
     return marker
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_dead_temp_dirs(parent: Path, prefix: str) -> None:
     """Temp folders of conversions that were killed: their name carries the pid that made them."""
     for stale in parent.glob(f"{prefix}*"):
         match = re.match(re.escape(prefix) + r"(\d+)-", stale.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             shutil.rmtree(stale, ignore_errors=True)
 
 

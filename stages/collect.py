@@ -22,6 +22,7 @@ from pipeline import __version__
 from pipeline.config import CollectConfig
 from pipeline.errors import SaepipeError
 from store_schema import schema
+from store_schema.lock import StoreLock
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore
 from store_schema.writer import StoreWriter
@@ -76,8 +77,13 @@ def plan_action(cfg: CollectConfig) -> str:
 
 def run_collect(cfg: CollectConfig, model=None) -> Path:
     """Collect the store `cfg` describes. `model`: an already loaded HostModel of cfg.model (benchmarks
-    time the collect without the load)."""
+    time the collect without the load). One collect at a time writes a store (store_schema.lock)."""
     cfg.validate()
+    with StoreLock(cfg.out):
+        return _collect_locked(cfg, model)
+
+
+def _collect_locked(cfg: CollectConfig, model) -> Path:
     out = Path(cfg.out)
     action = plan_action(cfg)
     if action == "done":

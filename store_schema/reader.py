@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -23,6 +24,9 @@ class ActivationStore:
         self.group = group
         self.location = location
         self.header = dict(group.attrs[schema.ATTRS_KEY])
+        # Whole committed chunks whose CRC32C this process has checked: a training run reads each chunk
+        # every epoch, and checking it again would halve the read speed (CRC32C runs at ~6 GB/s here).
+        self._verified: set[tuple[str, str, int]] = set()
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ActivationStore:
@@ -163,22 +167,33 @@ class ActivationStore:
                                  f"of {split}/{hook}, or their destination is not contiguous")
             by_chunk.setdefault(chunk, []).append((first, dest))
         raw = _raw_chunk_files(arr)
+        name = f"chunk {{}} of {split}/{hook} in {self.location}"
 
         def read(chunk: int) -> None:
             todo = sorted(by_chunk[chunk], key=lambda piece: piece[0])
-            path = None if raw is None else raw(chunk)
-            if path is None or not path.exists():  # Zarr leaves a chunk of only the fill value unwritten
+            path = None if raw is None else raw.path(chunk)
+            if is_checksummed(arr) and not (path.exists() if path is not None else chunk_exists(arr, (chunk, 0))):
+                raise schema.StoreError(f"{name.format(chunk)} is missing; the store is damaged: "
+                                        f"run `saepipe store verify` and collect it again")
+            if path is None or not path.exists():  # through Zarr (or an older store's unwritten fill-value chunk)
                 a, b = todo[0][0], max(first + len(dest) for first, dest in todo)
-                rows = arr[a:b]
+                rows = _checked(lambda: arr[a:b], name.format(chunk))
                 for first, dest in todo:
                     dest[:] = rows[first - a:first - a + len(dest)]
                 return
             row_bytes, base = self.d_model * 2, chunk * self.chunk_rows
             with open(path, "rb") as f:
+                if raw.checksummed and (split, hook, chunk) not in self._verified:
+                    # the whole chunk is read, gaps into scratch, so that its CRC32C can be checked
+                    if not _read_verified(f, todo, base, arr.chunks[0], row_bytes):
+                        raise schema.StoreError(f"{name.format(chunk)} fails its checksum (or is truncated); the store "
+                                                f"is damaged: run `saepipe store verify` and collect it again")
+                    if (chunk + 1) * arr.chunks[0] <= n_rows:  # a chunk still being filled changes: check it again
+                        self._verified.add((split, hook, chunk))
+                    return
                 for start, stretch in _adjacent_stretches(todo):
                     if not _read_exactly(f, [memoryview(dest).cast("B") for dest in stretch], (start - base) * row_bytes):
-                        raise schema.StoreError(f"{self.location}: chunk {chunk} of {split}/{hook} is truncated; "
-                                                f"the store is damaged: collect it again")
+                        raise schema.StoreError(f"{name.format(chunk)} is truncated; the store is damaged: collect it again")
 
         if len(by_chunk) == 1 or threads <= 1:
             for chunk in by_chunk:
@@ -200,20 +215,80 @@ class ActivationStore:
         return self.group[schema.row_stats_path(split, hook)][start:stop]
 
 
-def _raw_chunk_files(arr: zarr.Array):
-    """chunk index -> path of its file, for a local array whose chunks are plain little-endian bytes with
-    no compression, filters or sharding: such a chunk file is exactly the rows' bytes, so reading it
-    into the destination skips Zarr's decode pipeline and its copies. None for any other array."""
+@dataclass(frozen=True)
+class _RawChunks:
+    """Where an array's chunk files are, and whether each ends with a CRC32C of its bytes."""
+
+    root: Path
+    array: zarr.Array
+    checksummed: bool
+
+    def path(self, chunk: int) -> Path:
+        return self.root / self.array.metadata.encode_chunk_key((chunk, 0))
+
+
+def _raw_chunk_files(arr: zarr.Array) -> _RawChunks | None:
+    """The chunk files of a local array whose chunks are plain little-endian bytes with no compression,
+    filters or sharding (optionally followed by Zarr's crc32c checksum): such a chunk file is exactly
+    the rows' bytes, so reading it into the destination skips Zarr's decode pipeline and its copies.
+    None for any other array."""
     from zarr.codecs import BytesCodec
     from zarr.storage import LocalStore
 
     serializer = arr.serializer
-    if (not isinstance(arr.store, LocalStore) or arr.compressors or arr.filters or not isinstance(serializer, BytesCodec)
-            or serializer.endian is None or serializer.endian.value != sys.byteorder or len(arr.shape) != 2
-            or arr.chunks[1] != arr.shape[1]):
+    checksummed = len(arr.compressors) == 1 and is_checksummed(arr)
+    if (not isinstance(arr.store, LocalStore) or (arr.compressors and not checksummed) or arr.filters
+            or not isinstance(serializer, BytesCodec) or serializer.endian is None
+            or serializer.endian.value != sys.byteorder or len(arr.shape) != 2 or arr.chunks[1] != arr.shape[1]):
         return None
-    root = Path(arr.store.root) / arr.path
-    return lambda chunk: root / arr.metadata.encode_chunk_key((chunk, 0))
+    return _RawChunks(Path(arr.store.root) / arr.path, arr, checksummed)
+
+
+def is_checksummed(arr: zarr.Array) -> bool:
+    from zarr.codecs import Crc32cCodec
+
+    return any(isinstance(codec, Crc32cCodec) for codec in arr.compressors)
+
+
+def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
+    """Whether the chunk at `coords` has been written, in any Zarr store (local or remote)."""
+    from zarr.core.sync import sync
+
+    key = arr.metadata.encode_chunk_key(coords)
+    return sync(arr.store.exists(f"{arr.path}/{key}" if arr.path else key))
+
+
+def _checked(read, what: str):
+    """`read()`, turning the checksum error of Zarr's crc32c codec into one that names the chunk."""
+    try:
+        return read()
+    except ValueError as e:
+        if "checksum" not in str(e):
+            raise
+        raise schema.StoreError(f"{what} fails its checksum; the store is damaged: run `saepipe store verify` "
+                                f"and collect it again") from None
+
+
+def _read_verified(f, pieces: list[tuple[int, np.ndarray]], base: int, chunk_rows: int, row_bytes: int) -> bool:
+    """Read a whole checksummed chunk file in one pass: the pieces' rows into their destinations, the rows
+    between them into scratch, and the trailing CRC32C; True when the CRC matches the bytes."""
+    import google_crc32c
+
+    views, position = [], base
+    for first, dest in pieces:
+        if first > position:
+            views.append(memoryview(bytearray((first - position) * row_bytes)))
+        views.append(memoryview(dest).cast("B"))
+        position = first + len(dest)
+    if position < base + chunk_rows:
+        views.append(memoryview(bytearray((base + chunk_rows - position) * row_bytes)))
+    trailer = memoryview(bytearray(4))
+    if not _read_exactly(f, [*views, trailer], 0):
+        return False
+    crc = 0
+    for view in views:
+        crc = google_crc32c.extend(crc, np.frombuffer(view, np.uint8))  # (it refuses a writable memoryview)
+    return crc == int.from_bytes(trailer, "little")
 
 
 def _adjacent_stretches(pieces: list[tuple[int, np.ndarray]]) -> Iterator[tuple[int, list[np.ndarray]]]:

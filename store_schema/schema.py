@@ -20,6 +20,19 @@ CONTEXT_SPLIT = "context_split"
 TOKENS_CHUNK_CONTEXTS = 1024
 
 
+# Integrity: every chunk of every array ends with the CRC32C of its bytes (Zarr's crc32c codec, so any
+# Zarr reader verifies it), and every chunk of the row arrays is written even when it holds only the
+# fill value, so a missing chunk file below the committed rows is damage, never "all zeros".
+EVERY_CHUNK_WRITTEN_CONFIG = {"array.write_empty_chunks": True}
+
+
+def checksummed(*codecs) -> tuple:
+    """The bytes-to-bytes codecs of an array: `codecs` (e.g. compression), then the chunk's CRC32C."""
+    from zarr.codecs import Crc32cCodec
+
+    return (*codecs, Crc32cCodec())
+
+
 class StoreError(Exception):
     """A store cannot be opened or used as asked; the message says why and what to do."""
 

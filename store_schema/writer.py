@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
 from store_schema import schema
 from store_schema.normalization import Normalization
@@ -37,25 +38,24 @@ class StoreWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(store=str(tmp), mode="w")
         d_model = header["d_model"]
-        group.create_array(schema.TOKENS, data=tokens.astype(np.int32),
+        group.create_array(schema.TOKENS, data=tokens.astype(np.int32), compressors=schema.checksummed(ZstdCodec()),
                            chunks=(min(schema.TOKENS_CHUNK_CONTEXTS, max(len(tokens), 1)), tokens.shape[1]))
         group.create_array(schema.CONTEXT_SPLIT, data=context_split.astype(np.int8),
-                           chunks=(max(len(context_split), 1),))
+                           compressors=schema.checksummed(ZstdCodec()), chunks=(max(len(context_split), 1),))
         row_stats = header["normalization_mode"] == "token"
         for split in schema.SPLITS:
             n = planned_rows[split]
             chunk = (max(min(chunk_rows, n), 1),)
-            group.create_array(schema.row_context_path(split), shape=(n,), dtype="int32", chunks=chunk,
-                               fill_value=-1)
-            group.create_array(schema.row_position_path(split), shape=(n,), dtype="int16", chunks=chunk,
-                               fill_value=-1)
+            for name, dtype in ((schema.row_context_path(split), "int32"), (schema.row_position_path(split), "int16")):
+                group.create_array(name, shape=(n,), dtype=dtype, chunks=chunk, fill_value=-1,
+                                   compressors=schema.checksummed(ZstdCodec()))
             for hook in header["hooks"]:
-                # fp16 activations barely compress; raw chunks read fastest.
+                # fp16 activations barely compress; raw chunks (plus their checksum) read fastest.
                 group.create_array(schema.acts_path(split, hook), shape=(n, d_model), dtype="float16",
-                                   chunks=chunk + (d_model,), compressors=None, fill_value=0)
+                                   chunks=chunk + (d_model,), compressors=schema.checksummed(), fill_value=0)
                 if row_stats:
                     group.create_array(schema.row_stats_path(split, hook), shape=(n, 2), dtype="float32",
-                                       chunks=chunk + (2,), compressors=None, fill_value=0)
+                                       chunks=chunk + (2,), compressors=schema.checksummed(), fill_value=0)
         header = dict(header)
         header["layout"] = {"chunk_rows": chunk_rows, "planned_rows": dict(planned_rows)}
         header["progress"] = {split: {"blocks_done": 0, "rows_committed": 0} for split in schema.SPLITS}
@@ -96,19 +96,20 @@ class StoreWriter:
         for hook, norm in norms.items():
             if norm.mean is not None:
                 self.group.create_array(schema.norm_mean_path(hook), data=norm.mean.astype(np.float32),
-                                        overwrite=True)
+                                        compressors=schema.checksummed(ZstdCodec()), overwrite=True)
         self._update(normalization={hook: norm.to_attrs() for hook, norm in norms.items()})
 
     def write_rows(self, split: str, start: int, acts: dict[str, np.ndarray], row_context: np.ndarray,
                    row_position: np.ndarray, row_stats: dict[str, np.ndarray] | None = None) -> None:
         """Write one block's rows at [start, start + n); invisible until `commit`."""
         stop = start + len(row_context)
-        self.group[schema.row_context_path(split)][start:stop] = row_context.astype(np.int32)
-        self.group[schema.row_position_path(split)][start:stop] = row_position.astype(np.int16)
-        for hook, rows in acts.items():
-            self.group[schema.acts_path(split, hook)][start:stop] = rows
-            if row_stats is not None:
-                self.group[schema.row_stats_path(split, hook)][start:stop] = row_stats[hook]
+        with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # a runtime setting: not saved with the array
+            self.group[schema.row_context_path(split)][start:stop] = row_context.astype(np.int32)
+            self.group[schema.row_position_path(split)][start:stop] = row_position.astype(np.int16)
+            for hook, rows in acts.items():
+                self.group[schema.acts_path(split, hook)][start:stop] = rows
+                if row_stats is not None:
+                    self.group[schema.row_stats_path(split, hook)][start:stop] = row_stats[hook]
 
     def commit(self, split: str, blocks_done: int, rows_committed: int, stats: dict[str, schema.RunningStats],
                skipped_contexts: list[int]) -> None:

@@ -65,16 +65,17 @@ def test_round_trip_and_metadata(tmp_path):
 
 def test_raw_chunk_reads_equal_zarr_reads(tmp_path, monkeypatch):
     """The direct chunk-file path returns exactly what Zarr decodes: any row range, chunks in any order,
-    a chunk Zarr left unwritten (all fill value), and it is not taken for a compressed array."""
+    a chunk of only the fill value (written all the same, so a missing file means damage), and it is
+    not taken for a compressed array."""
     from store_schema import reader
 
     rng = np.random.default_rng(1)
     train = rng.standard_normal((5000, 16)).astype(np.float32)
-    train[2048:3072] = 0  # chunk 2 holds only the fill value: Zarr writes no file for it
+    train[2048:3072] = 0  # chunk 2 holds only the fill value
     write_array_store(tmp_path / "s.zarr", train, train[:300], hook="h", chunk_rows=1024)
     store = open_store(tmp_path / "s.zarr")
     assert reader._raw_chunk_files(store.acts("train", "h")) is not None
-    assert not (tmp_path / "s.zarr" / "train" / "acts" / "h" / "c" / "2").exists()
+    assert (tmp_path / "s.zarr" / "train" / "acts" / "h" / "c" / "2" / "0").exists()
     expected = train.astype(np.float16)
     for start, stop in [(0, 5000), (17, 1030), (1024, 2048), (2000, 4999), (4096, 5000)]:
         np.testing.assert_array_equal(store.read_rows("train", "h", start, stop), expected[start:stop])
@@ -86,6 +87,31 @@ def test_raw_chunk_reads_equal_zarr_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(reader, "_raw_chunk_files", lambda arr: None)
     np.testing.assert_array_equal(store.read_chunks("train", "h", [4, 0]),
                                   np.concatenate([expected[4096:], expected[:1024]]))
+
+
+@pytest.mark.parametrize("raw_path", [True, False])
+def test_a_flipped_byte_or_a_missing_chunk_is_caught_and_named(tmp_path, monkeypatch, raw_path):
+    """Every chunk carries a CRC32C (Zarr's crc32c codec): a flipped byte anywhere in a chunk, even in rows
+    not asked for, fails the read with the chunk named, through our direct reader and through Zarr."""
+    from store_schema import reader
+
+    rng = np.random.default_rng(3)
+    train = rng.standard_normal((3000, 8)).astype(np.float32)
+    write_array_store(tmp_path / "s.zarr", train, train[:10], hook="h", chunk_rows=1024)
+    if not raw_path:
+        monkeypatch.setattr(reader, "_raw_chunk_files", lambda arr: None)
+    chunk_file = tmp_path / "s.zarr" / "train" / "acts" / "h" / "c" / "1" / "0"
+    good = chunk_file.read_bytes()
+    damaged = bytearray(good)
+    damaged[5000] ^= 0x10
+    chunk_file.write_bytes(bytes(damaged))
+    store = open_store(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(store.read_rows("train", "h", 0, 1024), train[:1024].astype(np.float16))
+    with pytest.raises(schema.StoreError, match=r"chunk 1 of train/h in .* fails its checksum"):
+        store.read_rows("train", "h", 1100, 1200)  # the flipped byte is in row ~1028, not in these rows
+    chunk_file.unlink()  # Zarr alone would read a missing chunk as zeros
+    with pytest.raises(schema.StoreError, match="chunk 1 of train/h in .* is missing"):
+        store.read_rows("train", "h", 1100, 1200)
 
 
 def test_uncommitted_rows_are_invisible(tmp_path):
@@ -218,7 +244,7 @@ def test_a_truncated_chunk_file_is_named(tmp_path):
     write_array_store(tmp_path / "s.zarr", train, train[:10], hook="h", chunk_rows=1024)
     path = tmp_path / "s.zarr" / "train" / "acts" / "h" / "c" / "1" / "0"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(schema.StoreError, match="chunk 1 of train/h is truncated"):
+    with pytest.raises(schema.StoreError, match=r"chunk 1 of train/h in .* \(or is truncated\)"):
         open_store(tmp_path / "s.zarr").read_rows("train", "h")
 
 

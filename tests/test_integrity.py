@@ -1,0 +1,97 @@
+"""Checksums end to end: `saepipe store verify` names every damaged or missing chunk of a collected
+store, and training refuses a damaged chunk with its name."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from store_schema.lock import lock_path
+
+HOOK = "blocks.2.hook_resid_post"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    path = tmp_path_factory.mktemp("integrity") / "s.zarr"
+    result = run("collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "4000", "--context-size", "32",
+                 "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "1000", "--out", path,
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_a_fresh_store_verifies(collected):
+    result = run("store", "verify", collected, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("ok: ") and "warning" not in result.output
+    assert int(result.output.split()[1].replace(",", "")) >= 8 + 3  # 8 train act chunks, tokens, splits...
+
+
+def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(collected, tmp_path):
+    store = tmp_path / "damaged.zarr"
+    shutil.copytree(collected, store)
+    acts = store / "train" / "acts" / HOOK / "c"
+    for chunk in ("3", "5"):
+        path = acts / chunk / "0"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    (store / "train" / "row_position" / "c" / "1").unlink()
+    result = run("store", "verify", store, "--no-progress")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert f"chunk 3 of train/acts/{HOOK} fails its checksum" in lines
+    assert f"chunk 5 of train/acts/{HOOK} fails its checksum" in lines
+    assert "chunk 1 of train/row_position is missing" in lines
+    assert lines[-1].startswith("error: 3 damaged chunk(s)")
+
+    out = tmp_path / "run"
+    result = run("train", store, "--width", "32", "--k", "4", "--tokens", "20000", "--batch-size", "256",
+                 "--out", out, "--no-progress")
+    assert result.exit_code == 2, result.output
+    assert f"of train/{HOOK} in {store} fails its checksum" in result.output.strip().splitlines()[-1]
+    assert not (out / "sae.safetensors").exists()
+
+
+COLLECT = ["collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "2000", "--context-size", "32",
+           "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "500", "--no-progress"]
+
+
+def test_a_second_collect_on_a_store_being_written_refuses(tmp_path):
+    from store_schema.lock import StoreLock
+
+    store = tmp_path / "s.zarr"
+    with StoreLock(store):  # this test process is the collect in progress
+        result = run(*COLLECT, "--out", store)
+        assert result.exit_code == 2, result.output
+        line = result.output.strip().splitlines()[-1]
+        assert f"store {store} is being written by pid {os.getpid()} on {socket.gethostname()}" in line
+        assert not store.exists()
+    assert run(*COLLECT, "--out", store).exit_code == 0  # released on exit
+    assert not lock_path(store).exists()
+
+
+def test_a_stale_lock_is_taken_over_and_a_foreign_one_is_not(tmp_path):
+    store = tmp_path / "s.zarr"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # that process has exited
+    lock_path(store).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "started": "earlier"}))
+    result = run(*COLLECT, "--out", store)
+    assert result.exit_code == 0, result.output
+    assert "taking over the stale lock" in result.output and not lock_path(store).exists()
+
+    other = tmp_path / "t.zarr"
+    lock_path(other).write_text(json.dumps({"pid": 1, "host": "another-machine", "started": "earlier"}))
+    result = run(*COLLECT, "--out", other)
+    assert result.exit_code == 2 and f"remove {lock_path(other)}" in result.output
