@@ -263,7 +263,7 @@ def summary_text(summary: dict, indent: str = "") -> str:
 
 @main.group(cls=_Group)
 def store() -> None:
-    """Look after a store: describe it, verify its checksums."""
+    """Look after a store: describe it, copy it, verify its checksums."""
 
 
 @store.command(name="info")
@@ -273,6 +273,20 @@ def store() -> None:
 def store_info(ctx: click.Context, path: str, as_json: bool) -> None:
     """Describe a store (the same as `saepipe info`)."""
     ctx.invoke(info, path=path, as_json=as_json)
+
+
+@store.command(name="copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--threads", type=int, default=8, help="files copied at once")
+@click.option("--no-progress", is_flag=True)
+def store_copy(src: str, dst: str, threads: int, no_progress: bool) -> None:
+    """Copy a complete store to or from object storage (any fsspec URL or path); run it again to resume."""
+    from store_schema.copy import copy_store
+
+    done = copy_store(src, dst, threads=threads, progress=not no_progress)
+    click.echo(f"copied {done['files_copied']:,} files ({done['bytes_copied'] / 1e6:,.1f} MB), "
+               f"{done['files_skipped']:,} already there: {dst}")
 
 
 @store.command(name="verify")

@@ -30,13 +30,18 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ActivationStore:
-        location = str(path)
+        """A store at a local path, or at a URL fsspec knows: file://, s3://, gs://, http(s):// (read-only).
+        Object-store credentials and endpoints come from the usual environment (e.g. AWS_* variables)."""
+        location = local_path(str(path))
         if "://" not in location and not Path(location).exists():
             raise schema.StoreError(f"no store at {location}: run `saepipe collect --out {location}` first")
         try:
             group = zarr.open_group(store=location, mode="r")
+        except ImportError as e:  # fsspec names the backend a URL needs (s3fs, gcsfs, aiohttp)
+            raise schema.StoreError(f"opening {location} needs a package that is not installed ({e}): "
+                                    f"pip install 'saepipe[remote]'") from None
         except Exception as e:  # zarr raises several kinds for "not a group"
-            raise schema.StoreError(f"{location} is not a Zarr group ({type(e).__name__}); "
+            raise schema.StoreError(f"{location} is not a Zarr group ({type(e).__name__}: {e}); "
                                     f"pass the folder that `saepipe collect --out` wrote") from e
         header = group.attrs.get(schema.ATTRS_KEY)
         if not isinstance(header, dict):
@@ -324,6 +329,12 @@ def _read_exactly(f, views: list[memoryview], offset: int) -> bool:
         if got:
             views[i] = views[i][got:]
     return True
+
+
+def local_path(location: str) -> str:
+    """file:// URLs as plain paths, so that local stores always get Zarr's LocalStore (and the direct
+    chunk reader); every other location unchanged."""
+    return location[len("file://"):] if location.startswith("file://") else location
 
 
 def open_store(path: str | os.PathLike) -> ActivationStore:

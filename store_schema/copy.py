@@ -1,0 +1,64 @@
+"""`saepipe store copy SRC DST`: copy a store between any two places fsspec reaches (local folders,
+s3://, gs://, ...), resumably.
+
+The store's files are copied as they are (chunks keep their checksums). The root `zarr.json`, which
+holds the store's header, is copied last: until then DST is not a store, so an interrupted copy is
+never mistaken for a complete one. Running the same copy again skips every file already at DST with
+the same size, so an interrupted copy resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import fsspec
+from tqdm import tqdm
+
+from store_schema import schema
+from store_schema.reader import local_path, open_store
+
+ROOT_METADATA = "zarr.json"
+
+
+def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> dict:
+    """Copy; returns counts of files and bytes copied and skipped."""
+    source = open_store(src)  # a store, and a complete one: never spread a half-collected store
+    source.require_complete()
+    src_fs, src_root = fsspec.core.url_to_fs(local_path(src))
+    dst_fs, dst_root = fsspec.core.url_to_fs(local_path(dst))
+    if dst_fs.exists(posixpath.join(dst_root, ROOT_METADATA)):  # a finished copy, or something else
+        try:
+            existing = open_store(dst).fingerprint
+        except schema.StoreError:
+            existing = None
+        if existing != source.fingerprint:
+            what = "another store" if existing else "a Zarr group that is not this store"
+            raise schema.StoreError(f"{dst} already holds {what}: choose another destination")
+    sizes = {path: info["size"] for path, info in src_fs.find(src_root, detail=True).items()}
+    relative = {path: posixpath.relpath(path, src_root) for path in sizes}
+    last = [p for p in sizes if relative[p] == ROOT_METADATA]
+    rest = [p for p in sizes if relative[p] != ROOT_METADATA]
+    done = {"files_copied": 0, "bytes_copied": 0, "files_skipped": 0}
+    counting = threading.Lock()
+    bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="copy", disable=not progress,
+               dynamic_ncols=True)
+
+    def copy(path: str) -> None:
+        target = posixpath.join(dst_root, relative[path])
+        skip = relative[path] != ROOT_METADATA and dst_fs.exists(target) and dst_fs.size(target) == sizes[path]
+        if not skip:
+            dst_fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            dst_fs.pipe_file(target, src_fs.cat_file(path))
+        with counting:
+            done["files_skipped" if skip else "files_copied"] += 1
+            done["bytes_copied"] += 0 if skip else sizes[path]
+            bar.update(sizes[path])
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(copy, rest))
+    for path in last:
+        copy(path)
+    bar.close()
+    return done

@@ -1,0 +1,142 @@
+"""Stores anywhere: a real S3 protocol server (moto, on loopback) through s3fs, and a read-only HTTP
+server; the store copied there and back, verified there, and trained from there, with the same SAE as
+training from the local folder."""
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from pipeline.cli import main
+
+HOOK = "blocks.2.hook_resid_post"
+TRAIN = ["--width", "32", "--k", "4", "--tokens", "12000", "--batch-size", "256", "--seed", "1", "--no-progress"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    path = root / "s.zarr"
+    result = run("collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "4000", "--context-size", "32",
+                 "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "1000", "--out", path,
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    local_run = root / "local-run"
+    assert run("train", path, *TRAIN, "--out", local_run).exit_code == 0
+    return path, load_file(str(local_run / "sae.safetensors"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("team-stores")
+    yield "s3://team-stores"
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_copy_to_s3_verify_train_and_copy_back(collected, s3, tmp_path):
+    local, local_weights = collected
+    url = f"{s3}/s.zarr"
+    result = run("store", "copy", local, url, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert run("store", "verify", url, "--no-progress").output.startswith("ok: ")
+    again = run("store", "copy", local, url, "--no-progress")  # resumable: everything is already there
+    assert again.exit_code == 0 and "copied 1 files" in again.output  # only the root metadata, always last
+
+    result = run("train", url, *TRAIN, "--out", tmp_path / "s3-run")
+    assert result.exit_code == 0, result.output
+    assert _same_weights(load_file(str(tmp_path / "s3-run" / "sae.safetensors")), local_weights)
+
+    back = tmp_path / "back.zarr"
+    assert run("store", "copy", url, back, "--no-progress").exit_code == 0
+    for path in local.rglob("*"):
+        if path.is_file():
+            assert (back / path.relative_to(local)).read_bytes() == path.read_bytes(), path
+
+
+def test_an_interrupted_copy_is_not_a_store_and_resumes(collected, tmp_path, monkeypatch):
+    import fsspec
+
+    local, _ = collected
+    dst = tmp_path / "copy.zarr"
+    original = fsspec.implementations.local.LocalFileSystem.pipe_file
+    calls = []
+
+    def failing_pipe(self, path, value, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 5:
+            raise OSError("disk went away")
+        return original(self, path, value, *args, **kwargs)
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "pipe_file", failing_pipe)
+    with pytest.raises(OSError):
+        run("store", "copy", local, dst, "--threads", "1", "--no-progress")
+    assert not (dst / "zarr.json").exists()
+    result = CliRunner().invoke(main, ["info", str(dst)])
+    assert result.exit_code == 2  # not mistaken for a store
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "pipe_file", original)
+    result = run("store", "copy", local, dst, "--threads", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    copied, skipped = (int(word.replace(",", "")) for word in re.findall(r"([\d,]+) (?:files|already)", result.output))
+    assert skipped >= 4 and copied >= 2  # the failed file and the root metadata at least were copied again
+    assert run("store", "verify", dst, "--no-progress").exit_code == 0
+
+
+@pytest.fixture
+def http_root(collected):
+    pytest.importorskip("aiohttp")
+    local, _ = collected
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(local.parent)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_train_from_a_read_only_http_server(collected, http_root, tmp_path):
+    local, local_weights = collected
+    url = f"{http_root}/{Path(local).name}"
+    result = run("info", url)
+    assert result.exit_code == 0 and "fingerprint" in result.output
+    result = run("train", url, *TRAIN, "--out", tmp_path / "http-run")
+    assert result.exit_code == 0, result.output
+    assert _same_weights(load_file(str(tmp_path / "http-run" / "sae.safetensors")), local_weights)
