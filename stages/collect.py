@@ -75,12 +75,48 @@ def plan_action(cfg: CollectConfig) -> str:
     return "done" if existing.complete else "resume"
 
 
-def run_collect(cfg: CollectConfig, model=None) -> Path:
+def run_collect(cfg: CollectConfig, model=None) -> str:
     """Collect the store `cfg` describes. `model`: an already loaded HostModel of cfg.model (benchmarks
     time the collect without the load). One collect at a time writes a store (store_schema.lock)."""
     cfg.validate()
+    if _is_remote(cfg.out):
+        return _collect_to_remote(cfg, model)
     with StoreLock(cfg.out):
-        return _collect_locked(cfg, model)
+        return str(_collect_locked(cfg, model))
+
+
+def _is_remote(out: str) -> bool:
+    return "://" in str(out) and not str(out).startswith("file://")
+
+
+def _collect_to_remote(cfg: CollectConfig, model) -> str:
+    """--out s3://... (any fsspec URL): collect into a local staging store (resumable like any collect,
+    kept under the cache folder), then `store copy` it to the URL (resumable too; the root metadata
+    goes last, so the URL never holds a half store)."""
+    import dataclasses
+    import hashlib
+
+    from pipeline.host_models import cache_dir
+    from store_schema.copy import copy_store
+
+    try:
+        existing = ActivationStore.open(cfg.out)
+    except schema.StoreError:
+        existing = None
+    if existing is not None and existing.complete and not cfg.overwrite:
+        if existing.header.get("config_fingerprint") != schema.fingerprint(cfg.content_fields()):
+            raise SaepipeError(f"--out {cfg.out} holds a store of a different configuration: choose another --out "
+                               f"(a remote store is never overwritten; delete it there first)")
+        print(f"store {cfg.out} is already complete for this configuration; nothing to do", file=sys.stderr)
+        return str(cfg.out)
+    staging = cache_dir() / "staging" / (hashlib.sha256(str(cfg.out).encode()).hexdigest()[:16] + ".zarr")
+    print(f"collecting into the local staging store {staging}, then copying it to {cfg.out}", file=sys.stderr)
+    local = dataclasses.replace(cfg, out=str(staging))
+    with StoreLock(staging):
+        _collect_locked(local, model)
+    copy_store(str(staging), str(cfg.out), progress=cfg.progress)
+    shutil.rmtree(staging)
+    return str(cfg.out)
 
 
 def _collect_locked(cfg: CollectConfig, model) -> Path:

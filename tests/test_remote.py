@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,15 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+COLLECT = ["collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "4000", "--context-size", "32",
+           "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "1000", "--no-progress"]
+
+
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
     root = tmp_path_factory.mktemp("remote")
     path = root / "s.zarr"
-    result = run("collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "4000", "--context-size", "32",
-                 "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "1000", "--out", path,
-                 "--no-progress")
+    result = run(*COLLECT, "--out", path)
     assert result.exit_code == 0, result.output
     local_run = root / "local-run"
     assert run("train", path, *TRAIN, "--out", local_run).exit_code == 0
@@ -59,8 +62,9 @@ def s3(monkeypatch):
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("team-stores")
-    yield "s3://team-stores"
+    bucket = f"team-stores-{uuid.uuid4().hex[:8]}"  # moto's state is per process: a fresh bucket per test
+    s3fs.S3FileSystem().mkdir(bucket)
+    yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
@@ -83,6 +87,25 @@ def test_copy_to_s3_verify_train_and_copy_back(collected, s3, tmp_path):
     for path in local.rglob("*"):
         if path.is_file():
             assert (back / path.relative_to(local)).read_bytes() == path.read_bytes(), path
+
+
+def test_collect_to_s3_equals_a_local_collect(collected, s3, tmp_path, monkeypatch):
+    """--out s3://...: collected in a local staging store, then copied; the objects are the bytes of a
+    local collect with the same settings, and a second run finds the store complete."""
+    import s3fs
+
+    local, _ = collected
+    monkeypatch.setenv("SAEPIPE_CACHE", str(tmp_path / "cache"))
+    url = f"{s3}/collected.zarr"
+    result = run(*COLLECT, "--out", url)
+    assert result.exit_code == 0, result.output
+    fs = s3fs.S3FileSystem()
+    for path in local.rglob("*"):
+        if path.is_file():
+            assert fs.cat_file(f"{url}/{path.relative_to(local).as_posix()}") == path.read_bytes()
+    assert not any((tmp_path / "cache" / "staging").iterdir())  # the staging store is removed once copied
+    again = run(*COLLECT, "--out", url)
+    assert again.exit_code == 0 and "already complete" in again.output
 
 
 def test_an_interrupted_copy_is_not_a_store_and_resumes(collected, tmp_path, monkeypatch):
