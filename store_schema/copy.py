@@ -42,19 +42,24 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
     rest = [p for p in sizes if relative[p] != ROOT_METADATA]
     done = {"files_copied": 0, "bytes_copied": 0, "files_skipped": 0}
     counting = threading.Lock()
-    bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="copy", disable=not progress,
-               dynamic_ncols=True)
+    unsized = None in sizes.values()  # an HTTP listing gives no sizes: nothing can be skipped then
+    bar = tqdm(total=None if unsized else sum(sizes.values()), unit="B", unit_scale=True, desc="copy",
+               disable=not progress, dynamic_ncols=True)
 
     def copy(path: str) -> None:
         target = posixpath.join(dst_root, relative[path])
-        skip = relative[path] != ROOT_METADATA and dst_fs.exists(target) and dst_fs.size(target) == sizes[path]
+        size = sizes[path]
+        skip = (size is not None and relative[path] != ROOT_METADATA and dst_fs.exists(target)
+                and dst_fs.size(target) == size)
         if not skip:
+            data = src_fs.cat_file(path)
+            size = len(data)
             dst_fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            dst_fs.pipe_file(target, src_fs.cat_file(path))
+            dst_fs.pipe_file(target, data)
         with counting:
             done["files_skipped" if skip else "files_copied"] += 1
-            done["bytes_copied"] += 0 if skip else sizes[path]
-            bar.update(sizes[path])
+            done["bytes_copied"] += 0 if skip else size
+            bar.update(size)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(copy, rest))

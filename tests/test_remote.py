@@ -155,7 +155,7 @@ def http_root(collected):
     server.wait(timeout=10)
 
 
-def test_train_from_a_read_only_http_server(collected, http_root, tmp_path):
+def test_train_verify_and_copy_from_a_read_only_http_server(collected, http_root, tmp_path):
     local, local_weights = collected
     url = f"{http_root}/{Path(local).name}"
     result = run("info", url)
@@ -163,3 +163,10 @@ def test_train_from_a_read_only_http_server(collected, http_root, tmp_path):
     result = run("train", url, *TRAIN, "--out", tmp_path / "http-run")
     assert result.exit_code == 0, result.output
     assert _same_weights(load_file(str(tmp_path / "http-run" / "sae.safetensors")), local_weights)
+    assert run("store", "verify", url, "--no-progress").output.startswith("ok: ")
+    # an HTTP listing has no file sizes: the copy still works (it just cannot skip files)
+    copy = tmp_path / "from-http.zarr"
+    assert run("store", "copy", url, copy, "--no-progress").exit_code == 0
+    for path in local.rglob("*"):
+        if path.is_file():
+            assert (copy / path.relative_to(local)).read_bytes() == path.read_bytes(), path
