@@ -171,16 +171,17 @@ class ActivationStore:
                 raise ValueError(f"rows [{first}, {first + len(dest)}) are not committed rows within one chunk "
                                  f"of {split}/{hook}, or their destination is not contiguous")
             by_chunk.setdefault(chunk, []).append((first, dest))
-        raw = _raw_chunk_files(arr)
+        raw, checksummed = _raw_chunk_files(arr), is_checksummed(arr)
         name = f"chunk {{}} of {split}/{hook} in {self.location}"
 
         def read(chunk: int) -> None:
             todo = sorted(by_chunk[chunk], key=lambda piece: piece[0])
             path = None if raw is None else raw.path(chunk)
-            if is_checksummed(arr) and not (path.exists() if path is not None else chunk_exists(arr, (chunk, 0))):
+            on_disk = path is not None and path.exists()
+            if checksummed and not on_disk and (path is not None or not chunk_exists(arr, (chunk, 0))):
                 raise schema.StoreError(f"{name.format(chunk)} is missing; the store is damaged: "
                                         f"run `saepipe store verify` and collect it again")
-            if path is None or not path.exists():  # through Zarr (or an older store's unwritten fill-value chunk)
+            if not on_disk:  # through Zarr (or an older store's unwritten fill-value chunk)
                 a, b = todo[0][0], max(first + len(dest) for first, dest in todo)
                 rows = _checked(lambda: arr[a:b], name.format(chunk))
                 for first, dest in todo:
@@ -188,7 +189,7 @@ class ActivationStore:
                 return
             row_bytes, base = self.d_model * 2, chunk * self.chunk_rows
             with open(path, "rb") as f:
-                if raw.checksummed and (split, hook, chunk) not in self._verified:
+                if checksummed and (split, hook, chunk) not in self._verified:
                     # the whole chunk is read, gaps into scratch, so that its CRC32C can be checked
                     if not _read_verified(f, todo, base, arr.chunks[0], row_bytes):
                         raise schema.StoreError(f"{name.format(chunk)} fails its checksum (or is truncated); the store "
@@ -222,11 +223,10 @@ class ActivationStore:
 
 @dataclass(frozen=True)
 class _RawChunks:
-    """Where an array's chunk files are, and whether each ends with a CRC32C of its bytes."""
+    """Where an array's chunk files are."""
 
     root: Path
     array: zarr.Array
-    checksummed: bool
 
     def path(self, chunk: int) -> Path:
         return self.root / self.array.metadata.encode_chunk_key((chunk, 0))
@@ -241,12 +241,12 @@ def _raw_chunk_files(arr: zarr.Array) -> _RawChunks | None:
     from zarr.storage import LocalStore
 
     serializer = arr.serializer
-    checksummed = len(arr.compressors) == 1 and is_checksummed(arr)
-    if (not isinstance(arr.store, LocalStore) or (arr.compressors and not checksummed) or arr.filters
+    only_checksum = len(arr.compressors) == 1 and is_checksummed(arr)
+    if (not isinstance(arr.store, LocalStore) or (arr.compressors and not only_checksum) or arr.filters
             or not isinstance(serializer, BytesCodec) or serializer.endian is None
             or serializer.endian.value != sys.byteorder or len(arr.shape) != 2 or arr.chunks[1] != arr.shape[1]):
         return None
-    return _RawChunks(Path(arr.store.root) / arr.path, arr, checksummed)
+    return _RawChunks(Path(arr.store.root) / arr.path, arr)
 
 
 def is_checksummed(arr: zarr.Array) -> bool:
@@ -263,12 +263,17 @@ def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
     return sync(arr.store.exists(f"{arr.path}/{key}" if arr.path else key))
 
 
+def is_checksum_error(e: ValueError) -> bool:
+    """Whether Zarr's crc32c codec raised `e` (it raises a plain ValueError on a mismatch)."""
+    return "checksum" in str(e)
+
+
 def _checked(read, what: str):
     """`read()`, turning the checksum error of Zarr's crc32c codec into one that names the chunk."""
     try:
         return read()
     except ValueError as e:
-        if "checksum" not in str(e):
+        if not is_checksum_error(e):
             raise
         raise schema.StoreError(f"{what} fails its checksum; the store is damaged: run `saepipe store verify` "
                                 f"and collect it again") from None
