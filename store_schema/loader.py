@@ -52,7 +52,6 @@ class _Window:
     epoch: int
     index: int
     chunks: tuple[int, ...]
-    n_rows: int
     n_batches: int
 
 
@@ -118,23 +117,26 @@ class ShuffledBatches:
             epoch, step = epoch + 1, 0
 
     # -- streaming ----------------------------------------------------------------------------------
+    def _runs_in(self, chunk: int) -> int:
+        """Whole runs in a chunk's committed rows (the tail of a last, partial chunk may hold fewer)."""
+        rows = self.store.chunk_rows
+        return min(rows, self.n_rows - chunk * rows) // self.run_rows
+
     def _windows(self, epoch: int) -> list[_Window]:
-        chunk, run = self.store.chunk_rows, self.run_rows
-        n_chunks = -(-self.n_rows // chunk)
+        n_chunks = -(-self.n_rows // self.store.chunk_rows)
         order = np.random.default_rng([self.seed, epoch, 0xC4]).permutation(n_chunks)
         windows = []
         for w, first in enumerate(range(0, n_chunks, self.window_chunks)):
             chunks = tuple(int(c) for c in order[first:first + self.window_chunks])
-            runs = sum(min(chunk, self.n_rows - c * chunk) // run for c in chunks)
-            windows.append(_Window(epoch, w, chunks, runs * run, runs * run // self.batch_size))
+            rows = sum(self._runs_in(c) for c in chunks) * self.run_rows
+            windows.append(_Window(epoch, w, chunks, rows // self.batch_size))
         return windows
 
     def _read_window(self, window: _Window, buffer: torch.Tensor) -> torch.Tensor:
         """The window's batches, back to back: its chunks cut into runs, and each run read straight to a
         seeded random slot of `buffer` (the mixing buffer), so a batch is a plain slice."""
         chunk, run = self.store.chunk_rows, self.run_rows
-        starts = np.concatenate([c * chunk + np.arange(min(chunk, self.n_rows - c * chunk) // run) * run
-                                 for c in window.chunks])
+        starts = np.concatenate([c * chunk + np.arange(self._runs_in(c)) * run for c in window.chunks])
         slots = np.random.default_rng([self.seed, window.epoch, window.index]).permutation(len(starts))
         used_slots = -(-window.n_batches * self.batch_size // run)  # runs beyond the last whole batch: unread
         dest = buffer.numpy()
