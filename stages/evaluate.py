@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -56,11 +55,6 @@ def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) 
                            f"{store.header['model']['name']}: pass --store with a store of that model")
 
 
-def _same(a: Normalization, b: Normalization) -> bool:
-    return a.mode == b.mode and a.scale == b.scale and a.max_norm == b.max_norm and (
-        (a.mean is None and b.mean is None) or (a.mean is not None and b.mean is not None and np.array_equal(a.mean, b.mean)))
-
-
 def _normalize_like_store(store_norm: Normalization, raw: torch.Tensor, row_stats: torch.Tensor | None) -> torch.Tensor:
     """Raw rows into the store's normalized space, with the stored rows' own (mean, scale) in token mode."""
     if store_norm.has_row_stats:
@@ -70,13 +64,13 @@ def _normalize_like_store(store_norm: Normalization, raw: torch.Tensor, row_stat
 
 def store_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str, sae_norm: Normalization,
                   device: torch.device, max_rows: int | None = None, progress: bool = True) -> tuple[dict, np.ndarray]:
-    """Reconstruction (in the SAE's normalized space, and on the raw activation scale) and sparsity on
+    """Reconstruction (in the store's normalized space, and on the raw activation scale) and sparsity on
     the held-out rows; and each latent's firing fraction."""
     n = store.n_rows("eval") if max_rows is None else min(max_rows, store.n_rows("eval"))
     if n == 0:
         raise SaepipeError(f"store {store.location} has no held-out rows: collect with --eval-fraction > 0")
     store_norm = store.normalization(hook)
-    convert = not _same(store_norm, sae_norm)  # e.g. an external SAE, which reads raw activations
+    convert = not store_norm.same_transform(sae_norm)  # e.g. an external SAE, which reads raw activations
     normalized = ReconstructionStats(store.d_model, device)
     raw = ReconstructionStats(store.d_model, device)
     sparsity = SparsityStats(sae.d_sae, device)
@@ -210,8 +204,6 @@ class EvaluatedSAE:
     label: str  # a short name for tables and plots
 
 
-
-
 def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_path: str | None = None) -> EvaluatedSAE:
     """A trained run folder (cfg.json + sae.safetensors), or an eval folder of an external SAE."""
     path = Path(run)
@@ -262,8 +254,8 @@ def run_eval(run: str, store_path: str | None = None, model: str | None = None, 
             raise SaepipeError(f"{run_path} is a training run: give --external another folder to write into")
         evaluated = open_external(external, store_path, run_path, dev)
         run_path.mkdir(parents=True, exist_ok=True)
-        run_dir.write_json_atomic(run_path / run_dir.EXTERNAL, {"saelens_dir": str(Path(external).resolve()),
-                                                        "store": evaluated.store_path})
+        run_dir.write_json_atomic(run_path / run_dir.EXTERNAL,
+                                  {"saelens_dir": str(Path(external).resolve()), "store": evaluated.store_path})
     else:
         evaluated = open_evaluated(run_path, dev, store_path)
     store = open_store(evaluated.store_path)
@@ -285,10 +277,7 @@ def run_eval(run: str, store_path: str | None = None, model: str | None = None, 
             token_rows = store.tokens.oindex[ids.tolist(), :]
             result |= ablation_sparsity(sae, norm, host, token_rows, stored_mask(store, token_rows), hook,
                                         progress=progress)
-    tmp = run_path / (run_dir.FEATURE_DENSITY + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, density)
-    os.replace(tmp, run_path / run_dir.FEATURE_DENSITY)
+    run_dir.save_npy_atomic(run_path / run_dir.FEATURE_DENSITY, density)
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
     return result
 

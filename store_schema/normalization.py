@@ -66,6 +66,12 @@ class Normalization:
         scale = float(np.float32(math.sqrt(x.shape[1]) / mean_norm))
         return cls(mode, mean.numpy().astype(np.float32), scale, max_norm)
 
+    def same_transform(self, other: Normalization) -> bool:
+        """Whether both map raw rows to the same normalized rows (max_norm only marks outliers)."""
+        same_mean = (self.mean is None) == (other.mean is None) and (
+            self.mean is None or np.array_equal(self.mean, other.mean))
+        return self.mode == other.mode and self.scale == other.scale and same_mean
+
     def inliers(self, x: torch.Tensor) -> torch.Tensor:
         """Bool mask over raw rows [..., d]: True where the row is not a massive-activation outlier."""
         if self.max_norm is None:

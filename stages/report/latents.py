@@ -19,7 +19,6 @@ from tqdm import tqdm
 from pipeline.errors import SaepipeError
 from stages.evaluate import EvaluatedSAE
 from stages.saes.base import SparseCode
-from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore
 
 WINDOW_BEFORE = 24  # tokens shown before a context's peak
@@ -112,11 +111,6 @@ def choose_latents(density: np.ndarray | None, d_sae: int, opts: BrowseOptions) 
 
 # -- scanning eval rows -----------------------------------------------------------------------------
 
-def _same(a: Normalization, b: Normalization) -> bool:
-    same_mean = (a.mean is None) == (b.mean is None) and (a.mean is None or np.array_equal(a.mean, b.mean))
-    return a.mode == b.mode and a.scale == b.scale and same_mean
-
-
 class SaeInputs:
     """Eval rows in the SAE's input space: the stored rows as they are when the store normalizes them
     the SAE's way, else mapped back to raw activations and normalized again."""
@@ -125,7 +119,7 @@ class SaeInputs:
         self.store, self.hook, self.device = store, evaluated.hook, device
         self.store_norm = store.normalization(evaluated.hook)
         self.sae_norm = evaluated.normalization
-        self.convert = not _same(self.store_norm, self.sae_norm)
+        self.convert = not self.store_norm.same_transform(self.sae_norm)
         self.dtype = next(evaluated.sae.parameters()).dtype
 
     def read(self, start: int, stop: int) -> torch.Tensor:
