@@ -2,8 +2,8 @@
 
 The work is cut into blocks of whole contexts (the shuffle buffer). The main thread runs the model
 over a block, stopping at the deepest hook, and normalizes it; a writer thread permutes its rows,
-writes them and commits, while the next block runs. A block depends only on (seed, block index), so a killed collect resumes at the first
-uncommitted block and ends bit-identical to an uninterrupted run.
+writes them and commits, while the next block runs. A block depends only on (seed, block index), so a
+killed collect resumes at the first uncommitted block and ends bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -66,13 +66,20 @@ def plan_action(cfg: CollectConfig) -> str:
                            f"or pass --overwrite to replace it") from None
     if cfg.overwrite:
         return "create"
+    differing = _differing_settings(cfg, existing)
+    if differing is not None:
+        raise SaepipeError(f"--out {out} holds a store of a different configuration (differs in: "
+                           f"{differing}): pass --overwrite to replace it, or choose another --out")
+    return "done" if existing.complete else "resume"
+
+
+def _differing_settings(cfg: CollectConfig, existing: ActivationStore) -> str | None:
+    """None when `existing` was collected with cfg's settings; else the ones that differ, listed."""
     theirs = existing.header.get("collect_config", {})
     ours = cfg.content_fields()
-    if existing.header.get("config_fingerprint") != schema.fingerprint(ours):
-        differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        raise SaepipeError(f"--out {out} holds a store of a different configuration (differs in: "
-                           f"{', '.join(differing) or 'version'}): pass --overwrite to replace it, or choose another --out")
-    return "done" if existing.complete else "resume"
+    if existing.header.get("config_fingerprint") == schema.fingerprint(ours):
+        return None
+    return ", ".join(sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))) or "version"
 
 
 def run_collect(cfg: CollectConfig, model=None) -> str:
@@ -104,9 +111,11 @@ def _collect_to_remote(cfg: CollectConfig, model) -> str:
     except schema.StoreError:
         existing = None
     if existing is not None and existing.complete and not cfg.overwrite:
-        if existing.header.get("config_fingerprint") != schema.fingerprint(cfg.content_fields()):
-            raise SaepipeError(f"--out {cfg.out} holds a store of a different configuration: choose another --out "
-                               f"(a remote store is never overwritten; delete it there first)")
+        differing = _differing_settings(cfg, existing)
+        if differing is not None:
+            raise SaepipeError(f"--out {cfg.out} holds a store of a different configuration (differs in: "
+                               f"{differing}): choose another --out (a remote store is never overwritten; "
+                               f"delete it there first)")
         print(f"store {cfg.out} is already complete for this configuration; nothing to do", file=sys.stderr)
         return str(cfg.out)
     staging = cache_dir() / "staging" / (hashlib.sha256(str(cfg.out).encode()).hexdigest()[:16] + ".zarr")
