@@ -11,6 +11,7 @@ import click
 from pipeline import __version__
 from pipeline.config import DEFAULT_DATASET, DEFAULT_HOOK, DEFAULT_MODEL, CollectConfig, TrainConfig
 from pipeline.errors import SaepipeError
+from stages.report.commands import compare, report  # click and nothing heavy at import
 
 EXIT_USER_ERROR = 2
 
@@ -167,14 +168,8 @@ def eval_(run: str, store: str | None, model: str | None, tokens: int | None, no
     click.echo(f"written: {Path(run) / 'eval.json'}")
 
 
-def _register_report_commands() -> None:
-    from stages.report.commands import compare, report
-
-    main.add_command(report)
-    main.add_command(compare)
-
-
-_register_report_commands()
+main.add_command(report)
+main.add_command(compare)
 
 
 @main.command()
