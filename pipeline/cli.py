@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -115,11 +116,14 @@ def collect(no_progress: bool, keep_special: bool, outlier_factor: float, **kwar
               help="train every combination from one pass over the store; --out becomes the sweep folder")
 @click.option("--resume", is_flag=True, help="continue from the run folder's checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace the run folder")
+@click.option("--nproc", type=click.IntRange(min=1), default=1,
+              help="data-parallel processes on this machine (one per GPU; gloo on CPU); see also torchrun")
 @click.option("--no-progress", is_flag=True)
 def train(store: str, hook: str | None, no_progress: bool, groups: str | None, sweep_specs: tuple[str, ...],
-          **kwargs) -> None:
+          nproc: int, **kwargs) -> None:
     """Train an SAE on a store's training rows (the model is never loaded)."""
-    from stages.train import run_train
+    from stages import sweeps
+    from stages.train import run_sweep
     from store_schema.reader import open_store
 
     if groups is not None:
@@ -130,14 +134,13 @@ def train(store: str, hook: str | None, no_progress: bool, groups: str | None, s
 
     hook = hook or _only_hook(open_store(store))
     cfg = TrainConfig(store=store, hook=hook, progress=not no_progress, **kwargs)
-    if not sweep_specs:
-        click.echo(f"run ready: {run_train(cfg)}")
-        return
-    from stages import sweeps
-    from stages.train import run_sweep
-
     axes = sweeps.parse_axes(list(sweep_specs))
-    outs = run_sweep(sweeps.expand(cfg, axes))
+    outs = run_sweep(sweeps.expand(cfg, axes) if axes else [cfg], nproc)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun: rank 0 alone reports
+        return
+    if not axes:
+        click.echo(f"run ready: {outs[0]}")
+        return
     summary = sweeps.write_summary(Path(cfg.out), axes, outs)
     click.echo(sweeps.format_summary(summary))
     click.echo(f"sweep ready: {cfg.out} ({len(outs)} runs, summary in sweep.json)")

@@ -3,6 +3,11 @@
 The TopK paper's recipe: encoder initialized as the decoder's transpose, unit-norm decoder rows whose
 gradient loses its parallel part before each step, b_dec at the geometric median of a sample, MSE
 scaled by a constant fixed at the start, AuxK on dead latents, Adam with linear warm-up and decay.
+
+Under torchrun (`saepipe train --nproc N`) the loop is data parallel: every rank builds the same SAE,
+reads a disjoint 1/N of each global batch, and DDP averages the gradients; the batch statistics an SAE
+needs are taken over the global batch (pipeline.distributed), so N ranks train what one process would.
+Rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import __version__, run_dir
+from pipeline import __version__, distributed, run_dir
 from pipeline.config import TrainConfig
 from pipeline.device import resolve_device
 from pipeline.errors import SaepipeError
@@ -69,14 +74,31 @@ def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder)
     }
 
 
+class _TrainingLoss(torch.nn.Module):
+    """The SAE's training loss as a module's forward, the call DDP synchronizes gradients around."""
+
+    def __init__(self, sae: SparseAutoencoder):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, ctx: TrainContext):
+        return self.sae.training_loss(x, ctx)
+
+
 class _Run:
     """One SAE being trained: its optimizer, schedule, dead-latent clock, log and checkpoints."""
 
     KEYS = ("loss", "mse", "fve", "l0", "aux_loss")
 
-    def __init__(self, cfg: TrainConfig, store: ActivationStore, device: torch.device, resuming: bool):
-        self.cfg, self.store, self.out = cfg, store, Path(cfg.out)
+    def __init__(self, cfg: TrainConfig, store: ActivationStore, device: torch.device, resuming: bool,
+                 world: distributed.World):
+        self.cfg, self.store, self.out, self.world = cfg, store, Path(cfg.out), world
         self.sae, self.mse_scale = build_for_store(cfg, store, device)
+        self.loss = _TrainingLoss(self.sae)
+        if distributed.active():
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.loss = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas,
                                           eps=cfg.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -94,16 +116,17 @@ class _Run:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.tokens_since_fired = ckpt["tokens_since_fired"].to(device)
             self.mse_scale, self.start = ckpt["mse_scale"], ckpt["step"]
-            run_dir.truncate_log(self.out, self.start)
-        else:
+            if world.is_main:
+                run_dir.truncate_log(self.out, self.start)
+        elif world.is_main:
             run_dir.write_json_atomic(self.out / run_dir.CONFIG, run_config(cfg, store, self.sae) | {"finished": False})
-        self.log = open(self.out / run_dir.TRAIN_LOG, "a")
+        self.log = open(self.out / run_dir.TRAIN_LOG, "a") if world.is_main else None
         self.sums = torch.zeros(len(self.KEYS), device=device)
 
     def step(self, x: torch.Tensor, step: int, autocast) -> None:
         dead = self.tokens_since_fired >= self.dead_window
         with autocast:  # the forward only; backward runs in the dtypes the forward chose
-            loss, metrics = self.sae.training_loss(x, TrainContext(self.mse_scale, dead, step / self.cfg.steps))
+            loss, metrics = self.loss(x, TrainContext(self.mse_scale, dead, step / self.cfg.steps))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.before_optimizer_step()
@@ -114,58 +137,87 @@ class _Run:
         self.scheduler.step()
         self.sae.after_optimizer_step()
         self.tokens_since_fired += self.cfg.batch_size
-        self.tokens_since_fired[metrics["fire_counts"] > 0] = 0
+        # A latent fired if it fired on any rank's rows: every rank keeps the same dead-latent clock.
+        self.tokens_since_fired[distributed.sum_(metrics["fire_counts"]) > 0] = 0
         self.sums += torch.stack([metrics[k].float() for k in self.KEYS])
 
     def write_log(self, done: int, window_steps: int, elapsed: float) -> dict:
+        """Every rank calls this (the metrics are averaged over ranks); rank 0 writes the line."""
+        distributed.mean_(self.sums)
         row = {"step": done, "tokens": done * self.cfg.batch_size,
                **dict(zip(self.KEYS, (self.sums / window_steps).tolist())),
                "dead_fraction": float((self.tokens_since_fired >= self.dead_window).float().mean()),
                "lr": self.scheduler.get_last_lr()[0], "it_per_s": window_steps / elapsed,
                "tokens_per_s": window_steps * self.cfg.batch_size / elapsed}
-        self.log.write(json.dumps(row) + "\n")
-        self.log.flush()
+        if self.log is not None:
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
         self.sums.zero_()
         return row
 
     def checkpoint(self, step: int) -> None:
+        if not self.world.is_main:
+            return
         run_dir.save_torch_atomic(self.out / run_dir.CHECKPOINT, {
             "step": step, "sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "tokens_since_fired": self.tokens_since_fired,
             "mse_scale": self.mse_scale, "store_fingerprint": self.store.fingerprint, "config": self.cfg.to_json()})
 
     def close(self) -> None:
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
 
 
-def run_train(cfg: TrainConfig) -> Path:
+def run_train(cfg: TrainConfig, nproc: int = 1) -> Path:
     """Train one SAE (a sweep of one)."""
-    return run_sweep([cfg])[0]
+    return run_sweep([cfg], nproc)[0]
 
 
-def run_sweep(cfgs: list[TrainConfig]) -> list[Path]:
+def run_sweep(cfgs: list[TrainConfig], nproc: int = 1) -> list[Path]:
     """Train several SAEs from one pass over the store: each batch is read and moved to the device once
     and fed to every SAE. The configurations must share the store, hook, batch size, token budget and
-    data seed (see sweeps.expand); each SAE writes its own run folder."""
+    data seed (see sweeps.expand); each SAE writes its own run folder. Under torchrun, or with
+    `nproc` > 1 (which starts `nproc` processes here through torch's launcher), data parallel (see the
+    module docstring)."""
     for cfg in cfgs:
         cfg.validate()
     base = cfgs[0]
+    device = resolve_device(base.device)
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        _check_before_launch(cfgs, device, nproc)
+        return distributed.launch(nproc, run_sweep, cfgs)
+    world = distributed.start(device.type)
+    try:
+        return _train(cfgs, device, world)
+    finally:
+        if world.size > 1:
+            distributed.stop()
+
+
+def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.World) -> list[Path]:
+    base = cfgs[0]
+    distributed.check_divides(base.batch_size, world.size)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
     store = open_store(base.store)
     store.require_complete()
     store.require_hook(base.hook)
-    device = resolve_device(base.device)
-    resuming = [run_dir.prepare(Path(c.out), overwrite=c.overwrite, resume=c.resume) for c in cfgs]
-    runs = [_Run(c, store, device, r) for c, r in zip(cfgs, resuming)]
+    resuming = distributed.broadcast_object(_prepare_run_folders(cfgs) if world.is_main else None)
+    if isinstance(resuming, SaepipeError):
+        raise resuming
+    runs = [_Run(c, store, device, r, world) for c, r in zip(cfgs, resuming)]
     starts = {run.start for run in runs}
     if len(starts) > 1:
         raise SaepipeError(f"the sweep's checkpoints are at different steps ({sorted(starts)}): "
                            f"resume the runs one by one, or --overwrite")
     start = starts.pop()
-    loader = ShuffledBatches(store, base.hook, base.batch_size, device=device, seed=base.seed, resident=base.resident)
+    loader = ShuffledBatches(store, base.hook, base.batch_size, device=device, seed=base.seed, resident=base.resident,
+                             rank=world.rank, world_size=world.size)
     batches = loader.batches(start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     bar = tqdm(total=base.steps, initial=start, desc="train" if len(runs) == 1 else f"train x{len(runs)}",
-               unit="step", disable=not base.progress, dynamic_ncols=True)
+               unit="step", disable=not (base.progress and world.is_main), dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
     try:
         for step in range(start, base.steps):
@@ -190,9 +242,34 @@ def run_sweep(cfgs: list[TrainConfig]) -> list[Path]:
         for run in runs:
             run.close()
     bar.close()
-    for run in runs:
-        finish(run.cfg, store, run.sae, run.out)
+    if world.is_main:
+        for run in runs:
+            finish(run.cfg, store, run.sae, run.out)
+    distributed.barrier()  # the run folders are complete when any rank returns
     return [run.out for run in runs]
+
+
+def _check_before_launch(cfgs: list[TrainConfig], device: torch.device, nproc: int) -> None:
+    """What would stop every rank, checked once here so it reads as one clean error (the ranks then find
+    the run folders ready)."""
+    distributed.check_divides(cfgs[0].batch_size, nproc)
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise SaepipeError(f"--nproc {nproc} asks for more processes than the {torch.cuda.device_count()} GPUs "
+                           f"here: one process per GPU")
+    store = open_store(cfgs[0].store)
+    store.require_complete()
+    store.require_hook(cfgs[0].hook)
+    prepared = _prepare_run_folders(cfgs)
+    if isinstance(prepared, SaepipeError):
+        raise prepared
+
+
+def _prepare_run_folders(cfgs: list[TrainConfig]) -> list[bool] | SaepipeError:
+    """Whether each run resumes, or the error that stops them all (handed to every rank to raise)."""
+    try:
+        return [run_dir.prepare(Path(c.out), overwrite=c.overwrite, resume=c.resume) for c in cfgs]
+    except SaepipeError as e:
+        return e
 
 
 def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out: Path) -> None:

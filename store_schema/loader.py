@@ -16,6 +16,10 @@ Two ways to serve them, picked by size:
 
 Batch `i` depends only on (seed, i), never on what happened before, so a resumed run continues the
 exact sequence of an uninterrupted one.
+
+Data parallelism: with `world_size` N, `batch_size` is the global batch and rank r gets rows
+[r·B/N, (r+1)·B/N) of each global batch; the N ranks together see exactly the batches one process
+would. A streaming rank reads only the runs that reach its share.
 """
 
 from __future__ import annotations
@@ -59,10 +63,14 @@ class ShuffledBatches:
     def __init__(self, store: ActivationStore, hook: str, batch_size: int, *, device: torch.device,
                  dtype: torch.dtype = torch.float32, seed: int = 0, split: str = "train",
                  resident: bool | None = None, memory_fraction: float = 0.5,
-                 window_chunks: int = WINDOW_CHUNKS):
+                 window_chunks: int = WINDOW_CHUNKS, rank: int = 0, world_size: int = 1):
         store.require_hook(hook)
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"a batch of {batch_size} rows cannot be split evenly over {world_size} ranks")
         self.store, self.hook, self.split = store, hook, split
         self.batch_size, self.device, self.dtype, self.seed = batch_size, device, dtype, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = batch_size // world_size
         self.n_rows = store.n_rows(split)
         if self.n_rows < batch_size:
             raise ValueError(f"the store's {split} split has {self.n_rows:,} rows, fewer than one batch of "
@@ -95,8 +103,14 @@ class ShuffledBatches:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.batches()
 
+    def _share(self, batch_start: int) -> slice:
+        """This rank's rows of the global batch that begins at `batch_start`."""
+        first = batch_start + self.rank * self.local_batch_size
+        return slice(first, first + self.local_batch_size)
+
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
-        """Endless batches [batch_size, d] in `dtype` on `device`, beginning with batch number `start`.
+        """Endless batches [local_batch_size, d] (this rank's share of the global batch; all of it with one
+        rank) in `dtype` on `device`, beginning with batch number `start`.
         A streamed batch already in `dtype` on the CPU is a view of the loader's buffer, which is
         recycled only once nothing else refers to it: keeping a batch is safe, and only costs a buffer."""
         return self._resident_batches(start) if self.resident else self._streamed_batches(start)
@@ -112,7 +126,7 @@ class ShuffledBatches:
             gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
             perm = torch.randperm(self.n_rows, generator=gen).to(self.device)
             for j in range(step, per_epoch):
-                idx = perm[j * self.batch_size:(j + 1) * self.batch_size]
+                idx = perm[self._share(j * self.batch_size)]
                 yield self._rows.index_select(0, idx).to(self.dtype)
             epoch, step = epoch + 1, 0
 
@@ -141,9 +155,18 @@ class ShuffledBatches:
         used_slots = -(-window.n_batches * self.batch_size // run)  # runs beyond the last whole batch: unread
         dest = buffer.numpy()
         pieces = [(int(first), dest[slot * run:(slot + 1) * run]) for first, slot in zip(starts, slots)
-                  if slot < used_slots]
+                  if slot < used_slots and self._reaches_share(slot)]
         self.store.read_into(self.split, self.hook, pieces, threads=2)
         return buffer[:window.n_batches * self.batch_size]
+
+    def _reaches_share(self, slot: int) -> bool:
+        """Whether the run read into `slot` of a window holds any of this rank's rows."""
+        if self.world_size == 1:
+            return True
+        run, local = self.run_rows, self.local_batch_size
+        first = slot * run // local  # the run covers parts first .. first + parts - 1 (a part: B/N rows)
+        parts = ((slot + 1) * run - 1) // local - first + 1
+        return parts >= self.world_size or (self.rank - first) % self.world_size < parts
 
     def _streamed_batches(self, start: int) -> Iterator[torch.Tensor]:
         if self.batches_per_epoch == 0:
@@ -193,7 +216,7 @@ class ShuffledBatches:
                 del item
                 rows = rows.to(self.device, non_blocking=True)
                 for j in range(first, window.n_batches):
-                    yield self._batch(rows[j * self.batch_size:(j + 1) * self.batch_size])
+                    yield self._batch(rows[self._share(j * self.batch_size)])
                     # The consumer asked for the next batch, so it has let go of the previous window's last one.
                     while served:
                         free.put(self._recycled(served.pop()))

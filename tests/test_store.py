@@ -178,6 +178,46 @@ def test_loader_epoch_is_a_permutation_and_resumable(tmp_path, resident):
     assert not torch.equal(seen[loader.batches_per_epoch], seen[0])
 
 
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("world_size,batch", [(2, 128), (4, 128), (3, 120)])
+def test_ranks_split_every_global_batch_into_disjoint_shares(tmp_path, resident, world_size, batch):
+    """Data parallelism: rank r's batch i is rows [r·B/N, (r+1)·B/N) of the single-process batch i, so
+    the ranks together see exactly what one process sees (3 ranks: runs of 7 rows straddle shares)."""
+    n = 2048
+    train = np.zeros((n, 4), np.float32)
+    train[:, 0] = np.arange(n)
+    write_array_store(tmp_path / "s.zarr", train, train[:8], hook="h", chunk_rows=512)
+    store = ActivationStore.open(tmp_path / "s.zarr")
+
+    rows_read = []
+    read_into = store.read_into
+    store.read_into = lambda split, hook, pieces, *args, **kw: (rows_read.append(sum(len(p[1]) for p in pieces)),
+                                                                 read_into(split, hook, pieces, *args, **kw))
+
+    def first_batches(rank, size, count=20, start=0):
+        rows_read.clear()
+        loader = ShuffledBatches(store, "h", batch, device=torch.device("cpu"), seed=3, resident=resident,
+                                 window_chunks=2, rank=rank, world_size=size)
+        it = loader.batches(start)
+        batches = [next(it).clone() for _ in range(count)]
+        it.close()
+        return batches, rows_read[0] if rows_read else None
+
+    whole, whole_read = first_batches(0, 1)
+    shares = []
+    for rank in range(world_size):
+        share, share_read = first_batches(rank, world_size)
+        shares.append(share)
+        if not resident:  # a streaming rank reads about its share of a window, not the whole window
+            assert share_read <= 1.25 * whole_read / world_size  # runs straddling two shares are read twice
+    for i, expected in enumerate(whole):
+        assert torch.equal(torch.cat([share[i] for share in shares]), expected)
+    # a resumed rank continues its own sequence
+    assert all(torch.equal(a, b) for a, b in zip(first_batches(1, world_size, 5, start=7)[0], shares[1][7:12]))
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        ShuffledBatches(store, "h", batch, device=torch.device("cpu"), rank=0, world_size=batch + 1)
+
+
 def test_streamed_fp16_batches_are_views_that_stay_valid_when_kept(tmp_path, monkeypatch):
     """On the CPU in fp16 a streamed batch is a slice of the loader's window buffer. A buffer is recycled
     once the consumer has moved on (no new allocation per window in a plain loop), and never while a

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline import distributed
+
 
 @dataclass
 class TrainContext:
@@ -202,9 +204,10 @@ def reconstruction_metrics(x: torch.Tensor, sq_err: torch.Tensor, code, d_sae: i
                            aux: torch.Tensor) -> dict[str, torch.Tensor]:
     """The per-batch metrics every architecture's training_loss reports (detached)."""
     with torch.no_grad():
-        variance = (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        # fve over the global batch under data parallelism (the other metrics are averaged over ranks later)
+        variance = distributed.global_mean((x - distributed.global_mean(x.mean(dim=0))).pow(2).sum(dim=-1).mean())
         return {"loss": loss.detach(), "mse": sq_err.mean().detach() / x.shape[-1], "aux_loss": aux.detach(),
-                "fve": 1 - sq_err.mean().detach() / variance, "l0": code.l0().float().mean(),
+                "fve": 1 - distributed.global_mean(sq_err.mean().detach()) / variance, "l0": code.l0().float().mean(),
                 "fire_counts": code.fire_counts(d_sae)}
 
 

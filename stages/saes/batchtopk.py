@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import distributed
 from stages.saes.base import ArchExport, DenseCode, SparseCode, TrainContext, reconstruction_metrics
 from stages.saes.topk import TopKSAE
 
@@ -83,14 +84,14 @@ class BatchTopKSAE(TopKSAE):
         ones below the batch's cut-off set to 0 (which counts neither in L0 nor in fire counts, and
         decodes to nothing); a row's latents are distinct, so `dense()` is exact. Exact ties at the
         cut-off are all kept."""
-        n = pre.shape[0]
         # Selecting on `pre` itself (no ReLU'd copy of the whole batch): entries <= 0 among the k·B are
-        # ReLU'd to 0 below, which is what selecting among ReLU'd values would give.
-        kept, flat = pre.flatten().topk(self.k * n, sorted=False)
-        per_row = torch.bincount(flat // self.d_sae, minlength=n)
+        # ReLU'd to 0 below, which is what selecting among ReLU'd values would give. Under data
+        # parallelism B is the global batch and the cut-off is taken over every rank's rows.
+        cutoff = distributed.kth_largest(pre, self.k * pre.shape[0] * distributed.world_size())
+        per_row = (pre >= cutoff).sum(dim=-1)
         values, indices = pre.topk(max(int(per_row.max()), 1), dim=-1, sorted=False)
         zero = torch.zeros((), dtype=values.dtype, device=values.device)
-        values = torch.where(values >= kept.min(), values.relu(), zero)
+        values = torch.where(values >= cutoff, values.relu(), zero)
         return SparseCode(values, indices)
 
     @property
@@ -127,7 +128,7 @@ class BatchTopKSAE(TopKSAE):
     def update_threshold(self, kept: torch.Tensor) -> None:
         """EMA of the smallest positive kept activation (no host sync; a batch with none is skipped)."""
         kept = kept.detach().float()
-        smallest = kept.masked_fill(kept <= 0, float("inf")).min()
+        smallest = distributed.min_(kept.masked_fill(kept <= 0, float("inf")).min())
         r = self.THRESHOLD_RATE
         new = torch.where(self.threshold > 0, (1 - r) * self.threshold + r * smallest, smallest)
         self.threshold.copy_(torch.where(torch.isfinite(smallest), new, self.threshold))

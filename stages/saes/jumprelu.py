@@ -51,6 +51,7 @@ import math
 
 import torch
 
+from pipeline import distributed
 from pipeline.errors import SaepipeError
 from stages.saes.base import ArchExport, DenseCode, SparseAutoencoder, TrainContext, reconstruction_metrics
 
@@ -175,7 +176,8 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def l0_penalty(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, L̄0): the sparsity term before λ and the batch's mean L0, both differentiable w.r.t. θ."""
-        l0 = StepFunction.apply(pre, self.threshold(), self.bandwidth).sum(dim=-1).mean()
+        # The global batch's mean: the target penalty is not linear in it (see pipeline.distributed).
+        l0 = distributed.global_mean(StepFunction.apply(pre, self.threshold(), self.bandwidth).sum(dim=-1).mean())
         if self.target_l0 is None:
             return l0, l0
         return (l0 / self.target_l0 - 1).pow(2), l0

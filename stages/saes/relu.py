@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import distributed
 from pipeline.errors import SaepipeError
 from stages.saes.base import ArchExport, DenseCode, SparseAutoencoder, TrainContext, reconstruction_metrics
 
@@ -124,7 +125,9 @@ class ReLUSAE(SparseAutoencoder):
         rescale = r.norm(dim=1, keepdim=True) / (2 * ghost.norm(dim=1, keepdim=True).clamp_min(1e-12))
         ghost = ghost * rescale.detach()
         ghost_sq = (ghost - r).pow(2).sum(dim=-1).mean()
-        return ghost_sq * (mse_term.detach().float() / ghost_sq.detach().clamp_min(1e-12))
+        # The rescale is a ratio of batch means: global ones under data parallelism.
+        mse, ghost_mean = (distributed.global_mean(t.detach().float()) for t in (mse_term, ghost_sq))
+        return ghost_sq * (mse / ghost_mean.clamp_min(1e-12))
 
     def saelens_export(self) -> ArchExport:
         # SAELens's "standard" SAE: ReLU(pre) decoded by W_dec, nothing else at inference; exactly ours.

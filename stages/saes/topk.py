@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import distributed
 from pipeline.errors import SaepipeError
 from stages.saes.base import ArchExport, SparseAutoencoder, SparseCode, TrainContext, reconstruction_metrics
 
@@ -72,7 +73,9 @@ class TopKSAE(SparseAutoencoder):
             indices = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=-1, sorted=False).indices
         values = self.selected_pre_acts(x, pre, indices)
         aux_recon = self.decode_rows(SparseCode(values.relu(), indices))
-        baseline = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        # The residual's variance over the whole (global, under data parallelism) batch.
+        mean = distributed.global_mean(residual.mean(dim=0))
+        baseline = distributed.global_mean((residual - mean).pow(2).sum(dim=-1).mean()).clamp_min(1e-12)
         return (aux_recon - residual).pow(2).sum(dim=-1).mean() / baseline
 
     def saelens_export(self) -> ArchExport:
