@@ -137,7 +137,9 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         top = torch.cat(gathered)
     if k > top.numel():
         raise ValueError(f"asked for the {k}-th largest of {top.numel()} values")
-    return top.topk(k, sorted=False).values.min()
+    if top.numel() > k:  # several ranks' candidates
+        top = top.topk(k, sorted=False).values
+    return top.min()
 
 
 def check_divides(batch_size: int, size: int) -> None:
