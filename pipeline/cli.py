@@ -67,6 +67,11 @@ def main() -> None:
 @click.option("--warmup-rows", type=int, default=65_536, help="rows the normalization is estimated from")
 @click.option("--nonfinite", type=click.Choice(["skip", "abort"]), default="skip",
               help="contexts with NaN/inf activations: leave them out (counted) or stop")
+@click.option("--workers", type=int, default=None,
+              help="run the model on a local dask cluster of N worker processes (e.g. one per GPU)")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="run the model on the workers of a running dask cluster (tcp://HOST:PORT); --out must be "
+                   "on a filesystem they all see")
 @click.option("--resume", is_flag=True, help="continue an interrupted collect (also done by re-running it)")
 @click.option("--overwrite", is_flag=True, help="replace whatever --out holds")
 @click.option("--no-progress", is_flag=True)

@@ -44,6 +44,10 @@ class CollectConfig:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    # Where the forward passes run (never part of the store's contents): this process, a local dask
+    # cluster of `workers` processes, or the dask cluster whose scheduler is at `scheduler`.
+    workers: int | None = None
+    scheduler: str | None = None
 
     def validate(self) -> CollectConfig:
         _require(len(self.hooks) > 0, "give at least one --hook")
@@ -64,7 +68,18 @@ class CollectConfig:
         _require(self.dtype in ("float32", "bfloat16", "float16"),
                  f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         _require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: pick one")
+        _require(self.workers is None or self.scheduler is None,
+                 "--workers and --scheduler exclude each other: --workers N starts a local cluster, "
+                 "--scheduler ADDRESS uses a running one; pick one")
+        _require(self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
+        _require(self.scheduler is None or bool(self.scheduler.strip()),
+                 "--scheduler needs the dask scheduler's address, like tcp://HOST:8786")
         return self
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the forward passes run on dask workers."""
+        return self.workers is not None or self.scheduler is not None
 
     @property
     def rows_per_context(self) -> int:
@@ -72,7 +87,7 @@ class CollectConfig:
 
     def content_fields(self) -> dict:
         """The fields that decide the store's bytes: equal fields mean a resumable, identical store."""
-        skip = {"out", "device", "overwrite", "resume", "progress"}
+        skip = {"out", "device", "overwrite", "resume", "progress", "workers", "scheduler"}
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         fields["hooks"] = sorted(self.hooks)
         return fields

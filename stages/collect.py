@@ -1,9 +1,13 @@
 """Stage one: run the host model once over packed text and write normalized, shuffled fp16 rows.
 
-The work is cut into blocks of whole contexts (the shuffle buffer). The main thread runs the model
-over a block, stopping at the deepest hook, and normalizes it; a writer thread permutes its rows,
-writes them and commits, while the next block runs. A block depends only on (seed, block index), so a
-killed collect resumes at the first uncommitted block and ends bit-identical to an uninterrupted run.
+The work is cut into blocks of whole contexts (the shuffle buffer). A block depends only on (seed, block
+index) and goes through three steps: `forward_block` (the model, up to the deepest hook),
+`normalize_block` (outliers marked, rows normalized) and `prepare_block` (rows permuted and cast to
+fp16, the block's own statistics). Then its rows are written after the rows committed so far and the
+block is committed, strictly in block order. Here the main thread runs the model and normalizes while
+a writer thread prepares, writes and commits the previous block; `stages.collect_dask` runs the same
+steps on dask workers. A killed collect resumes at the first uncommitted block and ends bit-identical
+to an uninterrupted run, whichever way either part ran.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from store_schema.writer import StoreWriter
 
 
 @dataclass
-class _Block:
+class Block:
     """Raw activations of one block's stored positions, as produced by the forward pass."""
 
     split: str
@@ -42,14 +46,76 @@ class _Block:
 
 
 @dataclass
-class _NormalizedBlock:
+class NormalizedBlock:
     """A block with its outliers marked and its kept rows normalized (float32, still in context order)."""
 
-    block: _Block
+    block: Block
     keep: np.ndarray  # [n] bool: rows within every hook's outlier bound
     acts: dict[str, np.ndarray]  # hook -> [kept, d]
     row_stats: dict[str, np.ndarray]  # hook -> [kept, 2] (mean, scale) under --normalize token
     outlier_rows: dict[str, int]  # hook -> rows beyond its bound
+
+
+@dataclass
+class Rows:
+    """Consecutive rows as stored: fp16 activations per hook, their mapping, and their row stats."""
+
+    acts: dict[str, np.ndarray]  # hook -> float16 [n, d]
+    row_context: np.ndarray  # [n]
+    row_position: np.ndarray  # [n]
+    row_stats: dict[str, np.ndarray] | None  # hook -> float32 [n, 2], --normalize token only
+
+    def __len__(self) -> int:
+        return len(self.row_context)
+
+    def slice(self, lo: int, hi: int, copy: bool = False) -> Rows:
+        """Rows [lo, hi); copied when the slice should not keep the whole block alive."""
+        take = (lambda a: a[lo:hi].copy()) if copy else (lambda a: a[lo:hi])
+        return Rows({h: take(a) for h, a in self.acts.items()}, take(self.row_context), take(self.row_position),
+                    None if self.row_stats is None else {h: take(a) for h, a in self.row_stats.items()})
+
+    @staticmethod
+    def concat(parts: list[Rows]) -> Rows:
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return Rows({h: np.concatenate([p.acts[h] for p in parts]) for h in first.acts},
+                    np.concatenate([p.row_context for p in parts]), np.concatenate([p.row_position for p in parts]),
+                    None if first.row_stats is None else
+                    {h: np.concatenate([p.row_stats[h] for p in parts]) for h in first.row_stats})
+
+    def write(self, writer: StoreWriter, split: str, start: int) -> None:
+        writer.write_rows(split, start, self.acts, self.row_context, self.row_position, self.row_stats)
+
+
+@dataclass
+class BlockSummary:
+    """What committing a block needs: its row count, its own statistics and its dropped contexts."""
+
+    split: str
+    index: int
+    n_rows: int
+    positions: int  # stored positions the forward pass produced (before the outlier filter): progress
+    stats: dict[str, schema.RunningStats]  # hook -> this block's statistics alone
+    dropped: list[int]
+
+
+@dataclass
+class PreparedBlock:
+    """A block ready to write: its rows in stored order and its summary."""
+
+    summary: BlockSummary
+    rows: Rows
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    """A block still to collect: which contexts, and whether it is the last block of its split."""
+
+    split: str
+    index: int
+    contexts: np.ndarray
+    last_of_split: bool
 
 
 def plan_action(cfg: CollectConfig) -> str:
@@ -134,28 +200,44 @@ def _collect_locked(cfg: CollectConfig, model) -> Path:
     if action == "done":
         print(f"store {out} is already complete for this configuration; nothing to do", file=sys.stderr)
         return out
+    if cfg.distributed:
+        if model is not None:
+            raise ValueError("a collect across dask workers loads the model on each worker: pass no model")
+        from stages import collect_dask
 
-    from pipeline.host_models import load_host_model, validate_hooks
+        with collect_dask.connect(cfg) as client:
+            facts = collect_dask.describe_model(client, cfg)
+            writer = _open_or_create(cfg, facts, facts.hooks, action)
+            collect_dask.fill_store(cfg, client, writer, facts)
+    else:
+        from pipeline.host_models import load_host_model, validate_hooks
 
-    if model is None:
-        model = load_host_model(cfg.model, cfg.device, cfg.dtype)
-    hooks = validate_hooks(model, list(cfg.hooks))
+        if model is None:
+            model = load_host_model(cfg.model, cfg.device, cfg.dtype)
+        hooks = validate_hooks(model, list(cfg.hooks))
+        writer = _open_or_create(cfg, model, hooks, action)
+        _fill_store(cfg, model, hooks, writer)
+    writer.finalize()
+    return out
+
+
+def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: str) -> StoreWriter:
+    """The writer of a new store ('create') or of the interrupted one to resume. `model`: a HostModel, or
+    anything with its tokenizer, revision, d_model and n_layers (what dask workers report)."""
+    out = Path(cfg.out)
     if action == "create":
         if out.exists():
             shutil.rmtree(out)
-        writer = _create_store(cfg, model, hooks)
-    else:
-        writer = StoreWriter.open(out)
-        if writer.header["model"]["revision"] != model.revision:
-            raise SaepipeError(f"--out {out} was collected from other weights of {cfg.model} "
-                               f"(revision {writer.header['model']['revision']}, now {model.revision}): "
-                               f"pass --overwrite to start again")
-        done = {s: writer.progress(s)["rows_committed"] for s in schema.SPLITS}
-        print(f"resuming {out}: {done['train']:,} train and {done['eval']:,} eval rows already committed",
-              file=sys.stderr)
-    _fill_store(cfg, model, hooks, writer)
-    writer.finalize()
-    return out
+        return _create_store(cfg, model, hooks)
+    writer = StoreWriter.open(out)
+    if writer.header["model"]["revision"] != model.revision:
+        raise SaepipeError(f"--out {out} was collected from other weights of {cfg.model} "
+                           f"(revision {writer.header['model']['revision']}, now {model.revision}): "
+                           f"pass --overwrite to start again")
+    done = {s: writer.progress(s)["rows_committed"] for s in schema.SPLITS}
+    print(f"resuming {out}: {done['train']:,} train and {done['eval']:,} eval rows already committed",
+          file=sys.stderr)
+    return writer
 
 
 def _create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
@@ -214,41 +296,74 @@ def _block_plan(cfg: CollectConfig, context_split: np.ndarray, split: str) -> li
     return [ids[i:i + per_block] for i in range(0, len(ids), per_block)]
 
 
-def _fill_store(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter) -> None:
-    tokens = writer.group[schema.TOKENS][:]
+def pending_blocks(cfg: CollectConfig, writer: StoreWriter) -> list[BlockTask]:
+    """The blocks not committed yet, in the order they are committed (training blocks first)."""
     context_split = writer.group[schema.CONTEXT_SPLIT][:]
-    keep = schema.stored_positions(tokens, cfg.drop_first, writer.header["excluded_tokens"])
-    plans = {split: _block_plan(cfg, context_split, split) for split in schema.SPLITS}
-    done_contexts = np.concatenate([np.zeros(0, np.int64)] + [ids for split in schema.SPLITS
-                                    for ids in plans[split][:writer.progress(split)["blocks_done"]]])
-    bar = tqdm(total=int(keep.sum()), initial=int(keep[done_contexts].sum()), unit="tok", unit_scale=True,
-               desc="collect", disable=not cfg.progress, dynamic_ncols=True)
-    sink = _BlockSink(cfg, writer, hooks)
+    tasks = []
+    for split in schema.SPLITS:
+        plan = _block_plan(cfg, context_split, split)
+        tasks += [BlockTask(split, index, plan[index], index == len(plan) - 1)
+                  for index in range(writer.progress(split)["blocks_done"], len(plan))]
+    return tasks
+
+
+def stored_mask(cfg: CollectConfig, writer: StoreWriter) -> tuple[np.ndarray, np.ndarray]:
+    """The store's tokens and the mask of their stored positions (before the outlier filter)."""
+    tokens = writer.group[schema.TOKENS][:]
+    return tokens, schema.stored_positions(tokens, cfg.drop_first, writer.header["excluded_tokens"])
+
+
+def progress_bar(cfg: CollectConfig, keep: np.ndarray, todo: list[BlockTask]) -> tqdm:
+    """Stored positions: all of them, those of the blocks still to do counted as not done yet."""
+    total = int(keep.sum())
+    left = int(sum(keep[task.contexts].sum() for task in todo))
+    return tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="collect",
+                disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _fill_store(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter) -> None:
+    tokens, keep = stored_mask(cfg, writer)
+    todo = pending_blocks(cfg, writer)
+    bar = progress_bar(cfg, keep, todo)
+    norms = writer.normalizations()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool:
         pending: Future | None = None
-        for split in schema.SPLITS:
-            for index in range(writer.progress(split)["blocks_done"], len(plans[split])):
-                block = _forward_block(cfg, model, hooks, tokens, keep, split, index, plans[split][index], bar)
-                normalized = sink.normalize(block)
-                if pending is not None:
-                    pending.result()  # one block in flight: bounded memory, writer errors surface here
-                pending = pool.submit(sink.write, normalized)
+        for task in todo:
+            block = forward_block(cfg, model, hooks, task, tokens[task.contexts], keep[task.contexts], bar.update)
+            if norms is None:
+                norms = fix_normalization(writer, estimate_normalization(cfg, hooks, block))
+            # The torch work stays on this thread: torch ops issued from a second thread start a second
+            # OpenMP team, whose spinning threads took ~7% of the forward's speed on 2 cores; the
+            # writer's share is numpy and I/O.
+            normalized = normalize_block(block, norms, hooks)
+            if pending is not None:
+                pending.result()  # one block in flight: bounded memory, writer errors surface here
+            pending = pool.submit(_write_and_commit, cfg, writer, normalized)
         if pending is not None:
             pending.result()
     bar.close()
 
 
-def _forward_block(cfg: CollectConfig, model, hooks: list[str], tokens: np.ndarray, keep: np.ndarray, split: str,
-                   index: int, contexts: np.ndarray, bar: tqdm) -> _Block:
+def _write_and_commit(cfg: CollectConfig, writer: StoreWriter, normalized: NormalizedBlock) -> None:
+    prepared = prepare_block(normalized, cfg.seed)
+    summary = prepared.summary
+    prepared.rows.write(writer, summary.split, writer.progress(summary.split)["rows_committed"])
+    writer.commit_block(summary.split, summary.index, summary.n_rows, summary.stats, summary.dropped)
+
+
+def forward_block(cfg: CollectConfig, model, hooks: list[str], task: BlockTask, tokens: np.ndarray,
+                  keep: np.ndarray, on_rows=None) -> Block:
+    """Run the model over the block's contexts (`tokens`, `keep`: their rows of the store's tokens and
+    stored-position mask); `on_rows(n)` hears of the rows of each batch."""
     from pipeline.host_models import run_to_hooks
 
     raw: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     row_context, row_position, dropped = [], [], []
     nonfinite = {h: [0, 0] for h in hooks}
-    for start in range(0, len(contexts), cfg.batch_size):
-        ids = contexts[start:start + cfg.batch_size]
-        acts = run_to_hooks(model, torch.from_numpy(tokens[ids].astype(np.int64)), hooks)
-        mask = torch.from_numpy(keep[ids])
+    for start in range(0, len(task.contexts), cfg.batch_size):
+        ids = task.contexts[start:start + cfg.batch_size]
+        acts = run_to_hooks(model, torch.from_numpy(tokens[start:start + cfg.batch_size].astype(np.int64)), hooks)
+        mask = torch.from_numpy(keep[start:start + cfg.batch_size])
         acts = {hook: acts[hook].float().cpu() for hook in hooks}
         finite = torch.ones(len(ids), dtype=torch.bool)
         for hook in hooks:
@@ -259,7 +374,7 @@ def _forward_block(cfg: CollectConfig, model, hooks: list[str], tokens: np.ndarr
         if not bool(finite.all()):
             bad = [int(c) for c in ids[~finite.numpy()]]
             if cfg.nonfinite == "abort":
-                raise SaepipeError(f"non-finite activations in context(s) {bad[:5]} of the {split} split: "
+                raise SaepipeError(f"non-finite activations in context(s) {bad[:5]} of the {task.split} split: "
                                    f"rerun with --nonfinite skip to leave such contexts out (they are counted)")
             dropped += bad
             mask &= finite[:, None]
@@ -268,64 +383,57 @@ def _forward_block(cfg: CollectConfig, model, hooks: list[str], tokens: np.ndarr
         ctx_idx, positions = np.nonzero(mask.numpy())
         row_context.append(ids[ctx_idx])
         row_position.append(positions)
-        bar.update(int(mask.sum()))
-    return _Block(split, index, {h: torch.cat(v) for h, v in raw.items()},
-                  np.concatenate(row_context), np.concatenate(row_position),
-                  {h: (v[0], v[1]) for h, v in nonfinite.items()}, dropped)
+        if on_rows is not None:
+            on_rows(int(mask.sum()))
+    return Block(task.split, task.index, {h: torch.cat(v) for h, v in raw.items()},
+                 np.concatenate(row_context), np.concatenate(row_position),
+                 {h: (v[0], v[1]) for h, v in nonfinite.items()}, dropped)
 
 
-class _BlockSink:
-    """Drop outliers and normalize (`normalize`, on the forward pass's thread), then permute, cast to
-    fp16, write and commit (`write`, on the writer thread). The torch work stays on the forward's thread:
-    torch ops issued from a second thread start a second OpenMP team, whose spinning threads took ~7% of
-    the forward's speed on 2 cores; the writer's share is numpy and I/O."""
+def estimate_normalization(cfg: CollectConfig, hooks: list[str], block: Block) -> dict[str, Normalization]:
+    """The normalization of every hook, from the warm-up rows of the first training block."""
+    if not len(block.row_context):
+        raise SaepipeError("every context of the first block had non-finite activations: "
+                           "the model or its dtype is broken (try --dtype float32)")
+    return {hook: Normalization.estimate(cfg.normalize, block.raw[hook][:cfg.warmup_rows], cfg.outlier_factor)
+            for hook in hooks}
 
-    def __init__(self, cfg: CollectConfig, writer: StoreWriter, hooks: list[str]):
-        self.cfg, self.writer, self.hooks = cfg, writer, hooks
-        self.norms = writer.normalizations()
 
-    def _fix_normalization(self, block: _Block) -> None:
-        if not len(block.row_context):
-            raise SaepipeError("every context of the first block had non-finite activations: "
-                               "the model or its dtype is broken (try --dtype float32)")
-        norms = {hook: Normalization.estimate(self.cfg.normalize, block.raw[hook][:self.cfg.warmup_rows],
-                                              self.cfg.outlier_factor) for hook in self.hooks}
-        self.writer.record_normalization(norms)
-        self.norms = self.writer.normalizations()  # use the recorded float32 values, as a resume would
+def fix_normalization(writer: StoreWriter, norms: dict[str, Normalization]) -> dict[str, Normalization]:
+    """Record the normalization in the store; returns the recorded (float32) values, as a resume reads them."""
+    writer.record_normalization(norms)
+    return writer.normalizations()
 
-    def normalize(self, block: _Block) -> _NormalizedBlock:
-        if self.norms is None:
-            self._fix_normalization(block)
-        inlier = {h: self.norms[h].inliers(block.raw[h]) for h in self.hooks}
-        keep = torch.stack(list(inlier.values())).all(dim=0).numpy()
-        acts, row_stats = {}, {}
-        for hook in self.hooks:
-            normalized, per_row = self.norms[hook].apply(block.raw[hook][keep])
-            acts[hook] = normalized.numpy()
-            if per_row is not None:
-                row_stats[hook] = per_row.numpy()
-        return _NormalizedBlock(block, keep, acts, row_stats, {h: int((~inlier[h]).sum()) for h in self.hooks})
 
-    def write(self, normalized: _NormalizedBlock) -> None:
-        block, keep = normalized.block, normalized.keep
-        n = int(keep.sum())
-        perm = np.arange(n)
-        if block.split == "train":
-            perm = np.random.default_rng([self.cfg.seed, schema.SPLIT_CODES[block.split], block.index]).permutation(n)
-        stats = {h: self.writer.running_stats(block.split, h) for h in self.hooks}
-        acts = {}
-        for hook in self.hooks:
-            acts[hook] = _to_fp16(normalized.acts[hook][perm], hook)
-            stats[hook].update(acts[hook])
-            stats[hook].nonfinite_values += block.nonfinite[hook][0]
-            stats[hook].nonfinite_contexts += block.nonfinite[hook][1]
-            stats[hook].outlier_rows += normalized.outlier_rows[hook]
-        row_stats = {hook: per_row[perm] for hook, per_row in normalized.row_stats.items()}
-        start = self.writer.progress(block.split)["rows_committed"]
-        self.writer.write_rows(block.split, start, acts, block.row_context[keep][perm],
-                               block.row_position[keep][perm], row_stats or None)
-        skipped = self.writer.header["progress"]["skipped_contexts"] + block.dropped
-        self.writer.commit(block.split, block.index + 1, start + n, stats, skipped)
+def normalize_block(block: Block, norms: dict[str, Normalization], hooks: list[str]) -> NormalizedBlock:
+    inlier = {h: norms[h].inliers(block.raw[h]) for h in hooks}
+    keep = torch.stack(list(inlier.values())).all(dim=0).numpy()
+    acts, row_stats = {}, {}
+    for hook in hooks:
+        normalized, per_row = norms[hook].apply(block.raw[hook][keep])
+        acts[hook] = normalized.numpy()
+        if per_row is not None:
+            row_stats[hook] = per_row.numpy()
+    return NormalizedBlock(block, keep, acts, row_stats, {h: int((~inlier[h]).sum()) for h in hooks})
+
+
+def prepare_block(normalized: NormalizedBlock, seed: int) -> PreparedBlock:
+    """Permute a training block's rows (seeded by the block), cast them to fp16, and summarize them."""
+    block, keep = normalized.block, normalized.keep
+    n = int(keep.sum())
+    perm = np.arange(n)
+    if block.split == "train":
+        perm = np.random.default_rng([seed, schema.SPLIT_CODES[block.split], block.index]).permutation(n)
+    acts, stats = {}, {}
+    for hook, rows in normalized.acts.items():
+        acts[hook] = _to_fp16(rows[perm], hook)
+        stats[hook] = schema.RunningStats(rows.shape[1], nonfinite_values=block.nonfinite[hook][0],
+                                          nonfinite_contexts=block.nonfinite[hook][1],
+                                          outlier_rows=normalized.outlier_rows[hook])
+        stats[hook].update(acts[hook])
+    row_stats = {hook: per_row[perm] for hook, per_row in normalized.row_stats.items()}
+    rows = Rows(acts, block.row_context[keep][perm], block.row_position[keep][perm], row_stats or None)
+    return PreparedBlock(BlockSummary(block.split, block.index, n, len(block.row_context), stats, block.dropped), rows)
 
 
 def _to_fp16(rows: np.ndarray, hook: str) -> np.ndarray:

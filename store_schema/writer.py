@@ -5,7 +5,12 @@ first and become visible only when `commit` rewrites the root attributes with th
 (one metadata document, written atomically by Zarr's local store: temp file + rename). A writer killed
 at any point leaves either the old or the new attributes, never a mix, so readers see whole blocks only
 and a resume restarts exactly at the first uncommitted block. Rows past `rows_committed` may hold
-bytes of an interrupted block; the resume overwrites them with the same values.
+bytes of an interrupted block (or of later blocks, written ahead by dask workers); the resume
+overwrites them with the same values.
+
+Several processes may write rows at once (collect across dask workers) as long as no two write into
+one chunk at the same time: writing part of a chunk reads the chunk, changes it and writes it back.
+Only the process holding the store lock commits.
 """
 
 from __future__ import annotations
@@ -77,6 +82,10 @@ class StoreWriter:
     def progress(self, split: str) -> dict:
         return self.header["progress"][split]
 
+    def chunk_rows(self, split: str) -> int:
+        """Rows per chunk of the split's row arrays (fewer than the layout's when the split is smaller)."""
+        return int(self.group[schema.row_context_path(split)].chunks[0])
+
     def running_stats(self, split: str, hook: str) -> schema.RunningStats:
         saved = self.header["running_stats"][split].get(hook)
         d = self.header["d_model"]
@@ -120,6 +129,19 @@ class StoreWriter:
         running[split] = {hook: s.to_json() for hook, s in stats.items()}
         self._update(progress=progress, running_stats=running)
 
+    def commit_block(self, split: str, block_index: int, n_rows: int, block_stats: dict[str, schema.RunningStats],
+                     dropped_contexts: list[int]) -> None:
+        """Commit the split's next block, whose `n_rows` rows follow the committed ones: its statistics
+        are merged into the running ones and its dropped (non-finite) contexts recorded."""
+        if block_index != self.progress(split)["blocks_done"]:
+            raise ValueError(f"committing {split} block {block_index}, but {self.progress(split)['blocks_done']} "
+                             f"blocks are committed: blocks are committed in order")
+        stats = {hook: self.running_stats(split, hook) for hook in self.header["hooks"]}
+        for hook, block in block_stats.items():
+            _merge(stats[hook], block)
+        skipped = self.header["progress"]["skipped_contexts"] + list(dropped_contexts)
+        self.commit(split, block_index + 1, self.progress(split)["rows_committed"] + n_rows, stats, skipped)
+
     def finalize(self) -> None:
         """Trim row arrays to what was written (contexts may have been skipped) and mark complete."""
         for split in schema.SPLITS:
@@ -137,3 +159,17 @@ class StoreWriter:
     def _update(self, **changes) -> None:
         self.header.update(changes)
         self.group.update_attributes({schema.ATTRS_KEY: self.header})
+
+
+def _merge(running: schema.RunningStats, block: schema.RunningStats) -> None:
+    """Fold a block's own statistics into the running ones. Merging each block's statistics in block
+    order gives the very float64 sums of `RunningStats.update` over the same blocks in turn (each sum
+    is added once per block either way), so blocks summarized apart (on dask workers) and merged here
+    in order end bit-identical to one process updating them."""
+    running.count += block.count
+    running.total += block.total
+    running.sum_sq_norm += block.sum_sq_norm
+    running.max_abs = max(running.max_abs, block.max_abs)
+    running.nonfinite_values += block.nonfinite_values
+    running.nonfinite_contexts += block.nonfinite_contexts
+    running.outlier_rows += block.outlier_rows
