@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from store_schema.reader import ActivationStore
+from store_schema.schema import StoreError
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -73,7 +74,7 @@ class ShuffledBatches:
         self.local_batch_size = batch_size // world_size
         self.n_rows = store.n_rows(split)
         if self.n_rows < batch_size:
-            raise ValueError(f"the store's {split} split has {self.n_rows:,} rows, fewer than one batch of "
+            raise StoreError(f"the store's {split} split has {self.n_rows:,} rows, fewer than one batch of "
                              f"{batch_size:,}: lower --batch-size or collect more tokens")
         nbytes = self.n_rows * store.d_model * 2
         self.resident = nbytes <= memory_fraction * available_memory_bytes(device) if resident is None else resident
@@ -170,7 +171,7 @@ class ShuffledBatches:
 
     def _streamed_batches(self, start: int) -> Iterator[torch.Tensor]:
         if self.batches_per_epoch == 0:
-            raise ValueError(f"a streaming window ({self.window_chunks} chunks of {self.store.chunk_rows:,} rows) holds "
+            raise StoreError(f"a streaming window ({self.window_chunks} chunks of {self.store.chunk_rows:,} rows) holds "
                              f"less than one batch of {self.batch_size:,}: lower --batch-size")
 
         def plan() -> Iterator[tuple[_Window, int]]:

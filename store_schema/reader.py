@@ -48,6 +48,7 @@ class ActivationStore:
             raise schema.StoreError(f"{location} is a Zarr group but not a saepipe activation store")
         try:
             schema.check_header(header)
+            _check_arrays_match(group, header)
         except schema.StoreError as e:
             raise schema.StoreError(f"{location}: {e}") from None
         return cls(group, location)
@@ -334,6 +335,27 @@ def _read_exactly(f, views: list[memoryview], offset: int) -> bool:
         if got:
             views[i] = views[i][got:]
     return True
+
+
+def _check_arrays_match(group: zarr.Group, header: dict) -> None:
+    """The attributes describe the row arrays that are there: width, chunking, enough rows (a header
+    copied from another store, or edited, would otherwise read as garbage or fail as a bad checksum)."""
+    chunk_rows = header["layout"]["chunk_rows"]
+    for split in schema.SPLITS:
+        committed = header["progress"][split]["rows_committed"]
+        for hook in header["hooks"]:
+            arr = group.get(schema.acts_path(split, hook))
+            if not isinstance(arr, zarr.Array):
+                raise schema.StoreError(f"the array {schema.acts_path(split, hook)} is missing: the store is "
+                                        f"damaged; copy it again from its source, or collect it again")
+            shape_ok = arr.ndim == 2 and arr.shape[1] == header["d_model"] and arr.shape[0] >= committed
+            # readers find row i in chunk i // chunk_rows: true when the chunks are that size, or one holds all
+            chunks_ok = arr.chunks[0] == chunk_rows or arr.shape[0] <= arr.chunks[0]
+            if not (shape_ok and chunks_ok):
+                raise schema.StoreError(
+                    f"the attributes disagree with the array {schema.acts_path(split, hook)} (shape {arr.shape}, "
+                    f"chunks {arr.chunks}; attributes say d_model {header['d_model']}, {committed:,} committed rows, "
+                    f"{chunk_rows} rows per chunk): the store is damaged; copy it again, or collect it again")
 
 
 def local_path(location: str) -> str:

@@ -125,6 +125,67 @@ def check_header(header: dict) -> None:
     for key in ("hooks", "d_model", "context_size", "progress", "layout", "complete"):
         if key not in header:
             raise StoreError(f"store attributes lack '{key}': the store is damaged or was not written by saepipe")
+    problem = _header_problem(header)
+    if problem:
+        raise StoreError(f"store attributes are damaged ({problem}): copy the store again from its source, "
+                         f"or collect it again")
+
+
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _header_problem(header: dict) -> str | None:
+    """What in the attributes a reader relies on has the wrong shape or type (None: nothing)."""
+    hooks = header["hooks"]
+    if not (isinstance(hooks, list) and hooks and all(isinstance(h, str) and h and "/" not in h for h in hooks)):
+        return "'hooks' is not a list of hook names"
+    for key in ("d_model", "context_size"):
+        if not _is_int(header[key], 1):
+            return f"'{key}' is not a positive integer"
+    if not isinstance(header["complete"], bool):
+        return "'complete' is not true or false"
+    if not isinstance(header.get("config_fingerprint"), str):
+        return "'config_fingerprint' is missing or not a string"
+    layout, progress = header["layout"], header["progress"]
+    if not (isinstance(layout, dict) and _is_int(layout.get("chunk_rows"), 1)):
+        return "'layout.chunk_rows' is not a positive integer"
+    planned = layout.get("planned_rows")
+    if not (isinstance(planned, dict) and all(_is_int(planned.get(s)) for s in SPLITS)):
+        return "'layout.planned_rows' does not give a row count per split"
+    if not isinstance(progress, dict):
+        return "'progress' is not an object"
+    for split in SPLITS:
+        done = progress.get(split)
+        if not (isinstance(done, dict) and _is_int(done.get("rows_committed")) and _is_int(done.get("blocks_done"))):
+            return f"'progress.{split}' does not give rows_committed and blocks_done"
+    skipped = progress.get("skipped_contexts", [])
+    if not (isinstance(skipped, list) and all(_is_int(c) for c in skipped)):
+        return "'progress.skipped_contexts' is not a list of context indices"
+    for key in ("dropped_positions", "excluded_tokens"):
+        if not (isinstance(header.get(key, []), list) and all(_is_int(v) for v in header.get(key, []))):
+            return f"'{key}' is not a list of integers"
+    for key in ("model", "tokenizer", "text_source", "running_stats"):
+        if not isinstance(header.get(key, {}), dict):
+            return f"'{key}' is not an object"
+    if not (isinstance(header.get("model", {}).get("name", ""), str)):
+        return "'model.name' is not a string"
+    running = header.get("running_stats", {})
+    if not all(isinstance(running.get(s, {}), dict) for s in SPLITS):
+        return "'running_stats' does not hold an object per split"
+    norms = header.get("normalization")
+    if norms is not None:
+        if not isinstance(norms, dict):
+            return "'normalization' is not an object"
+        for hook, norm in norms.items():
+            if not (isinstance(norm, dict) and norm.get("mode") in ("center-scale", "token", "none")
+                    and _is_number(norm.get("scale")) and (norm.get("max_norm") is None or _is_number(norm["max_norm"]))):
+                return f"'normalization.{hook}' is not a mode, a scale and a max_norm"
+    return None
 
 
 def split_counts(n_contexts: int, eval_fraction: float) -> tuple[int, int]:
