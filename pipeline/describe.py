@@ -58,6 +58,6 @@ def describe_run(p: Path) -> dict:
         last = log[-1]
         out["last log"] = {k: last[k] for k in ("step", "tokens", "loss", "fve", "l0", "dead_fraction")}
     if (p / run_dir.EVAL).exists():
-        ev = json.loads((p / run_dir.EVAL).read_text())
+        ev = run_dir.read_json(p / run_dir.EVAL, f"evaluate the run again (saepipe eval {p})")
         out["eval"] = {k: ev[k] for k in ("fve", "l0", "dead_fraction", "ce_recovered", "kl") if k in ev}
     return out

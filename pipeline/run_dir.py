@@ -25,6 +25,8 @@ SAELENS = "saelens"
 
 def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:
     """Make `run_dir` ready for training; True when resuming from its checkpoint."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SaepipeError(f"--out {run_dir} is a file: pass a folder for the run")
     if resume:
         if (run_dir / CHECKPOINT).exists():
             return True
@@ -69,11 +71,22 @@ def save_sae(run_dir: Path, sae: torch.nn.Module, config: dict) -> None:
     write_json_atomic(run_dir / CONFIG, config)
 
 
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON object the run folder holds; a damaged one is a SaepipeError ending in `fix`."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SaepipeError(f"{path} is damaged (not JSON: {e}): {fix}") from None
+    if not isinstance(obj, dict):
+        raise SaepipeError(f"{path} is damaged (not a JSON object): {fix}")
+    return obj
+
+
 def load_config(run_dir: Path) -> dict:
     cfg_path = Path(run_dir) / CONFIG
     if not cfg_path.exists():
         raise SaepipeError(f"{run_dir} is not a finished saepipe run (no {CONFIG}): train it with `saepipe train`")
-    return json.loads(cfg_path.read_text())
+    return read_json(cfg_path, "train the run again (saepipe train ... --overwrite)")
 
 
 def load_sae(run_dir: Path, device: torch.device | str = "cpu"):
@@ -86,7 +99,12 @@ def load_sae(run_dir: Path, device: torch.device | str = "cpu"):
         raise SaepipeError(f"{run_dir} has a {CONFIG} but no {SAE_WEIGHTS}: the run did not finish; "
                            f"resume it with `saepipe train ... --resume`")
     sae = build_sae(cfg["sae"])
-    sae.load_state_dict(load_file(str(weights)))
+    try:
+        sae.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # safetensors' own error type, or a RuntimeError for mismatched tensors
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise SaepipeError(f"{weights} cannot be loaded ({type(e).__name__}: {first}): the run folder is damaged; "
+                           f"train it again (saepipe train ... --overwrite)") from None
     return sae.to(device).eval(), cfg
 
 
@@ -94,7 +112,20 @@ def read_log(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / TRAIN_LOG
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # cut short by a run killed while writing it: the resume rewrites it
+            raise SaepipeError(f"{path} is damaged (line {number} is not JSON: {e}): train the run again "
+                               f"(saepipe train ... --overwrite)") from None
+    return rows
 
 
 def truncate_log(run_dir: Path, last_step: int) -> None:

@@ -165,9 +165,23 @@ def _open_files(spec: str, text_column: str, streaming: bool) -> TextSource:
     extra = _FILE_LOADERS[Path(paths[0]).suffix.lower()][1]
     # .txt files have a single column called "text"; --text-column does not apply to them.
     column = "text" if builder == "text" else text_column
+    if _no_rows(builder, paths):  # datasets fails on these with unhelpful errors (StopIteration, ...)
+        raise SaepipeError(f"'{spec}' holds no rows (the files are empty): pass files with text in them")
     ds = _load_files(builder, paths, extra, streaming, spec)
     _check_column(ds, column, spec)
     return TextSource(name=spec, kind="files", split="train", text_column=column, paths=paths, _dataset=ds)
+
+
+def _no_rows(builder: str, paths: tuple[str, ...]) -> bool:
+    """Whether every file is empty: no bytes, or a parquet file of no rows."""
+    if builder != "parquet":
+        return all(os.path.getsize(p) == 0 for p in paths)
+    import pyarrow.parquet as pq
+
+    try:
+        return all(pq.read_metadata(p).num_rows == 0 for p in paths)
+    except Exception:  # noqa: BLE001 - not parquet after all: load_dataset names the problem
+        return False
 
 
 def _load_files(builder: str, paths: tuple[str, ...], extra: dict, streaming: bool, spec: str):
@@ -255,7 +269,14 @@ def _iter_column(ds, column: str, label: str) -> Iterator[str]:
         ds = ds.select_columns([column])
     except Exception:  # noqa: BLE001 - older objects without select_columns: iterate whole rows
         pass
-    for batch in ds.iter(batch_size=_HF_BATCH):
+    batches = iter(ds.iter(batch_size=_HF_BATCH))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - a row past the first that the reader cannot parse
+            raise SaepipeError(f"could not read '{label}' ({_first_line(e)}): check the data") from e
         for text in batch[column]:
             if text is None:
                 continue

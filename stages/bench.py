@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -73,6 +74,18 @@ class BenchConfig:
 
     def wants(self, key: str) -> bool:
         return not self.only or key in self.only
+
+    def check(self) -> None:
+        """Refuse, before any benchmark runs, settings that would stop one part-way."""
+        if self.wants("collect_vs_saelens") and _saelens_layer(self.collect_hook) is None:
+            raise SaepipeError(f"collect_vs_saelens maps only blocks.N.hook_resid_post onto SAELens's HF hooks, "
+                               f"not {self.collect_hook}: pass --hook blocks.15.hook_resid_post or leave this key out")
+
+
+def _saelens_layer(hook: str) -> int | None:
+    """The block whose output `hook` is, when SAELens's HF hooks can reach it (blocks.N.hook_resid_post)."""
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+    return None if match is None else int(match.group(1))
 
 
 def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -156,6 +169,7 @@ def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, devic
     import contextlib
 
     from pipeline import run_dir
+    from pipeline.distributed import World
     from stages.train import _Run
     from store_schema.reader import open_store
 
@@ -163,7 +177,7 @@ def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, devic
                             tokens=cfg.batch_size * 10_000, batch_size=cfg.batch_size, device=str(device),
                             overwrite=True, progress=False).validate()
     run_dir.prepare(out, overwrite=True, resume=False)
-    run = _Run(train_cfg, open_store(store_path), device, resuming=False)
+    run = _Run(train_cfg, open_store(store_path), device, resuming=False, world=World())  # one process
     autocast = contextlib.nullcontext()
     return lambda x, step: run.step(x, step, autocast)
 
@@ -366,17 +380,13 @@ def bench_collect_saelens(cfg: BenchConfig, workdir: Path, device: torch.device)
     stream after that block, and stopping there, as it does for HookedTransformer hooks. Each SAELens
     round builds its runner (and so loads its model) outside the timing; it is given the contexts
     already tokenized, while our side tokenizes and creates its store inside the timing."""
-    import re
-
     from datasets import Dataset
     from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
 
     from pipeline.host_models import DEFAULT_MODEL_NAME, prepare_default_model
 
-    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", cfg.collect_hook)
-    if match is None:
-        raise SaepipeError(f"collect_vs_saelens maps only blocks.N.hook_resid_post onto SAELens's HF hooks, "
-                           f"not {cfg.collect_hook}: pass --hook blocks.15.hook_resid_post or leave this key out")
+    cfg.check()
+    layer = _saelens_layer(cfg.collect_hook)
     setup = _collect_setup(cfg, workdir, device)
     setup.collect_side()  # warm-up, and the contexts for SAELens
     tokens = setup.tokens()
@@ -393,7 +403,7 @@ def bench_collect_saelens(cfg: BenchConfig, workdir: Path, device: torch.device)
         shutil.rmtree(out, ignore_errors=True)
         runner_cfg = CacheActivationsRunnerConfig(
             dataset_path="saepipe-bench", model_name=model_dir, model_class_name="AutoModelForCausalLM",
-            hook_name=_hf_block_name(setup.model, int(match.group(1))), d_in=int(setup.model.d_model), training_tokens=rows,
+            hook_name=_hf_block_name(setup.model, layer), d_in=int(setup.model.d_model), training_tokens=rows,
             context_size=cfg.context_size, seqpos_slice=(1, None), prepend_bos=False,
             model_batch_size=cfg.collect_batch, dtype="float16", device=str(device), shuffle=True,
             new_cached_activations_path=str(out),
@@ -493,6 +503,7 @@ KEYS = tuple(BENCHMARKS)
 
 
 def run_bench(cfg: BenchConfig) -> dict:
+    cfg.check()
     device = resolve_device(cfg.device)
     cfg.out.mkdir(parents=True, exist_ok=True)
     workdir = cfg.out / "work"

@@ -9,7 +9,6 @@ predictions made from those positions.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import warnings
@@ -208,7 +207,7 @@ def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_pa
     """A trained run folder (cfg.json + sae.safetensors), or an eval folder of an external SAE."""
     path = Path(run)
     if (path / run_dir.EXTERNAL).exists() and not (path / run_dir.CONFIG).exists():
-        saved = json.loads((path / run_dir.EXTERNAL).read_text())
+        saved = run_dir.read_json(path / run_dir.EXTERNAL, "evaluate the SAE again with --external and --store")
         return open_external(saved["saelens_dir"], store_path or saved["store"], path, device)
     sae, cfg = run_dir.load_sae(path, device)
     store = store_path or cfg["store"]["path"]
@@ -245,6 +244,10 @@ def run_eval(run: str, store_path: str | None = None, model: str | None = None, 
              ablation_contexts: int = 4, external: str | None = None) -> dict:
     """Evaluate the run folder `run` (or, with `external`, a SAELens SAE folder, writing into `run`)
     and write eval.json and the per-latent firing fractions there."""
+    if tokens is not None and tokens < 1:
+        raise SaepipeError(f"--tokens must be at least 1, got {tokens} (leave it out to use every held-out row)")
+    if ablation_contexts < 0:
+        raise SaepipeError(f"--ablation-contexts must be at least 0 (0 skips ablation sparsity), got {ablation_contexts}")
     run_path = Path(run)
     dev = resolve_device(device)
     if external is not None:

@@ -24,6 +24,7 @@ from store_schema.loader import ShuffledBatches
 from store_schema.reader import open_store
 
 COLUMNS = ("fve", "nmse", "l0", "dead_fraction", "ce_recovered", "kl", "wall_s")
+COUNTERPARTS = ("topk", "batchtopk", "jumprelu", "mp")  # the architectures SAELens trains too
 
 
 def _ours_config(base: TrainConfig, arch: str, k: int) -> TrainConfig:
@@ -50,7 +51,7 @@ def _saelens_sae(arch: str, d_in: int, width: int, k: int, device: str):
     if arch == "mp":  # exactly k selections, like our static matching pursuit
         return MatchingPursuitTrainingSAE(MatchingPursuitTrainingSAEConfig(
             residual_threshold=0.0, max_iterations=k, stop_on_duplicate_support=False, **common))
-    raise SaepipeError(f"no SAELens counterpart for --arch {arch}: compare topk, batchtopk, jumprelu or mp")
+    raise SaepipeError(f"no SAELens counterpart for --arch {arch}: compare {', '.join(COUNTERPARTS)}")
 
 
 def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
@@ -76,6 +77,13 @@ def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
 def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_model: bool = True) -> list[dict]:
     from stages.saes.external import ExternalSAE
 
+    archs = [arch for arch in archs if arch]
+    if not archs:
+        raise SaepipeError(f"--archs names no architecture: pass some of {','.join(COUNTERPARTS)}")
+    for arch in archs:  # every configuration is checked before the first training starts
+        if arch not in COUNTERPARTS:
+            raise SaepipeError(f"--archs {arch}: no SAELens counterpart; compare {', '.join(COUNTERPARTS)}")
+        _ours_config(base, arch, k).validate()
     store = open_store(base.store)
     store.require_complete()
     device = resolve_device(base.device)

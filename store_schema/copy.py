@@ -26,9 +26,18 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
     """Copy; returns counts of files and bytes copied and skipped."""
     source = open_store(src)  # a store, and a complete one: never spread a half-collected store
     source.require_complete()
-    src_fs, src_root = fsspec.core.url_to_fs(local_path(src))
-    dst_fs, dst_root = fsspec.core.url_to_fs(local_path(dst))
-    if dst_fs.exists(posixpath.join(dst_root, ROOT_METADATA)):  # a finished copy, or something else
+    src_fs, src_root = _filesystem(src)
+    dst_fs, dst_root = _filesystem(dst)
+    try:
+        if dst_fs.isfile(dst_root):
+            raise schema.StoreError(f"{dst} is a file: pass a folder or a URL for the copy")
+        finished = dst_fs.exists(posixpath.join(dst_root, ROOT_METADATA))
+    except schema.StoreError:
+        raise
+    except Exception as e:  # each backend has its own errors: credentials, connection, permission
+        raise schema.StoreError(f"cannot reach {dst} ({_first_line(e)}): check the URL, and the credentials "
+                                f"in the environment (e.g. AWS_*)") from e
+    if finished:  # a finished copy, or something else
         try:
             existing = open_store(dst).fingerprint
         except schema.StoreError:
@@ -61,9 +70,31 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
             done["bytes_copied"] += 0 if skip else size
             bar.update(size)
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(copy, rest))
-    for path in last:
-        copy(path)
-    bar.close()
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(copy, rest))
+        for path in last:
+            copy(path)
+    except Exception as e:  # the backend's own error (network, credentials, a read-only destination)
+        raise schema.StoreError(f"copying {src} to {dst} failed ({_first_line(e)}): fix that, then run the same "
+                                f"command again to resume") from e
+    finally:
+        bar.close()
     return done
+
+
+def _filesystem(location: str):
+    """fsspec's filesystem and root path for a path or URL; a StoreError when fsspec cannot open it."""
+    try:
+        return fsspec.core.url_to_fs(local_path(location))
+    except ImportError as e:  # fsspec names the backend a URL needs (s3fs, gcsfs, aiohttp)
+        raise schema.StoreError(f"{location} needs a package that is not installed ({e}): "
+                                f"pip install 'saepipe[remote]'") from None
+    except ValueError as e:  # e.g. "Protocol not known"
+        raise schema.StoreError(f"{location} is not a path or a URL fsspec knows ({e}): pass a folder, or a URL "
+                                f"like s3://bucket/x.zarr") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

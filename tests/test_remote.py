@@ -123,8 +123,10 @@ def test_an_interrupted_copy_is_not_a_store_and_resumes(collected, tmp_path, mon
         return original(self, path, value, *args, **kwargs)
 
     monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "pipe_file", failing_pipe)
-    with pytest.raises(OSError):
-        run("store", "copy", local, dst, "--threads", "1", "--no-progress")
+    result = run("store", "copy", local, dst, "--threads", "1", "--no-progress")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"error: copying {local} to {dst} failed (OSError: "
+                                                              f"disk went away): fix that, then run the same command")
     assert not (dst / "zarr.json").exists()
     result = CliRunner().invoke(main, ["info", str(dst)])
     assert result.exit_code == 2  # not mistaken for a store

@@ -58,7 +58,6 @@ def build_report(opts: ReportOptions) -> Path:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise SaepipeError(f"--out {out} is a file: pass a folder for index.html and the PNG files")
-    (out / LATENT_PLOTS).mkdir(parents=True, exist_ok=True)
     device = resolve_device(opts.device)
     model_for = ModelCache(device) if opts.use_model else None
 
@@ -102,6 +101,7 @@ def build_report(opts: ReportOptions) -> Path:
 
     page = Page(runs, time.strftime("%Y-%m-%d %H:%M"), training, [d for d in densities if d],
                 [f for f in frontiers if f], browsers, notes)
+    (out / LATENT_PLOTS).mkdir(parents=True, exist_ok=True)  # only now: a refused report writes nothing
     for image in images:
         _write_atomic(out / image.filename, image.png)
     _write_atomic(out / INDEX, render(page).encode("utf-8"))

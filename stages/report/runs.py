@@ -5,7 +5,6 @@ Nothing here loads the SAE or torch, so `saepipe compare` stays quick.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass
@@ -81,7 +80,7 @@ def load_runs(paths: list[str | Path]) -> list[EvaluatedRun]:
         require_eval(path)
     runs = []
     for path, label in zip(resolved, unique_labels([p.resolve() for p in resolved])):
-        metrics = json.loads((path / run_dir.EVAL).read_text())
+        metrics = run_dir.read_json(path / run_dir.EVAL, f"evaluate the run again (saepipe eval {path})")
         d_sae = (metrics.get("sae") or {}).get("d_sae")
         runs.append(EvaluatedRun(path, label, metrics, run_dir.read_log(path), read_density(path, d_sae)))
     return runs
