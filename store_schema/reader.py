@@ -41,6 +41,10 @@ class ActivationStore:
             raise schema.StoreError(f"opening {location} needs a package that is not installed ({e}): "
                                     f"pip install 'saepipe[remote]'") from None
         except Exception as e:  # zarr raises several kinds for "not a group"
+            if "://" not in location and (Path(location) / "zarr.json").is_file():
+                raise schema.StoreError(f"the store's root metadata {Path(location) / 'zarr.json'} cannot be read "
+                                        f"({type(e).__name__}: {e}): the store is damaged; copy it again from its "
+                                        f"source, or collect it again") from None
             raise schema.StoreError(f"{location} is not a Zarr group ({type(e).__name__}: {e}); "
                                     f"pass the folder that `saepipe collect --out` wrote") from e
         header = group.attrs.get(schema.ATTRS_KEY)
@@ -338,16 +342,26 @@ def _read_exactly(f, views: list[memoryview], offset: int) -> bool:
 
 
 def _check_arrays_match(group: zarr.Group, header: dict) -> None:
-    """The attributes describe the row arrays that are there: width, chunking, enough rows (a header
-    copied from another store, or edited, would otherwise read as garbage or fail as a bad checksum)."""
+    """Every array the attributes name is there with readable metadata, and the row arrays match the
+    attributes: width, chunking, enough rows (a header copied from another store, or edited, would
+    otherwise read as garbage or fail as a bad checksum). Every damaged array is named."""
+    arrays, damaged = {}, []
+    for name in schema.array_names(header):
+        try:
+            arrays[name] = group.get(name)
+        except Exception as e:  # a truncated or edited zarr.json: zarr raises JSON and validation errors
+            damaged.append(f"{name}/zarr.json cannot be read ({type(e).__name__})")
+            continue
+        if not isinstance(arrays[name], zarr.Array):
+            damaged.append(f"the array {name} is missing")
+    if damaged:
+        raise schema.StoreError(f"the store is damaged: {'; '.join(damaged)}; copy it again from its source, "
+                                f"or collect it again")
     chunk_rows = header["layout"]["chunk_rows"]
     for split in schema.SPLITS:
         committed = header["progress"][split]["rows_committed"]
         for hook in header["hooks"]:
-            arr = group.get(schema.acts_path(split, hook))
-            if not isinstance(arr, zarr.Array):
-                raise schema.StoreError(f"the array {schema.acts_path(split, hook)} is missing: the store is "
-                                        f"damaged; copy it again from its source, or collect it again")
+            arr = arrays[schema.acts_path(split, hook)]
             shape_ok = arr.ndim == 2 and arr.shape[1] == header["d_model"] and arr.shape[0] >= committed
             # readers find row i in chunk i // chunk_rows: true when the chunks are that size, or one holds all
             chunks_ok = arr.chunks[0] == chunk_rows or arr.shape[0] <= arr.chunks[0]

@@ -57,6 +57,19 @@ def norm_mean_path(hook: str) -> str:
     return f"normalization/{hook}/mean"
 
 
+def array_names(header: dict) -> list[str]:
+    """Every array a store with this (checked) header holds."""
+    names = [TOKENS, CONTEXT_SPLIT]
+    for split in SPLITS:
+        names += [row_context_path(split), row_position_path(split)] + [acts_path(split, h) for h in header["hooks"]]
+        if header.get("normalization_mode") == "token":
+            names += [row_stats_path(split, h) for h in header["hooks"]]
+    for hook, norm in (header.get("normalization") or {}).items():
+        if norm["mode"] == "center-scale":
+            names.append(norm_mean_path(hook))
+    return names
+
+
 def fingerprint(obj) -> str:
     """A short stable hash of a JSON-able object (sorted keys)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
