@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -27,6 +28,14 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (SaepipeError, StoreError) as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Every writer commits atomically, so what was committed before the disk filled is intact.
+            where = f" writing {e.filename}" if e.filename else ""
+            click.echo(f"error: no space left on device{where}: free space, then re-run the same command "
+                       f"(collect resumes where it stopped; train resumes with --resume)", err=True)
             sys.exit(EXIT_USER_ERROR)
 
 
