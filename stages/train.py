@@ -45,10 +45,14 @@ def lr_schedule(steps: int, warmup_frac: float, decay_frac: float):
     return factor
 
 
-def build_for_store(cfg: TrainConfig, store: ActivationStore, device: torch.device) -> tuple[SparseAutoencoder, float]:
+def build_for_store(cfg: TrainConfig, store: ActivationStore, device: torch.device,
+                    sample: torch.Tensor | None = None) -> tuple[SparseAutoencoder, float]:
     """A freshly initialized SAE and the loss-scale constant, both from a sample of training rows
-    (rows are stored shuffled, so the first rows are a random sample)."""
-    sample = torch.from_numpy(store.read_rows("train", cfg.hook, 0, cfg.geometric_median_rows)).float()
+    (rows are stored shuffled, so the first rows are a random sample). `sample`: those first rows,
+    when already read (at least cfg.geometric_median_rows of them)."""
+    if sample is None:
+        sample = torch.from_numpy(store.read_rows("train", cfg.hook, 0, cfg.geometric_median_rows))
+    sample = sample[:cfg.geometric_median_rows].float()
     generator = torch.Generator().manual_seed(cfg.seed)
     sae = ARCHITECTURES[cfg.arch].from_config(store.d_model, cfg)
     sae.reset_parameters(generator)
@@ -91,9 +95,9 @@ class _Run:
     KEYS = ("loss", "mse", "fve", "l0", "aux_loss")
 
     def __init__(self, cfg: TrainConfig, store: ActivationStore, device: torch.device, resuming: bool,
-                 world: distributed.World):
+                 world: distributed.World, sample: torch.Tensor | None = None):
         self.cfg, self.store, self.out, self.world = cfg, store, Path(cfg.out), world
-        self.sae, self.mse_scale = build_for_store(cfg, store, device)
+        self.sae, self.mse_scale = build_for_store(cfg, store, device, sample)
         self.loss = _TrainingLoss(self.sae)
         if distributed.active():
             from torch.nn.parallel import DistributedDataParallel
@@ -203,17 +207,20 @@ def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.Wor
     store = open_store(base.store)
     store.require_complete()
     store.require_hook(base.hook)
+    # What can refuse the run comes before its folder is touched: the loader's size checks, and reading
+    # (and checksumming) the first chunks, the initialization sample.
+    loader = ShuffledBatches(store, base.hook, base.batch_size, device=device, seed=base.seed, resident=base.resident,
+                             rank=world.rank, world_size=world.size)
+    sample = torch.from_numpy(store.read_rows("train", base.hook, 0, max(c.geometric_median_rows for c in cfgs)))
     resuming = distributed.broadcast_object(_prepare_run_folders(cfgs) if world.is_main else None)
     if isinstance(resuming, SaepipeError):
         raise resuming
-    runs = [_Run(c, store, device, r, world) for c, r in zip(cfgs, resuming)]
+    runs = [_Run(c, store, device, r, world, sample) for c, r in zip(cfgs, resuming)]
     starts = {run.start for run in runs}
     if len(starts) > 1:
         raise SaepipeError(f"the sweep's checkpoints are at different steps ({sorted(starts)}): "
                            f"resume the runs one by one, or --overwrite")
     start = starts.pop()
-    loader = ShuffledBatches(store, base.hook, base.batch_size, device=device, seed=base.seed, resident=base.resident,
-                             rank=world.rank, world_size=world.size)
     batches = loader.batches(start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     bar = tqdm(total=base.steps, initial=start, desc="train" if len(runs) == 1 else f"train x{len(runs)}",

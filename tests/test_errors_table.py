@@ -31,14 +31,6 @@ COLUMNS = ["id", "trigger", "message", "exit", "setup"]
 HOOK = "blocks.2.hook_resid_post"
 TRAIN_CHUNK = Path("train") / "acts" / HOOK / "c" / "1" / "0"  # one chunk file of {store}'s training rows
 
-# Rows that refuse cleanly but leave files behind (known problems, see docs/errors.md): every check
-# but "nothing written" still applies to them.
-WRITES_BEFORE_REFUSING = {
-    "store-batch-too-big": "stages/train.py writes cfg.json and train_log.jsonl before the loader checks the store",
-    "store-damaged-chunk": "stages/train.py writes cfg.json and train_log.jsonl before the first chunk is read",
-    "store-missing-chunk": "stages/train.py writes cfg.json and train_log.jsonl before the first chunk is read",
-}
-
 
 @dataclass(frozen=True)
 class Row:
@@ -281,7 +273,6 @@ def test_the_table_has_rows_with_unique_ids_and_known_setups():
     for row in ROWS:
         assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", row.id), row.id
         assert row.setup in SETUPS or row.setup == "", (row.id, row.setup)
-    assert set(WRITES_BEFORE_REFUSING) <= set(ids)
 
 
 def test_the_parser_reads_code_spans_and_refuses_malformed_rows():
@@ -321,7 +312,4 @@ def test_row(row: Row, places, tmp_path, monkeypatch, request):
         assert _substitute(fragment, values, quote=False) in errors[0], (fragment, errors[0])
     after = _snapshot(places["root"], tmp_path)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k, "gone") != after.get(k, "gone"))
-    if row.id not in WRITES_BEFORE_REFUSING:
-        assert not changed, f"the refused command wrote or changed: {changed}"
-    else:  # keeps the list of exceptions honest
-        assert changed, f"{row.id} writes nothing now: take it off WRITES_BEFORE_REFUSING and docs/errors.md"
+    assert not changed, f"the refused command wrote or changed: {changed}"
