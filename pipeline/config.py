@@ -177,6 +177,15 @@ class TrainConfig:
         _require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
         _require(0 <= self.warmup_frac < 1 and 0 <= self.decay_frac < 1 and self.warmup_frac + self.decay_frac <= 1,
                  "warm-up and decay fractions must be in [0, 1) and sum to at most 1")
+        _require(self.aux_k is None or 1 <= self.aux_k <= self.width,
+                 f"--aux-k must be in [1, width={self.width}], got {self.aux_k}")
+        _require(self.aux_coef >= 0, f"--aux-coef must be >= 0 (0 turns AuxK off), got {self.aux_coef}")
+        _require(self.dead_window_tokens is None or self.dead_window_tokens > 0,
+                 f"--dead-window must be a positive number of tokens, got {self.dead_window_tokens}")
+        _require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        _require(self.log_every > 0 and self.checkpoint_every > 0,
+                 f"--log-every and --checkpoint-every must be positive step counts, got {self.log_every} "
+                 f"and {self.checkpoint_every}")
         _require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: pick one")
         return self
 
