@@ -58,7 +58,7 @@ def main() -> None:
 @click.option("--hook", "hooks", multiple=True, default=[DEFAULT_HOOK], help="hook point; repeat for several")
 @click.option("--tokens", type=int, default=100_000, help="training rows (tokens) to collect; eval rows come on top")
 @click.option("--context-size", type=int, default=128)
-@click.option("--out", required=True, type=click.Path(), help="the store folder to write (STORE.zarr)")
+@click.option("--out", type=click.Path(), help="the store folder to write (STORE.zarr)")
 @click.option("--normalize", type=click.Choice(["center-scale", "token", "none"]), default="center-scale")
 @click.option("--eval-fraction", type=float, default=0.05, help="share of contexts held out for eval")
 @click.option("--batch-size", type=int, default=16, help="contexts per forward pass")
@@ -81,18 +81,48 @@ def main() -> None:
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="run the model on the workers of a running dask cluster (tcp://HOST:PORT); --out must be "
                    "on a filesystem they all see")
+@click.option("--append", "append_to", type=click.Path(), default=None, metavar="STORE",
+              help="grow the complete STORE to --tokens training tokens, with its own settings (instead of --out)")
 @click.option("--resume", is_flag=True, help="continue an interrupted collect (also done by re-running it)")
 @click.option("--overwrite", is_flag=True, help="replace whatever --out holds")
 @click.option("--no-progress", is_flag=True)
-def collect(no_progress: bool, keep_special: bool, outlier_factor: float, **kwargs) -> None:
+@click.pass_context
+def collect(ctx: click.Context, no_progress: bool, keep_special: bool, outlier_factor: float, append_to: str | None,
+            **kwargs) -> None:
     """Run the model once over the text and write normalized fp16 activations to a Zarr store."""
     from stages.collect import run_collect
 
+    if append_to is not None:
+        kwargs["out"] = _append_target(ctx, append_to, kwargs["out"])
+    elif kwargs["out"] is None:
+        out = next(param for param in ctx.command.params if param.name == "out")
+        raise click.MissingParameter(ctx=ctx, param=out, message="Or grow a complete store with --append STORE.")
     cfg = CollectConfig(**kwargs, exclude_special=not keep_special, outlier_factor=outlier_factor or None,
-                        progress=not no_progress)
+                        progress=not no_progress, append=append_to is not None)
     cfg.hooks = tuple(cfg.hooks)
     out = run_collect(cfg)
     click.echo(f"store ready: {out}")
+
+
+# What decides a store's contents: an append takes all of it from the store.
+_STORE_SETTINGS = ("model", "dataset", "dataset_split", "text_column", "hooks", "context_size", "normalize",
+                   "eval_fraction", "batch_size", "dtype", "seed", "drop_first", "keep_special", "outlier_factor",
+                   "shuffle_buffer_rows", "chunk_rows", "warmup_rows", "nonfinite")
+
+
+def _append_target(ctx: click.Context, store: str, out: str | None) -> str:
+    """The store `collect --append` grows, after refusing what an append cannot take."""
+    from click.core import ParameterSource
+
+    flags = {param.name: param.opts[0] for param in ctx.command.params}
+    given = [flags[name] for name in _STORE_SETTINGS if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if given:
+        raise SaepipeError(f"--append grows the store with the settings it was collected with: drop {', '.join(given)}")
+    if out is not None:
+        raise SaepipeError("--append STORE names the store it grows: drop --out")
+    if ctx.get_parameter_source("tokens") is ParameterSource.DEFAULT:
+        raise SaepipeError("--append needs --tokens N: the training tokens the store should hold in all")
+    return store
 
 
 @main.command()

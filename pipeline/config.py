@@ -48,6 +48,7 @@ class CollectConfig:
     # cluster of `workers` processes, or the dask cluster whose scheduler is at `scheduler`.
     workers: int | None = None
     scheduler: str | None = None
+    append: bool = False  # `out` is a complete store to grow to `tokens` training tokens, with its own settings
 
     def validate(self) -> CollectConfig:
         _require(len(self.hooks) > 0, "give at least one --hook")
@@ -74,6 +75,8 @@ class CollectConfig:
         _require(self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
         _require(self.scheduler is None or bool(self.scheduler.strip()),
                  "--scheduler needs the dask scheduler's address, like tcp://HOST:8786")
+        _require(not (self.append and (self.overwrite or self.resume)),
+                 "--append resumes an interrupted append by itself and never overwrites: drop --resume/--overwrite")
         return self
 
     @property
@@ -87,7 +90,7 @@ class CollectConfig:
 
     def content_fields(self) -> dict:
         """The fields that decide the store's bytes: equal fields mean a resumable, identical store."""
-        skip = {"out", "device", "overwrite", "resume", "progress", "workers", "scheduler"}
+        skip = {"out", "device", "overwrite", "resume", "progress", "workers", "scheduler", "append"}
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         fields["hooks"] = sorted(self.hooks)
         return fields

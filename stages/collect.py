@@ -145,14 +145,24 @@ def _differing_settings(cfg: CollectConfig, existing: ActivationStore) -> str | 
     ours = cfg.content_fields()
     if existing.header.get("config_fingerprint") == schema.fingerprint(ours):
         return None
-    return ", ".join(sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))) or "version"
+    differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if existing.header.get("appends"):
+        differing.append(f"grown by --append to {existing.header['token_budget']:,} tokens")
+    return ", ".join(differing) or "version"
 
 
 def run_collect(cfg: CollectConfig, model=None) -> str:
     """Collect the store `cfg` describes. `model`: an already loaded HostModel of cfg.model (benchmarks
     time the collect without the load). One collect at a time writes a store (store_schema.lock)."""
     cfg.validate()
-    if _is_remote(cfg.out):
+    if cfg.append:
+        if _is_remote(cfg.out):
+            raise SaepipeError(f"--append needs a store on this machine, not {cfg.out}: copy it here with `saepipe "
+                               f"store copy`, append, and copy it back")
+        from stages import collect_append
+
+        cfg = collect_append.store_config(cfg)
+    elif _is_remote(cfg.out):
         return _collect_to_remote(cfg, model)
     with StoreLock(cfg.out):
         return str(_collect_locked(cfg, model))
@@ -196,7 +206,15 @@ def _collect_to_remote(cfg: CollectConfig, model) -> str:
 
 def _collect_locked(cfg: CollectConfig, model) -> Path:
     out = Path(cfg.out)
-    action = plan_action(cfg)
+    if cfg.append:
+        from stages import collect_append
+
+        action = "append-" + collect_append.plan(cfg)
+    else:
+        action = plan_action(cfg)
+    if action == "append-done":
+        print(f"store {out} already holds {cfg.tokens:,} tokens; nothing to do", file=sys.stderr)
+        return out
     if action == "done":
         print(f"store {out} is already complete for this configuration; nothing to do", file=sys.stderr)
         return out
@@ -222,8 +240,9 @@ def _collect_locked(cfg: CollectConfig, model) -> Path:
 
 
 def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: str) -> StoreWriter:
-    """The writer of a new store ('create') or of the interrupted one to resume. `model`: a HostModel, or
-    anything with its tokenizer, revision, d_model and n_layers (what dask workers report)."""
+    """The writer of a new store ('create'), of the interrupted one to resume ('resume'), or of the store
+    to append to ('append-start', 'append-resume'). `model`: a HostModel, or anything with its
+    tokenizer, revision, d_model and n_layers (what dask workers report)."""
     out = Path(cfg.out)
     if action == "create":
         if out.exists():
@@ -231,12 +250,17 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: str) ->
         return _create_store(cfg, model, hooks)
     writer = StoreWriter.open(out)
     if writer.header["model"]["revision"] != model.revision:
-        raise SaepipeError(f"--out {out} was collected from other weights of {cfg.model} "
+        raise SaepipeError(f"{out} was collected from other weights of {cfg.model} "
                            f"(revision {writer.header['model']['revision']}, now {model.revision}): "
-                           f"pass --overwrite to start again")
+                           + ("an append needs the store's model" if cfg.append else "pass --overwrite to start again"))
+    if action == "append-start":
+        from stages import collect_append
+
+        collect_append.begin(cfg, model, writer)
+        return writer
     done = {s: writer.progress(s)["rows_committed"] for s in schema.SPLITS}
-    print(f"resuming {out}: {done['train']:,} train and {done['eval']:,} eval rows already committed",
-          file=sys.stderr)
+    print(f"resuming {'the append to ' if cfg.append else ''}{out}: {done['train']:,} train and {done['eval']:,} "
+          f"eval rows committed", file=sys.stderr)
     return writer
 
 
@@ -286,14 +310,20 @@ def _contexts_per_block(cfg: CollectConfig) -> int:
     return max(1, cfg.shuffle_buffer_rows // cfg.rows_per_context)
 
 
-def _block_plan(cfg: CollectConfig, context_split: np.ndarray, split: str) -> list[np.ndarray]:
-    """The split's contexts cut into blocks; training contexts in a seeded random order, so every block
-    (the first one, which fixes the normalization, included) samples the whole corpus."""
-    ids = np.flatnonzero(context_split == schema.SPLIT_CODES[split])
-    if split == "train":
-        ids = np.random.default_rng([cfg.seed, 0x0D3]).permutation(ids)
-    per_block = _contexts_per_block(cfg)
-    return [ids[i:i + per_block] for i in range(0, len(ids), per_block)]
+def _block_plan(cfg: CollectConfig, header: dict, context_split: np.ndarray, split: str) -> list[np.ndarray]:
+    """The split's contexts cut into blocks, those of the first collect, then those of each append in
+    turn; training contexts in a seeded random order, so every block (the first one, which fixes the
+    normalization, included) samples the whole corpus, or all the text an append added."""
+    firsts = [0] + [a["contexts"][0] for a in header.get("appends", [])]
+    if header.get("append"):
+        firsts.append(header["append"]["contexts"][0])
+    per_block, blocks = _contexts_per_block(cfg), []
+    for first, end in zip(firsts, firsts[1:] + [len(context_split)]):
+        ids = first + np.flatnonzero(context_split[first:end] == schema.SPLIT_CODES[split])
+        if split == "train":
+            ids = np.random.default_rng([cfg.seed, 0x0D3] + ([first] if first else [])).permutation(ids)
+        blocks += [ids[i:i + per_block] for i in range(0, len(ids), per_block)]
+    return blocks
 
 
 def pending_blocks(cfg: CollectConfig, writer: StoreWriter) -> list[BlockTask]:
@@ -301,7 +331,7 @@ def pending_blocks(cfg: CollectConfig, writer: StoreWriter) -> list[BlockTask]:
     context_split = writer.group[schema.CONTEXT_SPLIT][:]
     tasks = []
     for split in schema.SPLITS:
-        plan = _block_plan(cfg, context_split, split)
+        plan = _block_plan(cfg, writer.header, context_split, split)
         tasks += [BlockTask(split, index, plan[index], index == len(plan) - 1)
                   for index in range(writer.progress(split)["blocks_done"], len(plan))]
     return tasks

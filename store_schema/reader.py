@@ -112,7 +112,11 @@ class ActivationStore:
 
     @cached_property
     def context_split(self) -> np.ndarray:
-        return self.group[schema.CONTEXT_SPLIT][:]
+        # The store's contexts as the attributes count them: an append grows `tokens` and `context_split`
+        # before its rows are committed, and its contexts are not the store's until then.
+        counts = self.header.get("split") or {}
+        n = counts.get("n_train_contexts", 0) + counts.get("n_eval_contexts", 0) or None
+        return self.group[schema.CONTEXT_SPLIT][:n]
 
     def contexts(self, split: str) -> np.ndarray:
         """Indices into `tokens` of the split's contexts that have rows (skipped ones left out)."""

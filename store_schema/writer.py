@@ -11,6 +11,10 @@ overwrites them with the same values.
 Several processes may write rows at once (collect across dask workers) as long as no two write into
 one chunk at the same time: writing part of a chunk reads the chunk, changes it and writes it back.
 Only the process holding the store lock commits.
+
+Appends. `begin_append` grows the arrays of a complete store and records the append in the `append`
+attribute; its blocks then commit into that attribute, not into the store's own progress, so readers
+keep seeing the store as it was. `finalize` makes the appended rows the store's in one attribute write.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ class StoreWriter:
         row_stats = header["normalization_mode"] == "token"
         for split in schema.SPLITS:
             n = planned_rows[split]
-            chunk = (max(min(chunk_rows, n), 1),)
+            chunk = (chunk_rows,)  # also for a smaller split: its arrays can then grow (--append)
             for name, dtype in ((schema.row_context_path(split), "int32"), (schema.row_position_path(split), "int16")):
                 group.create_array(name, shape=(n,), dtype=dtype, chunks=chunk, fill_value=-1,
                                    compressors=schema.checksummed(ZstdCodec()))
@@ -79,15 +83,28 @@ class StoreWriter:
         return cls(group)
 
     # -- state --------------------------------------------------------------------------------------
+    @property
+    def appending(self) -> bool:
+        return bool(self.header.get("append"))
+
+    def _live(self) -> dict:
+        """Where this writer's progress and statistics are kept: in the attributes themselves, or, during
+        an append, in the `append` attribute (which readers do not look at)."""
+        return self.header["append"] if self.appending else self.header
+
     def progress(self, split: str) -> dict:
-        return self.header["progress"][split]
+        return self._live()["progress"][split]
+
+    def n_contexts(self) -> int:
+        """Contexts of the store as readers see it (an append in progress adds more after them)."""
+        return int(self.header["split"]["n_train_contexts"] + self.header["split"]["n_eval_contexts"])
 
     def chunk_rows(self, split: str) -> int:
         """Rows per chunk of the split's row arrays (fewer than the layout's when the split is smaller)."""
         return int(self.group[schema.row_context_path(split)].chunks[0])
 
     def running_stats(self, split: str, hook: str) -> schema.RunningStats:
-        saved = self.header["running_stats"][split].get(hook)
+        saved = self._live()["running_stats"][split].get(hook)
         d = self.header["d_model"]
         return schema.RunningStats(d) if saved is None else schema.RunningStats.from_json(d, saved)
 
@@ -122,12 +139,16 @@ class StoreWriter:
 
     def commit(self, split: str, blocks_done: int, rows_committed: int, stats: dict[str, schema.RunningStats],
                skipped_contexts: list[int]) -> None:
-        progress = dict(self.header["progress"])
+        live = self._live()
+        progress = dict(live["progress"])
         progress[split] = {"blocks_done": blocks_done, "rows_committed": rows_committed}
         progress["skipped_contexts"] = sorted(skipped_contexts)
-        running = dict(self.header["running_stats"])
+        running = dict(live["running_stats"])
         running[split] = {hook: s.to_json() for hook, s in stats.items()}
-        self._update(progress=progress, running_stats=running)
+        if self.appending:
+            self._update(append={**live, "progress": progress, "running_stats": running})
+        else:
+            self._update(progress=progress, running_stats=running)
 
     def commit_block(self, split: str, block_index: int, n_rows: int, block_stats: dict[str, schema.RunningStats],
                      dropped_contexts: list[int]) -> None:
@@ -139,26 +160,81 @@ class StoreWriter:
         stats = {hook: self.running_stats(split, hook) for hook in self.header["hooks"]}
         for hook, block in block_stats.items():
             _merge(stats[hook], block)
-        skipped = self.header["progress"]["skipped_contexts"] + list(dropped_contexts)
+        skipped = self._live()["progress"]["skipped_contexts"] + list(dropped_contexts)
         self.commit(split, block_index + 1, self.progress(split)["rows_committed"] + n_rows, stats, skipped)
 
+    def begin_append(self, token_budget: int, tokens: np.ndarray, context_split: np.ndarray,
+                     planned_rows: dict[str, int], tokens_fingerprint: str, writer: str) -> None:
+        """Start appending contexts `tokens` (their split codes `context_split`, their stored positions
+        per split `planned_rows`) to this complete store, towards `token_budget` training tokens; the
+        fingerprint is of the tokens array with them. The arrays grow first (readers see only the
+        contexts and rows the attributes count), then the `append` attribute records the append: a
+        kill in between leaves the store as it was, and the next append grows the arrays again."""
+        first, added = self.n_contexts(), len(tokens)
+        rows = {split: self.header["progress"][split]["rows_committed"] + planned_rows[split] for split in schema.SPLITS}
+        for split in schema.SPLITS:
+            chunk = self.chunk_rows(split)
+            if rows[split] > chunk and chunk != self.header["layout"]["chunk_rows"]:
+                raise schema.StoreError(f"the store keeps its {split} rows in one chunk of {chunk:,} rows (it was "
+                                        f"written before stores could grow), too small for {rows[split]:,} rows: "
+                                        f"collect a new store with the larger --tokens instead")
+        _write_from(self.group[schema.TOKENS], first, tokens.astype(np.int32))
+        _write_from(self.group[schema.CONTEXT_SPLIT], first, context_split.astype(np.int8))
+        for split in schema.SPLITS:
+            for name in self._row_arrays(split):
+                arr = self.group[name]
+                arr.resize((rows[split],) + arr.shape[1:])
+        counts = {f"n_{split}_contexts": int((context_split == code).sum()) for split, code in schema.SPLIT_CODES.items()}
+        layout = self.header["layout"]["planned_rows"]
+        self._update(append={
+            "tokens": token_budget, "contexts": [first, first + added], "split": counts,
+            "planned_rows": {split: layout[split] + planned_rows[split] for split in schema.SPLITS},
+            "tokens_fingerprint": tokens_fingerprint, "writer": writer,
+            "progress": self.header["progress"], "running_stats": self.header["running_stats"]})
+
     def finalize(self) -> None:
-        """Trim row arrays to what was written (contexts may have been skipped) and mark complete."""
+        """Trim row arrays to what was written (contexts may have been skipped) and mark complete; after
+        an append, make its rows, statistics and contexts the store's, in one attribute write."""
         for split in schema.SPLITS:
             n = self.progress(split)["rows_committed"]
-            names = [schema.row_context_path(split), schema.row_position_path(split)]
-            names += [schema.acts_path(split, h) for h in self.header["hooks"]]
-            if self.header["normalization_mode"] == "token":
-                names += [schema.row_stats_path(split, h) for h in self.header["hooks"]]
-            for name in names:
+            for name in self._row_arrays(split):
                 arr = self.group[name]
                 if arr.shape[0] != n:
                     arr.resize((n,) + arr.shape[1:])
-        self._update(complete=True)
+        if not self.appending:
+            self._update(complete=True)
+            return
+        append, header = self.header["append"], dict(self.header)
+        del header["append"]
+        header["progress"], header["running_stats"] = append["progress"], append["running_stats"]
+        header["token_budget"] = append["tokens"]
+        header["split"] = {**header["split"], **{key: header["split"][key] + n for key, n in append["split"].items()}}
+        header["layout"] = {**header["layout"], "planned_rows": append["planned_rows"]}
+        header["text_source"] = {**header["text_source"], "tokens_fingerprint": append["tokens_fingerprint"]}
+        header["appends"] = header.get("appends", []) + [
+            {key: append[key] for key in ("tokens", "contexts", "writer")}]
+        header["config_fingerprint"] = schema.fingerprint(
+            {"collect_config": header["collect_config"], "appends": [a["tokens"] for a in header["appends"]]})
+        self.header = header
+        self.group.update_attributes({schema.ATTRS_KEY: header})
+
+    def _row_arrays(self, split: str) -> list[str]:
+        names = [schema.row_context_path(split), schema.row_position_path(split)]
+        names += [schema.acts_path(split, h) for h in self.header["hooks"]]
+        if self.header["normalization_mode"] == "token":
+            names += [schema.row_stats_path(split, h) for h in self.header["hooks"]]
+        return names
 
     def _update(self, **changes) -> None:
         self.header.update(changes)
         self.group.update_attributes({schema.ATTRS_KEY: self.header})
+
+
+def _write_from(arr: zarr.Array, first: int, data: np.ndarray) -> None:
+    """Make `arr` end with `data` at index `first` (growing or shrinking it)."""
+    arr.resize((first + len(data),) + arr.shape[1:])
+    with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):
+        arr[first:] = data
 
 
 def _merge(running: schema.RunningStats, block: schema.RunningStats) -> None:

@@ -2,6 +2,7 @@
 single-process collect, and a collect interrupted either way resumes either way, bit-identical."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,15 @@ def test_an_interrupted_collect_resumes_either_way_bit_identical(client, referen
     stop_at.clear()
     run_collect(CollectConfig(**{**vars(cfg), **where[then]}))
     assert tree_bytes(Path(cfg.out)) == tree_bytes(reference)
+
+
+def test_an_append_on_workers_writes_the_single_process_append(client, reference, tmp_path):
+    single, dask = tmp_path / "single.zarr", tmp_path / "dask.zarr"
+    for path, where in ((single, {}), (dask, {"scheduler": client.scheduler.address})):
+        shutil.copytree(reference, path)
+        run_collect(CollectConfig(out=str(path), tokens=9000, append=True, progress=False, **where))
+    assert open_store(dask).header["token_budget"] == 9000
+    assert tree_bytes(dask) == tree_bytes(single)
 
 
 def test_a_workers_error_is_the_one_line_error_of_a_single_process_collect(client, tmp_path):
