@@ -3,6 +3,7 @@
 #   make report  the HTML report of the run (evaluating it first if it has no eval.json)
 #   make test    the test suite (what CI runs)
 #   make bench   speed benchmarks (docs/benchmarks.md)
+#   make soak    a store under load: training, readers and appends at once (stages/soak.py)
 # Every variable below can be overridden: make all MODEL=gpt2 HOOK=blocks.6.hook_resid_post DEVICE=cuda
 
 PYTHON  ?= python3
@@ -35,7 +36,7 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval report sweep test bench clean distclean
+.PHONY: all setup collect train eval report sweep test bench soak clean distclean
 
 all: report
 
@@ -89,6 +90,11 @@ test: $(SETUP_DONE)
 # Speed as same-run ratios (docs/benchmarks.md); writes runs/bench/bench.json.
 bench: $(SETUP_DONE)
 	$(SAEPIPE) bench --device $(DEVICE) --model $(MODEL) --hook $(HOOK) --out runs/bench
+
+# A store under load for SOAK_SECONDS: training, two readers and an appender at once; runs/soak/soak.json.
+SOAK_SECONDS ?= 60
+soak: $(SETUP_DONE)
+	$(SAEPIPE) soak --out runs/soak --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf stores runs

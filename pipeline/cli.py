@@ -275,6 +275,22 @@ def bench(out: str, only: str, no_progress: bool, **kwargs) -> None:
     click.echo(f"written: {Path(out) / 'bench.json'}")
 
 
+@main.command()
+@click.option("--out", default="runs/soak", type=click.Path(), help="work folder (a fresh store, two runs, soak.json)")
+@click.option("--seconds", type=float, default=60.0, help="how long the store is under load")
+@click.option("--model", default="tiny-random", help="the model the store is collected (and appended) from")
+@click.option("--readers", type=int, default=2, help="reader processes")
+def soak(out: str, seconds: float, model: str, readers: int) -> None:
+    """Train from a store while other processes read it and one appends to it; report throughput and
+    whether every reader saw consistent data (a benchmark; writes OUT/soak.json)."""
+    from stages.soak import SoakConfig, run_soak
+
+    report = run_soak(SoakConfig(out=out, seconds=seconds, model=model, readers=readers))
+    click.echo(json.dumps(report, indent=2))
+    if not report["consistent"]:
+        raise SaepipeError(f"the soak found inconsistent data or a damaged store: see {Path(out) / 'soak.json'}")
+
+
 def _only_hook(store) -> str:
     if len(store.hooks) > 1:
         raise SaepipeError(f"the store holds several hooks ({', '.join(store.hooks)}): pick one with --hook")
