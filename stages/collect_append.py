@@ -128,6 +128,11 @@ def _contexts_available(documents, encode, context_size: int) -> int:
 
 def _open(path: str) -> ActivationStore:
     try:
-        return ActivationStore.open(path)
+        store = ActivationStore.open(path)
     except schema.StoreError as e:
         raise SaepipeError(f"--append {path}: {e}") from None
+    header = store.header
+    if not header.get("collect_config") or "n_train_contexts" not in (header.get("split") or {}):
+        raise SaepipeError(f"store {path} was not written by `saepipe collect` (it records no collect settings to "
+                           f"continue): only collected stores can be appended to")
+    return store

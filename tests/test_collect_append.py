@@ -14,6 +14,7 @@ from pipeline.cli import main
 from pipeline.config import CollectConfig
 from pipeline.errors import SaepipeError
 from stages.collect import plan_action, run_collect
+from stages.synthetic import write_array_store
 from store_schema.reader import open_store
 from store_schema.schema import split_counts
 from store_schema.writer import StoreWriter
@@ -191,6 +192,9 @@ def test_bad_appends_are_refused_in_one_line_and_change_nothing(base, corpus, tm
     refused("--append", path, "--tokens", 6000, "--out", tmp_path / "other.zarr", match="drop --out")
     refused("--append", path, match="--append needs --tokens N")
     refused("--append", tmp_path / "nothing.zarr", "--tokens", 6000, match="no store at")
+    rng = np.random.default_rng(0)
+    write_array_store(tmp_path / "synthetic.zarr", rng.standard_normal((300, 8)), rng.standard_normal((30, 8)), hook="h")
+    refused("--append", tmp_path / "synthetic.zarr", "--tokens", 6000, match="was not written by `saepipe collect`")
     changed = Path(shutil.copytree(Path(corpus).parent, tmp_path / "changed"))
     small = tmp_path / "small.zarr"
     run_collect(CollectConfig(out=str(small), dataset=str(changed / "*.txt"), tokens=600, **SETTINGS))
