@@ -66,6 +66,7 @@ class CollectConfig:
         _require(self.outlier_factor is None or self.outlier_factor > 1,
                  f"--outlier-factor must be above 1 (or 0 to keep every row), got {self.outlier_factor}")
         _require(self.nonfinite in ("skip", "abort"), f"--nonfinite must be skip or abort, got {self.nonfinite!r}")
+        _require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         _require(self.dtype in ("float32", "bfloat16", "float16"),
                  f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         _require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: pick one")

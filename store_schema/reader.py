@@ -181,7 +181,7 @@ class ActivationStore:
                                  f"of {split}/{hook}, or their destination is not contiguous")
             by_chunk.setdefault(chunk, []).append((first, dest))
         raw, checksummed = _raw_chunk_files(arr), is_checksummed(arr)
-        name = f"chunk {{}} of {split}/{hook} in {self.location}"
+        name = f"chunk {{}} of {schema.acts_path(split, hook)} in {self.location}"
 
         def read(chunk: int) -> None:
             todo = sorted(by_chunk[chunk], key=lambda piece: piece[0])

@@ -138,7 +138,13 @@ def test_out_that_is_not_a_store_is_refused(tmp_path):
     (tmp_path / "notes" / "keep.txt").write_text("precious")
     with pytest.raises(SaepipeError, match="exists and is not a saepipe store"):
         collect_stage.run_collect(CollectConfig(out=str(tmp_path / "notes"), **SMALL))
+    # --overwrite replaces stores only: a folder of something else, or a file, stays
+    (tmp_path / "file.txt").write_text("precious")
+    for out in ("notes", "file.txt"):
+        with pytest.raises(SaepipeError, match="replaces only stores; remove it yourself"):
+            collect_stage.run_collect(CollectConfig(out=str(tmp_path / out), overwrite=True, **SMALL))
     assert (tmp_path / "notes" / "keep.txt").read_text() == "precious"
+    assert (tmp_path / "file.txt").read_text() == "precious"
 
 
 @pytest.fixture

@@ -171,10 +171,10 @@ def test_damaged_metadata_or_chunks_are_named_and_training_refuses(whole_store, 
     store = tmp_path / "s.zarr"
     shutil.copytree(whole_store, store)
     target = {"root": store / "zarr.json", "array": store / "train" / "acts" / HOOK / "zarr.json",
-              "chunk": store / "train" / "row_context" / "c" / "1"}[damage]
+              "chunk": store / "train" / "acts" / HOOK / "c" / "1" / "0"}[damage]
     data = target.read_bytes()
     target.write_bytes(data[:len(data) // 2])  # truncated, as by a copy cut short
-    named = {"root": "zarr.json", "array": f"train/acts/{HOOK}/zarr.json", "chunk": "chunk 1 of train/row_context"}[damage]
+    named = {"root": "zarr.json", "array": f"train/acts/{HOOK}/zarr.json", "chunk": f"chunk 1 of train/acts/{HOOK}"}[damage]
     for command in (["store", "verify", str(store)],
                     ["train", str(store), "--out", str(tmp_path / "run"), *TRAIN]):
         result = subprocess.run([sys.executable, "-m", "pipeline.cli", *command], capture_output=True, text=True, env=ENV)

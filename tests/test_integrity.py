@@ -60,7 +60,7 @@ def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(collec
     result = run("train", store, "--width", "32", "--k", "4", "--tokens", "20000", "--batch-size", "256",
                  "--out", out, "--no-progress")
     assert result.exit_code == 2, result.output
-    assert f"of train/{HOOK} in {store} fails its checksum" in result.output.strip().splitlines()[-1]
+    assert f"of train/acts/{HOOK} in {store} fails its checksum" in result.output.strip().splitlines()[-1]
     assert not (out / "sae.safetensors").exists()
 
 

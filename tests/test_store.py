@@ -107,10 +107,10 @@ def test_a_flipped_byte_or_a_missing_chunk_is_caught_and_named(tmp_path, monkeyp
     chunk_file.write_bytes(bytes(damaged))
     store = open_store(tmp_path / "s.zarr")
     np.testing.assert_array_equal(store.read_rows("train", "h", 0, 1024), train[:1024].astype(np.float16))
-    with pytest.raises(schema.StoreError, match=r"chunk 1 of train/h in .* fails its checksum"):
+    with pytest.raises(schema.StoreError, match=r"chunk 1 of train/acts/h in .* fails its checksum"):
         store.read_rows("train", "h", 1100, 1200)  # the flipped byte is in row ~1028, not in these rows
     chunk_file.unlink()  # Zarr alone would read a missing chunk as zeros
-    with pytest.raises(schema.StoreError, match="chunk 1 of train/h in .* is missing"):
+    with pytest.raises(schema.StoreError, match="chunk 1 of train/acts/h in .* is missing"):
         store.read_rows("train", "h", 1100, 1200)
 
 
@@ -284,7 +284,7 @@ def test_a_truncated_chunk_file_is_named(tmp_path):
     write_array_store(tmp_path / "s.zarr", train, train[:10], hook="h", chunk_rows=1024)
     path = tmp_path / "s.zarr" / "train" / "acts" / "h" / "c" / "1" / "0"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(schema.StoreError, match=r"chunk 1 of train/h in .* \(or is truncated\)"):
+    with pytest.raises(schema.StoreError, match=r"chunk 1 of train/acts/h in .* \(or is truncated\)"):
         open_store(tmp_path / "s.zarr").read_rows("train", "h")
 
 
