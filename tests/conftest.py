@@ -36,3 +36,36 @@ def tiny_gpt2_dir(tmp_path_factory):
     hf.save_pretrained(path)
     tok.save_pretrained(path)
     return path, hf
+
+
+class _Crash(Exception):
+    """What `crash_training` raises: a training run dying mid-way."""
+
+
+class _CrashTraining:
+    """Make Adam's step raise after `n` more steps (`arm`), and undo it (`disarm`)."""
+
+    Crash = _Crash
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.real_step = monkeypatch, torch.optim.Adam.step
+
+    def arm(self, n: int) -> None:
+        real_step, calls = self.real_step, {"n": 0}
+
+        def step(optimizer, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise _Crash()
+            return real_step(optimizer, *args, **kwargs)
+
+        self.monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+    def disarm(self) -> None:
+        self.monkeypatch.setattr(torch.optim.Adam, "step", self.real_step)
+
+
+@pytest.fixture
+def crash_training(monkeypatch):
+    """Interrupt a training run after a number of optimizer steps, as a crash would (in-process)."""
+    return _CrashTraining(monkeypatch)

@@ -78,25 +78,13 @@ def test_a_batch_that_does_not_split_evenly_is_refused(store, tmp_path):
     assert not (tmp_path / "topk").exists()
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def test_a_single_process_checkpoint_resumes_on_two_processes(store, tmp_path, monkeypatch):
+def test_a_single_process_checkpoint_resumes_on_two_processes(store, tmp_path, crash_training):
     whole = run_sweep(configs(store, tmp_path / "whole", False)[:1])[0]
-    real_step, calls = torch.optim.Adam.step, {"n": 0}
-
-    def failing_step(self, *a, **kw):  # dies after 17 steps: the checkpoint at 10 survives
-        calls["n"] += 1
-        if calls["n"] > 17:
-            raise _Interrupt()
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
     cut = configs(store, tmp_path / "cut", False)[:1]
-    with pytest.raises(_Interrupt):
+    crash_training.arm(17)  # dies after 17 steps: the checkpoint at 10 survives
+    with pytest.raises(crash_training.Crash):
         run_sweep(cut)
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    crash_training.disarm()
     cut[0].resume = True
     resumed = run_sweep(cut, nproc=2)[0]
     a, b = load_file(whole / "sae.safetensors"), load_file(resumed / "sae.safetensors")

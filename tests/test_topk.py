@@ -97,29 +97,16 @@ def test_topk_recovers_planted_features(planted, tmp_path):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def test_resume_after_interruption_matches_uninterrupted_run(planted, tmp_path, monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted_run(planted, tmp_path, crash_training):
     _, store = planted
     common = dict(store=str(store), hook="synthetic", width=128, k=4, tokens=60 * 512, batch_size=512,
                   lr=1e-3, progress=False, log_every=5, checkpoint_every=20)
     train_stage.run_train(TrainConfig(out=str(tmp_path / "whole"), **common))
 
-    real_step = torch.optim.Adam.step
-    calls = {"n": 0}
-
-    def failing_step(self, *a, **kw):  # dies after 33 steps: the checkpoint at 20 survives
-        calls["n"] += 1
-        if calls["n"] > 33:
-            raise _Interrupt()
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
-    with pytest.raises(_Interrupt):
+    crash_training.arm(33)  # dies after 33 steps: the checkpoint at 20 survives
+    with pytest.raises(crash_training.Crash):
         train_stage.run_train(TrainConfig(out=str(tmp_path / "cut"), **common))
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    crash_training.disarm()
     assert max(r["step"] for r in run_dir.read_log(tmp_path / "cut")) == 30  # logged past the checkpoint
     train_stage.run_train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **common))
 
