@@ -78,8 +78,12 @@ class StoreWriter:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> StoreWriter:
+        """The store at `path`, to resume writing it. Zarr writes each file to a `.partial` temporary and
+        renames it; a writer killed in between leaves the temporary behind, so those go first."""
         group = zarr.open_group(store=str(path), mode="r+")
         schema.check_header(dict(group.attrs.get(schema.ATTRS_KEY, {})))
+        for leftover in Path(path).rglob("*.partial"):
+            leftover.unlink()
         return cls(group)
 
     # -- state --------------------------------------------------------------------------------------

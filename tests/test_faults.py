@@ -181,3 +181,18 @@ def test_damaged_metadata_or_chunks_are_named_and_training_refuses(whole_store, 
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert named in result.stdout + result.stderr, result.stdout + result.stderr
     assert not (tmp_path / "run" / "sae.safetensors").exists()
+
+
+def test_a_resumed_collect_removes_the_temporary_file_a_kill_left(whole_store, tmp_path):
+    """Zarr writes each file as a `.partial` temporary renamed into place: a kill in between leaves it,
+    and the resumed store must not keep it (it would be copied and shared)."""
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(whole_store, store)
+    leftover = store / "train" / "acts" / HOOK / "c" / "0" / "0.2b7e.partial"
+    leftover.write_bytes(b"half a chunk")
+    from store_schema.writer import StoreWriter
+
+    StoreWriter.open(store)
+    assert not leftover.exists()
