@@ -252,6 +252,7 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: str) ->
             shutil.rmtree(out)
         return _create_store(cfg, model, hooks)
     writer = StoreWriter.open(out)
+    writer.remove_leftover_temporaries()  # we hold the lock and no worker has started
     if writer.header["model"]["revision"] != model.revision:
         raise SaepipeError(f"{out} was collected from other weights of {cfg.model} "
                            f"(revision {writer.header['model']['revision']}, now {model.revision}): "

@@ -78,13 +78,16 @@ class StoreWriter:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> StoreWriter:
-        """The store at `path`, to resume writing it. Zarr writes each file to a `.partial` temporary and
-        renames it; a writer killed in between leaves the temporary behind, so those go first."""
         group = zarr.open_group(store=str(path), mode="r+")
         schema.check_header(dict(group.attrs.get(schema.ATTRS_KEY, {})))
-        for leftover in Path(path).rglob("*.partial"):
-            leftover.unlink()
         return cls(group)
+
+    def remove_leftover_temporaries(self) -> None:
+        """Zarr writes each file to a `.partial` temporary and renames it; a writer killed in between
+        leaves the temporary behind. Only for the lock holder resuming, before anyone else writes:
+        another writer's temporary is a file in flight."""
+        for leftover in Path(self.group.store.root).rglob("*.partial"):
+            leftover.unlink()
 
     # -- state --------------------------------------------------------------------------------------
     @property
