@@ -32,6 +32,9 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
         if dst_fs.isfile(dst_root):
             raise schema.StoreError(f"{dst} is a file: pass a folder or a URL for the copy")
         finished = dst_fs.exists(posixpath.join(dst_root, ROOT_METADATA))
+        # what an unfinished destination holds: only an interrupted copy of this store may be there
+        present = set() if finished or not dst_fs.isdir(dst_root) else {
+            posixpath.relpath(p, dst_root) for p in dst_fs.find(dst_root)}
     except schema.StoreError:
         raise
     except Exception as e:  # each backend has its own errors: credentials, connection, permission
@@ -47,17 +50,11 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
             raise schema.StoreError(f"{dst} already holds {what}: choose another destination")
     sizes = {path: info["size"] for path, info in src_fs.find(src_root, detail=True).items()}
     relative = {path: posixpath.relpath(path, src_root) for path in sizes}
-    if not finished:  # only an interrupted copy of this store may be there
-        try:
-            present = {posixpath.relpath(p, dst_root) for p in dst_fs.find(dst_root)} if dst_fs.isdir(dst_root) else set()
-        except Exception as e:  # the backend's own error, as above
-            raise schema.StoreError(f"cannot reach {dst} ({_first_line(e)}): check the URL, and the credentials "
-                                    f"in the environment (e.g. AWS_*)") from e
-        foreign = sorted(present - set(relative.values()))
-        if foreign:
-            raise schema.StoreError(f"{dst} holds files that are not part of this store ({foreign[0]}"
-                                    f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}): choose an "
-                                    f"empty destination, or the one an interrupted copy of this store left")
+    foreign = sorted(present - set(relative.values()))
+    if foreign:
+        raise schema.StoreError(f"{dst} holds files that are not part of this store ({foreign[0]}"
+                                f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}): choose an "
+                                f"empty destination, or the one an interrupted copy of this store left")
     last = [p for p in sizes if relative[p] == ROOT_METADATA]
     rest = [p for p in sizes if relative[p] != ROOT_METADATA]
     done = {"files_copied": 0, "bytes_copied": 0, "files_skipped": 0}
