@@ -37,7 +37,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import torch
 
 from pipeline.device import resolve_device as _resolve_device
-from pipeline.errors import SaepipeError
+from pipeline.errors import SaepipeError, first_line
 from store_schema.lock import pid_alive
 
 DEFAULT_MODEL_NAME = "smollm2-135m"
@@ -561,11 +561,6 @@ def _local_dir_revision(path: Path) -> str:
     return combined.hexdigest()[:16]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _load_hf(name: str, device: torch.device, dtype_name: str, torch_dtype: torch.dtype) -> HostModel:
     path = Path(name).expanduser()
     unreachable = SaepipeError(
@@ -605,11 +600,11 @@ def _load_hf(name: str, device: torch.device, dtype_name: str, torch_dtype: torc
         raise
     except Exception as e:
         if local:
-            raise SaepipeError(f"model directory '{name}' could not be loaded ({_first_line(e)}): it must hold an "
+            raise SaepipeError(f"model directory '{name}' could not be loaded ({first_line(e)}): it must hold an "
                                f"HF causal LM that transformer_lens supports") from e
         if source == name and not _hub_reachable():
             raise unreachable from e
-        raise SaepipeError(f"model '{name}' could not be loaded ({_first_line(e)}): check the name, or pass a "
+        raise SaepipeError(f"model '{name}' could not be loaded ({first_line(e)}): check the name, or pass a "
                            f"local model directory or --model smollm2-135m") from e
     if revision is None:
         commit = getattr(getattr(bridge.original_model, "config", None), "_commit_hash", None)

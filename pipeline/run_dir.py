@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import SaepipeError
+from pipeline.errors import SaepipeError, first_line
 
 SAE_WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
@@ -102,8 +102,7 @@ def load_sae(run_dir: Path, device: torch.device | str = "cpu"):
     try:
         sae.load_state_dict(load_file(str(weights)))
     except Exception as e:  # safetensors' own error type, or a RuntimeError for mismatched tensors
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise SaepipeError(f"{weights} cannot be loaded ({type(e).__name__}: {first}): the run folder is damaged; "
+        raise SaepipeError(f"{weights} cannot be loaded ({first_line(e)}): the run folder is damaged; "
                            f"train it again (saepipe train ... --overwrite)") from None
     return sae.to(device).eval(), cfg
 

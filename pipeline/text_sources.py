@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import SaepipeError
+from pipeline.errors import SaepipeError, first_line
 
 PYTHON_DOCS = "python-docs"
 
@@ -289,10 +289,7 @@ def _iter_column(ds, column: str, label: str) -> Iterator[str]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else ""
-    line = f"{type(e).__name__}: {line}" if line else type(e).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
+    return first_line(e, limit=200)  # a data set's errors can quote whole rows
 
 
 # --------------------------------------------------------------------------------------------
