@@ -57,13 +57,19 @@ def norm_mean_path(hook: str) -> str:
     return f"normalization/{hook}/mean"
 
 
+def row_array_names(header: dict, split: str) -> list[str]:
+    """The arrays holding one row per stored position of `split`."""
+    names = [row_context_path(split), row_position_path(split)] + [acts_path(split, h) for h in header["hooks"]]
+    if header.get("normalization_mode") == "token":
+        names += [row_stats_path(split, h) for h in header["hooks"]]
+    return names
+
+
 def array_names(header: dict) -> list[str]:
     """Every array a store with this (checked) header holds."""
     names = [TOKENS, CONTEXT_SPLIT]
     for split in SPLITS:
-        names += [row_context_path(split), row_position_path(split)] + [acts_path(split, h) for h in header["hooks"]]
-        if header.get("normalization_mode") == "token":
-            names += [row_stats_path(split, h) for h in header["hooks"]]
+        names += row_array_names(header, split)
     for hook, norm in (header.get("normalization") or {}).items():
         if norm["mode"] == "center-scale":
             names.append(norm_mean_path(hook))
@@ -105,6 +111,19 @@ class RunningStats:
         self.sum_sq_norm += float(np.einsum("ij,ij->", x, x))
         if x.size:
             self.max_abs = max(self.max_abs, float(np.abs(x).max()))
+
+    def merge(self, block: RunningStats) -> None:
+        """Fold a later block's own statistics in. Merging each block's statistics in block order gives
+        the very float64 sums of `update` over the same blocks in turn (each sum is added once per block
+        either way), so blocks summarized apart (on dask workers) and merged in order end bit-identical
+        to one process updating them."""
+        self.count += block.count
+        self.total += block.total
+        self.sum_sq_norm += block.sum_sq_norm
+        self.max_abs = max(self.max_abs, block.max_abs)
+        self.nonfinite_values += block.nonfinite_values
+        self.nonfinite_contexts += block.nonfinite_contexts
+        self.outlier_rows += block.outlier_rows
 
     @property
     def mean(self) -> np.ndarray:
@@ -190,12 +209,14 @@ def _header_problem(header: dict) -> str | None:
     running = header.get("running_stats", {})
     if not all(isinstance(running.get(s, {}), dict) for s in SPLITS):
         return "'running_stats' does not hold an object per split"
+    from store_schema.normalization import MODES  # here, not at the top: normalization imports torch, schema does not
+
     norms = header.get("normalization")
     if norms is not None:
         if not isinstance(norms, dict):
             return "'normalization' is not an object"
         for hook, norm in norms.items():
-            if not (isinstance(norm, dict) and norm.get("mode") in ("center-scale", "token", "none")
+            if not (isinstance(norm, dict) and norm.get("mode") in MODES
                     and _is_number(norm.get("scale")) and (norm.get("max_norm") is None or _is_number(norm["max_norm"]))):
                 return f"'normalization.{hook}' is not a mode, a scale and a max_norm"
     return None

@@ -166,7 +166,7 @@ class StoreWriter:
                              f"blocks are committed: blocks are committed in order")
         stats = {hook: self.running_stats(split, hook) for hook in self.header["hooks"]}
         for hook, block in block_stats.items():
-            _merge(stats[hook], block)
+            stats[hook].merge(block)
         skipped = self._live()["progress"]["skipped_contexts"] + list(dropped_contexts)
         self.commit(split, block_index + 1, self.progress(split)["rows_committed"] + n_rows, stats, skipped)
 
@@ -188,7 +188,7 @@ class StoreWriter:
         _write_from(self.group[schema.TOKENS], first, tokens.astype(np.int32))
         _write_from(self.group[schema.CONTEXT_SPLIT], first, context_split.astype(np.int8))
         for split in schema.SPLITS:
-            for name in self._row_arrays(split):
+            for name in schema.row_array_names(self.header, split):
                 arr = self.group[name]
                 arr.resize((rows[split],) + arr.shape[1:])
         counts = {f"n_{split}_contexts": int((context_split == code).sum()) for split, code in schema.SPLIT_CODES.items()}
@@ -204,7 +204,7 @@ class StoreWriter:
         an append, make its rows, statistics and contexts the store's, in one attribute write."""
         for split in schema.SPLITS:
             n = self.progress(split)["rows_committed"]
-            for name in self._row_arrays(split):
+            for name in schema.row_array_names(self.header, split):
                 arr = self.group[name]
                 if arr.shape[0] != n:
                     arr.resize((n,) + arr.shape[1:])
@@ -225,13 +225,6 @@ class StoreWriter:
         self.header = header
         self.group.update_attributes({schema.ATTRS_KEY: header})
 
-    def _row_arrays(self, split: str) -> list[str]:
-        names = [schema.row_context_path(split), schema.row_position_path(split)]
-        names += [schema.acts_path(split, h) for h in self.header["hooks"]]
-        if self.header["normalization_mode"] == "token":
-            names += [schema.row_stats_path(split, h) for h in self.header["hooks"]]
-        return names
-
     def _update(self, **changes) -> None:
         self.header.update(changes)
         self.group.update_attributes({schema.ATTRS_KEY: self.header})
@@ -243,16 +236,3 @@ def _write_from(arr: zarr.Array, first: int, data: np.ndarray) -> None:
     with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):
         arr[first:] = data
 
-
-def _merge(running: schema.RunningStats, block: schema.RunningStats) -> None:
-    """Fold a block's own statistics into the running ones. Merging each block's statistics in block
-    order gives the very float64 sums of `RunningStats.update` over the same blocks in turn (each sum
-    is added once per block either way), so blocks summarized apart (on dask workers) and merged here
-    in order end bit-identical to one process updating them."""
-    running.count += block.count
-    running.total += block.total
-    running.sum_sq_norm += block.sum_sq_norm
-    running.max_abs = max(running.max_abs, block.max_abs)
-    running.nonfinite_values += block.nonfinite_values
-    running.nonfinite_contexts += block.nonfinite_contexts
-    running.outlier_rows += block.outlier_rows
