@@ -198,20 +198,27 @@ def run_sweep(cfgs: list[TrainConfig], nproc: int = 1) -> list[Path]:
             distributed.stop()
 
 
-def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.World) -> list[Path]:
+def _open_checked(cfgs: list[TrainConfig], device: torch.device, world: distributed.World):
+    """What can refuse the run, done before its folder is touched: the store and hook, the batch split
+    over the ranks, the loader's size checks, and reading (and checksumming) the first chunks, the
+    initialization sample. Returns (store, loader, sample)."""
     base = cfgs[0]
     distributed.check_divides(base.batch_size, world.size)
-    if device.type == "cuda" and world.size > 1:
-        device = torch.device("cuda", world.local_rank)
-        torch.cuda.set_device(device)
     store = open_store(base.store)
     store.require_complete()
     store.require_hook(base.hook)
-    # What can refuse the run comes before its folder is touched: the loader's size checks, and reading
-    # (and checksumming) the first chunks, the initialization sample.
     loader = ShuffledBatches(store, base.hook, base.batch_size, device=device, seed=base.seed, resident=base.resident,
                              rank=world.rank, world_size=world.size)
     sample = torch.from_numpy(store.read_rows("train", base.hook, 0, max(c.geometric_median_rows for c in cfgs)))
+    return store, loader, sample
+
+
+def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.World) -> list[Path]:
+    base = cfgs[0]
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    store, loader, sample = _open_checked(cfgs, device, world)
     resuming = distributed.broadcast_object(_prepare_run_folders(cfgs) if world.is_main else None)
     if isinstance(resuming, SaepipeError):
         raise resuming
@@ -258,14 +265,11 @@ def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.Wor
 
 def _check_before_launch(cfgs: list[TrainConfig], device: torch.device, nproc: int) -> None:
     """What would stop every rank, checked once here so it reads as one clean error (the ranks then find
-    the run folders ready)."""
-    distributed.check_divides(cfgs[0].batch_size, nproc)
+    the run folders ready). The checks run as rank 0 would, on the CPU: this process uses no GPU."""
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise SaepipeError(f"--nproc {nproc} asks for more processes than the {torch.cuda.device_count()} GPUs "
                            f"here: one process per GPU")
-    store = open_store(cfgs[0].store)
-    store.require_complete()
-    store.require_hook(cfgs[0].hook)
+    _open_checked(cfgs, torch.device("cpu"), distributed.World(rank=0, size=nproc))
     prepared = _prepare_run_folders(cfgs)
     if isinstance(prepared, SaepipeError):
         raise prepared
