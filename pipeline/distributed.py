@@ -64,7 +64,9 @@ def launch(nproc: int, entrypoint, *args):
         return elastic_launch(config, entrypoint)(*args)[0]
     except ChildFailedError as e:
         failure = next(iter(e.failures.values()))
-        raise SaepipeError(f"a training process failed ({failure.message or f'exit code {failure.exitcode}'}); "
+        # the rank's error record: {"message": "Type: text", "extraInfo": {traceback...}}, or a plain string
+        message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
+        raise SaepipeError(f"a training process failed ({message or f'exit code {failure.exitcode}'}); "
                            f"its traceback is above") from None
 
 
