@@ -129,10 +129,9 @@ def plan_action(cfg: CollectConfig) -> str:
         # --overwrite replaces a (possibly damaged) Zarr store, never a file or a folder of something else
         if cfg.overwrite and out.is_dir() and (out / "zarr.json").exists():
             return "create"
-        raise SaepipeError(f"--out {out} exists and is not a saepipe store: choose another --out"
-                           + ("" if cfg.overwrite else ", or pass --overwrite to replace it if it is a damaged store")
-                           + (" (--overwrite replaces only stores; remove it yourself if it must go)"
-                              if cfg.overwrite else "")) from None
+        hint = (" (--overwrite replaces only stores; remove it yourself if it must go)" if cfg.overwrite
+                else ", or pass --overwrite to replace it if it is a damaged store")
+        raise SaepipeError(f"--out {out} exists and is not a saepipe store: choose another --out{hint}") from None
     if cfg.overwrite:
         return "create"
     differing = _differing_settings(cfg, existing)

@@ -132,9 +132,10 @@ def _reader(store: str, hook: str, seconds: float, seed: int, results) -> None:
                 if not np.isfinite(rows).all():
                     report["problems"].append(f"non-finite values in chunk {c}")
                 before = seen.get(c)
-                common = 0 if before is None else min(len(before), len(rows))
-                if before is not None and not np.array_equal(before[:common], rows[:common]):
-                    report["problems"].append(f"chunk {c} changed between reads")
+                if before is not None:  # compare the rows both reads cover (a last chunk grows)
+                    common = min(len(before), len(rows))
+                    if not np.array_equal(before[:common], rows[:common]):
+                        report["problems"].append(f"chunk {c} changed between reads")
                 if before is None or len(rows) > len(before):
                     seen[c] = rows
         except Exception as e:  # any failure to open or read is a finding, not a crash of the soak
@@ -150,7 +151,7 @@ def _appender(cfg: SoakConfig, store: Path, seconds: float) -> dict:
     from store_schema.reader import open_store
 
     deadline = time.time() + seconds
-    done, killed = 0, False
+    done = 0
     tokens = open_store(store).header["token_budget"]
     while True:
         tokens += cfg.append_tokens
@@ -161,16 +162,15 @@ def _appender(cfg: SoakConfig, store: Path, seconds: float) -> dict:
         if proc.poll() is None:  # the deadline: kill it as a crash would, then resume it
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            killed = True
             resumed = subprocess.run(cmd, capture_output=True, text=True)
             if resumed.returncode != 0:
                 raise SaepipeError(f"resuming the killed append failed: {resumed.stderr.strip()[-500:]}")
-            return {"appends": done + 1, "last_append_killed_and_resumed": killed, "tokens": tokens}
+            return {"appends": done + 1, "last_append_killed_and_resumed": True, "tokens": tokens}
         if proc.returncode != 0:
             raise SaepipeError(f"append to {tokens:,} tokens failed: {proc.stderr.read().strip()[-500:]}")
         done += 1
         if time.time() >= deadline:
-            return {"appends": done, "last_append_killed_and_resumed": killed, "tokens": tokens}
+            return {"appends": done, "last_append_killed_and_resumed": False, "tokens": tokens}
 
 
 def run_soak(cfg: SoakConfig) -> dict:
