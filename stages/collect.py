@@ -304,8 +304,7 @@ def _create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
         "warmup_rows": cfg.warmup_rows,
         "nonfinite_policy": cfg.nonfinite,
     }
-    stored = schema.stored_positions(tokens, cfg.drop_first, header["excluded_tokens"]).sum(axis=1)
-    planned = {split: int(stored[context_split == code].sum()) for split, code in schema.SPLIT_CODES.items()}
+    planned = schema.planned_rows(tokens, context_split, cfg.drop_first, header["excluded_tokens"])
     return StoreWriter.create(cfg.out, header, tokens, context_split, planned, cfg.chunk_rows)
 
 

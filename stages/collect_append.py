@@ -26,9 +26,6 @@ from store_schema import schema
 from store_schema.reader import ActivationStore
 from store_schema.writer import StoreWriter
 
-# Split assignment of appended contexts: like schema.assign_split, on its own stream per append.
-_SPLIT_STREAM = 0x5E1
-
 
 def store_config(cfg: CollectConfig) -> CollectConfig:
     """The store's own collect settings, with cfg's --tokens and where the work runs."""
@@ -75,21 +72,11 @@ def begin(cfg: CollectConfig, model, writer: StoreWriter) -> None:
     if schema.tokens_fingerprint(tokens[:first]) != header["text_source"]["tokens_fingerprint"]:
         raise SaepipeError(f"the text source {cfg.dataset} no longer packs into the store's contexts (its text or "
                            f"the tokenizer changed): an append continues the very text the store was collected from")
-    new, split = tokens[first:], appended_split(added, cfg.eval_fraction, cfg.seed, first)
-    stored = schema.stored_positions(new, cfg.drop_first, header["excluded_tokens"]).sum(axis=1)
-    planned = {name: int(stored[split == code].sum()) for name, code in schema.SPLIT_CODES.items()}
+    new, split = tokens[first:], schema.assign_split(added, cfg.eval_fraction, cfg.seed, first)
+    planned = schema.planned_rows(new, split, cfg.drop_first, header["excluded_tokens"])
     print(f"appending {added:,} contexts to {cfg.out} ({first:,} now), towards {cfg.tokens:,} training tokens",
           file=sys.stderr)
     writer.begin_append(cfg.tokens, new, split, planned, schema.tokens_fingerprint(tokens), f"saepipe {__version__}")
-
-
-def appended_split(n: int, eval_fraction: float, seed: int, first: int) -> np.ndarray:
-    """int8 [n]: the split of the n contexts appended after context `first`, eval a seeded subset."""
-    _, n_eval = schema.split_counts(n, eval_fraction)
-    split = np.zeros(n, np.int8)
-    split[np.random.default_rng([seed, _SPLIT_STREAM, first]).choice(n, size=n_eval, replace=False)] = \
-        schema.SPLIT_CODES["eval"]
-    return split
 
 
 def _pack(cfg: CollectConfig, tok, header: dict, first: int, n_contexts: int) -> np.ndarray:

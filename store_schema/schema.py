@@ -230,13 +230,21 @@ def split_counts(n_contexts: int, eval_fraction: float) -> tuple[int, int]:
     return n_contexts - n_eval, n_eval
 
 
-def assign_split(n_contexts: int, eval_fraction: float, seed: int) -> np.ndarray:
-    """int8 [n_contexts]: SPLIT_CODES per context, eval contexts a seeded random subset."""
+def assign_split(n_contexts: int, eval_fraction: float, seed: int, first: int = 0) -> np.ndarray:
+    """int8 [n_contexts]: SPLIT_CODES per context, eval contexts a seeded random subset. `first`: the
+    index of the first of these contexts in the store (an append's contexts draw on a stream of their own)."""
     _, n_eval = split_counts(n_contexts, eval_fraction)
-    rng = np.random.default_rng([seed, 0x5E1])
+    rng = np.random.default_rng([seed, 0x5E1] + ([first] if first else []))
     split = np.zeros(n_contexts, np.int8)
     split[rng.choice(n_contexts, size=n_eval, replace=False)] = SPLIT_CODES["eval"]
     return split
+
+
+def planned_rows(tokens: np.ndarray, context_split: np.ndarray, drop_first: int,
+                 excluded_tokens: list[int]) -> dict[str, int]:
+    """Rows each split will hold at most: its contexts' stored positions (before the outlier filter)."""
+    stored = stored_positions(tokens, drop_first, excluded_tokens).sum(axis=1)
+    return {split: int(stored[context_split == code].sum()) for split, code in SPLIT_CODES.items()}
 
 
 def stored_positions(tokens: np.ndarray, drop_first: int, excluded_tokens: list[int]) -> np.ndarray:
