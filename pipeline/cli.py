@@ -34,8 +34,11 @@ class _Group(click.Group):
                 raise
             # Every writer commits atomically, so what was committed before the disk filled is intact.
             where = f" writing {e.filename}" if e.filename else ""
-            click.echo(f"error: no space left on device{where}: free space, then re-run the same command "
-                       f"(collect resumes where it stopped; train resumes with --resume)", err=True)
+            click.echo(
+                f"error: no space left on device{where}: free space, then re-run the same command "
+                f"(collect resumes where it stopped; train resumes with --resume)",
+                err=True,
+            )
             sys.exit(EXIT_USER_ERROR)
 
 
@@ -51,8 +54,11 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, help="smollm2-135m (offline), an HF id, or a local HF model folder")
-@click.option("--dataset", default=DEFAULT_DATASET,
-              help="python-docs (offline), an HF dataset name, or local .txt/.jsonl/.parquet files (comma list or glob)")
+@click.option(
+    "--dataset",
+    default=DEFAULT_DATASET,
+    help="python-docs (offline), an HF dataset name, or local .txt/.jsonl/.parquet files (comma list or glob)",
+)
 @click.option("--split", "dataset_split", default="train", help="dataset split (HF datasets)")
 @click.option("--text-column", default="text")
 @click.option("--hook", "hooks", multiple=True, default=[DEFAULT_HOOK], help="hook point; repeat for several")
@@ -63,32 +69,59 @@ def main() -> None:
 @click.option("--eval-fraction", type=float, default=0.05, help="share of contexts held out for eval")
 @click.option("--batch-size", type=int, default=16, help="contexts per forward pass")
 @_device_option
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              help="the host model's dtype")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", help="the host model's dtype"
+)
 @click.option("--seed", type=int, default=0)
 @click.option("--drop-first", type=int, default=1, help="positions [0, N) are not stored (0 is an attention sink)")
-@click.option("--keep-special", is_flag=True,
-              help="also store rows at BOS/separator tokens inside contexts (attention sinks; left out by default)")
-@click.option("--outlier-factor", type=float, default=10.0,
-              help="leave out rows whose norm exceeds this many times the median (massive activations); 0 keeps all")
+@click.option(
+    "--keep-special",
+    is_flag=True,
+    help="also store rows at BOS/separator tokens inside contexts (attention sinks; left out by default)",
+)
+@click.option(
+    "--outlier-factor",
+    type=float,
+    default=10.0,
+    help="leave out rows whose norm exceeds this many times the median (massive activations); 0 keeps all",
+)
 @click.option("--shuffle-buffer-rows", type=int, default=65_536, help="rows shuffled together before writing")
 @click.option("--chunk-rows", type=int, default=8_192, help="rows per Zarr chunk")
 @click.option("--warmup-rows", type=int, default=65_536, help="rows the normalization is estimated from")
-@click.option("--nonfinite", type=click.Choice(["skip", "abort"]), default="skip",
-              help="contexts with NaN/inf activations: leave them out (counted) or stop")
-@click.option("--workers", type=int, default=None,
-              help="run the model on a local dask cluster of N worker processes (e.g. one per GPU)")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="run the model on the workers of a running dask cluster (tcp://HOST:PORT); --out must be "
-                   "on a filesystem they all see")
-@click.option("--append", "append_to", type=click.Path(), default=None, metavar="STORE",
-              help="grow the complete STORE to --tokens training tokens, with its own settings (instead of --out)")
+@click.option(
+    "--nonfinite",
+    type=click.Choice(["skip", "abort"]),
+    default="skip",
+    help="contexts with NaN/inf activations: leave them out (counted) or stop",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="run the model on a local dask cluster of N worker processes (e.g. one per GPU)",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="run the model on the workers of a running dask cluster (tcp://HOST:PORT); --out must be "
+    "on a filesystem they all see",
+)
+@click.option(
+    "--append",
+    "append_to",
+    type=click.Path(),
+    default=None,
+    metavar="STORE",
+    help="grow the complete STORE to --tokens training tokens, with its own settings (instead of --out)",
+)
 @click.option("--resume", is_flag=True, help="continue an interrupted collect (also done by re-running it)")
 @click.option("--overwrite", is_flag=True, help="replace whatever --out holds")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
-def collect(ctx: click.Context, no_progress: bool, keep_special: bool, outlier_factor: float, append_to: str | None,
-            **kwargs) -> None:
+def collect(
+    ctx: click.Context, no_progress: bool, keep_special: bool, outlier_factor: float, append_to: str | None, **kwargs
+) -> None:
     """Run the model once over the text and write normalized fp16 activations to a Zarr store."""
     from stages.collect import run_collect
 
@@ -97,17 +130,39 @@ def collect(ctx: click.Context, no_progress: bool, keep_special: bool, outlier_f
     elif kwargs["out"] is None:
         out = next(param for param in ctx.command.params if param.name == "out")
         raise click.MissingParameter(ctx=ctx, param=out, message="Or grow a complete store with --append STORE.")
-    cfg = CollectConfig(**kwargs, exclude_special=not keep_special, outlier_factor=outlier_factor or None,
-                        progress=not no_progress, append=append_to is not None)
+    cfg = CollectConfig(
+        **kwargs,
+        exclude_special=not keep_special,
+        outlier_factor=outlier_factor or None,
+        progress=not no_progress,
+        append=append_to is not None,
+    )
     cfg.hooks = tuple(cfg.hooks)
     out = run_collect(cfg)
     click.echo(f"store ready: {out}")
 
 
 # What decides a store's contents: an append takes all of it from the store.
-_STORE_SETTINGS = ("model", "dataset", "dataset_split", "text_column", "hooks", "context_size", "normalize",
-                   "eval_fraction", "batch_size", "dtype", "seed", "drop_first", "keep_special", "outlier_factor",
-                   "shuffle_buffer_rows", "chunk_rows", "warmup_rows", "nonfinite")
+_STORE_SETTINGS = (
+    "model",
+    "dataset",
+    "dataset_split",
+    "text_column",
+    "hooks",
+    "context_size",
+    "normalize",
+    "eval_fraction",
+    "batch_size",
+    "dtype",
+    "seed",
+    "drop_first",
+    "keep_special",
+    "outlier_factor",
+    "shuffle_buffer_rows",
+    "chunk_rows",
+    "warmup_rows",
+    "nonfinite",
+)
 
 
 def _append_target(ctx: click.Context, store: str, out: str | None) -> str:
@@ -130,22 +185,39 @@ def _append_target(ctx: click.Context, store: str, out: str | None) -> str:
 @click.option("--hook", default=None, help="the store's hook to train on (default: its only hook)")
 @click.option("--arch", default="topk", help="SAE architecture")
 @click.option("--width", type=int, default=4096, help="number of latents (d_sae)")
-@click.option("--k", type=int, default=None, help="active latents per token: topk, batchtopk, matryoshka, mp [default: 32]")
+@click.option(
+    "--k", type=int, default=None, help="active latents per token: topk, batchtopk, matryoshka, mp [default: 32]"
+)
 @click.option("--tokens", type=int, default=1_000_000, help="training tokens (epochs repeat when above the store)")
 @click.option("--batch-size", type=int, default=4096)
 @click.option("--out", required=True, type=click.Path(), help="run folder to write")
 @click.option("--lr", type=float, default=None, help="default: 2e-4 / sqrt(width / 2^14) (TopK paper)")
-@click.option("--max-grad-norm", type=float, default=1.0,
-              help="clip the gradient norm (in summed-squared-error units, as SAELens); 0: no clipping")
+@click.option(
+    "--max-grad-norm",
+    type=float,
+    default=1.0,
+    help="clip the gradient norm (in summed-squared-error units, as SAELens); 0: no clipping",
+)
 @click.option("--aux-k", type=int, default=None, help="AuxK latents (default d_in / 2)")
 @click.option("--aux-coef", type=float, default=1 / 32)
-@click.option("--dead-window", "dead_window_tokens", type=int, default=None,
-              help="tokens without firing before a latent counts as dead (default min(10M, tokens/4))")
-@click.option("--l1-coef", type=float, default=None, help="relu: L1 coefficient (sparsity penalty weighted by decoder norms)")
+@click.option(
+    "--dead-window",
+    "dead_window_tokens",
+    type=int,
+    default=None,
+    help="tokens without firing before a latent counts as dead (default min(10M, tokens/4))",
+)
+@click.option(
+    "--l1-coef", type=float, default=None, help="relu: L1 coefficient (sparsity penalty weighted by decoder norms)"
+)
 @click.option("--l1-warmup-frac", type=float, default=0.05, help="relu: share of training over which L1 ramps up")
 @click.option("--ghost-grads", is_flag=True, help="relu: ghost gradients for dead latents (after the dead window)")
-@click.option("--bandwidth", type=float, default=None,
-              help="jumprelu: straight-through estimator bandwidth [default: 0.001·√d_in]")
+@click.option(
+    "--bandwidth",
+    type=float,
+    default=None,
+    help="jumprelu: straight-through estimator bandwidth [default: 0.001·√d_in]",
+)
 @click.option("--init-threshold", type=float, default=None, help="jumprelu: initial threshold [default: d_in/width]")
 @click.option("--l0-coef", type=float, default=None, help="jumprelu: L0 penalty coefficient")
 @click.option("--target-l0", type=float, default=None, help="jumprelu: penalize L0 away from this target instead")
@@ -156,15 +228,31 @@ def _append_target(ctx: click.Context, store: str, out: str | None) -> str:
 @click.option("--seed", type=int, default=0)
 @click.option("--log-every", type=int, default=20, help="steps between training-log lines")
 @click.option("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-@click.option("--sweep", "sweep_specs", multiple=True, metavar="NAME=V1,V2",
-              help="train every combination from one pass over the store; --out becomes the sweep folder")
+@click.option(
+    "--sweep",
+    "sweep_specs",
+    multiple=True,
+    metavar="NAME=V1,V2",
+    help="train every combination from one pass over the store; --out becomes the sweep folder",
+)
 @click.option("--resume", is_flag=True, help="continue from the run folder's checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace the run folder")
-@click.option("--nproc", type=click.IntRange(min=1), default=1,
-              help="data-parallel processes on this machine (one per GPU; gloo on CPU); see also torchrun")
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    help="data-parallel processes on this machine (one per GPU; gloo on CPU); see also torchrun",
+)
 @click.option("--no-progress", is_flag=True)
-def train(store: str, hook: str | None, no_progress: bool, groups: str | None, sweep_specs: tuple[str, ...],
-          nproc: int, **kwargs) -> None:
+def train(
+    store: str,
+    hook: str | None,
+    no_progress: bool,
+    groups: str | None,
+    sweep_specs: tuple[str, ...],
+    nproc: int,
+    **kwargs,
+) -> None:
     """Train an SAE on a store's training rows (the model is never loaded)."""
     from stages import sweeps
     from stages.train import run_sweep
@@ -174,7 +262,9 @@ def train(store: str, hook: str | None, no_progress: bool, groups: str | None, s
         try:
             kwargs["groups"] = tuple(int(g) for g in groups.split(","))
         except ValueError:
-            raise SaepipeError(f"--groups must be comma-separated integers like 512,2048,4096, got {groups!r}") from None
+            raise SaepipeError(
+                f"--groups must be comma-separated integers like 512,2048,4096, got {groups!r}"
+            ) from None
 
     hook = hook or _only_hook(open_store(store))
     cfg = TrainConfig(store=store, hook=hook, progress=not no_progress, **kwargs)
@@ -197,20 +287,48 @@ def train(store: str, hook: str | None, no_progress: bool, groups: str | None, s
 @click.option("--tokens", type=int, default=None, help="at most this many held-out tokens (default: all)")
 @click.option("--no-model", is_flag=True, help="store-only metrics; do not load the model")
 @click.option("--splice-from", type=int, default=0, help="splice the SAE in only at positions >= this one")
-@click.option("--ablation-contexts", type=int, default=4,
-              help="held-out contexts for ablation sparsity (0: skip it; about 6 s each for SmolLM2 at k 32 on a 2-core CPU)")
-@click.option("--external", default=None, type=click.Path(),
-              help="a SAELens SAE folder trained elsewhere: evaluate it on --store, writing into RUN")
+@click.option(
+    "--ablation-contexts",
+    type=int,
+    default=4,
+    help="held-out contexts for ablation sparsity (0: skip it; about 6 s each for SmolLM2 at k 32 on a 2-core CPU)",
+)
+@click.option(
+    "--external",
+    default=None,
+    type=click.Path(),
+    help="a SAELens SAE folder trained elsewhere: evaluate it on --store, writing into RUN",
+)
 @_device_option
 @click.option("--no-progress", is_flag=True)
-def eval_(run: str, store: str | None, model: str | None, tokens: int | None, no_model: bool, splice_from: int,
-          ablation_contexts: int, external: str | None, device: str, no_progress: bool) -> None:
+def eval_(
+    run: str,
+    store: str | None,
+    model: str | None,
+    tokens: int | None,
+    no_model: bool,
+    splice_from: int,
+    ablation_contexts: int,
+    external: str | None,
+    device: str,
+    no_progress: bool,
+) -> None:
     """Evaluate a trained SAE (RUN: its run folder) on held-out rows; with the model, CE loss, KL and
     ablation sparsity with it spliced in. Definitions: docs/metrics.md."""
     from stages.evaluate import format_table, run_eval
 
-    result = run_eval(run, store, model, tokens, use_model=not no_model, device=device, progress=not no_progress,
-                      splice_from=splice_from, ablation_contexts=ablation_contexts, external=external)
+    result = run_eval(
+        run,
+        store,
+        model,
+        tokens,
+        use_model=not no_model,
+        device=device,
+        progress=not no_progress,
+        splice_from=splice_from,
+        ablation_contexts=ablation_contexts,
+        external=external,
+    )
     click.echo(format_table(result))
     click.echo(f"written: {Path(run) / 'eval.json'}")
 
@@ -234,8 +352,9 @@ main.add_command(compare)
 @_device_option
 @click.option("--seed", type=int, default=0)
 @click.option("--no-progress", is_flag=True)
-def quality(store: str, hook: str | None, archs: str, k: int, eval_tokens: int, no_model: bool, no_progress: bool,
-            **kwargs) -> None:
+def quality(
+    store: str, hook: str | None, archs: str, k: int, eval_tokens: int, no_model: bool, no_progress: bool, **kwargs
+) -> None:
     """Train ours and SAELens's SAEs on the same rows and compare them (needs sae-lens)."""
     from stages import quality as quality_stage
     from store_schema.reader import open_store
@@ -247,8 +366,13 @@ def quality(store: str, hook: str | None, archs: str, k: int, eval_tokens: int, 
 
 
 @main.command()
-@click.option("--out", type=click.Path(), default="runs/bench", show_default=True,
-              help="folder for bench.json and the benchmarks' scratch stores")
+@click.option(
+    "--out",
+    type=click.Path(),
+    default="runs/bench",
+    show_default=True,
+    help="folder for bench.json and the benchmarks' scratch stores",
+)
 @_device_option
 @click.option("--only", default="", help="comma-separated keys to measure (default: all)")
 @click.option("--d-in", type=int, default=576, show_default=True)
@@ -270,7 +394,9 @@ def bench(out: str, only: str, no_progress: bool, **kwargs) -> None:
         raise SaepipeError(f"--only: unknown benchmark {', '.join(unknown)}; known: {', '.join(bench_stage.KEYS)}")
     if kwargs["rounds"] < 1:
         raise SaepipeError(f"--rounds must be at least 1, got {kwargs['rounds']}")
-    result = bench_stage.run_bench(bench_stage.BenchConfig(out=Path(out), only=keys, progress=not no_progress, **kwargs))
+    result = bench_stage.run_bench(
+        bench_stage.BenchConfig(out=Path(out), only=keys, progress=not no_progress, **kwargs)
+    )
     click.echo(bench_stage.format_table(result))
     click.echo(f"written: {Path(out) / 'bench.json'}")
 
@@ -343,8 +469,10 @@ def store_copy(src: str, dst: str, threads: int, no_progress: bool) -> None:
     from store_schema.copy import copy_store
 
     done = copy_store(src, dst, threads=threads, progress=not no_progress)
-    click.echo(f"copied {done['files_copied']:,} files ({done['bytes_copied'] / 1e6:,.1f} MB), "
-               f"{done['files_skipped']:,} already there: {dst}")
+    click.echo(
+        f"copied {done['files_copied']:,} files ({done['bytes_copied'] / 1e6:,.1f} MB), "
+        f"{done['files_skipped']:,} already there: {dst}"
+    )
 
 
 @store.command(name="verify")
@@ -361,8 +489,10 @@ def store_verify(path: str, no_progress: bool) -> None:
     for line in result.damaged:
         click.echo(line)
     if result.damaged:
-        raise SaepipeError(f"{len(result.damaged)} damaged chunk(s) in {path} (listed above): the store cannot be "
-                           f"trusted; collect it again, or copy it again from a good replica")
+        raise SaepipeError(
+            f"{len(result.damaged)} damaged chunk(s) in {path} (listed above): the store cannot be "
+            f"trusted; collect it again, or copy it again from a good replica"
+        )
     click.echo(f"ok: {result.checked:,} chunks match their checksums")
 
 

@@ -55,29 +55,45 @@ class CollectConfig:
         _require(len(set(self.hooks)) == len(self.hooks), "a --hook is given twice; name each hook once")
         _require(self.tokens > 0, f"--tokens must be positive, got {self.tokens}")
         _require(self.context_size >= 2, f"--context-size must be at least 2, got {self.context_size}")
-        _require(0 <= self.drop_first < self.context_size,
-                 f"--drop-first must be in [0, context size), got {self.drop_first}")
+        _require(
+            0 <= self.drop_first < self.context_size,
+            f"--drop-first must be in [0, context size), got {self.drop_first}",
+        )
         _require(0 <= self.eval_fraction < 0.5, f"--eval-fraction must be in [0, 0.5), got {self.eval_fraction}")
-        _require(self.normalize in NORMALIZATION_MODES,
-                 f"--normalize must be one of {', '.join(NORMALIZATION_MODES)}, got {self.normalize!r}")
+        _require(
+            self.normalize in NORMALIZATION_MODES,
+            f"--normalize must be one of {', '.join(NORMALIZATION_MODES)}, got {self.normalize!r}",
+        )
         _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        _require(self.chunk_rows > 0 and self.shuffle_buffer_rows > 0 and self.warmup_rows > 0,
-                 "--chunk-rows, --shuffle-buffer-rows and --warmup-rows must be positive")
-        _require(self.outlier_factor is None or self.outlier_factor > 1,
-                 f"--outlier-factor must be above 1 (or 0 to keep every row), got {self.outlier_factor}")
+        _require(
+            self.chunk_rows > 0 and self.shuffle_buffer_rows > 0 and self.warmup_rows > 0,
+            "--chunk-rows, --shuffle-buffer-rows and --warmup-rows must be positive",
+        )
+        _require(
+            self.outlier_factor is None or self.outlier_factor > 1,
+            f"--outlier-factor must be above 1 (or 0 to keep every row), got {self.outlier_factor}",
+        )
         _require(self.nonfinite in ("skip", "abort"), f"--nonfinite must be skip or abort, got {self.nonfinite!r}")
         _require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        _require(self.dtype in ("float32", "bfloat16", "float16"),
-                 f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        _require(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}",
+        )
         _require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: pick one")
-        _require(self.workers is None or self.scheduler is None,
-                 "--workers and --scheduler exclude each other: --workers N starts a local cluster, "
-                 "--scheduler ADDRESS uses a running one; pick one")
+        _require(
+            self.workers is None or self.scheduler is None,
+            "--workers and --scheduler exclude each other: --workers N starts a local cluster, "
+            "--scheduler ADDRESS uses a running one; pick one",
+        )
         _require(self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
-        _require(self.scheduler is None or bool(self.scheduler.strip()),
-                 "--scheduler needs the dask scheduler's address, like tcp://HOST:8786")
-        _require(not (self.append and (self.overwrite or self.resume)),
-                 "--append resumes an interrupted append by itself and never overwrites: drop --resume/--overwrite")
+        _require(
+            self.scheduler is None or bool(self.scheduler.strip()),
+            "--scheduler needs the dask scheduler's address, like tcp://HOST:8786",
+        )
+        _require(
+            not (self.append and (self.overwrite or self.resume)),
+            "--append resumes an interrupted append by itself and never overwrites: drop --resume/--overwrite",
+        )
         return self
 
     @property
@@ -171,25 +187,39 @@ class TrainConfig:
         _require(self.width > 0, f"--width must be positive, got {self.width}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, owners in ARCH_SPECIFIC.items():
-            _require(getattr(self, name) == defaults[name] or self.arch in owners,
-                     f"--{name.replace('_', '-')} does not apply to --arch {self.arch} (it is for {', '.join(owners)})")
+            _require(
+                getattr(self, name) == defaults[name] or self.arch in owners,
+                f"--{name.replace('_', '-')} does not apply to --arch {self.arch} (it is for {', '.join(owners)})",
+            )
         ARCHITECTURES[self.arch].check_config(self)
         _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        _require(self.tokens >= self.batch_size,
-                 f"--tokens ({self.tokens:,}) must be at least one batch ({self.batch_size:,})")
+        _require(
+            self.tokens >= self.batch_size,
+            f"--tokens ({self.tokens:,}) must be at least one batch ({self.batch_size:,})",
+        )
         _require(self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}")
-        _require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
-        _require(0 <= self.warmup_frac < 1 and 0 <= self.decay_frac < 1 and self.warmup_frac + self.decay_frac <= 1,
-                 "warm-up and decay fractions must be in [0, 1) and sum to at most 1")
-        _require(self.aux_k is None or 1 <= self.aux_k <= self.width,
-                 f"--aux-k must be in [1, width={self.width}], got {self.aux_k}")
+        _require(
+            self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}"
+        )
+        _require(
+            0 <= self.warmup_frac < 1 and 0 <= self.decay_frac < 1 and self.warmup_frac + self.decay_frac <= 1,
+            "warm-up and decay fractions must be in [0, 1) and sum to at most 1",
+        )
+        _require(
+            self.aux_k is None or 1 <= self.aux_k <= self.width,
+            f"--aux-k must be in [1, width={self.width}], got {self.aux_k}",
+        )
         _require(self.aux_coef >= 0, f"--aux-coef must be >= 0 (0 turns AuxK off), got {self.aux_coef}")
-        _require(self.dead_window_tokens is None or self.dead_window_tokens > 0,
-                 f"--dead-window must be a positive number of tokens, got {self.dead_window_tokens}")
+        _require(
+            self.dead_window_tokens is None or self.dead_window_tokens > 0,
+            f"--dead-window must be a positive number of tokens, got {self.dead_window_tokens}",
+        )
         _require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        _require(self.log_every > 0 and self.checkpoint_every > 0,
-                 f"--log-every and --checkpoint-every must be positive step counts, got {self.log_every} "
-                 f"and {self.checkpoint_every}")
+        _require(
+            self.log_every > 0 and self.checkpoint_every > 0,
+            f"--log-every and --checkpoint-every must be positive step counts, got {self.log_every} "
+            f"and {self.checkpoint_every}",
+        )
         _require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: pick one")
         return self
 

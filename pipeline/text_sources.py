@@ -42,18 +42,60 @@ _FILE_LOADERS: dict[str, tuple[str, dict[str, Any]]] = {
 # Suffixes that clearly name a local data file we do not read: such an argument is treated as
 # a file (so the user gets "unknown extension"), never sent to the Hub as a dataset name.
 _OTHER_FILE_SUFFIXES = {
-    ".csv", ".tsv", ".arrow", ".feather", ".md", ".rst", ".html", ".htm", ".xml", ".pdf",
-    ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".tgz", ".7z", ".npy", ".npz", ".pkl",
-    ".pickle", ".pt", ".bin", ".safetensors", ".zarr", ".h5", ".hdf5", ".doc", ".docx",
-    ".text", ".log", ".py", ".yaml", ".yml", ".ndjson", ".pq",
+    ".csv",
+    ".tsv",
+    ".arrow",
+    ".feather",
+    ".md",
+    ".rst",
+    ".html",
+    ".htm",
+    ".xml",
+    ".pdf",
+    ".gz",
+    ".bz2",
+    ".xz",
+    ".zst",
+    ".zip",
+    ".tar",
+    ".tgz",
+    ".7z",
+    ".npy",
+    ".npz",
+    ".pkl",
+    ".pickle",
+    ".pt",
+    ".bin",
+    ".safetensors",
+    ".zarr",
+    ".h5",
+    ".hdf5",
+    ".doc",
+    ".docx",
+    ".text",
+    ".log",
+    ".py",
+    ".yaml",
+    ".yml",
+    ".ndjson",
+    ".pq",
 }
 _GLOB_CHARS = set("*?[")
 
 # Directories of the standard library whose docstrings are not used for python-docs.
-_STDLIB_SKIP_DIRS = frozenset({
-    "site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
-    "ensurepip", "__pycache__",
-})
+_STDLIB_SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idlelib",
+        "lib2to3",
+        "turtledemo",
+        "ensurepip",
+        "__pycache__",
+    }
+)
 
 _HF_BATCH = 64  # rows fetched per batch when iterating a datasets object
 
@@ -108,7 +150,9 @@ def open_text_source(
     """
     spec = (dataset or "").strip()
     if not spec:
-        raise SaepipeError("no dataset given: pass --dataset python-docs, an HF dataset name, or local .txt/.jsonl/.parquet files")
+        raise SaepipeError(
+            "no dataset given: pass --dataset python-docs, an HF dataset name, or local .txt/.jsonl/.parquet files"
+        )
     if spec == PYTHON_DOCS:
         return TextSource(name=PYTHON_DOCS, kind="builtin", split=None, text_column=None, paths=())
     if _looks_like_files(spec):
@@ -207,7 +251,9 @@ def _load_hf(name: str, split: str, streaming: bool):
     except Exception as e:  # noqa: BLE001 - offline it may be ConnectionError, FileNotFoundError, ...
         msg = str(e)
         if isinstance(e, (ValueError, KeyError)) and ("split" in msg.lower()):
-            raise SaepipeError(f"dataset '{name}' has no split '{split}' ({_first_line(e)}): pass another --split") from e
+            raise SaepipeError(
+                f"dataset '{name}' has no split '{split}' ({_first_line(e)}): pass another --split"
+            ) from e
         raise SaepipeError(
             f"dataset '{name}' could not be loaded (not found locally and the hub is unreachable): "
             "pass local .txt/.jsonl/.parquet files or use --dataset python-docs"
@@ -409,7 +455,7 @@ def pack_contexts(
             tokens = np.asarray(encode(doc), dtype=np.int32).reshape(-1)
             if tokens.size == 0:
                 continue
-            for piece in ((tokens,) if first else (sep, tokens)):
+            for piece in (tokens,) if first else (sep, tokens):
                 first = False
                 stream_tokens += piece.size
                 start = 0

@@ -20,9 +20,17 @@ from stages.saes.base import DenseCode
 from store_schema.normalization import Normalization
 
 
-def ablation_sparsity(sae: SparseAutoencoder, sae_norm: Normalization, model, token_rows: np.ndarray,
-                      stored: np.ndarray, hook: str, future_tokens: int = 16, seed: int = 0,
-                      progress: bool = True) -> dict:
+def ablation_sparsity(
+    sae: SparseAutoencoder,
+    sae_norm: Normalization,
+    model,
+    token_rows: np.ndarray,
+    stored: np.ndarray,
+    hook: str,
+    future_tokens: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """`token_rows` [n, ctx] are held-out contexts and `stored` [n, ctx] marks the positions a store keeps
     (the only positions ablated). Returns the mean sparsity, its spread and the number of ablations."""
     from pipeline.host_models import logits_with_hook_replaced, run_to_hooks
@@ -49,15 +57,12 @@ def ablation_sparsity(sae: SparseAutoencoder, sae_norm: Normalization, model, to
                 continue
             codes = code.repeat(len(active) + 1, 1)  # row 0: the whole code; row j: latent active[j-1] removed
             codes[torch.arange(1, len(active) + 1, device=device), active] = 0
-            spliced = sae_norm.invert(sae.decode(DenseCode(codes)).float(),
-                                      None if row_stats is None else row_stats.expand(len(codes), -1))
+            spliced = sae_norm.invert(
+                sae.decode(DenseCode(codes)).float(), None if row_stats is None else row_stats.expand(len(codes), -1)
+            )
 
-        def splice(acts: torch.Tensor) -> torch.Tensor:
-            out = acts.clone()
-            out[:, p] = spliced.to(acts.dtype)
-            return out
-
-        logits = logits_with_hook_replaced(model, tokens.expand(len(codes), -1), hook, splice)[:, p:end].double()
+        logits = logits_with_hook_replaced(model, tokens.expand(len(codes), -1), hook, _splice_at(p, spliced))
+        logits = logits[:, p:end].double()
         delta = logits[1:] - logits[:1]
         delta -= delta.median(dim=-1, keepdim=True).values
         l1, l2 = delta.abs().sum(dim=(1, 2)), delta.pow(2).sum(dim=(1, 2)).sqrt()
@@ -67,5 +72,20 @@ def ablation_sparsity(sae: SparseAutoencoder, sae_norm: Normalization, model, to
     if not scores:
         return {"ablation_sparsity": float("nan"), "ablation_count": 0, "ablation_future_tokens": future_tokens}
     values = np.asarray(scores)
-    return {"ablation_sparsity": float(values.mean()), "ablation_sparsity_median": float(np.median(values)),
-            "ablation_count": len(values), "ablation_future_tokens": future_tokens}
+    return {
+        "ablation_sparsity": float(values.mean()),
+        "ablation_sparsity_median": float(np.median(values)),
+        "ablation_count": len(values),
+        "ablation_future_tokens": future_tokens,
+    }
+
+
+def _splice_at(position: int, rows: torch.Tensor):
+    """A hook replacement putting rows[i] at `position` of batch row i, the rest of the activations kept."""
+
+    def splice(acts: torch.Tensor) -> torch.Tensor:
+        out = acts.clone()
+        out[:, position] = rows.to(acts.dtype)
+        return out
+
+    return splice

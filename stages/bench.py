@@ -65,7 +65,9 @@ class BenchConfig:
     read_passes: int = 4  # passes over those rows per round and side (a pass alone is too short to time)
     model: str = "smollm2-135m"
     collect_hook: str = "blocks.15.hook_resid_post"
-    collect_contexts: int = 128  # ~9 s of forward per side: store creation (~0.1 s) and the last block's write (~0.05 s) do not overlap
+    collect_contexts: int = (
+        128  # ~9 s of forward per side: store creation (~0.1 s) and the last block's write (~0.05 s) do not overlap
+    )
     collect_batch: int = 16
     context_size: int = 128
     stream_chunk_rows: int = 8192  # the store chunk of the streaming benchmark (the loader reads 8 at a time)
@@ -78,8 +80,10 @@ class BenchConfig:
     def check(self) -> None:
         """Refuse, before any benchmark runs, settings that would stop one part-way."""
         if self.wants("collect_vs_saelens") and _saelens_layer(self.collect_hook) is None:
-            raise SaepipeError(f"collect_vs_saelens maps only blocks.N.hook_resid_post onto SAELens's HF hooks, "
-                               f"not {self.collect_hook}: pass --hook blocks.15.hook_resid_post or leave this key out")
+            raise SaepipeError(
+                f"collect_vs_saelens maps only blocks.N.hook_resid_post onto SAELens's HF hooks, "
+                f"not {self.collect_hook}: pass --hook blocks.15.hook_resid_post or leave this key out"
+            )
 
 
 def _saelens_layer(hook: str) -> int | None:
@@ -114,7 +118,9 @@ def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     from store_schema.reader import open_store
 
     rows = np.random.default_rng(0).standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16)
-    store_path = write_array_store(_fresh(workdir / "read.zarr"), rows, rows[:cfg.batch_size], hook=HOOK, chunk_rows=8192)
+    store_path = write_array_store(
+        _fresh(workdir / "read.zarr"), rows, rows[: cfg.batch_size], hook=HOOK, chunk_rows=8192
+    )
     raw_path = workdir / "read.raw"
     rows.tofile(raw_path)
     del rows
@@ -126,14 +132,15 @@ def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
         started = time.perf_counter()
         for _ in range(cfg.read_passes):
             for i in range(n_batches):
-                batch = torch.from_numpy(np.array(memmap[i * cfg.batch_size:(i + 1) * cfg.batch_size]))
+                batch = torch.from_numpy(np.array(memmap[i * cfg.batch_size : (i + 1) * cfg.batch_size]))
         del batch
         return cfg.read_passes * n_batches * cfg.batch_size / (time.perf_counter() - started)
 
     # Steady state, as in training: one streaming loader for the whole benchmark (its reader thread and
     # window buffers start once), each round serving an epoch's worth of batches from it.
-    loader = ShuffledBatches(store, HOOK, cfg.batch_size, device=torch.device("cpu"), dtype=torch.float16,
-                             resident=False)
+    loader = ShuffledBatches(
+        store, HOOK, cfg.batch_size, device=torch.device("cpu"), dtype=torch.float16, resident=False
+    )
     batches = loader.batches(0)
 
     def store_side() -> float:
@@ -147,9 +154,15 @@ def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
         rates = alternate({"store_tokens_per_s": store_side, "memmap_tokens_per_s": memmap_side}, cfg.rounds)
     finally:
         batches.close()
-    return {"read_vs_memmap": ratio(rates, "store_tokens_per_s", "memmap_tokens_per_s"),
-            "read": {"rows": cfg.read_rows, "bytes": cfg.read_rows * cfg.d_in * 2, "passes_per_round": cfg.read_passes,
-                     **rates}}
+    return {
+        "read_vs_memmap": ratio(rates, "store_tokens_per_s", "memmap_tokens_per_s"),
+        "read": {
+            "rows": cfg.read_rows,
+            "bytes": cfg.read_rows * cfg.d_in * 2,
+            "passes_per_round": cfg.read_passes,
+            **rates,
+        },
+    }
 
 
 def _fresh(path: Path) -> Path:
@@ -173,9 +186,19 @@ def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, devic
     from stages.train import _Run
     from store_schema.reader import open_store
 
-    train_cfg = TrainConfig(store=str(store_path), out=str(out), hook=HOOK, arch=arch, width=cfg.width, k=cfg.k,
-                            tokens=cfg.batch_size * 10_000, batch_size=cfg.batch_size, device=str(device),
-                            overwrite=True, progress=False).validate()
+    train_cfg = TrainConfig(
+        store=str(store_path),
+        out=str(out),
+        hook=HOOK,
+        arch=arch,
+        width=cfg.width,
+        k=cfg.k,
+        tokens=cfg.batch_size * 10_000,
+        batch_size=cfg.batch_size,
+        device=str(device),
+        overwrite=True,
+        progress=False,
+    ).validate()
     run_dir.prepare(out, overwrite=True, resume=False)
     run = _Run(train_cfg, open_store(store_path), device, resuming=False, world=World())  # one process
     autocast = contextlib.nullcontext()
@@ -192,9 +215,17 @@ def _saelens_stepper(cfg: BenchConfig, arch: str, device: torch.device):
 
     sae = _saelens_sae(arch, cfg.d_in, cfg.width, cfg.k, str(device))
     lr = TrainConfig(store="", out="", width=cfg.width).resolved_lr()
-    trainer = SAETrainer(SAETrainerConfig(total_training_samples=cfg.batch_size * 10_000, lr=lr, lr_end=lr,
-                                          train_batch_size_samples=cfg.batch_size, device=str(device)),
-                         sae, iter(()))
+    trainer = SAETrainer(
+        SAETrainerConfig(
+            total_training_samples=cfg.batch_size * 10_000,
+            lr=lr,
+            lr_end=lr,
+            train_batch_size_samples=cfg.batch_size,
+            device=str(device),
+        ),
+        sae,
+        iter(()),
+    )
     return lambda x, step: trainer._train_step(sae, x), sae
 
 
@@ -215,11 +246,20 @@ class _TimedSteps:
         return n * self.batches[0].shape[0] / (time.perf_counter() - started)
 
 
-def _compare_steps(cfg: BenchConfig, ours: Callable, theirs: Callable, batches: list[torch.Tensor],
-                   device: torch.device, steps: int, warmup: int) -> dict[str, list[float]]:
+def _compare_steps(
+    cfg: BenchConfig,
+    ours: Callable,
+    theirs: Callable,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+) -> dict[str, list[float]]:
     """Our step against SAELens's, after `warmup` untimed steps each, alternating rounds of `steps`."""
-    sides = {"ours_tokens_per_s": _TimedSteps(ours, batches, device),
-             "saelens_tokens_per_s": _TimedSteps(theirs, batches, device)}
+    sides = {
+        "ours_tokens_per_s": _TimedSteps(ours, batches, device),
+        "saelens_tokens_per_s": _TimedSteps(theirs, batches, device),
+    }
     for side in sides.values():
         side.rate(warmup)
     return alternate({name: (lambda side=side: side.rate(steps)) for name, side in sides.items()}, cfg.rounds)
@@ -232,7 +272,7 @@ def _bench_store(cfg: BenchConfig, workdir: Path) -> Path:
     path = workdir / "init.zarr"
     if not path.exists():
         rows = np.random.default_rng(2).standard_normal((16_384, cfg.d_in), dtype=np.float32)
-        write_array_store(path, rows, rows[:cfg.batch_size], hook=HOOK)
+        write_array_store(path, rows, rows[: cfg.batch_size], hook=HOOK)
     return path
 
 
@@ -264,14 +304,23 @@ def bench_train(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     theirs, _ = _saelens_stepper(cfg, "topk", device)
     rates = _compare_steps(cfg, ours, theirs, batches, device, steps=cfg.train_steps, warmup=2)
     flops = topk_step_flops(cfg.batch_size, cfg.d_in, cfg.width, cfg.k)
-    peak = max(matmul_rate(cfg.batch_size, cfg.d_in, cfg.width, device, torch.float32),
-               matmul_rate(cfg.d_in, cfg.batch_size, cfg.width, device, torch.float32))
+    peak = max(
+        matmul_rate(cfg.batch_size, cfg.d_in, cfg.width, device, torch.float32),
+        matmul_rate(cfg.d_in, cfg.batch_size, cfg.width, device, torch.float32),
+    )
     achieved = statistics.median(rates["ours_tokens_per_s"]) / cfg.batch_size * flops
-    return {"train_vs_saelens": ratio(rates, "ours_tokens_per_s", "saelens_tokens_per_s"),
-            "train_roofline_fraction": achieved / peak,
-            "train": {**rates, "step_flops": flops, "achieved_flop_per_s": achieved, "matmul_flop_per_s": peak,
-                      "ours_it_per_s": statistics.median(rates["ours_tokens_per_s"]) / cfg.batch_size,
-                      "dtype": "float32"}}
+    return {
+        "train_vs_saelens": ratio(rates, "ours_tokens_per_s", "saelens_tokens_per_s"),
+        "train_roofline_fraction": achieved / peak,
+        "train": {
+            **rates,
+            "step_flops": flops,
+            "achieved_flop_per_s": achieved,
+            "matmul_flop_per_s": peak,
+            "ours_it_per_s": statistics.median(rates["ours_tokens_per_s"]) / cfg.batch_size,
+            "dtype": "float32",
+        },
+    }
 
 
 def bench_mp(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
@@ -281,8 +330,10 @@ def bench_mp(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     theirs, their_sae = _saelens_stepper(cfg, "mp", device)
     agreement = _mp_outputs_agree(cfg, their_sae, batches[0], device)
     rates = _compare_steps(cfg, ours, theirs, batches, device, steps=max(1, cfg.train_steps // 2), warmup=1)
-    return {"mp_vs_saelens": ratio(rates, "ours_tokens_per_s", "saelens_tokens_per_s"),
-            "mp": {**rates, "reconstruction_max_rel_diff": agreement}}
+    return {
+        "mp_vs_saelens": ratio(rates, "ours_tokens_per_s", "saelens_tokens_per_s"),
+        "mp": {**rates, "reconstruction_max_rel_diff": agreement},
+    }
 
 
 @torch.no_grad()
@@ -299,8 +350,10 @@ def _mp_outputs_agree(cfg: BenchConfig, their_sae, x: torch.Tensor, device: torc
     mine, theirs = ours(x), their_sae.decode(their_sae.encode(x))
     diff = float((mine - theirs).norm(dim=-1).max() / x.norm(dim=-1).median())
     if diff > 1e-3:
-        raise SaepipeError(f"matching pursuit outputs differ from SAELens's ({diff:.2e} relative): "
-                           f"the speed comparison would not compare equal work")
+        raise SaepipeError(
+            f"matching pursuit outputs differ from SAELens's ({diff:.2e} relative): "
+            f"the speed comparison would not compare equal work"
+        )
     return diff
 
 
@@ -336,20 +389,33 @@ def _collect_setup(cfg: BenchConfig, workdir: Path, device: torch.device) -> _Co
     rows_per_context = cfg.context_size - 1
     text = workdir / "collect-text.txt"  # a local file: the corpus is built once, outside the timings
     text.write_text("\n\n".join(_python_docs(cfg.collect_contexts * cfg.context_size * 8)))
-    config = CollectConfig(model=cfg.model, dataset=str(text), hooks=(cfg.collect_hook,),
-                           tokens=cfg.collect_contexts * rows_per_context, context_size=cfg.context_size,
-                           eval_fraction=0.0, batch_size=cfg.collect_batch, device=str(device),
-                           out=str(workdir / "collect.zarr"), overwrite=True,
-                           # four blocks, so the writer thread overlaps forward passes as in a long collect
-                           shuffle_buffer_rows=max(1, cfg.collect_contexts // 4) * rows_per_context,
-                           warmup_rows=min(65_536, cfg.collect_contexts * rows_per_context // 4),
-                           progress=False)
+    config = CollectConfig(
+        model=cfg.model,
+        dataset=str(text),
+        hooks=(cfg.collect_hook,),
+        tokens=cfg.collect_contexts * rows_per_context,
+        context_size=cfg.context_size,
+        eval_fraction=0.0,
+        batch_size=cfg.collect_batch,
+        device=str(device),
+        out=str(workdir / "collect.zarr"),
+        overwrite=True,
+        # four blocks, so the writer thread overlaps forward passes as in a long collect
+        shuffle_buffer_rows=max(1, cfg.collect_contexts // 4) * rows_per_context,
+        warmup_rows=min(65_536, cfg.collect_contexts * rows_per_context // 4),
+        progress=False,
+    )
     return _CollectSetup(model, hooks, config)
 
 
 def _collect_sizes(cfg: BenchConfig) -> dict:
-    return {"model": cfg.model, "hook": cfg.collect_hook, "contexts": cfg.collect_contexts,
-            "context_size": cfg.context_size, "batch_size": cfg.collect_batch}
+    return {
+        "model": cfg.model,
+        "hook": cfg.collect_hook,
+        "contexts": cfg.collect_contexts,
+        "context_size": cfg.context_size,
+        "batch_size": cfg.collect_batch,
+    }
 
 
 def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
@@ -362,14 +428,16 @@ def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict
     def forward_side() -> float:
         started = time.perf_counter()
         for i in range(0, len(tokens), cfg.collect_batch):
-            acts = run_to_hooks(setup.model, tokens[i:i + cfg.collect_batch], setup.hooks)
+            acts = run_to_hooks(setup.model, tokens[i : i + cfg.collect_batch], setup.hooks)
             acts[setup.hooks[0]].float().cpu()
         elapsed = time.perf_counter() - started
         return len(tokens) * (cfg.context_size - 1) / elapsed
 
     rates = alternate({"collect_tokens_per_s": setup.collect_side, "forward_tokens_per_s": forward_side}, cfg.rounds)
-    return {"collect_vs_forward": ratio(rates, "collect_tokens_per_s", "forward_tokens_per_s"),
-            "collect": {**rates, **_collect_sizes(cfg)}}
+    return {
+        "collect_vs_forward": ratio(rates, "collect_tokens_per_s", "forward_tokens_per_s"),
+        "collect": {**rates, **_collect_sizes(cfg)},
+    }
 
 
 def bench_collect_saelens(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
@@ -402,12 +470,22 @@ def bench_collect_saelens(cfg: BenchConfig, workdir: Path, device: torch.device)
     def saelens_side() -> float:
         shutil.rmtree(out, ignore_errors=True)
         runner_cfg = CacheActivationsRunnerConfig(
-            dataset_path="saepipe-bench", model_name=model_dir, model_class_name="AutoModelForCausalLM",
-            hook_name=_hf_block_name(setup.model, layer), d_in=int(setup.model.d_model), training_tokens=rows,
-            context_size=cfg.context_size, seqpos_slice=(1, None), prepend_bos=False,
-            model_batch_size=cfg.collect_batch, dtype="float16", device=str(device), shuffle=True,
+            dataset_path="saepipe-bench",
+            model_name=model_dir,
+            model_class_name="AutoModelForCausalLM",
+            hook_name=_hf_block_name(setup.model, layer),
+            d_in=int(setup.model.d_model),
+            training_tokens=rows,
+            context_size=cfg.context_size,
+            seqpos_slice=(1, None),
+            prepend_bos=False,
+            model_batch_size=cfg.collect_batch,
+            dtype="float16",
+            device=str(device),
+            shuffle=True,
             new_cached_activations_path=str(out),
-            buffer_size_gb=buffer_bytes / 1e9)
+            buffer_size_gb=buffer_bytes / 1e9,
+        )
         runner = CacheActivationsRunner(runner_cfg, override_dataset=Dataset.from_dict({"input_ids": tokens.tolist()}))
         started = time.perf_counter()
         cached = runner.run()
@@ -415,8 +493,10 @@ def bench_collect_saelens(cfg: BenchConfig, workdir: Path, device: torch.device)
         return len(cached) * (cfg.context_size - 1) / elapsed
 
     rates = alternate({"collect_tokens_per_s": setup.collect_side, "saelens_tokens_per_s": saelens_side}, cfg.rounds)
-    return {"collect_vs_saelens": ratio(rates, "collect_tokens_per_s", "saelens_tokens_per_s"),
-            "collect_saelens": {**rates, **_collect_sizes(cfg), "saelens_model_class": "AutoModelForCausalLM"}}
+    return {
+        "collect_vs_saelens": ratio(rates, "collect_tokens_per_s", "saelens_tokens_per_s"),
+        "collect_saelens": {**rates, **_collect_sizes(cfg), "saelens_model_class": "AutoModelForCausalLM"},
+    }
 
 
 def _hf_block_name(model, layer: int) -> str:
@@ -472,21 +552,37 @@ def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> d
     gen = np.random.default_rng(4)
     rows = np.empty((n_rows, cfg.d_in), np.float16)
     for i in range(0, n_rows, 65_536):
-        rows[i:i + 65_536] = gen.standard_normal((min(65_536, n_rows - i), cfg.d_in), dtype=np.float32)
-    write_array_store(_fresh(path), rows, rows[:cfg.batch_size], hook=HOOK, chunk_rows=chunk_rows)
+        rows[i : i + 65_536] = gen.standard_normal((min(65_536, n_rows - i), cfg.d_in), dtype=np.float32)
+    write_array_store(_fresh(path), rows, rows[: cfg.batch_size], hook=HOOK, chunk_rows=chunk_rows)
     store_bytes = n_rows * cfg.d_in * 2
     del rows
     assert open_store(path).n_rows("train") == n_rows
-    train = {"store": str(path), "out": str(workdir / "stream-run"), "hook": HOOK, "width": cfg.width, "k": cfg.k,
-             "batch_size": cfg.batch_size, "tokens": n_rows, "resident": False, "overwrite": True,
-             "progress": False, "device": "cpu"}
+    train = {
+        "store": str(path),
+        "out": str(workdir / "stream-run"),
+        "hook": HOOK,
+        "width": cfg.width,
+        "k": cfg.k,
+        "batch_size": cfg.batch_size,
+        "tokens": n_rows,
+        "resident": False,
+        "overwrite": True,
+        "progress": False,
+        "device": "cpu",
+    }
     done = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(train)], capture_output=True, text=True)
     if done.returncode != 0:
         raise SaepipeError(f"the streaming-memory benchmark's training failed: {done.stderr.strip().splitlines()[-1]}")
     peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
-    return {"stream_peak_rss_gb": peak / 1e9,
-            "stream": {"store_bytes": store_bytes, "buffer_bytes": buffer_bytes, "peak_rss_bytes": peak,
-                       "limit_gb": buffer_bytes / 1e9 + 1.0}}
+    return {
+        "stream_peak_rss_gb": peak / 1e9,
+        "stream": {
+            "store_bytes": store_bytes,
+            "buffer_bytes": buffer_bytes,
+            "peak_rss_bytes": peak,
+            "limit_gb": buffer_bytes / 1e9 + 1.0,
+        },
+    }
 
 
 # -- the whole run ----------------------------------------------------------------------------------
@@ -508,10 +604,12 @@ def run_bench(cfg: BenchConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     workdir = cfg.out / "work"
     workdir.mkdir(exist_ok=True)
-    result: dict = {"device": _describe_device(device), "versions": _versions(),
-                    "sizes": {"d_in": cfg.d_in, "width": cfg.width, "k": cfg.k, "batch_size": cfg.batch_size,
-                              "rounds": cfg.rounds},
-                    "date": time.strftime("%Y-%m-%d")}
+    result: dict = {
+        "device": _describe_device(device),
+        "versions": _versions(),
+        "sizes": {"d_in": cfg.d_in, "width": cfg.width, "k": cfg.k, "batch_size": cfg.batch_size, "rounds": cfg.rounds},
+        "date": time.strftime("%Y-%m-%d"),
+    }
     for key, part in BENCHMARKS.items():
         if not cfg.wants(key):
             continue
@@ -551,4 +649,3 @@ def _versions() -> dict:
     except Exception:  # noqa: BLE001 - versions are informative only
         pass
     return versions
-

@@ -71,18 +71,26 @@ class Rows:
     def slice(self, lo: int, hi: int, copy: bool = False) -> Rows:
         """Rows [lo, hi); copied when the slice should not keep the whole block alive."""
         take = (lambda a: a[lo:hi].copy()) if copy else (lambda a: a[lo:hi])
-        return Rows({h: take(a) for h, a in self.acts.items()}, take(self.row_context), take(self.row_position),
-                    None if self.row_stats is None else {h: take(a) for h, a in self.row_stats.items()})
+        return Rows(
+            {h: take(a) for h, a in self.acts.items()},
+            take(self.row_context),
+            take(self.row_position),
+            None if self.row_stats is None else {h: take(a) for h, a in self.row_stats.items()},
+        )
 
     @staticmethod
     def concat(parts: list[Rows]) -> Rows:
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
-        return Rows({h: np.concatenate([p.acts[h] for p in parts]) for h in first.acts},
-                    np.concatenate([p.row_context for p in parts]), np.concatenate([p.row_position for p in parts]),
-                    None if first.row_stats is None else
-                    {h: np.concatenate([p.row_stats[h] for p in parts]) for h in first.row_stats})
+        return Rows(
+            {h: np.concatenate([p.acts[h] for p in parts]) for h in first.acts},
+            np.concatenate([p.row_context for p in parts]),
+            np.concatenate([p.row_position for p in parts]),
+            None
+            if first.row_stats is None
+            else {h: np.concatenate([p.row_stats[h] for p in parts]) for h in first.row_stats},
+        )
 
     def write(self, writer: StoreWriter, split: str, start: int) -> None:
         writer.write_rows(split, start, self.acts, self.row_context, self.row_position, self.row_stats)
@@ -129,15 +137,20 @@ def plan_action(cfg: CollectConfig) -> str:
         # --overwrite replaces a (possibly damaged) Zarr store, never a file or a folder of something else
         if cfg.overwrite and out.is_dir() and (out / "zarr.json").exists():
             return "create"
-        hint = (" (--overwrite replaces only stores; remove it yourself if it must go)" if cfg.overwrite
-                else ", or pass --overwrite to replace it if it is a damaged store")
+        hint = (
+            " (--overwrite replaces only stores; remove it yourself if it must go)"
+            if cfg.overwrite
+            else ", or pass --overwrite to replace it if it is a damaged store"
+        )
         raise SaepipeError(f"--out {out} exists and is not a saepipe store: choose another --out{hint}") from None
     if cfg.overwrite:
         return "create"
     differing = _differing_settings(cfg, existing)
     if differing is not None:
-        raise SaepipeError(f"--out {out} holds a store of a different configuration (differs in: "
-                           f"{differing}): pass --overwrite to replace it, or choose another --out")
+        raise SaepipeError(
+            f"--out {out} holds a store of a different configuration (differs in: "
+            f"{differing}): pass --overwrite to replace it, or choose another --out"
+        )
     return "done" if existing.complete else "resume"
 
 
@@ -159,8 +172,10 @@ def run_collect(cfg: CollectConfig, model=None) -> str:
     cfg.validate()
     if cfg.append:
         if _is_remote(cfg.out):
-            raise SaepipeError(f"--append needs a store on this machine, not {cfg.out}: copy it here with `saepipe "
-                               f"store copy`, append, and copy it back")
+            raise SaepipeError(
+                f"--append needs a store on this machine, not {cfg.out}: copy it here with `saepipe "
+                f"store copy`, append, and copy it back"
+            )
         from stages import collect_append
 
         cfg = collect_append.store_config(cfg)
@@ -191,9 +206,11 @@ def _collect_to_remote(cfg: CollectConfig, model) -> str:
     if existing is not None and existing.complete and not cfg.overwrite:
         differing = _differing_settings(cfg, existing)
         if differing is not None:
-            raise SaepipeError(f"--out {cfg.out} holds a store of a different configuration (differs in: "
-                               f"{differing}): choose another --out (a remote store is never overwritten; "
-                               f"delete it there first)")
+            raise SaepipeError(
+                f"--out {cfg.out} holds a store of a different configuration (differs in: "
+                f"{differing}): choose another --out (a remote store is never overwritten; "
+                f"delete it there first)"
+            )
         print(f"store {cfg.out} is already complete for this configuration; nothing to do", file=sys.stderr)
         return str(cfg.out)
     staging = cache_dir() / "staging" / (hashlib.sha256(str(cfg.out).encode()).hexdigest()[:16] + ".zarr")
@@ -253,17 +270,22 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: str) ->
     writer = StoreWriter.open(out)
     writer.remove_leftover_temporaries()  # we hold the lock and no worker has started
     if writer.header["model"]["revision"] != model.revision:
-        raise SaepipeError(f"{out} was collected from other weights of {cfg.model} "
-                           f"(revision {writer.header['model']['revision']}, now {model.revision}): "
-                           + ("an append needs the store's model" if cfg.append else "pass --overwrite to start again"))
+        raise SaepipeError(
+            f"{out} was collected from other weights of {cfg.model} "
+            f"(revision {writer.header['model']['revision']}, now {model.revision}): "
+            + ("an append needs the store's model" if cfg.append else "pass --overwrite to start again")
+        )
     if action == "append-start":
         from stages import collect_append
 
         collect_append.begin(cfg, model, writer)
         return writer
     done = {s: writer.progress(s)["rows_committed"] for s in schema.SPLITS}
-    print(f"resuming {'the append to ' if cfg.append else ''}{out}: {done['train']:,} train and {done['eval']:,} "
-          f"eval rows committed", file=sys.stderr)
+    print(
+        f"resuming {'the append to ' if cfg.append else ''}{out}: {done['train']:,} train and {done['eval']:,} "
+        f"eval rows committed",
+        file=sys.stderr,
+    )
     return writer
 
 
@@ -274,8 +296,15 @@ def _create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
     tok = model.tokenizer
     separator = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
     n_contexts = schema.contexts_needed(cfg.tokens, cfg.rows_per_context, cfg.eval_fraction)
-    tokens = pack_contexts(source.documents(), tok.encode, context_size=cfg.context_size, n_contexts=n_contexts,
-                           bos_token_id=tok.bos_token_id, separator_token_id=separator, progress=cfg.progress)
+    tokens = pack_contexts(
+        source.documents(),
+        tok.encode,
+        context_size=cfg.context_size,
+        n_contexts=n_contexts,
+        bos_token_id=tok.bos_token_id,
+        separator_token_id=separator,
+        progress=cfg.progress,
+    )
     context_split = schema.assign_split(n_contexts, cfg.eval_fraction, cfg.seed)
     n_train, n_eval = schema.split_counts(n_contexts, cfg.eval_fraction)
     content = cfg.content_fields()
@@ -285,11 +314,21 @@ def _create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
         "writer": f"saepipe {__version__}",
         "config_fingerprint": schema.fingerprint(content),
         "collect_config": content,
-        "model": {"name": cfg.model, "revision": model.revision, "d_model": model.d_model,
-                  "n_layers": model.n_layers, "dtype": cfg.dtype},
+        "model": {
+            "name": cfg.model,
+            "revision": model.revision,
+            "d_model": model.d_model,
+            "n_layers": model.n_layers,
+            "dtype": cfg.dtype,
+        },
         "text_source": {**source.describe(), "tokens_fingerprint": schema.tokens_fingerprint(tokens)},
-        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "bos_token_id": tok.bos_token_id,
-                      "separator_token_id": separator, "bos_at_position_0": True},
+        "tokenizer": {
+            "name": tok.name,
+            "vocab_size": tok.vocab_size,
+            "bos_token_id": tok.bos_token_id,
+            "separator_token_id": separator,
+            "bos_at_position_0": True,
+        },
         "context_size": cfg.context_size,
         "dropped_positions": list(range(cfg.drop_first)),
         "excluded_tokens": sorted({tok.bos_token_id, separator}) if cfg.exclude_special else [],
@@ -297,8 +336,11 @@ def _create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
         "hooks": hooks,
         "d_model": model.d_model,
         "token_budget": cfg.tokens,
-        "shuffle": {"seed": cfg.seed, "buffer_rows": cfg.shuffle_buffer_rows,
-                    "contexts_per_block": _contexts_per_block(cfg)},
+        "shuffle": {
+            "seed": cfg.seed,
+            "buffer_rows": cfg.shuffle_buffer_rows,
+            "contexts_per_block": _contexts_per_block(cfg),
+        },
         "split": {"eval_fraction": cfg.eval_fraction, "n_train_contexts": n_train, "n_eval_contexts": n_eval},
         "normalization_mode": cfg.normalize,
         "warmup_rows": cfg.warmup_rows,
@@ -324,7 +366,7 @@ def _block_plan(cfg: CollectConfig, header: dict, context_split: np.ndarray, spl
         ids = first + np.flatnonzero(context_split[first:end] == schema.SPLIT_CODES[split])
         if split == "train":
             ids = np.random.default_rng([cfg.seed, 0x0D3] + ([first] if first else [])).permutation(ids)
-        blocks += [ids[i:i + per_block] for i in range(0, len(ids), per_block)]
+        blocks += [ids[i : i + per_block] for i in range(0, len(ids), per_block)]
     return blocks
 
 
@@ -334,8 +376,10 @@ def pending_blocks(cfg: CollectConfig, writer: StoreWriter) -> list[BlockTask]:
     tasks = []
     for split in schema.SPLITS:
         plan = _block_plan(cfg, writer.header, context_split, split)
-        tasks += [BlockTask(split, index, plan[index], index == len(plan) - 1)
-                  for index in range(writer.progress(split)["blocks_done"], len(plan))]
+        tasks += [
+            BlockTask(split, index, plan[index], index == len(plan) - 1)
+            for index in range(writer.progress(split)["blocks_done"], len(plan))
+        ]
     return tasks
 
 
@@ -349,8 +393,15 @@ def progress_bar(cfg: CollectConfig, keep: np.ndarray, todo: list[BlockTask]) ->
     """Stored positions: all of them, those of the blocks still to do counted as not done yet."""
     total = int(keep.sum())
     left = int(sum(keep[task.contexts].sum() for task in todo))
-    return tqdm(total=total, initial=total - left, unit="tok", unit_scale=True, desc="collect",
-                disable=not cfg.progress, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=total - left,
+        unit="tok",
+        unit_scale=True,
+        desc="collect",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
 
 
 def _fill_store(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter) -> None:
@@ -383,8 +434,9 @@ def _write_and_commit(cfg: CollectConfig, writer: StoreWriter, normalized: Norma
     writer.commit_block(summary.split, summary.index, summary.n_rows, summary.stats, summary.dropped)
 
 
-def forward_block(cfg: CollectConfig, model, hooks: list[str], task: BlockTask, tokens: np.ndarray,
-                  keep: np.ndarray, on_rows=None) -> Block:
+def forward_block(
+    cfg: CollectConfig, model, hooks: list[str], task: BlockTask, tokens: np.ndarray, keep: np.ndarray, on_rows=None
+) -> Block:
     """Run the model over the block's contexts (`tokens`, `keep`: their rows of the store's tokens and
     stored-position mask); `on_rows(n)` hears of the rows of each batch."""
     from pipeline.host_models import run_to_hooks
@@ -393,9 +445,9 @@ def forward_block(cfg: CollectConfig, model, hooks: list[str], task: BlockTask, 
     row_context, row_position, dropped = [], [], []
     nonfinite = {h: [0, 0] for h in hooks}
     for start in range(0, len(task.contexts), cfg.batch_size):
-        ids = task.contexts[start:start + cfg.batch_size]
-        acts = run_to_hooks(model, torch.from_numpy(tokens[start:start + cfg.batch_size].astype(np.int64)), hooks)
-        mask = torch.from_numpy(keep[start:start + cfg.batch_size])
+        ids = task.contexts[start : start + cfg.batch_size]
+        acts = run_to_hooks(model, torch.from_numpy(tokens[start : start + cfg.batch_size].astype(np.int64)), hooks)
+        mask = torch.from_numpy(keep[start : start + cfg.batch_size])
         acts = {hook: acts[hook].float().cpu() for hook in hooks}
         finite = torch.ones(len(ids), dtype=torch.bool)
         for hook in hooks:
@@ -406,8 +458,10 @@ def forward_block(cfg: CollectConfig, model, hooks: list[str], task: BlockTask, 
         if not bool(finite.all()):
             bad = [int(c) for c in ids[~finite.numpy()]]
             if cfg.nonfinite == "abort":
-                raise SaepipeError(f"non-finite activations in context(s) {bad[:5]} of the {task.split} split: "
-                                   f"rerun with --nonfinite skip to leave such contexts out (they are counted)")
+                raise SaepipeError(
+                    f"non-finite activations in context(s) {bad[:5]} of the {task.split} split: "
+                    f"rerun with --nonfinite skip to leave such contexts out (they are counted)"
+                )
             dropped += bad
             mask &= finite[:, None]
         for hook in hooks:
@@ -417,18 +471,28 @@ def forward_block(cfg: CollectConfig, model, hooks: list[str], task: BlockTask, 
         row_position.append(positions)
         if on_rows is not None:
             on_rows(int(mask.sum()))
-    return Block(task.split, task.index, {h: torch.cat(v) for h, v in raw.items()},
-                 np.concatenate(row_context), np.concatenate(row_position),
-                 {h: (v[0], v[1]) for h, v in nonfinite.items()}, dropped)
+    return Block(
+        task.split,
+        task.index,
+        {h: torch.cat(v) for h, v in raw.items()},
+        np.concatenate(row_context),
+        np.concatenate(row_position),
+        {h: (v[0], v[1]) for h, v in nonfinite.items()},
+        dropped,
+    )
 
 
 def estimate_normalization(cfg: CollectConfig, hooks: list[str], block: Block) -> dict[str, Normalization]:
     """The normalization of every hook, from the warm-up rows of the first training block."""
     if not len(block.row_context):
-        raise SaepipeError("every context of the first block had non-finite activations: "
-                           "the model or its dtype is broken (try --dtype float32)")
-    return {hook: Normalization.estimate(cfg.normalize, block.raw[hook][:cfg.warmup_rows], cfg.outlier_factor)
-            for hook in hooks}
+        raise SaepipeError(
+            "every context of the first block had non-finite activations: "
+            "the model or its dtype is broken (try --dtype float32)"
+        )
+    return {
+        hook: Normalization.estimate(cfg.normalize, block.raw[hook][: cfg.warmup_rows], cfg.outlier_factor)
+        for hook in hooks
+    }
 
 
 def fix_normalization(writer: StoreWriter, norms: dict[str, Normalization]) -> dict[str, Normalization]:
@@ -459,9 +523,12 @@ def prepare_block(normalized: NormalizedBlock, seed: int) -> PreparedBlock:
     acts, stats = {}, {}
     for hook, rows in normalized.acts.items():
         acts[hook] = _to_fp16(rows[perm], hook)
-        stats[hook] = schema.RunningStats(rows.shape[1], nonfinite_values=block.nonfinite[hook][0],
-                                          nonfinite_contexts=block.nonfinite[hook][1],
-                                          outlier_rows=normalized.outlier_rows[hook])
+        stats[hook] = schema.RunningStats(
+            rows.shape[1],
+            nonfinite_values=block.nonfinite[hook][0],
+            nonfinite_contexts=block.nonfinite[hook][1],
+            outlier_rows=normalized.outlier_rows[hook],
+        )
         stats[hook].update(acts[hook])
     row_stats = {hook: per_row[perm] for hook, per_row in normalized.row_stats.items()}
     rows = Rows(acts, block.row_context[keep][perm], block.row_position[keep][perm], row_stats or None)
@@ -472,6 +539,8 @@ def _to_fp16(rows: np.ndarray, hook: str) -> np.ndarray:
     with np.errstate(over="ignore"):
         out = rows.astype(np.float16)
     if not np.isfinite(out).all():
-        raise SaepipeError(f"normalized activations at {hook} overflow float16 (max |x| {np.abs(rows).max():.3g}): "
-                           f"use --normalize center-scale or token, or lower --outlier-factor")
+        raise SaepipeError(
+            f"normalized activations at {hook} overflow float16 (max |x| {np.abs(rows).max():.3g}): "
+            f"use --normalize center-scale or token, or lower --outlier-factor"
+        )
     return out

@@ -42,22 +42,30 @@ def plan(cfg: CollectConfig) -> str:
     pending = header.get("append")
     if pending:
         if pending["tokens"] != cfg.tokens:
-            raise SaepipeError(f"an append of {cfg.out} to {pending['tokens']:,} tokens was interrupted: finish it "
-                               f"first with --tokens {pending['tokens']}")
+            raise SaepipeError(
+                f"an append of {cfg.out} to {pending['tokens']:,} tokens was interrupted: finish it "
+                f"first with --tokens {pending['tokens']}"
+            )
         return "resume"
     if not header["complete"]:
-        raise SaepipeError(f"store {cfg.out} is incomplete: finish it first by running its `saepipe collect --out "
-                           f"{cfg.out} ...` command again, then append")
+        raise SaepipeError(
+            f"store {cfg.out} is incomplete: finish it first by running its `saepipe collect --out "
+            f"{cfg.out} ...` command again, then append"
+        )
     budget = header["token_budget"]
     if cfg.tokens < budget:
-        raise SaepipeError(f"--tokens {cfg.tokens:,} is fewer than the {budget:,} tokens store {cfg.out} holds: "
-                           f"--append --tokens N grows it to N tokens in all; ask for more than {budget:,}")
+        raise SaepipeError(
+            f"--tokens {cfg.tokens:,} is fewer than the {budget:,} tokens store {cfg.out} holds: "
+            f"--append --tokens N grows it to N tokens in all; ask for more than {budget:,}"
+        )
     if cfg.tokens == budget:
         return "done"
     room = header["split"]["n_train_contexts"] * cfg.rows_per_context
     if cfg.tokens <= room:
-        raise SaepipeError(f"store {cfg.out} already has room for {room:,} training tokens in its contexts (its "
-                           f"budget is {budget:,}): ask for more than {room:,} to append contexts")
+        raise SaepipeError(
+            f"store {cfg.out} already has room for {room:,} training tokens in its contexts (its "
+            f"budget is {budget:,}): ask for more than {room:,} to append contexts"
+        )
     return "start"
 
 
@@ -70,12 +78,16 @@ def begin(cfg: CollectConfig, model, writer: StoreWriter) -> None:
     added = schema.contexts_needed(need_train * cfg.rows_per_context, cfg.rows_per_context, cfg.eval_fraction)
     tokens = _pack(cfg, model.tokenizer, header, first, first + added)
     if schema.tokens_fingerprint(tokens[:first]) != header["text_source"]["tokens_fingerprint"]:
-        raise SaepipeError(f"the text source {cfg.dataset} no longer packs into the store's contexts (its text or "
-                           f"the tokenizer changed): an append continues the very text the store was collected from")
+        raise SaepipeError(
+            f"the text source {cfg.dataset} no longer packs into the store's contexts (its text or "
+            f"the tokenizer changed): an append continues the very text the store was collected from"
+        )
     new, split = tokens[first:], schema.assign_split(added, cfg.eval_fraction, cfg.seed, first)
     planned = schema.planned_rows(new, split, cfg.drop_first, header["excluded_tokens"])
-    print(f"appending {added:,} contexts to {cfg.out} ({first:,} now), towards {cfg.tokens:,} training tokens",
-          file=sys.stderr)
+    print(
+        f"appending {added:,} contexts to {cfg.out} ({first:,} now), towards {cfg.tokens:,} training tokens",
+        file=sys.stderr,
+    )
     writer.begin_append(cfg.tokens, new, split, planned, schema.tokens_fingerprint(tokens), f"saepipe {__version__}")
 
 
@@ -87,18 +99,27 @@ def _pack(cfg: CollectConfig, tok, header: dict, first: int, n_contexts: int) ->
 
     tokenizer = header["tokenizer"]
     try:
-        return pack_contexts(source_documents(), tok.encode, context_size=cfg.context_size, n_contexts=n_contexts,
-                             bos_token_id=tokenizer["bos_token_id"], separator_token_id=tokenizer["separator_token_id"],
-                             progress=cfg.progress)
+        return pack_contexts(
+            source_documents(),
+            tok.encode,
+            context_size=cfg.context_size,
+            n_contexts=n_contexts,
+            bos_token_id=tokenizer["bos_token_id"],
+            separator_token_id=tokenizer["separator_token_id"],
+            progress=cfg.progress,
+        )
     except SaepipeError:
         available = _contexts_available(source_documents(), tok.encode, cfg.context_size)
         if available >= n_contexts:
             raise
-    most = (header["split"]["n_train_contexts"]
-            + schema.split_counts(max(available - first, 0), cfg.eval_fraction)[0]) * cfg.rows_per_context
-    raise SaepipeError(f"the text source {cfg.dataset} holds {available:,} contexts of {cfg.context_size} tokens, "
-                       f"the store uses {first:,} and the append needs {n_contexts - first:,} more: --tokens can be "
-                       f"at most {most:,} for this store") from None
+    most = (
+        header["split"]["n_train_contexts"] + schema.split_counts(max(available - first, 0), cfg.eval_fraction)[0]
+    ) * cfg.rows_per_context
+    raise SaepipeError(
+        f"the text source {cfg.dataset} holds {available:,} contexts of {cfg.context_size} tokens, "
+        f"the store uses {first:,} and the append needs {n_contexts - first:,} more: --tokens can be "
+        f"at most {most:,} for this store"
+    ) from None
 
 
 def _contexts_available(documents, encode, context_size: int) -> int:
@@ -120,6 +141,8 @@ def _open(path: str) -> ActivationStore:
         raise SaepipeError(f"--append {path}: {e}") from None
     header = store.header
     if not header.get("collect_config") or "n_train_contexts" not in (header.get("split") or {}):
-        raise SaepipeError(f"store {path} was not written by `saepipe collect` (it records no collect settings to "
-                           f"continue): only collected stores can be appended to")
+        raise SaepipeError(
+            f"store {path} was not written by `saepipe collect` (it records no collect settings to "
+            f"continue): only collected stores can be appended to"
+        )
     return store

@@ -33,8 +33,20 @@ from pathlib import Path
 
 from pipeline.config import CollectConfig
 from pipeline.errors import SaepipeError
-from stages.collect import (BlockSummary, BlockTask, PreparedBlock, Rows, estimate_normalization, fix_normalization,
-                            forward_block, normalize_block, pending_blocks, prepare_block, progress_bar, stored_mask)
+from stages.collect import (
+    BlockSummary,
+    BlockTask,
+    PreparedBlock,
+    Rows,
+    estimate_normalization,
+    fix_normalization,
+    forward_block,
+    normalize_block,
+    pending_blocks,
+    prepare_block,
+    progress_bar,
+    stored_mask,
+)
 from store_schema import schema
 from store_schema.lock import lock_path
 from store_schema.writer import StoreWriter
@@ -54,12 +66,17 @@ def connect(cfg: CollectConfig) -> Iterator:
         try:
             client = Client(cfg.scheduler)
         except (OSError, TimeoutError, ValueError) as e:
-            raise SaepipeError(f"cannot reach the dask scheduler at {cfg.scheduler} ({type(e).__name__}: {e}): "
-                               f"start one (`dask scheduler`) or correct --scheduler") from None
+            raise SaepipeError(
+                f"cannot reach the dask scheduler at {cfg.scheduler} ({type(e).__name__}: {e}): "
+                f"start one (`dask scheduler`) or correct --scheduler"
+            ) from None
         with client:
             if not client.nthreads():
-                print(f"waiting for a worker to join the scheduler at {cfg.scheduler} (e.g. `dask worker "
-                      f"{cfg.scheduler}`)", file=sys.stderr)
+                print(
+                    f"waiting for a worker to join the scheduler at {cfg.scheduler} (e.g. `dask worker "
+                    f"{cfg.scheduler}`)",
+                    file=sys.stderr,
+                )
                 client.wait_for_workers(1)
             print(f"collecting on the {len(client.nthreads())} dask workers of {cfg.scheduler}", file=sys.stderr)
             yield client
@@ -68,9 +85,17 @@ def connect(cfg: CollectConfig) -> Iterator:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = str(max(1, cores // cfg.workers))
     print(f"starting a local dask cluster of {cfg.workers} worker processes", file=sys.stderr)
-    with LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR, env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}) \
-            as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=cfg.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+            env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -122,8 +147,14 @@ def _describe(cfg: CollectConfig) -> ModelFacts:
     from pipeline.host_models import validate_hooks
 
     model = _worker_model(cfg)
-    return ModelFacts(model.name, model.revision, model.d_model, model.n_layers, model.tokenizer,
-                      validate_hooks(model, list(cfg.hooks)))
+    return ModelFacts(
+        model.name,
+        model.revision,
+        model.d_model,
+        model.n_layers,
+        model.tokenizer,
+        validate_hooks(model, list(cfg.hooks)),
+    )
 
 
 def _model_for(cfg: CollectConfig, revision: str):
@@ -132,8 +163,10 @@ def _model_for(cfg: CollectConfig, revision: str):
     if model.revision != revision:
         from distributed import get_worker
 
-        raise SaepipeError(f"dask worker {get_worker().address} loaded other weights of {cfg.model} (revision "
-                           f"{model.revision}, the store's is {revision}): give every worker the same model files")
+        raise SaepipeError(
+            f"dask worker {get_worker().address} loaded other weights of {cfg.model} (revision "
+            f"{model.revision}, the store's is {revision}): give every worker the same model files"
+        )
     return model
 
 
@@ -145,8 +178,9 @@ def _prepare(cfg: CollectConfig, hooks: list[str], block, norms) -> PreparedBloc
     return prepare_block(normalize_block(block, norms, hooks), cfg.seed)
 
 
-def _collect_block(cfg: CollectConfig, hooks: list[str], revision: str, task: BlockTask, tokens, keep,
-                   norms) -> PreparedBlock:
+def _collect_block(
+    cfg: CollectConfig, hooks: list[str], revision: str, task: BlockTask, tokens, keep, norms
+) -> PreparedBlock:
     return _prepare(cfg, hooks, _forward(cfg, hooks, revision, task, tokens, keep), norms)
 
 
@@ -211,9 +245,11 @@ def _check_workers_see_store(client, store: str) -> str:
     seen = client.run(_holds_lock, store, lock)
     blind = sorted(address for address, ok in seen.items() if not ok)
     if blind:
-        raise SaepipeError(f"dask worker(s) {', '.join(blind)} cannot see the store {store} (nor its lock file): "
-                           f"put --out on a filesystem every worker mounts (for an s3:// --out, point SAEPIPE_CACHE "
-                           f"at one: the store is staged there)")
+        raise SaepipeError(
+            f"dask worker(s) {', '.join(blind)} cannot see the store {store} (nor its lock file): "
+            f"put --out on a filesystem every worker mounts (for an s3:// --out, point SAEPIPE_CACHE "
+            f"at one: the store is staged there)"
+        )
     return lock
 
 
@@ -243,8 +279,18 @@ class _OpenChunk:
 
 
 class _Collector:
-    def __init__(self, cfg: CollectConfig, client, writer: StoreWriter, hooks: list[str], revision: str, store: str,
-                 lock: str, tokens, keep):
+    def __init__(
+        self,
+        cfg: CollectConfig,
+        client,
+        writer: StoreWriter,
+        hooks: list[str],
+        revision: str,
+        store: str,
+        lock: str,
+        tokens,
+        keep,
+    ):
         self.cfg, self.client, self.writer, self.hooks, self.revision = cfg, client, writer, hooks, revision
         self.store, self.lock, self.tokens, self.keep = store, lock, tokens, keep
         self.norms = writer.normalizations()
@@ -283,12 +329,16 @@ class _Collector:
         try:
             wait(writes, timeout=_STOP_WAIT_S)
         except (TimeoutError, asyncio.TimeoutError):
-            print(f"warning: {sum(not w.done() for w in writes)} write task(s) still running after {_STOP_WAIT_S} s: "
-                  f"wait for them to end before resuming this collect", file=sys.stderr)
+            print(
+                f"warning: {sum(not w.done() for w in writes)} write task(s) still running after {_STOP_WAIT_S} s: "
+                f"wait for them to end before resuming this collect",
+                file=sys.stderr,
+            )
 
     def _submit(self, kind: str, task: BlockTask, fn, *args, priority: int = _HIGH):
-        return self.client.submit(fn, *args, key=f"saepipe-{kind}-{task.split}-{task.index}-{self.run_id}",
-                                  priority=priority)
+        return self.client.submit(
+            fn, *args, key=f"saepipe-{kind}-{task.split}-{task.index}-{self.run_id}", priority=priority
+        )
 
     def _launch(self, task: BlockTask) -> None:
         item = _InFlight(task)
@@ -307,15 +357,18 @@ class _Collector:
         """From the first training block, as a single-process collect does: estimated on its worker,
         recorded here; the blocks launched meanwhile are normalized with the recorded values."""
         first = self.in_flight[0]
-        assert first.forward is not None and (first.task.split, first.task.index) == ("train", 0), \
+        assert first.forward is not None and (first.task.split, first.task.index) == ("train", 0), (
             "the normalization is fixed before the first block is committed"
-        norms = self._submit("normalization", first.task, estimate_normalization, self.cfg, self.hooks,
-                             first.forward).result()
+        )
+        norms = self._submit(
+            "normalization", first.task, estimate_normalization, self.cfg, self.hooks, first.forward
+        ).result()
         self.norms = fix_normalization(self.writer, norms)
         for item in self.in_flight:
             if item.forward is not None:
-                self._prepared(item, self._submit("prepare", item.task, _prepare, self.cfg, self.hooks,
-                                                  item.forward, self.norms))
+                self._prepared(
+                    item, self._submit("prepare", item.task, _prepare, self.cfg, self.hooks, item.forward, self.norms)
+                )
                 item.forward = None
 
     def _place_ready(self) -> bool:
@@ -337,8 +390,20 @@ class _Collector:
         self.next_row[split] = start + n
         for lo, hi, whole in chunk_parts(start, n, chunk):
             if whole:
-                item.writes.append(self._submit(f"write-{lo}", item.task, _write_block_rows, self.store, self.lock,
-                                                split, start + lo, item.prepared, lo, hi))
+                item.writes.append(
+                    self._submit(
+                        f"write-{lo}",
+                        item.task,
+                        _write_block_rows,
+                        self.store,
+                        self.lock,
+                        split,
+                        start + lo,
+                        item.prepared,
+                        lo,
+                        hi,
+                    )
+                )
                 continue
             if self.open[split] is None:
                 self.open[split] = _OpenChunk(start + lo)
@@ -354,8 +419,16 @@ class _Collector:
 
     def _close(self, split: str, task: BlockTask) -> None:
         shared, self.open[split] = self.open[split], None
-        write = self._submit(f"write-shared-{shared.first_row}", task, _write_pieces, self.store, self.lock, split,
-                             shared.first_row, shared.pieces)
+        write = self._submit(
+            f"write-shared-{shared.first_row}",
+            task,
+            _write_pieces,
+            self.store,
+            self.lock,
+            split,
+            shared.first_row,
+            shared.pieces,
+        )
         for item in shared.blocks:
             item.writes.append(write)
             item.open_chunks -= 1

@@ -44,12 +44,18 @@ class ReconstructionStats:
         n = max(self.n, 1)
         total_var = float(self.sum_sq - self.sum_x.pow(2).sum() / n)  # Σ‖x − mean‖²
         sq_err, sum_sq = float(self.sq_err), float(self.sum_sq)
-        m = {"mse": sq_err / (n * self.d), "mse_per_token": sq_err / n,
-             "nmse": sq_err / total_var, "fve": 1 - sq_err / total_var,
-             "nmse_vs_zero": sq_err / sum_sq, "fve_vs_zero": 1 - sq_err / sum_sq,
-             "fve_per_token": float(self.fve_per_token_sum) / n,
-             "cosine": float(self.cosine_sum) / n, "l2_ratio": float(self.l2_ratio_sum) / n,
-             "relative_reconstruction_bias": float(self.rec_sq) / float(self.dot)}
+        m = {
+            "mse": sq_err / (n * self.d),
+            "mse_per_token": sq_err / n,
+            "nmse": sq_err / total_var,
+            "fve": 1 - sq_err / total_var,
+            "nmse_vs_zero": sq_err / sum_sq,
+            "fve_vs_zero": 1 - sq_err / sum_sq,
+            "fve_per_token": float(self.fve_per_token_sum) / n,
+            "cosine": float(self.cosine_sum) / n,
+            "l2_ratio": float(self.l2_ratio_sum) / n,
+            "relative_reconstruction_bias": float(self.rec_sq) / float(self.dot),
+        }
         return {prefix + k: v for k, v in m.items()}
 
 
@@ -82,10 +88,15 @@ class SparsityStats:
         density = self.density()
         alive = density[density > 0]
         hist, _ = np.histogram(np.clip(np.log10(alive), DENSITY_BINS[0], DENSITY_BINS[-1]), bins=DENSITY_BINS)
-        return {"l0": float((counts * values).sum()) / max(self.n, 1),
-                "l0_quantiles": {"p10": quantile(0.1), "p50": quantile(0.5), "p90": quantile(0.9), "max": last},
-                "l0_histogram": {"edges": list(range(last + 2)), "counts": counts[:last + 1].tolist()},
-                "dead_fraction": float((density == 0).mean()),
-                "dense_fraction": float((density > DENSE_THRESHOLD).mean()),
-                "log10_density_histogram": {"edges": DENSITY_BINS.tolist(), "counts": hist.tolist(),
-                                            "dead": int((density == 0).sum())}}
+        return {
+            "l0": float((counts * values).sum()) / max(self.n, 1),
+            "l0_quantiles": {"p10": quantile(0.1), "p50": quantile(0.5), "p90": quantile(0.9), "max": last},
+            "l0_histogram": {"edges": list(range(last + 2)), "counts": counts[: last + 1].tolist()},
+            "dead_fraction": float((density == 0).mean()),
+            "dense_fraction": float((density > DENSE_THRESHOLD).mean()),
+            "log10_density_histogram": {
+                "edges": DENSITY_BINS.tolist(),
+                "counts": hist.tolist(),
+                "dead": int((density == 0).sum()),
+            },
+        }

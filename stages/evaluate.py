@@ -40,18 +40,24 @@ def run_normalization(cfg: dict) -> Normalization:
 def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStore) -> None:
     """`which` SAE (e.g. "the SAE") reads `hook` with width `d_in`: the store must hold them."""
     if hook not in store.hooks:
-        raise SaepipeError(f"{which} reads hook '{hook}' but store {store.location} holds "
-                           f"{', '.join(store.hooks)}: pass --store with a store of that hook")
+        raise SaepipeError(
+            f"{which} reads hook '{hook}' but store {store.location} holds "
+            f"{', '.join(store.hooks)}: pass --store with a store of that hook"
+        )
     if d_in != store.d_model:
-        raise SaepipeError(f"{which} has d_in {d_in} but store {store.location} has d_model {store.d_model}: "
-                           f"pass --store with activations of the SAE's model")
+        raise SaepipeError(
+            f"{which} has d_in {d_in} but store {store.location} has d_model {store.d_model}: "
+            f"pass --store with activations of the SAE's model"
+        )
 
 
 def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) -> None:
     check_hook_and_width("the SAE", cfg["hook"], sae.d_in, store)
     if store.header["model"]["name"] != cfg["store"]["model"]["name"]:
-        raise SaepipeError(f"the SAE was trained on {cfg['store']['model']['name']} activations but the store holds "
-                           f"{store.header['model']['name']}: pass --store with a store of that model")
+        raise SaepipeError(
+            f"the SAE was trained on {cfg['store']['model']['name']} activations but the store holds "
+            f"{store.header['model']['name']}: pass --store with a store of that model"
+        )
 
 
 def _normalize_like_store(store_norm: Normalization, raw: torch.Tensor, row_stats: torch.Tensor | None) -> torch.Tensor:
@@ -61,8 +67,15 @@ def _normalize_like_store(store_norm: Normalization, raw: torch.Tensor, row_stat
     return store_norm.apply(raw)[0]
 
 
-def store_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str, sae_norm: Normalization,
-                  device: torch.device, max_rows: int | None = None, progress: bool = True) -> tuple[dict, np.ndarray]:
+def store_metrics(
+    sae: SparseAutoencoder,
+    store: ActivationStore,
+    hook: str,
+    sae_norm: Normalization,
+    device: torch.device,
+    max_rows: int | None = None,
+    progress: bool = True,
+) -> tuple[dict, np.ndarray]:
     """Reconstruction (in the store's normalized space, and on the raw activation scale) and sparsity on
     the held-out rows; and each latent's firing fraction."""
     n = store.n_rows("eval") if max_rows is None else min(max_rows, store.n_rows("eval"))
@@ -89,8 +102,7 @@ def store_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str, sae
             normalized.add(x, _normalize_like_store(store_norm, rec_raw, row_stats) if convert else rec)
             raw.add(x_raw, rec_raw)
             sparsity.add(code)
-    return ({"eval_rows": n, **normalized.result(), **raw.result("raw_"), **sparsity.result()},
-            sparsity.density())
+    return ({"eval_rows": n, **normalized.result(), **raw.result("raw_"), **sparsity.result()}, sparsity.density())
 
 
 def load_eval_model(store: ActivationStore, model_name: str | None, device: torch.device):
@@ -101,11 +113,16 @@ def load_eval_model(store: ActivationStore, model_name: str | None, device: torc
     name = model_name or header["model"]["name"]
     model = load_host_model(name, str(device), header["model"].get("dtype", "float32"))
     if model.d_model != store.d_model:
-        raise SaepipeError(f"model {name} has d_model {model.d_model} but the store holds {store.d_model}: "
-                           f"pass --model with the model the store was collected from")
+        raise SaepipeError(
+            f"model {name} has d_model {model.d_model} but the store holds {store.d_model}: "
+            f"pass --model with the model the store was collected from"
+        )
     if model.revision != header["model"]["revision"]:
-        print(f"warning: model {name} weights (revision {model.revision}) differ from the store's "
-              f"({header['model']['revision']})", file=sys.stderr)
+        print(
+            f"warning: model {name} weights (revision {model.revision}) differ from the store's "
+            f"({header['model']['revision']})",
+            file=sys.stderr,
+        )
     return model
 
 
@@ -113,7 +130,7 @@ def held_out_contexts(store: ActivationStore, max_tokens: int | None) -> np.ndar
     first = len(store.header["dropped_positions"])
     contexts = store.contexts("eval")
     if max_tokens is not None:
-        contexts = contexts[:max(1, math.ceil(max_tokens / (store.context_size - first)))]
+        contexts = contexts[: max(1, math.ceil(max_tokens / (store.context_size - first)))]
     if len(contexts) == 0:
         raise SaepipeError(f"store {store.location} has no held-out contexts: collect with --eval-fraction > 0")
     return contexts
@@ -125,9 +142,18 @@ def stored_mask(store: ActivationStore, token_ids: np.ndarray) -> np.ndarray:
     return stored_positions(token_ids, len(header["dropped_positions"]), header.get("excluded_tokens", []))
 
 
-def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str, sae_norm: Normalization,
-                       model, device: torch.device, max_tokens: int | None, splice_from: int = 0,
-                       batch_size: int = 8, progress: bool = True) -> dict:
+def downstream_metrics(
+    sae: SparseAutoencoder,
+    store: ActivationStore,
+    hook: str,
+    sae_norm: Normalization,
+    model,
+    device: torch.device,
+    max_tokens: int | None,
+    splice_from: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
     """CE loss and KL with the SAE spliced in, on held-out contexts replayed from the store's tokens, at
     every position the store would keep from `splice_from` on."""
     from pipeline.host_models import logits_with_hook_replaced, run_to_hooks
@@ -153,7 +179,7 @@ def downstream_metrics(sae: SparseAutoencoder, store: ActivationStore, hook: str
     count = 0
     with torch.inference_mode():
         for start in tqdm(range(0, len(contexts), batch_size), desc="eval ce/kl", disable=not progress, leave=False):
-            ids = contexts[start:start + batch_size]
+            ids = contexts[start : start + batch_size]
             token_ids = store.tokens.oindex[ids.tolist(), :]
             tokens = torch.from_numpy(token_ids.astype(np.int64)).to(device)
             # splice exactly where the store would have kept a row: stored positions, minus outliers
@@ -211,8 +237,7 @@ def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_pa
         return open_external(saved["saelens_dir"], store_path or saved["store"], path, device)
     sae, cfg = run_dir.load_sae(path, device)
     store = store_path or cfg["store"]["path"]
-    return EvaluatedSAE(path, sae, run_normalization(cfg), cfg["hook"], store, cfg["store"]["model"]["name"],
-                        path.name)
+    return EvaluatedSAE(path, sae, run_normalization(cfg), cfg["hook"], store, cfg["store"]["model"]["name"], path.name)
 
 
 def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: torch.device | str) -> EvaluatedSAE:
@@ -221,8 +246,10 @@ def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: t
     spliced and scored exactly where the store keeps rows."""
     folder = Path(saelens_dir)
     if not (folder / "cfg.json").exists() or not (folder / "sae_weights.safetensors").exists():
-        raise SaepipeError(f"{folder} is not a SAELens SAE folder (cfg.json and sae_weights.safetensors): "
-                           f"pass the folder SAELens's save_model / save_inference_model wrote")
+        raise SaepipeError(
+            f"{folder} is not a SAELens SAE folder (cfg.json and sae_weights.safetensors): "
+            f"pass the folder SAELens's save_model / save_inference_model wrote"
+        )
     try:
         from sae_lens import SAE
     except ImportError as e:
@@ -235,19 +262,31 @@ def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: t
     hook = inner.cfg.metadata.hook_name
     check_hook_and_width(f"the SAE at {folder}", hook, sae.d_in, store)
     identity = Normalization("none", max_norm=store.normalization(hook).max_norm)
-    return EvaluatedSAE(out, sae, identity, hook, store.location, store.header["model"]["name"],
-                        f"{folder.name} (external)")
+    return EvaluatedSAE(
+        out, sae, identity, hook, store.location, store.header["model"]["name"], f"{folder.name} (external)"
+    )
 
 
-def run_eval(run: str, store_path: str | None = None, model: str | None = None, tokens: int | None = None,
-             use_model: bool = True, device: str = "auto", progress: bool = True, splice_from: int = 0,
-             ablation_contexts: int = 4, external: str | None = None) -> dict:
+def run_eval(
+    run: str,
+    store_path: str | None = None,
+    model: str | None = None,
+    tokens: int | None = None,
+    use_model: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+    splice_from: int = 0,
+    ablation_contexts: int = 4,
+    external: str | None = None,
+) -> dict:
     """Evaluate the run folder `run` (or, with `external`, a SAELens SAE folder, writing into `run`)
     and write eval.json and the per-latent firing fractions there."""
     if tokens is not None and tokens < 1:
         raise SaepipeError(f"--tokens must be at least 1, got {tokens} (leave it out to use every held-out row)")
     if ablation_contexts < 0:
-        raise SaepipeError(f"--ablation-contexts must be at least 0 (0 skips ablation sparsity), got {ablation_contexts}")
+        raise SaepipeError(
+            f"--ablation-contexts must be at least 0 (0 skips ablation sparsity), got {ablation_contexts}"
+        )
     run_path = Path(run)
     dev = resolve_device(device)
     if external is not None:
@@ -257,8 +296,9 @@ def run_eval(run: str, store_path: str | None = None, model: str | None = None, 
             raise SaepipeError(f"{run_path} is a training run: give --external another folder to write into")
         evaluated = open_external(external, store_path, run_path, dev)
         run_path.mkdir(parents=True, exist_ok=True)
-        run_dir.write_json_atomic(run_path / run_dir.EXTERNAL,
-                                  {"saelens_dir": str(Path(external).resolve()), "store": evaluated.store_path})
+        run_dir.write_json_atomic(
+            run_path / run_dir.EXTERNAL, {"saelens_dir": str(Path(external).resolve()), "store": evaluated.store_path}
+        )
     else:
         evaluated = open_evaluated(run_path, dev, store_path)
     store = open_store(evaluated.store_path)
@@ -268,8 +308,13 @@ def run_eval(run: str, store_path: str | None = None, model: str | None = None, 
     if splice_from < 0 or splice_from >= store.context_size:
         raise SaepipeError(f"--splice-from {splice_from} is outside the context (0 to {store.context_size - 1})")
     sae, norm, hook = evaluated.sae, evaluated.normalization, evaluated.hook
-    result = {"run": str(run_path), "store": store.location, "store_fingerprint": store.fingerprint,
-              "hook": hook, "sae": sae.config()}
+    result = {
+        "run": str(run_path),
+        "store": store.location,
+        "store_fingerprint": store.fingerprint,
+        "hook": hook,
+        "sae": sae.config(),
+    }
     metrics, density = store_metrics(sae, store, hook, norm, dev, tokens, progress)
     result |= metrics
     if use_model:
@@ -278,16 +323,38 @@ def run_eval(run: str, store_path: str | None = None, model: str | None = None, 
         if ablation_contexts > 0:
             ids = held_out_contexts(store, None)[:ablation_contexts]
             token_rows = store.tokens.oindex[ids.tolist(), :]
-            result |= ablation_sparsity(sae, norm, host, token_rows, stored_mask(store, token_rows), hook,
-                                        progress=progress)
+            result |= ablation_sparsity(
+                sae, norm, host, token_rows, stored_mask(store, token_rows), hook, progress=progress
+            )
     run_dir.save_npy_atomic(run_path / run_dir.FEATURE_DENSITY, density)
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
     return result
 
 
-TABLE_KEYS = ("mse", "nmse", "fve", "fve_per_token", "fve_vs_zero", "cosine", "l2_ratio", "relative_reconstruction_bias",
-              "raw_mse", "raw_fve", "raw_cosine", "l0", "dead_fraction", "dense_fraction",
-              "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl", "kl_div_score", "delta_loss", "ablation_sparsity")
+TABLE_KEYS = (
+    "mse",
+    "nmse",
+    "fve",
+    "fve_per_token",
+    "fve_vs_zero",
+    "cosine",
+    "l2_ratio",
+    "relative_reconstruction_bias",
+    "raw_mse",
+    "raw_fve",
+    "raw_cosine",
+    "l0",
+    "dead_fraction",
+    "dense_fraction",
+    "ce_clean",
+    "ce_sae",
+    "ce_zero",
+    "ce_recovered",
+    "kl",
+    "kl_div_score",
+    "delta_loss",
+    "ablation_sparsity",
+)
 
 
 def format_table(result: dict) -> str:

@@ -46,11 +46,15 @@ def _saelens_sae(arch: str, d_in: int, width: int, k: int, device: str):
     if arch == "batchtopk":
         return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=k, **common))
     if arch == "jumprelu":
-        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic",
-                                                             target_l0=float(k), **common))
+        return JumpReLUTrainingSAE(
+            JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=float(k), **common)
+        )
     if arch == "mp":  # exactly k selections, like our static matching pursuit
-        return MatchingPursuitTrainingSAE(MatchingPursuitTrainingSAEConfig(
-            residual_threshold=0.0, max_iterations=k, stop_on_duplicate_support=False, **common))
+        return MatchingPursuitTrainingSAE(
+            MatchingPursuitTrainingSAEConfig(
+                residual_threshold=0.0, max_iterations=k, stop_on_duplicate_support=False, **common
+            )
+        )
     raise SaepipeError(f"no SAELens counterpart for --arch {arch}: compare {', '.join(COUNTERPARTS)}")
 
 
@@ -61,10 +65,15 @@ def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
     sae = _saelens_sae(arch, store.d_model, cfg.width, k, str(device))
     loader = ShuffledBatches(store, cfg.hook, cfg.batch_size, device=device, seed=cfg.seed, resident=cfg.resident)
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=cfg.steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
-        lr=cfg.resolved_lr(), lr_end=0.0, lr_warm_up_steps=int(cfg.steps * cfg.warmup_frac),
-        lr_decay_steps=int(cfg.steps * cfg.decay_frac), device=str(device),
-        dead_feature_window=max(1, (cfg.dead_window_tokens or min(10_000_000, cfg.tokens // 4)) // cfg.batch_size))
+        total_training_samples=cfg.steps * cfg.batch_size,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.resolved_lr(),
+        lr_end=0.0,
+        lr_warm_up_steps=int(cfg.steps * cfg.warmup_frac),
+        lr_decay_steps=int(cfg.steps * cfg.decay_frac),
+        device=str(device),
+        dead_feature_window=max(1, (cfg.dead_window_tokens or min(10_000_000, cfg.tokens // 4)) // cfg.batch_size),
+    )
     batches = loader.batches(0)
     started = time.perf_counter()
     try:
@@ -95,9 +104,14 @@ def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_m
         started = time.perf_counter()
         run_train(ours_cfg)
         ours_wall = time.perf_counter() - started
-        ours = evaluate.run_eval(ours_cfg.out, tokens=eval_tokens, use_model=use_model, device=base.device,
-                                 ablation_contexts=0,
-                                 progress=base.progress)
+        ours = evaluate.run_eval(
+            ours_cfg.out,
+            tokens=eval_tokens,
+            use_model=use_model,
+            device=base.device,
+            ablation_contexts=0,
+            progress=base.progress,
+        )
         rows.append({"arch": arch, "impl": "saepipe", **_pick(ours), "wall_s": ours_wall})
 
         theirs_sae, theirs_wall = _train_saelens(base, arch, k, store, device)
@@ -105,12 +119,21 @@ def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_m
         theirs, _ = evaluate.store_metrics(adapter, store, base.hook, norm, device, eval_tokens, base.progress)
         if use_model:
             host = evaluate.load_eval_model(store, None, device)
-            theirs |= evaluate.downstream_metrics(adapter, store, base.hook, norm, host, device, eval_tokens,
-                                                  progress=base.progress)
+            theirs |= evaluate.downstream_metrics(
+                adapter, store, base.hook, norm, host, device, eval_tokens, progress=base.progress
+            )
         rows.append({"arch": arch, "impl": f"sae-lens {_saelens_version()}", **_pick(theirs), "wall_s": theirs_wall})
-    run_dir.write_json_atomic(out / "quality.json", {"store": base.store, "width": base.width, "k": k,
-                                                       "tokens": base.steps * base.batch_size,
-                                                       "batch_size": base.batch_size, "rows": rows})
+    run_dir.write_json_atomic(
+        out / "quality.json",
+        {
+            "store": base.store,
+            "width": base.width,
+            "k": k,
+            "tokens": base.steps * base.batch_size,
+            "batch_size": base.batch_size,
+            "rows": rows,
+        },
+    )
     (out / "quality.md").write_text(format_table(rows) + "\n")
     return rows
 
@@ -135,8 +158,10 @@ def _saelens_version() -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| arch | implementation | " + " | ".join(COLUMNS) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
+    lines = [
+        "| arch | implementation | " + " | ".join(COLUMNS) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in COLUMNS) + " |",
+    ]
     for r in rows:
         lines.append(f"| {r['arch']} | {r['impl']} | " + " | ".join(f"{r[c]:.4g}" for c in COLUMNS) + " |")
     return "\n".join(lines)

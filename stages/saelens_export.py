@@ -81,6 +81,7 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 
 # -- folding the normalization --------------------------------------------------------------------
 
+
 def _check_weights(weights: dict[str, torch.Tensor]) -> tuple[int, int]:
     missing = [k for k in WEIGHT_KEYS if k not in weights]
     if missing:
@@ -121,8 +122,10 @@ def fold_normalization(weights: dict[str, torch.Tensor], norm: Normalization) ->
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"center-scale normalization has an unusable scale {norm.scale!r}")
         return _fold_affine(weights, mean, scale)
-    raise ValueError(f"{norm.mode!r} normalization is per-row and cannot be folded into raw-space weights; "
-                     "export_saelens maps it onto SAELens's 'layer_norm' normalization instead")
+    raise ValueError(
+        f"{norm.mode!r} normalization is per-row and cannot be folded into raw-space weights; "
+        "export_saelens maps it onto SAELens's 'layer_norm' normalization instead"
+    )
 
 
 def input_scale(norm: Normalization, d_in: int) -> float:
@@ -141,13 +144,16 @@ def to_saelens_space(weights: dict[str, torch.Tensor], norm: Normalization) -> t
         return fold_normalization(weights, norm), "none"
     d_in, _ = _check_weights(weights)
     if d_in < 2:
-        raise ValueError("token-normalized SAEs need d_in >= 2 to be exported (SAELens's layer_norm divides by "
-                         "the unbiased standard deviation)")
+        raise ValueError(
+            "token-normalized SAEs need d_in >= 2 to be exported (SAELens's layer_norm divides by "
+            "the unbiased standard deviation)"
+        )
     # SAELens's layer_norm output x̃ = (x − m)/σ_u and our x̂ = (x − m)/σ_b differ by σ_u/σ_b = √(d/(d−1)).
     return _fold_affine(weights, None, math.sqrt(d_in / (d_in - 1))), "layer_norm"
 
 
 # -- writing ----------------------------------------------------------------------------------------
+
 
 def _saelens_version() -> str:
     try:
@@ -171,8 +177,11 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists() and not out_dir.is_symlink():
         os.rename(tmp, out_dir)
         return
-    if not out_dir.is_dir() or out_dir.is_symlink() or (any(out_dir.iterdir())
-                                                         and not (out_dir / SAE_CFG_FILENAME).is_file()):
+    if (
+        not out_dir.is_dir()
+        or out_dir.is_symlink()
+        or (any(out_dir.iterdir()) and not (out_dir / SAE_CFG_FILENAME).is_file())
+    ):
         raise ValueError(f"{out_dir} exists and is not a SAELens export directory; refusing to replace it")
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     os.rename(out_dir, old / "export")
@@ -185,8 +194,17 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_saelens(out_dir: str | Path, sae: SparseAutoencoder, norm: Normalization, *, hook_name: str,
-                   model_name: str, context_size: int, dataset: str, extra_metadata: dict | None = None) -> Path:
+def export_saelens(
+    out_dir: str | Path,
+    sae: SparseAutoencoder,
+    norm: Normalization,
+    *,
+    hook_name: str,
+    model_name: str,
+    context_size: int,
+    dataset: str,
+    extra_metadata: dict | None = None,
+) -> Path:
     """Write `sae` (trained on `norm`-normalized activations) as a SAELens 6.x SAE acting on raw activations.
 
     Produces out_dir/cfg.json and out_dir/sae_weights.safetensors, loadable with
@@ -226,8 +244,11 @@ def export_saelens(out_dir: str | Path, sae: SparseAutoencoder, norm: Normalizat
         "saepipe": {
             "version": _saepipe_version(),
             "sae_config": sae.config(),
-            "normalization": {**norm.to_attrs(), "exported_as": normalize_activations,
-                              "folded_into_weights": norm.mode != "none"},
+            "normalization": {
+                **norm.to_attrs(),
+                "exported_as": normalize_activations,
+                "folded_into_weights": norm.mode != "none",
+            },
         },
     }
     metadata.update(extra_metadata or {})

@@ -62,10 +62,28 @@ class _Trainer:
 
     def __init__(self, cfg: SoakConfig, store: Path, out: Path):
         self.log = out / "train_log.jsonl"
-        cmd = _cli("train", str(store), "--hook", cfg.hook, "--width", str(cfg.width), "--k", str(cfg.k),
-                   "--batch-size", str(cfg.batch_size), "--tokens", str(10 ** 12 // cfg.batch_size * cfg.batch_size),
-                   "--log-every", "10", "--checkpoint-every", "10000000", "--overwrite", "--no-progress",
-                   "--out", str(out))
+        cmd = _cli(
+            "train",
+            str(store),
+            "--hook",
+            cfg.hook,
+            "--width",
+            str(cfg.width),
+            "--k",
+            str(cfg.k),
+            "--batch-size",
+            str(cfg.batch_size),
+            "--tokens",
+            str(10**12 // cfg.batch_size * cfg.batch_size),
+            "--log-every",
+            "10",
+            "--checkpoint-every",
+            "10000000",
+            "--overwrite",
+            "--no-progress",
+            "--out",
+            str(out),
+        )
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def rows(self) -> list[dict]:
@@ -93,7 +111,7 @@ class _Trainer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.communicate()
-        steady = self.rows()[self.first:]
+        steady = self.rows()[self.first :]
         if not steady:
             raise SaepipeError("training logged no window in the soak's time: give it more --seconds")
         return {"steps": steady[-1]["step"], "tokens_per_s": float(np.median([r["tokens_per_s"] for r in steady]))}
@@ -181,8 +199,23 @@ def run_soak(cfg: SoakConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "store.zarr"
-    collect = _cli("collect", "--model", cfg.model, "--hook", cfg.hook, "--tokens", str(cfg.tokens),
-                   "--context-size", "64", "--chunk-rows", "1024", "--no-progress", "--overwrite", "--out", str(store))
+    collect = _cli(
+        "collect",
+        "--model",
+        cfg.model,
+        "--hook",
+        cfg.hook,
+        "--tokens",
+        str(cfg.tokens),
+        "--context-size",
+        "64",
+        "--chunk-rows",
+        "1024",
+        "--no-progress",
+        "--overwrite",
+        "--out",
+        str(store),
+    )
     print(f"soak: collecting a {cfg.tokens:,}-token store from {cfg.model}", file=sys.stderr)
     subprocess.run(collect, check=True, capture_output=True)
     print(f"soak: training alone for {cfg.seconds / 3:.0f} s", file=sys.stderr)
@@ -191,8 +224,10 @@ def run_soak(cfg: SoakConfig) -> dict:
     print(f"soak: training + {cfg.readers} readers + appends for {cfg.seconds:.0f} s", file=sys.stderr)
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    readers = [context.Process(target=_reader, args=(str(store), cfg.hook, cfg.seconds, seed, results))
-               for seed in range(cfg.readers)]
+    readers = [
+        context.Process(target=_reader, args=(str(store), cfg.hook, cfg.seconds, seed, results))
+        for seed in range(cfg.readers)
+    ]
     trainer = _Trainer(cfg, store, out / "train_loaded")
     trainer.wait_until_logging()
     for reader in readers:
@@ -206,15 +241,22 @@ def run_soak(cfg: SoakConfig) -> dict:
     final = open_store(store)
     verification = verify_store(final, progress=False)
     report = {
-        "seconds": cfg.seconds, "model": cfg.model, "machine": f"{os.cpu_count()} cores",
+        "seconds": cfg.seconds,
+        "model": cfg.model,
+        "machine": f"{os.cpu_count()} cores",
         "train_alone_tokens_per_s": alone["tokens_per_s"],
         "train_under_load_tokens_per_s": loaded["tokens_per_s"],
         "readers": reader_reports,
         "appender": appended,
-        "final_store": {"complete": final.complete, "train_rows": final.n_rows("train"),
-                        "chunks_verified": verification.checked, "damaged": verification.damaged},
+        "final_store": {
+            "complete": final.complete,
+            "train_rows": final.n_rows("train"),
+            "chunks_verified": verification.checked,
+            "damaged": verification.damaged,
+        },
     }
-    report["consistent"] = (final.complete and not verification.damaged
-                            and all(not r["problems"] for r in reader_reports))
+    report["consistent"] = (
+        final.complete and not verification.damaged and all(not r["problems"] for r in reader_reports)
+    )
     (out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -47,8 +47,10 @@ def parse_axes(specs: list[str]) -> dict[str, list]:
         if not sep or not values:
             raise SaepipeError(f"--sweep takes NAME=V1,V2,..., got {spec!r}")
         if name in SHARED:
-            raise SaepipeError(f"--sweep {name}: every SAE of a sweep shares the store's batches, so {name} "
-                               f"cannot vary; run separate trainings instead")
+            raise SaepipeError(
+                f"--sweep {name}: every SAE of a sweep shares the store's batches, so {name} "
+                f"cannot vary; run separate trainings instead"
+            )
         if name not in fields or name in NOT_PARAMETERS:
             raise SaepipeError(f"--sweep {name}: not a training parameter; sweepable: {', '.join(sweepable())}")
         if name in axes:
@@ -77,10 +79,13 @@ def write_summary(sweep_dir: Path, axes: dict[str, list], outs: list[Path]) -> d
     for out in outs:
         cfg = run_dir.load_config(out)
         log = run_dir.read_log(out)
-        runs.append({"run": out.name, "params": {k: cfg["training"][k] for k in axes},
-                     "final": log[-1] if log else None})
-    summary = {"axes": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in axes.items()},
-               "runs": runs}
+        runs.append(
+            {"run": out.name, "params": {k: cfg["training"][k] for k in axes}, "final": log[-1] if log else None}
+        )
+    summary = {
+        "axes": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in axes.items()},
+        "runs": runs,
+    }
     run_dir.write_json_atomic(sweep_dir / "sweep.json", summary)
     return summary
 
@@ -89,6 +94,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"{'run':<40}{'fve':>8}{'l0':>8}{'dead':>8}{'loss':>10}"]
     for r in summary["runs"]:
         f = r["final"] or {}
-        lines.append(f"{r['run']:<40}{f.get('fve', float('nan')):>8.4f}{f.get('l0', float('nan')):>8.1f}"
-                     f"{f.get('dead_fraction', float('nan')):>8.3f}{f.get('loss', float('nan')):>10.4f}")
+        lines.append(
+            f"{r['run']:<40}{f.get('fve', float('nan')):>8.4f}{f.get('l0', float('nan')):>8.1f}"
+            f"{f.get('dead_fraction', float('nan')):>8.3f}{f.get('loss', float('nan')):>10.4f}"
+        )
     return "\n".join(lines)

@@ -31,8 +31,9 @@ class PlantedFeatures:
     parents: np.ndarray | None = None
 
     @classmethod
-    def make(cls, d: int, n_features: int, *, min_freq: float = 0.005, max_freq: float = 0.05,
-             seed: int = 0) -> PlantedFeatures:
+    def make(
+        cls, d: int, n_features: int, *, min_freq: float = 0.005, max_freq: float = 0.05, seed: int = 0
+    ) -> PlantedFeatures:
         rng = np.random.default_rng(seed)
         directions = rng.standard_normal((n_features, d)).astype(np.float32)
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
@@ -40,9 +41,18 @@ class PlantedFeatures:
         return cls(directions, frequencies)
 
     @classmethod
-    def make_hierarchical(cls, d: int, n_parents: int, children_per_parent: int, *, min_freq: float = 0.01,
-                          max_freq: float = 0.1, child_freq: float = 0.3, parent_share: float = 0.5,
-                          seed: int = 0) -> PlantedFeatures:
+    def make_hierarchical(
+        cls,
+        d: int,
+        n_parents: int,
+        children_per_parent: int,
+        *,
+        min_freq: float = 0.01,
+        max_freq: float = 0.1,
+        child_freq: float = 0.3,
+        parent_share: float = 0.5,
+        seed: int = 0,
+    ) -> PlantedFeatures:
         """`n_parents` top-level features (frequencies log-uniform in [min_freq, max_freq]), each with
         `children_per_parent` children that fire, each independently with probability `child_freq`, only
         on rows where their parent fires. A child's direction is parent_share·parent + √(1 − parent_share²)·u,
@@ -60,8 +70,9 @@ class PlantedFeatures:
         children = parent_share * top[parent_of] + np.sqrt(1 - parent_share**2) * own
         directions = np.concatenate([top, children]).astype(np.float32)
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-        frequencies = np.concatenate([np.exp(rng.uniform(np.log(min_freq), np.log(max_freq), n_parents)),
-                                      np.full(len(parent_of), child_freq)])
+        frequencies = np.concatenate(
+            [np.exp(rng.uniform(np.log(min_freq), np.log(max_freq), n_parents)), np.full(len(parent_of), child_freq)]
+        )
         return cls(directions, frequencies, np.concatenate([np.full(n_parents, -1), parent_of]).astype(np.int64))
 
     def sample(self, n: int, *, noise: float = 0.01, seed: int = 1) -> np.ndarray:
@@ -79,8 +90,9 @@ class PlantedFeatures:
         rows = magnitudes.astype(np.float32) @ self.directions
         return rows + noise * rng.standard_normal(rows.shape).astype(np.float32), active
 
-    def recovered_fraction(self, decoder_rows: torch.Tensor | np.ndarray, threshold: float = 0.9,
-                           features: np.ndarray | None = None) -> float:
+    def recovered_fraction(
+        self, decoder_rows: torch.Tensor | np.ndarray, threshold: float = 0.9, features: np.ndarray | None = None
+    ) -> float:
         """Share of planted directions (those indexed by `features`, default all) matched by some decoder
         row at cosine >= threshold."""
         dec = torch.as_tensor(decoder_rows, dtype=torch.float32)
@@ -90,8 +102,9 @@ class PlantedFeatures:
         return float((best >= threshold).float().mean())
 
 
-def write_array_store(path: str | Path, train: np.ndarray, eval_rows: np.ndarray, *, hook: str = "synthetic",
-                      chunk_rows: int = 4096) -> Path:
+def write_array_store(
+    path: str | Path, train: np.ndarray, eval_rows: np.ndarray, *, hook: str = "synthetic", chunk_rows: int = 4096
+) -> Path:
     """A complete store (normalization `none`) holding the given rows, as if collected: one position per
     "context", so its mapping and token arrays are trivial. For tests and ground-truth benchmarks."""
     d = train.shape[1]
@@ -99,13 +112,24 @@ def write_array_store(path: str | Path, train: np.ndarray, eval_rows: np.ndarray
     tokens = np.zeros((n_train + n_eval, 2), np.int32)
     split = np.concatenate([np.zeros(n_train, np.int8), np.ones(n_eval, np.int8)])
     header = {
-        "schema": schema.SCHEMA_NAME, "schema_version": schema.SCHEMA_VERSION, "writer": "saepipe synthetic",
+        "schema": schema.SCHEMA_NAME,
+        "schema_version": schema.SCHEMA_VERSION,
+        "writer": "saepipe synthetic",
         "config_fingerprint": schema.fingerprint({"synthetic": True, "n": [n_train, n_eval], "d": d}),
-        "collect_config": {}, "model": {"name": "synthetic", "revision": "synthetic", "d_model": d, "n_layers": 0,
-                                        "dtype": "float32"},
-        "text_source": {"name": "synthetic"}, "tokenizer": {}, "context_size": 2, "dropped_positions": [0],
-        "hooks": [hook], "d_model": d, "token_budget": n_train, "shuffle": {}, "split": {},
-        "normalization_mode": "none", "warmup_rows": 0, "nonfinite_policy": "skip",
+        "collect_config": {},
+        "model": {"name": "synthetic", "revision": "synthetic", "d_model": d, "n_layers": 0, "dtype": "float32"},
+        "text_source": {"name": "synthetic"},
+        "tokenizer": {},
+        "context_size": 2,
+        "dropped_positions": [0],
+        "hooks": [hook],
+        "d_model": d,
+        "token_budget": n_train,
+        "shuffle": {},
+        "split": {},
+        "normalization_mode": "none",
+        "warmup_rows": 0,
+        "nonfinite_policy": "skip",
     }
     writer = StoreWriter.create(path, header, tokens, split, {"train": n_train, "eval": n_eval}, chunk_rows)
     writer.record_normalization({hook: Normalization("none")})

@@ -45,14 +45,15 @@ def lr_schedule(steps: int, warmup_frac: float, decay_frac: float):
     return factor
 
 
-def build_for_store(cfg: TrainConfig, store: ActivationStore, device: torch.device,
-                    sample: torch.Tensor | None = None) -> tuple[SparseAutoencoder, float]:
+def build_for_store(
+    cfg: TrainConfig, store: ActivationStore, device: torch.device, sample: torch.Tensor | None = None
+) -> tuple[SparseAutoencoder, float]:
     """A freshly initialized SAE and the loss-scale constant, both from a sample of training rows
     (rows are stored shuffled, so the first rows are a random sample). `sample`: those first rows,
     when already read (at least cfg.geometric_median_rows of them)."""
     if sample is None:
         sample = torch.from_numpy(store.read_rows("train", cfg.hook, 0, cfg.geometric_median_rows))
-    sample = sample[:cfg.geometric_median_rows].float()
+    sample = sample[: cfg.geometric_median_rows].float()
     generator = torch.Generator().manual_seed(cfg.seed)
     sae = ARCHITECTURES[cfg.arch].from_config(store.d_model, cfg)
     sae.reset_parameters(generator)
@@ -69,10 +70,14 @@ def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder)
         "sae": sae.config(),
         "hook": cfg.hook,
         "d_in": store.d_model,
-        "store": {"path": str(Path(store.location).resolve()) if "://" not in store.location else store.location,
-                  "fingerprint": store.fingerprint, "config_fingerprint": store.header["config_fingerprint"],
-                  "model": store.header["model"], "context_size": store.context_size,
-                  "dropped_positions": store.header["dropped_positions"]},
+        "store": {
+            "path": str(Path(store.location).resolve()) if "://" not in store.location else store.location,
+            "fingerprint": store.fingerprint,
+            "config_fingerprint": store.header["config_fingerprint"],
+            "model": store.header["model"],
+            "context_size": store.context_size,
+            "dropped_positions": store.header["dropped_positions"],
+        },
         "normalization": {**norm.to_attrs(), "mean": None if norm.mean is None else norm.mean.tolist()},
         "training": cfg.to_json(),
     }
@@ -94,8 +99,15 @@ class _Run:
 
     KEYS = ("loss", "mse", "fve", "l0", "aux_loss")
 
-    def __init__(self, cfg: TrainConfig, store: ActivationStore, device: torch.device, resuming: bool,
-                 world: distributed.World, sample: torch.Tensor | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        store: ActivationStore,
+        device: torch.device,
+        resuming: bool,
+        world: distributed.World,
+        sample: torch.Tensor | None = None,
+    ):
         self.cfg, self.store, self.out, self.world = cfg, store, Path(cfg.out), world
         self.sae, self.mse_scale = build_for_store(cfg, store, device, sample)
         self.loss = _TrainingLoss(self.sae)
@@ -103,18 +115,22 @@ class _Run:
             from torch.nn.parallel import DistributedDataParallel
 
             self.loss = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas,
-                                          eps=cfg.adam_eps)
+        self.optimizer = torch.optim.Adam(
+            self.sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas, eps=cfg.adam_eps
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_schedule(cfg.steps, cfg.warmup_frac, cfg.decay_frac))
+            self.optimizer, lr_schedule(cfg.steps, cfg.warmup_frac, cfg.decay_frac)
+        )
         self.tokens_since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)
         self.dead_window = cfg.dead_window_tokens or min(10_000_000, max(cfg.tokens // 4, cfg.batch_size))
         self.start = 0
         if resuming:
             ckpt = torch.load(self.out / run_dir.CHECKPOINT, map_location=device, weights_only=False)
             if ckpt["store_fingerprint"] != store.fingerprint or ckpt["config"] != cfg.to_json():
-                raise SaepipeError(f"{self.out} was trained with another store or configuration: pass the same "
-                                   f"arguments to --resume, or --overwrite to start again")
+                raise SaepipeError(
+                    f"{self.out} was trained with another store or configuration: pass the same "
+                    f"arguments to --resume, or --overwrite to start again"
+                )
             self.sae.load_state_dict(ckpt["sae"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -148,11 +164,15 @@ class _Run:
     def write_log(self, done: int, window_steps: int, elapsed: float) -> dict:
         """Every rank calls this (the metrics are averaged over ranks); rank 0 writes the line."""
         distributed.mean_(self.sums)
-        row = {"step": done, "tokens": done * self.cfg.batch_size,
-               **dict(zip(self.KEYS, (self.sums / window_steps).tolist())),
-               "dead_fraction": float((self.tokens_since_fired >= self.dead_window).float().mean()),
-               "lr": self.scheduler.get_last_lr()[0], "it_per_s": window_steps / elapsed,
-               "tokens_per_s": window_steps * self.cfg.batch_size / elapsed}
+        row = {
+            "step": done,
+            "tokens": done * self.cfg.batch_size,
+            **dict(zip(self.KEYS, (self.sums / window_steps).tolist())),
+            "dead_fraction": float((self.tokens_since_fired >= self.dead_window).float().mean()),
+            "lr": self.scheduler.get_last_lr()[0],
+            "it_per_s": window_steps / elapsed,
+            "tokens_per_s": window_steps * self.cfg.batch_size / elapsed,
+        }
         if self.log is not None:
             self.log.write(json.dumps(row) + "\n")
             self.log.flush()
@@ -162,10 +182,19 @@ class _Run:
     def checkpoint(self, step: int) -> None:
         if not self.world.is_main:
             return
-        run_dir.save_torch_atomic(self.out / run_dir.CHECKPOINT, {
-            "step": step, "sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "tokens_since_fired": self.tokens_since_fired,
-            "mse_scale": self.mse_scale, "store_fingerprint": self.store.fingerprint, "config": self.cfg.to_json()})
+        run_dir.save_torch_atomic(
+            self.out / run_dir.CHECKPOINT,
+            {
+                "step": step,
+                "sae": self.sae.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "tokens_since_fired": self.tokens_since_fired,
+                "mse_scale": self.mse_scale,
+                "store_fingerprint": self.store.fingerprint,
+                "config": self.cfg.to_json(),
+            },
+        )
 
     def close(self) -> None:
         if self.log is not None:
@@ -207,8 +236,16 @@ def _open_checked(cfgs: list[TrainConfig], device: torch.device, world: distribu
     store = open_store(base.store)
     store.require_complete()
     store.require_hook(base.hook)
-    loader = ShuffledBatches(store, base.hook, base.batch_size, device=device, seed=base.seed, resident=base.resident,
-                             rank=world.rank, world_size=world.size)
+    loader = ShuffledBatches(
+        store,
+        base.hook,
+        base.batch_size,
+        device=device,
+        seed=base.seed,
+        resident=base.resident,
+        rank=world.rank,
+        world_size=world.size,
+    )
     sample = torch.from_numpy(store.read_rows("train", base.hook, 0, max(c.geometric_median_rows for c in cfgs)))
     return store, loader, sample
 
@@ -225,13 +262,21 @@ def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.Wor
     runs = [_Run(c, store, device, r, world, sample) for c, r in zip(cfgs, resuming)]
     starts = {run.start for run in runs}
     if len(starts) > 1:
-        raise SaepipeError(f"the sweep's checkpoints are at different steps ({sorted(starts)}): "
-                           f"resume the runs one by one, or --overwrite")
+        raise SaepipeError(
+            f"the sweep's checkpoints are at different steps ({sorted(starts)}): "
+            f"resume the runs one by one, or --overwrite"
+        )
     start = starts.pop()
     batches = loader.batches(start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    bar = tqdm(total=base.steps, initial=start, desc="train" if len(runs) == 1 else f"train x{len(runs)}",
-               unit="step", disable=not (base.progress and world.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=base.steps,
+        initial=start,
+        desc="train" if len(runs) == 1 else f"train x{len(runs)}",
+        unit="step",
+        disable=not (base.progress and world.is_main),
+        dynamic_ncols=True,
+    )
     window_start, window_steps = time.perf_counter(), 0
     try:
         for step in range(start, base.steps):
@@ -244,8 +289,13 @@ def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.Wor
                 elapsed = time.perf_counter() - window_start
                 rows = [run.write_log(done, window_steps, elapsed) for run in runs]
                 row = rows[0]
-                bar.set_postfix(loss=f"{row['loss']:.4f}", fve=f"{row['fve']:.3f}", l0=f"{row['l0']:.1f}",
-                                dead=f"{row['dead_fraction']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4f}",
+                    fve=f"{row['fve']:.3f}",
+                    l0=f"{row['l0']:.1f}",
+                    dead=f"{row['dead_fraction']:.3f}",
+                    tok_s=f"{row['tokens_per_s']:,.0f}",
+                )
                 window_start, window_steps = time.perf_counter(), 0
             if done % base.checkpoint_every == 0 and done < base.steps:
                 for run in runs:
@@ -267,8 +317,10 @@ def _check_before_launch(cfgs: list[TrainConfig], device: torch.device, nproc: i
     """What would stop every rank, checked once here so it reads as one clean error (the ranks then find
     the run folders ready). The checks run as rank 0 would, on the CPU: this process uses no GPU."""
     if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise SaepipeError(f"--nproc {nproc} asks for more processes than the {torch.cuda.device_count()} GPUs "
-                           f"here: one process per GPU")
+        raise SaepipeError(
+            f"--nproc {nproc} asks for more processes than the {torch.cuda.device_count()} GPUs "
+            f"here: one process per GPU"
+        )
     _open_checked(cfgs, torch.device("cpu"), distributed.World(rank=0, size=nproc))
     prepared = _prepare_run_folders(cfgs)
     if isinstance(prepared, SaepipeError):
@@ -289,8 +341,14 @@ def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out
 
     run_dir.save_sae(out, sae, run_config(cfg, store, sae) | {"finished": True})
     header = store.header
-    export_saelens(out / run_dir.SAELENS, sae, store.normalization(cfg.hook), hook_name=cfg.hook,
-                   model_name=header["model"]["name"], context_size=store.context_size,
-                   dataset=header["text_source"].get("name", ""),
-                   extra_metadata={"saepipe_store_fingerprint": store.fingerprint})
+    export_saelens(
+        out / run_dir.SAELENS,
+        sae,
+        store.normalization(cfg.hook),
+        hook_name=cfg.hook,
+        model_name=header["model"]["name"],
+        context_size=store.context_size,
+        dataset=header["text_source"].get("name", ""),
+        extra_metadata={"saepipe_store_fingerprint": store.fingerprint},
+    )
     (out / run_dir.CHECKPOINT).unlink(missing_ok=True)

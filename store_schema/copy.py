@@ -33,13 +33,17 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
             raise schema.StoreError(f"{dst} is a file: pass a folder or a URL for the copy")
         finished = dst_fs.exists(posixpath.join(dst_root, ROOT_METADATA))
         # what an unfinished destination holds: only an interrupted copy of this store may be there
-        present = set() if finished or not dst_fs.isdir(dst_root) else {
-            posixpath.relpath(p, dst_root) for p in dst_fs.find(dst_root)}
+        present = (
+            set()
+            if finished or not dst_fs.isdir(dst_root)
+            else {posixpath.relpath(p, dst_root) for p in dst_fs.find(dst_root)}
+        )
     except schema.StoreError:
         raise
     except Exception as e:  # each backend has its own errors: credentials, connection, permission
-        raise schema.StoreError(f"cannot reach {dst} ({_first_line(e)}): check the URL, and the credentials "
-                                f"in the environment (e.g. AWS_*)") from e
+        raise schema.StoreError(
+            f"cannot reach {dst} ({_first_line(e)}): check the URL, and the credentials in the environment (e.g. AWS_*)"
+        ) from e
     if finished:  # a finished copy, or something else
         try:
             existing = open_store(dst).fingerprint
@@ -52,22 +56,34 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
     relative = {path: posixpath.relpath(path, src_root) for path in sizes}
     foreign = sorted(present - set(relative.values()))
     if foreign:
-        raise schema.StoreError(f"{dst} holds files that are not part of this store ({foreign[0]}"
-                                f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}): choose an "
-                                f"empty destination, or the one an interrupted copy of this store left")
+        raise schema.StoreError(
+            f"{dst} holds files that are not part of this store ({foreign[0]}"
+            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}): choose an "
+            f"empty destination, or the one an interrupted copy of this store left"
+        )
     last = [p for p in sizes if relative[p] == ROOT_METADATA]
     rest = [p for p in sizes if relative[p] != ROOT_METADATA]
     done = {"files_copied": 0, "bytes_copied": 0, "files_skipped": 0}
     counting = threading.Lock()
     unsized = None in sizes.values()  # an HTTP listing gives no sizes: nothing can be skipped then
-    bar = tqdm(total=None if unsized else sum(sizes.values()), unit="B", unit_scale=True, desc="copy",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=None if unsized else sum(sizes.values()),
+        unit="B",
+        unit_scale=True,
+        desc="copy",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
 
     def copy(path: str) -> None:
         target = posixpath.join(dst_root, relative[path])
         size = sizes[path]
-        skip = (size is not None and relative[path] != ROOT_METADATA and dst_fs.exists(target)
-                and dst_fs.size(target) == size)
+        skip = (
+            size is not None
+            and relative[path] != ROOT_METADATA
+            and dst_fs.exists(target)
+            and dst_fs.size(target) == size
+        )
         if not skip:
             data = src_fs.cat_file(path)
             size = len(data)
@@ -84,8 +100,9 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
         for path in last:
             copy(path)
     except Exception as e:  # the backend's own error (network, credentials, a read-only destination)
-        raise schema.StoreError(f"copying {src} to {dst} failed ({_first_line(e)}): fix that, then run the same "
-                                f"command again to resume") from e
+        raise schema.StoreError(
+            f"copying {src} to {dst} failed ({_first_line(e)}): fix that, then run the same command again to resume"
+        ) from e
     finally:
         bar.close()
     return done
@@ -96,11 +113,13 @@ def _filesystem(location: str):
     try:
         return fsspec.core.url_to_fs(local_path(location))
     except ImportError as e:  # fsspec names the backend a URL needs (s3fs, gcsfs, aiohttp)
-        raise schema.StoreError(f"{location} needs a package that is not installed ({e}): "
-                                f"pip install 'saepipe[remote]'") from None
+        raise schema.StoreError(
+            f"{location} needs a package that is not installed ({e}): pip install 'saepipe[remote]'"
+        ) from None
     except ValueError as e:  # e.g. "Protocol not known"
-        raise schema.StoreError(f"{location} is not a path or a URL fsspec knows ({e}): pass a folder, or a URL "
-                                f"like s3://bucket/x.zarr") from None
+        raise schema.StoreError(
+            f"{location} is not a path or a URL fsspec knows ({e}): pass a folder, or a URL like s3://bucket/x.zarr"
+        ) from None
 
 
 def _first_line(e: BaseException) -> str:

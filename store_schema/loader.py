@@ -61,10 +61,22 @@ class _Window:
 
 
 class ShuffledBatches:
-    def __init__(self, store: ActivationStore, hook: str, batch_size: int, *, device: torch.device,
-                 dtype: torch.dtype = torch.float32, seed: int = 0, split: str = "train",
-                 resident: bool | None = None, memory_fraction: float = 0.5,
-                 window_chunks: int = WINDOW_CHUNKS, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        store: ActivationStore,
+        hook: str,
+        batch_size: int,
+        *,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        split: str = "train",
+        resident: bool | None = None,
+        memory_fraction: float = 0.5,
+        window_chunks: int = WINDOW_CHUNKS,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         store.require_hook(hook)
         if batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"a batch of {batch_size} rows cannot be split evenly over {world_size} ranks")
@@ -74,8 +86,10 @@ class ShuffledBatches:
         self.local_batch_size = batch_size // world_size
         self.n_rows = store.n_rows(split)
         if self.n_rows < batch_size:
-            raise StoreError(f"the store's {split} split has {self.n_rows:,} rows, fewer than one batch of "
-                             f"{batch_size:,}: lower --batch-size or collect more tokens")
+            raise StoreError(
+                f"the store's {split} split has {self.n_rows:,} rows, fewer than one batch of "
+                f"{batch_size:,}: lower --batch-size or collect more tokens"
+            )
         nbytes = self.n_rows * store.d_model * 2
         self.resident = nbytes <= memory_fraction * available_memory_bytes(device) if resident is None else resident
         self.window_chunks = window_chunks
@@ -142,7 +156,7 @@ class ShuffledBatches:
         order = np.random.default_rng([self.seed, epoch, 0xC4]).permutation(n_chunks)
         windows = []
         for w, first in enumerate(range(0, n_chunks, self.window_chunks)):
-            chunks = tuple(int(c) for c in order[first:first + self.window_chunks])
+            chunks = tuple(int(c) for c in order[first : first + self.window_chunks])
             rows = sum(self._runs_in(c) for c in chunks) * self.run_rows
             windows.append(_Window(epoch, w, chunks, rows // self.batch_size))
         return windows
@@ -155,10 +169,13 @@ class ShuffledBatches:
         slots = np.random.default_rng([self.seed, window.epoch, window.index]).permutation(len(starts))
         used_slots = -(-window.n_batches * self.batch_size // run)  # runs beyond the last whole batch: unread
         dest = buffer.numpy()
-        pieces = [(int(first), dest[slot * run:(slot + 1) * run]) for first, slot in zip(starts, slots)
-                  if slot < used_slots and self._reaches_share(slot)]
+        pieces = [
+            (int(first), dest[slot * run : (slot + 1) * run])
+            for first, slot in zip(starts, slots)
+            if slot < used_slots and self._reaches_share(slot)
+        ]
         self.store.read_into(self.split, self.hook, pieces, threads=2)
-        return buffer[:window.n_batches * self.batch_size]
+        return buffer[: window.n_batches * self.batch_size]
 
     def _reaches_share(self, slot: int) -> bool:
         """Whether the run read into `slot` of a window holds any of this rank's rows."""
@@ -171,8 +188,10 @@ class ShuffledBatches:
 
     def _streamed_batches(self, start: int) -> Iterator[torch.Tensor]:
         if self.batches_per_epoch == 0:
-            raise StoreError(f"a streaming window ({self.window_chunks} chunks of {self.store.chunk_rows:,} rows) holds "
-                             f"less than one batch of {self.batch_size:,}: lower --batch-size")
+            raise StoreError(
+                f"a streaming window ({self.window_chunks} chunks of {self.store.chunk_rows:,} rows) holds "
+                f"less than one batch of {self.batch_size:,}: lower --batch-size"
+            )
 
         def plan() -> Iterator[tuple[_Window, int]]:
             """(window, first batch within it) from batch `start` on, skipping whole windows unread."""

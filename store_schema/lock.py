@@ -53,11 +53,16 @@ class StoreLock:
                 if holder is None and time.time() - self._mtime() < _WRITING_GRACE_S:
                     holder = {"pid": "?", "host": "?", "started": "just now"}  # being written by its taker
                 if holder is not None and not self._stale(holder):
-                    raise StoreError(f"store {self.store} is being written by pid {holder['pid']} on "
-                                     f"{holder['host']} (since {holder['started']}): wait for it to finish; if that "
-                                     f"process is gone, remove {self.path}") from None
-                print(f"saepipe: taking over the stale lock {self.path} of a collect that is gone "
-                      f"({holder or 'unreadable'})", file=sys.stderr)
+                    raise StoreError(
+                        f"store {self.store} is being written by pid {holder['pid']} on "
+                        f"{holder['host']} (since {holder['started']}): wait for it to finish; if that "
+                        f"process is gone, remove {self.path}"
+                    ) from None
+                print(
+                    f"saepipe: taking over the stale lock {self.path} of a collect that is gone "
+                    f"({holder or 'unreadable'})",
+                    file=sys.stderr,
+                )
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
@@ -86,5 +91,8 @@ class StoreLock:
 
     @staticmethod
     def _stale(holder: dict) -> bool:
-        return (holder["host"] == socket.gethostname() and str(holder["pid"]).isdigit()
-                and not pid_alive(int(holder["pid"])))
+        return (
+            holder["host"] == socket.gethostname()
+            and str(holder["pid"]).isdigit()
+            and not pid_alive(int(holder["pid"]))
+        )

@@ -69,7 +69,8 @@ class Normalization:
     def same_transform(self, other: Normalization) -> bool:
         """Whether both map raw rows to the same normalized rows (max_norm only marks outliers)."""
         same_mean = (self.mean is None) == (other.mean is None) and (
-            self.mean is None or np.array_equal(self.mean, other.mean))
+            self.mean is None or np.array_equal(self.mean, other.mean)
+        )
         return self.mode == other.mode and self.scale == other.scale and same_mean
 
     def inliers(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,5 +110,9 @@ class Normalization:
 
     @classmethod
     def from_attrs(cls, attrs: dict, mean: np.ndarray | None) -> Normalization:
-        return cls(attrs["mode"], None if mean is None else np.asarray(mean, dtype=np.float32), float(attrs["scale"]),
-                   attrs.get("max_norm"))
+        return cls(
+            attrs["mode"],
+            None if mean is None else np.asarray(mean, dtype=np.float32),
+            float(attrs["scale"]),
+            attrs.get("max_norm"),
+        )

@@ -38,15 +38,20 @@ class ActivationStore:
         try:
             group = zarr.open_group(store=location, mode="r")
         except ImportError as e:  # fsspec names the backend a URL needs (s3fs, gcsfs, aiohttp)
-            raise schema.StoreError(f"opening {location} needs a package that is not installed ({e}): "
-                                    f"pip install 'saepipe[remote]'") from None
+            raise schema.StoreError(
+                f"opening {location} needs a package that is not installed ({e}): pip install 'saepipe[remote]'"
+            ) from None
         except Exception as e:  # zarr raises several kinds for "not a group"
             if "://" not in location and (Path(location) / "zarr.json").is_file():
-                raise schema.StoreError(f"the store's root metadata {Path(location) / 'zarr.json'} cannot be read "
-                                        f"({type(e).__name__}: {e}): the store is damaged; copy it again from its "
-                                        f"source, or collect it again") from None
-            raise schema.StoreError(f"{location} is not a Zarr group ({type(e).__name__}: {e}); "
-                                    f"pass the folder that `saepipe collect --out` wrote") from e
+                raise schema.StoreError(
+                    f"the store's root metadata {Path(location) / 'zarr.json'} cannot be read "
+                    f"({type(e).__name__}: {e}): the store is damaged; copy it again from its "
+                    f"source, or collect it again"
+                ) from None
+            raise schema.StoreError(
+                f"{location} is not a Zarr group ({type(e).__name__}: {e}); "
+                f"pass the folder that `saepipe collect --out` wrote"
+            ) from e
         header = group.attrs.get(schema.ATTRS_KEY)
         if not isinstance(header, dict):
             raise schema.StoreError(f"{location} is a Zarr group but not a saepipe activation store")
@@ -87,8 +92,10 @@ class ActivationStore:
         if not self.complete:
             done = self.n_rows("train")
             planned = self.header["layout"]["planned_rows"]["train"]
-            raise schema.StoreError(f"store {self.location} is incomplete ({done:,} of {planned:,} training rows "
-                                    f"committed): finish it by re-running the same `saepipe collect` command")
+            raise schema.StoreError(
+                f"store {self.location} is incomplete ({done:,} of {planned:,} training rows "
+                f"committed): finish it by re-running the same `saepipe collect` command"
+            )
 
     def require_hook(self, hook: str) -> None:
         if hook not in self.hooks:
@@ -133,8 +140,7 @@ class ActivationStore:
     def chunk_rows(self) -> int:
         return int(self.header["layout"]["chunk_rows"])
 
-    def read_rows(self, split: str, hook: str, start: int = 0, stop: int | None = None,
-                  threads: int = 4) -> np.ndarray:
+    def read_rows(self, split: str, hook: str, start: int = 0, stop: int | None = None, threads: int = 4) -> np.ndarray:
         """Committed fp16 rows [start, stop) of one hook, read a chunk per task on a thread pool."""
         n = self.n_rows(split)
         stop = n if stop is None else min(stop, n)
@@ -145,16 +151,18 @@ class ActivationStore:
         ranges = [r for r in zip([start] + bounds, bounds + [stop]) if r[0] < r[1]]
         return self._read_ranges(split, hook, ranges, threads)
 
-    def read_chunks(self, split: str, hook: str, chunks: list[int], threads: int = 4,
-                    out: np.ndarray | None = None) -> np.ndarray:
+    def read_chunks(
+        self, split: str, hook: str, chunks: list[int], threads: int = 4, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """The committed rows of the given chunks (any order), concatenated in that order, read in
         parallel; into `out` (exactly that many fp16 rows) when given."""
         n, step = self.n_rows(split), self.chunk_rows
         ranges = [(c * step, min((c + 1) * step, n)) for c in chunks if c * step < n]
         return self._read_ranges(split, hook, ranges, threads, out)
 
-    def _read_ranges(self, split: str, hook: str, ranges: list[tuple[int, int]], threads: int,
-                     out: np.ndarray | None = None) -> np.ndarray:
+    def _read_ranges(
+        self, split: str, hook: str, ranges: list[tuple[int, int]], threads: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Rows of each [a, b) range (each within one chunk), concatenated."""
         shape = (sum(b - a for a, b in ranges), self.d_model)
         if out is None:
@@ -162,7 +170,7 @@ class ActivationStore:
         elif out.shape != shape or out.dtype != np.float16 or not out.flags.c_contiguous:
             raise ValueError(f"out must be a contiguous float16 array of shape {shape}, got {out.dtype} {out.shape}")
         offsets = np.cumsum([0] + [b - a for a, b in ranges])
-        self.read_into(split, hook, [(a, out[offsets[i]:offsets[i + 1]]) for i, (a, b) in enumerate(ranges)], threads)
+        self.read_into(split, hook, [(a, out[offsets[i] : offsets[i + 1]]) for i, (a, b) in enumerate(ranges)], threads)
         return out
 
     def read_into(self, split: str, hook: str, pieces: list[tuple[int, np.ndarray]], threads: int = 2) -> None:
@@ -176,9 +184,15 @@ class ActivationStore:
             if not len(dest):
                 continue
             chunk = first // self.chunk_rows
-            if first < 0 or first + len(dest) > min(n_rows, (chunk + 1) * self.chunk_rows) or not dest.flags.c_contiguous:
-                raise ValueError(f"rows [{first}, {first + len(dest)}) are not committed rows within one chunk "
-                                 f"of {split}/{hook}, or their destination is not contiguous")
+            if (
+                first < 0
+                or first + len(dest) > min(n_rows, (chunk + 1) * self.chunk_rows)
+                or not dest.flags.c_contiguous
+            ):
+                raise ValueError(
+                    f"rows [{first}, {first + len(dest)}) are not committed rows within one chunk "
+                    f"of {split}/{hook}, or their destination is not contiguous"
+                )
             by_chunk.setdefault(chunk, []).append((first, dest))
         raw, checksummed = _raw_chunk_files(arr), is_checksummed(arr)
         name = f"chunk {{}} of {schema.acts_path(split, hook)} in {self.location}"
@@ -188,27 +202,35 @@ class ActivationStore:
             path = None if raw is None else raw.path(chunk)
             on_disk = path is not None and path.exists()
             if checksummed and not on_disk and (path is not None or not chunk_exists(arr, (chunk, 0))):
-                raise schema.StoreError(f"{name.format(chunk)} is missing; the store is damaged: "
-                                        f"run `saepipe store verify` and collect it again")
+                raise schema.StoreError(
+                    f"{name.format(chunk)} is missing; the store is damaged: "
+                    f"run `saepipe store verify` and collect it again"
+                )
             if not on_disk:  # through Zarr (or an older store's unwritten fill-value chunk)
                 a, b = todo[0][0], max(first + len(dest) for first, dest in todo)
                 rows = _checked(lambda: arr[a:b], name.format(chunk))
                 for first, dest in todo:
-                    dest[:] = rows[first - a:first - a + len(dest)]
+                    dest[:] = rows[first - a : first - a + len(dest)]
                 return
             row_bytes, base = self.d_model * 2, chunk * self.chunk_rows
             with open(path, "rb") as f:
                 if checksummed and (split, hook, chunk) not in self._verified:
                     # the whole chunk is read, gaps into scratch, so that its CRC32C can be checked
                     if not _read_verified(f, todo, base, arr.chunks[0], row_bytes):
-                        raise schema.StoreError(f"{name.format(chunk)} fails its checksum (or is truncated); the store "
-                                                f"is damaged: run `saepipe store verify` and collect it again")
+                        raise schema.StoreError(
+                            f"{name.format(chunk)} fails its checksum (or is truncated); the store "
+                            f"is damaged: run `saepipe store verify` and collect it again"
+                        )
                     if (chunk + 1) * arr.chunks[0] <= n_rows:  # a chunk still being filled changes: check it again
                         self._verified.add((split, hook, chunk))
                     return
                 for start, stretch in _adjacent_stretches(todo):
-                    if not _read_exactly(f, [memoryview(dest).cast("B") for dest in stretch], (start - base) * row_bytes):
-                        raise schema.StoreError(f"{name.format(chunk)} is truncated; the store is damaged: collect it again")
+                    if not _read_exactly(
+                        f, [memoryview(dest).cast("B") for dest in stretch], (start - base) * row_bytes
+                    ):
+                        raise schema.StoreError(
+                            f"{name.format(chunk)} is truncated; the store is damaged: collect it again"
+                        )
 
         if len(by_chunk) == 1 or threads <= 1:
             for chunk in by_chunk:
@@ -220,8 +242,10 @@ class ActivationStore:
     def read_mapping(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(context index, position) of committed rows [start, stop)."""
         stop = self.n_rows(split) if stop is None else min(stop, self.n_rows(split))
-        return (self.group[schema.row_context_path(split)][start:stop],
-                self.group[schema.row_position_path(split)][start:stop])
+        return (
+            self.group[schema.row_context_path(split)][start:stop],
+            self.group[schema.row_position_path(split)][start:stop],
+        )
 
     def read_row_stats(self, split: str, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         if self.header["normalization_mode"] != "token":
@@ -251,9 +275,16 @@ def _raw_chunk_files(arr: zarr.Array) -> _RawChunks | None:
 
     serializer = arr.serializer
     only_checksum = len(arr.compressors) == 1 and is_checksummed(arr)
-    if (not isinstance(arr.store, LocalStore) or (arr.compressors and not only_checksum) or arr.filters
-            or not isinstance(serializer, BytesCodec) or serializer.endian is None
-            or serializer.endian.value != sys.byteorder or len(arr.shape) != 2 or arr.chunks[1] != arr.shape[1]):
+    if (
+        not isinstance(arr.store, LocalStore)
+        or (arr.compressors and not only_checksum)
+        or arr.filters
+        or not isinstance(serializer, BytesCodec)
+        or serializer.endian is None
+        or serializer.endian.value != sys.byteorder
+        or len(arr.shape) != 2
+        or arr.chunks[1] != arr.shape[1]
+    ):
         return None
     return _RawChunks(Path(arr.store.root) / arr.path, arr)
 
@@ -284,8 +315,9 @@ def _checked(read, what: str):
     except ValueError as e:
         if not is_checksum_error(e):
             raise
-        raise schema.StoreError(f"{what} fails its checksum; the store is damaged: run `saepipe store verify` "
-                                f"and collect it again") from None
+        raise schema.StoreError(
+            f"{what} fails its checksum; the store is damaged: run `saepipe store verify` and collect it again"
+        ) from None
 
 
 def _read_verified(f, pieces: list[tuple[int, np.ndarray]], base: int, chunk_rows: int, row_bytes: int) -> bool:
@@ -333,7 +365,7 @@ def _read_exactly(f, views: list[memoryview], offset: int) -> bool:
         return all(f.readinto(view) == len(view) for view in views)
     i = 0
     while i < len(views):
-        got = os.preadv(f.fileno(), views[i:i + _IOV_MAX], offset)
+        got = os.preadv(f.fileno(), views[i : i + _IOV_MAX], offset)
         if got == 0:
             return False
         offset += got
@@ -359,8 +391,9 @@ def _check_arrays_match(group: zarr.Group, header: dict) -> None:
         if not isinstance(arrays[name], zarr.Array):
             damaged.append(f"the array {name} is missing")
     if damaged:
-        raise schema.StoreError(f"the store is damaged: {'; '.join(damaged)}; copy it again from its source, "
-                                f"or collect it again")
+        raise schema.StoreError(
+            f"the store is damaged: {'; '.join(damaged)}; copy it again from its source, or collect it again"
+        )
     chunk_rows = header["layout"]["chunk_rows"]
     for split in schema.SPLITS:
         committed = header["progress"][split]["rows_committed"]
@@ -373,13 +406,14 @@ def _check_arrays_match(group: zarr.Group, header: dict) -> None:
                 raise schema.StoreError(
                     f"the attributes disagree with the array {schema.acts_path(split, hook)} (shape {arr.shape}, "
                     f"chunks {arr.chunks}; attributes say d_model {header['d_model']}, {committed:,} committed rows, "
-                    f"{chunk_rows} rows per chunk): the store is damaged; copy it again, or collect it again")
+                    f"{chunk_rows} rows per chunk): the store is damaged; copy it again, or collect it again"
+                )
 
 
 def local_path(location: str) -> str:
     """file:// URLs as plain paths, so that local stores always get Zarr's LocalStore (and the direct
     chunk reader); every other location unchanged."""
-    return location[len("file://"):] if location.startswith("file://") else location
+    return location[len("file://") :] if location.startswith("file://") else location
 
 
 def open_store(path: str | os.PathLike) -> ActivationStore:

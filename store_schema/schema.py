@@ -93,8 +93,17 @@ class RunningStats:
     very same sums and ends bit-identical to an uninterrupted one.
     """
 
-    def __init__(self, d: int, count: int = 0, total=None, sum_sq_norm: float = 0.0, max_abs: float = 0.0,
-                 nonfinite_values: int = 0, nonfinite_contexts: int = 0, outlier_rows: int = 0):
+    def __init__(
+        self,
+        d: int,
+        count: int = 0,
+        total=None,
+        sum_sq_norm: float = 0.0,
+        max_abs: float = 0.0,
+        nonfinite_values: int = 0,
+        nonfinite_contexts: int = 0,
+        outlier_rows: int = 0,
+    ):
         self.count = count
         self.total = np.zeros(d, np.float64) if total is None else np.asarray(total, np.float64)
         self.sum_sq_norm = sum_sq_norm
@@ -134,14 +143,28 @@ class RunningStats:
         return self.sum_sq_norm / max(self.count, 1)
 
     def to_json(self) -> dict:
-        return {"count": self.count, "sum": self.total.tolist(), "sum_sq_norm": self.sum_sq_norm,
-                "max_abs": self.max_abs, "nonfinite_values": self.nonfinite_values,
-                "nonfinite_contexts": self.nonfinite_contexts, "outlier_rows": self.outlier_rows}
+        return {
+            "count": self.count,
+            "sum": self.total.tolist(),
+            "sum_sq_norm": self.sum_sq_norm,
+            "max_abs": self.max_abs,
+            "nonfinite_values": self.nonfinite_values,
+            "nonfinite_contexts": self.nonfinite_contexts,
+            "outlier_rows": self.outlier_rows,
+        }
 
     @classmethod
     def from_json(cls, d: int, obj: dict) -> RunningStats:
-        return cls(d, obj["count"], obj["sum"], obj["sum_sq_norm"], obj["max_abs"], obj["nonfinite_values"],
-                   obj["nonfinite_contexts"], obj.get("outlier_rows", 0))
+        return cls(
+            d,
+            obj["count"],
+            obj["sum"],
+            obj["sum_sq_norm"],
+            obj["max_abs"],
+            obj["nonfinite_values"],
+            obj["nonfinite_contexts"],
+            obj.get("outlier_rows", 0),
+        )
 
 
 def check_header(header: dict) -> None:
@@ -152,15 +175,18 @@ def check_header(header: dict) -> None:
     if not isinstance(version, int) or version < 1:
         raise StoreError(f"store has an invalid schema version {version!r}")
     if version > SCHEMA_VERSION:
-        raise StoreError(f"store uses schema version {version}, newer than this saepipe reads ({SCHEMA_VERSION}): "
-                         f"upgrade saepipe (pip install -U saepipe)")
+        raise StoreError(
+            f"store uses schema version {version}, newer than this saepipe reads ({SCHEMA_VERSION}): "
+            f"upgrade saepipe (pip install -U saepipe)"
+        )
     for key in ("hooks", "d_model", "context_size", "progress", "layout", "complete"):
         if key not in header:
             raise StoreError(f"store attributes lack '{key}': the store is damaged or was not written by saepipe")
     problem = _header_problem(header)
     if problem:
-        raise StoreError(f"store attributes are damaged ({problem}): copy the store again from its source, "
-                         f"or collect it again")
+        raise StoreError(
+            f"store attributes are damaged ({problem}): copy the store again from its source, or collect it again"
+        )
 
 
 def _is_int(value, minimum: int = 0) -> bool:
@@ -216,8 +242,12 @@ def _header_problem(header: dict) -> str | None:
         if not isinstance(norms, dict):
             return "'normalization' is not an object"
         for hook, norm in norms.items():
-            if not (isinstance(norm, dict) and norm.get("mode") in MODES
-                    and _is_number(norm.get("scale")) and (norm.get("max_norm") is None or _is_number(norm["max_norm"]))):
+            if not (
+                isinstance(norm, dict)
+                and norm.get("mode") in MODES
+                and _is_number(norm.get("scale"))
+                and (norm.get("max_norm") is None or _is_number(norm["max_norm"]))
+            ):
                 return f"'normalization.{hook}' is not a mode, a scale and a max_norm"
     return None
 
@@ -240,8 +270,9 @@ def assign_split(n_contexts: int, eval_fraction: float, seed: int, first: int = 
     return split
 
 
-def planned_rows(tokens: np.ndarray, context_split: np.ndarray, drop_first: int,
-                 excluded_tokens: list[int]) -> dict[str, int]:
+def planned_rows(
+    tokens: np.ndarray, context_split: np.ndarray, drop_first: int, excluded_tokens: list[int]
+) -> dict[str, int]:
     """Rows each split will hold at most: its contexts' stored positions (before the outlier filter)."""
     stored = stored_positions(tokens, drop_first, excluded_tokens).sum(axis=1)
     return {split: int(stored[context_split == code].sum()) for split, code in SPLIT_CODES.items()}

@@ -38,8 +38,15 @@ class StoreWriter:
 
     # -- creation -----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, header: dict, tokens: np.ndarray, context_split: np.ndarray,
-               planned_rows: dict[str, int], chunk_rows: int) -> StoreWriter:
+    def create(
+        cls,
+        path: str | os.PathLike,
+        header: dict,
+        tokens: np.ndarray,
+        context_split: np.ndarray,
+        planned_rows: dict[str, int],
+        chunk_rows: int,
+    ) -> StoreWriter:
         """Write the empty store (tokens, split, preallocated row arrays, attributes) to a temporary
         folder beside `path` and rename it into place, so a killed creation leaves no half store."""
         path = Path(path)
@@ -47,24 +54,50 @@ class StoreWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(store=str(tmp), mode="w")
         d_model = header["d_model"]
-        group.create_array(schema.TOKENS, data=tokens.astype(np.int32), compressors=schema.checksummed(ZstdCodec()),
-                           chunks=(min(schema.TOKENS_CHUNK_CONTEXTS, max(len(tokens), 1)), tokens.shape[1]))
-        group.create_array(schema.CONTEXT_SPLIT, data=context_split.astype(np.int8),
-                           compressors=schema.checksummed(ZstdCodec()), chunks=(max(len(context_split), 1),))
+        group.create_array(
+            schema.TOKENS,
+            data=tokens.astype(np.int32),
+            compressors=schema.checksummed(ZstdCodec()),
+            chunks=(min(schema.TOKENS_CHUNK_CONTEXTS, max(len(tokens), 1)), tokens.shape[1]),
+        )
+        group.create_array(
+            schema.CONTEXT_SPLIT,
+            data=context_split.astype(np.int8),
+            compressors=schema.checksummed(ZstdCodec()),
+            chunks=(max(len(context_split), 1),),
+        )
         row_stats = header["normalization_mode"] == "token"
         for split in schema.SPLITS:
             n = planned_rows[split]
             chunk = (chunk_rows,)  # also for a smaller split: its arrays can then grow (--append)
             for name, dtype in ((schema.row_context_path(split), "int32"), (schema.row_position_path(split), "int16")):
-                group.create_array(name, shape=(n,), dtype=dtype, chunks=chunk, fill_value=-1,
-                                   compressors=schema.checksummed(ZstdCodec()))
+                group.create_array(
+                    name,
+                    shape=(n,),
+                    dtype=dtype,
+                    chunks=chunk,
+                    fill_value=-1,
+                    compressors=schema.checksummed(ZstdCodec()),
+                )
             for hook in header["hooks"]:
                 # fp16 activations barely compress; raw chunks (plus their checksum) read fastest.
-                group.create_array(schema.acts_path(split, hook), shape=(n, d_model), dtype="float16",
-                                   chunks=chunk + (d_model,), compressors=schema.checksummed(), fill_value=0)
+                group.create_array(
+                    schema.acts_path(split, hook),
+                    shape=(n, d_model),
+                    dtype="float16",
+                    chunks=chunk + (d_model,),
+                    compressors=schema.checksummed(),
+                    fill_value=0,
+                )
                 if row_stats:
-                    group.create_array(schema.row_stats_path(split, hook), shape=(n, 2), dtype="float32",
-                                       chunks=chunk + (2,), compressors=schema.checksummed(), fill_value=0)
+                    group.create_array(
+                        schema.row_stats_path(split, hook),
+                        shape=(n, 2),
+                        dtype="float32",
+                        chunks=chunk + (2,),
+                        compressors=schema.checksummed(),
+                        fill_value=0,
+                    )
         header = dict(header)
         header["layout"] = {"chunk_rows": chunk_rows, "planned_rows": dict(planned_rows)}
         header["progress"] = {split: {"blocks_done": 0, "rows_committed": 0} for split in schema.SPLITS}
@@ -119,21 +152,35 @@ class StoreWriter:
         saved = self.header.get("normalization")
         if saved is None:
             return None
-        return {hook: Normalization.from_attrs(attrs, self.group[schema.norm_mean_path(hook)][:]
-                                               if attrs["mode"] == "center-scale" else None)
-                for hook, attrs in saved.items()}
+        return {
+            hook: Normalization.from_attrs(
+                attrs, self.group[schema.norm_mean_path(hook)][:] if attrs["mode"] == "center-scale" else None
+            )
+            for hook, attrs in saved.items()
+        }
 
     # -- writing ------------------------------------------------------------------------------------
     def record_normalization(self, norms: dict[str, Normalization]) -> None:
         """Arrays first, then the attribute that makes them count (a kill in between just re-estimates)."""
         for hook, norm in norms.items():
             if norm.mean is not None:
-                self.group.create_array(schema.norm_mean_path(hook), data=norm.mean.astype(np.float32),
-                                        compressors=schema.checksummed(ZstdCodec()), overwrite=True)
+                self.group.create_array(
+                    schema.norm_mean_path(hook),
+                    data=norm.mean.astype(np.float32),
+                    compressors=schema.checksummed(ZstdCodec()),
+                    overwrite=True,
+                )
         self._update(normalization={hook: norm.to_attrs() for hook, norm in norms.items()})
 
-    def write_rows(self, split: str, start: int, acts: dict[str, np.ndarray], row_context: np.ndarray,
-                   row_position: np.ndarray, row_stats: dict[str, np.ndarray] | None = None) -> None:
+    def write_rows(
+        self,
+        split: str,
+        start: int,
+        acts: dict[str, np.ndarray],
+        row_context: np.ndarray,
+        row_position: np.ndarray,
+        row_stats: dict[str, np.ndarray] | None = None,
+    ) -> None:
         """Write one block's rows at [start, start + n); invisible until `commit`."""
         stop = start + len(row_context)
         with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # a runtime setting: not saved with the array
@@ -144,8 +191,14 @@ class StoreWriter:
                 if row_stats is not None:
                     self.group[schema.row_stats_path(split, hook)][start:stop] = row_stats[hook]
 
-    def commit(self, split: str, blocks_done: int, rows_committed: int, stats: dict[str, schema.RunningStats],
-               skipped_contexts: list[int]) -> None:
+    def commit(
+        self,
+        split: str,
+        blocks_done: int,
+        rows_committed: int,
+        stats: dict[str, schema.RunningStats],
+        skipped_contexts: list[int],
+    ) -> None:
         live = self._live()
         progress = dict(live["progress"])
         progress[split] = {"blocks_done": blocks_done, "rows_committed": rows_committed}
@@ -157,47 +210,75 @@ class StoreWriter:
         else:
             self._update(progress=progress, running_stats=running)
 
-    def commit_block(self, split: str, block_index: int, n_rows: int, block_stats: dict[str, schema.RunningStats],
-                     dropped_contexts: list[int]) -> None:
+    def commit_block(
+        self,
+        split: str,
+        block_index: int,
+        n_rows: int,
+        block_stats: dict[str, schema.RunningStats],
+        dropped_contexts: list[int],
+    ) -> None:
         """Commit the split's next block, whose `n_rows` rows follow the committed ones: its statistics
         are merged into the running ones and its dropped (non-finite) contexts recorded."""
         if block_index != self.progress(split)["blocks_done"]:
-            raise ValueError(f"committing {split} block {block_index}, but {self.progress(split)['blocks_done']} "
-                             f"blocks are committed: blocks are committed in order")
+            raise ValueError(
+                f"committing {split} block {block_index}, but {self.progress(split)['blocks_done']} "
+                f"blocks are committed: blocks are committed in order"
+            )
         stats = {hook: self.running_stats(split, hook) for hook in self.header["hooks"]}
         for hook, block in block_stats.items():
             stats[hook].merge(block)
         skipped = self._live()["progress"]["skipped_contexts"] + list(dropped_contexts)
         self.commit(split, block_index + 1, self.progress(split)["rows_committed"] + n_rows, stats, skipped)
 
-    def begin_append(self, token_budget: int, tokens: np.ndarray, context_split: np.ndarray,
-                     planned_rows: dict[str, int], tokens_fingerprint: str, writer: str) -> None:
+    def begin_append(
+        self,
+        token_budget: int,
+        tokens: np.ndarray,
+        context_split: np.ndarray,
+        planned_rows: dict[str, int],
+        tokens_fingerprint: str,
+        writer: str,
+    ) -> None:
         """Start appending contexts `tokens` (their split codes `context_split`, their stored positions
         per split `planned_rows`) to this complete store, towards `token_budget` training tokens; the
         fingerprint is of the tokens array with them. The arrays grow first (readers see only the
         contexts and rows the attributes count), then the `append` attribute records the append: a
         kill in between leaves the store as it was, and the next append grows the arrays again."""
         first, added = self.n_contexts(), len(tokens)
-        rows = {split: self.header["progress"][split]["rows_committed"] + planned_rows[split] for split in schema.SPLITS}
+        rows = {
+            split: self.header["progress"][split]["rows_committed"] + planned_rows[split] for split in schema.SPLITS
+        }
         for split in schema.SPLITS:
             chunk = self.chunk_rows(split)
             if rows[split] > chunk and chunk != self.header["layout"]["chunk_rows"]:
-                raise schema.StoreError(f"the store keeps its {split} rows in one chunk of {chunk:,} rows (it was "
-                                        f"written before stores could grow), too small for {rows[split]:,} rows: "
-                                        f"collect a new store with the larger --tokens instead")
+                raise schema.StoreError(
+                    f"the store keeps its {split} rows in one chunk of {chunk:,} rows (it was "
+                    f"written before stores could grow), too small for {rows[split]:,} rows: "
+                    f"collect a new store with the larger --tokens instead"
+                )
         _write_from(self.group[schema.TOKENS], first, tokens.astype(np.int32))
         _write_from(self.group[schema.CONTEXT_SPLIT], first, context_split.astype(np.int8))
         for split in schema.SPLITS:
             for name in schema.row_array_names(self.header, split):
                 arr = self.group[name]
                 arr.resize((rows[split],) + arr.shape[1:])
-        counts = {f"n_{split}_contexts": int((context_split == code).sum()) for split, code in schema.SPLIT_CODES.items()}
+        counts = {
+            f"n_{split}_contexts": int((context_split == code).sum()) for split, code in schema.SPLIT_CODES.items()
+        }
         layout = self.header["layout"]["planned_rows"]
-        self._update(append={
-            "tokens": token_budget, "contexts": [first, first + added], "split": counts,
-            "planned_rows": {split: layout[split] + planned_rows[split] for split in schema.SPLITS},
-            "tokens_fingerprint": tokens_fingerprint, "writer": writer,
-            "progress": self.header["progress"], "running_stats": self.header["running_stats"]})
+        self._update(
+            append={
+                "tokens": token_budget,
+                "contexts": [first, first + added],
+                "split": counts,
+                "planned_rows": {split: layout[split] + planned_rows[split] for split in schema.SPLITS},
+                "tokens_fingerprint": tokens_fingerprint,
+                "writer": writer,
+                "progress": self.header["progress"],
+                "running_stats": self.header["running_stats"],
+            }
+        )
 
     def finalize(self) -> None:
         """Trim row arrays to what was written (contexts may have been skipped) and mark complete; after
@@ -218,10 +299,10 @@ class StoreWriter:
         header["split"] = {**header["split"], **{key: header["split"][key] + n for key, n in append["split"].items()}}
         header["layout"] = {**header["layout"], "planned_rows": append["planned_rows"]}
         header["text_source"] = {**header["text_source"], "tokens_fingerprint": append["tokens_fingerprint"]}
-        header["appends"] = header.get("appends", []) + [
-            {key: append[key] for key in ("tokens", "contexts", "writer")}]
+        header["appends"] = header.get("appends", []) + [{key: append[key] for key in ("tokens", "contexts", "writer")}]
         header["config_fingerprint"] = schema.fingerprint(
-            {"collect_config": header["collect_config"], "appends": [a["tokens"] for a in header["appends"]]})
+            {"collect_config": header["collect_config"], "appends": [a["tokens"] for a in header["appends"]]}
+        )
         self.header = header
         self.group.update_attributes({schema.ATTRS_KEY: header})
 
@@ -235,4 +316,3 @@ def _write_from(arr: zarr.Array, first: int, data: np.ndarray) -> None:
     arr.resize((first + len(data),) + arr.shape[1:])
     with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):
         arr[first:] = data
-

@@ -25,8 +25,11 @@ def tiny_gpt2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gpt2")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=3, n_head=4,
-                                        bos_token_id=256, eos_token_id=256)).eval()
+        hf = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=257, n_positions=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=256, eos_token_id=256
+            )
+        ).eval()
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = 256
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))

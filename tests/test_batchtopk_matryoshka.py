@@ -49,6 +49,7 @@ def trained_like(sae, seed=0):
 
 # -- the batch selection and the threshold ------------------------------------------------------------
 
+
 def test_batch_topk_keeps_the_k_times_batch_largest_activations():
     sae = BatchTopKSAE(16, 64, 4)
     pre = torch.randn(10, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.2, 3, 10)[:, None]
@@ -141,6 +142,7 @@ def test_weights_and_threshold_survive_config_round_trip(cls, kwargs, tmp_path):
 
 # -- the Matryoshka loss ------------------------------------------------------------------------------
 
+
 def test_matryoshka_loss_sums_every_prefix_reconstruction():
     torch.manual_seed(0)
     sae = trained_like(MatryoshkaSAE(16, 64, 4, groups=(8, 24, 64)))
@@ -180,19 +182,23 @@ def test_matryoshka_early_latents_get_gradient_from_every_prefix():
 
 # -- configuration ------------------------------------------------------------------------------------
 
+
 def _cfg(**kw):
     return TrainConfig(store="s", out="o", width=512, k=8, **kw)
 
 
-@pytest.mark.parametrize("groups,message", [
-    (None, "--arch matryoshka needs --groups: increasing prefix sizes ending at --width 512, e.g. 64,256,512"),
-    ((256, 128, 512), "--groups must be strictly increasing, got 256,128,512"),
-    ((128, 128, 512), "--groups must be strictly increasing, got 128,128,512"),
-    ((128, 1024), "--groups must not exceed --width 512, got 128,1024"),
-    ((128, 256), "--groups must end at --width 512, got 128,256"),
-    ((0, 512), "--groups must be positive, got 0,512"),
-    ((), "--groups must name at least one prefix size"),
-])
+@pytest.mark.parametrize(
+    "groups,message",
+    [
+        (None, "--arch matryoshka needs --groups: increasing prefix sizes ending at --width 512, e.g. 64,256,512"),
+        ((256, 128, 512), "--groups must be strictly increasing, got 256,128,512"),
+        ((128, 128, 512), "--groups must be strictly increasing, got 128,128,512"),
+        ((128, 1024), "--groups must not exceed --width 512, got 128,1024"),
+        ((128, 256), "--groups must end at --width 512, got 128,256"),
+        ((0, 512), "--groups must be positive, got 0,512"),
+        ((), "--groups must name at least one prefix size"),
+    ],
+)
 def test_matryoshka_config_errors(groups, message):
     with pytest.raises(SaepipeError) as err:
         _cfg(arch="matryoshka", groups=groups).validate()
@@ -212,6 +218,7 @@ def test_config_accepts_valid_settings_and_refuses_groups_elsewhere():
 
 
 # -- synthetic hierarchy ------------------------------------------------------------------------------
+
 
 def test_hierarchical_children_fire_only_with_their_parent():
     f = PlantedFeatures.make_hierarchical(32, 8, 3, seed=0, parent_share=0.5)
@@ -239,8 +246,16 @@ def test_hierarchical_children_fire_only_with_their_parent():
 # window); matryoshka with groups 256,512 0.957/0.973/0.949 (its first 256 latents must reconstruct on
 # their own and bend towards the features they stand in for: 0.93-0.96 with groups 192,512, 0.91 with
 # 128,512).
-COMMON = dict(hook="synthetic", width=512, k=8, tokens=480_000, batch_size=1024, lr=8e-3,
-              dead_window_tokens=5 * 1024, progress=False)
+COMMON = dict(
+    hook="synthetic",
+    width=512,
+    k=8,
+    tokens=480_000,
+    batch_size=1024,
+    lr=8e-3,
+    dead_window_tokens=5 * 1024,
+    progress=False,
+)
 MATRYOSHKA_GROUPS = (256, 512)
 
 
@@ -248,8 +263,9 @@ MATRYOSHKA_GROUPS = (256, 512)
 def trained(request, planted, tmp_path_factory):
     features, store = planted
     extra = {"groups": MATRYOSHKA_GROUPS} if request.param == "matryoshka" else {}
-    cfg = TrainConfig(store=str(store), out=str(tmp_path_factory.mktemp(request.param) / "run"),
-                      arch=request.param, **COMMON, **extra)
+    cfg = TrainConfig(
+        store=str(store), out=str(tmp_path_factory.mktemp(request.param) / "run"), arch=request.param, **COMMON, **extra
+    )
     start = time.perf_counter()
     out = train_stage.run_train(cfg)
     print(f"\n{request.param}: trained in {time.perf_counter() - start:.1f}s")
@@ -281,8 +297,10 @@ def test_inference_threshold_gives_about_k_latents_per_row(trained, planted):
         code = sae.encode(x)
         rec = sae.decode(code)
     l0 = code.l0().float()
-    print(f"{cfg.arch}: threshold {threshold:.4f}, inference L0 {l0.mean():.2f} (k = {cfg.k}), "
-          f"rows' L0 from {int(l0.min())} to {int(l0.max())}")
+    print(
+        f"{cfg.arch}: threshold {threshold:.4f}, inference L0 {l0.mean():.2f} (k = {cfg.k}), "
+        f"rows' L0 from {int(l0.min())} to {int(l0.max())}"
+    )
     assert abs(float(l0.mean()) - cfg.k) <= 0.15 * cfg.k  # measured: 7.57 (batchtopk), 7.74 (matryoshka)
     assert l0.std() > 0  # L0 varies by row
     fve = 1 - (rec - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
@@ -308,8 +326,9 @@ def test_saelens_export_is_a_jumprelu_matching_ours_on_raw_activations(trained, 
 
     x_sae = torch.from_numpy(features.sample(512, seed=4))
     raw, norm = _raw_and_norm(x_sae)
-    exported = export_saelens(tmp_path / "cs", sae, norm, hook_name="synthetic", model_name="synthetic",
-                              context_size=2, dataset="synthetic")
+    exported = export_saelens(
+        tmp_path / "cs", sae, norm, hook_name="synthetic", model_name="synthetic", context_size=2, dataset="synthetic"
+    )
     for path, x, n in ((out / "saelens", x_sae, Normalization("none")), (exported, raw, norm)):
         loaded = sae_lens.SAE.load_from_disk(path)
         assert isinstance(loaded, JumpReLUSAE)
@@ -328,6 +347,7 @@ def test_saelens_export_is_a_jumprelu_matching_ours_on_raw_activations(trained, 
 
 # -- Matryoshka on hierarchical features --------------------------------------------------------------
 
+
 def test_matryoshka_first_group_captures_the_parent_features(tmp_path):
     """32 parents with 4 children each (a child fires only with its parent, probability 0.3, direction at
     cosine 0.5 to the parent's). The first 64 of 256 latents must reconstruct on their own, so they take
@@ -337,18 +357,24 @@ def test_matryoshka_first_group_captures_the_parent_features(tmp_path):
     first group alone explaining 0.90 of the variance. A flat BatchTopK on the same data (k 3, width 256)
     has 28% of the parents' best latents in its first 64 (chance: 25%), which alone explain 0.31."""
     features = PlantedFeatures.make_hierarchical(64, 32, 4, seed=0)
-    store = write_array_store(tmp_path / "store.zarr", features.sample(120_000, seed=1),
-                              features.sample(4096, seed=2), hook="synthetic")
+    store = write_array_store(
+        tmp_path / "store.zarr", features.sample(120_000, seed=1), features.sample(4096, seed=2), hook="synthetic"
+    )
     groups = (64, 256)
-    cfg = TrainConfig(store=str(store), out=str(tmp_path / "run"), arch="matryoshka", groups=groups,
-                      **{**COMMON, "width": 256, "k": 3})
+    cfg = TrainConfig(
+        store=str(store),
+        out=str(tmp_path / "run"),
+        arch="matryoshka",
+        groups=groups,
+        **{**COMMON, "width": 256, "k": 3},
+    )
     start = time.perf_counter()
     train_stage.run_train(cfg)
     elapsed = time.perf_counter() - start
     sae, _ = run_dir.load_sae(tmp_path / "run")
 
     parents = np.flatnonzero(features.parents < 0)
-    first = sae.W_dec.detach()[:groups[0]]
+    first = sae.W_dec.detach()[: groups[0]]
     in_first = features.recovered_fraction(first, threshold=0.85, features=parents)
     dec = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
     best_latent = (torch.from_numpy(features.directions[parents]) @ dec.T).argmax(dim=1)
@@ -357,11 +383,13 @@ def test_matryoshka_first_group_captures_the_parent_features(tmp_path):
     x = torch.from_numpy(features.sample(4096, seed=2))
     with torch.no_grad():
         z = sae.encode(x).dense(sae.d_sae)
-        prefix_rec = z[:, :groups[0]] @ sae.W_dec[:groups[0]] + sae.b_dec
+        prefix_rec = z[:, : groups[0]] @ sae.W_dec[: groups[0]] + sae.b_dec
     variance = (x - x.mean(dim=0)).pow(2).sum()
     prefix_fve = float(1 - (prefix_rec - x).pow(2).sum() / variance)
-    print(f"\nmatryoshka on hierarchical data ({elapsed:.1f}s): parents matched in the first group {in_first:.1%}, "
-          f"parents whose best latent is there {best_in_first:.1%}, first-group-only FVE {prefix_fve:.3f}")
+    print(
+        f"\nmatryoshka on hierarchical data ({elapsed:.1f}s): parents matched in the first group {in_first:.1%}, "
+        f"parents whose best latent is there {best_in_first:.1%}, first-group-only FVE {prefix_fve:.3f}"
+    )
     assert in_first >= 0.9
     assert best_in_first >= 0.9
     assert prefix_fve > 0.6

@@ -24,14 +24,35 @@ def test_topk_step_flops_counts_two_dense_gemms_and_a_sparse_decoder():
 @pytest.mark.filterwarnings("ignore")
 def test_tiny_bench_writes_every_key(tmp_path):
     pytest.importorskip("sae_lens")
-    cfg = bench.BenchConfig(out=tmp_path / "bench", device="cpu", d_in=32, width=256, k=4, batch_size=256, rounds=1,
-                            train_steps=2, read_rows=8192, model="tiny-random", collect_hook="blocks.1.hook_resid_post",
-                            collect_contexts=16, collect_batch=4, context_size=16, stream_chunk_rows=256,
-                            only=tuple(k for k in bench.KEYS if k != "collect_vs_saelens"), progress=False)
+    cfg = bench.BenchConfig(
+        out=tmp_path / "bench",
+        device="cpu",
+        d_in=32,
+        width=256,
+        k=4,
+        batch_size=256,
+        rounds=1,
+        train_steps=2,
+        read_rows=8192,
+        model="tiny-random",
+        collect_hook="blocks.1.hook_resid_post",
+        collect_contexts=16,
+        collect_batch=4,
+        context_size=16,
+        stream_chunk_rows=256,
+        only=tuple(k for k in bench.KEYS if k != "collect_vs_saelens"),
+        progress=False,
+    )
     result = bench.run_bench(cfg)
     assert json.loads((tmp_path / "bench" / "bench.json").read_text()) == result
-    for key in ("read_vs_memmap", "train_vs_saelens", "train_roofline_fraction", "mp_vs_saelens",
-                "collect_vs_forward", "stream_peak_rss_gb"):
+    for key in (
+        "read_vs_memmap",
+        "train_vs_saelens",
+        "train_roofline_fraction",
+        "mp_vs_saelens",
+        "collect_vs_forward",
+        "stream_peak_rss_gb",
+    ):
         assert result[key] > 0, key
     assert len(result["read"]["store_tokens_per_s"]) == len(result["read"]["memmap_tokens_per_s"]) == 1
     assert result["mp"]["reconstruction_max_rel_diff"] < 1e-3
@@ -49,9 +70,18 @@ def test_tiny_collect_vs_saelens(tmp_path, tiny_gpt2_dir):
     from datasets import load_from_disk
 
     path, _ = tiny_gpt2_dir
-    cfg = bench.BenchConfig(out=tmp_path / "bench", device="cpu", rounds=1, model=str(path),
-                            collect_hook="blocks.1.hook_resid_post", collect_contexts=16, collect_batch=4,
-                            context_size=16, only=("collect_vs_saelens",), progress=False)
+    cfg = bench.BenchConfig(
+        out=tmp_path / "bench",
+        device="cpu",
+        rounds=1,
+        model=str(path),
+        collect_hook="blocks.1.hook_resid_post",
+        collect_contexts=16,
+        collect_batch=4,
+        context_size=16,
+        only=("collect_vs_saelens",),
+        progress=False,
+    )
     result = bench.run_bench(cfg)
     assert result["collect_vs_saelens"] > 0
     cached = load_from_disk(str(tmp_path / "bench" / "work" / "saelens-cache"))

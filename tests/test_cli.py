@@ -11,8 +11,24 @@ from stages.synthetic import write_array_store
 from store_schema.writer import StoreWriter
 
 HOOK = "blocks.2.hook_resid_post"
-COLLECT = ["collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "8000", "--context-size", "32",
-           "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "1000", "--no-progress"]
+COLLECT = [
+    "collect",
+    "--model",
+    "tiny-random",
+    "--hook",
+    HOOK,
+    "--tokens",
+    "8000",
+    "--context-size",
+    "32",
+    "--shuffle-buffer-rows",
+    "1000",
+    "--chunk-rows",
+    "512",
+    "--warmup-rows",
+    "1000",
+    "--no-progress",
+]
 
 
 def run(*args):
@@ -29,10 +45,29 @@ def store(tmp_path_factory):
 
 def test_collect_train_eval_info(store, tmp_path):
     out = tmp_path / "run"
-    result = run("train", str(store), "--width", "128", "--k", "4", "--tokens", "40000", "--batch-size", "512",
-                 "--out", str(out), "--no-progress")
+    result = run(
+        "train",
+        str(store),
+        "--width",
+        "128",
+        "--k",
+        "4",
+        "--tokens",
+        "40000",
+        "--batch-size",
+        "512",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
-    for name in ("sae.safetensors", "cfg.json", "train_log.jsonl", "saelens/cfg.json", "saelens/sae_weights.safetensors"):
+    for name in (
+        "sae.safetensors",
+        "cfg.json",
+        "train_log.jsonl",
+        "saelens/cfg.json",
+        "saelens/sae_weights.safetensors",
+    ):
         assert (out / name).exists(), name
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["hook"] == HOOK and cfg["normalization"]["mode"] == "center-scale"
@@ -43,8 +78,21 @@ def test_collect_train_eval_info(store, tmp_path):
     result = run("eval", str(out), "--no-progress")
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "eval.json").read_text())
-    keys = {"mse", "nmse", "fve", "cosine", "l0", "dead_fraction", "dense_fraction", "ce_clean", "ce_sae", "ce_zero",
-            "ce_recovered", "kl", "delta_loss"}
+    keys = {
+        "mse",
+        "nmse",
+        "fve",
+        "cosine",
+        "l0",
+        "dead_fraction",
+        "dense_fraction",
+        "ce_clean",
+        "ce_sae",
+        "ce_zero",
+        "ce_recovered",
+        "kl",
+        "delta_loss",
+    }
     assert keys <= set(metrics)
     assert all(np.isfinite(metrics[k]) for k in keys)
     assert metrics["l0"] <= 4 and 0 < metrics["fve"] <= 1 and metrics["kl"] >= 0
@@ -61,8 +109,21 @@ def test_collect_train_eval_info(store, tmp_path):
 
 
 def test_train_again_needs_overwrite_or_resume(store, tmp_path):
-    args = ["train", str(store), "--width", "64", "--k", "4", "--tokens", "2048", "--batch-size", "512",
-            "--out", str(tmp_path / "r"), "--no-progress"]
+    args = [
+        "train",
+        str(store),
+        "--width",
+        "64",
+        "--k",
+        "4",
+        "--tokens",
+        "2048",
+        "--batch-size",
+        "512",
+        "--out",
+        str(tmp_path / "r"),
+        "--no-progress",
+    ]
     assert run(*args).exit_code == 0
     again = run(*args)
     assert again.exit_code == 2 and "--overwrite" in again.output
@@ -78,14 +139,18 @@ def expect_error(result, *fragments):
 
 
 def test_unknown_hook_lists_close_matches(tmp_path):
-    expect_error(run(*COLLECT[:3], "--hook", "blocks.2.hook_resid_pots", "--out", str(tmp_path / "s.zarr")),
-                 "unknown hook 'blocks.2.hook_resid_pots'", "blocks.2.hook_resid_post")
+    expect_error(
+        run(*COLLECT[:3], "--hook", "blocks.2.hook_resid_pots", "--out", str(tmp_path / "s.zarr")),
+        "unknown hook 'blocks.2.hook_resid_pots'",
+        "blocks.2.hook_resid_post",
+    )
     assert not (tmp_path / "s.zarr").exists()
 
 
 def test_missing_dataset_and_column(tmp_path):
-    expect_error(run(*COLLECT, "--dataset", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "s.zarr")),
-                 "nope.jsonl")
+    expect_error(
+        run(*COLLECT, "--dataset", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "s.zarr")), "nope.jsonl"
+    )
     data = tmp_path / "d.jsonl"
     data.write_text('{"body": "hello world"}\n')
     expect_error(run(*COLLECT, "--dataset", str(data), "--out", str(tmp_path / "s.zarr")), "text", "body")
@@ -94,18 +159,23 @@ def test_missing_dataset_and_column(tmp_path):
 
 def test_unknown_model_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    expect_error(run(*COLLECT[:1], "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "s.zarr")),
-                 "no-such-org/no-such-model")
+    expect_error(
+        run(*COLLECT[:1], "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "s.zarr")),
+        "no-such-org/no-such-model",
+    )
 
 
 def test_store_problems_are_named(store, tmp_path):
     expect_error(run("train", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "r")), "no store at")
-    expect_error(run("train", str(store), "--hook", "blocks.0.hook_resid_post", "--out", str(tmp_path / "r")),
-                 "hook 'blocks.0.hook_resid_post' is not in store")
+    expect_error(
+        run("train", str(store), "--hook", "blocks.0.hook_resid_post", "--out", str(tmp_path / "r")),
+        "hook 'blocks.0.hook_resid_post' is not in store",
+    )
     expect_error(run("train", str(store), "--k", "0", "--out", str(tmp_path / "r")), "--k must be in")
     expect_error(run("train", str(store), "--arch", "vq", "--out", str(tmp_path / "r")), "unknown --arch 'vq'")
-    expect_error(run("train", str(store), "--max-grad-norm", "-1", "--out", str(tmp_path / "r")),
-                 "--max-grad-norm must be >= 0")
+    expect_error(
+        run("train", str(store), "--max-grad-norm", "-1", "--out", str(tmp_path / "r")), "--max-grad-norm must be >= 0"
+    )
 
     rng = np.random.default_rng(0)
     partial = tmp_path / "partial.zarr"
@@ -117,8 +187,24 @@ def test_store_problems_are_named(store, tmp_path):
 
 def test_eval_refuses_a_store_of_another_width(store, tmp_path):
     out = tmp_path / "run"
-    assert run("train", str(store), "--width", "64", "--k", "4", "--tokens", "2048", "--batch-size", "512",
-               "--out", str(out), "--no-progress").exit_code == 0
+    assert (
+        run(
+            "train",
+            str(store),
+            "--width",
+            "64",
+            "--k",
+            "4",
+            "--tokens",
+            "2048",
+            "--batch-size",
+            "512",
+            "--out",
+            str(out),
+            "--no-progress",
+        ).exit_code
+        == 0
+    )
     rng = np.random.default_rng(0)
     other = tmp_path / "other.zarr"
     write_array_store(other, rng.standard_normal((600, 32)), rng.standard_normal((60, 32)), hook=HOOK)
@@ -127,8 +213,11 @@ def test_eval_refuses_a_store_of_another_width(store, tmp_path):
 
 
 def test_flags_of_another_architecture_are_refused(store, tmp_path):
-    expect_error(run("train", str(store), "--l1-coef", "5", "--out", str(tmp_path / "r")),
-                 "--l1-coef does not apply to --arch topk", "relu")
+    expect_error(
+        run("train", str(store), "--l1-coef", "5", "--out", str(tmp_path / "r")),
+        "--l1-coef does not apply to --arch topk",
+        "relu",
+    )
     expect_error(run("train", str(store), "--groups", "16,x", "--out", str(tmp_path / "r")), "--groups must be")
 
 
@@ -137,10 +226,27 @@ def test_sweep_trains_every_combination_from_one_read(store, tmp_path, monkeypat
 
     reads = []
     real_batches = loader.ShuffledBatches.batches
-    monkeypatch.setattr(loader.ShuffledBatches, "batches", lambda self, start=0: reads.append(start) or real_batches(self, start))
+    monkeypatch.setattr(
+        loader.ShuffledBatches, "batches", lambda self, start=0: reads.append(start) or real_batches(self, start)
+    )
     out = tmp_path / "sweep"
-    result = run("train", str(store), "--width", "64", "--tokens", "4096", "--batch-size", "512", "--out", str(out),
-                 "--sweep", "k=2,4", "--sweep", "lr=1e-3,3e-3", "--no-progress")
+    result = run(
+        "train",
+        str(store),
+        "--width",
+        "64",
+        "--tokens",
+        "4096",
+        "--batch-size",
+        "512",
+        "--out",
+        str(out),
+        "--sweep",
+        "k=2,4",
+        "--sweep",
+        "lr=1e-3,3e-3",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert reads == [0]  # one loader for all four SAEs
     summary = json.loads((out / "sweep.json").read_text())
@@ -151,8 +257,26 @@ def test_sweep_trains_every_combination_from_one_read(store, tmp_path, monkeypat
         assert r["final"]["l0"] <= r["params"]["k"] and (out / r["run"] / "saelens" / "cfg.json").exists()
     # a sweep's SAE equals the same SAE trained alone (same batches, same init)
     alone = tmp_path / "alone"
-    assert run("train", str(store), "--width", "64", "--tokens", "4096", "--batch-size", "512", "--k", "4",
-               "--lr", "3e-3", "--out", str(alone), "--no-progress").exit_code == 0
+    assert (
+        run(
+            "train",
+            str(store),
+            "--width",
+            "64",
+            "--tokens",
+            "4096",
+            "--batch-size",
+            "512",
+            "--k",
+            "4",
+            "--lr",
+            "3e-3",
+            "--out",
+            str(alone),
+            "--no-progress",
+        ).exit_code
+        == 0
+    )
     from safetensors.torch import load_file
 
     a, b = load_file(str(alone / "sae.safetensors")), load_file(str(out / "k=4_lr=0.003" / "sae.safetensors"))
@@ -161,15 +285,19 @@ def test_sweep_trains_every_combination_from_one_read(store, tmp_path, monkeypat
 
 
 def test_bad_sweeps_are_named(store, tmp_path):
-    expect_error(run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "batch_size=256,512"),
-                 "cannot vary")
-    expect_error(run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "colour=red"),
-                 "not a training parameter", "sweepable:")
+    expect_error(run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "batch_size=256,512"), "cannot vary")
+    expect_error(
+        run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "colour=red"),
+        "not a training parameter",
+        "sweepable:",
+    )
     expect_error(run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "k=two"), "cannot read 'two'")
 
 
 def test_bench_refuses_unknown_keys_and_zero_rounds(tmp_path):
-    expect_error(run("bench", "--out", str(tmp_path / "b"), "--only", "read_vs_memmap,warp_speed"),
-                 "--only: unknown benchmark warp_speed")
+    expect_error(
+        run("bench", "--out", str(tmp_path / "b"), "--only", "read_vs_memmap,warp_speed"),
+        "--only: unknown benchmark warp_speed",
+    )
     expect_error(run("bench", "--out", str(tmp_path / "b"), "--rounds", "0"), "--rounds must be at least 1")
     assert not (tmp_path / "b").exists()  # refused before any work

@@ -18,8 +18,18 @@ from stages import collect as collect_stage
 from store_schema.reader import open_store
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
-SMALL = dict(model="tiny-random", hooks=HOOKS, tokens=6000, context_size=32, eval_fraction=0.1, batch_size=8,
-             shuffle_buffer_rows=620, chunk_rows=256, warmup_rows=500, progress=False)
+SMALL = dict(
+    model="tiny-random",
+    hooks=HOOKS,
+    tokens=6000,
+    context_size=32,
+    eval_fraction=0.1,
+    batch_size=8,
+    shuffle_buffer_rows=620,
+    chunk_rows=256,
+    warmup_rows=500,
+    progress=False,
+)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -61,9 +71,29 @@ def test_rows_are_the_models_activations_at_their_recorded_positions(tmp_path):
 
 
 def test_resume_after_kill_9_is_bit_identical(tmp_path):
-    args = ["--model", "tiny-random", "--hook", HOOKS[0], "--hook", HOOKS[1], "--tokens", "60000",
-            "--context-size", "32", "--batch-size", "8", "--shuffle-buffer-rows", "620", "--chunk-rows", "256",
-            "--warmup-rows", "500", "--eval-fraction", "0.1", "--no-progress"]
+    args = [
+        "--model",
+        "tiny-random",
+        "--hook",
+        HOOKS[0],
+        "--hook",
+        HOOKS[1],
+        "--tokens",
+        "60000",
+        "--context-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--shuffle-buffer-rows",
+        "620",
+        "--chunk-rows",
+        "256",
+        "--warmup-rows",
+        "500",
+        "--eval-fraction",
+        "0.1",
+        "--no-progress",
+    ]
     cmd = [sys.executable, "-m", "pipeline.cli", "collect", *args]
     subprocess.run(cmd + ["--out", str(tmp_path / "whole.zarr")], check=True, capture_output=True)
 
@@ -97,11 +127,32 @@ def test_a_reader_during_collect_sees_committed_rows_only_never_torn_chunks(tmp_
     """While a collect runs in another process, every open of the store reads its committed rows
     (checksums checked) without error, and they are exactly the first rows of the finished store."""
     out = tmp_path / "live.zarr"
-    args = ["--model", "tiny-random", "--hook", HOOKS[0], "--tokens", "40000", "--context-size", "32",
-            "--batch-size", "8", "--shuffle-buffer-rows", "620", "--chunk-rows", "256", "--warmup-rows", "500",
-            "--eval-fraction", "0.1", "--no-progress", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "collect", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "--model",
+        "tiny-random",
+        "--hook",
+        HOOKS[0],
+        "--tokens",
+        "40000",
+        "--context-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--shuffle-buffer-rows",
+        "620",
+        "--chunk-rows",
+        "256",
+        "--warmup-rows",
+        "500",
+        "--eval-fraction",
+        "0.1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "collect", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     snapshots = []
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
@@ -125,7 +176,9 @@ def test_out_holding_another_configuration_is_refused(tmp_path):
     out = str(tmp_path / "s.zarr")
     collect_stage.run_collect(CollectConfig(out=out, **SMALL))
     before = tree_bytes(Path(out))
-    with pytest.raises(SaepipeError, match=r"different configuration \(differs in: context_size, tokens\).*--overwrite"):
+    with pytest.raises(
+        SaepipeError, match=r"different configuration \(differs in: context_size, tokens\).*--overwrite"
+    ):
         collect_stage.run_collect(CollectConfig(out=out, **{**SMALL, "tokens": 7000, "context_size": 16}))
     assert tree_bytes(Path(out)) == before  # nothing touched
     assert collect_stage.plan_action(CollectConfig(out=out, **SMALL)) == "done"
@@ -187,13 +240,16 @@ def test_nonfinite_abort_policy_stops_with_a_clear_error(tmp_path, nan_in_contex
         collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **{**SMALL, "nonfinite": "abort"}))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"hooks": ("blocks.1.hook_resid_post", "blocks.1.hook_resid_post")}, "given twice"),
-    ({"eval_fraction": 0.7}, "--eval-fraction"),
-    ({"tokens": 0}, "--tokens must be positive"),
-    ({"drop_first": 40}, "--drop-first"),
-    ({"overwrite": True, "resume": True}, "exclude each other"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hooks": ("blocks.1.hook_resid_post", "blocks.1.hook_resid_post")}, "given twice"),
+        ({"eval_fraction": 0.7}, "--eval-fraction"),
+        ({"tokens": 0}, "--tokens must be positive"),
+        ({"drop_first": 40}, "--drop-first"),
+        ({"overwrite": True, "resume": True}, "exclude each other"),
+    ],
+)
 def test_bad_collect_settings_are_named(tmp_path, change, message):
     with pytest.raises(SaepipeError, match=message):
         collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **{**SMALL, **change}))
@@ -225,8 +281,9 @@ def test_massive_activation_rows_are_left_out_and_counted(tmp_path, monkeypatch)
 
 
 def test_without_outlier_filter_every_stored_position_is_kept(tmp_path):
-    collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **{**SMALL, "outlier_factor": None,
-                                                                             "exclude_special": False}))
+    collect_stage.run_collect(
+        CollectConfig(out=str(tmp_path / "s.zarr"), **{**SMALL, "outlier_factor": None, "exclude_special": False})
+    )
     store = open_store(tmp_path / "s.zarr")
     contexts, _ = store.read_mapping("train")
     assert store.n_rows("train") == len(np.unique(contexts)) * 31

@@ -22,8 +22,17 @@ from store_schema.writer import StoreWriter
 HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
 # 20-context blocks and 256-row chunks (blocks straddle chunks), over a small local corpus that holds
 # about 1,670 contexts of 32 tokens (the byte-level tokenizer: one token per byte).
-SETTINGS = dict(model="tiny-random", hooks=HOOKS, context_size=32, eval_fraction=0.1, batch_size=8,
-                shuffle_buffer_rows=620, chunk_rows=256, warmup_rows=500, progress=False)
+SETTINGS = dict(
+    model="tiny-random",
+    hooks=HOOKS,
+    context_size=32,
+    eval_fraction=0.1,
+    batch_size=8,
+    shuffle_buffer_rows=620,
+    chunk_rows=256,
+    warmup_rows=500,
+    progress=False,
+)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -59,7 +68,7 @@ def copy_of(base: Path, tmp_path: Path, name: str = "s.zarr") -> Path:
 
 def rows_of(store) -> dict:
     """Every committed row of every array, and the contexts, as numpy arrays."""
-    out = {"tokens": store.tokens[:][:len(store.context_split)], "context_split": store.context_split}
+    out = {"tokens": store.tokens[:][: len(store.context_split)], "context_split": store.context_split}
     for split in ("train", "eval"):
         out[f"{split}/mapping"] = np.stack(store.read_mapping(split))
         for hook in HOOKS:
@@ -94,12 +103,14 @@ def test_an_append_grows_the_store_and_leaves_every_committed_byte_as_it_was(bas
 
     after = open_store(path)
     assert after.complete and after.header["token_budget"] == 6000 and after.n_rows("train") >= 5000
-    assert after.header["appends"] == [{"tokens": 6000, "contexts": [len(old["tokens"]), len(after.context_split)],
-                                        "writer": after.header["writer"]}]
+    assert after.header["appends"] == [
+        {"tokens": 6000, "contexts": [len(old["tokens"]), len(after.context_split)], "writer": after.header["writer"]}
+    ]
     new = rows_of(after)
     for key, value in old.items():  # every committed row, token and split: the same values, the same place
-        np.testing.assert_array_equal(new[key][..., :value.shape[-1]] if key.endswith("mapping") else new[key][:len(value)],
-                                      value, err_msg=key)
+        np.testing.assert_array_equal(
+            new[key][..., : value.shape[-1]] if key.endswith("mapping") else new[key][: len(value)], value, err_msg=key
+        )
     assert {k: v for k, v in whole_chunks_below(path, before.header).items()} == old_chunks  # files not rewritten
     assert {k: v for k, v in tree_bytes(path).items() if k.startswith("normalization/")} == norm_files
     assert after.header["normalization"] == before.header["normalization"]
@@ -108,17 +119,23 @@ def test_an_append_grows_the_store_and_leaves_every_committed_byte_as_it_was(bas
     # The new rows come from the new contexts only, with the appended contexts' split, and they are the
     # model's activations normalized with the store's recorded normalization.
     n_old = len(old["tokens"])
-    appended = {split: new[f"{split}/mapping"][:, old[f"{split}/mapping"].shape[1]:] for split in ("train", "eval")}
+    appended = {split: new[f"{split}/mapping"][:, old[f"{split}/mapping"].shape[1] :] for split in ("train", "eval")}
     assert all((m[0] >= n_old).all() and len(m[0]) for m in appended.values())
-    assert (after.context_split[appended["eval"][0]] == 1).all() and (after.context_split[appended["train"][0]] == 0).all()
+    assert (after.context_split[appended["eval"][0]] == 1).all() and (
+        after.context_split[appended["train"][0]] == 0
+    ).all()
     added_split = after.context_split[n_old:]
     assert 0 < added_split.sum() < 0.2 * len(added_split)
     model = load_host_model("tiny-random")
     picks = np.random.default_rng(1).choice(appended["train"].shape[1], 8, replace=False)
     contexts, positions = appended["train"][0][picks], appended["train"][1][picks]
     first_new = old["train/mapping"].shape[1]
-    raw = run_to_hooks(model, torch.from_numpy(after.tokens.oindex[contexts.tolist(), :].astype(np.int64)), [HOOKS[1]])[HOOKS[1]]
-    expected = after.normalization(HOOKS[1]).apply(raw[torch.arange(8), torch.from_numpy(positions.astype(np.int64))])[0]
+    raw = run_to_hooks(model, torch.from_numpy(after.tokens.oindex[contexts.tolist(), :].astype(np.int64)), [HOOKS[1]])[
+        HOOKS[1]
+    ]
+    expected = after.normalization(HOOKS[1]).apply(raw[torch.arange(8), torch.from_numpy(positions.astype(np.int64))])[
+        0
+    ]
     np.testing.assert_array_equal(new[f"train/{HOOKS[1]}"][first_new + picks], expected.numpy().astype(np.float16))
     stats = after.running_stats("train", HOOKS[0])
     assert stats.count == after.n_rows("train")
@@ -130,8 +147,23 @@ def test_an_append_grows_the_store_and_leaves_every_committed_byte_as_it_was(bas
         with pytest.raises(SaepipeError, match=rf"differs in: {differing}grown by --append to 6,000 tokens"):
             plan_action(CollectConfig(out=str(path), dataset=corpus, tokens=tokens, **SETTINGS))
 
-    trained = run("train", path, "--hook", HOOKS[0], "--width", 64, "--k", 4, "--tokens", 4096, "--batch-size", 512,
-                  "--out", tmp_path / "run", "--no-progress")
+    trained = run(
+        "train",
+        path,
+        "--hook",
+        HOOKS[0],
+        "--width",
+        64,
+        "--k",
+        4,
+        "--tokens",
+        4096,
+        "--batch-size",
+        512,
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+    )
     assert trained.exit_code == 0, trained.output
     recorded = json.loads((tmp_path / "run" / "cfg.json").read_text())["store"]["fingerprint"]
     assert recorded == after.fingerprint
@@ -157,7 +189,10 @@ def test_an_interrupted_append_resumes_bit_identical_while_readers_see_the_old_s
     monkeypatch.setattr(StoreWriter, "commit_block", real)
 
     during = open_store(cut)  # the append has committed 3 blocks and grown the arrays: readers see none of it
-    assert during.header["append"]["progress"]["train"]["blocks_done"] == before.header["progress"]["train"]["blocks_done"] + 3
+    assert (
+        during.header["append"]["progress"]["train"]["blocks_done"]
+        == before.header["progress"]["train"]["blocks_done"] + 3
+    )
     assert during.complete and during.fingerprint == before.fingerprint
     assert during.n_rows("train") == before.n_rows("train") and during.tokens.shape[0] > len(old["tokens"])
     for key, value in rows_of(during).items():
@@ -184,27 +219,51 @@ def test_bad_appends_are_refused_in_one_line_and_change_nothing(base, corpus, tm
     # The corpus: its bytes (one token each) joined by separators fill this many contexts of 31 text tokens.
     available = (sum(len(p.read_bytes()) for p in Path(corpus).parent.glob("*.txt")) + 47) // 31
     most = (97 + split_counts(available - 108, 0.1)[0]) * 31  # 97 training contexts of 108 now
-    refused("--append", path, "--tokens", 60000,
-            match=f"holds {available:,} contexts of 32 tokens, the store uses 108 and the append needs 2,044 more: "
-                  f"--tokens can be at most {most:,} for this store")
-    refused("--append", path, "--tokens", 6000, "--hook", HOOKS[0], "--seed", 3,
-            match="grows the store with the settings it was collected with: drop --hook, --seed")
+    refused(
+        "--append",
+        path,
+        "--tokens",
+        60000,
+        match=f"holds {available:,} contexts of 32 tokens, the store uses 108 and the append needs 2,044 more: "
+        f"--tokens can be at most {most:,} for this store",
+    )
+    refused(
+        "--append",
+        path,
+        "--tokens",
+        6000,
+        "--hook",
+        HOOKS[0],
+        "--seed",
+        3,
+        match="grows the store with the settings it was collected with: drop --hook, --seed",
+    )
     refused("--append", path, "--tokens", 6000, "--out", tmp_path / "other.zarr", match="drop --out")
     refused("--append", path, match="--append needs --tokens N")
     refused("--append", tmp_path / "nothing.zarr", "--tokens", 6000, match="no store at")
     rng = np.random.default_rng(0)
-    write_array_store(tmp_path / "synthetic.zarr", rng.standard_normal((300, 8)), rng.standard_normal((30, 8)), hook="h")
+    write_array_store(
+        tmp_path / "synthetic.zarr", rng.standard_normal((300, 8)), rng.standard_normal((30, 8)), hook="h"
+    )
     refused("--append", tmp_path / "synthetic.zarr", "--tokens", 6000, match="was not written by `saepipe collect`")
     changed = Path(shutil.copytree(Path(corpus).parent, tmp_path / "changed"))
     small = tmp_path / "small.zarr"
     run_collect(CollectConfig(out=str(small), dataset=str(changed / "*.txt"), tokens=600, **SETTINGS))
     first = changed / "doc00.txt"
     first.write_text("an edited first document " + first.read_text())
-    refused("--append", small, "--tokens", 1200,
-            match=f"the text source {changed}/*.txt no longer packs into the store's contexts")
+    refused(
+        "--append",
+        small,
+        "--tokens",
+        1200,
+        match=f"the text source {changed}/*.txt no longer packs into the store's contexts",
+    )
 
     missing = run("collect", "--tokens", 6000)
-    assert missing.exit_code == 2 and "Missing option '--out'. Or grow a complete store with --append STORE." in missing.output
+    assert (
+        missing.exit_code == 2
+        and "Missing option '--out'. Or grow a complete store with --append STORE." in missing.output
+    )
     assert tree_bytes(path) == untouched
 
     real = StoreWriter.commit_block

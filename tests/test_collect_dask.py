@@ -19,8 +19,18 @@ from store_schema.writer import StoreWriter
 HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
 # ~20 contexts (<= 620 rows) per block, 256-row chunks: about ten training blocks, whose boundaries fall
 # inside chunks, and an eval split of two blocks.
-SMALL = dict(model="tiny-random", hooks=HOOKS, tokens=6000, context_size=32, eval_fraction=0.1, batch_size=8,
-             shuffle_buffer_rows=620, chunk_rows=256, warmup_rows=500, progress=False)
+SMALL = dict(
+    model="tiny-random",
+    hooks=HOOKS,
+    tokens=6000,
+    context_size=32,
+    eval_fraction=0.1,
+    batch_size=8,
+    shuffle_buffer_rows=620,
+    chunk_rows=256,
+    warmup_rows=500,
+    progress=False,
+)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -99,18 +109,34 @@ def test_an_append_on_workers_writes_the_single_process_append(client, reference
 def test_a_workers_error_is_the_one_line_error_of_a_single_process_collect(client, tmp_path):
     out = tmp_path / "s.zarr"
     with pytest.raises(SaepipeError, match="unknown hook 'blocks.9.hook_resid_post' for tiny-random"):
-        run_collect(CollectConfig(out=str(out), scheduler=client.scheduler.address,
-                                  **{**SMALL, "hooks": ("blocks.9.hook_resid_post",)}))
+        run_collect(
+            CollectConfig(
+                out=str(out), scheduler=client.scheduler.address, **{**SMALL, "hooks": ("blocks.9.hook_resid_post",)}
+            )
+        )
     assert not out.exists()
 
 
 def test_workers_and_scheduler_together_are_refused(tmp_path):
-    result = CliRunner().invoke(main, ["collect", "--model", "tiny-random", "--out", str(tmp_path / "s.zarr"),
-                                       "--workers", "2", "--scheduler", "tcp://127.0.0.1:8786"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "collect",
+            "--model",
+            "tiny-random",
+            "--out",
+            str(tmp_path / "s.zarr"),
+            "--workers",
+            "2",
+            "--scheduler",
+            "tcp://127.0.0.1:8786",
+        ],
+    )
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         "error: --workers and --scheduler exclude each other: --workers N starts a local cluster, "
-        "--scheduler ADDRESS uses a running one; pick one"]
+        "--scheduler ADDRESS uses a running one; pick one"
+    ]
     assert not (tmp_path / "s.zarr").exists()
     result = CliRunner().invoke(main, ["collect", "--out", str(tmp_path / "s.zarr"), "--workers", "0"])
     assert result.exit_code == 2 and "--workers must be at least 1, got 0" in result.output
@@ -133,7 +159,12 @@ def test_chunk_parts_give_each_chunk_to_one_writer():
 
 def test_local_workers_share_the_gpus_of_a_node():
     assert [collect_dask.worker_device("auto", i, 4) for i in range(5)] == [
-        "cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
+        "cuda:0",
+        "cuda:1",
+        "cuda:2",
+        "cuda:3",
+        "cuda:0",
+    ]
     assert collect_dask.worker_device("cuda", 1, 2) == "cuda:1"
     assert collect_dask.worker_device("auto", 3, 1) == "auto"  # one visible GPU (CUDA_VISIBLE_DEVICES, dask-cuda)
     assert collect_dask.worker_device("auto", "tcp://10.0.0.5:4321", 4) == "auto"  # not a local cluster's worker

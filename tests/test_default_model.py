@@ -24,10 +24,33 @@ def run(*args):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("default")
     store, out = root / "s.zarr", root / "run"
-    run("collect", "--tokens", "6000", "--context-size", "64", "--eval-fraction", "0.1", "--out", str(store),
-        "--no-progress")
-    run("train", str(store), "--width", "512", "--k", "16", "--tokens", "60000", "--batch-size", "1024",
-        "--out", str(out), "--no-progress")
+    run(
+        "collect",
+        "--tokens",
+        "6000",
+        "--context-size",
+        "64",
+        "--eval-fraction",
+        "0.1",
+        "--out",
+        str(store),
+        "--no-progress",
+    )
+    run(
+        "train",
+        str(store),
+        "--width",
+        "512",
+        "--k",
+        "16",
+        "--tokens",
+        "60000",
+        "--batch-size",
+        "1024",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     run("eval", str(out), "--tokens", "640", "--no-progress")
     return store, out
 

@@ -41,9 +41,23 @@ def store(tmp_path_factory):
 
 
 def configs(store: Path, out: Path, resident: bool) -> list[TrainConfig]:
-    return [TrainConfig(store=str(store), hook="h", arch=arch, width=128, tokens=30 * BATCH, batch_size=BATCH,
-                        out=str(out / arch), log_every=5, checkpoint_every=10, resident=resident, progress=False,
-                        **settings) for arch, settings in ARCHS]
+    return [
+        TrainConfig(
+            store=str(store),
+            hook="h",
+            arch=arch,
+            width=128,
+            tokens=30 * BATCH,
+            batch_size=BATCH,
+            out=str(out / arch),
+            log_every=5,
+            checkpoint_every=10,
+            resident=resident,
+            progress=False,
+            **settings,
+        )
+        for arch, settings in ARCHS
+    ]
 
 
 @pytest.mark.parametrize("resident", [True, False])

@@ -87,20 +87,80 @@ def places(tmp_path_factory) -> dict[str, Path]:
     """Every placeholder but {tmp}, made once (about 8 s on 2 CPU cores, most of it the first collect), and
     "root", the folder holding them all."""
     root = tmp_path_factory.mktemp("errors-table")
-    p = {name: root / name for name in ("store", "multi", "incomplete", "narrow", "synthetic", "other_hook", "run",
-                                        "unevaluated", "folder", "file")}
-    cli("collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", 4000, "--context-size", 32, "--chunk-rows", 512,
-        "--no-progress", "--out", p["store"])
-    cli("collect", "--model", "tiny-random", "--hook", "blocks.1.hook_resid_post", "--hook", HOOK, "--tokens", 1000,
-        "--context-size", 32, "--eval-fraction", 0, "--no-progress", "--out", p["multi"])
+    p = {
+        name: root / name
+        for name in (
+            "store",
+            "multi",
+            "incomplete",
+            "narrow",
+            "synthetic",
+            "other_hook",
+            "run",
+            "unevaluated",
+            "folder",
+            "file",
+        )
+    }
+    cli(
+        "collect",
+        "--model",
+        "tiny-random",
+        "--hook",
+        HOOK,
+        "--tokens",
+        4000,
+        "--context-size",
+        32,
+        "--chunk-rows",
+        512,
+        "--no-progress",
+        "--out",
+        p["store"],
+    )
+    cli(
+        "collect",
+        "--model",
+        "tiny-random",
+        "--hook",
+        "blocks.1.hook_resid_post",
+        "--hook",
+        HOOK,
+        "--tokens",
+        1000,
+        "--context-size",
+        32,
+        "--eval-fraction",
+        0,
+        "--no-progress",
+        "--out",
+        p["multi"],
+    )
     shutil.copytree(p["store"], p["incomplete"])
     StoreWriter.open(p["incomplete"])._update(complete=False)
     rng = np.random.default_rng(0)
-    for name, d, hook in (("narrow", 32, HOOK), ("synthetic", 64, HOOK), ("other_hook", 64, "blocks.1.hook_resid_post")):
+    for name, d, hook in (
+        ("narrow", 32, HOOK),
+        ("synthetic", 64, HOOK),
+        ("other_hook", 64, "blocks.1.hook_resid_post"),
+    ):
         write_array_store(p[name], rng.standard_normal((600, d)), rng.standard_normal((60, d)), hook=hook)
     for name in ("run", "unevaluated"):
-        cli("train", p["store"], "--width", 64, "--k", 4, "--tokens", 2048, "--batch-size", 512, "--no-progress",
-            "--out", p[name])
+        cli(
+            "train",
+            p["store"],
+            "--width",
+            64,
+            "--k",
+            4,
+            "--tokens",
+            2048,
+            "--batch-size",
+            512,
+            "--no-progress",
+            "--out",
+            p[name],
+        )
     cli("eval", p["run"], "--no-model", "--no-progress")
     p["folder"].mkdir()
     (p["folder"] / "notes.txt").write_text("not a store, not a run\n")
@@ -118,9 +178,17 @@ def _data(tmp: Path, places: dict, monkeypatch) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = {"short.txt": "hello\n", "good.jsonl": '{"text": "hello world"}\n', "body.jsonl": '{"body": "hello"}\n',
-             "numbers.jsonl": '{"text": 5}\n', "empty.jsonl": "", "bad.jsonl": "not json\n", "more.jsonl": "not json\n",
-             "junk.parquet": "not parquet\n", "notes.csv": "a,b\n"}
+    files = {
+        "short.txt": "hello\n",
+        "good.jsonl": '{"text": "hello world"}\n',
+        "body.jsonl": '{"body": "hello"}\n',
+        "numbers.jsonl": '{"text": 5}\n',
+        "empty.jsonl": "",
+        "bad.jsonl": "not json\n",
+        "more.jsonl": "not json\n",
+        "junk.parquet": "not parquet\n",
+        "notes.csv": "a,b\n",
+    }
     for name, text in files.items():
         (tmp / name).write_text(text)
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp / "empty.parquet")
@@ -143,6 +211,7 @@ def _bad_model_dir(tmp: Path, places: dict, monkeypatch) -> None:
 def _lock(holder: dict):
     def setup(tmp: Path, places: dict, monkeypatch) -> None:
         lock_path(tmp / "s.zarr").write_text(json.dumps(holder | {"started": "2026-01-01 00:00:00"}))
+
     return setup
 
 
@@ -206,6 +275,7 @@ def _damaged(name: str, garble):
     def setup(tmp: Path, places: dict, monkeypatch) -> None:
         run = Path(shutil.copytree(places["run"], tmp / "run"))
         (run / name).write_bytes(garble((run / name).read_bytes()))
+
     return setup
 
 
@@ -257,13 +327,17 @@ def _substitute(text: str, values: dict[str, str], quote: bool) -> str:
     def value(match: re.Match) -> str:
         assert match.group(1) in values, f"unknown placeholder {match.group(0)}"
         return shlex.quote(values[match.group(1)]) if quote else values[match.group(1)]
+
     return re.sub(r"\{(\w+)\}", value, text)
 
 
 def _snapshot(*roots: Path) -> dict[str, tuple[int, int] | None]:
     """Every file (size, mtime) and folder under the roots."""
-    return {str(p): ((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None)
-            for root in roots for p in root.rglob("*")}
+    return {
+        str(p): ((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None)
+        for root in roots
+        for p in root.rglob("*")
+    }
 
 
 def test_the_table_has_rows_with_unique_ids_and_known_setups():
@@ -279,8 +353,12 @@ def test_the_parser_reads_code_spans_and_refuses_malformed_rows():
     table = "| id | trigger | message | exit | setup |\n| --- | --- | --- | --- | --- |\n"
     rows = parse_table(table + "| a-b | `saepipe x {tmp}` | ``run `y` first`` `and z` | 2 | data |\n")
     assert rows == [Row("a-b", "saepipe x {tmp}", ("run `y` first", "and z"), 2, "data")]
-    for bad in ("| a | saepipe x | `m` | 2 | |", "| a | `saepipe x` | m | 2 | |", "| a | `saepipe x` | `m` | two | |",
-                "| a | `saepipe x` | `m` | 2 |"):
+    for bad in (
+        "| a | saepipe x | `m` | 2 | |",
+        "| a | `saepipe x` | m | 2 | |",
+        "| a | `saepipe x` | `m` | two | |",
+        "| a | `saepipe x` | `m` | 2 |",
+    ):
         with pytest.raises(AssertionError):
             parse_table(table + bad + "\n")
 
@@ -300,8 +378,11 @@ def test_row(row: Row, places, tmp_path, monkeypatch, request):
     result = CliRunner().invoke(main, args)
 
     output = result.output
-    crash = "" if result.exc_info is None or isinstance(result.exception, SystemExit) else \
-        "".join(traceback.format_exception(*result.exc_info))
+    crash = (
+        ""
+        if result.exc_info is None or isinstance(result.exception, SystemExit)
+        else "".join(traceback.format_exception(*result.exc_info))
+    )
     assert result.exit_code == row.exit_code, f"exit {result.exit_code}, expected {row.exit_code}\n{output}{crash}"
     assert "Traceback" not in output, output
     lines = [line for line in output.splitlines() if line.strip()]

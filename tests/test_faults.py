@@ -17,9 +17,31 @@ from stages.synthetic import write_array_store
 from store_schema.reader import open_store
 
 HOOK = "blocks.1.hook_resid_post"
-COLLECT = [sys.executable, "-m", "pipeline.cli", "collect", "--model", "tiny-random", "--hook", HOOK,
-           "--tokens", "24000", "--context-size", "32", "--batch-size", "8", "--shuffle-buffer-rows", "620",
-           "--chunk-rows", "256", "--warmup-rows", "500", "--eval-fraction", "0.1", "--no-progress"]
+COLLECT = [
+    sys.executable,
+    "-m",
+    "pipeline.cli",
+    "collect",
+    "--model",
+    "tiny-random",
+    "--hook",
+    HOOK,
+    "--tokens",
+    "24000",
+    "--context-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--shuffle-buffer-rows",
+    "620",
+    "--chunk-rows",
+    "256",
+    "--warmup-rows",
+    "500",
+    "--eval-fraction",
+    "0.1",
+    "--no-progress",
+]
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
@@ -73,13 +95,15 @@ def test_collect_killed_at_20_seeded_points_resumes_bit_identical(whole_store, t
     out = tmp_path / "s.zarr"
     landed, mid_write = 0, 0
     for target, delay in zip(targets, rng.uniform(0, 0.06, len(targets))):
-        proc = subprocess.Popen(COLLECT + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=ENV)
+        proc = subprocess.Popen(
+            COLLECT + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+        )
         if target < 0:
-            ready = (lambda: True)
             delay = 1.0 + delay * 20  # inside start-up (imports, model, packing) or the store's creation
-        else:
-            ready = (lambda t=target: committed_rows(out) >= t)
+
+        def ready(target=target, out=out):
+            return target < 0 or committed_rows(out) >= target
+
         if kill_when(proc, ready, delay):
             landed += 1
             mid_write += 0 < committed_rows(out) < total
@@ -91,8 +115,23 @@ def test_collect_killed_at_20_seeded_points_resumes_bit_identical(whole_store, t
     assert tree_bytes(out) == tree_bytes(whole_store)  # no stray file either
 
 
-TRAIN = ["--width", "64", "--k", "4", "--tokens", str(120 * 256), "--batch-size", "256", "--log-every", "5",
-         "--checkpoint-every", "10", "--no-progress", "--lr", "1e-3"]
+TRAIN = [
+    "--width",
+    "64",
+    "--k",
+    "4",
+    "--tokens",
+    str(120 * 256),
+    "--batch-size",
+    "256",
+    "--log-every",
+    "5",
+    "--checkpoint-every",
+    "10",
+    "--no-progress",
+    "--lr",
+    "1e-3",
+]
 
 
 def read_log(run: Path) -> list[dict]:
@@ -119,8 +158,9 @@ def test_train_killed_mid_run_resumes_to_the_uninterrupted_weights(rows_store, t
     kills = 0
     for target in sorted(rng.integers(12, 110, 3)):
         flags = ["--resume"] if (run / "checkpoint.pt").exists() else ["--overwrite"] if run.exists() else []
-        proc = subprocess.Popen(cmd + ["--out", str(run), *flags], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=ENV)
+        proc = subprocess.Popen(
+            cmd + ["--out", str(run), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+        )
         kills += kill_when(proc, lambda t=target: any(r["step"] >= t for r in read_log(run)), rng.uniform(0, 0.05))
     assert kills == 3
     resumed = subprocess.run(cmd + ["--out", str(run), "--resume"], capture_output=True, text=True, env=ENV)
@@ -136,8 +176,12 @@ def test_train_killed_mid_run_resumes_to_the_uninterrupted_weights(rows_store, t
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_a_full_disk_stops_collect_cleanly_and_it_completes_after_space_is_freed(whole_store, tmp_path):
@@ -170,14 +214,20 @@ def test_damaged_metadata_or_chunks_are_named_and_training_refuses(whole_store, 
 
     store = tmp_path / "s.zarr"
     shutil.copytree(whole_store, store)
-    target = {"root": store / "zarr.json", "array": store / "train" / "acts" / HOOK / "zarr.json",
-              "chunk": store / "train" / "acts" / HOOK / "c" / "1" / "0"}[damage]
+    target = {
+        "root": store / "zarr.json",
+        "array": store / "train" / "acts" / HOOK / "zarr.json",
+        "chunk": store / "train" / "acts" / HOOK / "c" / "1" / "0",
+    }[damage]
     data = target.read_bytes()
-    target.write_bytes(data[:len(data) // 2])  # truncated, as by a copy cut short
-    named = {"root": "zarr.json", "array": f"train/acts/{HOOK}/zarr.json", "chunk": f"chunk 1 of train/acts/{HOOK}"}[damage]
-    for command in (["store", "verify", str(store)],
-                    ["train", str(store), "--out", str(tmp_path / "run"), *TRAIN]):
-        result = subprocess.run([sys.executable, "-m", "pipeline.cli", *command], capture_output=True, text=True, env=ENV)
+    target.write_bytes(data[: len(data) // 2])  # truncated, as by a copy cut short
+    named = {"root": "zarr.json", "array": f"train/acts/{HOOK}/zarr.json", "chunk": f"chunk 1 of train/acts/{HOOK}"}[
+        damage
+    ]
+    for command in (["store", "verify", str(store)], ["train", str(store), "--out", str(tmp_path / "run"), *TRAIN]):
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *command], capture_output=True, text=True, env=ENV
+        )
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert named in result.stdout + result.stderr, result.stdout + result.stderr
     assert not (tmp_path / "run" / "sae.safetensors").exists()

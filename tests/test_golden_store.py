@@ -22,11 +22,34 @@ from click.testing import CliRunner
 from pipeline.cli import main
 
 MANIFEST = Path(__file__).parent / "golden" / "tiny_store.json"
-WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
-         "they you were her she there").split()
-COLLECT = ["collect", "--model", "tiny-random", "--dataset", "corpus/*.txt", "--hook", "blocks.1.hook_resid_post",
-           "--hook", "blocks.3.hook_mlp_out", "--tokens", "6000", "--context-size", "64", "--chunk-rows", "1000",
-           "--shuffle-buffer-rows", "2500", "--warmup-rows", "2000", "--no-progress", "--out", "s.zarr"]
+WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there"
+).split()
+COLLECT = [
+    "collect",
+    "--model",
+    "tiny-random",
+    "--dataset",
+    "corpus/*.txt",
+    "--hook",
+    "blocks.1.hook_resid_post",
+    "--hook",
+    "blocks.3.hook_mlp_out",
+    "--tokens",
+    "6000",
+    "--context-size",
+    "64",
+    "--chunk-rows",
+    "1000",
+    "--shuffle-buffer-rows",
+    "2500",
+    "--warmup-rows",
+    "2000",
+    "--no-progress",
+    "--out",
+    "s.zarr",
+]
 FLOAT_ATTRIBUTES = ("running_stats", "normalization")  # root attributes computed from activations
 
 

@@ -50,6 +50,7 @@ def count_calls(modules: list[torch.nn.Module]) -> tuple[list[int], list]:
     def make(i):
         def hook(module, args, output):
             counts[i] += 1
+
         return hook
 
     handles = [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
@@ -134,8 +135,10 @@ def test_tiny_random_is_deterministic_and_quick(tiny):
 
 def reference_forward(model: HostModel, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """tiny-random's forward pass in plain torch ops from its raw weights (pre-LN GPT: LN, causal MHA, gelu MLP)."""
-    params = {name.replace("_original_component.", ""): p.detach()
-              for name, p in model.bridge.original_model.named_parameters()}
+    params = {
+        name.replace("_original_component.", ""): p.detach()
+        for name, p in model.bridge.original_model.named_parameters()
+    }
     cfg = model.bridge.cfg
     n_heads, d_head = cfg.n_heads, cfg.d_head
     batch, seq = tokens.shape
@@ -256,12 +259,18 @@ def test_logits_with_hook_replaced(tiny, tokens):
 
 def test_validate_hooks(tiny):
     assert validate_hooks(tiny, ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"]) == [
-        "blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]
+        "blocks.1.hook_resid_post",
+        "blocks.0.hook_mlp_out",
+    ]
     with pytest.raises(SaepipeError) as err:
         validate_hooks(tiny, ["blocks.1.hook_resid_post", "blocks.1.hook_resd_post"])
     msg = str(err.value)
-    assert msg.startswith("unknown hook 'blocks.1.hook_resd_post' for tiny-random; close matches: blocks.1.hook_resid_post")
-    assert msg.endswith("its hooks are blocks.<0..3>.<hook_resid_pre|hook_attn_out|hook_resid_mid|hook_mlp_out|hook_resid_post>")
+    assert msg.startswith(
+        "unknown hook 'blocks.1.hook_resd_post' for tiny-random; close matches: blocks.1.hook_resid_post"
+    )
+    assert msg.endswith(
+        "its hooks are blocks.<0..3>.<hook_resid_pre|hook_attn_out|hook_resid_mid|hook_mlp_out|hook_resid_post>"
+    )
     assert "\n" not in msg
     with pytest.raises(SaepipeError) as err:
         validate_hooks(tiny, ["blocks.9.hook_resid_post"])
@@ -296,7 +305,8 @@ def test_unknown_model_name_fails_fast_with_one_line(monkeypatch):
     assert time.perf_counter() - started < 10
     assert str(err.value) == (
         "model 'no-such-org/no-such-model-xyz' could not be loaded (not in the local HF cache and the hub is "
-        "unreachable): pass a local model directory, use --model smollm2-135m, or connect to the internet")
+        "unreachable): pass a local model directory, use --model smollm2-135m, or connect to the internet"
+    )
     assert err.value.__cause__ is not None
     for bad in ("not a model!!", "./no/such/dir"):
         with pytest.raises(SaepipeError) as err:
@@ -364,8 +374,9 @@ def test_smollm2_resid_matches_hf_hidden_states(smollm2):
     """Compare with a separately loaded plain HF model (no bridge at all)."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(cache_dir() / "models" / "smollm2-135m"),
-                                              attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(cache_dir() / "models" / "smollm2-135m"), attn_implementation="eager"
+    ).eval()
     tok = smollm2.tokenizer
     texts = ["import numpy as np\nx = np.arange(10)\n", "The quick brown fox jumps over the lazy dog again."]
     ids = [[tok.bos_token_id] + tok.encode(t) for t in texts]

@@ -24,9 +24,26 @@ def run(*args):
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
     path = tmp_path_factory.mktemp("integrity") / "s.zarr"
-    result = run("collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "4000", "--context-size", "32",
-                 "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "1000", "--out", path,
-                 "--no-progress")
+    result = run(
+        "collect",
+        "--model",
+        "tiny-random",
+        "--hook",
+        HOOK,
+        "--tokens",
+        "4000",
+        "--context-size",
+        "32",
+        "--shuffle-buffer-rows",
+        "1000",
+        "--chunk-rows",
+        "512",
+        "--warmup-rows",
+        "1000",
+        "--out",
+        path,
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     return path
 
@@ -57,15 +74,44 @@ def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(collec
     assert lines[-1].startswith("error: 3 damaged chunk(s)")
 
     out = tmp_path / "run"
-    result = run("train", store, "--width", "32", "--k", "4", "--tokens", "20000", "--batch-size", "256",
-                 "--out", out, "--no-progress")
+    result = run(
+        "train",
+        store,
+        "--width",
+        "32",
+        "--k",
+        "4",
+        "--tokens",
+        "20000",
+        "--batch-size",
+        "256",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert result.exit_code == 2, result.output
     assert f"of train/acts/{HOOK} in {store} fails its checksum" in result.output.strip().splitlines()[-1]
     assert not (out / "sae.safetensors").exists()
 
 
-COLLECT = ["collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "2000", "--context-size", "32",
-           "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "500", "--no-progress"]
+COLLECT = [
+    "collect",
+    "--model",
+    "tiny-random",
+    "--hook",
+    HOOK,
+    "--tokens",
+    "2000",
+    "--context-size",
+    "32",
+    "--shuffle-buffer-rows",
+    "1000",
+    "--chunk-rows",
+    "512",
+    "--warmup-rows",
+    "500",
+    "--no-progress",
+]
 
 
 def test_a_second_collect_on_a_store_being_written_refuses(tmp_path):

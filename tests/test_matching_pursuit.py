@@ -44,8 +44,9 @@ def reference(sae: MatchingPursuitSAE, x: torch.Tensor):
             z[j] += c
             r = r - c * W[j]
             picks.append((j, c))
-            if sae.dynamic and (not grew or (sae.residual_threshold is not None
-                                             and float(r.norm()) < sae.residual_threshold)):
+            if sae.dynamic and (
+                not grew or (sae.residual_threshold is not None and float(r.norm()) < sae.residual_threshold)
+            ):
                 break
         rows.append((z, picks, r))
     return rows
@@ -75,10 +76,10 @@ def test_batched_pursuit_equals_per_row_loop(variant, scoring, cpu_block, monkey
     steps = [len(picks) for _, picks, _ in want]
     assert got.steps.tolist() == steps
     assert got.indices.shape[1] == max(steps)
-    for i, (z, picks, r) in enumerate(want):
-        assert got.indices[i, :steps[i]].tolist() == [j for j, _ in picks]
-        torch.testing.assert_close(got.coefs[i, :steps[i]], torch.tensor([c for _, c in picks], dtype=x.dtype))
-        assert (got.coefs[i, steps[i]:] == 0).all()  # stopped rows add nothing
+    for i, (_, picks, _) in enumerate(want):
+        assert got.indices[i, : steps[i]].tolist() == [j for j, _ in picks]
+        torch.testing.assert_close(got.coefs[i, : steps[i]], torch.tensor([c for _, c in picks], dtype=x.dtype))
+        assert (got.coefs[i, steps[i] :] == 0).all()  # stopped rows add nothing
     dense = torch.stack([z for z, _, _ in want])
     torch.testing.assert_close(got.code.dense(sae.d_sae), dense)
     torch.testing.assert_close(sae.decode(got.code), x - torch.stack([r for _, _, r in want]))
@@ -184,7 +185,7 @@ def test_gradients_match_finite_differences(variant):
         db = torch.randn(8, generator=gen, dtype=torch.float64)
         eps = 1e-6
 
-        def at(sign):
+        def at(sign, eps=eps, dW=dW, db=db):
             with torch.no_grad():
                 sae.W_dec.add_(sign * eps * dW)
                 sae.b_dec.add_(sign * eps * db)
@@ -215,8 +216,14 @@ def test_tied_weights_save_and_load():
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), sae(x))
     dynamic = MatchingPursuitSAE(8, 24, None, 0.5, None)
-    assert dynamic.config() == {"arch": "mp", "d_in": 8, "d_sae": 24, "k": None, "residual_threshold": 0.5,
-                                "max_iterations": None}
+    assert dynamic.config() == {
+        "arch": "mp",
+        "d_in": 8,
+        "d_sae": 24,
+        "k": None,
+        "residual_threshold": 0.5,
+        "max_iterations": None,
+    }
     assert dynamic.iterations == 8  # d_in, SAELens's default cap
 
 
@@ -224,24 +231,32 @@ def config(store="s", **kwargs) -> TrainConfig:
     return TrainConfig(store=store, out="o", arch="mp", width=64, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(k=0), r"--k must be in \[1, width=64\], got 0"),
-    (dict(k=65), r"--k must be in \[1, width=64\], got 65"),
-    (dict(residual_threshold=0.0), "--residual-threshold must be a positive number, got 0.0"),
-    (dict(residual_threshold=-1.0), "--residual-threshold must be a positive number"),
-    (dict(residual_threshold=float("inf")), "--residual-threshold must be a positive number"),
-    (dict(max_iterations=0), "--max-iterations must be at least 1, got 0"),
-    (dict(k=8, max_iterations=16), "--k sets the static matching pursuit's steps"),
-    (dict(k=8, residual_threshold=0.1), "--k sets the static matching pursuit's steps"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(k=0), r"--k must be in \[1, width=64\], got 0"),
+        (dict(k=65), r"--k must be in \[1, width=64\], got 65"),
+        (dict(residual_threshold=0.0), "--residual-threshold must be a positive number, got 0.0"),
+        (dict(residual_threshold=-1.0), "--residual-threshold must be a positive number"),
+        (dict(residual_threshold=float("inf")), "--residual-threshold must be a positive number"),
+        (dict(max_iterations=0), "--max-iterations must be at least 1, got 0"),
+        (dict(k=8, max_iterations=16), "--k sets the static matching pursuit's steps"),
+        (dict(k=8, residual_threshold=0.1), "--k sets the static matching pursuit's steps"),
+    ],
+)
 def test_check_config_errors(kwargs, message):
     with pytest.raises(SaepipeError, match=message):
         config(**kwargs).validate()
 
 
 def test_check_config_accepts_the_variants():
-    for kwargs in ({}, dict(k=64), dict(residual_threshold=0.1), dict(max_iterations=100),
-                   dict(residual_threshold=0.1, max_iterations=5)):
+    for kwargs in (
+        {},
+        dict(k=64),
+        dict(residual_threshold=0.1),
+        dict(max_iterations=100),
+        dict(residual_threshold=0.1, max_iterations=5),
+    ):
         config(**kwargs).validate()
     assert MatchingPursuitSAE.from_config(16, config()).iterations == 32
     assert MatchingPursuitSAE.from_config(16, config(max_iterations=5)).config()["k"] is None
@@ -250,6 +265,7 @@ def test_check_config_accepts_the_variants():
 
 
 # -- through stages.train -----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def planted_small(tmp_path_factory):
@@ -264,8 +280,18 @@ def planted_small(tmp_path_factory):
 def trained(planted_small, tmp_path_factory):
     features, store = planted_small
     out = tmp_path_factory.mktemp("mp") / "run"
-    cfg = TrainConfig(store=str(store), out=str(out), hook="synthetic", arch="mp", width=512, k=8,
-                      tokens=240_000, batch_size=512, lr=4e-3, progress=False)
+    cfg = TrainConfig(
+        store=str(store),
+        out=str(out),
+        hook="synthetic",
+        arch="mp",
+        width=512,
+        k=8,
+        tokens=240_000,
+        batch_size=512,
+        lr=4e-3,
+        progress=False,
+    )
     train_stage.run_train(cfg)
     return cfg, out
 
@@ -280,16 +306,33 @@ def test_mp_recovers_planted_features(planted_small, trained):
     assert recovered >= 0.9, f"only {recovered:.1%} of planted features recovered at cosine >= 0.9"
     log = run_dir.read_log(out)
     assert log[-1]["step"] == cfg.steps and log[-1]["fve"] > 0.8 and log[-1]["l0"] <= 8
-    assert saved["finished"] and saved["sae"] == {"arch": "mp", "d_in": 64, "d_sae": 512, "k": 8,
-                                                 "residual_threshold": None, "max_iterations": None}
+    assert saved["finished"] and saved["sae"] == {
+        "arch": "mp",
+        "d_in": 64,
+        "d_sae": 512,
+        "k": 8,
+        "residual_threshold": None,
+        "max_iterations": None,
+    }
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(512))
 
 
 def test_dynamic_variant_trains(planted_small, tmp_path):
     _, store = planted_small
-    cfg = TrainConfig(store=str(store), out=str(tmp_path / "run"), hook="synthetic", arch="mp", width=128,
-                      residual_threshold=0.5, max_iterations=12, tokens=8 * 512, batch_size=512, lr=4e-3,
-                      progress=False, log_every=4)
+    cfg = TrainConfig(
+        store=str(store),
+        out=str(tmp_path / "run"),
+        hook="synthetic",
+        arch="mp",
+        width=128,
+        residual_threshold=0.5,
+        max_iterations=12,
+        tokens=8 * 512,
+        batch_size=512,
+        lr=4e-3,
+        progress=False,
+        log_every=4,
+    )
     train_stage.run_train(cfg)
     sae, saved = run_dir.load_sae(tmp_path / "run")
     assert saved["sae"]["residual_threshold"] == 0.5 and saved["sae"]["max_iterations"] == 12
@@ -298,6 +341,7 @@ def test_dynamic_variant_trains(planted_small, tmp_path):
 
 
 # -- SAELens export -----------------------------------------------------------------------------------
+
 
 def saelens_side(out_dir, x: torch.Tensor):
     sae_lens = pytest.importorskip("sae_lens")
@@ -327,8 +371,11 @@ def test_trained_export_loads_in_saelens_and_matches(planted_small, trained):
     sae, _ = run_dir.load_sae(out)
     x = torch.from_numpy(features.sample(256, seed=5))
     loaded, z_sl, rec_sl = saelens_side(out / "saelens", x)
-    assert (loaded.cfg.max_iterations, loaded.cfg.residual_threshold, loaded.cfg.stop_on_duplicate_support) == \
-        (8, 0.0, False)
+    assert (loaded.cfg.max_iterations, loaded.cfg.residual_threshold, loaded.cfg.stop_on_duplicate_support) == (
+        8,
+        0.0,
+        False,
+    )
     p, z, rec = ours(sae, Normalization("none"), x)
     assert torch.equal(z_sl > 0, z > 0)
     assert_close_rel(z_sl, z)
@@ -350,14 +397,16 @@ def test_export_matches_on_raw_activations(tmp_path, mode, variant):
     mu = 3.0 * torch.randn(d_in, generator=gen)
     x = mu + 2.0 * torch.randn(256, d_in, generator=gen)
     if mode == "center-scale":
-        norm = Normalization("center-scale", (mu + 0.2 * torch.randn(d_in, generator=gen)).numpy(),
-                             float(np.float32(0.37)))
+        norm = Normalization(
+            "center-scale", (mu + 0.2 * torch.randn(d_in, generator=gen)).numpy(), float(np.float32(0.37))
+        )
         c = float(np.float32(0.37))
     else:
         norm = Normalization("token")
         c = math.sqrt(d_in / (d_in - 1))
-    out = export_saelens(tmp_path / "e", sae, norm, hook_name="blocks.0.hook_resid_post", model_name="m",
-                         context_size=16, dataset="d")
+    out = export_saelens(
+        tmp_path / "e", sae, norm, hook_name="blocks.0.hook_resid_post", model_name="m", context_size=16, dataset="d"
+    )
     loaded, z_sl, rec_sl = saelens_side(out, x)
     assert set(loaded.state_dict()) == {"W_dec", "b_dec"}
     p, z, rec = ours(sae, norm, x)

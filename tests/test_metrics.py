@@ -17,9 +17,26 @@ from stages.saes.base import DenseCode
 from store_schema.normalization import Normalization
 
 HOOK = "blocks.2.hook_resid_post"
-COLLECT = ["collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "6000", "--context-size", "32",
-           "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "1000", "--eval-fraction", "0.2",
-           "--no-progress"]
+COLLECT = [
+    "collect",
+    "--model",
+    "tiny-random",
+    "--hook",
+    HOOK,
+    "--tokens",
+    "6000",
+    "--context-size",
+    "32",
+    "--shuffle-buffer-rows",
+    "1000",
+    "--chunk-rows",
+    "512",
+    "--warmup-rows",
+    "1000",
+    "--eval-fraction",
+    "0.2",
+    "--no-progress",
+]
 
 
 def run(*args):
@@ -42,7 +59,9 @@ def test_reconstruction_stats_follow_their_definitions():
     assert m["raw_mse_per_token"] == pytest.approx(float(err.mean()))
     assert m["raw_fve"] == pytest.approx(1 - float(err.sum() / total_var))
     assert m["raw_fve_vs_zero"] == pytest.approx(1 - float(err.sum() / x64.pow(2).sum()))
-    assert m["raw_relative_reconstruction_bias"] == pytest.approx(float(h64.pow(2).sum(1).mean() / (x64 * h64).sum(1).mean()))
+    assert m["raw_relative_reconstruction_bias"] == pytest.approx(
+        float(h64.pow(2).sum(1).mean() / (x64 * h64).sum(1).mean())
+    )
     # per token, against each batch's own mean (the three batches above)
     legacy = torch.cat([1 - err[rows] / (x64[rows] - x64[rows].mean(0)).pow(2).sum(1) for rows in batches])
     assert m["raw_fve_per_token"] == pytest.approx(float(legacy.mean()))
@@ -62,8 +81,8 @@ def test_fve_matches_saelens_explained_variance():
     ours = ReconstructionStats(8, torch.device("cpu"))
     theirs = evals.ExplainedVarianceCalculator()
     for i in range(0, 500, 100):
-        ours.add(x[i:i + 100], x_hat[i:i + 100])
-        theirs.add_batch(sae_output=x_hat[i:i + 100], hidden_acts=x[i:i + 100])
+        ours.add(x[i : i + 100], x_hat[i : i + 100])
+        theirs.add_batch(sae_output=x_hat[i : i + 100], hidden_acts=x[i : i + 100])
     assert ours.result()["fve"] == pytest.approx(theirs.compute(), rel=1e-6)
 
 
@@ -117,13 +136,15 @@ def test_ablation_sparsity_is_one_over_vt_when_one_logit_moves(monkeypatch):
         return logits
 
     import pipeline.host_models as hm
+
     monkeypatch.setattr(hm, "run_to_hooks", fake_run_to_hooks)
     monkeypatch.setattr(hm, "logits_with_hook_replaced", fake_logits)
     tokens = np.arange(20)[None].repeat(2, 0)
     stored = np.zeros_like(tokens, dtype=bool)
     stored[:, 5] = True  # p = 5, so positions 5..8 are scored (T = 4)
-    result = ablation.ablation_sparsity(OneLatentSAE(), Normalization("none"), None, tokens, stored, HOOK,
-                                        future_tokens=future, progress=False)
+    result = ablation.ablation_sparsity(
+        OneLatentSAE(), Normalization("none"), None, tokens, stored, HOOK, future_tokens=future, progress=False
+    )
     assert result["ablation_count"] == 2  # latent 2 in each context; latent 1 moved nothing once centered
     assert result["ablation_sparsity"] == pytest.approx(1 / (vocab * future))
 
@@ -134,8 +155,21 @@ def trained(tmp_path_factory):
     store = root / "s.zarr"
     assert run(*COLLECT, "--out", str(store)).exit_code == 0
     out = root / "run"
-    result = run("train", str(store), "--width", "64", "--k", "4", "--tokens", "30000", "--batch-size", "512",
-                 "--out", str(out), "--no-progress")
+    result = run(
+        "train",
+        str(store),
+        "--width",
+        "64",
+        "--k",
+        "4",
+        "--tokens",
+        "30000",
+        "--batch-size",
+        "512",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     result = run("eval", str(out), "--ablation-contexts", "3", "--no-progress")
     assert result.exit_code == 0, result.output
@@ -145,8 +179,18 @@ def trained(tmp_path_factory):
 def test_eval_writes_every_metric(trained):
     _, out, m = trained
     for prefix in ("", "raw_"):
-        for key in ("mse", "mse_per_token", "nmse", "fve", "fve_per_token", "nmse_vs_zero", "fve_vs_zero", "cosine",
-                    "l2_ratio", "relative_reconstruction_bias"):
+        for key in (
+            "mse",
+            "mse_per_token",
+            "nmse",
+            "fve",
+            "fve_per_token",
+            "nmse_vs_zero",
+            "fve_vs_zero",
+            "cosine",
+            "l2_ratio",
+            "relative_reconstruction_bias",
+        ):
             assert np.isfinite(m[prefix + key]), prefix + key
     # the raw-scale fve is the normalized one: center-scale normalization is affine per dimension alike
     assert m["raw_fve"] == pytest.approx(m["fve"], rel=1e-4)
@@ -177,8 +221,17 @@ def test_external_saelens_sae_scores_like_our_own(trained, tmp_path):
     pytest.importorskip("sae_lens")
     store, out, ours = trained
     external = tmp_path / "ext"
-    result = run("eval", str(external), "--external", str(out / "saelens"), "--store", str(store),
-                 "--ablation-contexts", "0", "--no-progress")
+    result = run(
+        "eval",
+        str(external),
+        "--external",
+        str(out / "saelens"),
+        "--store",
+        str(store),
+        "--ablation-contexts",
+        "0",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     theirs = json.loads((external / "eval.json").read_text())
     for key in ("fve", "raw_fve", "cosine", "l0", "ce_sae", "ce_recovered", "kl"):
@@ -197,7 +250,9 @@ def test_external_saelens_sae_scores_like_our_own(trained, tmp_path):
     (bad / "cfg.json").write_text(json.dumps(cfg))
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "e2"), "--external", str(bad), "--store", str(store)])
     assert result.exit_code == 2 and "reads hook 'blocks.0.hook_resid_pre'" in result.output
-    result = CliRunner().invoke(main, ["eval", str(tmp_path / "e3"), "--external", str(tmp_path), "--store", str(store)])
+    result = CliRunner().invoke(
+        main, ["eval", str(tmp_path / "e3"), "--external", str(tmp_path), "--store", str(store)]
+    )
     assert result.exit_code == 2 and "is not a SAELens SAE folder" in result.output
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "e4"), "--external", str(out / "saelens")])
     assert result.exit_code == 2 and "--external needs --store" in result.output

@@ -29,7 +29,8 @@ SLOW = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCh
 
 # -- normalization --------------------------------------------------------------------------------------
 rows = st.tuples(st.integers(2, 40), st.integers(2, 24)).flatmap(
-    lambda shape: arrays(np.float32, shape, elements=st.floats(-1e3, 1e3, width=32)))
+    lambda shape: arrays(np.float32, shape, elements=st.floats(-1e3, 1e3, width=32))
+)
 
 
 @SLOW
@@ -46,16 +47,25 @@ def test_normalization_round_trips(mode, x, offset):
     # through the store's fp16: each value comes back within fp16's relative precision of its own size
     stored = normalized.to(torch.float16)
     assert torch.isfinite(stored).all()
-    center = torch.as_tensor(norm.mean) if mode == "center-scale" else (
-        row_stats[:, :1] if mode == "token" else torch.zeros(()))
+    center = (
+        torch.as_tensor(norm.mean)
+        if mode == "center-scale"
+        else (row_stats[:, :1] if mode == "token" else torch.zeros(()))
+    )
     error = (norm.invert(stored, row_stats) - raw).abs()
-    assert (error <= 2 ** -10 * (raw - center).abs() + 1e-4 * (spread + abs(offset))).all()
+    assert (error <= 2**-10 * (raw - center).abs() + 1e-4 * (spread + abs(offset))).all()
 
 
 # -- the shuffler ---------------------------------------------------------------------------------------
 @SLOW
-@given(n=st.integers(64, 3000), chunk_rows=st.integers(16, 600), batch=st.integers(4, 256),
-       window_chunks=st.integers(1, 4), resident=st.booleans(), seed=st.integers(0, 2 ** 16))
+@given(
+    n=st.integers(64, 3000),
+    chunk_rows=st.integers(16, 600),
+    batch=st.integers(4, 256),
+    window_chunks=st.integers(1, 4),
+    resident=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_every_epoch_serves_distinct_rows_of_the_store(n, chunk_rows, batch, window_chunks, resident, seed):
     assume(batch <= n)
     train = np.zeros((n, 2), np.float32)
@@ -64,8 +74,9 @@ def test_every_epoch_serves_distinct_rows_of_the_store(n, chunk_rows, batch, win
     with tempfile.TemporaryDirectory() as tmp:
         write_array_store(Path(tmp) / "s.zarr", train, train[:4], hook="h", chunk_rows=chunk_rows)
         store = ActivationStore.open(Path(tmp) / "s.zarr")
-        loader = ShuffledBatches(store, "h", batch, device=torch.device("cpu"), seed=seed, resident=resident,
-                                 window_chunks=window_chunks)
+        loader = ShuffledBatches(
+            store, "h", batch, device=torch.device("cpu"), seed=seed, resident=resident, window_chunks=window_chunks
+        )
         per_epoch = loader.batches_per_epoch
         if not resident and per_epoch == 0:
             with pytest.raises(schema.StoreError, match="less than one batch"):
@@ -90,23 +101,49 @@ def test_every_epoch_serves_distinct_rows_of_the_store(n, chunk_rows, batch, win
 
 # -- row -> (context, position) in collected stores ------------------------------------------------------
 # no shrinking: each example is a whole collect, and a failure's example is printed as drawn
-@settings(deadline=None, derandomize=True, max_examples=6, suppress_health_check=[HealthCheck.too_slow],
-          phases=[Phase.explicit, Phase.generate])
-@given(context_size=st.integers(8, 40), drop_first=st.integers(0, 3), exclude_special=st.booleans(),
-       shuffle_buffer_rows=st.integers(100, 900), chunk_rows=st.integers(32, 400), eval_fraction=st.sampled_from([0.0, 0.1, 0.3]),
-       seed=st.integers(0, 1000), normalize=st.sampled_from(["center-scale", "token", "none"]))
-def test_a_collected_store_holds_each_stored_position_once(context_size, drop_first, exclude_special,
-                                                           shuffle_buffer_rows, chunk_rows, eval_fraction, seed, normalize):
+@settings(
+    deadline=None,
+    derandomize=True,
+    max_examples=6,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.generate],
+)
+@given(
+    context_size=st.integers(8, 40),
+    drop_first=st.integers(0, 3),
+    exclude_special=st.booleans(),
+    shuffle_buffer_rows=st.integers(100, 900),
+    chunk_rows=st.integers(32, 400),
+    eval_fraction=st.sampled_from([0.0, 0.1, 0.3]),
+    seed=st.integers(0, 1000),
+    normalize=st.sampled_from(["center-scale", "token", "none"]),
+)
+def test_a_collected_store_holds_each_stored_position_once(
+    context_size, drop_first, exclude_special, shuffle_buffer_rows, chunk_rows, eval_fraction, seed, normalize
+):
     from pipeline.host_models import load_host_model, run_to_hooks
 
     hook = "blocks.1.hook_resid_post"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "s.zarr"
-        collect_stage.run_collect(CollectConfig(
-            out=str(out), model="tiny-random", hooks=(hook,), tokens=1500, context_size=context_size,
-            drop_first=drop_first, exclude_special=exclude_special, shuffle_buffer_rows=shuffle_buffer_rows,
-            chunk_rows=chunk_rows, eval_fraction=eval_fraction, seed=seed, normalize=normalize, warmup_rows=300,
-            progress=False))
+        collect_stage.run_collect(
+            CollectConfig(
+                out=str(out),
+                model="tiny-random",
+                hooks=(hook,),
+                tokens=1500,
+                context_size=context_size,
+                drop_first=drop_first,
+                exclude_special=exclude_special,
+                shuffle_buffer_rows=shuffle_buffer_rows,
+                chunk_rows=chunk_rows,
+                eval_fraction=eval_fraction,
+                seed=seed,
+                normalize=normalize,
+                warmup_rows=300,
+                progress=False,
+            )
+        )
         store = open_store(out)
         tokens = store.tokens[:]
         expected = schema.stored_positions(tokens, drop_first, store.header["excluded_tokens"])
@@ -134,17 +171,24 @@ def test_a_collected_store_holds_each_stored_position_once(context_size, drop_fi
 
 
 # -- schema validation ----------------------------------------------------------------------------------
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-10, 10 ** 6) | st.floats(allow_nan=False) | st.text(max_size=5),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                           max_leaves=6)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 @pytest.fixture(scope="module")
 def valid_store(tmp_path_factory):
     rng = np.random.default_rng(0)
     path = tmp_path_factory.mktemp("schema") / "s.zarr"
-    write_array_store(path, rng.standard_normal((300, 8)).astype(np.float32),
-                      rng.standard_normal((20, 8)).astype(np.float32), hook="h", chunk_rows=64)
+    write_array_store(
+        path,
+        rng.standard_normal((300, 8)).astype(np.float32),
+        rng.standard_normal((20, 8)).astype(np.float32),
+        hook="h",
+        chunk_rows=64,
+    )
     return path
 
 
@@ -156,8 +200,12 @@ def _paths(obj, prefix=()):
             yield from _paths(value, prefix + (key,))
 
 
-@settings(deadline=None, derandomize=True, max_examples=150,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    deadline=None,
+    derandomize=True,
+    max_examples=150,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_a_damaged_header_is_refused_with_a_store_error(valid_store, data):
     """Deleting or retyping any attribute, at any depth: opening and using the store either works or

@@ -13,8 +13,15 @@ def test_topk_against_saelens_on_the_same_rows(tmp_path):
     features = PlantedFeatures.make(32, 128, seed=0)
     store = tmp_path / "s.zarr"
     write_array_store(store, features.sample(40_000, seed=1), features.sample(2048, seed=2), hook="synthetic")
-    base = TrainConfig(store=str(store), out=str(tmp_path / "q"), hook="synthetic", width=256, tokens=40_960,
-                       batch_size=512, progress=False)
+    base = TrainConfig(
+        store=str(store),
+        out=str(tmp_path / "q"),
+        hook="synthetic",
+        width=256,
+        tokens=40_960,
+        batch_size=512,
+        progress=False,
+    )
     rows = quality.compare(base, ["topk"], k=8, eval_tokens=2048, use_model=False)
     assert [r["impl"].split()[0] for r in rows] == ["saepipe", "sae-lens"]
     for row in rows:

@@ -27,14 +27,16 @@ def one_thread():
 
 
 def train(store, out, **kw) -> tuple[torch.nn.Module, dict, list[dict]]:
-    cfg = TrainConfig(store=str(store), out=str(out), hook="synthetic", progress=False,
-                      **{"width": 512, "batch_size": 1024, **kw})
+    cfg = TrainConfig(
+        store=str(store), out=str(out), hook="synthetic", progress=False, **{"width": 512, "batch_size": 1024, **kw}
+    )
     train_stage.run_train(cfg)
     sae, saved = run_dir.load_sae(out)
     return sae, saved, run_dir.read_log(out)
 
 
 # -- ReLU ------------------------------------------------------------------------------------------
+
 
 def test_relu_recovers_planted_features(planted, tmp_path):
     # Measured (seeds 0-2): 97-99% recovered, L0 ≈ 17.5 (true features per row ≈ 5; L1 SAEs keep some
@@ -44,8 +46,14 @@ def test_relu_recovers_planted_features(planted, tmp_path):
     recovered = features.recovered_fraction(sae.W_dec.detach(), threshold=0.9)
     assert recovered >= 0.9, f"only {recovered:.1%} of planted features recovered at cosine >= 0.9"
     assert 5 <= log[-1]["l0"] <= 30 and log[-1]["fve"] > 0.7, log[-1]
-    assert saved["sae"] == {"arch": "relu", "d_in": 64, "d_sae": 512, "l1_coef": 0.1, "l1_warmup_frac": 0.05,
-                            "ghost_grads": False}
+    assert saved["sae"] == {
+        "arch": "relu",
+        "d_in": 64,
+        "d_sae": 512,
+        "l1_coef": 0.1,
+        "l1_warmup_frac": 0.05,
+        "ghost_grads": False,
+    }
     norms = sae.W_dec.detach().norm(dim=1)
     assert (norms - 1).abs().max() > 0.1  # decoder norms are free (the penalty is weighted by them)
     assert (tmp_path / "run" / "saelens" / "cfg.json").exists()
@@ -83,8 +91,17 @@ def test_l1_warmup_in_the_training_loop(planted, tmp_path, monkeypatch):
         return seen[-1]
 
     monkeypatch.setattr(ReLUSAE, "l1_coef_at", recording)
-    train(store, tmp_path / "run", arch="relu", width=64, l1_coef=0.5, l1_warmup_frac=0.25, tokens=20 * 256,
-          batch_size=256, log_every=10)
+    train(
+        store,
+        tmp_path / "run",
+        arch="relu",
+        width=64,
+        l1_coef=0.5,
+        l1_warmup_frac=0.25,
+        tokens=20 * 256,
+        batch_size=256,
+        log_every=10,
+    )
     assert seen[:7] == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.5]) and seen[-1] == 0.5 and len(seen) == 20
 
 
@@ -115,8 +132,7 @@ def test_ghost_grads_reach_dead_latents_only():
     plain = ReLUSAE(16, 64, l1_coef=0.1)
     plain.load_state_dict(sae.state_dict())
     torch.testing.assert_close(plain.training_loss(x, TrainContext(2.0, dead, 0.5))[0], main)
-    torch.testing.assert_close(sae.training_loss(x, TrainContext(2.0, torch.zeros(64, dtype=torch.bool), 0.5))[0],
-                               main)
+    torch.testing.assert_close(sae.training_loss(x, TrainContext(2.0, torch.zeros(64, dtype=torch.bool), 0.5))[0], main)
 
 
 def test_ghost_grads_stable_for_large_pre_activations():
@@ -132,8 +148,18 @@ def test_ghost_grads_stable_for_large_pre_activations():
 def test_ghost_grads_in_the_training_loop(planted, tmp_path):
     # A strong L1 kills latents within the 2-batch dead window; ghost grads then report a loss.
     _, store = planted
-    _, saved, log = train(store, tmp_path / "run", arch="relu", width=128, l1_coef=1.0, ghost_grads=True,
-                          tokens=40 * 512, batch_size=512, dead_window_tokens=1024, log_every=10)
+    _, saved, log = train(
+        store,
+        tmp_path / "run",
+        arch="relu",
+        width=128,
+        l1_coef=1.0,
+        ghost_grads=True,
+        tokens=40 * 512,
+        batch_size=512,
+        dead_window_tokens=1024,
+        log_every=10,
+    )
     assert saved["sae"]["ghost_grads"] is True
     assert max(row["dead_fraction"] for row in log) > 0 and max(row["aux_loss"] for row in log) > 0
 
@@ -152,8 +178,15 @@ def test_jumprelu_recovers_planted_features(planted, tmp_path):
     recovered = features.recovered_fraction(sae.W_dec.detach(), threshold=0.9)
     assert recovered >= 0.9, f"only {recovered:.1%} of planted features recovered at cosine >= 0.9"
     assert 2 <= log[-1]["l0"] <= 10 and log[-1]["fve"] > 0.75, log[-1]
-    assert saved["sae"] == {"arch": "jumprelu", "d_in": 64, "d_sae": 512, "bandwidth": 0.01, "init_threshold": 0.05,
-                            "l0_coef": 0.03, "target_l0": None}
+    assert saved["sae"] == {
+        "arch": "jumprelu",
+        "d_in": 64,
+        "d_sae": 512,
+        "bandwidth": 0.01,
+        "init_threshold": 0.05,
+        "l0_coef": 0.03,
+        "target_l0": None,
+    }
     torch.testing.assert_close(sae.W_dec.detach().norm(dim=1), torch.ones(512))  # unit-norm rows, as in the paper
     assert sae.threshold().median() > 0.15  # the thresholds rose from 0.05
 
@@ -237,28 +270,33 @@ def test_bfloat16_autocast_forward_and_backward(arch):
         loss, metrics = sae.training_loss(torch.randn(64, 16), TrainContext(1.0, dead, 0.5))
     loss.backward()
     assert torch.isfinite(loss) and metrics["l0"] > 0
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
-               for p in sae.parameters())
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in sae.parameters()
+    )
 
 
 # -- configuration ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch,kw,match", [
-    ("relu", {"l1_coef": -0.1}, "--l1-coef must be >= 0"),
-    ("relu", {"l1_coef": float("nan")}, "--l1-coef"),
-    ("relu", {"l1_warmup_frac": 1.5}, "--l1-warmup-frac"),
-    ("relu", {"l1_warmup_frac": -0.1}, "--l1-warmup-frac"),
-    ("relu", {"k": 8}, "--k does not apply"),
-    ("relu", {"bandwidth": 0.1}, "--bandwidth does not apply"),
-    ("jumprelu", {"bandwidth": 0.0}, "--bandwidth must be > 0"),
-    ("jumprelu", {"bandwidth": -1.0}, "--bandwidth must be > 0"),
-    ("jumprelu", {"init_threshold": 0.0}, "--init-threshold must be > 0"),
-    ("jumprelu", {"l0_coef": -1.0}, "--l0-coef must be >= 0"),
-    ("jumprelu", {"target_l0": 0.0}, r"--target-l0 must be in \(0, width=512\]"),
-    ("jumprelu", {"target_l0": 513.0}, r"--target-l0 must be in \(0, width=512\]"),
-    ("jumprelu", {"l1_coef": 0.1}, "--l1-coef does not apply"),
-    ("jumprelu", {"k": 8}, "--k does not apply"),
-])
+
+@pytest.mark.parametrize(
+    "arch,kw,match",
+    [
+        ("relu", {"l1_coef": -0.1}, "--l1-coef must be >= 0"),
+        ("relu", {"l1_coef": float("nan")}, "--l1-coef"),
+        ("relu", {"l1_warmup_frac": 1.5}, "--l1-warmup-frac"),
+        ("relu", {"l1_warmup_frac": -0.1}, "--l1-warmup-frac"),
+        ("relu", {"k": 8}, "--k does not apply"),
+        ("relu", {"bandwidth": 0.1}, "--bandwidth does not apply"),
+        ("jumprelu", {"bandwidth": 0.0}, "--bandwidth must be > 0"),
+        ("jumprelu", {"bandwidth": -1.0}, "--bandwidth must be > 0"),
+        ("jumprelu", {"init_threshold": 0.0}, "--init-threshold must be > 0"),
+        ("jumprelu", {"l0_coef": -1.0}, "--l0-coef must be >= 0"),
+        ("jumprelu", {"target_l0": 0.0}, r"--target-l0 must be in \(0, width=512\]"),
+        ("jumprelu", {"target_l0": 513.0}, r"--target-l0 must be in \(0, width=512\]"),
+        ("jumprelu", {"l1_coef": 0.1}, "--l1-coef does not apply"),
+        ("jumprelu", {"k": 8}, "--k does not apply"),
+    ],
+)
 def test_check_config_errors(arch, kw, match):
     with pytest.raises(SaepipeError, match=match) as err:
         TrainConfig(store="s", out="o", arch=arch, width=512, **kw).validate()
@@ -266,8 +304,9 @@ def test_check_config_errors(arch, kw, match):
 
 
 def test_valid_configs_pass():
-    TrainConfig(store="s", out="o", arch="relu", width=512, l1_coef=0.0, l1_warmup_frac=1.0,
-                ghost_grads=True).validate()
+    TrainConfig(
+        store="s", out="o", arch="relu", width=512, l1_coef=0.0, l1_warmup_frac=1.0, ghost_grads=True
+    ).validate()
     TrainConfig(store="s", out="o", arch="jumprelu", width=512, target_l0=512.0, l0_coef=0.0).validate()
 
 
@@ -276,10 +315,13 @@ def test_valid_configs_pass():
 sae_lens = pytest.importorskip("sae_lens")
 
 
-@pytest.mark.parametrize("arch,kw,saelens_arch", [
-    ("relu", {"l1_coef": 0.1}, "standard"),
-    ("jumprelu", {"l0_coef": 0.03, "bandwidth": 0.01, "init_threshold": 0.05}, "jumprelu"),
-])
+@pytest.mark.parametrize(
+    "arch,kw,saelens_arch",
+    [
+        ("relu", {"l1_coef": 0.1}, "standard"),
+        ("jumprelu", {"l0_coef": 0.03, "bandwidth": 0.01, "init_threshold": 0.05}, "jumprelu"),
+    ],
+)
 def test_saelens_export_matches_on_raw_activations(planted, tmp_path, monkeypatch, arch, kw, saelens_arch):
     """The store's rows are declared center-scale normalized, so the run's export must fold (μ, c) into
     the weights: SAELens on raw rows x = x̂/c + μ must give our codes on x̂ and our reconstruction mapped

@@ -24,8 +24,24 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-COLLECT = ["collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "4000", "--context-size", "32",
-           "--shuffle-buffer-rows", "1000", "--chunk-rows", "512", "--warmup-rows", "1000", "--no-progress"]
+COLLECT = [
+    "collect",
+    "--model",
+    "tiny-random",
+    "--hook",
+    HOOK,
+    "--tokens",
+    "4000",
+    "--context-size",
+    "32",
+    "--shuffle-buffer-rows",
+    "1000",
+    "--chunk-rows",
+    "512",
+    "--warmup-rows",
+    "1000",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +72,12 @@ def s3(monkeypatch):
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }.items():
         monkeypatch.setenv(key, value)
     import s3fs
 
@@ -125,8 +145,13 @@ def test_an_interrupted_copy_is_not_a_store_and_resumes(collected, tmp_path, mon
     monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "pipe_file", failing_pipe)
     result = run("store", "copy", local, dst, "--threads", "1", "--no-progress")
     assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines()[-1].startswith(f"error: copying {local} to {dst} failed (OSError: "
-                                                              f"disk went away): fix that, then run the same command")
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: copying {local} to {dst} failed (OSError: disk went away): fix that, then run the same command"
+        )
+    )
     assert not (dst / "zarr.json").exists()
     result = CliRunner().invoke(main, ["info", str(dst)])
     assert result.exit_code == 2  # not mistaken for a store
@@ -143,8 +168,11 @@ def http_root(collected):
     pytest.importorskip("aiohttp")
     local, _ = collected
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(local.parent)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(local.parent)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 20
     while time.time() < deadline:
         try:

@@ -36,13 +36,49 @@ def runs(tmp_path_factory):
     runs before it saved one."""
     root = tmp_path_factory.mktemp("report")
     store = root / "s.zarr"
-    result = run("collect", "--model", "tiny-random", "--hook", HOOK, "--tokens", "3000", "--context-size", "32",
-                 "--eval-fraction", "0.2", "--shuffle-buffer-rows", "1000", "--chunk-rows", "512",
-                 "--warmup-rows", "1000", "--out", store, "--no-progress")
+    result = run(
+        "collect",
+        "--model",
+        "tiny-random",
+        "--hook",
+        HOOK,
+        "--tokens",
+        "3000",
+        "--context-size",
+        "32",
+        "--eval-fraction",
+        "0.2",
+        "--shuffle-buffer-rows",
+        "1000",
+        "--chunk-rows",
+        "512",
+        "--warmup-rows",
+        "1000",
+        "--out",
+        store,
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     sweep = root / "sweep"
-    result = run("train", store, "--width", WIDTH, "--tokens", "6000", "--batch-size", "512", "--log-every", "2",
-                 "--out", sweep, "--sweep", "k=2,4", "--no-progress", "--device", "cpu")
+    result = run(
+        "train",
+        store,
+        "--width",
+        WIDTH,
+        "--tokens",
+        "6000",
+        "--batch-size",
+        "512",
+        "--log-every",
+        "2",
+        "--out",
+        sweep,
+        "--sweep",
+        "k=2,4",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     folders = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in folders] == ["k=2", "k=4"]
@@ -58,8 +94,23 @@ def report(runs):
     root, folders = runs
     out = root / "report"
     started = time.perf_counter()
-    result = run("report", *folders, "--out", out, "--top", 3, "--random", 3, "--latents", 5, "--contexts", 4,
-                 "--device", "cpu", "--no-progress")
+    result = run(
+        "report",
+        *folders,
+        "--out",
+        out,
+        "--top",
+        3,
+        "--random",
+        3,
+        "--latents",
+        5,
+        "--contexts",
+        4,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert "report written" in result.output
     print(f"report on the tiny runs took {time.perf_counter() - started:.1f} s")
@@ -69,8 +120,9 @@ def report(runs):
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], capture_output=True,
-                       timeout=600)
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "chromium"], capture_output=True, timeout=600
+        )
         found = shutil.which("chromium")
     if found is None:
         message = "headless Chromium is needed to render the report (apt-get install chromium)"
@@ -81,9 +133,22 @@ def chromium() -> str:
 
 
 def headless(browser: str, page, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                           "--enable-logging=stderr", "--v=0", *args, page.resolve().as_uri()],
-                          capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S)
+    return subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--enable-logging=stderr",
+            "--v=0",
+            *args,
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=CHROMIUM_TIMEOUT_S,
+    )
 
 
 def test_report_renders_in_chromium(report, tmp_path):
@@ -111,8 +176,15 @@ def test_report_is_self_contained_with_png_files(report, runs):
     assert not re.findall(r'(?:src|href)\s*=\s*"(?!data:image/png;base64,|#)', text)
     assert "http://" not in text and "https://" not in text
     images = re.findall(r'<img src="data:image/png;base64,', text)
-    for name in ("training_curves.png", "frontier_l0_fve.png", "frontier_l0_ce_recovered.png",
-                 "density_k=2.png", "density_k=4.png", "latents/k=2_latent_5.png", "latents/k=4_latent_5.png"):
+    for name in (
+        "training_curves.png",
+        "frontier_l0_fve.png",
+        "frontier_l0_ce_recovered.png",
+        "density_k=2.png",
+        "density_k=4.png",
+        "latents/k=2_latent_5.png",
+        "latents/k=4_latent_5.png",
+    ):
         assert (report / name).stat().st_size > 1000, name
     latent_pngs = list((report / "latents").glob("*.png"))
     assert len(images) == 3 + 2 + len(latent_pngs)  # training, two frontiers, densities, latent histograms
@@ -148,15 +220,21 @@ def test_a_run_without_eval_json_is_refused(runs, tmp_path):
     (unevaluated / "eval.json").unlink()
     for command in ("report", "compare"):
         extra = ["--out", tmp_path / "r"] if command == "report" else []
-        expect_error(run(command, folders[0], unevaluated, *extra), f"{unevaluated} has no eval.json",
-                     f"saepipe eval {unevaluated}")
+        expect_error(
+            run(command, folders[0], unevaluated, *extra),
+            f"{unevaluated} has no eval.json",
+            f"saepipe eval {unevaluated}",
+        )
     assert not (tmp_path / "r").exists()
 
 
 def test_latent_out_of_range_is_refused(runs, tmp_path):
     _, folders = runs
-    expect_error(run("report", folders[0], "--latents", f"3,{WIDTH}", "--out", tmp_path / "r"),
-                 f"--latents {WIDTH} is out of range", f"0 to {WIDTH - 1}")
+    expect_error(
+        run("report", folders[0], "--latents", f"3,{WIDTH}", "--out", tmp_path / "r"),
+        f"--latents {WIDTH} is out of range",
+        f"0 to {WIDTH - 1}",
+    )
     expect_error(run("report", folders[0], "--latents", "3,x", "--out", tmp_path / "r"), "--latents must be")
 
 

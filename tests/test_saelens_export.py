@@ -18,8 +18,12 @@ sae_lens = pytest.importorskip("sae_lens")  # slow import: once per module
 from sae_lens.saes.topk_sae import TopKSAE as SAELensTopKSAE  # noqa: E402
 
 D_IN, D_SAE, K = 32, 128, 8
-META = {"hook_name": "blocks.3.hook_resid_post", "model_name": "tiny-model", "context_size": 128,
-        "dataset": "some/dataset"}
+META = {
+    "hook_name": "blocks.3.hook_resid_post",
+    "model_name": "tiny-model",
+    "context_size": 128,
+    "dataset": "some/dataset",
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +87,13 @@ def test_folded_export_matches_our_sae_on_raw_activations(tmp_path, sae, mode):
 
 
 def test_cfg_json(tmp_path, sae):
-    out = export_saelens(tmp_path / "e", sae, center_scale(raw_activations()[1]), **META,
-                         extra_metadata={"model_class_name": "HookedTransformer"})
+    out = export_saelens(
+        tmp_path / "e",
+        sae,
+        center_scale(raw_activations()[1]),
+        **META,
+        extra_metadata={"model_class_name": "HookedTransformer"},
+    )
     cfg = json.loads((out / SAE_CFG_FILENAME).read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == K and cfg["rescale_acts_by_decoder_norm"] is False
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (D_IN, D_SAE, "float32")

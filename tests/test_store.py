@@ -79,14 +79,17 @@ def test_raw_chunk_reads_equal_zarr_reads(tmp_path, monkeypatch):
     expected = train.astype(np.float16)
     for start, stop in [(0, 5000), (17, 1030), (1024, 2048), (2000, 4999), (4096, 5000)]:
         np.testing.assert_array_equal(store.read_rows("train", "h", start, stop), expected[start:stop])
-    np.testing.assert_array_equal(store.read_chunks("train", "h", [4, 0, 2]),
-                                  np.concatenate([expected[4096:], expected[:1024], expected[2048:3072]]))
+    np.testing.assert_array_equal(
+        store.read_chunks("train", "h", [4, 0, 2]),
+        np.concatenate([expected[4096:], expected[:1024], expected[2048:3072]]),
+    )
 
     compressed = zarr.create_array(str(tmp_path / "z.zarr"), shape=(10, 4), chunks=(5, 4), dtype="float16")
     assert reader._raw_chunk_files(compressed) is None  # zstd by default: Zarr must decode it
     monkeypatch.setattr(reader, "_raw_chunk_files", lambda arr: None)
-    np.testing.assert_array_equal(store.read_chunks("train", "h", [4, 0]),
-                                  np.concatenate([expected[4096:], expected[:1024]]))
+    np.testing.assert_array_equal(
+        store.read_chunks("train", "h", [4, 0]), np.concatenate([expected[4096:], expected[:1024]])
+    )
 
 
 @pytest.mark.parametrize("raw_path", [True, False])
@@ -162,12 +165,11 @@ def test_loader_epoch_is_a_permutation_and_resumable(tmp_path, resident):
     train[:, 0] = np.arange(n)
     write_array_store(tmp_path / "s.zarr", train, train[:8], hook="h", chunk_rows=512)
     store = ActivationStore.open(tmp_path / "s.zarr")
-    loader = ShuffledBatches(store, "h", batch, device=torch.device("cpu"), seed=3, resident=resident,
-                             window_chunks=2)
+    loader = ShuffledBatches(store, "h", batch, device=torch.device("cpu"), seed=3, resident=resident, window_chunks=2)
     assert loader.batches_per_epoch == n // batch
     it = loader.batches()
     seen = [next(it) for _ in range(loader.batches_per_epoch + 3)]
-    ids = torch.cat([b[:, 0] for b in seen[:loader.batches_per_epoch]]).long()
+    ids = torch.cat([b[:, 0] for b in seen[: loader.batches_per_epoch]]).long()
     assert sorted(ids.tolist()) == list(range(n))  # fp16 holds integers up to 2048 exactly
     assert not torch.equal(ids, torch.arange(n))  # shuffled
     # batch i depends only on (seed, i): starting at 5 continues the same sequence
@@ -191,13 +193,24 @@ def test_ranks_split_every_global_batch_into_disjoint_shares(tmp_path, resident,
 
     rows_read = []
     read_into = store.read_into
-    store.read_into = lambda split, hook, pieces, *args, **kw: (rows_read.append(sum(len(p[1]) for p in pieces)),
-                                                                 read_into(split, hook, pieces, *args, **kw))
+    store.read_into = lambda split, hook, pieces, *args, **kw: (
+        rows_read.append(sum(len(p[1]) for p in pieces)),
+        read_into(split, hook, pieces, *args, **kw),
+    )
 
     def first_batches(rank, size, count=20, start=0):
         rows_read.clear()
-        loader = ShuffledBatches(store, "h", batch, device=torch.device("cpu"), seed=3, resident=resident,
-                                 window_chunks=2, rank=rank, world_size=size)
+        loader = ShuffledBatches(
+            store,
+            "h",
+            batch,
+            device=torch.device("cpu"),
+            seed=3,
+            resident=resident,
+            window_chunks=2,
+            rank=rank,
+            world_size=size,
+        )
         it = loader.batches(start)
         batches = [next(it).clone() for _ in range(count)]
         it.close()
@@ -230,8 +243,9 @@ def test_streamed_fp16_batches_are_views_that_stay_valid_when_kept(tmp_path, mon
     allocations = []
     original = ShuffledBatches._window_buffer
     monkeypatch.setattr(ShuffledBatches, "_window_buffer", lambda self: allocations.append(1) or original(self))
-    loader = ShuffledBatches(store, "h", batch, device=torch.device("cpu"), dtype=torch.float16, seed=1,
-                             resident=False, window_chunks=2)
+    loader = ShuffledBatches(
+        store, "h", batch, device=torch.device("cpu"), dtype=torch.float16, seed=1, resident=False, window_chunks=2
+    )
     per_epoch = loader.batches_per_epoch  # 8 windows of 4 batches
     it = loader.batches()
     for _ in range(3 * per_epoch):
@@ -242,12 +256,13 @@ def test_streamed_fp16_batches_are_views_that_stay_valid_when_kept(tmp_path, mon
 
     kept = list(itertools.islice(loader.batches(), 3 * per_epoch))
     assert kept[0]._base is not None  # a view, not a copy
-    copies = ShuffledBatches(store, "h", batch, device=torch.device("cpu"), dtype=torch.float32, seed=1,
-                             resident=False, window_chunks=2)
+    copies = ShuffledBatches(
+        store, "h", batch, device=torch.device("cpu"), dtype=torch.float32, seed=1, resident=False, window_chunks=2
+    )
     for got, want in zip(kept, itertools.islice(copies.batches(), 3 * per_epoch)):
         assert torch.equal(got.float(), want)  # no kept batch was overwritten by a later window
     for epoch in range(3):
-        ids = torch.cat(kept[epoch * per_epoch:(epoch + 1) * per_epoch])[:, 0].long()
+        ids = torch.cat(kept[epoch * per_epoch : (epoch + 1) * per_epoch])[:, 0].long()
         assert sorted(ids.tolist()) == list(range(n))
 
 
@@ -268,11 +283,11 @@ def test_read_into_scatters_rows_to_any_destinations(tmp_path, monkeypatch):
         out = np.zeros((sum(lengths), 8), np.float16)
         pieces, slot = [], 0
         for i in [3, 0, 6, 1, 5, 2, 4]:
-            pieces.append((firsts[i], out[slot:slot + lengths[i]]))
+            pieces.append((firsts[i], out[slot : slot + lengths[i]]))
             slot += lengths[i]
         store.read_into("train", "h", pieces, threads=2)
         for first, dest in pieces:
-            np.testing.assert_array_equal(dest, expected[first:first + len(dest)])
+            np.testing.assert_array_equal(dest, expected[first : first + len(dest)])
     with pytest.raises(ValueError, match="within one chunk"):
         store.read_into("train", "h", [(1000, np.zeros((48, 8), np.float16))])
     with pytest.raises(ValueError, match="not committed"):

@@ -86,7 +86,9 @@ def test_python_docs_is_large_and_starts_with_pydoc_topics(python_docs):
 
 def test_python_docs_skips_tests_and_idle(python_docs):
     headers = [d.split("\n", 1)[0] for d in python_docs if d.startswith("module ")]
-    assert not any(h.startswith(("module test.", "module idlelib", "module lib2to3", "module turtledemo")) for h in headers)
+    assert not any(
+        h.startswith(("module test.", "module idlelib", "module lib2to3", "module turtledemo")) for h in headers
+    )
 
 
 def test_python_docs_deterministic(python_docs):
@@ -122,8 +124,9 @@ def test_pack_shapes_bos_and_exact_stream():
     rng = np.random.default_rng(0)
     docs = [doc_of(rng.integers(0, 500, size=int(n))) for n in rng.integers(1, 40, size=50)]
     ctx, n = 16, 20
-    out = pack_contexts(docs, encode_ints, context_size=ctx, n_contexts=n, bos_token_id=BOS,
-                        separator_token_id=SEP, progress=False)
+    out = pack_contexts(
+        docs, encode_ints, context_size=ctx, n_contexts=n, bos_token_id=BOS, separator_token_id=SEP, progress=False
+    )
     assert out.shape == (n, ctx) and out.dtype == np.int32
     assert (out[:, 0] == BOS).all()
     stream = stream_of(docs)
@@ -132,8 +135,9 @@ def test_pack_shapes_bos_and_exact_stream():
 
 def test_pack_separators_and_doc_spanning_contexts():
     docs = [doc_of(range(1, 8)), doc_of([50, 51]), doc_of([60])]
-    out = pack_contexts(docs, encode_ints, context_size=5, n_contexts=3, bos_token_id=BOS,
-                        separator_token_id=SEP, progress=False)
+    out = pack_contexts(
+        docs, encode_ints, context_size=5, n_contexts=3, bos_token_id=BOS, separator_token_id=SEP, progress=False
+    )
     assert out.tolist() == [
         [BOS, 1, 2, 3, 4],
         [BOS, 5, 6, 7, SEP],  # doc0 runs on into the second context
@@ -143,11 +147,13 @@ def test_pack_separators_and_doc_spanning_contexts():
 
 def test_pack_skips_empty_documents():
     docs = ["", "1 2", "", "   ", "3", ""]  # "   " encodes to no tokens
-    out = pack_contexts(docs, encode_ints, context_size=4, n_contexts=1, bos_token_id=BOS,
-                        separator_token_id=SEP, progress=False)
+    out = pack_contexts(
+        docs, encode_ints, context_size=4, n_contexts=1, bos_token_id=BOS, separator_token_id=SEP, progress=False
+    )
     assert out.tolist() == [[BOS, 1, 2, SEP]]
-    out = pack_contexts(docs, encode_ints, context_size=5, n_contexts=1, bos_token_id=BOS,
-                        separator_token_id=SEP, progress=False)
+    out = pack_contexts(
+        docs, encode_ints, context_size=5, n_contexts=1, bos_token_id=BOS, separator_token_id=SEP, progress=False
+    )
     assert out.tolist() == [[BOS, 1, 2, SEP, 3]]
 
 
@@ -159,21 +165,24 @@ def test_pack_stops_pulling_documents_when_full():
         encoded.append(text)
         return encode_ints(text)
 
-    out = pack_contexts(docs, encode, context_size=5, n_contexts=2, bos_token_id=BOS,
-                        separator_token_id=SEP, progress=False)
+    out = pack_contexts(
+        docs, encode, context_size=5, n_contexts=2, bos_token_id=BOS, separator_token_id=SEP, progress=False
+    )
     assert out[:, 1:].ravel().tolist() == list(range(8))
     assert docs.pulled == 1 and len(encoded) == 1
 
     # last context filled exactly at the end of a document: the next one is not pulled
     docs = CountingDocs(doc_of([i, i, i]) for i in range(1000))
-    out = pack_contexts(docs, encode_ints, context_size=4, n_contexts=1, bos_token_id=BOS,
-                        separator_token_id=SEP, progress=False)
+    out = pack_contexts(
+        docs, encode_ints, context_size=4, n_contexts=1, bos_token_id=BOS, separator_token_id=SEP, progress=False
+    )
     assert out.tolist() == [[BOS, 0, 0, 0]]
     assert docs.pulled == 1
 
     docs = CountingDocs(doc_of([i, i, i]) for i in range(1000))
-    pack_contexts(docs, encode_ints, context_size=4, n_contexts=3, bos_token_id=BOS,
-                  separator_token_id=SEP, progress=False)
+    pack_contexts(
+        docs, encode_ints, context_size=4, n_contexts=3, bos_token_id=BOS, separator_token_id=SEP, progress=False
+    )
     assert docs.pulled == 3  # 3 + (1+3) + (1+3) = 11 >= 9 tokens
 
 
@@ -182,50 +191,67 @@ def test_pack_consumes_an_infinite_generator_lazily():
         for i in itertools.count():
             yield doc_of([i % 500] * 7)
 
-    out = pack_contexts(forever(), encode_ints, context_size=8, n_contexts=4, bos_token_id=BOS,
-                        separator_token_id=SEP, progress=False)
+    out = pack_contexts(
+        forever(), encode_ints, context_size=8, n_contexts=4, bos_token_id=BOS, separator_token_id=SEP, progress=False
+    )
     assert out.shape == (4, 8)
 
 
 def test_pack_too_little_text():
     docs = [doc_of([1, 2, 3]), doc_of([4, 5])]  # stream: 1 2 3 SEP 4 5 = 6 tokens
     with pytest.raises(SaepipeError) as info:
-        pack_contexts(docs, encode_ints, context_size=3, n_contexts=5, bos_token_id=BOS,
-                      separator_token_id=SEP, progress=False)
+        pack_contexts(
+            docs, encode_ints, context_size=3, n_contexts=5, bos_token_id=BOS, separator_token_id=SEP, progress=False
+        )
     assert str(info.value) == (
-        "the text source yields only 3 contexts of 3 tokens (6 tokens); "
-        "ask for fewer tokens or use a larger dataset"
+        "the text source yields only 3 contexts of 3 tokens (6 tokens); ask for fewer tokens or use a larger dataset"
     )
     with pytest.raises(SaepipeError, match="yields only 0 contexts"):
-        pack_contexts([], encode_ints, context_size=3, n_contexts=1, bos_token_id=BOS,
-                      separator_token_id=SEP, progress=False)
+        pack_contexts(
+            [], encode_ints, context_size=3, n_contexts=1, bos_token_id=BOS, separator_token_id=SEP, progress=False
+        )
 
 
 def test_pack_edge_arguments():
     docs = CountingDocs(["1 2 3"])
-    out = pack_contexts(docs, encode_ints, context_size=4, n_contexts=0, bos_token_id=BOS,
-                        separator_token_id=SEP, progress=False)
+    out = pack_contexts(
+        docs, encode_ints, context_size=4, n_contexts=0, bos_token_id=BOS, separator_token_id=SEP, progress=False
+    )
     assert out.shape == (0, 4) and docs.pulled == 0
     with pytest.raises(SaepipeError):
-        pack_contexts(["1 2"], encode_ints, context_size=1, n_contexts=1, bos_token_id=BOS,
-                      separator_token_id=SEP, progress=False)
+        pack_contexts(
+            ["1 2"], encode_ints, context_size=1, n_contexts=1, bos_token_id=BOS, separator_token_id=SEP, progress=False
+        )
 
 
 def test_pack_progress_bar_goes_to_stderr(capsys):
-    pack_contexts(["1 2 3 4 5 6"], encode_ints, context_size=3, n_contexts=2, bos_token_id=BOS,
-                  separator_token_id=SEP)
+    pack_contexts(["1 2 3 4 5 6"], encode_ints, context_size=3, n_contexts=2, bos_token_id=BOS, separator_token_id=SEP)
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "ctx" in captured.err
-    pack_contexts(["1 2 3 4 5 6"], encode_ints, context_size=3, n_contexts=2, bos_token_id=BOS,
-                  separator_token_id=SEP, progress=False)
+    pack_contexts(
+        ["1 2 3 4 5 6"],
+        encode_ints,
+        context_size=3,
+        n_contexts=2,
+        bos_token_id=BOS,
+        separator_token_id=SEP,
+        progress=False,
+    )
     assert capsys.readouterr().err == ""
 
 
 def test_pack_python_docs_with_a_char_tokenizer():
     src = open_text_source("python-docs")
-    out = pack_contexts(src.documents(), lambda s: [ord(c) % 256 for c in s], context_size=128,
-                        n_contexts=50, bos_token_id=256, separator_token_id=257, progress=False)
+    out = pack_contexts(
+        src.documents(),
+        lambda s: [ord(c) % 256 for c in s],
+        context_size=128,
+        n_contexts=50,
+        bos_token_id=256,
+        separator_token_id=257,
+        progress=False,
+    )
     assert out.shape == (50, 128) and (out[:, 0] == 256).all()
     assert (out[:, 1:] < 258).all()
 
@@ -301,8 +327,15 @@ def test_parquet_files(tmp_path, datasets_cache):
     with pytest.raises(SaepipeError, match="not text"):
         open_text_source(str(tmp_path / "part-*.parquet"), text_column="n")
 
-    out = pack_contexts(src.documents(), lambda s: [ord(c) for c in s], context_size=10, n_contexts=3,
-                        bos_token_id=0, separator_token_id=1, progress=False)
+    out = pack_contexts(
+        src.documents(),
+        lambda s: [ord(c) for c in s],
+        context_size=10,
+        n_contexts=3,
+        bos_token_id=0,
+        separator_token_id=1,
+        progress=False,
+    )
     assert "".join(chr(t) for t in out[:, 1:].ravel()) == "p0 doc 0\x01p0 doc 1\x01p0 doc 2\x01"
 
 
@@ -337,8 +370,7 @@ def test_bad_file_arguments(tmp_path, monkeypatch, spec, match):
 
 def test_constructed_by_hand_source_reopens(tmp_path):
     (tmp_path / "a.txt").write_text("hand made")
-    src = TextSource(name="a.txt", kind="files", split="train", text_column="text",
-                     paths=(str(tmp_path / "a.txt"),))
+    src = TextSource(name="a.txt", kind="files", split="train", text_column="text", paths=(str(tmp_path / "a.txt"),))
     assert list(src.documents()) == ["hand made"]
 
 

@@ -11,9 +11,9 @@ from pipeline import run_dir
 from pipeline.config import TrainConfig
 from stages import train as train_stage
 from stages.saes import TopKSAE
+from stages.saes.base import TrainContext, geometric_median
 from stages.saes.batchtopk import BatchTopKSAE
 from stages.saes.matryoshka import MatryoshkaSAE
-from stages.saes.base import TrainContext, geometric_median
 
 
 def test_init_is_decoder_transpose_with_unit_rows():
@@ -82,8 +82,17 @@ def test_lr_schedule_warms_up_and_decays():
 
 def test_topk_recovers_planted_features(planted, tmp_path):
     features, store = planted
-    cfg = TrainConfig(store=str(store), out=str(tmp_path / "run"), hook="synthetic", width=512, k=8,
-                      tokens=480_000, batch_size=1024, lr=4e-3, progress=False)
+    cfg = TrainConfig(
+        store=str(store),
+        out=str(tmp_path / "run"),
+        hook="synthetic",
+        width=512,
+        k=8,
+        tokens=480_000,
+        batch_size=1024,
+        lr=4e-3,
+        progress=False,
+    )
     train_stage.run_train(cfg)
     sae, saved = run_dir.load_sae(tmp_path / "run")
     recovered = features.recovered_fraction(sae.W_dec.detach(), threshold=0.9)
@@ -91,16 +100,32 @@ def test_topk_recovers_planted_features(planted, tmp_path):
     log = run_dir.read_log(tmp_path / "run")
     assert log[-1]["step"] == cfg.steps and log[-1]["fve"] > 0.8
     assert [row["step"] for row in log] == sorted({row["step"] for row in log})
-    assert saved["finished"] and saved["sae"] == {"arch": "topk", "d_in": 64, "d_sae": 512, "k": 8, "aux_k": 32,
-                                                 "aux_coef": 1 / 32}
+    assert saved["finished"] and saved["sae"] == {
+        "arch": "topk",
+        "d_in": 64,
+        "d_sae": 512,
+        "k": 8,
+        "aux_k": 32,
+        "aux_coef": 1 / 32,
+    }
     assert (tmp_path / "run" / "saelens" / "cfg.json").exists()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(planted, tmp_path, crash_training):
     _, store = planted
-    common = dict(store=str(store), hook="synthetic", width=128, k=4, tokens=60 * 512, batch_size=512,
-                  lr=1e-3, progress=False, log_every=5, checkpoint_every=20)
+    common = dict(
+        store=str(store),
+        hook="synthetic",
+        width=128,
+        k=4,
+        tokens=60 * 512,
+        batch_size=512,
+        lr=1e-3,
+        progress=False,
+        log_every=5,
+        checkpoint_every=20,
+    )
     train_stage.run_train(TrainConfig(out=str(tmp_path / "whole"), **common))
 
     crash_training.arm(33)  # dies after 33 steps: the checkpoint at 20 survives
@@ -153,16 +178,23 @@ def test_gradient_norm_is_clipped_in_summed_squared_error_units(planted, tmp_pat
     common = dict(store=str(store), hook="synthetic", width=128, k=4, tokens=10 * 512, batch_size=512, progress=False)
     train_stage.run_train(TrainConfig(out=str(tmp_path / "free"), max_grad_norm=0, **common))
     unclipped, seen[:] = list(seen), []
-    _, mse_scale = train_stage.build_for_store(TrainConfig(out="unused", **common), train_stage.open_store(str(store)),
-                                               torch.device("cpu"))
+    _, mse_scale = train_stage.build_for_store(
+        TrainConfig(out="unused", **common), train_stage.open_store(str(store)), torch.device("cpu")
+    )
     cap = min(unclipped) / 2  # below every unclipped norm, so every step must be clipped to it
     train_stage.run_train(TrainConfig(out=str(tmp_path / "clipped"), max_grad_norm=cap * mse_scale, **common))
     assert len(seen) == 10 and all(norm == pytest.approx(cap, rel=1e-4) for norm in seen)
 
 
-@pytest.mark.parametrize("make", [lambda: TopKSAE(16, 64, k=4, aux_k=8), lambda: BatchTopKSAE(16, 64, k=4, aux_k=8),
-                                  lambda: MatryoshkaSAE(16, 64, k=4, groups=(16, 64), aux_k=8)],
-                         ids=["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TopKSAE(16, 64, k=4, aux_k=8),
+        lambda: BatchTopKSAE(16, 64, k=4, aux_k=8),
+        lambda: MatryoshkaSAE(16, 64, k=4, groups=(16, 64), aux_k=8),
+    ],
+    ids=["topk", "batchtopk", "matryoshka"],
+)
 def test_sparse_encoder_gradient_equals_dense_autograd(make):
     """The encoder's gradient built from the selected entries only equals autograd through the dense
     pre-activations, for every parameter, the AuxK term included (some latents dead)."""

@@ -80,8 +80,11 @@ def build_report(opts: ReportOptions) -> Path:
         histograms = {}
         for latent in browser.latents:
             png = plots.activation_histogram(latent.values, f"latent {latent.latent}", plots.run_color(i))
-            histograms[latent.latent] = keep(f"{LATENT_PLOTS}/{run.slug}_latent_{latent.latent}.png", png,
-                                             f"{run.label} latent {latent.latent} activations")
+            histograms[latent.latent] = keep(
+                f"{LATENT_PLOTS}/{run.slug}_latent_{latent.latent}.png",
+                png,
+                f"{run.label} latent {latent.latent} activations",
+            )
         browsers.append((run, browser, histograms))
         note = "" if run.density is not None or run.eval.get("log10_density_histogram") else " (scanned rows)"
         png = plots.density_histogram(run, density, plots.run_color(i), note)
@@ -91,16 +94,28 @@ def build_report(opts: ReportOptions) -> Path:
     training = keep("training_curves.png", plots.training_curves(runs), "training curves")
     if training is None:
         notes["training"] = ["no run has a training log (train_log.jsonl)"]
-    frontiers = [keep("frontier_l0_fve.png", plots.frontier(runs, "fve", "fve"), "L0 vs fve"),
-                 keep("frontier_l0_ce_recovered.png", plots.frontier(runs, "ce_recovered", "CE loss recovered"),
-                      "L0 vs CE loss recovered")]
+    frontiers = [
+        keep("frontier_l0_fve.png", plots.frontier(runs, "fve", "fve"), "L0 vs fve"),
+        keep(
+            "frontier_l0_ce_recovered.png",
+            plots.frontier(runs, "ce_recovered", "CE loss recovered"),
+            "L0 vs CE loss recovered",
+        ),
+    ]
     if frontiers[1] is None:
         notes["frontier"] = ["no run has ce_recovered: evaluate with the model (`saepipe eval RUN` without --no-model)"]
     if len(runs) == 1:
         notes.setdefault("frontier", []).append("one run: pass several run folders to compare them")
 
-    page = Page(runs, time.strftime("%Y-%m-%d %H:%M"), training, [d for d in densities if d],
-                [f for f in frontiers if f], browsers, notes)
+    page = Page(
+        runs,
+        time.strftime("%Y-%m-%d %H:%M"),
+        training,
+        [d for d in densities if d],
+        [f for f in frontiers if f],
+        browsers,
+        notes,
+    )
     (out / LATENT_PLOTS).mkdir(parents=True, exist_ok=True)  # only now: a refused report writes nothing
     for image in images:
         _write_atomic(out / image.filename, image.png)

@@ -7,22 +7,44 @@ import math
 
 from stages.report.runs import EvaluatedRun
 
-_RECONSTRUCTION = ("mse", "mse_per_token", "nmse", "fve", "fve_per_token", "nmse_vs_zero", "fve_vs_zero", "cosine",
-                   "l2_ratio", "relative_reconstruction_bias")
+_RECONSTRUCTION = (
+    "mse",
+    "mse_per_token",
+    "nmse",
+    "fve",
+    "fve_per_token",
+    "nmse_vs_zero",
+    "fve_vs_zero",
+    "cosine",
+    "l2_ratio",
+    "relative_reconstruction_bias",
+)
 
 # Known keys in the order they are shown; keys eval adds later land in "other".
 GROUPS: dict[str, tuple[str, ...]] = {
     "sae": ("arch", "d_in", "d_sae", "k"),
     "reconstruction (normalized)": _RECONSTRUCTION,
     "reconstruction (raw scale)": tuple("raw_" + key for key in _RECONSTRUCTION),
-    "sparsity": ("l0", "l0_quantiles.p10", "l0_quantiles.p50", "l0_quantiles.p90", "l0_quantiles.max",
-                 "dead_fraction", "dense_fraction"),
+    "sparsity": (
+        "l0",
+        "l0_quantiles.p10",
+        "l0_quantiles.p50",
+        "l0_quantiles.p90",
+        "l0_quantiles.max",
+        "dead_fraction",
+        "dense_fraction",
+    ),
     "downstream": ("ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl", "kl_zero", "kl_div_score", "delta_loss"),
     "ablation": ("ablation_sparsity", "ablation_count"),
     "evaluated on": ("eval_rows", "downstream_tokens", "downstream_contexts", "splice_from", "model", "hook"),
 }
-_PREFIX_GROUPS = (("raw_", "reconstruction (raw scale)"), ("ablation_", "ablation"), ("ce_", "downstream"),
-                  ("kl_", "downstream"), ("l0_", "sparsity"))
+_PREFIX_GROUPS = (
+    ("raw_", "reconstruction (raw scale)"),
+    ("ablation_", "ablation"),
+    ("ce_", "downstream"),
+    ("kl_", "downstream"),
+    ("l0_", "sparsity"),
+)
 # Descriptions of the run or plot data, not metrics.
 _NOT_METRICS = {"run", "store", "store_fingerprint", "sae", "l0_histogram", "log10_density_histogram"}
 
@@ -92,8 +114,14 @@ def format_table(runs: list[EvaluatedRun]) -> str:
 
 def as_json(runs: list[EvaluatedRun]) -> str:
     """One object per run: its folder, label and flat metrics (NaN and infinities as null: valid JSON)."""
+
     def clean(value):
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
-    return json.dumps([{"run": str(run.path), "label": run.label} | {k: clean(v) for k, v in flat_metrics(run).items()}
-                       for run in runs], indent=2)
+    return json.dumps(
+        [
+            {"run": str(run.path), "label": run.label} | {k: clean(v) for k, v in flat_metrics(run).items()}
+            for run in runs
+        ],
+        indent=2,
+    )

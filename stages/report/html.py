@@ -111,10 +111,18 @@ def runs_table(page: Page) -> str:
     for run in page.runs:
         sae = run.sae_config
         browser = browsed.get(run.label)
-        cells = [run.label, run.path, sae.get("arch"), sae.get("d_sae"), sae.get("k"), run.eval.get("hook"),
-                 run.eval.get("model", "-"), run.eval.get("eval_rows"), browser.scanned_rows if browser else None]
-        rows.append("<tr>" + "".join(f"<td>{esc(format_value(c))}</td>"
-                                     for c in cells) + "</tr>")
+        cells = [
+            run.label,
+            run.path,
+            sae.get("arch"),
+            sae.get("d_sae"),
+            sae.get("k"),
+            run.eval.get("hook"),
+            run.eval.get("model", "-"),
+            run.eval.get("eval_rows"),
+            browser.scanned_rows if browser else None,
+        ]
+        rows.append("<tr>" + "".join(f"<td>{esc(format_value(c))}</td>" for c in cells) + "</tr>")
     header = "".join(f"<th>{esc(h)}</th>" for h in head)
     return f'<table class="runs"><tr>{header}</tr>{"".join(rows)}</table>'
 
@@ -123,8 +131,10 @@ def metric_tables(runs: list[EvaluatedRun]) -> str:
     out = []
     header = "<tr><th>metric</th>" + "".join(f"<th>{esc(run.label)}</th>" for run in runs) + "</tr>"
     for group, rows in grouped_rows(runs):
-        body = "".join(f"<tr><td>{esc(key)}</td>" + "".join(f"<td>{esc(format_value(v))}</td>" for v in values)
-                       + "</tr>" for key, values in rows)
+        body = "".join(
+            f"<tr><td>{esc(key)}</td>" + "".join(f"<td>{esc(format_value(v))}</td>" for v in values) + "</tr>"
+            for key, values in rows
+        )
         out.append(f"<table><caption>{esc(group)}</caption>{header}{body}</table>")
     return "".join(out)
 
@@ -140,22 +150,30 @@ def token_span(span, peak: bool, max_activation: float) -> str:
 
 
 def context_html(view: ContextView, max_activation: float) -> str:
-    spans = "".join(token_span(span, view.first_position + i == view.peak_position, max_activation)
-                    for i, span in enumerate(view.tokens))
+    spans = "".join(
+        token_span(span, view.first_position + i == view.peak_position, max_activation)
+        for i, span in enumerate(view.tokens)
+    )
     left = '<span class="cut">…</span>' if view.cut_left else ""
     right = '<span class="cut">…</span>' if view.cut_right else ""
-    return (f'<div class="context"><span class="ctx-meta">context {view.context} · peak {view.peak:.3g} '
-            f'at {view.peak_position}</span>{left}{spans}{right}</div>')
+    return (
+        f'<div class="context"><span class="ctx-meta">context {view.context} · peak {view.peak:.3g} '
+        f"at {view.peak_position}</span>{left}{spans}{right}</div>"
+    )
 
 
 def logit_table(latent: LatentView) -> str:
     if not latent.promoted:
         return ""
     cell = lambda token, value: f"<td>{esc(display_token(token, True))}</td><td>{value:+.3g}</td>"  # noqa: E731
-    rows = "".join(f"<tr>{cell(*promoted)}{cell(*suppressed)}</tr>"
-                   for promoted, suppressed in zip(latent.promoted, latent.suppressed))
-    return ('<table class="logits"><tr><th colspan="2">promoted tokens</th><th colspan="2">suppressed tokens</th></tr>'
-            f"{rows}</table>")
+    rows = "".join(
+        f"<tr>{cell(*promoted)}{cell(*suppressed)}</tr>"
+        for promoted, suppressed in zip(latent.promoted, latent.suppressed)
+    )
+    return (
+        '<table class="logits"><tr><th colspan="2">promoted tokens</th><th colspan="2">suppressed tokens</th></tr>'
+        f"{rows}</table>"
+    )
 
 
 def display_token(token: str, show_spaces: bool = False) -> str:
@@ -179,16 +197,20 @@ def display_token(token: str, show_spaces: bool = False) -> str:
 def latent_html(run: EvaluatedRun, browser: LatentBrowser, latent: LatentView, histogram: Image | None) -> str:
     tags = "".join(f'<span class="tag">{esc(reason)}</span>' for reason in latent.reasons)
     density = "-" if latent.density is None else f"{latent.density:.3g}"
-    stats = (f"firing fraction {density} · fired on {latent.fired:,} of {browser.scanned_rows:,} scanned rows · "
-             f"max activation {latent.max_activation:.4g}")
+    stats = (
+        f"firing fraction {density} · fired on {latent.fired:,} of {browser.scanned_rows:,} scanned rows · "
+        f"max activation {latent.max_activation:.4g}"
+    )
     contexts = "".join(context_html(view, latent.max_activation) for view in latent.contexts)
     if not contexts:
         contexts = '<p class="note">never fired on the scanned rows</p>'
     picture = img(histogram) if histogram is not None else ""
-    return (f'<section class="latent" id="{esc(run.slug)}-latent-{latent.latent}">'
-            f"<h4>latent {latent.latent}{tags}</h4><p class=\"meta\">{stats}</p>"
-            f'<div class="latent-top">{picture}{logit_table(latent)}</div>'
-            f'<div class="contexts">{contexts}</div></section>')
+    return (
+        f'<section class="latent" id="{esc(run.slug)}-latent-{latent.latent}">'
+        f'<h4>latent {latent.latent}{tags}</h4><p class="meta">{stats}</p>'
+        f'<div class="latent-top">{picture}{logit_table(latent)}</div>'
+        f'<div class="contexts">{contexts}</div></section>'
+    )
 
 
 def browser_html(run: EvaluatedRun, browser: LatentBrowser, histograms: dict[int, Image]) -> str:
@@ -208,18 +230,24 @@ def render(page: Page) -> str:
         ("density", "Feature density", figures(page.densities)),
         ("frontier", "Sparsity–fidelity frontier", figures(page.frontiers)),
         ("metrics", "Eval metrics", metric_tables(page.runs)),
-        ("latents", "Latent browser",
-         '<p class="meta">Top-activating held-out contexts (a window around each peak; shading is the '
-         "activation over the latent's max, grey tokens are positions the store keeps no row for), the "
-         "distribution of its non-zero activations, and the output tokens its decoder direction promotes "
-         "and suppresses through the unembedding.</p>"
-         + "".join(browser_html(run, browser, hist) for run, browser, hist in page.browsers)),
+        (
+            "latents",
+            "Latent browser",
+            '<p class="meta">Top-activating held-out contexts (a window around each peak; shading is the '
+            "activation over the latent's max, grey tokens are positions the store keeps no row for), the "
+            "distribution of its non-zero activations, and the output tokens its decoder direction promotes "
+            "and suppresses through the unembedding.</p>"
+            + "".join(browser_html(run, browser, hist) for run, browser, hist in page.browsers),
+        ),
     ]
     nav = "<nav>" + "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title, _ in sections) + "</nav>"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>saepipe report: {esc(', '.join(run.label for run in page.runs))}</title>"
-            f"<style>{CSS}</style></head><body>"
-            '<div id="check-banner" class="banner" hidden></div>'
-            f"<h1>SAE report</h1><p class=\"meta\">{len(page.runs)} run(s) · generated {esc(page.generated)}</p>"
-            + nav + "".join(section(*s) for s in sections)
-            + f"<script>{CHECK_SCRIPT}</script></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>saepipe report: {esc(', '.join(run.label for run in page.runs))}</title>"
+        f"<style>{CSS}</style></head><body>"
+        '<div id="check-banner" class="banner" hidden></div>'
+        f'<h1>SAE report</h1><p class="meta">{len(page.runs)} run(s) · generated {esc(page.generated)}</p>'
+        + nav
+        + "".join(section(*s) for s in sections)
+        + f"<script>{CHECK_SCRIPT}</script></body></html>\n"
+    )

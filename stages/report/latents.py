@@ -9,8 +9,8 @@ unshaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ class BrowseOptions:
 
 # -- choosing latents -------------------------------------------------------------------------------
 
+
 def parse_latents(text: str | None) -> tuple[int, ...]:
     if not text or not text.strip():
         return ()
@@ -98,7 +99,7 @@ def choose_latents(density: np.ndarray | None, d_sae: int, opts: BrowseOptions) 
     (a random dead latent would have nothing to show)."""
     chosen: dict[int, list[str]] = {latent: ["named"] for latent in opts.named}
     if density is not None and opts.n_top > 0:
-        for latent in np.argsort(-density, kind="stable")[:opts.n_top]:
+        for latent in np.argsort(-density, kind="stable")[: opts.n_top]:
             if density[latent] > 0:
                 chosen.setdefault(int(latent), []).append("top by frequency")
     pool = np.arange(d_sae) if density is None else np.flatnonzero(density > 0)
@@ -110,6 +111,7 @@ def choose_latents(density: np.ndarray | None, d_sae: int, opts: BrowseOptions) 
 
 
 # -- scanning eval rows -----------------------------------------------------------------------------
+
 
 class SaeInputs:
     """Eval rows in the SAE's input space: the stored rows as they are when the store normalizes them
@@ -132,8 +134,7 @@ class SaeInputs:
 
 
 def _batches(n: int, desc: str, progress: bool):
-    return tqdm(range(0, n, SCAN_BATCH), desc=desc, unit="batch", disable=not progress,
-                postfix={"rows": f"{n:,}"})
+    return tqdm(range(0, n, SCAN_BATCH), desc=desc, unit="batch", disable=not progress, postfix={"rows": f"{n:,}"})
 
 
 def scan_density(evaluated: EvaluatedSAE, inputs: SaeInputs, n: int, progress: bool) -> np.ndarray:
@@ -158,8 +159,9 @@ def _selected(code, latents: torch.Tensor, column: torch.Tensor, d_sae: int) -> 
     return code.dense(d_sae)[:, latents].float()
 
 
-def scan_activations(evaluated: EvaluatedSAE, inputs: SaeInputs, latents: list[int], n: int,
-                     progress: bool) -> np.ndarray:
+def scan_activations(
+    evaluated: EvaluatedSAE, inputs: SaeInputs, latents: list[int], n: int, progress: bool
+) -> np.ndarray:
     """Activations [len(latents), n] of the chosen latents on the first n eval rows."""
     sae = evaluated.sae
     index = torch.tensor(latents, dtype=torch.long, device=inputs.device)
@@ -176,6 +178,7 @@ def scan_activations(evaluated: EvaluatedSAE, inputs: SaeInputs, latents: list[i
 
 # -- contexts -------------------------------------------------------------------------------------
 
+
 class RowsByContext:
     """The scanned rows grouped by the context they came from."""
 
@@ -187,7 +190,7 @@ class RowsByContext:
         self.bounds = np.searchsorted(inverse[self.order], np.arange(len(self.ids) + 1))
 
     def rows(self, group: int) -> np.ndarray:
-        return self.order[self.bounds[group]:self.bounds[group + 1]]
+        return self.order[self.bounds[group] : self.bounds[group + 1]]
 
     def top_groups(self, acts: np.ndarray, count: int) -> list[int]:
         """Contexts with the highest peak activation (at most `count`, only those where it fired)."""
@@ -210,8 +213,9 @@ class TokenText:
         return self.cache[token]
 
 
-def context_view(tokens: np.ndarray, positions: np.ndarray, values: np.ndarray, context: int,
-                 text: TokenText) -> ContextView:
+def context_view(
+    tokens: np.ndarray, positions: np.ndarray, values: np.ndarray, context: int, text: TokenText
+) -> ContextView:
     """A window of one context around its peak, each token with its activation (None where not stored)."""
     by_position = dict(zip(positions.tolist(), values.tolist()))
     peak_position = int(positions[np.argmax(values)])
@@ -222,6 +226,7 @@ def context_view(tokens: np.ndarray, positions: np.ndarray, values: np.ndarray, 
 
 
 # -- output tokens --------------------------------------------------------------------------------
+
 
 def logit_effects(W_dec_rows: torch.Tensor, W_U: torch.Tensor, count: int, text: TokenText):
     """Per latent: the `count` output tokens its decoder direction raises most and lowers most through
@@ -239,8 +244,15 @@ def logit_effects(W_dec_rows: torch.Tensor, W_U: torch.Tensor, count: int, text:
 
 # -- the browser ----------------------------------------------------------------------------------
 
-def browse(evaluated: EvaluatedSAE, store: ActivationStore, density: np.ndarray | None, opts: BrowseOptions,
-           model_for: Callable[[str], object] | None, device: torch.device) -> tuple[LatentBrowser, np.ndarray | None]:
+
+def browse(
+    evaluated: EvaluatedSAE,
+    store: ActivationStore,
+    density: np.ndarray | None,
+    opts: BrowseOptions,
+    model_for: Callable[[str], object] | None,
+    device: torch.device,
+) -> tuple[LatentBrowser, np.ndarray | None]:
     """The browser of one run, and the per-latent firing fractions (scanned here when not given)."""
     sae = evaluated.sae
     check_latents(opts.named, sae.d_sae, evaluated.label)
@@ -269,20 +281,29 @@ def browse(evaluated: EvaluatedSAE, store: ActivationStore, density: np.ndarray 
     views = []
     for j, latent in enumerate(latents):
         values = acts[j][acts[j] > 0]
-        view = LatentView(latent, chosen[latent], float(density[latent]), int(len(values)),
-                          float(values.max()) if len(values) else 0.0, values)
+        view = LatentView(
+            latent,
+            chosen[latent],
+            float(density[latent]),
+            int(len(values)),
+            float(values.max()) if len(values) else 0.0,
+            values,
+        )
         for g in tops[latent]:
             rows = grouped.rows(g)
             context = int(grouped.ids[g])
-            view.contexts.append(context_view(token_rows[context], grouped.positions[rows], acts[j, rows], context,
-                                              text))
+            view.contexts.append(
+                context_view(token_rows[context], grouped.positions[rows], acts[j, rows], context, text)
+            )
         views.append(view)
 
     if model is not None:
         W_U = model.bridge.W_U.detach()
         if W_U.shape[0] != sae.d_in:
-            notes.append(f"the model's unembedding takes {W_U.shape[0]} dimensions, the SAE's decoder writes "
-                         f"{sae.d_in}: output-token tables left out")
+            notes.append(
+                f"the model's unembedding takes {W_U.shape[0]} dimensions, the SAE's decoder writes "
+                f"{sae.d_in}: output-token tables left out"
+            )
         else:
             rows = sae.W_dec.detach()[torch.tensor(latents, device=sae.W_dec.device)]
             for view, (promoted, suppressed) in zip(views, logit_effects(rows, W_U, opts.n_logits, text)):

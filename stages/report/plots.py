@@ -13,8 +13,12 @@ from matplotlib.figure import Figure
 from stages.report.runs import EvaluatedRun
 
 DENSITY_BINS = np.linspace(-8.0, 0.0, 41)  # log10 firing fraction, as eval's histogram
-TRAINING_KEYS = (("loss", "loss"), ("fve", "fraction of variance explained"), ("l0", "L0"),
-                 ("dead_fraction", "dead fraction"))
+TRAINING_KEYS = (
+    ("loss", "loss"),
+    ("fve", "fraction of variance explained"),
+    ("l0", "L0"),
+    ("dead_fraction", "dead fraction"),
+)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -83,8 +87,13 @@ def density_histogram(run: EvaluatedRun, density: np.ndarray | None, color: str,
     ax.bar(edges[:-1], counts, width=width, align="edge", color=color, label="alive latents")
     dead_x = float(edges[0]) - 2 * width
     total = int(counts.sum()) + dead
-    ax.bar([dead_x], [dead], width=width * 1.5, color="0.55",
-           label=f"dead: {dead:,} of {total:,} ({dead / max(total, 1):.1%})")
+    ax.bar(
+        [dead_x],
+        [dead],
+        width=width * 1.5,
+        color="0.55",
+        label=f"dead: {dead:,} of {total:,} ({dead / max(total, 1):.1%})",
+    )
     ax.axvline(math.log10(0.1), color="0.3", linestyle=":", linewidth=1, label="dense (10%)")
     ax.set_xlabel("log10 firing fraction on eval tokens")
     ax.set_ylabel("latents")

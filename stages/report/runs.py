@@ -47,8 +47,9 @@ def read_density(path: Path, d_sae: int | None) -> np.ndarray | None:
         return None
     density = np.load(file)
     if d_sae is not None and density.shape != (d_sae,):
-        print(f"warning: {file} holds {density.shape} values for an SAE of {d_sae} latents; ignoring it",
-              file=sys.stderr)
+        print(
+            f"warning: {file} holds {density.shape} values for an SAE of {d_sae} latents; ignoring it", file=sys.stderr
+        )
         return None
     return density.astype(np.float64)
 

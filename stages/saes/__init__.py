@@ -10,8 +10,14 @@ from stages.saes.matryoshka import MatryoshkaSAE
 from stages.saes.relu import ReLUSAE
 from stages.saes.topk import TopKSAE
 
-ARCHITECTURES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "matryoshka": MatryoshkaSAE, "relu": ReLUSAE,
-                 "jumprelu": JumpReLUSAE, "mp": MatchingPursuitSAE}
+ARCHITECTURES = {
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "matryoshka": MatryoshkaSAE,
+    "relu": ReLUSAE,
+    "jumprelu": JumpReLUSAE,
+    "mp": MatchingPursuitSAE,
+}
 
 
 def build_sae(config: dict) -> SparseAutoencoder:
@@ -20,4 +26,15 @@ def build_sae(config: dict) -> SparseAutoencoder:
     return ARCHITECTURES[config["arch"]](**params)
 
 
-__all__ = ["ARCHITECTURES", "BatchTopKSAE", "MatryoshkaSAE", "JumpReLUSAE", "MatchingPursuitSAE", "ReLUSAE", "SparseAutoencoder", "SparseCode", "TopKSAE", "build_sae"]
+__all__ = [
+    "ARCHITECTURES",
+    "BatchTopKSAE",
+    "MatryoshkaSAE",
+    "JumpReLUSAE",
+    "MatchingPursuitSAE",
+    "ReLUSAE",
+    "SparseAutoencoder",
+    "SparseCode",
+    "TopKSAE",
+    "build_sae",
+]

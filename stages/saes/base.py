@@ -144,8 +144,9 @@ class SparseAutoencoder(nn.Module):
         decoder rows (also what AuxK reconstructs the residual with), never a dense d_sae matmul."""
         if isinstance(code, DenseCode):
             return code.values.to(self.W_dec.dtype) @ self.W_dec
-        return nn.functional.embedding_bag(code.indices, self.W_dec, per_sample_weights=code.values.to(self.W_dec.dtype),
-                                           mode="sum")
+        return nn.functional.embedding_bag(
+            code.indices, self.W_dec, per_sample_weights=code.values.to(self.W_dec.dtype), mode="sum"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -194,21 +195,28 @@ class _SelectedPreActs(torch.autograd.Function):
         latents = indices.reshape(-1)
         grad_bias = grad.new_zeros(ctx.d_sae).index_add_(0, latents, grad.reshape(-1))
         rows = torch.arange(n, device=x.device).repeat_interleave(k)
-        scatter = torch.sparse_coo_tensor(torch.stack([latents, rows]), grad.reshape(-1), (ctx.d_sae, n),
-                                          check_invariants=False)  # valid by construction
+        scatter = torch.sparse_coo_tensor(
+            torch.stack([latents, rows]), grad.reshape(-1), (ctx.d_sae, n), check_invariants=False
+        )  # valid by construction
         grad_W_enc = torch.sparse.mm(scatter, x).t()  # [d_in, d_sae]
         return None, grad_W_enc, grad_bias, None, None
 
 
-def reconstruction_metrics(x: torch.Tensor, sq_err: torch.Tensor, code, d_sae: int, loss: torch.Tensor,
-                           aux: torch.Tensor) -> dict[str, torch.Tensor]:
+def reconstruction_metrics(
+    x: torch.Tensor, sq_err: torch.Tensor, code, d_sae: int, loss: torch.Tensor, aux: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The per-batch metrics every architecture's training_loss reports (detached)."""
     with torch.no_grad():
         # fve over the global batch under data parallelism (the other metrics are averaged over ranks later)
         variance = distributed.global_mean((x - distributed.global_mean(x.mean(dim=0))).pow(2).sum(dim=-1).mean())
-        return {"loss": loss.detach(), "mse": sq_err.mean().detach() / x.shape[-1], "aux_loss": aux.detach(),
-                "fve": 1 - distributed.global_mean(sq_err.mean().detach()) / variance, "l0": code.l0().float().mean(),
-                "fire_counts": code.fire_counts(d_sae)}
+        return {
+            "loss": loss.detach(),
+            "mse": sq_err.mean().detach() / x.shape[-1],
+            "aux_loss": aux.detach(),
+            "fve": 1 - distributed.global_mean(sq_err.mean().detach()) / variance,
+            "l0": code.l0().float().mean(),
+            "fire_counts": code.fire_counts(d_sae),
+        }
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-7) -> torch.Tensor:

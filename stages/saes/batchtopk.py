@@ -114,8 +114,11 @@ class BatchTopKSAE(TopKSAE):
         mse_sum = torch.zeros((), device=x.device)
         start = 0
         for end in self.prefixes:  # each prefix's reconstruction adds the latents [start, end)
-            band = code if (start, end) == (0, self.d_sae) else SparseCode(
-                code.values * ((code.indices >= start) & (code.indices < end)), code.indices)
+            band = (
+                code
+                if (start, end) == (0, self.d_sae)
+                else SparseCode(code.values * ((code.indices >= start) & (code.indices < end)), code.indices)
+            )
             recon = recon + self.decode_rows(band)
             sq_err = (recon - x).pow(2).sum(dim=-1)
             mse_sum = mse_sum + sq_err.mean()

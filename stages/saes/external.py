@@ -29,5 +29,9 @@ class ExternalSAE(SparseAutoencoder):
         return self.inner.decode(code.dense(self.d_sae))
 
     def config(self) -> dict:
-        return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae,
-                "architecture": self.inner.cfg.architecture()}
+        return {
+            "arch": self.arch,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "architecture": self.inner.cfg.architecture(),
+        }

@@ -122,8 +122,15 @@ def check_target_l0(target_l0, width: int) -> str | None:
 class JumpReLUSAE(SparseAutoencoder):
     arch = "jumprelu"
 
-    def __init__(self, d_in: int, d_sae: int, bandwidth: float | None = 0.001, init_threshold: float | None = 0.001,
-                 l0_coef: float | None = None, target_l0: float | None = None):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        bandwidth: float | None = 0.001,
+        init_threshold: float | None = 0.001,
+        l0_coef: float | None = None,
+        target_l0: float | None = None,
+    ):
         bandwidth = default_bandwidth(d_in) if bandwidth is None else float(bandwidth)
         init_threshold = default_init_threshold(d_in, d_sae) if init_threshold is None else float(init_threshold)
         if not (bandwidth > 0 and math.isfinite(bandwidth)):
@@ -199,5 +206,10 @@ class JumpReLUSAE(SparseAutoencoder):
         return ArchExport("jumprelu", {}, {"threshold": self.threshold().detach()})
 
     def config(self) -> dict:
-        return {**super().config(), "bandwidth": self.bandwidth, "init_threshold": self.init_threshold,
-                "l0_coef": self.l0_coef, "target_l0": self.target_l0}
+        return {
+            **super().config(),
+            "bandwidth": self.bandwidth,
+            "init_threshold": self.init_threshold,
+            "l0_coef": self.l0_coef,
+            "target_l0": self.target_l0,
+        }

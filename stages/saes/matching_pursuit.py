@@ -65,8 +65,14 @@ class Pursuit:
 class MatchingPursuitSAE(SparseAutoencoder):
     arch = "mp"
 
-    def __init__(self, d_in: int, d_sae: int, k: int | None = DEFAULT_K, residual_threshold: float | None = None,
-                 max_iterations: int | None = None):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int | None = DEFAULT_K,
+        residual_threshold: float | None = None,
+        max_iterations: int | None = None,
+    ):
         dynamic = residual_threshold is not None or max_iterations is not None
         if dynamic and k is not None:
             raise ValueError("k is the static variant's step count; the dynamic variant takes none")
@@ -95,8 +101,10 @@ class MatchingPursuitSAE(SparseAutoencoder):
             check_k(cfg)
             return
         if cfg.k is not None:
-            raise SaepipeError("--k sets the static matching pursuit's steps; the dynamic variant "
-                               "(--residual-threshold, --max-iterations) takes none: cap it with --max-iterations")
+            raise SaepipeError(
+                "--k sets the static matching pursuit's steps; the dynamic variant "
+                "(--residual-threshold, --max-iterations) takes none: cap it with --max-iterations"
+            )
         if cfg.residual_threshold is not None and not 0 < cfg.residual_threshold < float("inf"):
             raise SaepipeError(f"--residual-threshold must be a positive number, got {cfg.residual_threshold}")
         if cfg.max_iterations is not None and cfg.max_iterations < 1:
@@ -165,7 +173,7 @@ class MatchingPursuitSAE(SparseAutoencoder):
         block = CPU_ROW_BLOCK if r.device.type == "cpu" else r.shape[0]
         if r.shape[0] <= block:
             return self._select_rows(r, W, G, keep_residual)
-        parts = [self._select_rows(r[i:i + block], W, G, keep_residual) for i in range(0, r.shape[0], block)]
+        parts = [self._select_rows(r[i : i + block], W, G, keep_residual) for i in range(0, r.shape[0], block)]
         width = max(p[0].shape[1] for p in parts)  # dynamic blocks may stop after different step counts
 
         def padded(t: torch.Tensor, fill) -> torch.Tensor:
@@ -243,14 +251,24 @@ class MatchingPursuitSAE(SparseAutoencoder):
         # residual_threshold 0 disables the threshold, max_iterations caps the steps. Static: k steps, no
         # stopping rule; dynamic: our threshold (in input units: the export divides it by the
         # normalization's scale) and stop_on_duplicate_support.
-        return ArchExport("matching_pursuit",
-                          {"residual_threshold": float(self.residual_threshold or 0.0),
-                           "max_iterations": int(self.iterations), "stop_on_duplicate_support": self.dynamic},
-                          tied=True, input_units=("residual_threshold",))
+        return ArchExport(
+            "matching_pursuit",
+            {
+                "residual_threshold": float(self.residual_threshold or 0.0),
+                "max_iterations": int(self.iterations),
+                "stop_on_duplicate_support": self.dynamic,
+            },
+            tied=True,
+            input_units=("residual_threshold",),
+        )
 
     def config(self) -> dict:
-        return {**super().config(), "k": self.k, "residual_threshold": self.residual_threshold,
-                "max_iterations": self.max_iterations}
+        return {
+            **super().config(),
+            "k": self.k,
+            "residual_threshold": self.residual_threshold,
+            "max_iterations": self.max_iterations,
+        }
 
 
 class _PursuitReplay(torch.autograd.Function):

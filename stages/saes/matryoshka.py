@@ -58,8 +58,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         if cfg.groups is None:
             w = cfg.width
             example = f"{w // 8},{w // 2},{w}" if w >= 8 else str(w)
-            raise SaepipeError(f"--arch matryoshka needs --groups: increasing prefix sizes ending at --width {w}, "
-                               f"e.g. {example}")
+            raise SaepipeError(
+                f"--arch matryoshka needs --groups: increasing prefix sizes ending at --width {w}, e.g. {example}"
+            )
         problem = groups_problem(tuple(cfg.groups), cfg.width)
         if problem:
             raise SaepipeError(f"--groups {problem}")

@@ -60,8 +60,14 @@ class ReLUSAE(SparseAutoencoder):
     arch = "relu"
     unit_norm_decoder = False  # the L1 term is weighted by decoder norms instead
 
-    def __init__(self, d_in: int, d_sae: int, l1_coef: float | None = None, l1_warmup_frac: float = 0.05,
-                 ghost_grads: bool = False):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        l1_coef: float | None = None,
+        l1_warmup_frac: float = 0.05,
+        ghost_grads: bool = False,
+    ):
         l1_coef = default_l1_coef(d_in) if l1_coef is None else float(l1_coef)
         if not l1_coef >= 0:
             raise ValueError(f"l1_coef must be >= 0, got {l1_coef}")
@@ -112,8 +118,9 @@ class ReLUSAE(SparseAutoencoder):
         metrics["sparsity_loss"] = sparsity.detach()
         return loss, metrics
 
-    def ghost_loss(self, x: torch.Tensor, residual: torch.Tensor, mse_term: torch.Tensor,
-                   dead: torch.Tensor | None) -> torch.Tensor:
+    def ghost_loss(
+        self, x: torch.Tensor, residual: torch.Tensor, mse_term: torch.Tensor, dead: torch.Tensor | None
+    ) -> torch.Tensor:
         """The ghost-grads term (see the module docstring); zero when no latent is dead."""
         if dead is None or not bool(dead.any()):
             return torch.zeros((), device=x.device)
@@ -136,5 +143,9 @@ class ReLUSAE(SparseAutoencoder):
         return ArchExport("standard")
 
     def config(self) -> dict:
-        return {**super().config(), "l1_coef": self.l1_coef, "l1_warmup_frac": self.l1_warmup_frac,
-                "ghost_grads": self.ghost_grads}
+        return {
+            **super().config(),
+            "l1_coef": self.l1_coef,
+            "l1_warmup_frac": self.l1_warmup_frac,
+            "ghost_grads": self.ghost_grads,
+        }

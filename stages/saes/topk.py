@@ -11,7 +11,6 @@ from pipeline import distributed
 from pipeline.errors import SaepipeError
 from stages.saes.base import ArchExport, SparseAutoencoder, SparseCode, TrainContext, reconstruction_metrics
 
-
 DEFAULT_K = 32
 
 
@@ -60,8 +59,9 @@ class TopKSAE(SparseAutoencoder):
         loss = sq_err.mean() / ctx.mse_scale + self.aux_coef * aux
         return loss, reconstruction_metrics(x, sq_err, code, self.d_sae, loss, aux)
 
-    def auxk_loss(self, x: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor,
-                  dead: torch.Tensor | None) -> torch.Tensor:
+    def auxk_loss(
+        self, x: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None
+    ) -> torch.Tensor:
         """The top `aux_k` dead latents reconstruct the main reconstruction's (detached) residual; the
         error is normalized by the residual's own variance. Zero when nothing is dead. `pre`: the
         batch's pre-activations, computed without autograd."""
@@ -85,4 +85,3 @@ class TopKSAE(SparseAutoencoder):
 
     def config(self) -> dict:
         return {**super().config(), "k": self.k, "aux_k": self.aux_k, "aux_coef": self.aux_coef}
-
