@@ -1,3 +1,5 @@
-"""What the user touches: the `saepipe` CLI, configuration, host models, text sources, run folders."""
+"""What the user touches: the `saepipe` CLI and the tools built on the stages (bench, quality, soak)."""
 
-__version__ = "0.1.0"
+from stages import __version__
+
+__all__ = ["__version__"]

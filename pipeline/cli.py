@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from pipeline import __version__
 from pipeline.config import DEFAULT_DATASET, DEFAULT_HOOK, DEFAULT_MODEL, CollectConfig, TrainConfig
-from pipeline.errors import SaepipeError
+from stages import __version__
+from stages.basics.errors import SaepipeError
 from stages.report.commands import compare, report  # click and nothing heavy at import
 
 EXIT_USER_ERROR = 2

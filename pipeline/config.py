@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pipeline.errors import SaepipeError
+from stages.basics.errors import SaepipeError
 from store_schema.normalization import MODES as NORMALIZATION_MODES
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import run_dir
-from pipeline.errors import SaepipeError
+from stages.basics import run_dir
+from stages.basics.errors import SaepipeError
 
 
 def describe(path: str) -> dict:

@@ -37,8 +37,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from pipeline.device import resolve_device as _resolve_device
-from pipeline.errors import SaepipeError, first_line
+from stages.basics.device import resolve_device as _resolve_device
+from stages.basics.errors import SaepipeError, first_line
 from store_schema.lock import pid_alive
 
 DEFAULT_MODEL_NAME = "smollm2-135m"

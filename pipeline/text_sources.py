@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import SaepipeError, first_line
+from stages.basics.errors import SaepipeError, first_line
 
 PYTHON_DOCS = "python-docs"
 

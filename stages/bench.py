@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from pipeline.config import CollectConfig, TrainConfig
-from pipeline.device import resolve_device
-from pipeline.errors import SaepipeError
+from stages.basics.device import resolve_device
+from stages.basics.errors import SaepipeError
 
 TARGETS = {
     "read_vs_memmap": (">=", 0.7),
@@ -181,8 +181,8 @@ def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, devic
     """Our training loop's step (stages.train._Run.step) on in-memory batches."""
     import contextlib
 
-    from pipeline import run_dir
-    from pipeline.distributed import World
+    from stages.basics import run_dir
+    from stages.basics.distributed import World
     from stages.train import _Run
     from store_schema.reader import open_store
 

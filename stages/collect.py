@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import __version__
 from pipeline.config import CollectConfig
-from pipeline.errors import SaepipeError
+from stages import __version__
+from stages.basics.errors import SaepipeError
 from store_schema import schema
 from store_schema.lock import StoreLock
 from store_schema.normalization import Normalization

@@ -19,9 +19,9 @@ import sys
 
 import numpy as np
 
-from pipeline import __version__
 from pipeline.config import CollectConfig
-from pipeline.errors import SaepipeError
+from stages import __version__
+from stages.basics.errors import SaepipeError
 from store_schema import schema
 from store_schema.reader import ActivationStore
 from store_schema.writer import StoreWriter

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import CollectConfig
-from pipeline.errors import SaepipeError
+from stages.basics.errors import SaepipeError
 from stages.collect import (
     BlockSummary,
     BlockTask,

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import run_dir
-from pipeline.device import resolve_device
-from pipeline.errors import SaepipeError
 from stages.ablation import ablation_sparsity
+from stages.basics import run_dir
+from stages.basics.device import resolve_device
+from stages.basics.errors import SaepipeError
 from stages.eval_metrics import ReconstructionStats, SparsityStats
 from stages.saes import SparseAutoencoder
 from stages.saes.external import ExternalSAE

@@ -14,11 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from pipeline import run_dir
 from pipeline.config import TrainConfig
-from pipeline.device import resolve_device
-from pipeline.errors import SaepipeError
 from stages import evaluate
+from stages.basics import run_dir
+from stages.basics.device import resolve_device
+from stages.basics.errors import SaepipeError
 from stages.train import run_train
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import open_store

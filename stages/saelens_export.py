@@ -166,7 +166,7 @@ def _saelens_version() -> str:
 
 def _saepipe_version() -> str | None:
     try:
-        from pipeline import __version__
+        from stages import __version__
     except ImportError:  # pragma: no cover - the package is part of this repository
         return None
     return __version__

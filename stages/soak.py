@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import SaepipeError
+from stages.basics.errors import SaepipeError
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -6,7 +6,7 @@ scaled by a constant fixed at the start, AuxK on dead latents, Adam with linear 
 
 Under torchrun (`saepipe train --nproc N`) the loop is data parallel: every rank builds the same SAE,
 reads a disjoint 1/N of each global batch, and DDP averages the gradients; the batch statistics an SAE
-needs are taken over the global batch (pipeline.distributed), so N ranks train what one process would.
+needs are taken over the global batch (stages.basics.distributed), so N ranks train what one process would.
 Rank 0 alone writes the run folder.
 """
 
@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import __version__, distributed, run_dir
 from pipeline.config import TrainConfig
-from pipeline.device import resolve_device
-from pipeline.errors import SaepipeError
+from stages import __version__
+from stages.basics import distributed, run_dir
+from stages.basics.device import resolve_device
+from stages.basics.errors import SaepipeError
 from stages.saes import ARCHITECTURES, SparseAutoencoder
 from stages.saes.base import TrainContext, geometric_median
 from store_schema.loader import ShuffledBatches

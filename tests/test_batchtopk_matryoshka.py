@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import run_dir
 from pipeline.config import TrainConfig
-from pipeline.errors import SaepipeError
 from stages import train as train_stage
+from stages.basics import run_dir
+from stages.basics.errors import SaepipeError
 from stages.saelens_export import export_saelens
 from stages.saes import build_sae
 from stages.saes.base import TrainContext

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pipeline.config import CollectConfig
-from pipeline.errors import SaepipeError
 from stages import collect as collect_stage
+from stages.basics.errors import SaepipeError
 from store_schema.reader import open_store
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")

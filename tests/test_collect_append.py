@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import CollectConfig
-from pipeline.errors import SaepipeError
+from stages.basics.errors import SaepipeError
 from stages.collect import plan_action, run_collect
 from stages.synthetic import write_array_store
 from store_schema.reader import open_store

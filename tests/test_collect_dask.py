@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import CollectConfig
-from pipeline.errors import SaepipeError
 from stages import collect_dask
+from stages.basics.errors import SaepipeError
 from stages.collect import run_collect
 from store_schema.reader import open_store
 from store_schema.writer import StoreWriter

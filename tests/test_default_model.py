@@ -83,7 +83,7 @@ def test_eval_of_the_default_model(trained):
 def test_saelens_export_matches_on_real_raw_activations(trained):
     sae_lens = pytest.importorskip("sae_lens")
     from pipeline.host_models import load_host_model, run_to_hooks
-    from pipeline.run_dir import load_sae
+    from stages.basics.run_dir import load_sae
     from stages.evaluate import run_normalization
 
     store, out = trained

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import run_dir
 from pipeline.config import TrainConfig
-from pipeline.errors import SaepipeError
+from stages.basics import run_dir
+from stages.basics.errors import SaepipeError
 from stages.synthetic import write_array_store
 from stages.train import run_sweep
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import host_models
-from pipeline.errors import SaepipeError
 from pipeline.host_models import (
     BLOCK_HOOKS,
     ByteTokenizer,
@@ -25,6 +24,7 @@ from pipeline.host_models import (
     run_to_hooks,
     validate_hooks,
 )
+from stages.basics.errors import SaepipeError
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import run_dir
 from pipeline.config import TrainConfig
-from pipeline.errors import SaepipeError
 from stages import train as train_stage
+from stages.basics import run_dir
+from stages.basics.errors import SaepipeError
 from stages.saes import build_sae
 from stages.saes.base import TrainContext
 from stages.saes.matching_pursuit import MatchingPursuitSAE, merge_picks

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.config import CollectConfig
-from pipeline.errors import SaepipeError
 from stages import collect as collect_stage
+from stages.basics.errors import SaepipeError
 from stages.synthetic import write_array_store
 from store_schema import schema
 from store_schema.loader import ShuffledBatches

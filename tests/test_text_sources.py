@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.errors import SaepipeError
 from pipeline.text_sources import TextSource, open_text_source, pack_contexts
+from stages.basics.errors import SaepipeError
 
 BOS, SEP = 1000, 999
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from pipeline import run_dir
 from pipeline.config import TrainConfig
 from stages import train as train_stage
+from stages.basics import run_dir
 from stages.saes import TopKSAE
 from stages.saes.base import TrainContext, geometric_median
 from stages.saes.batchtopk import BatchTopKSAE

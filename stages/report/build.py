@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.device import resolve_device
-from pipeline.errors import SaepipeError
+from stages.basics.device import resolve_device
+from stages.basics.errors import SaepipeError
 from stages.report import plots
 from stages.report.html import Image, Page, render
 from stages.report.latents import BrowseOptions, browse, check_latents

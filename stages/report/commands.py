@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import SaepipeError
+from stages.basics.errors import SaepipeError
 
 
 def _positive(name: str, value: int, minimum: int = 0) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.errors import SaepipeError
+from stages.basics.errors import SaepipeError
 from stages.evaluate import EvaluatedSAE
 from stages.saes.base import SparseCode
 from store_schema.reader import ActivationStore

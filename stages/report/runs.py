@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import run_dir
-from pipeline.errors import SaepipeError
+from stages.basics import run_dir
+from stages.basics.errors import SaepipeError
 
 
 @dataclass

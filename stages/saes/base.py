@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pipeline import distributed
+from stages.basics import distributed
 
 
 @dataclass

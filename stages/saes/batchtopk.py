@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import distributed
+from stages.basics import distributed
 from stages.saes.base import ArchExport, DenseCode, SparseCode, TrainContext, reconstruction_metrics
 from stages.saes.topk import TopKSAE
 

@@ -51,8 +51,8 @@ import math
 
 import torch
 
-from pipeline import distributed
-from pipeline.errors import SaepipeError
+from stages.basics import distributed
+from stages.basics.errors import SaepipeError
 from stages.saes.base import ArchExport, DenseCode, SparseAutoencoder, TrainContext, reconstruction_metrics
 
 # λ per active latent per token, in units of the normalized MSE (‖x − x̂‖²/mse_scale ≈ the fraction of
@@ -183,7 +183,7 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def l0_penalty(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, L̄0): the sparsity term before λ and the batch's mean L0, both differentiable w.r.t. θ."""
-        # The global batch's mean: the target penalty is not linear in it (see pipeline.distributed).
+        # The global batch's mean: the target penalty is not linear in it (see stages.basics.distributed).
         l0 = distributed.global_mean(StepFunction.apply(pre, self.threshold(), self.bandwidth).sum(dim=-1).mean())
         if self.target_l0 is None:
             return l0, l0

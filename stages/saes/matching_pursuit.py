@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.errors import SaepipeError
+from stages.basics.errors import SaepipeError
 from stages.saes.base import ArchExport, SparseAutoencoder, SparseCode, TrainContext, reconstruction_metrics
 from stages.saes.topk import DEFAULT_K, check_k
 

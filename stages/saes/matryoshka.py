@@ -16,7 +16,7 @@ shapes training. The prefix reconstructions are built incrementally, one sparse 
 
 from __future__ import annotations
 
-from pipeline.errors import SaepipeError
+from stages.basics.errors import SaepipeError
 from stages.saes.batchtopk import BatchTopKSAE
 from stages.saes.topk import DEFAULT_K, check_k
 

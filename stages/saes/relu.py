@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import distributed
-from pipeline.errors import SaepipeError
+from stages.basics import distributed
+from stages.basics.errors import SaepipeError
 from stages.saes.base import ArchExport, DenseCode, SparseAutoencoder, TrainContext, reconstruction_metrics
 
 DEFAULT_L1_COEF_TIMES_D = 5.0  # the April-2024 recipe's λ; ours is this / d_in (see the module docstring)

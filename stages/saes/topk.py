@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import distributed
-from pipeline.errors import SaepipeError
+from stages.basics import distributed
+from stages.basics.errors import SaepipeError
 from stages.saes.base import ArchExport, SparseAutoencoder, SparseCode, TrainContext, reconstruction_metrics
 
 DEFAULT_K = 32

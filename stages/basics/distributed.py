@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import SaepipeError
+from stages.basics.errors import SaepipeError
 
 
 @dataclass(frozen=True)

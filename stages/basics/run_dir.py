@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import SaepipeError, first_line
+from stages.basics.errors import SaepipeError, first_line
 
 SAE_WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"

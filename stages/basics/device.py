@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.errors import SaepipeError
+from stages.basics.errors import SaepipeError
 
 
 def resolve_device(device: str = "auto") -> torch.device:
