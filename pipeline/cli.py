@@ -500,7 +500,7 @@ def store_verify(path: str, no_progress: bool) -> None:
 @click.argument("name", default=DEFAULT_MODEL)
 def prepare_model(name: str) -> None:
     """Convert the offline default model once into the user cache (done by `make setup`)."""
-    from pipeline.host_models import prepare_default_model
+    from stages.host_model.smollm2 import prepare_default_model
 
     if name != DEFAULT_MODEL:
         raise SaepipeError(f"only the offline default {DEFAULT_MODEL} needs preparing; other models load directly")

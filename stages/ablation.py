@@ -33,7 +33,7 @@ def ablation_sparsity(
 ) -> dict:
     """`token_rows` [n, ctx] are held-out contexts and `stored` [n, ctx] marks the positions a store keeps
     (the only positions ablated). Returns the mean sparsity, its spread and the number of ablations."""
-    from pipeline.host_models import logits_with_hook_replaced, run_to_hooks
+    from stages.host_model.model import logits_with_hook_replaced, run_to_hooks
 
     rng = np.random.default_rng(seed)
     device = next(sae.parameters()).device

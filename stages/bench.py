@@ -382,7 +382,8 @@ class _CollectSetup:
 
 
 def _collect_setup(cfg: BenchConfig, workdir: Path, device: torch.device) -> _CollectSetup:
-    from pipeline.host_models import load_host_model, validate_hooks
+    from stages.host_model.loading import load_host_model
+    from stages.host_model.model import validate_hooks
 
     model = load_host_model(cfg.model, str(device))
     hooks = validate_hooks(model, [cfg.collect_hook])
@@ -419,7 +420,7 @@ def _collect_sizes(cfg: BenchConfig) -> dict:
 
 
 def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
-    from pipeline.host_models import run_to_hooks
+    from stages.host_model.model import run_to_hooks
 
     setup = _collect_setup(cfg, workdir, device)
     setup.collect_side()  # warm-up, and the contexts for the forward side
@@ -451,7 +452,7 @@ def bench_collect_saelens(cfg: BenchConfig, workdir: Path, device: torch.device)
     from datasets import Dataset
     from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
 
-    from pipeline.host_models import DEFAULT_MODEL_NAME, prepare_default_model
+    from stages.host_model.smollm2 import DEFAULT_MODEL_NAME, prepare_default_model
 
     cfg.check()
     layer = _saelens_layer(cfg.collect_hook)
@@ -509,7 +510,7 @@ def _hf_block_name(model, layer: int) -> str:
 
 
 def _python_docs(characters: int) -> list[str]:
-    from pipeline.text_sources import open_text_source
+    from stages.text.sources import open_text_source
 
     docs, total = [], 0
     for doc in open_text_source("python-docs").documents():

@@ -196,7 +196,7 @@ def _collect_to_remote(cfg: CollectConfig, model) -> str:
     import dataclasses
     import hashlib
 
-    from pipeline.host_models import cache_dir
+    from stages.basics.cache import cache_dir
     from store_schema.copy import copy_store
 
     try:
@@ -247,7 +247,8 @@ def _collect_locked(cfg: CollectConfig, model) -> Path:
             writer = _open_or_create(cfg, facts, facts.hooks, action)
             collect_dask.fill_store(cfg, client, writer, facts)
     else:
-        from pipeline.host_models import load_host_model, validate_hooks
+        from stages.host_model.loading import load_host_model
+        from stages.host_model.model import validate_hooks
 
         if model is None:
             model = load_host_model(cfg.model, cfg.device, cfg.dtype)
@@ -290,7 +291,8 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: str) ->
 
 
 def _create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
-    from pipeline.text_sources import open_text_source, pack_contexts
+    from stages.text.packing import pack_contexts
+    from stages.text.sources import open_text_source
 
     source = open_text_source(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column)
     tok = model.tokenizer
@@ -439,7 +441,7 @@ def forward_block(
 ) -> Block:
     """Run the model over the block's contexts (`tokens`, `keep`: their rows of the store's tokens and
     stored-position mask); `on_rows(n)` hears of the rows of each batch."""
-    from pipeline.host_models import run_to_hooks
+    from stages.host_model.model import run_to_hooks
 
     raw: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     row_context, row_position, dropped = [], [], []

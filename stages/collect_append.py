@@ -92,7 +92,8 @@ def begin(cfg: CollectConfig, model, writer: StoreWriter) -> None:
 
 
 def _pack(cfg: CollectConfig, tok, header: dict, first: int, n_contexts: int) -> np.ndarray:
-    from pipeline.text_sources import open_text_source, pack_contexts
+    from stages.text.packing import pack_contexts
+    from stages.text.sources import open_text_source
 
     def source_documents():
         return open_text_source(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column).documents()

@@ -120,7 +120,7 @@ def _worker_model(cfg: CollectConfig):
     import torch
     from distributed import get_worker
 
-    from pipeline.host_models import load_host_model
+    from stages.host_model.loading import load_host_model
 
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     key = (cfg.model, worker_device(cfg.device, get_worker().name, n_gpus), cfg.dtype)
@@ -144,7 +144,7 @@ class ModelFacts:
 
 
 def _describe(cfg: CollectConfig) -> ModelFacts:
-    from pipeline.host_models import validate_hooks
+    from stages.host_model.model import validate_hooks
 
     model = _worker_model(cfg)
     return ModelFacts(

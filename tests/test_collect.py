@@ -37,7 +37,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_rows_are_the_models_activations_at_their_recorded_positions(tmp_path):
-    from pipeline.host_models import load_host_model, run_to_hooks
+    from stages.host_model.loading import load_host_model
+    from stages.host_model.model import run_to_hooks
 
     collect_stage.run_collect(CollectConfig(out=str(tmp_path / "s.zarr"), **SMALL))
     store = open_store(tmp_path / "s.zarr")
@@ -203,7 +204,7 @@ def test_out_that_is_not_a_store_is_refused(tmp_path):
 @pytest.fixture
 def nan_in_context(monkeypatch):
     """Make the model produce NaN activations for every context whose second token is even."""
-    from pipeline import host_models
+    from stages.host_model import model as host_models
 
     real = host_models.run_to_hooks
     poisoned = []
@@ -257,7 +258,7 @@ def test_bad_collect_settings_are_named(tmp_path, change, message):
 
 
 def test_massive_activation_rows_are_left_out_and_counted(tmp_path, monkeypatch):
-    from pipeline import host_models
+    from stages.host_model import model as host_models
 
     real = host_models.run_to_hooks
 

@@ -90,7 +90,8 @@ def whole_chunks_below(store_path: Path, header: dict) -> dict[str, bytes]:
 
 
 def test_an_append_grows_the_store_and_leaves_every_committed_byte_as_it_was(base, corpus, tmp_path):
-    from pipeline.host_models import load_host_model, run_to_hooks
+    from stages.host_model.loading import load_host_model
+    from stages.host_model.model import run_to_hooks
 
     path = copy_of(base, tmp_path)
     before = open_store(path)

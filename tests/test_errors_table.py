@@ -20,8 +20,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import host_models
 from pipeline.cli import main
+from stages import host_model as host_models
 from stages.synthetic import write_array_store
 from store_schema.lock import lock_path
 from store_schema.writer import StoreWriter
@@ -256,8 +256,8 @@ def _no_saelens(tmp: Path, places: dict, monkeypatch) -> None:
 
 
 def _no_wheel(tmp: Path, places: dict, monkeypatch) -> None:
-    monkeypatch.setattr(host_models, "prepare_default_model", _real_prepare_default_model)  # undo the guard
-    monkeypatch.setattr(host_models, "smollm2_gguf_path", lambda: None)
+    monkeypatch.setattr(host_models.loading, "prepare_default_model", _real_prepare_default_model)  # undo the guard
+    monkeypatch.setattr(host_models.smollm2, "smollm2_gguf_path", lambda: None)
     monkeypatch.setenv("SAEPIPE_CACHE", str(tmp / "cache"))  # no converted model there
 
 
@@ -317,7 +317,7 @@ def _guards(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(host_models, "prepare_default_model", _no_default_model)
+    monkeypatch.setattr(host_models.loading, "prepare_default_model", _no_default_model)
 
 
 # -- the tests --------------------------------------------------------------------------------------

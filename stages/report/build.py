@@ -42,7 +42,7 @@ class ModelCache:
         self.device, self.models = device, {}
 
     def __call__(self, name: str):
-        from pipeline.host_models import load_host_model
+        from stages.host_model.loading import load_host_model
 
         if name not in self.models:
             self.models[name] = load_host_model(name, str(self.device))

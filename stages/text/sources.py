@@ -1,36 +1,21 @@
-"""Where the text comes from, and how it is cut into fixed-size token contexts.
-
-Three kinds of text source:
-
-* ``python-docs`` (``kind="builtin"``): the documentation that ships with the running Python
-  (``pydoc_data.topics`` plus the docstrings of the standard library, read with ``ast`` so no
-  module is imported). Needs no network and no download; the offline default.
-* a Hugging Face dataset name (``kind="hf"``): ``datasets.load_dataset(name, split=..., streaming=...)``.
-* local files (``kind="files"``): a path, a comma-separated list of paths or a glob of
-  ``.txt`` (one document per file), ``.jsonl``/``.json`` or ``.parquet`` files.
-
-``open_text_source`` validates eagerly, so a bad ``--dataset`` fails before any model is loaded.
-``pack_contexts`` tokenizes documents lazily and packs them into ``[n, context_size]`` int32 rows.
-"""
+"""Finding the text: the python-docs corpus, an HF dataset or local files, checked eagerly so that a bad
+--dataset fails before any model is loaded."""
 
 from __future__ import annotations
 
-import ast
 import glob
 import os
 import sys
-import sysconfig
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from stages.basics.errors import SaepipeError, first_line
+from stages.text.python_docs import python_docs_documents
 
 PYTHON_DOCS = "python-docs"
+
 
 # File suffix -> (datasets packaged builder, extra load_dataset kwargs).
 _FILE_LOADERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -39,6 +24,8 @@ _FILE_LOADERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".json": ("json", {}),
     ".parquet": ("parquet", {}),
 }
+
+
 # Suffixes that clearly name a local data file we do not read: such an argument is treated as
 # a file (so the user gets "unknown extension"), never sent to the Hub as a dataset name.
 _OTHER_FILE_SUFFIXES = {
@@ -80,22 +67,10 @@ _OTHER_FILE_SUFFIXES = {
     ".ndjson",
     ".pq",
 }
+
+
 _GLOB_CHARS = set("*?[")
 
-# Directories of the standard library whose docstrings are not used for python-docs.
-_STDLIB_SKIP_DIRS = frozenset(
-    {
-        "site-packages",
-        "dist-packages",
-        "test",
-        "tests",
-        "idlelib",
-        "lib2to3",
-        "turtledemo",
-        "ensurepip",
-        "__pycache__",
-    }
-)
 
 _HF_BATCH = 64  # rows fetched per batch when iterating a datasets object
 
@@ -127,17 +102,13 @@ class TextSource:
     def documents(self) -> Iterator[str]:
         """Yield the document texts, lazily, in a deterministic order."""
         if self.kind == "builtin":
-            return _python_docs()
+            return python_docs_documents()
         if self.kind in ("hf", "files"):
             ds = self._dataset
             if ds is None:  # constructed by hand rather than by open_text_source
                 ds = _reopen(self)
             return _iter_column(ds, self.text_column or "text", self.name)
         raise SaepipeError(f"unknown text source kind '{self.kind}': use 'builtin', 'hf' or 'files'")
-
-
-# --------------------------------------------------------------------------------------------
-# open_text_source
 
 
 def open_text_source(
@@ -336,143 +307,3 @@ def _iter_column(ds, column: str, label: str) -> Iterator[str]:
 
 def _first_line(e: BaseException) -> str:
     return first_line(e, limit=200)  # a data set's errors can quote whole rows
-
-
-# --------------------------------------------------------------------------------------------
-# python-docs
-
-
-def _python_docs() -> Iterator[str]:
-    """The documentation shipped with this Python, one document per pydoc topic and per module."""
-    try:
-        from pydoc_data.topics import topics  # a plain dict of strings; no side effects
-    except ImportError:  # some distributions package pydoc_data separately
-        topics = {}
-    for key in sorted(topics):
-        text = topics[key]
-        if text and text.strip():
-            yield text
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for rel in _stdlib_sources(stdlib):
-        doc = _module_document(stdlib / rel, rel)
-        if doc:
-            yield doc
-
-
-def _stdlib_sources(stdlib: Path) -> list[str]:
-    """Relative POSIX paths of the stdlib .py files used for python-docs, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(stdlib):
-        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
-        for name in filenames:
-            if name.endswith(".py"):
-                found.append(Path(dirpath, name).relative_to(stdlib).as_posix())
-    return sorted(found)
-
-
-def _module_name(rel: str) -> str:
-    parts = rel[: -len(".py")].split("/")
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts) or rel
-
-
-def _module_document(path: Path, rel: str) -> str:
-    try:
-        source = path.read_bytes()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. SyntaxWarning for invalid escapes
-            tree = ast.parse(source, filename=str(path))
-    except (OSError, SyntaxError, ValueError, UnicodeDecodeError, RecursionError, MemoryError):
-        return ""
-    sections = []
-    module_doc = ast.get_docstring(tree)
-    if module_doc:
-        sections.append(f"module {_module_name(rel)}\n{module_doc}")
-    sections.extend(_definition_docs(tree.body, prefix=""))
-    return "\n\n".join(sections)
-
-
-def _definition_docs(body: list[ast.stmt], prefix: str) -> Iterator[str]:
-    """Docstrings of the classes and functions defined in ``body`` (and in nested classes)."""
-    for node in body:
-        if isinstance(node, ast.ClassDef):
-            doc = ast.get_docstring(node)
-            if doc:
-                yield f"class {prefix}{node.name}\n{doc}"
-            yield from _definition_docs(node.body, prefix=f"{prefix}{node.name}.")
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc:
-                keyword = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
-                try:
-                    args = ast.unparse(node.args)
-                except Exception:  # noqa: BLE001 - unparse of exotic defaults; keep the docstring
-                    args = "..."
-                yield f"{keyword} {prefix}{node.name}({args})\n{doc}"
-
-
-# --------------------------------------------------------------------------------------------
-# packing
-
-
-def pack_contexts(
-    documents: Iterable[str],
-    encode: Callable[[str], list[int]],
-    *,
-    context_size: int,
-    n_contexts: int,
-    bos_token_id: int,
-    separator_token_id: int,
-    progress: bool = True,
-) -> np.ndarray:
-    """Pack tokenized documents into an int32 ``[n_contexts, context_size]`` array.
-
-    Every row starts with ``bos_token_id``; the other ``context_size - 1`` positions are filled, in
-    order, from the stream ``doc0 + [sep] + doc1 + [sep] + ...`` (empty documents are skipped, and
-    a document may run on into the next row). Documents are pulled and encoded one at a time and no
-    more are read once the last row is full. Raises SaepipeError if the documents run out first.
-    """
-    from tqdm.auto import tqdm
-
-    if context_size < 2:
-        raise SaepipeError(f"context size {context_size} is too small: use at least 2 (BOS plus one token)")
-    if n_contexts < 0:
-        raise SaepipeError(f"cannot pack {n_contexts} contexts: ask for a positive number")
-    out = np.empty((n_contexts, context_size), dtype=np.int32)
-    if n_contexts == 0:
-        return out
-    out[:, 0] = bos_token_id
-    sep = np.asarray([separator_token_id], dtype=np.int32)
-    row, col = 0, 1  # next position to fill
-    stream_tokens = 0
-    first = True
-    bar = tqdm(total=n_contexts, unit="ctx", desc="packing contexts", file=sys.stderr, disable=not progress)
-    try:
-        for doc in documents:
-            if not doc:
-                continue
-            tokens = np.asarray(encode(doc), dtype=np.int32).reshape(-1)
-            if tokens.size == 0:
-                continue
-            for piece in (tokens,) if first else (sep, tokens):
-                first = False
-                stream_tokens += piece.size
-                start = 0
-                while start < piece.size:
-                    take = min(context_size - col, piece.size - start)
-                    out[row, col : col + take] = piece[start : start + take]
-                    start += take
-                    col += take
-                    if col == context_size:
-                        row += 1
-                        col = 1
-                        bar.update(1)
-                        if row == n_contexts:
-                            return out  # full: do not pull another document
-    finally:
-        bar.close()
-    raise SaepipeError(
-        f"the text source yields only {row} contexts of {context_size} tokens ({stream_tokens} tokens); "
-        "ask for fewer tokens or use a larger dataset"
-    )

@@ -1,0 +1,219 @@
+"""A loaded host model and what runs on it: hook names, the forward pass that stops at the deepest
+hook, and the full forward with one hook's activation replaced (eval's splice)."""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stages.basics.errors import SaepipeError
+from stages.host_model.tokenizers import TextTokenizer
+
+# The per-block hook points a user may pass, in the order they fire inside a block. Each one carries a
+# [batch, ctx, d_model] tensor. Architectures without one of them (parallel attention+MLP blocks have no
+# resid_mid) simply do not list it.
+BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+
+
+_HOOK_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+# Hook levels we hand to HookPoint.add_hook, far above the bridge's own context levels, so removing ours
+# never touches a hook somebody else added.
+_hook_levels = itertools.count(1_000_000)
+
+
+@dataclass
+class HostModel:
+    name: str
+    bridge: Any
+    tokenizer: TextTokenizer
+    d_model: int
+    n_layers: int
+    revision: str
+    dtype: str
+    device: torch.device
+    # TL-style hook name -> the bridge HookPoint it reads; filled by load_host_model.
+    hook_points: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.hook_points and hasattr(self.bridge, "hook_dict"):
+            self.hook_points = block_hook_points(self.bridge, self.n_layers)
+
+    def hook_names(self) -> list[str]:
+        """Every hook name a user may pass, in forward order: blocks.{i}.hook_{resid_pre,attn_out,...}."""
+        return list(self.hook_points)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.bridge.cfg.d_vocab)
+
+    @property
+    def n_ctx(self) -> int:
+        """The model's context length (learned-position models cannot go beyond it)."""
+        return int(self.bridge.cfg.n_ctx)
+
+
+def block_hook_points(bridge: Any, n_layers: int) -> dict[str, Any]:
+    """Resolve blocks.{i}.<BLOCK_HOOKS> through the bridge's alias table to the HookPoints that fire."""
+    available = bridge.hook_dict  # canonical names + TL-style aliases -> HookPoint
+    points: dict[str, Any] = {}
+    for layer in range(n_layers):
+        for suffix in BLOCK_HOOKS:
+            name = f"blocks.{layer}.{suffix}"
+            if name in available:
+                points[name] = available[name]
+    return points
+
+
+def hook_layer(hook: str) -> int:
+    """The layer index of a ``blocks.{i}.…`` hook name."""
+    match = _HOOK_LAYER_RE.match(hook)
+    if match is None:
+        raise SaepipeError(
+            f"cannot read a layer from hook '{hook}': hook names look like blocks.<layer>.hook_resid_post"
+        )
+    return int(match.group(1))
+
+
+def validate_hooks(model: HostModel, hooks: list[str]) -> list[str]:
+    """Check every name against model.hook_names(); returns them (duplicates dropped, order kept)."""
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    if not hooks:
+        raise SaepipeError(
+            f"no hook given for {model.name}: pass e.g. --hook blocks.{model.n_layers // 2}.hook_resid_post"
+        )
+    known = model.hook_points
+    for hook in hooks:
+        if hook in known:
+            continue
+        match = _HOOK_LAYER_RE.match(hook)
+        if match is not None and int(match.group(1)) >= model.n_layers:
+            reason = f"layer {match.group(1)} is out of range ({model.name} has layers 0..{model.n_layers - 1})"
+            candidates = [f"blocks.{model.n_layers - 1}.{hook[match.end() :]}"]
+            close = [c for c in candidates if c in known] or difflib.get_close_matches(
+                hook, list(known), n=3, cutoff=0.6
+            )
+        else:
+            reason = None
+            close = difflib.get_close_matches(hook, list(known), n=3, cutoff=0.6)
+        parts = [f"unknown hook '{hook}' for {model.name}"]
+        if reason:
+            parts.append(reason)
+        parts.append("close matches: " + ", ".join(close) if close else "no close match")
+        suffixes = list(dict.fromkeys(name[_HOOK_LAYER_RE.match(name).end() :] for name in known))
+        parts.append(f"its hooks are blocks.<0..{model.n_layers - 1}>.<{'|'.join(suffixes)}>")
+        raise SaepipeError("; ".join(parts))
+    return list(dict.fromkeys(hooks))
+
+
+def _prepare_tokens(model: HostModel, tokens: torch.Tensor) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
+        raise ValueError(f"tokens must be an int tensor [batch, ctx], got {getattr(tokens, 'shape', type(tokens))}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    tokens = tokens.to(device=model.device, dtype=torch.long)
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= model.d_vocab:
+            raise SaepipeError(
+                f"token ids must lie in [0, {model.d_vocab}) for {model.name}, got [{lo}, {hi}]: "
+                f"were the tokens made by another model's tokenizer?"
+            )
+    return tokens
+
+
+def _stop_at_layer_exception() -> type[BaseException]:
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    return StopAtLayerException
+
+
+def run_to_hooks(model: HostModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """One forward pass that stops as soon as every requested hook has fired.
+
+    Returns {hook: float32 [batch, ctx, d_model]} on the model's device. Layers after the deepest
+    requested one never run (the bridge's stop_at_layer, and, earlier still, a stop raised from the last
+    hook to fire, which also spares the rest of that block and the unembedding).
+    """
+    hooks = validate_hooks(model, hooks)
+    tokens = _prepare_tokens(model, tokens)
+    stop_exc = _stop_at_layer_exception()
+    deepest = max(hook_layer(h) for h in hooks)
+    stop_at_layer = deepest + 1 if deepest + 1 < model.n_layers else None
+
+    by_point: dict[int, tuple[Any, list[str]]] = {}
+    for hook in hooks:
+        point = model.hook_points[hook]
+        by_point.setdefault(id(point), (point, []))[1].append(hook)
+    captured: dict[str, torch.Tensor] = {}
+    expected = (tokens.shape[0], tokens.shape[1], model.d_model)
+
+    def make_hook(names: list[str]) -> Callable[..., None]:
+        def capture(tensor: torch.Tensor, *, hook: Any) -> None:
+            if tuple(tensor.shape) != expected:
+                raise RuntimeError(f"hook {names[0]} gave shape {tuple(tensor.shape)}, expected {expected}")
+            value = tensor.detach().to(torch.float32, copy=True)
+            for name in names:
+                captured[name] = value
+            if len(captured) == len(hooks):
+                raise stop_exc(tensor)  # everything is in hand: the rest of the forward pass is waste
+            return None
+
+        return capture
+
+    level = next(_hook_levels)
+    try:
+        for point, names in by_point.values():
+            point.add_hook(make_hook(names), level=level)
+        with torch.inference_mode():
+            try:
+                model.bridge.forward(tokens, return_type=None, stop_at_layer=stop_at_layer)
+            except stop_exc:
+                pass  # bridge.forward catches its own; this covers a stop raised outside its try
+    finally:
+        for point, _ in by_point.values():
+            point.remove_hooks("fwd", level=level)
+    missing = [h for h in hooks if h not in captured]
+    if missing:
+        raise RuntimeError(f"hooks {missing} did not fire during the forward pass of {model.name}")
+    return {h: captured[h] for h in hooks}
+
+
+def logits_with_hook_replaced(
+    model: HostModel, tokens: torch.Tensor, hook: str, replace: Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor:
+    """Full forward pass; with ``replace``, the hook's activation x [batch, ctx, d] becomes replace(x).
+
+    Returns float32 logits [batch, ctx, vocab] on the model's device.
+    """
+    validate_hooks(model, [hook])
+    tokens = _prepare_tokens(model, tokens)
+    point = model.hook_points[hook]
+    level = next(_hook_levels)
+
+    def substitute(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        new = replace(tensor)
+        if not isinstance(new, torch.Tensor) or new.shape != tensor.shape:
+            raise ValueError(
+                f"replacement for {hook.name} must keep shape {tuple(tensor.shape)}, "
+                f"got {getattr(new, 'shape', type(new))}"
+            )
+        return new.to(device=tensor.device, dtype=tensor.dtype)
+
+    try:
+        if replace is not None:
+            point.add_hook(substitute, level=level)
+        with torch.inference_mode():
+            logits = model.bridge.forward(tokens, return_type="logits")
+    finally:
+        if replace is not None:
+            point.remove_hooks("fwd", level=level)
+    return logits.float()

@@ -1,0 +1,72 @@
+"""Packing documents into fixed-size token contexts that each start with BOS."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from stages.basics.errors import SaepipeError
+
+
+def pack_contexts(
+    documents: Iterable[str],
+    encode: Callable[[str], list[int]],
+    *,
+    context_size: int,
+    n_contexts: int,
+    bos_token_id: int,
+    separator_token_id: int,
+    progress: bool = True,
+) -> np.ndarray:
+    """Pack tokenized documents into an int32 ``[n_contexts, context_size]`` array.
+
+    Every row starts with ``bos_token_id``; the other ``context_size - 1`` positions are filled, in
+    order, from the stream ``doc0 + [sep] + doc1 + [sep] + ...`` (empty documents are skipped, and
+    a document may run on into the next row). Documents are pulled and encoded one at a time and no
+    more are read once the last row is full. Raises SaepipeError if the documents run out first.
+    """
+    from tqdm.auto import tqdm
+
+    if context_size < 2:
+        raise SaepipeError(f"context size {context_size} is too small: use at least 2 (BOS plus one token)")
+    if n_contexts < 0:
+        raise SaepipeError(f"cannot pack {n_contexts} contexts: ask for a positive number")
+    out = np.empty((n_contexts, context_size), dtype=np.int32)
+    if n_contexts == 0:
+        return out
+    out[:, 0] = bos_token_id
+    sep = np.asarray([separator_token_id], dtype=np.int32)
+    row, col = 0, 1  # next position to fill
+    stream_tokens = 0
+    first = True
+    bar = tqdm(total=n_contexts, unit="ctx", desc="packing contexts", file=sys.stderr, disable=not progress)
+    try:
+        for doc in documents:
+            if not doc:
+                continue
+            tokens = np.asarray(encode(doc), dtype=np.int32).reshape(-1)
+            if tokens.size == 0:
+                continue
+            for piece in (tokens,) if first else (sep, tokens):
+                first = False
+                stream_tokens += piece.size
+                start = 0
+                while start < piece.size:
+                    take = min(context_size - col, piece.size - start)
+                    out[row, col : col + take] = piece[start : start + take]
+                    start += take
+                    col += take
+                    if col == context_size:
+                        row += 1
+                        col = 1
+                        bar.update(1)
+                        if row == n_contexts:
+                            return out  # full: do not pull another document
+    finally:
+        bar.close()
+    raise SaepipeError(
+        f"the text source yields only {row} contexts of {context_size} tokens ({stream_tokens} tokens); "
+        "ask for fewer tokens or use a larger dataset"
+    )
