@@ -10,10 +10,12 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DEFAULT_DATASET, DEFAULT_HOOK, DEFAULT_MODEL, CollectConfig, TrainConfig
+from pipeline.commands.report import compare, report  # click and nothing heavy at import
 from stages import __version__
+from stages.basics.defaults import DEFAULT_DATASET, DEFAULT_HOOK, DEFAULT_MODEL
 from stages.basics.errors import SaepipeError
-from stages.report.commands import compare, report  # click and nothing heavy at import
+from stages.collect.config import CollectConfig
+from stages.train.config import TrainConfig
 
 EXIT_USER_ERROR = 2
 
@@ -254,8 +256,7 @@ def train(
     **kwargs,
 ) -> None:
     """Train an SAE on a store's training rows (the model is never loaded)."""
-    from stages import sweeps
-    from stages.train import run_sweep
+    from stages.train import run_sweep, sweeps
     from store_schema.reader import open_store
 
     if groups is not None:
@@ -356,7 +357,7 @@ def quality(
     store: str, hook: str | None, archs: str, k: int, eval_tokens: int, no_model: bool, no_progress: bool, **kwargs
 ) -> None:
     """Train ours and SAELens's SAEs on the same rows and compare them (needs sae-lens)."""
-    from stages import quality as quality_stage
+    from pipeline.tools import quality as quality_stage
     from store_schema.reader import open_store
 
     hook = hook or _only_hook(open_store(store))
@@ -386,7 +387,7 @@ def quality(
 def bench(out: str, only: str, no_progress: bool, **kwargs) -> None:
     """Measure speed as same-run ratios (reader, training, matching pursuit, collect, memory); writes
     OUT/bench.json. Needs sae-lens for the SAELens comparisons."""
-    from stages import bench as bench_stage
+    from pipeline.tools import bench as bench_stage
 
     keys = tuple(k.strip() for k in only.split(",") if k.strip())
     unknown = sorted(set(keys) - set(bench_stage.KEYS))
@@ -409,7 +410,7 @@ def bench(out: str, only: str, no_progress: bool, **kwargs) -> None:
 def soak(out: str, seconds: float, model: str, readers: int) -> None:
     """Train from a store while other processes read it and one appends to it; report throughput and
     whether every reader saw consistent data (a benchmark; writes OUT/soak.json)."""
-    from stages.soak import SoakConfig, run_soak
+    from pipeline.tools.soak import SoakConfig, run_soak
 
     report = run_soak(SoakConfig(out=out, seconds=seconds, model=model, readers=readers))
     click.echo(json.dumps(report, indent=2))
@@ -428,7 +429,7 @@ def _only_hook(store) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print the raw metadata as JSON")
 def info(path: str, as_json: bool) -> None:
     """Describe a store or a run folder."""
-    from pipeline.describe import describe
+    from pipeline.tools.describe import describe
 
     summary = describe(path)
     click.echo(json.dumps(summary, indent=2) if as_json else summary_text(summary))

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
 from stages import train as train_stage
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
-from stages.saelens_export import export_saelens
 from stages.saes import build_sae
 from stages.saes.base import TrainContext
 from stages.saes.batchtopk import BatchTopKSAE
 from stages.saes.matryoshka import MatryoshkaSAE
 from stages.synthetic import PlantedFeatures, write_array_store
+from stages.train.config import TrainConfig
+from stages.train.saelens_export import export_saelens
 from store_schema.normalization import Normalization
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from stages import bench
+from pipeline.tools import bench
 
 
 def test_sides_alternate_round_by_round():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import CollectConfig
 from stages import collect as collect_stage
 from stages.basics.errors import SaepipeError
+from stages.collect.config import CollectConfig
 from store_schema.reader import open_store
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")

@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import CollectConfig
 from stages.basics.errors import SaepipeError
 from stages.collect import plan_action, run_collect
+from stages.collect.config import CollectConfig
 from stages.synthetic import write_array_store
 from store_schema.reader import open_store
 from store_schema.schema import split_counts

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import CollectConfig
-from stages import collect_dask
 from stages.basics.errors import SaepipeError
+from stages.collect import on_dask as collect_dask
 from stages.collect import run_collect
+from stages.collect.config import CollectConfig
 from store_schema.reader import open_store
 from store_schema.writer import StoreWriter
 

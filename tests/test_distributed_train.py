@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import TrainConfig
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
 from stages.synthetic import write_array_store
 from stages.train import run_sweep
+from stages.train.config import TrainConfig
 
 BATCH = 256
 # (arch, settings): small dead windows, so AuxK and ghost grads act within the run

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
 from stages import train as train_stage
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
@@ -17,6 +16,7 @@ from stages.saes import build_sae
 from stages.saes.base import TrainContext
 from stages.saes.matching_pursuit import MatchingPursuitSAE, merge_picks
 from stages.synthetic import PlantedFeatures, write_array_store
+from stages.train.config import TrainConfig
 from store_schema.normalization import Normalization
 
 
@@ -387,8 +387,8 @@ def test_trained_export_loads_in_saelens_and_matches(planted_small, trained):
 def test_export_matches_on_raw_activations(tmp_path, mode, variant):
     """SAELens acts on raw x. Tied, the dictionary cannot absorb the normalization's scale c: W_dec is
     exported as is, b_dec folded, the threshold divided by c; SAELens's codes are ours / c and its
-    reconstructions ours. (token: SAELens's layer_norm, equal up to its eps, see stages.saelens_export.)"""
-    from stages.saelens_export import export_saelens
+    reconstructions ours. (token: SAELens's layer_norm, equal up to its eps, see stages.train.saelens_export.)"""
+    from stages.train.saelens_export import export_saelens
 
     d_in, d_sae = 32, 128
     kwargs = dict(k=10) if variant == "static" else dict(k=None, residual_threshold=1.2, max_iterations=24)

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from stages import ablation
-from stages.eval_metrics import ReconstructionStats, SparsityStats
+from stages.evaluate import ablation
+from stages.evaluate.accumulators import ReconstructionStats, SparsityStats
 from stages.saes.base import DenseCode
 from store_schema.normalization import Normalization
 

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.config import CollectConfig
 from stages import collect as collect_stage
 from stages.basics.errors import SaepipeError
+from stages.collect.config import CollectConfig
 from stages.synthetic import write_array_store
 from store_schema import schema
 from store_schema.loader import ShuffledBatches

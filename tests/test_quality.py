@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.config import TrainConfig
-from stages import quality
+from pipeline.tools import quality
 from stages.synthetic import PlantedFeatures, write_array_store
+from stages.train.config import TrainConfig
 
 pytest.importorskip("sae_lens")
 

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
 from stages import train as train_stage
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
 from stages.saes.base import TrainContext
 from stages.saes.jumprelu import JumpReLUFunction, JumpReLUSAE, StepFunction
 from stages.saes.relu import ReLUSAE
+from stages.train.config import TrainConfig
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore
 

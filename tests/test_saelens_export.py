@@ -1,4 +1,4 @@
-"""stages.saelens_export: an exported SAE, loaded by SAELens 6.x, must encode and decode raw activations
+"""stages.train.saelens_export: an exported SAE, loaded by SAELens 6.x, must encode and decode raw activations
 as our SAE does on normalized ones."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.saelens_export import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, export_saelens, fold_normalization
 from stages.saes.base import SparseAutoencoder
 from stages.saes.topk import TopKSAE
+from stages.train.saelens_export import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, export_saelens, fold_normalization
 from store_schema.normalization import Normalization
 
 sae_lens = pytest.importorskip("sae_lens")  # slow import: once per module

@@ -7,13 +7,14 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
 from stages import train as train_stage
 from stages.basics import run_dir
 from stages.saes import TopKSAE
 from stages.saes.base import TrainContext, geometric_median
 from stages.saes.batchtopk import BatchTopKSAE
 from stages.saes.matryoshka import MatryoshkaSAE
+from stages.train.config import TrainConfig
+from store_schema.reader import open_store
 
 
 def test_init_is_decoder_transpose_with_unit_rows():
@@ -179,7 +180,7 @@ def test_gradient_norm_is_clipped_in_summed_squared_error_units(planted, tmp_pat
     train_stage.run_train(TrainConfig(out=str(tmp_path / "free"), max_grad_norm=0, **common))
     unclipped, seen[:] = list(seen), []
     _, mse_scale = train_stage.build_for_store(
-        TrainConfig(out="unused", **common), train_stage.open_store(str(store)), torch.device("cpu")
+        TrainConfig(out="unused", **common), open_store(str(store)), torch.device("cpu")
     )
     cap = min(unclipped) / 2  # below every unclipped norm, so every step must be clipped to it
     train_stage.run_train(TrainConfig(out=str(tmp_path / "clipped"), max_grad_norm=cap * mse_scale, **common))

@@ -8,3 +8,9 @@ def first_line(e: BaseException, limit: int | None = None) -> str:
     text = str(e).strip().splitlines()
     line = f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
     return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise SaepipeError(message) unless `ok`: a setting's check in one line."""
+    if not ok:
+        raise SaepipeError(message)

@@ -65,7 +65,7 @@ Code = SparseCode | DenseCode
 
 @dataclass(frozen=True)
 class ArchExport:
-    """How one of our architectures appears in SAELens (see stages.saelens_export)."""
+    """How one of our architectures appears in SAELens (see stages.train.saelens_export)."""
 
     architecture: str  # SAELens's architecture name
     cfg: dict = field(default_factory=dict)  # extra cfg.json fields of that architecture
@@ -118,7 +118,7 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def from_config(cls, d_in: int, cfg) -> SparseAutoencoder:
-        """A new SAE for inputs of width `d_in` from a `pipeline.config.TrainConfig`."""
+        """A new SAE for inputs of width `d_in` from a `stages.train.config.TrainConfig`."""
         raise NotImplementedError
 
     @classmethod

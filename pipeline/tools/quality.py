@@ -14,12 +14,12 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.config import TrainConfig
 from stages import evaluate
 from stages.basics import run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.train import run_train
+from stages.train.config import TrainConfig
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import open_store
 

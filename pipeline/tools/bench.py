@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import CollectConfig, TrainConfig
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
+from stages.collect.config import CollectConfig
+from stages.train.config import TrainConfig
 
 TARGETS = {
     "read_vs_memmap": (">=", 0.7),
@@ -178,12 +179,12 @@ def _batches(cfg: BenchConfig, device: torch.device, n: int = 4) -> list[torch.T
 
 
 def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, device: torch.device):
-    """Our training loop's step (stages.train._Run.step) on in-memory batches."""
+    """Our training loop's step (stages.train.loop._Run.step) on in-memory batches."""
     import contextlib
 
     from stages.basics import run_dir
     from stages.basics.distributed import World
-    from stages.train import _Run
+    from stages.train.loop import _Run
     from store_schema.reader import open_store
 
     train_cfg = TrainConfig(
@@ -211,7 +212,7 @@ def _saelens_stepper(cfg: BenchConfig, arch: str, device: torch.device):
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from stages.quality import _saelens_sae
+    from pipeline.tools.quality import _saelens_sae
 
     sae = _saelens_sae(arch, cfg.d_in, cfg.width, cfg.k, str(device))
     lr = TrainConfig(store="", out="", width=cfg.width).resolved_lr()
@@ -526,8 +527,7 @@ def _python_docs(characters: int) -> list[str]:
 # Linux carries that across fork and exec, so the child would report the benchmark parent's own peak.
 _RSS_CHILD = """
 import json, resource, sys
-from pipeline.config import TrainConfig
-from stages.train import run_train
+from stages.train import TrainConfig, run_train
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 run_train(cfg)
 try:

@@ -31,9 +31,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import CollectConfig
 from stages.basics.errors import SaepipeError
-from stages.collect import (
+from stages.collect.blocks import (
     BlockSummary,
     BlockTask,
     PreparedBlock,
@@ -47,6 +46,7 @@ from stages.collect import (
     progress_bar,
     stored_mask,
 )
+from stages.collect.config import CollectConfig
 from store_schema import schema
 from store_schema.lock import lock_path
 from store_schema.writer import StoreWriter

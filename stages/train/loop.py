@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig
 from stages import __version__
 from stages.basics import distributed, run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.saes import ARCHITECTURES, SparseAutoencoder
 from stages.saes.base import TrainContext, geometric_median
+from stages.train.config import TrainConfig
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import ActivationStore, open_store
 
@@ -338,7 +338,7 @@ def _prepare_run_folders(cfgs: list[TrainConfig]) -> list[bool] | SaepipeError:
 
 def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out: Path) -> None:
     """Final weights, config and the SAELens export; the checkpoint goes once they are safely written."""
-    from stages.saelens_export import export_saelens
+    from stages.train.saelens_export import export_saelens
 
     run_dir.save_sae(out, sae, run_config(cfg, store, sae) | {"finished": True})
     header = store.header

@@ -7,9 +7,9 @@ import dataclasses
 import itertools
 from pathlib import Path
 
-from pipeline.config import TrainConfig
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
+from stages.train.config import TrainConfig
 
 # Every SAE of a sweep sees the same batches from the same store, so these cannot differ between them.
 SHARED = ("store", "hook", "batch_size", "tokens", "device", "resident", "log_every", "checkpoint_every")

@@ -19,9 +19,9 @@ import sys
 
 import numpy as np
 
-from pipeline.config import CollectConfig
 from stages import __version__
 from stages.basics.errors import SaepipeError
+from stages.collect.config import CollectConfig
 from store_schema import schema
 from store_schema.reader import ActivationStore
 from store_schema.writer import StoreWriter

@@ -1,0 +1,1 @@
+"""The click commands of `saepipe`, one module each (registered in pipeline/cli.py)."""

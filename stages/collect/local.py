@@ -1,0 +1,50 @@
+"""Collect in this process: the main thread runs the model and normalizes while a writer thread prepares,
+writes and commits the previous block."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from stages.collect.blocks import (
+    NormalizedBlock,
+    estimate_normalization,
+    fix_normalization,
+    forward_block,
+    normalize_block,
+    pending_blocks,
+    prepare_block,
+    progress_bar,
+    stored_mask,
+)
+from stages.collect.config import CollectConfig
+from store_schema.writer import StoreWriter
+
+
+def fill_store(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter) -> None:
+    tokens, keep = stored_mask(cfg, writer)
+    todo = pending_blocks(cfg, writer)
+    bar = progress_bar(cfg, keep, todo)
+    norms = writer.normalizations()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool:
+        pending: Future | None = None
+        for task in todo:
+            block = forward_block(cfg, model, hooks, task, tokens[task.contexts], keep[task.contexts], bar.update)
+            if norms is None:
+                norms = fix_normalization(writer, estimate_normalization(cfg, hooks, block))
+            # The torch work stays on this thread: torch ops issued from a second thread start a second
+            # OpenMP team, whose spinning threads took ~7% of the forward's speed on 2 cores; the
+            # writer's share is numpy and I/O.
+            normalized = normalize_block(block, norms, hooks)
+            if pending is not None:
+                pending.result()  # one block in flight: bounded memory, writer errors surface here
+            pending = pool.submit(_write_and_commit, cfg, writer, normalized)
+        if pending is not None:
+            pending.result()
+    bar.close()
+
+
+def _write_and_commit(cfg: CollectConfig, writer: StoreWriter, normalized: NormalizedBlock) -> None:
+    prepared = prepare_block(normalized, cfg.seed)
+    summary = prepared.summary
+    prepared.rows.write(writer, summary.split, writer.progress(summary.split)["rows_committed"])
+    writer.commit_block(summary.split, summary.index, summary.n_rows, summary.stats, summary.dropped)

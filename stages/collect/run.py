@@ -1,0 +1,145 @@
+"""`run_collect`: plan, lock, create or resume the store, fill it here or on dask workers, finalize it;
+a store to a URL is collected into a local staging store first and copied there.
+
+A killed collect resumes at the first uncommitted block and ends bit-identical to an uninterrupted
+run, whichever way either part ran."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from stages.basics.errors import SaepipeError
+from stages.collect.config import CollectConfig
+from stages.collect.header import create_store
+from stages.collect.local import fill_store
+from stages.collect.plan import differing_settings, plan_action
+from store_schema import schema
+from store_schema.lock import StoreLock
+from store_schema.reader import ActivationStore
+from store_schema.writer import StoreWriter
+
+
+def run_collect(cfg: CollectConfig, model=None) -> str:
+    """Collect the store `cfg` describes. `model`: an already loaded HostModel of cfg.model (benchmarks
+    time the collect without the load). One collect at a time writes a store (store_schema.lock)."""
+    cfg.validate()
+    if cfg.append:
+        if _is_remote(cfg.out):
+            raise SaepipeError(
+                f"--append needs a store on this machine, not {cfg.out}: copy it here with `saepipe "
+                f"store copy`, append, and copy it back"
+            )
+        from stages.collect import append as collect_append
+
+        cfg = collect_append.store_config(cfg)
+    elif _is_remote(cfg.out):
+        return _collect_to_remote(cfg, model)
+    with StoreLock(cfg.out):
+        return str(_collect_locked(cfg, model))
+
+
+def _is_remote(out: str) -> bool:
+    return "://" in str(out) and not str(out).startswith("file://")
+
+
+def _collect_to_remote(cfg: CollectConfig, model) -> str:
+    """--out s3://... (any fsspec URL): collect into a local staging store (resumable like any collect,
+    kept under the cache folder), then `store copy` it to the URL (resumable too; the root metadata
+    goes last, so the URL never holds a half store)."""
+    import dataclasses
+    import hashlib
+
+    from stages.basics.cache import cache_dir
+    from store_schema.copy import copy_store
+
+    try:
+        existing = ActivationStore.open(cfg.out)
+    except schema.StoreError:
+        existing = None
+    if existing is not None and existing.complete and not cfg.overwrite:
+        differing = differing_settings(cfg, existing)
+        if differing is not None:
+            raise SaepipeError(
+                f"--out {cfg.out} holds a store of a different configuration (differs in: "
+                f"{differing}): choose another --out (a remote store is never overwritten; "
+                f"delete it there first)"
+            )
+        print(f"store {cfg.out} is already complete for this configuration; nothing to do", file=sys.stderr)
+        return str(cfg.out)
+    staging = cache_dir() / "staging" / (hashlib.sha256(str(cfg.out).encode()).hexdigest()[:16] + ".zarr")
+    print(f"collecting into the local staging store {staging}, then copying it to {cfg.out}", file=sys.stderr)
+    local = dataclasses.replace(cfg, out=str(staging))
+    with StoreLock(staging):
+        _collect_locked(local, model)
+    copy_store(str(staging), str(cfg.out), progress=cfg.progress)
+    shutil.rmtree(staging)
+    return str(cfg.out)
+
+
+def _collect_locked(cfg: CollectConfig, model) -> Path:
+    out = Path(cfg.out)
+    if cfg.append:
+        from stages.collect import append as collect_append
+
+        action = "append-" + collect_append.plan(cfg)
+    else:
+        action = plan_action(cfg)
+    if action == "append-done":
+        print(f"store {out} already holds {cfg.tokens:,} tokens; nothing to do", file=sys.stderr)
+        return out
+    if action == "done":
+        print(f"store {out} is already complete for this configuration; nothing to do", file=sys.stderr)
+        return out
+    if cfg.distributed:
+        if model is not None:
+            raise ValueError("a collect across dask workers loads the model on each worker: pass no model")
+        from stages.collect import on_dask as collect_dask
+
+        with collect_dask.connect(cfg) as client:
+            facts = collect_dask.describe_model(client, cfg)
+            writer = _open_or_create(cfg, facts, facts.hooks, action)
+            collect_dask.fill_store(cfg, client, writer, facts)
+    else:
+        from stages.host_model.loading import load_host_model
+        from stages.host_model.model import validate_hooks
+
+        if model is None:
+            model = load_host_model(cfg.model, cfg.device, cfg.dtype)
+        hooks = validate_hooks(model, list(cfg.hooks))
+        writer = _open_or_create(cfg, model, hooks, action)
+        fill_store(cfg, model, hooks, writer)
+    writer.finalize()
+    return out
+
+
+def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: str) -> StoreWriter:
+    """The writer of a new store ('create'), of the interrupted one to resume ('resume'), or of the store
+    to append to ('append-start', 'append-resume'). `model`: a HostModel, or anything with its
+    tokenizer, revision, d_model and n_layers (what dask workers report)."""
+    out = Path(cfg.out)
+    if action == "create":
+        if out.exists():
+            shutil.rmtree(out)
+        return create_store(cfg, model, hooks)
+    writer = StoreWriter.open(out)
+    writer.remove_leftover_temporaries()  # we hold the lock and no worker has started
+    if writer.header["model"]["revision"] != model.revision:
+        raise SaepipeError(
+            f"{out} was collected from other weights of {cfg.model} "
+            f"(revision {writer.header['model']['revision']}, now {model.revision}): "
+            + ("an append needs the store's model" if cfg.append else "pass --overwrite to start again")
+        )
+    if action == "append-start":
+        from stages.collect import append as collect_append
+
+        collect_append.begin(cfg, model, writer)
+        return writer
+    done = {s: writer.progress(s)["rows_committed"] for s in schema.SPLITS}
+    print(
+        f"resuming {'the append to ' if cfg.append else ''}{out}: {done['train']:,} train and {done['eval']:,} "
+        f"eval rows committed",
+        file=sys.stderr,
+    )
+    return writer

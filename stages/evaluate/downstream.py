@@ -1,0 +1,128 @@
+"""CE loss and KL with the SAE spliced into the host model, on held-out contexts replayed from the store's
+tokens, exactly where the store keeps rows (not a dropped position, not an excluded special token, not
+a massive-activation outlier)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stages.basics.errors import SaepipeError
+from stages.saes import SparseAutoencoder
+from store_schema.normalization import Normalization
+from store_schema.reader import ActivationStore
+from store_schema.schema import stored_positions
+
+
+def load_eval_model(store: ActivationStore, model_name: str | None, device: torch.device):
+    """The host model for the downstream metrics: the store's own unless named, checked against it."""
+    from stages.host_model.loading import load_host_model
+
+    header = store.header
+    name = model_name or header["model"]["name"]
+    model = load_host_model(name, str(device), header["model"].get("dtype", "float32"))
+    if model.d_model != store.d_model:
+        raise SaepipeError(
+            f"model {name} has d_model {model.d_model} but the store holds {store.d_model}: "
+            f"pass --model with the model the store was collected from"
+        )
+    if model.revision != header["model"]["revision"]:
+        print(
+            f"warning: model {name} weights (revision {model.revision}) differ from the store's "
+            f"({header['model']['revision']})",
+            file=sys.stderr,
+        )
+    return model
+
+
+def held_out_contexts(store: ActivationStore, max_tokens: int | None) -> np.ndarray:
+    first = len(store.header["dropped_positions"])
+    contexts = store.contexts("eval")
+    if max_tokens is not None:
+        contexts = contexts[: max(1, math.ceil(max_tokens / (store.context_size - first)))]
+    if len(contexts) == 0:
+        raise SaepipeError(f"store {store.location} has no held-out contexts: collect with --eval-fraction > 0")
+    return contexts
+
+
+def stored_mask(store: ActivationStore, token_ids: np.ndarray) -> np.ndarray:
+    """[n, ctx] True where the store keeps a row (before the outlier check, which needs activations)."""
+    header = store.header
+    return stored_positions(token_ids, len(header["dropped_positions"]), header.get("excluded_tokens", []))
+
+
+def downstream_metrics(
+    sae: SparseAutoencoder,
+    store: ActivationStore,
+    hook: str,
+    sae_norm: Normalization,
+    model,
+    device: torch.device,
+    max_tokens: int | None,
+    splice_from: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """CE loss and KL with the SAE spliced in, on held-out contexts replayed from the store's tokens, at
+    every position the store would keep from `splice_from` on."""
+    from stages.host_model.model import logits_with_hook_replaced, run_to_hooks
+
+    contexts = held_out_contexts(store, max_tokens)
+    sae_dtype = next(sae.parameters()).dtype
+    spliced: torch.Tensor | None = None  # [batch, ctx] positions of the current batch the SAE replaces
+
+    def splice_sae(act: torch.Tensor) -> torch.Tensor:
+        x = act[spliced].float()
+        x_hat, row_stats = sae_norm.apply(x)
+        rec = sae(x_hat.to(sae_dtype)).float()
+        out = act.clone()
+        out[spliced] = sae_norm.invert(rec, row_stats).to(act.dtype)
+        return out
+
+    def zero_ablate(act: torch.Tensor) -> torch.Tensor:
+        out = act.clone()
+        out[spliced] = 0
+        return out
+
+    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
+    count = 0
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(contexts), batch_size), desc="eval ce/kl", disable=not progress, leave=False):
+            ids = contexts[start : start + batch_size]
+            token_ids = store.tokens.oindex[ids.tolist(), :]
+            tokens = torch.from_numpy(token_ids.astype(np.int64)).to(device)
+            # splice exactly where the store would have kept a row: stored positions, minus outliers
+            stored = torch.from_numpy(stored_mask(store, token_ids)).to(device)
+            stored[:, :splice_from] = False
+            clean_act = run_to_hooks(model, tokens, [hook])[hook]
+            spliced = stored & sae_norm.inliers(clean_act)
+            # next-token predictions made from spliced positions (the last position predicts nothing)
+            scored = spliced[:, :-1]
+            targets = tokens[:, 1:][scored]
+            logp = {}
+            for key, replace in (("clean", None), ("sae", splice_sae), ("zero", zero_ablate)):
+                logits = logits_with_hook_replaced(model, tokens, hook, replace)[:, :-1][scored]
+                logp[key] = torch.log_softmax(logits.float(), dim=-1)
+            for key in ("clean", "sae", "zero"):
+                nll = -logp[key].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                totals[f"ce_{key}"] += float(nll.double().sum())
+            for key, other in (("kl", "sae"), ("kl_zero", "zero")):  # KL(clean || spliced) per token
+                kl = (logp["clean"].exp() * (logp["clean"] - logp[other])).sum(dim=-1)
+                totals[key] += float(kl.double().sum())
+            count += targets.numel()
+    if count == 0:
+        raise SaepipeError("no held-out position was left to splice (all excluded or outliers): evaluate more --tokens")
+    m = {k: v / count for k, v in totals.items()}
+    gap = m["ce_zero"] - m["ce_clean"]
+    m["ce_recovered"] = (m["ce_zero"] - m["ce_sae"]) / gap if gap != 0 else float("nan")
+    m["kl_div_score"] = (m["kl_zero"] - m["kl"]) / m["kl_zero"] if m["kl_zero"] != 0 else float("nan")
+    m["delta_loss"] = m["ce_sae"] - m["ce_clean"]
+    m["downstream_tokens"] = count
+    m["downstream_contexts"] = len(contexts)
+    m["splice_from"] = splice_from
+    m["model"] = model.name
+    return m

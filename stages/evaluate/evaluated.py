@@ -1,0 +1,99 @@
+"""Which SAE is measured, on which store, and the normalization that maps raw activations into its input
+space: a run folder of ours, or a SAELens SAE trained elsewhere."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.basics import run_dir
+from stages.basics.errors import SaepipeError
+from stages.saes import SparseAutoencoder
+from stages.saes.external import ExternalSAE
+from store_schema.normalization import Normalization
+from store_schema.reader import ActivationStore, open_store
+
+
+def run_normalization(cfg: dict) -> Normalization:
+    saved = cfg["normalization"]
+    mean = None if saved.get("mean") is None else np.asarray(saved["mean"], np.float32)
+    return Normalization(saved["mode"], mean, float(saved["scale"]), saved.get("max_norm"))
+
+
+def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStore) -> None:
+    """`which` SAE (e.g. "the SAE") reads `hook` with width `d_in`: the store must hold them."""
+    if hook not in store.hooks:
+        raise SaepipeError(
+            f"{which} reads hook '{hook}' but store {store.location} holds "
+            f"{', '.join(store.hooks)}: pass --store with a store of that hook"
+        )
+    if d_in != store.d_model:
+        raise SaepipeError(
+            f"{which} has d_in {d_in} but store {store.location} has d_model {store.d_model}: "
+            f"pass --store with activations of the SAE's model"
+        )
+
+
+def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) -> None:
+    check_hook_and_width("the SAE", cfg["hook"], sae.d_in, store)
+    if store.header["model"]["name"] != cfg["store"]["model"]["name"]:
+        raise SaepipeError(
+            f"the SAE was trained on {cfg['store']['model']['name']} activations but the store holds "
+            f"{store.header['model']['name']}: pass --store with a store of that model"
+        )
+
+
+@dataclass
+class EvaluatedSAE:
+    """What eval, report and compare need of a run folder: the SAE, the normalization mapping raw
+    activations into the SAE's input space, the hook and the store it is evaluated on."""
+
+    path: Path
+    sae: SparseAutoencoder
+    normalization: Normalization
+    hook: str
+    store_path: str
+    model_name: str
+    label: str  # a short name for tables and plots
+
+
+def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_path: str | None = None) -> EvaluatedSAE:
+    """A trained run folder (cfg.json + sae.safetensors), or an eval folder of an external SAE."""
+    path = Path(run)
+    if (path / run_dir.EXTERNAL).exists() and not (path / run_dir.CONFIG).exists():
+        saved = run_dir.read_json(path / run_dir.EXTERNAL, "evaluate the SAE again with --external and --store")
+        return open_external(saved["saelens_dir"], store_path or saved["store"], path, device)
+    sae, cfg = run_dir.load_sae(path, device)
+    store = store_path or cfg["store"]["path"]
+    return EvaluatedSAE(path, sae, run_normalization(cfg), cfg["hook"], store, cfg["store"]["model"]["name"], path.name)
+
+
+def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: torch.device | str) -> EvaluatedSAE:
+    """A SAELens-format SAE folder (cfg.json + sae_weights.safetensors), to be measured on our store. It
+    reads raw activations, so its normalization is the identity, keeping the store's outlier bound: it is
+    spliced and scored exactly where the store keeps rows."""
+    folder = Path(saelens_dir)
+    if not (folder / "cfg.json").exists() or not (folder / "sae_weights.safetensors").exists():
+        raise SaepipeError(
+            f"{folder} is not a SAELens SAE folder (cfg.json and sae_weights.safetensors): "
+            f"pass the folder SAELens's save_model / save_inference_model wrote"
+        )
+    try:
+        from sae_lens import SAE
+    except ImportError as e:
+        raise SaepipeError("evaluating a SAELens SAE needs sae-lens: pip install 'sae-lens>=6'") from e
+    store = open_store(store_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inner = SAE.load_from_disk(str(folder), device=str(device))
+    sae = ExternalSAE(inner)
+    hook = inner.cfg.metadata.hook_name
+    check_hook_and_width(f"the SAE at {folder}", hook, sae.d_in, store)
+    identity = Normalization("none", max_norm=store.normalization(hook).max_norm)
+    return EvaluatedSAE(
+        out, sae, identity, hook, store.location, store.header["model"]["name"], f"{folder.name} (external)"
+    )

@@ -1,0 +1,120 @@
+"""`run_eval`: evaluate a run folder (or a SAELens SAE) and write eval.json; the table eval prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.basics import run_dir
+from stages.basics.device import resolve_device
+from stages.basics.errors import SaepipeError
+from stages.evaluate.ablation import ablation_sparsity
+from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, stored_mask
+from stages.evaluate.evaluated import check_compatible, open_evaluated, open_external
+from stages.evaluate.reconstruction import store_metrics
+from store_schema.reader import open_store
+
+
+def run_eval(
+    run: str,
+    store_path: str | None = None,
+    model: str | None = None,
+    tokens: int | None = None,
+    use_model: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+    splice_from: int = 0,
+    ablation_contexts: int = 4,
+    external: str | None = None,
+) -> dict:
+    """Evaluate the run folder `run` (or, with `external`, a SAELens SAE folder, writing into `run`)
+    and write eval.json and the per-latent firing fractions there."""
+    if tokens is not None and tokens < 1:
+        raise SaepipeError(f"--tokens must be at least 1, got {tokens} (leave it out to use every held-out row)")
+    if ablation_contexts < 0:
+        raise SaepipeError(
+            f"--ablation-contexts must be at least 0 (0 skips ablation sparsity), got {ablation_contexts}"
+        )
+    run_path = Path(run)
+    dev = resolve_device(device)
+    if external is not None:
+        if store_path is None:
+            raise SaepipeError("--external needs --store: the store to evaluate the SAE on")
+        if (run_path / run_dir.CONFIG).exists():
+            raise SaepipeError(f"{run_path} is a training run: give --external another folder to write into")
+        evaluated = open_external(external, store_path, run_path, dev)
+        run_path.mkdir(parents=True, exist_ok=True)
+        run_dir.write_json_atomic(
+            run_path / run_dir.EXTERNAL, {"saelens_dir": str(Path(external).resolve()), "store": evaluated.store_path}
+        )
+    else:
+        evaluated = open_evaluated(run_path, dev, store_path)
+    store = open_store(evaluated.store_path)
+    store.require_complete()
+    if (run_path / run_dir.CONFIG).exists():
+        check_compatible(evaluated.sae, run_dir.load_config(run_path), store)
+    if splice_from < 0 or splice_from >= store.context_size:
+        raise SaepipeError(f"--splice-from {splice_from} is outside the context (0 to {store.context_size - 1})")
+    sae, norm, hook = evaluated.sae, evaluated.normalization, evaluated.hook
+    result = {
+        "run": str(run_path),
+        "store": store.location,
+        "store_fingerprint": store.fingerprint,
+        "hook": hook,
+        "sae": sae.config(),
+    }
+    metrics, density = store_metrics(sae, store, hook, norm, dev, tokens, progress)
+    result |= metrics
+    if use_model:
+        host = load_eval_model(store, model, dev)
+        result |= downstream_metrics(sae, store, hook, norm, host, dev, tokens, splice_from, progress=progress)
+        if ablation_contexts > 0:
+            ids = held_out_contexts(store, None)[:ablation_contexts]
+            token_rows = store.tokens.oindex[ids.tolist(), :]
+            result |= ablation_sparsity(
+                sae, norm, host, token_rows, stored_mask(store, token_rows), hook, progress=progress
+            )
+    run_dir.save_npy_atomic(run_path / run_dir.FEATURE_DENSITY, density)
+    run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
+    return result
+
+
+TABLE_KEYS = (
+    "mse",
+    "nmse",
+    "fve",
+    "fve_per_token",
+    "fve_vs_zero",
+    "cosine",
+    "l2_ratio",
+    "relative_reconstruction_bias",
+    "raw_mse",
+    "raw_fve",
+    "raw_cosine",
+    "l0",
+    "dead_fraction",
+    "dense_fraction",
+    "ce_clean",
+    "ce_sae",
+    "ce_zero",
+    "ce_recovered",
+    "kl",
+    "kl_div_score",
+    "delta_loss",
+    "ablation_sparsity",
+)
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'metric':<30}{'value':>14}", "-" * 44]
+    for key in TABLE_KEYS:
+        if key in result:
+            lines.append(f"{key:<30}{result[key]:>14.5g}")
+    if "l0_quantiles" in result:
+        q = result["l0_quantiles"]
+        lines.append(f"{'l0 p10 / p50 / p90':<30}{q['p10']:>6} /{q['p50']:>3} /{q['p90']:>3}")
+    lines.append(f"{'eval rows':<30}{result['eval_rows']:>14,}")
+    if "downstream_tokens" in result:
+        lines.append(f"{'ce/kl tokens':<30}{result['downstream_tokens']:>14,}")
+    if "ablation_count" in result:
+        lines.append(f"{'ablations':<30}{result['ablation_count']:>14,}")
+    return "\n".join(lines)
