@@ -86,6 +86,53 @@ def tokens_fingerprint(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:16]
 
 
+def new_header(
+    *,
+    writer: str,
+    config_fingerprint: str,
+    collect_config: dict,
+    model: dict,
+    text_source: dict,
+    tokenizer: dict,
+    context_size: int,
+    dropped_positions: list[int],
+    excluded_tokens: list[int],
+    outlier_factor: float | None,
+    hooks: list[str],
+    d_model: int,
+    token_budget: int,
+    shuffle: dict,
+    split: dict,
+    normalization_mode: str,
+    warmup_rows: int,
+    nonfinite_policy: str,
+) -> dict:
+    """The header of a new store, every field SPEC.md describes in its order (StoreWriter.create adds the
+    layout, progress and statistics): the one place a store's header is assembled, whoever writes it."""
+    return {
+        "schema": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "writer": writer,
+        "config_fingerprint": config_fingerprint,
+        "collect_config": collect_config,
+        "model": model,
+        "text_source": text_source,
+        "tokenizer": tokenizer,
+        "context_size": context_size,
+        "dropped_positions": dropped_positions,
+        "excluded_tokens": excluded_tokens,
+        "outlier_factor": outlier_factor,
+        "hooks": hooks,
+        "d_model": d_model,
+        "token_budget": token_budget,
+        "shuffle": shuffle,
+        "split": split,
+        "normalization_mode": normalization_mode,
+        "warmup_rows": warmup_rows,
+        "nonfinite_policy": nonfinite_policy,
+    }
+
+
 class RunningStats:
     """Statistics over every row written for one hook and split, accumulated in float64.
 

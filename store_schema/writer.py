@@ -316,3 +316,45 @@ def _write_from(arr: zarr.Array, first: int, data: np.ndarray) -> None:
     arr.resize((first + len(data),) + arr.shape[1:])
     with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):
         arr[first:] = data
+
+
+def write_array_store(
+    path: str | Path, train: np.ndarray, eval_rows: np.ndarray, *, hook: str = "synthetic", chunk_rows: int = 4096
+) -> Path:
+    """A complete store (normalization `none`) holding the given rows, as if collected: one position per
+    "context", so its mapping and token arrays are trivial. For tests and ground-truth benchmarks."""
+    d = train.shape[1]
+    n_train, n_eval = len(train), len(eval_rows)
+    tokens = np.zeros((n_train + n_eval, 2), np.int32)
+    split = np.concatenate([np.zeros(n_train, np.int8), np.ones(n_eval, np.int8)])
+    header = schema.new_header(
+        writer="saepipe synthetic",
+        config_fingerprint=schema.fingerprint({"synthetic": True, "n": [n_train, n_eval], "d": d}),
+        collect_config={},
+        model={"name": "synthetic", "revision": "synthetic", "d_model": d, "n_layers": 0, "dtype": "float32"},
+        text_source={"name": "synthetic"},
+        tokenizer={},
+        context_size=2,
+        dropped_positions=[0],
+        excluded_tokens=[],
+        outlier_factor=None,
+        hooks=[hook],
+        d_model=d,
+        token_budget=n_train,
+        shuffle={},
+        split={},
+        normalization_mode="none",
+        warmup_rows=0,
+        nonfinite_policy="skip",
+    )
+    writer = StoreWriter.create(path, header, tokens, split, {"train": n_train, "eval": n_eval}, chunk_rows)
+    writer.record_normalization({hook: Normalization("none")})
+    for name, rows, offset in (("train", train, 0), ("eval", eval_rows, n_train)):
+        fp16 = rows.astype(np.float16)
+        stats = schema.RunningStats(d)
+        stats.update(fp16)
+        contexts = np.arange(offset, offset + len(rows))
+        writer.write_rows(name, 0, {hook: fp16}, contexts, np.ones(len(rows), np.int16))
+        writer.commit(name, 1, len(rows), {hook: stats}, [])
+    writer.finalize()
+    return Path(path)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from stages.synthetic import PlantedFeatures, write_array_store
+from store_schema.writer import write_array_store
+from tests.helpers.planted import PlantedFeatures
 
 
 @pytest.fixture(scope="session")

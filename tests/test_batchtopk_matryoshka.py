@@ -18,10 +18,11 @@ from stages.saes import build_sae
 from stages.saes.base import TrainContext
 from stages.saes.batchtopk import BatchTopKSAE
 from stages.saes.matryoshka import MatryoshkaSAE
-from stages.synthetic import PlantedFeatures, write_array_store
 from stages.train.config import TrainConfig
 from stages.train.saelens_export import export_saelens
 from store_schema.normalization import Normalization
+from store_schema.writer import write_array_store
+from tests.helpers.planted import PlantedFeatures
 
 
 @pytest.fixture(scope="module", autouse=True)

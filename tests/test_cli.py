@@ -7,8 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from stages.synthetic import write_array_store
-from store_schema.writer import StoreWriter
+from store_schema.writer import StoreWriter, write_array_store
 
 HOOK = "blocks.2.hook_resid_post"
 COLLECT = [

@@ -14,10 +14,9 @@ from pipeline.cli import main
 from stages.basics.errors import SaepipeError
 from stages.collect import plan_action, run_collect
 from stages.collect.config import CollectConfig
-from stages.synthetic import write_array_store
 from store_schema.reader import open_store
 from store_schema.schema import split_counts
-from store_schema.writer import StoreWriter
+from store_schema.writer import StoreWriter, write_array_store
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
 # 20-context blocks and 256-row chunks (blocks straddle chunks), over a small local corpus that holds

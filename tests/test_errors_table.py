@@ -22,9 +22,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from stages import host_model as host_models
-from stages.synthetic import write_array_store
 from store_schema.lock import lock_path
-from store_schema.writer import StoreWriter
+from store_schema.writer import StoreWriter, write_array_store
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 COLUMNS = ["id", "trigger", "message", "exit", "setup"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.synthetic import write_array_store
 from store_schema.reader import open_store
+from store_schema.writer import write_array_store
 
 HOOK = "blocks.1.hook_resid_post"
 COLLECT = [

@@ -15,9 +15,10 @@ from stages.basics.errors import SaepipeError
 from stages.saes import build_sae
 from stages.saes.base import TrainContext
 from stages.saes.matching_pursuit import MatchingPursuitSAE, merge_picks
-from stages.synthetic import PlantedFeatures, write_array_store
 from stages.train.config import TrainConfig
 from store_schema.normalization import Normalization
+from store_schema.writer import write_array_store
+from tests.helpers.planted import PlantedFeatures
 
 
 def random_sae(d_in: int, d_sae: int, seed: int = 0, dtype=torch.float64, **kwargs) -> MatchingPursuitSAE:

@@ -18,11 +18,11 @@ from hypothesis.extra.numpy import arrays
 from stages import collect as collect_stage
 from stages.basics.errors import SaepipeError
 from stages.collect.config import CollectConfig
-from stages.synthetic import write_array_store
 from store_schema import schema
 from store_schema.loader import ShuffledBatches
 from store_schema.normalization import MODES, Normalization
 from store_schema.reader import ActivationStore, open_store
+from store_schema.writer import write_array_store
 
 SLOW = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -3,8 +3,9 @@
 import pytest
 
 from pipeline.tools import quality
-from stages.synthetic import PlantedFeatures, write_array_store
 from stages.train.config import TrainConfig
+from store_schema.writer import write_array_store
+from tests.helpers.planted import PlantedFeatures
 
 pytest.importorskip("sae_lens")
 

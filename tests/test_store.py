@@ -8,12 +8,11 @@ import pytest
 import torch
 import zarr
 
-from stages.synthetic import write_array_store
 from store_schema import schema
 from store_schema.loader import ShuffledBatches
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore, open_store
-from store_schema.writer import StoreWriter
+from store_schema.writer import StoreWriter, write_array_store
 
 
 def raw_activations(n=2048, d=48, seed=0):

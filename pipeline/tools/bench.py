@@ -114,9 +114,9 @@ def _sync(device: torch.device) -> None:
 # -- read_vs_memmap ---------------------------------------------------------------------------------
 def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     """On the CPU whatever `device` is: the reader's own speed."""
-    from stages.synthetic import write_array_store
     from store_schema.loader import ShuffledBatches
     from store_schema.reader import open_store
+    from store_schema.writer import write_array_store
 
     rows = np.random.default_rng(0).standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16)
     store_path = write_array_store(
@@ -268,7 +268,7 @@ def _compare_steps(
 
 def _bench_store(cfg: BenchConfig, workdir: Path) -> Path:
     """A small store of d_in-wide rows: _Run reads its init sample (b_dec, loss scale) from one."""
-    from stages.synthetic import write_array_store
+    from store_schema.writer import write_array_store
 
     path = workdir / "init.zarr"
     if not path.exists():
@@ -542,9 +542,9 @@ print(json.dumps({"peak_rss_bytes": peak}))
 def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     """Train (in a fresh process, on the CPU: host memory is what is measured) from a store four times
     the streaming loader's buffer; its peak RSS."""
-    from stages.synthetic import write_array_store
     from store_schema.loader import ShuffledBatches
     from store_schema.reader import open_store
+    from store_schema.writer import write_array_store
 
     chunk_rows = cfg.stream_chunk_rows
     buffer_bytes = ShuffledBatches.buffer_bytes_for(chunk_rows, cfg.d_in)

@@ -29,43 +29,41 @@ def create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
     context_split = schema.assign_split(n_contexts, cfg.eval_fraction, cfg.seed)
     n_train, n_eval = schema.split_counts(n_contexts, cfg.eval_fraction)
     content = cfg.content_fields()
-    header = {
-        "schema": schema.SCHEMA_NAME,
-        "schema_version": schema.SCHEMA_VERSION,
-        "writer": f"saepipe {__version__}",
-        "config_fingerprint": schema.fingerprint(content),
-        "collect_config": content,
-        "model": {
+    header = schema.new_header(
+        writer=f"saepipe {__version__}",
+        config_fingerprint=schema.fingerprint(content),
+        collect_config=content,
+        model={
             "name": cfg.model,
             "revision": model.revision,
             "d_model": model.d_model,
             "n_layers": model.n_layers,
             "dtype": cfg.dtype,
         },
-        "text_source": {**source.describe(), "tokens_fingerprint": schema.tokens_fingerprint(tokens)},
-        "tokenizer": {
+        text_source={**source.describe(), "tokens_fingerprint": schema.tokens_fingerprint(tokens)},
+        tokenizer={
             "name": tok.name,
             "vocab_size": tok.vocab_size,
             "bos_token_id": tok.bos_token_id,
             "separator_token_id": separator,
             "bos_at_position_0": True,
         },
-        "context_size": cfg.context_size,
-        "dropped_positions": list(range(cfg.drop_first)),
-        "excluded_tokens": sorted({tok.bos_token_id, separator}) if cfg.exclude_special else [],
-        "outlier_factor": cfg.outlier_factor,
-        "hooks": hooks,
-        "d_model": model.d_model,
-        "token_budget": cfg.tokens,
-        "shuffle": {
+        context_size=cfg.context_size,
+        dropped_positions=list(range(cfg.drop_first)),
+        excluded_tokens=sorted({tok.bos_token_id, separator}) if cfg.exclude_special else [],
+        outlier_factor=cfg.outlier_factor,
+        hooks=hooks,
+        d_model=model.d_model,
+        token_budget=cfg.tokens,
+        shuffle={
             "seed": cfg.seed,
             "buffer_rows": cfg.shuffle_buffer_rows,
             "contexts_per_block": contexts_per_block(cfg),
         },
-        "split": {"eval_fraction": cfg.eval_fraction, "n_train_contexts": n_train, "n_eval_contexts": n_eval},
-        "normalization_mode": cfg.normalize,
-        "warmup_rows": cfg.warmup_rows,
-        "nonfinite_policy": cfg.nonfinite,
-    }
+        split={"eval_fraction": cfg.eval_fraction, "n_train_contexts": n_train, "n_eval_contexts": n_eval},
+        normalization_mode=cfg.normalize,
+        warmup_rows=cfg.warmup_rows,
+        nonfinite_policy=cfg.nonfinite,
+    )
     planned = schema.planned_rows(tokens, context_split, cfg.drop_first, header["excluded_tokens"])
     return StoreWriter.create(cfg.out, header, tokens, context_split, planned, cfg.chunk_rows)

@@ -1,4 +1,5 @@
-"""Ground truth for SAE recipes: activations built from known sparse features, written as a store.
+"""Ground truth for SAE recipes: activations built from known sparse features (write them as a store
+with store_schema.writer.write_array_store).
 
 Each row is a sparse non-negative combination of unit "feature" directions plus Gaussian noise; feature
 i fires independently with probability `frequencies[i]` (spread log-uniformly, so rare and common
@@ -11,14 +12,9 @@ fire only on rows where their parent fires, and each child's direction leans tow
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-
-from store_schema import schema
-from store_schema.normalization import Normalization
-from store_schema.writer import StoreWriter
 
 
 @dataclass(frozen=True)
@@ -100,45 +96,3 @@ class PlantedFeatures:
         planted = self.directions if features is None else self.directions[features]
         best = (torch.from_numpy(planted) @ dec.T).max(dim=1).values
         return float((best >= threshold).float().mean())
-
-
-def write_array_store(
-    path: str | Path, train: np.ndarray, eval_rows: np.ndarray, *, hook: str = "synthetic", chunk_rows: int = 4096
-) -> Path:
-    """A complete store (normalization `none`) holding the given rows, as if collected: one position per
-    "context", so its mapping and token arrays are trivial. For tests and ground-truth benchmarks."""
-    d = train.shape[1]
-    n_train, n_eval = len(train), len(eval_rows)
-    tokens = np.zeros((n_train + n_eval, 2), np.int32)
-    split = np.concatenate([np.zeros(n_train, np.int8), np.ones(n_eval, np.int8)])
-    header = {
-        "schema": schema.SCHEMA_NAME,
-        "schema_version": schema.SCHEMA_VERSION,
-        "writer": "saepipe synthetic",
-        "config_fingerprint": schema.fingerprint({"synthetic": True, "n": [n_train, n_eval], "d": d}),
-        "collect_config": {},
-        "model": {"name": "synthetic", "revision": "synthetic", "d_model": d, "n_layers": 0, "dtype": "float32"},
-        "text_source": {"name": "synthetic"},
-        "tokenizer": {},
-        "context_size": 2,
-        "dropped_positions": [0],
-        "hooks": [hook],
-        "d_model": d,
-        "token_budget": n_train,
-        "shuffle": {},
-        "split": {},
-        "normalization_mode": "none",
-        "warmup_rows": 0,
-        "nonfinite_policy": "skip",
-    }
-    writer = StoreWriter.create(path, header, tokens, split, {"train": n_train, "eval": n_eval}, chunk_rows)
-    writer.record_normalization({hook: Normalization("none")})
-    for name, rows, offset in (("train", train, 0), ("eval", eval_rows, n_train)):
-        fp16 = rows.astype(np.float16)
-        stats = schema.RunningStats(d)
-        stats.update(fp16)
-        contexts = np.arange(offset, offset + len(rows))
-        writer.write_rows(name, 0, {hook: fp16}, contexts, np.ones(len(rows), np.int16))
-        writer.commit(name, 1, len(rows), {hook: stats}, [])
-    writer.finalize()
-    return Path(path)
