@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from store_schema import schema
 from store_schema.normalization import Normalization
@@ -270,8 +274,6 @@ def _raw_chunk_files(arr: zarr.Array) -> _RawChunks | None:
     filters or sharding (optionally followed by Zarr's crc32c checksum): such a chunk file is exactly
     the rows' bytes, so reading it into the destination skips Zarr's decode pipeline and its copies.
     None for any other array."""
-    from zarr.codecs import BytesCodec
-    from zarr.storage import LocalStore
 
     serializer = arr.serializer
     only_checksum = len(arr.compressors) == 1 and is_checksummed(arr)
@@ -290,14 +292,12 @@ def _raw_chunk_files(arr: zarr.Array) -> _RawChunks | None:
 
 
 def is_checksummed(arr: zarr.Array) -> bool:
-    from zarr.codecs import Crc32cCodec
 
     return any(isinstance(codec, Crc32cCodec) for codec in arr.compressors)
 
 
 def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
     """Whether the chunk at `coords` has been written, in any Zarr store (local or remote)."""
-    from zarr.core.sync import sync
 
     key = arr.metadata.encode_chunk_key(coords)
     return sync(arr.store.exists(f"{arr.path}/{key}" if arr.path else key))
@@ -323,7 +323,6 @@ def _checked(read, what: str):
 def _read_verified(f, pieces: list[tuple[int, np.ndarray]], base: int, chunk_rows: int, row_bytes: int) -> bool:
     """Read a whole checksummed chunk file in one pass: the pieces' rows into their destinations, the rows
     between them into scratch, and the trailing CRC32C; True when the CRC matches the bytes."""
-    import google_crc32c
 
     views, position = [], base
     for first, dest in pieces:

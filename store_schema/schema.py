@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+from zarr.codecs import Crc32cCodec
 
 SCHEMA_NAME = "saepipe.activation-store"
 SCHEMA_VERSION = 1
@@ -28,7 +29,6 @@ EVERY_CHUNK_WRITTEN_CONFIG = {"array.write_empty_chunks": True}
 
 def checksummed(*codecs) -> tuple:
     """The bytes-to-bytes codecs of an array: `codecs` (e.g. compression), then the chunk's CRC32C."""
-    from zarr.codecs import Crc32cCodec
 
     return (*codecs, Crc32cCodec())
 

@@ -18,6 +18,7 @@ from stages.saes import build_sae
 from stages.saes.base import TrainContext
 from stages.saes.batchtopk import BatchTopKSAE
 from stages.saes.matryoshka import MatryoshkaSAE
+from stages.saes.saved import load_sae
 from stages.train.config import TrainConfig
 from stages.train.saelens_export import export_saelens
 from store_schema.normalization import Normalization
@@ -185,7 +186,7 @@ def test_matryoshka_early_latents_get_gradient_from_every_prefix():
 
 
 def _cfg(**kw):
-    return TrainConfig(store="s", out="o", width=512, k=8, **kw)
+    return TrainConfig.from_flat(store="s", out="o", width=512, k=8, **kw)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +214,7 @@ def test_config_accepts_valid_settings_and_refuses_groups_elsewhere():
     with pytest.raises(SaepipeError, match="--groups does not apply to --arch batchtopk"):
         _cfg(arch="batchtopk", groups=(64, 512)).validate()
     with pytest.raises(SaepipeError, match="--k must be in"):
-        TrainConfig(store="s", out="o", arch="batchtopk", width=16, k=17).validate()
+        TrainConfig.from_flat(store="s", out="o", arch="batchtopk", width=16, k=17).validate()
     with pytest.raises(ValueError, match="strictly increasing"):
         MatryoshkaSAE(16, 64, 4, groups=(32, 8, 64))
 
@@ -264,7 +265,7 @@ MATRYOSHKA_GROUPS = (256, 512)
 def trained(request, planted, tmp_path_factory):
     features, store = planted
     extra = {"groups": MATRYOSHKA_GROUPS} if request.param == "matryoshka" else {}
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         store=str(store), out=str(tmp_path_factory.mktemp(request.param) / "run"), arch=request.param, **COMMON, **extra
     )
     start = time.perf_counter()
@@ -275,12 +276,12 @@ def trained(request, planted, tmp_path_factory):
 
 def test_recovers_planted_features(trained):
     features, cfg, out = trained
-    sae, saved = run_dir.load_sae(out)
+    sae, saved = load_sae(out)
     recovered = features.recovered_fraction(sae.W_dec.detach(), threshold=0.9)
     print(f"{cfg.arch}: {recovered:.1%} of planted features recovered at cosine >= 0.9")
     assert recovered >= 0.9, f"only {recovered:.1%} of planted features recovered at cosine >= 0.9"
     log = run_dir.read_log(out)
-    assert log[-1]["step"] == cfg.steps and log[-1]["fve"] > 0.8 and log[-1]["l0"] == pytest.approx(cfg.k)
+    assert log[-1]["step"] == cfg.steps and log[-1]["fve"] > 0.8 and log[-1]["l0"] == pytest.approx(cfg.settings.k)
     expected = {"arch": cfg.arch, "d_in": 64, "d_sae": 512, "k": 8, "aux_k": 32, "aux_coef": 1 / 32}
     if cfg.arch == "matryoshka":
         expected["groups"] = list(MATRYOSHKA_GROUPS)
@@ -290,7 +291,7 @@ def test_recovers_planted_features(trained):
 
 def test_inference_threshold_gives_about_k_latents_per_row(trained, planted):
     features, cfg, out = trained
-    sae, _ = run_dir.load_sae(out)
+    sae, _ = load_sae(out)
     threshold = float(sae.threshold)
     assert math.isfinite(threshold) and threshold > 0
     x = torch.from_numpy(features.sample(4096, seed=2))  # the held-out rows
@@ -299,10 +300,10 @@ def test_inference_threshold_gives_about_k_latents_per_row(trained, planted):
         rec = sae.decode(code)
     l0 = code.l0().float()
     print(
-        f"{cfg.arch}: threshold {threshold:.4f}, inference L0 {l0.mean():.2f} (k = {cfg.k}), "
+        f"{cfg.arch}: threshold {threshold:.4f}, inference L0 {l0.mean():.2f} (k = {cfg.settings.k}), "
         f"rows' L0 from {int(l0.min())} to {int(l0.max())}"
     )
-    assert abs(float(l0.mean()) - cfg.k) <= 0.15 * cfg.k  # measured: 7.57 (batchtopk), 7.74 (matryoshka)
+    assert abs(float(l0.mean()) - cfg.settings.k) <= 0.15 * cfg.settings.k  # measured: 7.57 (batchtopk), 7.74 (matryoshka)
     assert l0.std() > 0  # L0 varies by row
     fve = 1 - (rec - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
     assert fve > 0.8
@@ -321,7 +322,7 @@ def test_saelens_export_is_a_jumprelu_matching_ours_on_raw_activations(trained, 
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 
     features, cfg, out = trained
-    sae, saved = run_dir.load_sae(out)
+    sae, saved = load_sae(out)
     cfg_json = json.loads((out / "saelens" / "cfg.json").read_text())
     assert cfg_json["architecture"] == "jumprelu" and cfg_json["metadata"]["saepipe"]["sae_config"] == saved["sae"]
 
@@ -340,7 +341,7 @@ def test_saelens_export_is_a_jumprelu_matching_ours_on_raw_activations(trained, 
             z_ours, rec_ours = code.dense(512), n.invert(sae.decode(code), stats)
             z_sl = loaded.encode(x)
             rec_sl = loaded.decode(z_sl)
-        assert (z_ours > 0).sum(dim=1).float().mean() > cfg.k / 2  # real codes are compared
+        assert (z_ours > 0).sum(dim=1).float().mean() > cfg.settings.k / 2  # real codes are compared
         assert torch.equal(z_ours > 0, z_sl > 0), "SAELens picked different latents"
         torch.testing.assert_close(z_sl, z_ours, rtol=1e-4, atol=1e-6 * float(z_ours.abs().max()))
         torch.testing.assert_close(rec_sl, rec_ours, rtol=1e-4, atol=1e-6 * float(rec_ours.abs().max()))
@@ -362,7 +363,7 @@ def test_matryoshka_first_group_captures_the_parent_features(tmp_path):
         tmp_path / "store.zarr", features.sample(120_000, seed=1), features.sample(4096, seed=2), hook="synthetic"
     )
     groups = (64, 256)
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         store=str(store),
         out=str(tmp_path / "run"),
         arch="matryoshka",
@@ -372,7 +373,7 @@ def test_matryoshka_first_group_captures_the_parent_features(tmp_path):
     start = time.perf_counter()
     train_stage.run_train(cfg)
     elapsed = time.perf_counter() - start
-    sae, _ = run_dir.load_sae(tmp_path / "run")
+    sae, _ = load_sae(tmp_path / "run")
 
     parents = np.flatnonzero(features.parents < 0)
     first = sae.W_dec.detach()[: groups[0]]

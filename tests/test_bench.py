@@ -40,7 +40,7 @@ def test_tiny_bench_writes_every_key(tmp_path):
         collect_batch=4,
         context_size=16,
         stream_chunk_rows=256,
-        only=tuple(k for k in bench.KEYS if k != "collect_vs_saelens"),
+        only=",".join(k for k in bench.KEYS if k != "collect_vs_saelens"),
         progress=False,
     )
     result = bench.run_bench(cfg)
@@ -59,7 +59,7 @@ def test_tiny_bench_writes_every_key(tmp_path):
     stream = result["stream"]
     assert stream["store_bytes"] == 4 * stream["buffer_bytes"]
     assert 0 < stream["peak_rss_bytes"] < 8e9
-    assert "| read_vs_memmap |" in bench.format_table(result)
+    assert "| read_vs_memmap |" in bench.format_bench_table(result)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -79,7 +79,7 @@ def test_tiny_collect_vs_saelens(tmp_path, tiny_gpt2_dir):
         collect_contexts=16,
         collect_batch=4,
         context_size=16,
-        only=("collect_vs_saelens",),
+        only="collect_vs_saelens",
         progress=False,
     )
     result = bench.run_bench(cfg)

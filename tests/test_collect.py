@@ -15,6 +15,7 @@ import torch
 from stages import collect as collect_stage
 from stages.basics.errors import SaepipeError
 from stages.collect.config import CollectConfig
+from stages.collect.plan import PlanAction
 from store_schema.reader import open_store
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
@@ -182,7 +183,7 @@ def test_out_holding_another_configuration_is_refused(tmp_path):
     ):
         collect_stage.run_collect(CollectConfig(out=out, **{**SMALL, "tokens": 7000, "context_size": 16}))
     assert tree_bytes(Path(out)) == before  # nothing touched
-    assert collect_stage.plan_action(CollectConfig(out=out, **SMALL)) == "done"
+    assert collect_stage.plan_action(CollectConfig(out=out, **SMALL)) is PlanAction.DONE
     collect_stage.run_collect(CollectConfig(out=out, **{**SMALL, "tokens": 3000, "overwrite": True}))
     assert open_store(out).header["token_budget"] == 3000
 
@@ -204,7 +205,7 @@ def test_out_that_is_not_a_store_is_refused(tmp_path):
 @pytest.fixture
 def nan_in_context(monkeypatch):
     """Make the model produce NaN activations for every context whose second token is even."""
-    from stages.host_model import model as host_models
+    from stages.collect import blocks as host_models  # where collect calls run_to_hooks
 
     real = host_models.run_to_hooks
     poisoned = []
@@ -258,7 +259,7 @@ def test_bad_collect_settings_are_named(tmp_path, change, message):
 
 
 def test_massive_activation_rows_are_left_out_and_counted(tmp_path, monkeypatch):
-    from stages.host_model import model as host_models
+    from stages.collect import blocks as host_models  # where collect calls run_to_hooks
 
     real = host_models.run_to_hooks
 

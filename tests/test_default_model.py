@@ -82,10 +82,10 @@ def test_eval_of_the_default_model(trained):
 
 def test_saelens_export_matches_on_real_raw_activations(trained):
     sae_lens = pytest.importorskip("sae_lens")
-    from stages.basics.run_dir import load_sae
     from stages.evaluate import run_normalization
     from stages.host_model.loading import load_host_model
     from stages.host_model.model import run_to_hooks
+    from stages.saes.saved import load_sae
 
     store, out = trained
     ours, cfg = load_sae(out)

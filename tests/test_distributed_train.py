@@ -42,7 +42,7 @@ def store(tmp_path_factory):
 
 def configs(store: Path, out: Path, resident: bool) -> list[TrainConfig]:
     return [
-        TrainConfig(
+        TrainConfig.from_flat(
             store=str(store),
             hook="h",
             arch=arch,

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from stages import host_model as host_models
 from stages.basics.cache import cache_dir
+from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
-from stages.host_model.loading import load_host_model, resolve_device
+from stages.host_model.loading import load_host_model
 from stages.host_model.model import (
     BLOCK_HOOKS,
     HostModel,

@@ -15,6 +15,7 @@ from stages.basics.errors import SaepipeError
 from stages.saes import build_sae
 from stages.saes.base import TrainContext
 from stages.saes.matching_pursuit import MatchingPursuitSAE, merge_picks
+from stages.saes.saved import load_sae
 from stages.train.config import TrainConfig
 from store_schema.normalization import Normalization
 from store_schema.writer import write_array_store
@@ -229,7 +230,7 @@ def test_tied_weights_save_and_load():
 
 
 def config(store="s", **kwargs) -> TrainConfig:
-    return TrainConfig(store=store, out="o", arch="mp", width=64, **kwargs)
+    return TrainConfig.from_flat(store=store, out="o", arch="mp", width=64, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -245,12 +246,12 @@ def config(store="s", **kwargs) -> TrainConfig:
         (dict(k=8, residual_threshold=0.1), "--k sets the static matching pursuit's steps"),
     ],
 )
-def test_check_config_errors(kwargs, message):
+def test_settings_errors(kwargs, message):
     with pytest.raises(SaepipeError, match=message):
         config(**kwargs).validate()
 
 
-def test_check_config_accepts_the_variants():
+def test_settings_accept_the_variants():
     for kwargs in (
         {},
         dict(k=64),
@@ -259,10 +260,10 @@ def test_check_config_accepts_the_variants():
         dict(residual_threshold=0.1, max_iterations=5),
     ):
         config(**kwargs).validate()
-    assert MatchingPursuitSAE.from_config(16, config()).iterations == 32
-    assert MatchingPursuitSAE.from_config(16, config(max_iterations=5)).config()["k"] is None
+    assert MatchingPursuitSAE.from_settings(16, 64, config().settings).iterations == 32
+    assert MatchingPursuitSAE.from_settings(16, 64, config(max_iterations=5).settings).config()["k"] is None
     with pytest.raises(SaepipeError, match="does not apply to --arch topk"):
-        TrainConfig(store="s", out="o", residual_threshold=0.1).validate()
+        TrainConfig.from_flat(store="s", out="o", residual_threshold=0.1).validate()
 
 
 # -- through stages.train -----------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def planted_small(tmp_path_factory):
 def trained(planted_small, tmp_path_factory):
     features, store = planted_small
     out = tmp_path_factory.mktemp("mp") / "run"
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         store=str(store),
         out=str(out),
         hook="synthetic",
@@ -302,7 +303,7 @@ def test_mp_recovers_planted_features(planted_small, trained):
     # about 5 s on one CPU thread. 120k tokens recover 76%, 480k 99.6%.
     features, _ = planted_small
     cfg, out = trained
-    sae, saved = run_dir.load_sae(out)
+    sae, saved = load_sae(out)
     recovered = features.recovered_fraction(sae.W_dec.detach(), threshold=0.9)
     assert recovered >= 0.9, f"only {recovered:.1%} of planted features recovered at cosine >= 0.9"
     log = run_dir.read_log(out)
@@ -320,7 +321,7 @@ def test_mp_recovers_planted_features(planted_small, trained):
 
 def test_dynamic_variant_trains(planted_small, tmp_path):
     _, store = planted_small
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         store=str(store),
         out=str(tmp_path / "run"),
         hook="synthetic",
@@ -335,7 +336,7 @@ def test_dynamic_variant_trains(planted_small, tmp_path):
         log_every=4,
     )
     train_stage.run_train(cfg)
-    sae, saved = run_dir.load_sae(tmp_path / "run")
+    sae, saved = load_sae(tmp_path / "run")
     assert saved["sae"]["residual_threshold"] == 0.5 and saved["sae"]["max_iterations"] == 12
     log = run_dir.read_log(tmp_path / "run")
     assert len(log) == 2 and 1 <= log[-1]["l0"] <= 12 and log[-1]["fve"] > 0
@@ -369,7 +370,7 @@ def assert_close_rel(got, want, rtol=1e-4):
 def test_trained_export_loads_in_saelens_and_matches(planted_small, trained):
     features, _ = planted_small
     _, out = trained
-    sae, _ = run_dir.load_sae(out)
+    sae, _ = load_sae(out)
     x = torch.from_numpy(features.sample(256, seed=5))
     loaded, z_sl, rec_sl = saelens_side(out / "saelens", x)
     assert (loaded.cfg.max_iterations, loaded.cfg.residual_threshold, loaded.cfg.stop_on_duplicate_support) == (

@@ -135,7 +135,7 @@ def test_ablation_sparsity_is_one_over_vt_when_one_logit_moves(monkeypatch):
         logits[:, -1, 3] += acts[:, p, 2] * 5.0  # latent 2 moves one logit at the last position
         return logits
 
-    import stages.host_model.model as hm
+    import stages.evaluate.ablation as hm  # where ablation sparsity calls the model
 
     monkeypatch.setattr(hm, "run_to_hooks", fake_run_to_hooks)
     monkeypatch.setattr(hm, "logits_with_hook_replaced", fake_logits)

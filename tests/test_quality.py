@@ -14,7 +14,7 @@ def test_topk_against_saelens_on_the_same_rows(tmp_path):
     features = PlantedFeatures.make(32, 128, seed=0)
     store = tmp_path / "s.zarr"
     write_array_store(store, features.sample(40_000, seed=1), features.sample(2048, seed=2), hook="synthetic")
-    base = TrainConfig(
+    base = TrainConfig.from_flat(
         store=str(store),
         out=str(tmp_path / "q"),
         hook="synthetic",
@@ -23,7 +23,7 @@ def test_topk_against_saelens_on_the_same_rows(tmp_path):
         batch_size=512,
         progress=False,
     )
-    rows = quality.compare(base, ["topk"], k=8, eval_tokens=2048, use_model=False)
+    rows = quality.compare(base, quality.QualityConfig(archs="topk", k=8, eval_tokens=2048, use_model=False))
     assert [r["impl"].split()[0] for r in rows] == ["saepipe", "sae-lens"]
     for row in rows:
         assert row["l0"] == pytest.approx(8, abs=0.01)

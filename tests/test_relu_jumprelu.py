@@ -11,6 +11,7 @@ from stages.basics.errors import SaepipeError
 from stages.saes.base import TrainContext
 from stages.saes.jumprelu import JumpReLUFunction, JumpReLUSAE, StepFunction
 from stages.saes.relu import ReLUSAE
+from stages.saes.saved import load_sae
 from stages.train.config import TrainConfig
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore
@@ -27,11 +28,11 @@ def one_thread():
 
 
 def train(store, out, **kw) -> tuple[torch.nn.Module, dict, list[dict]]:
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         store=str(store), out=str(out), hook="synthetic", progress=False, **{"width": 512, "batch_size": 1024, **kw}
     )
     train_stage.run_train(cfg)
-    sae, saved = run_dir.load_sae(out)
+    sae, saved = load_sae(out)
     return sae, saved, run_dir.read_log(out)
 
 
@@ -297,17 +298,17 @@ def test_bfloat16_autocast_forward_and_backward(arch):
         ("jumprelu", {"k": 8}, "--k does not apply"),
     ],
 )
-def test_check_config_errors(arch, kw, match):
+def test_settings_errors(arch, kw, match):
     with pytest.raises(SaepipeError, match=match) as err:
-        TrainConfig(store="s", out="o", arch=arch, width=512, **kw).validate()
+        TrainConfig.from_flat(store="s", out="o", arch=arch, width=512, **kw).validate()
     assert "\n" not in str(err.value)
 
 
 def test_valid_configs_pass():
-    TrainConfig(
+    TrainConfig.from_flat(
         store="s", out="o", arch="relu", width=512, l1_coef=0.0, l1_warmup_frac=1.0, ghost_grads=True
     ).validate()
-    TrainConfig(store="s", out="o", arch="jumprelu", width=512, target_l0=512.0, l0_coef=0.0).validate()
+    TrainConfig.from_flat(store="s", out="o", arch="jumprelu", width=512, target_l0=512.0, l0_coef=0.0).validate()
 
 
 # -- SAELens export --------------------------------------------------------------------------------

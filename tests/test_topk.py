@@ -13,6 +13,7 @@ from stages.saes import TopKSAE
 from stages.saes.base import TrainContext, geometric_median
 from stages.saes.batchtopk import BatchTopKSAE
 from stages.saes.matryoshka import MatryoshkaSAE
+from stages.saes.saved import load_sae
 from stages.train.config import TrainConfig
 from store_schema.reader import open_store
 
@@ -83,7 +84,7 @@ def test_lr_schedule_warms_up_and_decays():
 
 def test_topk_recovers_planted_features(planted, tmp_path):
     features, store = planted
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         store=str(store),
         out=str(tmp_path / "run"),
         hook="synthetic",
@@ -95,7 +96,7 @@ def test_topk_recovers_planted_features(planted, tmp_path):
         progress=False,
     )
     train_stage.run_train(cfg)
-    sae, saved = run_dir.load_sae(tmp_path / "run")
+    sae, saved = load_sae(tmp_path / "run")
     recovered = features.recovered_fraction(sae.W_dec.detach(), threshold=0.9)
     assert recovered >= 0.9, f"only {recovered:.1%} of planted features recovered at cosine >= 0.9"
     log = run_dir.read_log(tmp_path / "run")
@@ -127,17 +128,17 @@ def test_resume_after_interruption_matches_uninterrupted_run(planted, tmp_path, 
         log_every=5,
         checkpoint_every=20,
     )
-    train_stage.run_train(TrainConfig(out=str(tmp_path / "whole"), **common))
+    train_stage.run_train(TrainConfig.from_flat(out=str(tmp_path / "whole"), **common))
 
     crash_training.arm(33)  # dies after 33 steps: the checkpoint at 20 survives
     with pytest.raises(crash_training.Crash):
-        train_stage.run_train(TrainConfig(out=str(tmp_path / "cut"), **common))
+        train_stage.run_train(TrainConfig.from_flat(out=str(tmp_path / "cut"), **common))
     crash_training.disarm()
     assert max(r["step"] for r in run_dir.read_log(tmp_path / "cut")) == 30  # logged past the checkpoint
-    train_stage.run_train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **common))
+    train_stage.run_train(TrainConfig.from_flat(out=str(tmp_path / "cut"), resume=True, **common))
 
-    whole, _ = run_dir.load_sae(tmp_path / "whole")
-    resumed, _ = run_dir.load_sae(tmp_path / "cut")
+    whole, _ = load_sae(tmp_path / "whole")
+    resumed, _ = load_sae(tmp_path / "cut")
     for name, tensor in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0)
     steps = [r["step"] for r in run_dir.read_log(tmp_path / "cut")]
@@ -177,13 +178,13 @@ def test_gradient_norm_is_clipped_in_summed_squared_error_units(planted, tmp_pat
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
     common = dict(store=str(store), hook="synthetic", width=128, k=4, tokens=10 * 512, batch_size=512, progress=False)
-    train_stage.run_train(TrainConfig(out=str(tmp_path / "free"), max_grad_norm=0, **common))
+    train_stage.run_train(TrainConfig.from_flat(out=str(tmp_path / "free"), max_grad_norm=0, **common))
     unclipped, seen[:] = list(seen), []
     _, mse_scale = train_stage.build_for_store(
-        TrainConfig(out="unused", **common), open_store(str(store)), torch.device("cpu")
+        TrainConfig.from_flat(out="unused", **common), open_store(str(store)), torch.device("cpu")
     )
     cap = min(unclipped) / 2  # below every unclipped norm, so every step must be clipped to it
-    train_stage.run_train(TrainConfig(out=str(tmp_path / "clipped"), max_grad_norm=cap * mse_scale, **common))
+    train_stage.run_train(TrainConfig.from_flat(out=str(tmp_path / "clipped"), max_grad_norm=cap * mse_scale, **common))
     assert len(seen) == 10 and all(norm == pytest.approx(cap, rel=1e-4) for norm in seen)
 
 

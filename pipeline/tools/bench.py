@@ -19,6 +19,7 @@ Keys (targets in docs/benchmarks.md):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -30,15 +31,34 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.tools.quality import saelens_training_sae
+from stages.basics import run_dir
+from stages.basics.defaults import DEFAULT_HOOK, DEFAULT_MODEL
 from stages.basics.device import resolve_device
+from stages.basics.distributed import World
 from stages.basics.errors import SaepipeError
+from stages.basics.settings import device_setting, progress_setting, setting
+from stages.collect import run_collect
 from stages.collect.config import CollectConfig
+from stages.host_model.loading import load_host_model
+from stages.host_model.model import run_to_hooks, validate_hooks
+from stages.host_model.smollm2 import prepare_default_model
+from stages.saes.matching_pursuit import MatchingPursuitSAE
+from stages.text.sources import open_text_source
 from stages.train.config import TrainConfig
+from stages.train.loop import TrainingRun
+from store_schema.loader import ShuffledBatches
+from store_schema.reader import open_store
+from store_schema.writer import write_array_store
+
+# sae_lens (and the datasets cache its activation runner writes) is optional, the test extra: imported
+# by the benchmarks that run it.
 
 TARGETS = {
     "read_vs_memmap": (">=", 0.7),
@@ -54,32 +74,46 @@ HOOK = "bench"
 
 @dataclass
 class BenchConfig:
-    out: Path
-    device: str = "auto"
-    d_in: int = 576  # the default model's width
-    width: int = 4096
-    k: int = 32
-    batch_size: int = 4096
-    rounds: int = 3  # per side, alternating
+    out: Path = setting(Path("runs/bench"), "folder for bench.json and the benchmarks' scratch stores")
+    device: str = device_setting()
+    d_in: int = setting(576, "row width of the reader and training benchmarks (the default model's)")
+    width: int = setting(4096, "SAE width of the training benchmarks")
+    k: int = setting(32, "active latents of the training benchmarks")
+    batch_size: int = setting(4096, "rows per training step")
+    rounds: int = setting(3, "rounds per side, alternating the sides")
     train_steps: int = 5  # timed steps per round
     read_rows: int = 262_144  # rows of the read benchmark's store (d_in fp16 each)
     read_passes: int = 4  # passes over those rows per round and side (a pass alone is too short to time)
-    model: str = "smollm2-135m"
-    collect_hook: str = "blocks.15.hook_resid_post"
-    collect_contexts: int = (
-        128  # ~9 s of forward per side: store creation (~0.1 s) and the last block's write (~0.05 s) do not overlap
-    )
+    model: str = setting(DEFAULT_MODEL, "host model of the collect benchmark")
+    collect_hook: str = setting(DEFAULT_HOOK, "hook of the collect benchmark", flag="--hook")
+    # Enough forward passes per side that the store's creation and the last block's write, which do not
+    # overlap the forward, stay a small share of the side's time.
+    collect_contexts: int = 128
     collect_batch: int = 16
     context_size: int = 128
     stream_chunk_rows: int = 8192  # the store chunk of the streaming benchmark (the loader reads 8 at a time)
-    only: tuple[str, ...] = ()
-    progress: bool = True
+    only: str = setting("", "comma-separated keys to measure", shown_default="all")
+    progress: bool = progress_setting()
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The benchmarks asked for (--only), every one when none is named."""
+        named = tuple(key.strip() for key in self.only.split(",") if key.strip())
+        return named or KEYS
 
     def wants(self, key: str) -> bool:
-        return not self.only or key in self.only
+        return key in self.keys
 
     def check(self) -> None:
         """Refuse, before any benchmark runs, settings that would stop one part-way."""
+        unknown = sorted(set(self.keys) - set(KEYS))
+        if unknown:
+            raise SaepipeError(f"--only: unknown benchmark {', '.join(unknown)}; known: {', '.join(KEYS)}")
+        if self.rounds < 1:
+            raise SaepipeError(f"--rounds must be at least 1, got {self.rounds}")
         if self.wants("collect_vs_saelens") and _saelens_layer(self.collect_hook) is None:
             raise SaepipeError(
                 f"collect_vs_saelens maps only blocks.N.hook_resid_post onto SAELens's HF hooks, "
@@ -114,9 +148,6 @@ def _sync(device: torch.device) -> None:
 # -- read_vs_memmap ---------------------------------------------------------------------------------
 def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     """On the CPU whatever `device` is: the reader's own speed."""
-    from store_schema.loader import ShuffledBatches
-    from store_schema.reader import open_store
-    from store_schema.writer import write_array_store
 
     rows = np.random.default_rng(0).standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16)
     store_path = write_array_store(
@@ -180,14 +211,8 @@ def _batches(cfg: BenchConfig, device: torch.device, n: int = 4) -> list[torch.T
 
 def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, device: torch.device):
     """Our training loop's step (stages.train.loop._Run.step) on in-memory batches."""
-    import contextlib
 
-    from stages.basics import run_dir
-    from stages.basics.distributed import World
-    from stages.train.loop import _Run
-    from store_schema.reader import open_store
-
-    train_cfg = TrainConfig(
+    train_cfg = TrainConfig.from_flat(
         store=str(store_path),
         out=str(out),
         hook=HOOK,
@@ -201,7 +226,7 @@ def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, devic
         progress=False,
     ).validate()
     run_dir.prepare(out, overwrite=True, resume=False)
-    run = _Run(train_cfg, open_store(store_path), device, resuming=False, world=World())  # one process
+    run = TrainingRun(train_cfg, open_store(store_path), device, resuming=False, world=World())  # one process
     autocast = contextlib.nullcontext()
     return lambda x, step: run.step(x, step, autocast)
 
@@ -212,9 +237,7 @@ def _saelens_stepper(cfg: BenchConfig, arch: str, device: torch.device):
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from pipeline.tools.quality import _saelens_sae
-
-    sae = _saelens_sae(arch, cfg.d_in, cfg.width, cfg.k, str(device))
+    sae = saelens_training_sae(arch, cfg.d_in, cfg.width, cfg.k, str(device))
     lr = TrainConfig(store="", out="", width=cfg.width).resolved_lr()
     trainer = SAETrainer(
         SAETrainerConfig(
@@ -268,7 +291,6 @@ def _compare_steps(
 
 def _bench_store(cfg: BenchConfig, workdir: Path) -> Path:
     """A small store of d_in-wide rows: _Run reads its init sample (b_dec, loss scale) from one."""
-    from store_schema.writer import write_array_store
 
     path = workdir / "init.zarr"
     if not path.exists():
@@ -341,7 +363,6 @@ def bench_mp(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
 def _mp_outputs_agree(cfg: BenchConfig, their_sae, x: torch.Tensor, device: torch.device) -> float:
     """Both implementations given the same dictionary must reconstruct alike (the ratio compares equal
     work): our static pursuit against SAELens's on the same W_dec and b_dec."""
-    from stages.saes.matching_pursuit import MatchingPursuitSAE
 
     ours = MatchingPursuitSAE(cfg.d_in, cfg.width, cfg.k).to(device)
     ours.reset_parameters(torch.Generator().manual_seed(3))
@@ -367,8 +388,6 @@ class _CollectSetup:
 
     def collect_side(self) -> float:
         """Our collect, rows stored per second (store creation and tokenization included)."""
-        from stages.collect import run_collect
-        from store_schema.reader import open_store
 
         started = time.perf_counter()
         run_collect(dataclasses.replace(self.config), model=self.model)
@@ -377,14 +396,11 @@ class _CollectSetup:
 
     def tokens(self) -> np.ndarray:
         """The collected contexts [n, context_size] (after a first collect_side)."""
-        from store_schema.reader import open_store
 
         return open_store(self.config.out).tokens[:].astype(np.int64)
 
 
 def _collect_setup(cfg: BenchConfig, workdir: Path, device: torch.device) -> _CollectSetup:
-    from stages.host_model.loading import load_host_model
-    from stages.host_model.model import validate_hooks
 
     model = load_host_model(cfg.model, str(device))
     hooks = validate_hooks(model, [cfg.collect_hook])
@@ -421,7 +437,6 @@ def _collect_sizes(cfg: BenchConfig) -> dict:
 
 
 def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
-    from stages.host_model.model import run_to_hooks
 
     setup = _collect_setup(cfg, workdir, device)
     setup.collect_side()  # warm-up, and the contexts for the forward side
@@ -453,15 +468,13 @@ def bench_collect_saelens(cfg: BenchConfig, workdir: Path, device: torch.device)
     from datasets import Dataset
     from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
 
-    from stages.host_model.smollm2 import DEFAULT_MODEL_NAME, prepare_default_model
-
     cfg.check()
     layer = _saelens_layer(cfg.collect_hook)
     setup = _collect_setup(cfg, workdir, device)
     setup.collect_side()  # warm-up, and the contexts for SAELens
     tokens = setup.tokens()
     rows = len(tokens) * (cfg.context_size - 1)
-    model_dir = str(prepare_default_model()) if cfg.model.lower() == DEFAULT_MODEL_NAME else cfg.model
+    model_dir = str(prepare_default_model()) if cfg.model.lower() == DEFAULT_MODEL else cfg.model
     out = workdir / "saelens-cache"
     # Four buffers (shards) of whole model batches, as our collect writes four blocks; half a row more
     # than needed, because SAELens turns the size in GB back into tokens by flooring.
@@ -511,7 +524,6 @@ def _hf_block_name(model, layer: int) -> str:
 
 
 def _python_docs(characters: int) -> list[str]:
-    from stages.text.sources import open_text_source
 
     docs, total = [], 0
     for doc in open_text_source("python-docs").documents():
@@ -528,7 +540,7 @@ def _python_docs(characters: int) -> list[str]:
 _RSS_CHILD = """
 import json, resource, sys
 from stages.train import TrainConfig, run_train
-cfg = TrainConfig(**json.loads(sys.argv[1]))
+cfg = TrainConfig.from_flat(**json.loads(sys.argv[1]))
 run_train(cfg)
 try:
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -542,9 +554,6 @@ print(json.dumps({"peak_rss_bytes": peak}))
 def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     """Train (in a fresh process, on the CPU: host memory is what is measured) from a store four times
     the streaming loader's buffer; its peak RSS."""
-    from store_schema.loader import ShuffledBatches
-    from store_schema.reader import open_store
-    from store_schema.writer import write_array_store
 
     chunk_rows = cfg.stream_chunk_rows
     buffer_bytes = ShuffledBatches.buffer_bytes_for(chunk_rows, cfg.d_in)
@@ -623,7 +632,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     return result
 
 
-def format_table(result: dict) -> str:
+def format_bench_table(result: dict) -> str:
     lines = ["| key | value | target |", "| --- | ---: | --- |"]
     for key, (op, target) in TARGETS.items():
         if key not in result:
@@ -643,8 +652,6 @@ def _describe_device(device: torch.device) -> str:
 def _versions() -> dict:
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     try:
-        from importlib.metadata import version
-
         versions["sae_lens"] = version("sae-lens")
         versions["zarr"] = version("zarr")
     except Exception:  # noqa: BLE001 - versions are informative only

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
+from store_schema.reader import open_store
+from store_schema.schema import StoreError
 
 
 def describe(path: str) -> dict:
     p = Path(path)
     if (p / run_dir.CONFIG).exists() or (p / run_dir.CHECKPOINT).exists():
         return describe_run(p)
-    from store_schema.reader import open_store
-    from store_schema.schema import StoreError
 
     try:
         return describe_store(open_store(path))
@@ -69,3 +69,15 @@ def describe_run(p: Path) -> dict:
         ev = run_dir.read_json(p / run_dir.EVAL, f"evaluate the run again (saepipe eval {p})")
         out["eval"] = {k: ev[k] for k in ("fve", "l0", "dead_fraction", "ce_recovered", "kl") if k in ev}
     return out
+
+
+def summary_text(summary: dict, indent: str = "") -> str:
+    """`describe`'s summary as indented text."""
+    lines = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.append(summary_text(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return "\n".join(lines)

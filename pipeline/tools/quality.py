@@ -12,16 +12,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from stages import evaluate
 from stages.basics import run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
+from stages.basics.settings import setting
+from stages.saes.external import ExternalSAE
 from stages.train import run_train
-from stages.train.config import TrainConfig
+from stages.train.config import TrainConfig, only_hook
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import open_store
+
+# sae_lens is optional (the test extra): imported by the functions that train or load its SAEs.
 
 COLUMNS = ("fve", "nmse", "l0", "dead_fraction", "ce_recovered", "kl", "wall_s")
 COUNTERPARTS = ("topk", "batchtopk", "jumprelu", "mp")  # the architectures SAELens trains too
@@ -30,10 +36,10 @@ COUNTERPARTS = ("topk", "batchtopk", "jumprelu", "mp")  # the architectures SAEL
 def _ours_config(base: TrainConfig, arch: str, k: int) -> TrainConfig:
     """Our config for `arch` at (about) k active latents per token."""
     extra = {"target_l0": float(k)} if arch == "jumprelu" else {"k": k}
-    return dataclasses.replace(base, arch=arch, out=str(Path(base.out) / f"ours-{arch}"), overwrite=True, **extra)
+    return base.replaced(arch=arch, out=str(Path(base.out) / f"ours-{arch}"), overwrite=True, **extra)
 
 
-def _saelens_sae(arch: str, d_in: int, width: int, k: int, device: str):
+def saelens_training_sae(arch: str, d_in: int, width: int, k: int, device: str):
     """SAELens's training SAE for `arch` at (about) k active latents, acting on our normalized rows."""
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
@@ -62,7 +68,7 @@ def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    sae = _saelens_sae(arch, store.d_model, cfg.width, k, str(device))
+    sae = saelens_training_sae(arch, store.d_model, cfg.width, k, str(device))
     loader = ShuffledBatches(store, cfg.hook, cfg.batch_size, device=device, seed=cfg.seed, resident=cfg.resident)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.steps * cfg.batch_size,
@@ -83,10 +89,20 @@ def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
     return trained, time.perf_counter() - started
 
 
-def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_model: bool = True) -> list[dict]:
-    from stages.saes.external import ExternalSAE
+@dataclass
+class QualityConfig:
+    """What the comparison runs, beside the training settings both sides share (a TrainConfig)."""
 
-    archs = [arch for arch in archs if arch]
+    archs: str = setting(",".join(COUNTERPARTS), "architectures to compare (comma-separated)")
+    k: int = setting(32, "the L0 both implementations are trained to")
+    eval_tokens: int = setting(4096, "held-out tokens for every metric")
+    use_model: bool = setting(True, "store-only metrics (no CE/KL)", flag="--no-model", inverted=True)
+
+
+def compare(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
+
+    k, eval_tokens, use_model = cfg.k, cfg.eval_tokens, cfg.use_model
+    archs = [arch.strip() for arch in cfg.archs.split(",") if arch.strip()]
     if not archs:
         raise SaepipeError(f"--archs names no architecture: pass some of {','.join(COUNTERPARTS)}")
     for arch in archs:  # every configuration is checked before the first training starts
@@ -94,6 +110,8 @@ def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_m
             raise SaepipeError(f"--archs {arch}: no SAELens counterpart; compare {', '.join(COUNTERPARTS)}")
         _ours_config(base, arch, k).validate()
     store = open_store(base.store)
+    if base.hook is None:
+        base = dataclasses.replace(base, hook=only_hook(store.hooks))
     store.require_complete()
     device = resolve_device(base.device)
     norm = store.normalization(base.hook)
@@ -105,12 +123,14 @@ def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_m
         run_train(ours_cfg)
         ours_wall = time.perf_counter() - started
         ours = evaluate.run_eval(
-            ours_cfg.out,
-            tokens=eval_tokens,
-            use_model=use_model,
-            device=base.device,
-            ablation_contexts=0,
-            progress=base.progress,
+            evaluate.EvalConfig(
+                ours_cfg.out,
+                tokens=eval_tokens,
+                use_model=use_model,
+                device=base.device,
+                ablation_contexts=0,
+                progress=base.progress,
+            )
         )
         rows.append({"arch": arch, "impl": "saepipe", **_pick(ours), "wall_s": ours_wall})
 
@@ -134,7 +154,7 @@ def compare(base: TrainConfig, archs: list[str], k: int, eval_tokens: int, use_m
             "rows": rows,
         },
     )
-    (out / "quality.md").write_text(format_table(rows) + "\n")
+    (out / "quality.md").write_text(format_quality_table(rows) + "\n")
     return rows
 
 
@@ -152,12 +172,11 @@ def _pick(metrics: dict) -> dict:
 
 
 def _saelens_version() -> str:
-    from importlib.metadata import version
 
     return version("sae-lens")
 
 
-def format_table(rows: list[dict]) -> str:
+def format_quality_table(rows: list[dict]) -> str:
     lines = [
         "| arch | implementation | " + " | ".join(COLUMNS) + " |",
         "| --- | --- | " + " | ".join("---:" for _ in COLUMNS) + " |",

@@ -27,22 +27,25 @@ from pathlib import Path
 import numpy as np
 
 from stages.basics.errors import SaepipeError
+from stages.basics.settings import setting
+from store_schema.reader import ActivationStore, open_store
+from store_schema.verify import verify_store
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 @dataclass
 class SoakConfig:
-    out: str = "runs/soak"
-    seconds: float = 60.0
-    model: str = "tiny-random"
+    out: str = setting("runs/soak", "work folder (a fresh store, two runs, soak.json)")
+    seconds: float = setting(60.0, "how long the store is under load")
+    model: str = setting("tiny-random", "the model the store is collected (and appended) from")
     hook: str = HOOK
     tokens: int = 60_000  # the store's size before the appends
     append_tokens: int = 6_000  # each append grows it by this much
     width: int = 256
     k: int = 8
     batch_size: int = 1024
-    readers: int = 2
+    readers: int = setting(2, "reader processes")
 
     def validate(self) -> SoakConfig:
         if not self.seconds > 0:
@@ -126,7 +129,6 @@ def _train_alone(cfg: SoakConfig, store: Path, out: Path, seconds: float) -> dic
 
 def _reader(store: str, hook: str, seconds: float, seed: int, results) -> None:
     """Open the store again and again; read random whole chunks; check them against earlier reads."""
-    from store_schema.reader import ActivationStore
 
     rng = np.random.default_rng(seed)
     seen: dict[int, np.ndarray] = {}
@@ -166,7 +168,6 @@ def _reader(store: str, hook: str, seconds: float, seed: int, results) -> None:
 
 def _appender(cfg: SoakConfig, store: Path, seconds: float) -> dict:
     """Append again and again until the deadline; the append in flight then is killed and resumed."""
-    from store_schema.reader import open_store
 
     deadline = time.time() + seconds
     done = 0
@@ -192,8 +193,6 @@ def _appender(cfg: SoakConfig, store: Path, seconds: float) -> dict:
 
 
 def run_soak(cfg: SoakConfig) -> dict:
-    from store_schema.reader import open_store
-    from store_schema.verify import verify_store
 
     cfg.validate()
     out = Path(cfg.out)

@@ -1,4 +1,4 @@
-"""Choosing the torch device; kept apart from host_models so training never imports transformer_lens."""
+"""Choosing the torch device (kept apart from the host-model code, so training never imports transformer_lens)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,22 @@ from stages.basics.errors import SaepipeError
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available else cpu; otherwise the named device. A GPU gets its index (the current
+    one for a bare ``cuda``); an unusable device is a SaepipeError."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except RuntimeError:
         raise SaepipeError(f"--device {device!r} is not a torch device: use auto, cpu or cuda") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
         raise SaepipeError(f"--device {device} asked for CUDA but this torch sees no GPU: use --device cpu or auto")
-    return resolved
+    index = torch.cuda.current_device() if resolved.index is None else resolved.index
+    if index >= torch.cuda.device_count():
+        raise SaepipeError(
+            f"--device {device} names a GPU this machine does not have "
+            f"({torch.cuda.device_count()} visible): use --device cuda:0 or auto"
+        )
+    return torch.device("cuda", index)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from stages.basics.errors import SaepipeError
 
@@ -55,8 +57,6 @@ def start(device_type: str) -> World:
 def launch(nproc: int, entrypoint, *args):
     """Run `entrypoint(*args)` in `nproc` processes on this machine through torch's elastic launcher (what
     torchrun --standalone runs); returns rank 0's result. A failed rank stops them all."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
         min_nodes=1,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from stages.basics.errors import SaepipeError, first_line
+from stages.basics.errors import SaepipeError
 
 SAE_WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
@@ -91,28 +91,6 @@ def load_config(run_dir: Path) -> dict:
     if not cfg_path.exists():
         raise SaepipeError(f"{run_dir} is not a finished saepipe run (no {CONFIG}): train it with `saepipe train`")
     return read_json(cfg_path, "train the run again (saepipe train ... --overwrite)")
-
-
-def load_sae(run_dir: Path, device: torch.device | str = "cpu"):
-    """(SAE module, cfg dict) of a finished run."""
-    from stages.saes import build_sae
-
-    cfg = load_config(run_dir)
-    weights = Path(run_dir) / SAE_WEIGHTS
-    if not weights.exists():
-        raise SaepipeError(
-            f"{run_dir} has a {CONFIG} but no {SAE_WEIGHTS}: the run did not finish; "
-            f"resume it with `saepipe train ... --resume`"
-        )
-    sae = build_sae(cfg["sae"])
-    try:
-        sae.load_state_dict(load_file(str(weights)))
-    except Exception as e:  # safetensors' own error type, or a RuntimeError for mismatched tensors
-        raise SaepipeError(
-            f"{weights} cannot be loaded ({first_line(e)}): the run folder is damaged; "
-            f"train it again (saepipe train ... --overwrite)"
-        ) from None
-    return sae.to(device).eval(), cfg
 
 
 def read_log(run_dir: Path) -> list[dict]:

@@ -22,6 +22,9 @@ import numpy as np
 from stages import __version__
 from stages.basics.errors import SaepipeError
 from stages.collect.config import CollectConfig
+from stages.collect.plan import PlanAction
+from stages.text.packing import pack_contexts
+from stages.text.sources import open_text_source
 from store_schema import schema
 from store_schema.reader import ActivationStore
 from store_schema.writer import StoreWriter
@@ -36,8 +39,8 @@ def store_config(cfg: CollectConfig) -> CollectConfig:
     return dataclasses.replace(cfg, **{**saved, "tokens": cfg.tokens}).validate()
 
 
-def plan(cfg: CollectConfig) -> str:
-    """'start' an append, 'resume' an interrupted one, or 'done' (the store already has --tokens)."""
+def plan(cfg: CollectConfig) -> PlanAction:
+    """Start an append, resume an interrupted one, or nothing (the store already has --tokens)."""
     header = _open(cfg.out).header
     pending = header.get("append")
     if pending:
@@ -46,7 +49,7 @@ def plan(cfg: CollectConfig) -> str:
                 f"an append of {cfg.out} to {pending['tokens']:,} tokens was interrupted: finish it "
                 f"first with --tokens {pending['tokens']}"
             )
-        return "resume"
+        return PlanAction.RESUME_APPEND
     if not header["complete"]:
         raise SaepipeError(
             f"store {cfg.out} is incomplete: finish it first by running its `saepipe collect --out "
@@ -59,14 +62,14 @@ def plan(cfg: CollectConfig) -> str:
             f"--append --tokens N grows it to N tokens in all; ask for more than {budget:,}"
         )
     if cfg.tokens == budget:
-        return "done"
+        return PlanAction.APPEND_DONE
     room = header["split"]["n_train_contexts"] * cfg.rows_per_context
     if cfg.tokens <= room:
         raise SaepipeError(
             f"store {cfg.out} already has room for {room:,} training tokens in its contexts (its "
             f"budget is {budget:,}): ask for more than {room:,} to append contexts"
         )
-    return "start"
+    return PlanAction.START_APPEND
 
 
 def begin(cfg: CollectConfig, model, writer: StoreWriter) -> None:
@@ -92,8 +95,6 @@ def begin(cfg: CollectConfig, model, writer: StoreWriter) -> None:
 
 
 def _pack(cfg: CollectConfig, tok, header: dict, first: int, n_contexts: int) -> np.ndarray:
-    from stages.text.packing import pack_contexts
-    from stages.text.sources import open_text_source
 
     def source_documents():
         return open_text_source(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column).documents()

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from stages.basics.errors import SaepipeError
 from stages.collect.config import CollectConfig
+from stages.host_model.model import run_to_hooks
 from store_schema import schema
 from store_schema.normalization import Normalization
 from store_schema.writer import StoreWriter
@@ -174,7 +175,6 @@ def forward_block(
 ) -> Block:
     """Run the model over the block's contexts (`tokens`, `keep`: their rows of the store's tokens and
     stored-position mask); `on_rows(n)` hears of the rows of each batch."""
-    from stages.host_model.model import run_to_hooks
 
     raw: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     row_context, row_position, dropped = [], [], []

@@ -7,40 +7,67 @@ from dataclasses import dataclass
 
 from stages.basics.defaults import DEFAULT_DATASET, DEFAULT_HOOK, DEFAULT_MODEL
 from stages.basics.errors import require
+from stages.basics.settings import device_setting, progress_setting, setting
 from store_schema.normalization import MODES as NORMALIZATION_MODES
 
 
 @dataclass
 class CollectConfig:
-    out: str
-    model: str = DEFAULT_MODEL
-    dataset: str = DEFAULT_DATASET
-    dataset_split: str = "train"
-    text_column: str = "text"
-    hooks: tuple[str, ...] = (DEFAULT_HOOK,)
-    tokens: int = 100_000
-    context_size: int = 128
-    normalize: str = "center-scale"
-    eval_fraction: float = 0.05
-    batch_size: int = 16  # contexts per forward pass
-    device: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    drop_first: int = 1  # positions [0, drop_first) are not stored: position 0 is an attention sink
-    exclude_special: bool = True  # BOS/separator tokens inside contexts are sinks too: not stored
-    outlier_factor: float | None = 10.0  # rows with raw norm > factor x median are not stored; None keeps all
-    shuffle_buffer_rows: int = 65_536
-    chunk_rows: int = 8_192
-    warmup_rows: int = 65_536
-    nonfinite: str = "skip"
-    overwrite: bool = False
-    resume: bool = False
-    progress: bool = True
+    out: str = setting(help="the store folder to write (STORE.zarr)")
+    model: str = setting(DEFAULT_MODEL, "smollm2-135m (offline), an HF id, or a local HF model folder")
+    dataset: str = setting(
+        DEFAULT_DATASET,
+        "python-docs (offline), an HF dataset name, or local .txt/.jsonl/.parquet files (comma list or glob)",
+    )
+    dataset_split: str = setting("train", "dataset split (HF datasets)", flag="--split")
+    text_column: str = setting("text", "the column holding the text (HF datasets, .jsonl, .parquet)")
+    hooks: tuple[str, ...] = setting((DEFAULT_HOOK,), "hook point; repeat for several", flag="--hook")
+    tokens: int = setting(100_000, "training rows (tokens) to collect; eval rows come on top")
+    context_size: int = setting(128, "tokens per context, BOS included")
+    normalize: str = setting(
+        "center-scale", "how rows are normalized before fp16 (store_schema/SPEC.md)", choices=NORMALIZATION_MODES
+    )
+    eval_fraction: float = setting(0.05, "share of contexts held out for eval")
+    batch_size: int = setting(16, "contexts per forward pass")
+    device: str = device_setting()
+    dtype: str = setting("float32", "the host model's dtype", choices=("float32", "bfloat16", "float16"))
+    seed: int = setting(0, "seed of the eval split and the shuffle")
+    drop_first: int = setting(1, "positions [0, N) are not stored (0 is an attention sink)")
+    exclude_special: bool = setting(
+        True,
+        "also store rows at BOS/separator tokens inside contexts (attention sinks; left out by default)",
+        flag="--keep-special",
+        inverted=True,
+    )
+    outlier_factor: float | None = setting(
+        10.0, "leave out rows whose norm exceeds this many times the median (massive activations); 0 keeps all"
+    )
+    shuffle_buffer_rows: int = setting(65_536, "rows shuffled together before writing")
+    chunk_rows: int = setting(8_192, "rows per Zarr chunk")
+    warmup_rows: int = setting(65_536, "rows the normalization is estimated from")
+    nonfinite: str = setting(
+        "skip", "contexts with NaN/inf activations: leave them out (counted) or stop", choices=("skip", "abort")
+    )
+    overwrite: bool = setting(False, "replace whatever --out holds")
+    resume: bool = setting(False, "continue an interrupted collect (also done by re-running it)")
+    progress: bool = progress_setting()
     # Where the forward passes run (never part of the store's contents): this process, a local dask
     # cluster of `workers` processes, or the dask cluster whose scheduler is at `scheduler`.
-    workers: int | None = None
-    scheduler: str | None = None
+    workers: int | None = setting(
+        None, "run the model on a local dask cluster of N worker processes (e.g. one per GPU)"
+    )
+    scheduler: str | None = setting(
+        None,
+        "run the model on the workers of a running dask cluster (tcp://HOST:PORT); --out must be on a "
+        "filesystem they all see",
+        metavar="ADDRESS",
+    )
     append: bool = False  # `out` is a complete store to grow to `tokens` training tokens, with its own settings
+
+    def __post_init__(self) -> None:
+        self.hooks = tuple(self.hooks)
+        if self.outlier_factor == 0:  # 0 keeps every row, as None does
+            self.outlier_factor = None
 
     def validate(self) -> CollectConfig:
         require(len(self.hooks) > 0, "give at least one --hook")

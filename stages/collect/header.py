@@ -5,13 +5,13 @@ from __future__ import annotations
 from stages import __version__
 from stages.collect.blocks import contexts_per_block
 from stages.collect.config import CollectConfig
+from stages.text.packing import pack_contexts
+from stages.text.sources import open_text_source
 from store_schema import schema
 from store_schema.writer import StoreWriter
 
 
 def create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
-    from stages.text.packing import pack_contexts
-    from stages.text.sources import open_text_source
 
     source = open_text_source(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column)
     tok = model.tokenizer

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from stages.basics.errors import SaepipeError
 from stages.collect.blocks import (
     BlockSummary,
@@ -47,9 +49,14 @@ from stages.collect.blocks import (
     stored_mask,
 )
 from stages.collect.config import CollectConfig
+from stages.host_model.loading import load_host_model
+from stages.host_model.model import validate_hooks
 from store_schema import schema
 from store_schema.lock import lock_path
 from store_schema.writer import StoreWriter
+
+# dask.distributed is imported where a cluster is used (--workers, --scheduler), in the client and in
+# the workers' tasks: a collect in one process never needs it, and importing it configures logging.
 
 _IN_FLIGHT_PER_THREAD = 2
 _STOP_WAIT_S = 120
@@ -117,10 +124,7 @@ _model: tuple[tuple, object] | None = None  # ((name, device, dtype), HostModel)
 def _worker_model(cfg: CollectConfig):
     """The host model of this worker process, loaded on its first task and kept for the next ones."""
     global _model
-    import torch
     from distributed import get_worker
-
-    from stages.host_model.loading import load_host_model
 
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     key = (cfg.model, worker_device(cfg.device, get_worker().name, n_gpus), cfg.dtype)
@@ -132,7 +136,7 @@ def _worker_model(cfg: CollectConfig):
 
 
 @dataclass
-class ModelFacts:
+class WorkerModelSummary:
     """What the client needs to know of the model, which only the workers load."""
 
     name: str
@@ -143,11 +147,10 @@ class ModelFacts:
     hooks: list[str]
 
 
-def _describe(cfg: CollectConfig) -> ModelFacts:
-    from stages.host_model.model import validate_hooks
+def _describe(cfg: CollectConfig) -> WorkerModelSummary:
 
     model = _worker_model(cfg)
-    return ModelFacts(
+    return WorkerModelSummary(
         model.name,
         model.revision,
         model.d_model,
@@ -216,19 +219,21 @@ def _holds_lock(store: str, lock: str) -> bool:
 
 
 # -- on the client ----------------------------------------------------------------------------------
-def describe_model(client, cfg: CollectConfig) -> ModelFacts:
+def describe_model(client, cfg: CollectConfig) -> WorkerModelSummary:
     """Load the model on a worker (where it stays for that worker's blocks) and report it."""
     return client.submit(_describe, cfg, key=f"saepipe-describe-{uuid.uuid4().hex[:8]}").result()
 
 
-def fill_store(cfg: CollectConfig, client, writer: StoreWriter, facts: ModelFacts) -> None:
+def fill_store(cfg: CollectConfig, client, writer: StoreWriter, model_summary: WorkerModelSummary) -> None:
     """Collect every block the store still lacks on the client's workers; the client commits them."""
     store = str(Path(cfg.out).resolve())  # workers may run elsewhere, in another folder
     lock = _check_workers_see_store(client, store)
     tokens, keep = stored_mask(cfg, writer)
     todo = pending_blocks(cfg, writer)
     bar = progress_bar(cfg, keep, todo)
-    collector = _Collector(cfg, client, writer, facts.hooks, facts.revision, store, lock, tokens, keep)
+    collector = DaskBlockRunner(
+        cfg, client, writer, model_summary.hooks, model_summary.revision, store, lock, tokens, keep
+    )
     try:
         collector.run(deque(todo), bar)
     except BaseException:
@@ -254,7 +259,7 @@ def _check_workers_see_store(client, store: str) -> str:
 
 
 @dataclass
-class _InFlight:
+class BlockInFlight:
     """A block between its launch and its commit."""
 
     task: BlockTask
@@ -270,7 +275,7 @@ class _InFlight:
 
 
 @dataclass
-class _OpenChunk:
+class SharedChunk:
     """A chunk shared by consecutive blocks, collecting their pieces until it is full (or the split ends)."""
 
     first_row: int
@@ -278,7 +283,7 @@ class _OpenChunk:
     blocks: list = field(default_factory=list)
 
 
-class _Collector:
+class DaskBlockRunner:
     def __init__(
         self,
         cfg: CollectConfig,
@@ -296,8 +301,8 @@ class _Collector:
         self.norms = writer.normalizations()
         self.next_row = {split: writer.progress(split)["rows_committed"] for split in schema.SPLITS}
         self.chunk_rows = {split: writer.chunk_rows(split) for split in schema.SPLITS}
-        self.open: dict[str, _OpenChunk | None] = {split: None for split in schema.SPLITS}
-        self.in_flight: deque[_InFlight] = deque()
+        self.open: dict[str, SharedChunk | None] = {split: None for split in schema.SPLITS}
+        self.in_flight: deque[BlockInFlight] = deque()
         self.run_id = uuid.uuid4().hex[:8]
 
     def run(self, queue: deque[BlockTask], bar) -> None:
@@ -341,7 +346,7 @@ class _Collector:
         )
 
     def _launch(self, task: BlockTask) -> None:
-        item = _InFlight(task)
+        item = BlockInFlight(task)
         args = (self.cfg, self.hooks, self.revision, task, self.tokens[task.contexts], self.keep[task.contexts])
         if self.norms is None:  # only before the first block of a new store is done
             item.forward = self._submit("forward", task, _forward, *args, priority=0)
@@ -349,7 +354,7 @@ class _Collector:
             self._prepared(item, self._submit("collect", task, _collect_block, *args, self.norms, priority=0))
         self.in_flight.append(item)
 
-    def _prepared(self, item: _InFlight, future) -> None:
+    def _prepared(self, item: BlockInFlight, future) -> None:
         item.prepared = future
         item.summary_future = self._submit("summary", item.task, _summary, future)
 
@@ -384,7 +389,7 @@ class _Collector:
             moved = True
         return moved
 
-    def _place(self, item: _InFlight) -> None:
+    def _place(self, item: BlockInFlight) -> None:
         split, n = item.task.split, item.summary.n_rows
         start, chunk = self.next_row[split], self.chunk_rows[split]
         self.next_row[split] = start + n
@@ -406,7 +411,7 @@ class _Collector:
                 )
                 continue
             if self.open[split] is None:
-                self.open[split] = _OpenChunk(start + lo)
+                self.open[split] = SharedChunk(start + lo)
             shared = self.open[split]
             shared.pieces.append(self._submit(f"piece-{lo}", item.task, _piece, item.prepared, lo, hi))
             shared.blocks.append(item)
@@ -433,14 +438,14 @@ class _Collector:
             item.writes.append(write)
             item.open_chunks -= 1
 
-    def _committable(self, item: _InFlight) -> bool:
+    def _committable(self, item: BlockInFlight) -> bool:
         if item.summary is None or item.open_chunks or not all(w.done() for w in item.writes):
             return False
         for write in item.writes:
             write.result()  # raises a failed write's error
         return True
 
-    def _commit(self, item: _InFlight, bar) -> None:
+    def _commit(self, item: BlockInFlight, bar) -> None:
         s = item.summary
         self.writer.commit_block(s.split, s.index, s.n_rows, s.stats, s.dropped)
         bar.update(s.positions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 from stages.basics.errors import SaepipeError
@@ -10,17 +11,28 @@ from store_schema import schema
 from store_schema.reader import ActivationStore
 
 
-def plan_action(cfg: CollectConfig) -> str:
-    """What to do with --out: 'create', 'resume' or 'done'. Refuses to touch another store."""
+class PlanAction(str, enum.Enum):
+    """What a collect does with its store."""
+
+    CREATE = "create"  # write a new store (replacing the one --overwrite names)
+    RESUME = "resume"  # finish an interrupted collect
+    DONE = "done"  # the store is complete for this configuration: nothing to do
+    START_APPEND = "start-append"  # grow a complete store (--append)
+    RESUME_APPEND = "resume-append"  # finish an interrupted append
+    APPEND_DONE = "append-done"  # the store already holds --tokens: nothing to do
+
+
+def plan_action(cfg: CollectConfig) -> PlanAction:
+    """What to do with --out: create, resume or nothing. Refuses to touch another store."""
     out = Path(cfg.out)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return "create"
+        return PlanAction.CREATE
     try:
         existing = ActivationStore.open(out)
     except schema.StoreError:
         # --overwrite replaces a (possibly damaged) Zarr store, never a file or a folder of something else
         if cfg.overwrite and out.is_dir() and (out / "zarr.json").exists():
-            return "create"
+            return PlanAction.CREATE
         hint = (
             " (--overwrite replaces only stores; remove it yourself if it must go)"
             if cfg.overwrite
@@ -28,14 +40,14 @@ def plan_action(cfg: CollectConfig) -> str:
         )
         raise SaepipeError(f"--out {out} exists and is not a saepipe store: choose another --out{hint}") from None
     if cfg.overwrite:
-        return "create"
+        return PlanAction.CREATE
     differing = differing_settings(cfg, existing)
     if differing is not None:
         raise SaepipeError(
             f"--out {out} holds a store of a different configuration (differs in: "
             f"{differing}): pass --overwrite to replace it, or choose another --out"
         )
-    return "done" if existing.complete else "resume"
+    return PlanAction.DONE if existing.complete else PlanAction.RESUME
 
 
 def differing_settings(cfg: CollectConfig, existing: ActivationStore) -> str | None:

@@ -6,16 +6,24 @@ run, whichever way either part ran."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import shutil
 import sys
 from pathlib import Path
 
+from stages.basics.cache import cache_dir
 from stages.basics.errors import SaepipeError
+from stages.collect import append as collect_append
+from stages.collect import on_dask as collect_dask
 from stages.collect.config import CollectConfig
 from stages.collect.header import create_store
 from stages.collect.local import fill_store
-from stages.collect.plan import differing_settings, plan_action
+from stages.collect.plan import PlanAction, differing_settings, plan_action
+from stages.host_model.loading import load_host_model
+from stages.host_model.model import validate_hooks
 from store_schema import schema
+from store_schema.copy import copy_store
 from store_schema.lock import StoreLock
 from store_schema.reader import ActivationStore
 from store_schema.writer import StoreWriter
@@ -31,7 +39,6 @@ def run_collect(cfg: CollectConfig, model=None) -> str:
                 f"--append needs a store on this machine, not {cfg.out}: copy it here with `saepipe "
                 f"store copy`, append, and copy it back"
             )
-        from stages.collect import append as collect_append
 
         cfg = collect_append.store_config(cfg)
     elif _is_remote(cfg.out):
@@ -48,11 +55,6 @@ def _collect_to_remote(cfg: CollectConfig, model) -> str:
     """--out s3://... (any fsspec URL): collect into a local staging store (resumable like any collect,
     kept under the cache folder), then `store copy` it to the URL (resumable too; the root metadata
     goes last, so the URL never holds a half store)."""
-    import dataclasses
-    import hashlib
-
-    from stages.basics.cache import cache_dir
-    from store_schema.copy import copy_store
 
     try:
         existing = ActivationStore.open(cfg.out)
@@ -81,30 +83,24 @@ def _collect_to_remote(cfg: CollectConfig, model) -> str:
 def _collect_locked(cfg: CollectConfig, model) -> Path:
     out = Path(cfg.out)
     if cfg.append:
-        from stages.collect import append as collect_append
-
-        action = "append-" + collect_append.plan(cfg)
+        action = collect_append.plan(cfg)
     else:
         action = plan_action(cfg)
-    if action == "append-done":
+    if action is PlanAction.APPEND_DONE:
         print(f"store {out} already holds {cfg.tokens:,} tokens; nothing to do", file=sys.stderr)
         return out
-    if action == "done":
+    if action is PlanAction.DONE:
         print(f"store {out} is already complete for this configuration; nothing to do", file=sys.stderr)
         return out
     if cfg.distributed:
         if model is not None:
             raise ValueError("a collect across dask workers loads the model on each worker: pass no model")
-        from stages.collect import on_dask as collect_dask
 
         with collect_dask.connect(cfg) as client:
-            facts = collect_dask.describe_model(client, cfg)
-            writer = _open_or_create(cfg, facts, facts.hooks, action)
-            collect_dask.fill_store(cfg, client, writer, facts)
+            model_summary = collect_dask.describe_model(client, cfg)
+            writer = _open_or_create(cfg, model_summary, model_summary.hooks, action)
+            collect_dask.fill_store(cfg, client, writer, model_summary)
     else:
-        from stages.host_model.loading import load_host_model
-        from stages.host_model.model import validate_hooks
-
         if model is None:
             model = load_host_model(cfg.model, cfg.device, cfg.dtype)
         hooks = validate_hooks(model, list(cfg.hooks))
@@ -114,12 +110,12 @@ def _collect_locked(cfg: CollectConfig, model) -> Path:
     return out
 
 
-def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: str) -> StoreWriter:
-    """The writer of a new store ('create'), of the interrupted one to resume ('resume'), or of the store
-    to append to ('append-start', 'append-resume'). `model`: a HostModel, or anything with its
-    tokenizer, revision, d_model and n_layers (what dask workers report)."""
+def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: PlanAction) -> StoreWriter:
+    """The writer of a new store, of the interrupted one to resume, or of the store to append to.
+    `model`: a HostModel, or anything with its tokenizer, revision, d_model and n_layers (what dask
+    workers report)."""
     out = Path(cfg.out)
-    if action == "create":
+    if action is PlanAction.CREATE:
         if out.exists():
             shutil.rmtree(out)
         return create_store(cfg, model, hooks)
@@ -131,9 +127,7 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: str) ->
             f"(revision {writer.header['model']['revision']}, now {model.revision}): "
             + ("an append needs the store's model" if cfg.append else "pass --overwrite to start again")
         )
-    if action == "append-start":
-        from stages.collect import append as collect_append
-
+    if action is PlanAction.START_APPEND:
         collect_append.begin(cfg, model, writer)
         return writer
     done = {s: writer.progress(s)["rows_committed"] for s in schema.SPLITS}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stages.host_model.model import logits_with_hook_replaced, run_to_hooks
 from stages.saes import SparseAutoencoder
 from stages.saes.base import DenseCode
 from store_schema.normalization import Normalization
@@ -33,7 +34,6 @@ def ablation_sparsity(
 ) -> dict:
     """`token_rows` [n, ctx] are held-out contexts and `stored` [n, ctx] marks the positions a store keeps
     (the only positions ablated). Returns the mean sparsity, its spread and the number of ablations."""
-    from stages.host_model.model import logits_with_hook_replaced, run_to_hooks
 
     rng = np.random.default_rng(seed)
     device = next(sae.parameters()).device

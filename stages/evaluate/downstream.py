@@ -12,6 +12,8 @@ import torch
 from tqdm import tqdm
 
 from stages.basics.errors import SaepipeError
+from stages.host_model.loading import load_host_model
+from stages.host_model.model import logits_with_hook_replaced, run_to_hooks
 from stages.saes import SparseAutoencoder
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore
@@ -20,7 +22,6 @@ from store_schema.schema import stored_positions
 
 def load_eval_model(store: ActivationStore, model_name: str | None, device: torch.device):
     """The host model for the downstream metrics: the store's own unless named, checked against it."""
-    from stages.host_model.loading import load_host_model
 
     header = store.header
     name = model_name or header["model"]["name"]
@@ -69,7 +70,6 @@ def downstream_metrics(
 ) -> dict:
     """CE loss and KL with the SAE spliced in, on held-out contexts replayed from the store's tokens, at
     every position the store would keep from `splice_from` on."""
-    from stages.host_model.model import logits_with_hook_replaced, run_to_hooks
 
     contexts = held_out_contexts(store, max_tokens)
     sae_dtype = next(sae.parameters()).dtype

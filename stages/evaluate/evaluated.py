@@ -14,8 +14,11 @@ from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
 from stages.saes import SparseAutoencoder
 from stages.saes.external import ExternalSAE
+from stages.saes.saved import load_sae
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore, open_store
+
+# sae_lens is optional (the test extra): imported only to evaluate an SAE trained with it.
 
 
 def run_normalization(cfg: dict) -> Normalization:
@@ -67,7 +70,7 @@ def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_pa
     if (path / run_dir.EXTERNAL).exists() and not (path / run_dir.CONFIG).exists():
         saved = run_dir.read_json(path / run_dir.EXTERNAL, "evaluate the SAE again with --external and --store")
         return open_external(saved["saelens_dir"], store_path or saved["store"], path, device)
-    sae, cfg = run_dir.load_sae(path, device)
+    sae, cfg = load_sae(path, device)
     store = store_path or cfg["store"]["path"]
     return EvaluatedSAE(path, sae, run_normalization(cfg), cfg["hook"], store, cfg["store"]["model"]["name"], path.name)
 

@@ -8,52 +8,29 @@ from stages.basics import run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.evaluate.ablation import ablation_sparsity
+from stages.evaluate.config import EvalConfig
 from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, stored_mask
-from stages.evaluate.evaluated import check_compatible, open_evaluated, open_external
+from stages.evaluate.evaluated import EvaluatedSAE, check_compatible, open_evaluated, open_external
 from stages.evaluate.reconstruction import store_metrics
 from store_schema.reader import open_store
 
 
-def run_eval(
-    run: str,
-    store_path: str | None = None,
-    model: str | None = None,
-    tokens: int | None = None,
-    use_model: bool = True,
-    device: str = "auto",
-    progress: bool = True,
-    splice_from: int = 0,
-    ablation_contexts: int = 4,
-    external: str | None = None,
-) -> dict:
-    """Evaluate the run folder `run` (or, with `external`, a SAELens SAE folder, writing into `run`)
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate the run folder cfg.run (or, with cfg.external, a SAELens SAE folder, writing into cfg.run)
     and write eval.json and the per-latent firing fractions there."""
-    if tokens is not None and tokens < 1:
-        raise SaepipeError(f"--tokens must be at least 1, got {tokens} (leave it out to use every held-out row)")
-    if ablation_contexts < 0:
-        raise SaepipeError(
-            f"--ablation-contexts must be at least 0 (0 skips ablation sparsity), got {ablation_contexts}"
-        )
-    run_path = Path(run)
-    dev = resolve_device(device)
-    if external is not None:
-        if store_path is None:
-            raise SaepipeError("--external needs --store: the store to evaluate the SAE on")
-        if (run_path / run_dir.CONFIG).exists():
-            raise SaepipeError(f"{run_path} is a training run: give --external another folder to write into")
-        evaluated = open_external(external, store_path, run_path, dev)
-        run_path.mkdir(parents=True, exist_ok=True)
-        run_dir.write_json_atomic(
-            run_path / run_dir.EXTERNAL, {"saelens_dir": str(Path(external).resolve()), "store": evaluated.store_path}
-        )
+    cfg.validate()
+    run_path = Path(cfg.run)
+    dev = resolve_device(cfg.device)
+    if cfg.external is not None:
+        evaluated = _open_external_into(cfg, run_path, dev)
     else:
-        evaluated = open_evaluated(run_path, dev, store_path)
+        evaluated = open_evaluated(run_path, dev, cfg.store)
     store = open_store(evaluated.store_path)
     store.require_complete()
     if (run_path / run_dir.CONFIG).exists():
         check_compatible(evaluated.sae, run_dir.load_config(run_path), store)
-    if splice_from < 0 or splice_from >= store.context_size:
-        raise SaepipeError(f"--splice-from {splice_from} is outside the context (0 to {store.context_size - 1})")
+    if cfg.splice_from < 0 or cfg.splice_from >= store.context_size:
+        raise SaepipeError(f"--splice-from {cfg.splice_from} is outside the context (0 to {store.context_size - 1})")
     sae, norm, hook = evaluated.sae, evaluated.normalization, evaluated.hook
     result = {
         "run": str(run_path),
@@ -62,20 +39,36 @@ def run_eval(
         "hook": hook,
         "sae": sae.config(),
     }
-    metrics, density = store_metrics(sae, store, hook, norm, dev, tokens, progress)
+    metrics, density = store_metrics(sae, store, hook, norm, dev, cfg.tokens, cfg.progress)
     result |= metrics
-    if use_model:
-        host = load_eval_model(store, model, dev)
-        result |= downstream_metrics(sae, store, hook, norm, host, dev, tokens, splice_from, progress=progress)
-        if ablation_contexts > 0:
-            ids = held_out_contexts(store, None)[:ablation_contexts]
+    if cfg.use_model:
+        host = load_eval_model(store, cfg.model, dev)
+        result |= downstream_metrics(
+            sae, store, hook, norm, host, dev, cfg.tokens, cfg.splice_from, progress=cfg.progress
+        )
+        if cfg.ablation_contexts > 0:
+            ids = held_out_contexts(store, None)[: cfg.ablation_contexts]
             token_rows = store.tokens.oindex[ids.tolist(), :]
             result |= ablation_sparsity(
-                sae, norm, host, token_rows, stored_mask(store, token_rows), hook, progress=progress
+                sae, norm, host, token_rows, stored_mask(store, token_rows), hook, progress=cfg.progress
             )
     run_dir.save_npy_atomic(run_path / run_dir.FEATURE_DENSITY, density)
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
     return result
+
+
+def _open_external_into(cfg: EvalConfig, run_path: Path, device) -> EvaluatedSAE:
+    """The SAELens SAE at cfg.external, recorded in run_path (external.json) for report and compare."""
+    if cfg.store is None:
+        raise SaepipeError("--external needs --store: the store to evaluate the SAE on")
+    if (run_path / run_dir.CONFIG).exists():
+        raise SaepipeError(f"{run_path} is a training run: give --external another folder to write into")
+    evaluated = open_external(cfg.external, cfg.store, run_path, device)
+    run_path.mkdir(parents=True, exist_ok=True)
+    run_dir.write_json_atomic(
+        run_path / run_dir.EXTERNAL, {"saelens_dir": str(Path(cfg.external).resolve()), "store": evaluated.store_path}
+    )
+    return evaluated
 
 
 TABLE_KEYS = (
@@ -104,7 +97,7 @@ TABLE_KEYS = (
 )
 
 
-def format_table(result: dict) -> str:
+def format_eval_table(result: dict) -> str:
     lines = [f"{'metric':<30}{'value':>14}", "-" * 44]
     for key in TABLE_KEYS:
         if key in result:

@@ -7,7 +7,7 @@ numbers: no LayerNorm folding or weight centering (``blocks.L.hook_resid_post`` 
 ``hidden_states[L + 1]``).
 """
 
-from stages.host_model.loading import DEFAULT_MODEL_NAME, TINY_RANDOM_NAME, load_host_model, resolve_device
+from stages.host_model.loading import TINY_RANDOM_NAME, load_host_model
 from stages.host_model.model import (
     BLOCK_HOOKS,
     HostModel,
@@ -21,7 +21,6 @@ from stages.host_model.tokenizers import ByteTokenizer, HFTextTokenizer, TextTok
 
 __all__ = [
     "BLOCK_HOOKS",
-    "DEFAULT_MODEL_NAME",
     "TINY_RANDOM_NAME",
     "ByteTokenizer",
     "HFTextTokenizer",
@@ -31,7 +30,6 @@ __all__ = [
     "load_host_model",
     "logits_with_hook_replaced",
     "prepare_default_model",
-    "resolve_device",
     "run_to_hooks",
     "smollm2_gguf_path",
     "validate_hooks",

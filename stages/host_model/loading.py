@@ -6,14 +6,19 @@ import hashlib
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
-from stages.basics.device import resolve_device as _resolve_device
+from stages.basics.defaults import DEFAULT_MODEL
+from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError, first_line
 from stages.host_model.model import HostModel, block_hook_points
-from stages.host_model.smollm2 import DEFAULT_MODEL_NAME, prepare_default_model, read_conversion_marker, sha256_16
+from stages.host_model.smollm2 import prepare_default_model, read_conversion_marker, sha256_16
 from stages.host_model.tokenizers import ByteTokenizer, HFTextTokenizer, TextTokenizer
+
+# transformer_lens, transformers and huggingface_hub are imported inside the functions that boot a model:
+# they take seconds to import, which the commands that never load a model (train, compare, ...) should not pay.
 
 TINY_RANDOM_NAME = "tiny-random"
 
@@ -27,20 +32,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; otherwise the named device (SaepipeError if unusable)."""
-    resolved = _resolve_device(device)
-    if resolved.type == "cuda":
-        index = torch.cuda.current_device() if resolved.index is None else resolved.index
-        if index >= torch.cuda.device_count():
-            raise SaepipeError(
-                f"--device {device} names a GPU this machine does not have "
-                f"({torch.cuda.device_count()} visible): use --device cuda:0 or auto"
-            )
-        resolved = torch.device("cuda", index)
-    return resolved
 
 
 def _parse_dtype(dtype: str) -> tuple[str, torch.dtype]:
@@ -60,7 +51,7 @@ def load_host_model(name: str, device: str = "auto", dtype: str = "float32") -> 
     dtype_name, torch_dtype = _parse_dtype(dtype)
     if name.lower() == TINY_RANDOM_NAME:
         return _load_tiny_random(torch_device, dtype_name, torch_dtype)
-    if name.lower() == DEFAULT_MODEL_NAME:
+    if name.lower() == DEFAULT_MODEL:
         return _load_smollm2(torch_device, dtype_name, torch_dtype)
     return _load_hf(name, torch_device, dtype_name, torch_dtype)
 
@@ -129,16 +120,15 @@ def _load_smollm2(device: torch.device, dtype_name: str, torch_dtype: torch.dtyp
     marker = read_conversion_marker(target) or {}
     revision = str(marker.get("gguf_sha256_16") or "unknown")
     hf_tokenizer = AutoTokenizer.from_pretrained(str(target))
-    tokenizer = HFTextTokenizer(hf_tokenizer, name=DEFAULT_MODEL_NAME)
+    tokenizer = HFTextTokenizer(hf_tokenizer, name=DEFAULT_MODEL)
     # The GGUF declares the chat tokens <|im_start|>/<|im_end|> as BOS/EOS; raw text was pretrained with
     # <|endoftext|> (id 0) starting and separating documents, so contexts use that.
     tokenizer.bos_token_id = tokenizer.eos_token_id = int(hf_tokenizer.convert_tokens_to_ids("<|endoftext|>"))
     bridge = TransformerBridge.boot_transformers(str(target), tokenizer=hf_tokenizer, device=device, dtype=torch_dtype)
-    return _finish(DEFAULT_MODEL_NAME, bridge, tokenizer, revision, dtype_name, device)
+    return _finish(DEFAULT_MODEL, bridge, tokenizer, revision, dtype_name, device)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    from urllib.parse import urlsplit
 
     from huggingface_hub import constants
 

@@ -15,6 +15,8 @@ import torch
 from stages.basics.errors import SaepipeError
 from stages.host_model.tokenizers import TextTokenizer
 
+# transformer_lens is imported where a forward pass needs it: it takes seconds to import (see loading.py).
+
 # The per-block hook points a user may pass, in the order they fire inside a block. Each one carries a
 # [batch, ctx, d_model] tensor. Architectures without one of them (parallel attention+MLP blocks have no
 # resid_mid) simply do not list it.

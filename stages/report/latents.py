@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from stages.basics.errors import SaepipeError
+from stages.basics.settings import progress_setting, refuse_unless, setting
 from stages.evaluate import EvaluatedSAE
 from stages.saes.base import SparseCode
 from store_schema.reader import ActivationStore
@@ -66,26 +67,28 @@ class LatentBrowser:
 
 @dataclass
 class BrowseOptions:
-    named: tuple[int, ...] = ()
-    n_top: int = 8
-    n_random: int = 8
-    n_contexts: int = 10
-    n_logits: int = 10
-    max_rows: int = 200_000
-    seed: int = 0
-    progress: bool = True
+    named: tuple[int, ...] = setting(
+        (), "latents to show in every run's browser", flag="--latents", metavar="12,345", items="latent indices"
+    )
+    n_top: int = setting(8, "most frequently firing latents per run", flag="--top")
+    n_random: int = setting(8, "randomly chosen latents per run (among those that fire)", flag="--random")
+    n_contexts: int = setting(10, "top-activating held-out contexts per latent", flag="--contexts")
+    n_logits: int = 10  # promoted and suppressed output tokens shown per latent
+    max_rows: int = setting(200_000, "held-out rows scanned for the latent browser")
+    seed: int = setting(0, "seed of the random latents")
+    progress: bool = progress_setting()
+
+    def __post_init__(self) -> None:
+        self.named = tuple(dict.fromkeys(self.named or ()))  # each latent once, in the order given
+
+    def validate(self) -> BrowseOptions:
+        for name, minimum in (("n_top", 0), ("n_random", 0), ("n_contexts", 1), ("max_rows", 1)):
+            value = getattr(self, name)
+            refuse_unless(value >= minimum, self, name, f"must be at least {minimum}, got {value}")
+        return self
 
 
 # -- choosing latents -------------------------------------------------------------------------------
-
-
-def parse_latents(text: str | None) -> tuple[int, ...]:
-    if not text or not text.strip():
-        return ()
-    try:
-        return tuple(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
-    except ValueError:
-        raise SaepipeError(f"--latents must be comma-separated latent indices like 12,345, got {text!r}") from None
 
 
 def check_latents(named: tuple[int, ...], d_sae: int, label: str) -> None:

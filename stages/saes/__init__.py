@@ -1,8 +1,17 @@
-"""SAE architectures, one module each, all trained by stages.train."""
+"""SAE architectures, one module each (the SAE and its settings), all trained by the loop in stages.train.
+
+A new architecture is one module defining a SparseAutoencoder subclass and its ArchSettings, plus one
+line in ARCHITECTURES: its settings become `saepipe train` options and sweep axes by themselves.
+"""
 
 from __future__ import annotations
 
-from stages.saes.base import SparseAutoencoder, SparseCode
+import dataclasses
+from typing import Any
+
+from stages.basics.errors import SaepipeError
+from stages.basics.settings import default_of, flag_of, settings_of
+from stages.saes.base import ArchSettings, SparseAutoencoder, SparseCode
 from stages.saes.batchtopk import BatchTopKSAE
 from stages.saes.jumprelu import JumpReLUSAE
 from stages.saes.matching_pursuit import MatchingPursuitSAE
@@ -10,7 +19,7 @@ from stages.saes.matryoshka import MatryoshkaSAE
 from stages.saes.relu import ReLUSAE
 from stages.saes.topk import TopKSAE
 
-ARCHITECTURES = {
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
     "matryoshka": MatryoshkaSAE,
@@ -18,6 +27,43 @@ ARCHITECTURES = {
     "jumprelu": JumpReLUSAE,
     "mp": MatchingPursuitSAE,
 }
+
+
+def arch_settings() -> dict[str, dataclasses.Field]:
+    """Every architecture's settings by name, each once (an inherited one, like k, is one setting)."""
+    fields: dict[str, dataclasses.Field] = {}
+    for sae in ARCHITECTURES.values():
+        for name, field in settings_of(sae.settings_class).items():
+            fields.setdefault(name, field)
+    return fields
+
+
+def owners(name: str) -> list[str]:
+    """The architectures that take setting `name`."""
+    return [arch for arch, sae in ARCHITECTURES.items() if name in settings_of(sae.settings_class)]
+
+
+def require_arch(arch: str) -> type[SparseAutoencoder]:
+    if arch not in ARCHITECTURES:
+        raise SaepipeError(f"unknown --arch {arch!r}; available: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
+def settings_for(arch: str, values: dict[str, Any]) -> ArchSettings:
+    """`arch`'s settings from flat values (the CLI's, or a sweep's): its own are taken; another
+    architecture's setting is refused unless it is left at its default."""
+    own = settings_of(require_arch(arch).settings_class)
+    every = arch_settings()
+    for name, value in values.items():
+        if name in own:
+            continue
+        if name not in every:
+            raise TypeError(f"no architecture has a setting {name!r}")
+        if value != default_of(every[name]):
+            raise SaepipeError(
+                f"{flag_of(every[name])} does not apply to --arch {arch} (it is for {', '.join(owners(name))})"
+            )
+    return ARCHITECTURES[arch].settings_class(**{k: v for k, v in values.items() if k in own})
 
 
 def build_sae(config: dict) -> SparseAutoencoder:
@@ -28,13 +74,17 @@ def build_sae(config: dict) -> SparseAutoencoder:
 
 __all__ = [
     "ARCHITECTURES",
+    "ArchSettings",
     "BatchTopKSAE",
-    "MatryoshkaSAE",
     "JumpReLUSAE",
     "MatchingPursuitSAE",
+    "MatryoshkaSAE",
     "ReLUSAE",
     "SparseAutoencoder",
     "SparseCode",
     "TopKSAE",
+    "arch_settings",
     "build_sae",
+    "owners",
+    "settings_for",
 ]

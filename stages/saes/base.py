@@ -75,10 +75,21 @@ class ArchExport:
     input_units: tuple[str, ...] = ()  # cfg fields measured in our input's units: divided by the input scale
 
 
+@dataclass
+class ArchSettings:
+    """An architecture's own training settings; each SAE module declares its subclass beside the SAE, with
+    fields made by stages.basics.settings.setting (help text included: the CLI's options come from them)."""
+
+    def check(self, width: int) -> None:
+        """Raise SaepipeError for a value this architecture cannot take at this width."""
+
+
 class SparseAutoencoder(nn.Module):
-    """Subclasses set `arch`, implement `encode`, `training_loss` and `from_config`, and extend `config`."""
+    """Subclasses set `arch` and `settings_class`, implement `encode`, `training_loss` and `from_settings`,
+    and extend `config`."""
 
     arch = "base"
+    settings_class: type[ArchSettings] = ArchSettings
     # Unit-norm decoder rows, kept by removing the gradient's parallel part and renormalizing each
     # step. Architectures whose sparsity penalty is weighted by decoder norms turn this off.
     unit_norm_decoder = True
@@ -117,13 +128,9 @@ class SparseAutoencoder(nn.Module):
         return _SelectedPreActs.apply(x, self.W_enc, self.encoder_bias(), indices, pre.gather(1, indices))
 
     @classmethod
-    def from_config(cls, d_in: int, cfg) -> SparseAutoencoder:
-        """A new SAE for inputs of width `d_in` from a `stages.train.config.TrainConfig`."""
+    def from_settings(cls, d_in: int, width: int, settings: ArchSettings) -> SparseAutoencoder:
+        """A new SAE of `width` latents for inputs of width `d_in`, from its architecture's settings."""
         raise NotImplementedError
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        """Raise SaepipeError for settings that contradict this architecture."""
 
     def encode(self, x: torch.Tensor) -> Code:
         raise NotImplementedError

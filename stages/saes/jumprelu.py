@@ -48,12 +48,20 @@ Export: SAELens "jumprelu", whose encode is ReLU(pre)·1[pre > threshold], equal
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from stages.basics import distributed
-from stages.basics.errors import SaepipeError
-from stages.saes.base import ArchExport, DenseCode, SparseAutoencoder, TrainContext, reconstruction_metrics
+from stages.basics.settings import refuse_unless, setting
+from stages.saes.base import (
+    ArchExport,
+    ArchSettings,
+    DenseCode,
+    SparseAutoencoder,
+    TrainContext,
+    reconstruction_metrics,
+)
 
 # λ per active latent per token, in units of the normalized MSE (‖x − x̂‖²/mse_scale ≈ the fraction of
 # variance unexplained): a latent must explain ~0.1% of a token's variance to be worth firing.
@@ -119,8 +127,34 @@ def check_target_l0(target_l0, width: int) -> str | None:
     return None
 
 
+@dataclass
+class JumpReLUSettings(ArchSettings):
+    bandwidth: float | None = setting(None, "straight-through estimator bandwidth", shown_default="0.001·√d_in")
+    init_threshold: float | None = setting(None, "initial threshold", shown_default="d_in / width")
+    l0_coef: float | None = setting(None, "L0 penalty coefficient", shown_default="1e-3, or 1 with --target-l0")
+    target_l0: float | None = setting(None, "penalize the batch's mean L0 away from this target instead")
+
+    def check(self, width: int) -> None:
+        refuse_unless(
+            self.bandwidth is None or (self.bandwidth > 0 and math.isfinite(self.bandwidth)),
+            self,
+            "bandwidth",
+            f"must be > 0, got {self.bandwidth}",
+        )
+        refuse_unless(
+            self.init_threshold is None or (self.init_threshold > 0 and math.isfinite(self.init_threshold)),
+            self,
+            "init_threshold",
+            f"must be > 0, got {self.init_threshold}",
+        )
+        refuse_unless(self.l0_coef is None or self.l0_coef >= 0, self, "l0_coef", f"must be >= 0, got {self.l0_coef}")
+        problem = check_target_l0(self.target_l0, width)
+        refuse_unless(problem is None, self, "target_l0", problem or "")
+
+
 class JumpReLUSAE(SparseAutoencoder):
     arch = "jumprelu"
+    settings_class = JumpReLUSettings
 
     def __init__(
         self,
@@ -158,19 +192,8 @@ class JumpReLUSAE(SparseAutoencoder):
             self.log_threshold.fill_(math.log(self.init_threshold))
 
     @classmethod
-    def from_config(cls, d_in: int, cfg) -> JumpReLUSAE:
-        return cls(d_in, cfg.width, cfg.bandwidth, cfg.init_threshold, cfg.l0_coef, cfg.target_l0)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        if cfg.bandwidth is not None and not (cfg.bandwidth > 0 and math.isfinite(cfg.bandwidth)):
-            raise SaepipeError(f"--bandwidth must be > 0, got {cfg.bandwidth}")
-        if cfg.init_threshold is not None and not (cfg.init_threshold > 0 and math.isfinite(cfg.init_threshold)):
-            raise SaepipeError(f"--init-threshold must be > 0, got {cfg.init_threshold}")
-        if cfg.l0_coef is not None and not cfg.l0_coef >= 0:
-            raise SaepipeError(f"--l0-coef must be >= 0, got {cfg.l0_coef}")
-        if problem := check_target_l0(cfg.target_l0, cfg.width):
-            raise SaepipeError(f"--target-l0 {problem}")
+    def from_settings(cls, d_in: int, width: int, settings: JumpReLUSettings) -> JumpReLUSAE:
+        return cls(d_in, width, settings.bandwidth, settings.init_threshold, settings.l0_coef, settings.target_l0)
 
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()

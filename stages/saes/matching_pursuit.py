@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from stages.basics.errors import SaepipeError
+from stages.basics.settings import refuse_unless, setting
 from stages.saes.base import ArchExport, SparseAutoencoder, SparseCode, TrainContext, reconstruction_metrics
-from stages.saes.topk import DEFAULT_K, check_k
+from stages.saes.topk import DEFAULT_K, KSettings
 
 GRAM_MAX_WIDTH = 16_384  # G = W Wᵀ is d_sae² floats: 1 GiB at this width; wider SAEs rescore with a matmul
 CPU_ROW_BLOCK = 1024  # rows per pursuit block on CPU (see MatchingPursuitSAE._select)
@@ -62,8 +63,43 @@ class Pursuit:
     # a residual threshold, matmul scoring)
 
 
+@dataclass
+class MatchingPursuitSettings(KSettings):
+    """Static (exactly k steps) unless a residual threshold or an iteration cap asks for the dynamic variant."""
+
+    residual_threshold: float | None = setting(None, "dynamic variant: stop when ‖residual‖ falls below")
+    max_iterations: int | None = setting(None, "dynamic variant: at most this many selections per row")
+
+    @property
+    def dynamic(self) -> bool:
+        return self.residual_threshold is not None or self.max_iterations is not None
+
+    def check(self, width: int) -> None:
+        if not self.dynamic:
+            super().check(width)
+            return
+        if self.k is not None:
+            raise SaepipeError(
+                "--k sets the static matching pursuit's steps; the dynamic variant "
+                "(--residual-threshold, --max-iterations) takes none: cap it with --max-iterations"
+            )
+        refuse_unless(
+            self.residual_threshold is None or 0 < self.residual_threshold < float("inf"),
+            self,
+            "residual_threshold",
+            f"must be a positive number, got {self.residual_threshold}",
+        )
+        refuse_unless(
+            self.max_iterations is None or self.max_iterations >= 1,
+            self,
+            "max_iterations",
+            f"must be at least 1, got {self.max_iterations}",
+        )
+
+
 class MatchingPursuitSAE(SparseAutoencoder):
     arch = "mp"
+    settings_class = MatchingPursuitSettings
 
     def __init__(
         self,
@@ -90,25 +126,10 @@ class MatchingPursuitSAE(SparseAutoencoder):
         self.reset_parameters()
 
     @classmethod
-    def from_config(cls, d_in: int, cfg) -> MatchingPursuitSAE:
-        if cfg.residual_threshold is None and cfg.max_iterations is None:
-            return cls(d_in, cfg.width, DEFAULT_K if cfg.k is None else cfg.k)
-        return cls(d_in, cfg.width, None, cfg.residual_threshold, cfg.max_iterations)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        if cfg.residual_threshold is None and cfg.max_iterations is None:
-            check_k(cfg)
-            return
-        if cfg.k is not None:
-            raise SaepipeError(
-                "--k sets the static matching pursuit's steps; the dynamic variant "
-                "(--residual-threshold, --max-iterations) takes none: cap it with --max-iterations"
-            )
-        if cfg.residual_threshold is not None and not 0 < cfg.residual_threshold < float("inf"):
-            raise SaepipeError(f"--residual-threshold must be a positive number, got {cfg.residual_threshold}")
-        if cfg.max_iterations is not None and cfg.max_iterations < 1:
-            raise SaepipeError(f"--max-iterations must be at least 1, got {cfg.max_iterations}")
+    def from_settings(cls, d_in: int, width: int, settings: MatchingPursuitSettings) -> MatchingPursuitSAE:
+        if not settings.dynamic:
+            return cls(d_in, width, settings.resolved_k)
+        return cls(d_in, width, None, settings.residual_threshold, settings.max_iterations)
 
     # -- tying: W_dec is the dictionary, the encoder is derived ---------------------------------------
     @property

@@ -16,9 +16,12 @@ shapes training. The prefix reconstructions are built incrementally, one sparse 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from stages.basics.errors import SaepipeError
+from stages.basics.settings import refuse_unless, setting
 from stages.saes.batchtopk import BatchTopKSAE
-from stages.saes.topk import DEFAULT_K, check_k
+from stages.saes.topk import TopKSettings
 
 
 def groups_problem(groups, width: int) -> str | None:
@@ -37,8 +40,26 @@ def groups_problem(groups, width: int) -> str | None:
     return None
 
 
+@dataclass
+class MatryoshkaSettings(TopKSettings):
+    groups: tuple[int, ...] | None = setting(
+        None, "increasing prefix sizes ending at --width", metavar="512,2048,4096", shown_default="none: required"
+    )
+
+    def check(self, width: int) -> None:
+        super().check(width)
+        if self.groups is None:
+            example = f"{width // 8},{width // 2},{width}" if width >= 8 else str(width)
+            raise SaepipeError(
+                f"--arch matryoshka needs --groups: increasing prefix sizes ending at --width {width}, e.g. {example}"
+            )
+        problem = groups_problem(tuple(self.groups), width)
+        refuse_unless(problem is None, self, "groups", problem or "")
+
+
 class MatryoshkaSAE(BatchTopKSAE):
     arch = "matryoshka"
+    settings_class = MatryoshkaSettings
 
     def __init__(self, d_in: int, d_sae: int, k: int, groups, aux_k: int | None = None, aux_coef: float = 1 / 32):
         groups = tuple(int(g) for g in groups)
@@ -49,21 +70,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().__init__(d_in, d_sae, k, aux_k, aux_coef)
 
     @classmethod
-    def from_config(cls, d_in: int, cfg) -> MatryoshkaSAE:
-        return cls(d_in, cfg.width, DEFAULT_K if cfg.k is None else cfg.k, cfg.groups, cfg.aux_k, cfg.aux_coef)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        check_k(cfg)
-        if cfg.groups is None:
-            w = cfg.width
-            example = f"{w // 8},{w // 2},{w}" if w >= 8 else str(w)
-            raise SaepipeError(
-                f"--arch matryoshka needs --groups: increasing prefix sizes ending at --width {w}, e.g. {example}"
-            )
-        problem = groups_problem(tuple(cfg.groups), cfg.width)
-        if problem:
-            raise SaepipeError(f"--groups {problem}")
+    def from_settings(cls, d_in: int, width: int, settings: MatryoshkaSettings) -> MatryoshkaSAE:
+        return cls(d_in, width, settings.resolved_k, settings.groups, settings.aux_k, settings.aux_coef)
 
     @property
     def prefixes(self) -> tuple[int, ...]:

@@ -40,11 +40,20 @@ exp cannot overflow.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from stages.basics import distributed
-from stages.basics.errors import SaepipeError
-from stages.saes.base import ArchExport, DenseCode, SparseAutoencoder, TrainContext, reconstruction_metrics
+from stages.basics.settings import refuse_unless, setting
+from stages.saes.base import (
+    ArchExport,
+    ArchSettings,
+    DenseCode,
+    SparseAutoencoder,
+    TrainContext,
+    reconstruction_metrics,
+)
 
 DEFAULT_L1_COEF_TIMES_D = 5.0  # the April-2024 recipe's λ; ours is this / d_in (see the module docstring)
 
@@ -56,8 +65,24 @@ def default_l1_coef(d_in: int) -> float:
     return DEFAULT_L1_COEF_TIMES_D / d_in
 
 
+@dataclass
+class ReLUSettings(ArchSettings):
+    l1_coef: float | None = setting(
+        None, "L1 coefficient (sparsity penalty weighted by decoder norms)", shown_default="5 / d_in"
+    )
+    l1_warmup_frac: float = setting(0.05, "share of training over which L1 ramps up")
+    ghost_grads: bool = setting(False, "ghost gradients for dead latents (after the dead window)")
+
+    def check(self, width: int) -> None:
+        refuse_unless(self.l1_coef is None or self.l1_coef >= 0, self, "l1_coef", f"must be >= 0, got {self.l1_coef}")
+        refuse_unless(
+            0 <= self.l1_warmup_frac <= 1, self, "l1_warmup_frac", f"must be in [0, 1], got {self.l1_warmup_frac}"
+        )
+
+
 class ReLUSAE(SparseAutoencoder):
     arch = "relu"
+    settings_class = ReLUSettings
     unit_norm_decoder = False  # the L1 term is weighted by decoder norms instead
 
     def __init__(
@@ -84,15 +109,8 @@ class ReLUSAE(SparseAutoencoder):
         self.W_enc.copy_(self.W_dec.t())
 
     @classmethod
-    def from_config(cls, d_in: int, cfg) -> ReLUSAE:
-        return cls(d_in, cfg.width, cfg.l1_coef, cfg.l1_warmup_frac, cfg.ghost_grads)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        if cfg.l1_coef is not None and not cfg.l1_coef >= 0:
-            raise SaepipeError(f"--l1-coef must be >= 0, got {cfg.l1_coef}")
-        if not 0 <= cfg.l1_warmup_frac <= 1:
-            raise SaepipeError(f"--l1-warmup-frac must be in [0, 1], got {cfg.l1_warmup_frac}")
+    def from_settings(cls, d_in: int, width: int, settings: ReLUSettings) -> ReLUSAE:
+        return cls(d_in, width, settings.l1_coef, settings.l1_warmup_frac, settings.ghost_grads)
 
     def l1_coef_at(self, progress: float) -> float:
         """λ at a fraction `progress` of training: linear from 0 over the first l1_warmup_frac, then l1_coef."""

@@ -5,24 +5,57 @@ top `aux_k` dead latents reconstruct the main reconstruction's residual.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from stages.basics import distributed
-from stages.basics.errors import SaepipeError
-from stages.saes.base import ArchExport, SparseAutoencoder, SparseCode, TrainContext, reconstruction_metrics
+from stages.basics.settings import refuse_unless, setting
+from stages.saes.base import (
+    ArchExport,
+    ArchSettings,
+    SparseAutoencoder,
+    SparseCode,
+    TrainContext,
+    reconstruction_metrics,
+)
 
 DEFAULT_K = 32
 
 
-def check_k(cfg) -> None:
-    """--k for the architectures that take one (None means DEFAULT_K)."""
-    k = DEFAULT_K if cfg.k is None else cfg.k
-    if not 0 < k <= cfg.width:
-        raise SaepipeError(f"--k must be in [1, width={cfg.width}], got {k}")
+@dataclass
+class KSettings(ArchSettings):
+    """The active latents per token of the architectures that take a k (the TopK family, matching pursuit)."""
+
+    k: int | None = setting(None, "active latents per token", shown_default=str(DEFAULT_K))
+
+    @property
+    def resolved_k(self) -> int:
+        return DEFAULT_K if self.k is None else self.k
+
+    def check(self, width: int) -> None:
+        refuse_unless(0 < self.resolved_k <= width, self, "k", f"must be in [1, width={width}], got {self.resolved_k}")
+
+
+@dataclass
+class TopKSettings(KSettings):
+    aux_k: int | None = setting(None, "AuxK latents", shown_default="d_in / 2")
+    aux_coef: float = setting(1 / 32, "AuxK loss coefficient (0 turns AuxK off)")
+
+    def check(self, width: int) -> None:
+        super().check(width)
+        refuse_unless(
+            self.aux_k is None or 1 <= self.aux_k <= width,
+            self,
+            "aux_k",
+            f"must be in [1, width={width}], got {self.aux_k}",
+        )
+        refuse_unless(self.aux_coef >= 0, self, "aux_coef", f"must be >= 0 (0 turns AuxK off), got {self.aux_coef}")
 
 
 class TopKSAE(SparseAutoencoder):
     arch = "topk"
+    settings_class = TopKSettings
 
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coef: float = 1 / 32):
         if not 0 < k <= d_sae:
@@ -33,12 +66,8 @@ class TopKSAE(SparseAutoencoder):
         super().__init__(d_in, d_sae)
 
     @classmethod
-    def from_config(cls, d_in: int, cfg) -> TopKSAE:
-        return cls(d_in, cfg.width, DEFAULT_K if cfg.k is None else cfg.k, cfg.aux_k, cfg.aux_coef)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        check_k(cfg)
+    def from_settings(cls, d_in: int, width: int, settings: TopKSettings) -> TopKSAE:
+        return cls(d_in, width, settings.resolved_k, settings.aux_k, settings.aux_coef)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         return self.encode_pre(self.pre_acts(x))

@@ -3,43 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from stages.basics.defaults import DEFAULT_HOOK
 from stages.basics.errors import require
-
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
-
-
-# Settings that belong to some architectures only; giving one to another architecture is an error.
-ARCH_SPECIFIC = {
-    "k": TOPK_FAMILY + ("mp",),
-    "aux_k": TOPK_FAMILY,
-    "aux_coef": TOPK_FAMILY,
-    "l1_coef": ("relu",),
-    "l1_warmup_frac": ("relu",),
-    "ghost_grads": ("relu",),
-    "bandwidth": ("jumprelu",),
-    "init_threshold": ("jumprelu",),
-    "l0_coef": ("jumprelu",),
-    "target_l0": ("jumprelu",),
-    "groups": ("matryoshka",),
-    "residual_threshold": ("mp",),
-    "max_iterations": ("mp",),
-}
+from stages.basics.settings import default_of, device_setting, progress_setting, setting
+from stages.saes import ARCHITECTURES, ArchSettings, arch_settings, require_arch, settings_for
 
 
 @dataclass
 class TrainConfig:
-    store: str
-    out: str
-    hook: str = DEFAULT_HOOK
-    arch: str = "topk"
-    width: int = 4096
-    k: int | None = None  # TopK family and mp: active latents per token (None: 32); others: must stay None
-    tokens: int = 1_000_000
-    batch_size: int = 4096
-    lr: float | None = None  # None: the TopK paper's 2e-4 / sqrt(width / 2**14)
+    store: str  # the store to train from: a path or URL
+    out: str = setting(help="run folder to write")
+    hook: str | None = setting(None, "the store's hook to train on", shown_default="the store's only hook")
+    arch: str = setting("topk", f"SAE architecture: {', '.join(ARCHITECTURES)}")
+    width: int = setting(4096, "number of latents (d_sae)")
+    # The architecture's own settings (k, l1_coef, ...), declared beside it in stages/saes/; None: its defaults
+    arch_settings: ArchSettings | None = None
+    tokens: int = setting(1_000_000, "training tokens (epochs repeat when above the store)")
+    batch_size: int = setting(4096, "rows per training step")
+    lr: float | None = setting(None, "learning rate", shown_default="2e-4 / sqrt(width / 2^14) (TopK paper)")
     warmup_frac: float = 0.05
     decay_frac: float = 0.2
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -47,47 +29,61 @@ class TrainConfig:
     # Clip the gradient's global norm, measured as the gradient of the summed squared error (SAELens's
     # loss units and its default of 1). Short runs gain most: Adam's second moment otherwise remembers
     # the large early gradients and damps every later step. 0 turns clipping off.
-    max_grad_norm: float = 1.0
-    aux_k: int | None = None  # None: d_in // 2
-    aux_coef: float = 1 / 32
-    dead_window_tokens: int | None = None  # None: min(10M, tokens // 4)
+    max_grad_norm: float = setting(
+        1.0, "clip the gradient norm (in summed-squared-error units, as SAELens); 0: no clipping"
+    )
+    dead_window_tokens: int | None = setting(
+        None,
+        "tokens without firing before a latent counts as dead",
+        flag="--dead-window",
+        shown_default="min(10M, tokens / 4)",
+    )
     geometric_median_rows: int = 8192
-    # ReLU + L1
-    l1_coef: float | None = None
-    l1_warmup_frac: float = 0.05
-    ghost_grads: bool = False
-    # JumpReLU
-    bandwidth: float | None = None  # None: 0.001·√d_in (the paper's value in our input units)
-    init_threshold: float | None = None  # None: d_in / d_sae (one std of the initial pre-activations)
-    l0_coef: float | None = None
-    target_l0: float | None = None
-    # Matryoshka: increasing prefix sizes ending at width
-    groups: tuple[int, ...] | None = None
-    # Matching pursuit, dynamic variant (static when both are None)
-    residual_threshold: float | None = None
-    max_iterations: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    log_every: int = 20
-    checkpoint_every: int = 200
-    resident: bool | None = None
-    overwrite: bool = False
-    resume: bool = False
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+    device: str = device_setting()
+    seed: int = setting(0, "seed of the initialization and of the batch order")
+    log_every: int = setting(20, "steps between training-log lines")
+    checkpoint_every: int = setting(200, "steps between checkpoints")
+    resident: bool | None = None  # None: hold the split in device memory when it fits (store_schema.loader)
+    overwrite: bool = setting(False, "replace the run folder")
+    resume: bool = setting(False, "continue from the run folder's checkpoint")
+    progress: bool = progress_setting()
+
+    @classmethod
+    def from_flat(cls, **values) -> TrainConfig:
+        """A config from flat values, as the CLI, a sweep and cfg.json name them: the architecture's own
+        settings (k, l1_coef, ...) are routed into its ArchSettings, and another architecture's setting
+        is refused unless it is left at its default."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"arch_settings"}
+        arch = values.get("arch", "topk")
+        settings = settings_for(arch, {k: v for k, v in values.items() if k not in own})
+        return cls(**{k: v for k, v in values.items() if k in own}, arch_settings=settings)
+
+    @property
+    def settings(self) -> ArchSettings:
+        """The architecture's settings: as given, or its defaults."""
+        return self.arch_settings if self.arch_settings is not None else settings_for(self.arch, {})
+
+    def flat(self) -> dict:
+        """Every field, with every architecture's settings flattened in (another's at its default):
+        what from_flat takes back."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "arch_settings"}
+        own = dataclasses.asdict(self.settings)
+        for name, field in arch_settings().items():
+            values[name] = own[name] if name in own else default_of(field)
+        return values
+
+    def replaced(self, **changes) -> TrainConfig:
+        """A copy with `changes`, architecture settings included (e.g. k=16)."""
+        return TrainConfig.from_flat(**{**self.flat(), **changes})
 
     def validate(self) -> TrainConfig:
-        from stages.saes import ARCHITECTURES  # here, not at the top: the CLI starts without torch
-
-        require(self.arch in ARCHITECTURES, f"unknown --arch {self.arch!r}; available: {', '.join(ARCHITECTURES)}")
+        expected = require_arch(self.arch).settings_class
+        require(
+            type(self.settings) is expected,
+            f"--arch {self.arch} takes {expected.__name__}, not {type(self.settings).__name__}",
+        )
         require(self.width > 0, f"--width must be positive, got {self.width}")
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, owners in ARCH_SPECIFIC.items():
-            require(
-                getattr(self, name) == defaults[name] or self.arch in owners,
-                f"--{name.replace('_', '-')} does not apply to --arch {self.arch} (it is for {', '.join(owners)})",
-            )
-        ARCHITECTURES[self.arch].check_config(self)
+        self.settings.check(self.width)
         require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         require(
             self.tokens >= self.batch_size,
@@ -101,11 +97,6 @@ class TrainConfig:
             0 <= self.warmup_frac < 1 and 0 <= self.decay_frac < 1 and self.warmup_frac + self.decay_frac <= 1,
             "warm-up and decay fractions must be in [0, 1) and sum to at most 1",
         )
-        require(
-            self.aux_k is None or 1 <= self.aux_k <= self.width,
-            f"--aux-k must be in [1, width={self.width}], got {self.aux_k}",
-        )
-        require(self.aux_coef >= 0, f"--aux-coef must be >= 0 (0 turns AuxK off), got {self.aux_coef}")
         require(
             self.dead_window_tokens is None or self.dead_window_tokens > 0,
             f"--dead-window must be a positive number of tokens, got {self.dead_window_tokens}",
@@ -127,8 +118,15 @@ class TrainConfig:
         return self.lr if self.lr is not None else 2e-4 / (self.width / 2**14) ** 0.5
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
+        """What cfg.json and checkpoints record: the flat values, the learning rate resolved."""
+        d = self.flat()
         d["lr"] = self.resolved_lr()
         for key in ("overwrite", "resume", "progress"):
             d.pop(key)
         return d
+
+
+def only_hook(hooks: list[str]) -> str:
+    """The hook to train on when none is named: the store's only one."""
+    require(len(hooks) == 1, f"the store holds several hooks ({', '.join(hooks)}): pick one with --hook")
+    return hooks[0]

@@ -13,11 +13,13 @@ Rank 0 alone writes the run folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from stages import __version__
@@ -26,7 +28,8 @@ from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.saes import ARCHITECTURES, SparseAutoencoder
 from stages.saes.base import TrainContext, geometric_median
-from stages.train.config import TrainConfig
+from stages.train.config import TrainConfig, only_hook
+from stages.train.saelens_export import export_saelens
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import ActivationStore, open_store
 
@@ -56,7 +59,7 @@ def build_for_store(
         sample = torch.from_numpy(store.read_rows("train", cfg.hook, 0, cfg.geometric_median_rows))
     sample = sample[: cfg.geometric_median_rows].float()
     generator = torch.Generator().manual_seed(cfg.seed)
-    sae = ARCHITECTURES[cfg.arch].from_config(store.d_model, cfg)
+    sae = ARCHITECTURES[cfg.arch].from_settings(store.d_model, cfg.width, cfg.settings)
     sae.reset_parameters(generator)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample))
@@ -95,7 +98,7 @@ class _TrainingLoss(torch.nn.Module):
         return self.sae.training_loss(x, ctx)
 
 
-class _Run:
+class TrainingRun:
     """One SAE being trained: its optimizer, schedule, dead-latent clock, log and checkpoints."""
 
     KEYS = ("loss", "mse", "fve", "l0", "aux_loss")
@@ -113,8 +116,6 @@ class _Run:
         self.sae, self.mse_scale = build_for_store(cfg, store, device, sample)
         self.loss = _TrainingLoss(self.sae)
         if distributed.active():
-            from torch.nn.parallel import DistributedDataParallel
-
             self.loss = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(
             self.sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas, eps=cfg.adam_eps
@@ -212,7 +213,10 @@ def run_sweep(cfgs: list[TrainConfig], nproc: int = 1) -> list[Path]:
     and fed to every SAE. The configurations must share the store, hook, batch size, token budget and
     data seed (see sweeps.expand); each SAE writes its own run folder. Under torchrun, or with
     `nproc` > 1 (which starts `nproc` processes here through torch's launcher), data parallel (see the
-    module docstring)."""
+    module docstring). A config without a hook trains on the store's only one."""
+    if cfgs[0].hook is None:
+        hook = only_hook(open_store(cfgs[0].store).hooks)
+        cfgs = [dataclasses.replace(cfg, hook=hook) for cfg in cfgs]
     for cfg in cfgs:
         cfg.validate()
     base = cfgs[0]
@@ -260,7 +264,7 @@ def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.Wor
     resuming = distributed.broadcast_object(_prepare_run_folders(cfgs) if world.is_main else None)
     if isinstance(resuming, SaepipeError):
         raise resuming
-    runs = [_Run(c, store, device, r, world, sample) for c, r in zip(cfgs, resuming)]
+    runs = [TrainingRun(c, store, device, r, world, sample) for c, r in zip(cfgs, resuming)]
     starts = {run.start for run in runs}
     if len(starts) > 1:
         raise SaepipeError(
@@ -338,7 +342,6 @@ def _prepare_run_folders(cfgs: list[TrainConfig]) -> list[bool] | SaepipeError:
 
 def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out: Path) -> None:
     """Final weights, config and the SAELens export; the checkpoint goes once they are safely written."""
-    from stages.train.saelens_export import export_saelens
 
     run_dir.save_sae(out, sae, run_config(cfg, store, sae) | {"finished": True})
     header = store.header

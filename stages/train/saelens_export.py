@@ -67,7 +67,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
+from stages import __version__
 from stages.saes.base import SparseAutoencoder
 from store_schema.normalization import Normalization
 
@@ -164,14 +166,6 @@ def _saelens_version() -> str:
     return version if major.isdigit() and int(major) >= 6 else SAELENS_FORMAT_VERSION
 
 
-def _saepipe_version() -> str | None:
-    try:
-        from stages import __version__
-    except ImportError:  # pragma: no cover - the package is part of this repository
-        return None
-    return __version__
-
-
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished `tmp` to `out_dir`, replacing an earlier export there."""
     if not out_dir.exists() and not out_dir.is_symlink():
@@ -211,7 +205,6 @@ def export_saelens(
     ``sae_lens.SAE.load_from_disk(out_dir)``. `extra_metadata` entries are added to (and may override)
     the cfg's ``metadata``. Returns out_dir.
     """
-    from safetensors.torch import save_file
 
     arch = sae.saelens_export()
     raw = {k: getattr(sae, k).detach().to("cpu", torch.float32) for k in WEIGHT_KEYS}
@@ -242,7 +235,7 @@ def export_saelens(
         "model_from_pretrained_kwargs": {},
         "neuronpedia_id": None,
         "saepipe": {
-            "version": _saepipe_version(),
+            "version": __version__,
             "sae_config": sae.config(),
             "normalization": {
                 **norm.to_attrs(),

@@ -9,15 +9,26 @@ from pathlib import Path
 
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
+from stages.saes import arch_settings
 from stages.train.config import TrainConfig
 
 # Every SAE of a sweep sees the same batches from the same store, so these cannot differ between them.
 SHARED = ("store", "hook", "batch_size", "tokens", "device", "resident", "log_every", "checkpoint_every")
-NOT_PARAMETERS = ("out", "overwrite", "resume", "progress", "extra")
+NOT_PARAMETERS = ("out", "overwrite", "resume", "progress", "arch_settings")
 
 
 def sweepable() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SHARED + NOT_PARAMETERS]
+    return [name for name in _parameter_types() if name not in SHARED + NOT_PARAMETERS]
+
+
+def _parameter_types() -> dict[str, str]:
+    """Every training parameter's type, the architectures' settings where the config holds them."""
+    types = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "arch_settings":
+            types |= {name: str(f.type) for name, f in arch_settings().items()}
+        types[field.name] = str(field.type)
+    return types
 
 
 def _convert(name: str, annotation: str, text: str):
@@ -39,7 +50,7 @@ def _convert(name: str, annotation: str, text: str):
 
 def parse_axes(specs: list[str]) -> dict[str, list]:
     """["k=16,32", "lr=1e-4,4e-4"] -> {"k": [16, 32], "lr": [0.0001, 0.0004]} (typed like TrainConfig)."""
-    fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    fields = _parameter_types()
     axes: dict[str, list] = {}
     for spec in specs:
         name, sep, values = spec.partition("=")
@@ -69,7 +80,7 @@ def expand(base: TrainConfig, axes: dict[str, list]) -> list[TrainConfig]:
     for combo in itertools.product(*axes.values()):
         params = dict(zip(axes, combo))
         name = "_".join(f"{k}={_label(v)}" for k, v in params.items())
-        cfgs.append(dataclasses.replace(base, **params, out=str(Path(base.out) / name)))
+        cfgs.append(base.replaced(**params, out=str(Path(base.out) / name)))
     return cfgs
 
 

@@ -1,0 +1,26 @@
+"""`saepipe quality`: ours and SAELens's SAEs trained on the same rows, compared (needs sae-lens)."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.commands.options import options
+from pipeline.tools.quality import QualityConfig, compare, format_quality_table
+from stages.train import TrainConfig
+
+
+@click.command()
+@click.argument("store")
+@options(TrainConfig, "hook")
+@options(QualityConfig, "archs")
+@options(TrainConfig, "width")
+@options(QualityConfig, "k")
+@options(TrainConfig, "tokens", "batch_size", "lr")
+@options(QualityConfig, "eval_tokens", "use_model")
+@options(TrainConfig, "out", out={"help": "folder for the runs, quality.json and quality.md"})
+@options(TrainConfig, "device", "seed", "progress")
+def quality(store: str, archs: str, k: int, eval_tokens: int, use_model: bool, **train) -> None:
+    """Train ours and SAELens's SAEs on the same rows and compare them (needs sae-lens)."""
+    base = TrainConfig(store=store, **train)
+    rows = compare(base, QualityConfig(archs, k, eval_tokens, use_model))
+    click.echo(format_quality_table(rows))

@@ -1,0 +1,64 @@
+"""`saepipe store info|copy|verify`: look after a store."""
+
+from __future__ import annotations
+
+import inspect
+
+import click
+
+from pipeline.commands.info import info
+from stages.basics.errors import SaepipeError
+from store_schema.copy import copy_store
+from store_schema.reader import open_store
+from store_schema.verify import verify_store
+
+
+@click.group()
+def store() -> None:
+    """Look after a store: describe it, copy it, verify its checksums."""
+
+
+@store.command(name="info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "print_json", is_flag=True, help="print the raw metadata as JSON")
+@click.pass_context
+def store_info(ctx: click.Context, path: str, print_json: bool) -> None:
+    """Describe a store (the same as `saepipe info`)."""
+    ctx.invoke(info, path=path, print_json=print_json)
+
+
+@store.command(name="copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option(
+    "--threads",
+    type=int,
+    default=inspect.signature(copy_store).parameters["threads"].default,
+    help="files copied at once",
+)
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="no progress bars")
+def store_copy(src: str, dst: str, threads: int, progress: bool) -> None:
+    """Copy a complete store to or from object storage (any fsspec URL or path); run it again to resume."""
+    done = copy_store(src, dst, threads=threads, progress=progress)
+    click.echo(
+        f"copied {done['files_copied']:,} files ({done['bytes_copied'] / 1e6:,.1f} MB), "
+        f"{done['files_skipped']:,} already there: {dst}"
+    )
+
+
+@store.command(name="verify")
+@click.argument("path", type=click.Path())
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="no progress bars")
+def store_verify(path: str, progress: bool) -> None:
+    """Check every chunk against the CRC32C written with it; name every damaged or missing chunk."""
+    result = verify_store(open_store(path), progress=progress)
+    for name in result.unverifiable:
+        click.echo(f"warning: {name} has no checksums (written before saepipe recorded them): not verified", err=True)
+    for line in result.damaged:
+        click.echo(line)
+    if result.damaged:
+        raise SaepipeError(
+            f"{len(result.damaged)} damaged chunk(s) in {path} (listed above): the store cannot be "
+            f"trusted; collect it again, or copy it again from a good replica"
+        )
+    click.echo(f"ok: {result.checked:,} chunks match their checksums")
