@@ -303,7 +303,9 @@ def test_inference_threshold_gives_about_k_latents_per_row(trained, planted):
         f"{cfg.arch}: threshold {threshold:.4f}, inference L0 {l0.mean():.2f} (k = {cfg.settings.k}), "
         f"rows' L0 from {int(l0.min())} to {int(l0.max())}"
     )
-    assert abs(float(l0.mean()) - cfg.settings.k) <= 0.15 * cfg.settings.k  # measured: 7.57 (batchtopk), 7.74 (matryoshka)
+    assert (
+        abs(float(l0.mean()) - cfg.settings.k) <= 0.15 * cfg.settings.k
+    )  # measured: 7.57 (batchtopk), 7.74 (matryoshka)
     assert l0.std() > 0  # L0 varies by row
     fve = 1 - (rec - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
     assert fve > 0.8
