@@ -149,7 +149,7 @@ def pending_blocks(cfg: CollectConfig, writer: StoreWriter) -> list[BlockTask]:
     return tasks
 
 
-def stored_mask(cfg: CollectConfig, writer: StoreWriter) -> tuple[np.ndarray, np.ndarray]:
+def tokens_and_stored_mask(cfg: CollectConfig, writer: StoreWriter) -> tuple[np.ndarray, np.ndarray]:
     """The store's tokens and the mask of their stored positions (before the outlier filter)."""
     tokens = writer.group[schema.TOKENS][:]
     return tokens, schema.stored_positions(tokens, cfg.drop_first, writer.header["excluded_tokens"])

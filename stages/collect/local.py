@@ -14,14 +14,14 @@ from stages.collect.blocks import (
     pending_blocks,
     prepare_block,
     progress_bar,
-    stored_mask,
+    tokens_and_stored_mask,
 )
 from stages.collect.config import CollectConfig
 from store_schema.writer import StoreWriter
 
 
-def fill_store(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter) -> None:
-    tokens, keep = stored_mask(cfg, writer)
+def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter) -> None:
+    tokens, keep = tokens_and_stored_mask(cfg, writer)
     todo = pending_blocks(cfg, writer)
     bar = progress_bar(cfg, keep, todo)
     norms = writer.normalizations()

@@ -46,7 +46,7 @@ from stages.collect.blocks import (
     pending_blocks,
     prepare_block,
     progress_bar,
-    stored_mask,
+    tokens_and_stored_mask,
 )
 from stages.collect.config import CollectConfig
 from stages.host_model.loading import load_host_model
@@ -224,11 +224,11 @@ def describe_model(client, cfg: CollectConfig) -> WorkerModelSummary:
     return client.submit(_describe, cfg, key=f"saepipe-describe-{uuid.uuid4().hex[:8]}").result()
 
 
-def fill_store(cfg: CollectConfig, client, writer: StoreWriter, model_summary: WorkerModelSummary) -> None:
+def fill_store_on_workers(cfg: CollectConfig, client, writer: StoreWriter, model_summary: WorkerModelSummary) -> None:
     """Collect every block the store still lacks on the client's workers; the client commits them."""
     store = str(Path(cfg.out).resolve())  # workers may run elsewhere, in another folder
     lock = _check_workers_see_store(client, store)
-    tokens, keep = stored_mask(cfg, writer)
+    tokens, keep = tokens_and_stored_mask(cfg, writer)
     todo = pending_blocks(cfg, writer)
     bar = progress_bar(cfg, keep, todo)
     collector = DaskBlockRunner(

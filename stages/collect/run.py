@@ -14,11 +14,10 @@ from pathlib import Path
 
 from stages.basics.cache import cache_dir
 from stages.basics.errors import SaepipeError
-from stages.collect import append as collect_append
-from stages.collect import on_dask as collect_dask
+from stages.collect import append, on_dask
 from stages.collect.config import CollectConfig
 from stages.collect.header import create_store
-from stages.collect.local import fill_store
+from stages.collect.local import fill_store_here
 from stages.collect.plan import PlanAction, differing_settings, plan_action
 from stages.host_model.loading import load_host_model
 from stages.host_model.model import validate_hooks
@@ -40,7 +39,7 @@ def run_collect(cfg: CollectConfig, model=None) -> str:
                 f"store copy`, append, and copy it back"
             )
 
-        cfg = collect_append.store_config(cfg)
+        cfg = append.store_config(cfg)
     elif _is_remote(cfg.out):
         return _collect_to_remote(cfg, model)
     with StoreLock(cfg.out):
@@ -83,7 +82,7 @@ def _collect_to_remote(cfg: CollectConfig, model) -> str:
 def _collect_locked(cfg: CollectConfig, model) -> Path:
     out = Path(cfg.out)
     if cfg.append:
-        action = collect_append.plan(cfg)
+        action = append.plan(cfg)
     else:
         action = plan_action(cfg)
     if action is PlanAction.APPEND_DONE:
@@ -96,16 +95,16 @@ def _collect_locked(cfg: CollectConfig, model) -> Path:
         if model is not None:
             raise ValueError("a collect across dask workers loads the model on each worker: pass no model")
 
-        with collect_dask.connect(cfg) as client:
-            model_summary = collect_dask.describe_model(client, cfg)
+        with on_dask.connect(cfg) as client:
+            model_summary = on_dask.describe_model(client, cfg)
             writer = _open_or_create(cfg, model_summary, model_summary.hooks, action)
-            collect_dask.fill_store(cfg, client, writer, model_summary)
+            on_dask.fill_store_on_workers(cfg, client, writer, model_summary)
     else:
         if model is None:
             model = load_host_model(cfg.model, cfg.device, cfg.dtype)
         hooks = validate_hooks(model, list(cfg.hooks))
         writer = _open_or_create(cfg, model, hooks, action)
-        fill_store(cfg, model, hooks, writer)
+        fill_store_here(cfg, model, hooks, writer)
     writer.finalize()
     return out
 
@@ -128,7 +127,7 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: PlanAct
             + ("an append needs the store's model" if cfg.append else "pass --overwrite to start again")
         )
     if action is PlanAction.START_APPEND:
-        collect_append.begin(cfg, model, writer)
+        append.begin(cfg, model, writer)
         return writer
     done = {s: writer.progress(s)["rows_committed"] for s in schema.SPLITS}
     print(

@@ -50,7 +50,7 @@ def held_out_contexts(store: ActivationStore, max_tokens: int | None) -> np.ndar
     return contexts
 
 
-def stored_mask(store: ActivationStore, token_ids: np.ndarray) -> np.ndarray:
+def positions_kept(store: ActivationStore, token_ids: np.ndarray) -> np.ndarray:
     """[n, ctx] True where the store keeps a row (before the outlier check, which needs activations)."""
     header = store.header
     return stored_positions(token_ids, len(header["dropped_positions"]), header.get("excluded_tokens", []))
@@ -96,7 +96,7 @@ def downstream_metrics(
             token_ids = store.tokens.oindex[ids.tolist(), :]
             tokens = torch.from_numpy(token_ids.astype(np.int64)).to(device)
             # splice exactly where the store would have kept a row: stored positions, minus outliers
-            stored = torch.from_numpy(stored_mask(store, token_ids)).to(device)
+            stored = torch.from_numpy(positions_kept(store, token_ids)).to(device)
             stored[:, :splice_from] = False
             clean_act = run_to_hooks(model, tokens, [hook])[hook]
             spliced = stored & sae_norm.inliers(clean_act)

@@ -9,7 +9,7 @@ from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.evaluate.ablation import ablation_sparsity
 from stages.evaluate.config import EvalConfig
-from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, stored_mask
+from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, positions_kept
 from stages.evaluate.evaluated import EvaluatedSAE, check_compatible, open_evaluated, open_external
 from stages.evaluate.reconstruction import store_metrics
 from store_schema.reader import open_store
@@ -50,7 +50,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             ids = held_out_contexts(store, None)[: cfg.ablation_contexts]
             token_rows = store.tokens.oindex[ids.tolist(), :]
             result |= ablation_sparsity(
-                sae, norm, host, token_rows, stored_mask(store, token_rows), hook, progress=cfg.progress
+                sae, norm, host, token_rows, positions_kept(store, token_rows), hook, progress=cfg.progress
             )
     run_dir.save_npy_atomic(run_path / run_dir.FEATURE_DENSITY, density)
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
