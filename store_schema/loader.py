@@ -10,9 +10,9 @@ Two ways to serve them, picked by size:
   straight from its chunk file to a seeded random slot of the window's buffer (the mixing buffer), so a
   batch is a plain slice: one copy from the page cache, like a memmap read. Moving runs rather than
   single rows is sound because collect already shuffles rows across a block of 65,536 rows (512
-  contexts): the rows of a run come from unrelated contexts. Moving single rows cost a second copy (a
-  gather per batch) that held the reader to 40% of memmap speed on 2 cores. Runs that do not fill a
-  last whole batch in a window are skipped that epoch.
+  contexts): the rows of a run come from unrelated contexts. Moving single rows would cost a second copy
+  (a gather per batch), which kept the reader far below memmap speed (docs/benchmarks.md). Runs that do
+  not fill a last whole batch in a window are skipped that epoch.
 
 Batch `i` depends only on (seed, i), never on what happened before, so a resumed run continues the
 exact sequence of an uninterrupted one.
@@ -206,8 +206,8 @@ class ShuffledBatches:
 
         ready: queue.Queue = queue.Queue(maxsize=self.READ_AHEAD_WINDOWS)
         # Window buffers are recycled, never reallocated: a fresh buffer of this size is fresh pages that the
-        # kernel must fault in and zero on every window (measured: that alone held reads to a third of
-        # memmap speed). Pinned on CUDA, so the copies to the device are asynchronous.
+        # kernel must fault in and zero on every window, a large share of a read's time. Pinned on CUDA, so
+        # the copies to the device are asynchronous.
         free: queue.Queue = queue.Queue()
         for _ in range(self.WINDOW_BUFFERS):
             free.put(self._window_buffer())

@@ -32,8 +32,8 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
             if norms is None:
                 norms = fix_normalization(writer, estimate_normalization(cfg, hooks, block))
             # The torch work stays on this thread: torch ops issued from a second thread start a second
-            # OpenMP team, whose spinning threads took ~7% of the forward's speed on 2 cores; the
-            # writer's share is numpy and I/O.
+            # OpenMP team, whose spinning threads slow the forward pass (docs/benchmarks.md); the writer's
+            # share is numpy and I/O.
             normalized = normalize_block(block, norms, hooks)
             if pending is not None:
                 pending.result()  # one block in flight: bounded memory, writer errors surface here

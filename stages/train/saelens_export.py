@@ -1,58 +1,6 @@
-"""Export a trained SAE as a SAELens 6.x directory (``cfg.json`` + ``sae_weights.safetensors``).
-
-Our SAEs act on *normalized* activations ``x̂`` (see ``store_schema.normalization``); a SAELens SAE is
-handed the model's *raw* activations ``x``. The export therefore moves our normalization into the
-exported weights or, where that is impossible, onto a SAELens run-time normalization. Nothing here
-imports ``sae_lens``: the format is written from its documented layout, and the tests load it back with
-``sae_lens.SAE.load_from_disk``.
-
-The SAELens 6.x format written
-------------------------------
-``cfg.json`` holds the fields of SAELens's ``SAEConfig`` (``d_in``, ``d_sae``, ``dtype``, ``device``,
-``apply_b_dec_to_input``, ``normalize_activations``, ``reshape_activations``), ``architecture``, the
-architecture's own fields (TopK: ``k``, ``rescale_acts_by_decoder_norm``) and a ``metadata`` object
-(``model_name``, ``hook_name``, ``context_size``, ``dataset_path``, ``prepend_bos``, …, plus
-``sae_lens_version`` >= 6, without which SAELens would treat the file as a pre-6.0 config, and a
-``saepipe`` entry recording where the SAE came from). ``sae_weights.safetensors`` holds float32
-``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in], ``b_dec`` [d_in] and any extra
-tensors of the architecture. SAELens computes, with ``apply_b_dec_to_input`` true, exactly our
-``pre = (x − b_dec) W_enc + b_enc`` and ``x_rec = f(pre) W_dec + b_dec``.
-
-Each architecture says how it appears in SAELens through ``sae.saelens_export()`` (an ``ArchExport``:
-the SAELens architecture name, its extra cfg fields and extra tensors). Extra tensors must live in pre-activation
-space (e.g. a JumpReLU ``threshold``): the normalization folds below leave pre-activations unchanged,
-so such tensors are exported as they are. ``topk`` maps to SAELens ``topk`` with ``k = sae.k`` and
-``rescale_acts_by_decoder_norm = false``: SAELens's TopK then takes the top k pre-activations, ReLUs
-them and zeroes the rest, with no decoder-norm rescaling, which is exactly our TopK (the folded
-decoder rows are no longer unit-norm, so the rescaling must stay off).
-
-Normalization modes
--------------------
-- ``none``: the weights as they are; ``normalize_activations: "none"``. Exact.
-- ``center-scale`` (``x̂ = (x − μ)·c``): folded into the weights, ``normalize_activations: "none"``:
-  ``W_enc' = c·W_enc``, ``W_dec' = W_dec / c``, ``b_dec' = μ + b_dec / c``, ``b_enc' = b_enc``. Then
-  ``(x − b_dec') W_enc' = ((x − μ)·c − b_dec) W_enc``, so pre-activations, latent codes and any
-  thresholds are unchanged, and the decoder returns ``x̂_rec / c + μ``, our inverse. Exact up to float32
-  rounding (the fold is computed in float64; measured agreement ≤ 3e-7 relative).
-- ``token`` (per row ``x̂ = (x − m) / s``, ``m`` the row mean, ``s = ‖x − m‖/√d + 1e-6``): a per-row
-  map cannot be folded into fixed weights. SAELens's closest mode is ``"layer_norm"``, which per row
-  computes ``x̃ = (x − m) / (σ_u + 1e-5)`` with ``σ_u = torch.std`` — the *unbiased* (``d − 1``)
-  standard deviation, ``σ_u = √(d/(d−1)) · ‖x − m‖/√d`` — and on the way out ``x = x̃_rec · σ_u + m``
-  (no eps). So ``x̂ ≈ α·x̃`` with the constant ``α = √(d/(d−1))``, which is folded like center-scale
-  with ``μ = 0``, ``c = α``. What is left is the eps: with ``σ = ‖x − m‖/√d`` (our per-row scale), the
-  exported encoder sees ``(x − m)/(σ + 1e-5/α)`` where ours sees ``(x − m)/(σ + 1e-6)``, and the decoder
-  multiplies by ``σ`` instead of ``σ + 1e-6``: a relative error of about ``1e-5/σ`` per row on codes and on
-  reconstructions (measured over σ from 1e-3 to 10: at most 1.06e-5/σ on codes and 1.03e-5/σ on the
-  reconstruction's deviation from its row mean; 6e-6 at σ ≈ 2, 2.5e-4 at σ ≈ 0.05). Residual-stream
-  rows have σ far above 1e-2, so the export agrees to better than 1e-3. Near-constant rows (σ ≲ 1e-2)
-  agree less well, and a row whose k-th and (k+1)-th pre-activations are within that relative margin
-  can pick a different latent (measured: no row at σ ≥ 0.1, 0.2% of rows at σ = 0.01, 2% at 1e-3).
-  This was judged close enough to export rather than refuse; the config records
-  ``normalize_activations: "layer_norm"``. SAELens's ``layer_norm`` keeps each row's (m, σ_u) from
-  ``encode`` for the next ``decode``, so ``decode`` must follow ``encode`` on the same batch.
-
-The export is written to a temporary sibling directory and renamed into place; an existing export at
-``out_dir`` (a directory holding ``cfg.json``, or an empty one) is replaced, anything else is refused.
+"""Export a trained SAE as a SAELens 6.x folder (``cfg.json`` + ``sae_weights.safetensors``) that acts on the
+model's raw activations: the store's normalization is folded into the weights, or for ``token`` mode put
+onto SAELens's ``layer_norm``. The format, the folds and their accuracy: docs/saelens-export.md.
 """
 
 from __future__ import annotations
