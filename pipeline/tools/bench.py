@@ -204,7 +204,7 @@ def _fresh(path: Path) -> Path:
 
 
 # -- training steps ---------------------------------------------------------------------------------
-def _batches(cfg: BenchConfig, device: torch.device, n: int = 4) -> list[torch.Tensor]:
+def _random_batches(cfg: BenchConfig, device: torch.device, n: int = 4) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     return [torch.randn(cfg.batch_size, cfg.d_in, generator=gen).to(device) for _ in range(n)]
 
@@ -322,7 +322,7 @@ def topk_step_flops(batch: int, d_in: int, width: int, k: int) -> int:
 
 def bench_train(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     store = _bench_store(cfg, workdir)
-    batches = _batches(cfg, device)
+    batches = _random_batches(cfg, device)
     ours = _our_stepper(cfg, "topk", store, workdir / "ours-topk", device)
     theirs, _ = _saelens_stepper(cfg, "topk", device)
     rates = _compare_steps(cfg, ours, theirs, batches, device, steps=cfg.train_steps, warmup=2)
@@ -348,7 +348,7 @@ def bench_train(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
 
 def bench_mp(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     store = _bench_store(cfg, workdir)
-    batches = _batches(cfg, device)
+    batches = _random_batches(cfg, device)
     ours = _our_stepper(cfg, "mp", store, workdir / "ours-mp", device)
     theirs, their_sae = _saelens_stepper(cfg, "mp", device)
     agreement = _mp_outputs_agree(cfg, their_sae, batches[0], device)

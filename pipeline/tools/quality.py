@@ -142,7 +142,9 @@ def compare(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
             theirs |= evaluate.downstream_metrics(
                 adapter, store, base.hook, norm, host, device, eval_tokens, progress=base.progress
             )
-        rows.append({"arch": arch, "impl": f"sae-lens {_saelens_version()}", **_pick(theirs), "wall_s": theirs_wall})
+        rows.append(
+            {"arch": arch, "impl": f"sae-lens {_installed_saelens_version()}", **_pick(theirs), "wall_s": theirs_wall}
+        )
     run_dir.write_json_atomic(
         out / "quality.json",
         {
@@ -171,7 +173,7 @@ def _pick(metrics: dict) -> dict:
     return {key: metrics.get(key, float("nan")) for key in COLUMNS if key != "wall_s"}
 
 
-def _saelens_version() -> str:
+def _installed_saelens_version() -> str:
 
     return version("sae-lens")
 

@@ -53,7 +53,7 @@ def load_host_model(name: str, device: str = "auto", dtype: str = "float32") -> 
         return _load_tiny_random(torch_device, dtype_name, torch_dtype)
     if name.lower() == DEFAULT_MODEL:
         return _load_smollm2(torch_device, dtype_name, torch_dtype)
-    return _load_hf(name, torch_device, dtype_name, torch_dtype)
+    return _load_hf_model(name, torch_device, dtype_name, torch_dtype)
 
 
 def _finish(
@@ -158,7 +158,7 @@ def _local_dir_revision(path: Path) -> str:
     return combined.hexdigest()[:16]
 
 
-def _load_hf(name: str, device: torch.device, dtype_name: str, torch_dtype: torch.dtype) -> HostModel:
+def _load_hf_model(name: str, device: torch.device, dtype_name: str, torch_dtype: torch.dtype) -> HostModel:
     path = Path(name).expanduser()
     unreachable = SaepipeError(
         f"model '{name}' could not be loaded (not in the local HF cache and the hub is unreachable): pass a "

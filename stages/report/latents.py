@@ -136,7 +136,7 @@ class SaeInputs:
         return x.to(self.dtype)
 
 
-def _batches(n: int, desc: str, progress: bool):
+def _batch_starts(n: int, desc: str, progress: bool):
     return tqdm(range(0, n, SCAN_BATCH), desc=desc, unit="batch", disable=not progress, postfix={"rows": f"{n:,}"})
 
 
@@ -146,7 +146,7 @@ def scan_density(evaluated: EvaluatedSAE, inputs: SaeInputs, n: int, progress: b
     sae = evaluated.sae
     fires = torch.zeros(sae.d_sae, dtype=torch.long, device=inputs.device)
     with torch.inference_mode():
-        for start in _batches(n, f"{evaluated.label}: feature density", progress):
+        for start in _batch_starts(n, f"{evaluated.label}: feature density", progress):
             fires += sae.encode(inputs.read(start, min(start + SCAN_BATCH, n))).fire_counts(sae.d_sae)
     return fires.double().cpu().numpy() / max(n, 1)
 
@@ -172,7 +172,7 @@ def scan_activations(
     column[index] = torch.arange(len(latents), device=inputs.device)
     acts = np.zeros((len(latents), n), np.float32)
     with torch.inference_mode():
-        for start in _batches(n, f"{evaluated.label}: latent activations", progress):
+        for start in _batch_starts(n, f"{evaluated.label}: latent activations", progress):
             stop = min(start + SCAN_BATCH, n)
             code = sae.encode(inputs.read(start, stop))
             acts[:, start:stop] = _selected(code, index, column, sae.d_sae).T.cpu().numpy()

@@ -212,12 +212,12 @@ def _load_files(builder: str, paths: tuple[str, ...], extra: dict, streaming: bo
 
 
 def _open_hf(name: str, split: str, text_column: str, streaming: bool) -> TextSource:
-    ds = _load_hf(name, split, streaming)
+    ds = _load_hf_dataset(name, split, streaming)
     _check_column(ds, text_column, name)
     return TextSource(name=name, kind="hf", split=split, text_column=text_column, paths=(), _dataset=ds)
 
 
-def _load_hf(name: str, split: str, streaming: bool):
+def _load_hf_dataset(name: str, split: str, streaming: bool):
     import datasets
 
     try:
@@ -241,7 +241,7 @@ def _reopen(source: TextSource):
             raise SaepipeError(f"text source '{source.name}' has no readable files: pass .txt/.jsonl/.parquet files")
         builder, extra = _FILE_LOADERS[suffix]
         return _load_files(builder, source.paths, extra, True, source.name)
-    return _load_hf(source.name, source.split or "train", True)
+    return _load_hf_dataset(source.name, source.split or "train", True)
 
 
 def _column_names(ds) -> list[str] | None:

@@ -105,7 +105,7 @@ def to_saelens_space(weights: dict[str, torch.Tensor], norm: Normalization) -> t
 # -- writing ----------------------------------------------------------------------------------------
 
 
-def _saelens_version() -> str:
+def _saelens_version_to_record() -> str:
     try:
         version = importlib_metadata.version("sae-lens")
     except importlib_metadata.PackageNotFoundError:
@@ -170,7 +170,7 @@ def export_saelens(
         raise ValueError(f"cannot export an SAE with non-finite weights ({', '.join(bad)})")
 
     metadata: dict[str, Any] = {
-        "sae_lens_version": _saelens_version(),
+        "sae_lens_version": _saelens_version_to_record(),
         "sae_lens_training_version": None,  # trained by saepipe, not SAELens
         "model_name": model_name,
         "hook_name": hook_name,
