@@ -24,8 +24,9 @@ from pipeline.cli import main
 from stages import host_model as host_models
 from store_schema.lock import lock_path
 from store_schema.writer import StoreWriter, write_array_store
+from tests.helpers.files import REPO
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+DOC = REPO / "docs" / "errors.md"
 COLUMNS = ["id", "trigger", "message", "exit", "setup"]
 HOOK = "blocks.2.hook_resid_post"
 TRAIN_CHUNK = Path("train") / "acts" / HOOK / "c" / "1" / "0"  # one chunk file of {store}'s training rows

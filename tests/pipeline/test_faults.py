@@ -15,6 +15,7 @@ import pytest
 
 from store_schema.reader import open_store
 from store_schema.writer import write_array_store
+from tests.helpers.files import REPO
 
 HOOK = "blocks.1.hook_resid_post"
 COLLECT = [
@@ -42,7 +43,7 @@ COLLECT = [
     "0.1",
     "--no-progress",
 ]
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

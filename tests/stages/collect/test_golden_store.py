@@ -7,7 +7,7 @@ the recorded floats; where it does not, only the files that no float reaches are
 split, the row mapping, array metadata and the root attributes other than statistics).
 
 Regenerate the manifest, after a deliberate change of the store's bytes:
-    SAEPIPE_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden_store.py
+    SAEPIPE_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/stages/collect/test_golden_store.py
 """
 
 import hashlib
