@@ -210,7 +210,7 @@ def _random_batches(cfg: BenchConfig, device: torch.device, n: int = 4) -> list[
 
 
 def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, device: torch.device):
-    """Our training loop's step (stages.train.loop._Run.step) on in-memory batches."""
+    """Our training loop's step (stages.train.loop.TrainingRun.step) on in-memory batches."""
 
     train_cfg = TrainConfig.from_flat(
         store=str(store_path),
@@ -290,7 +290,7 @@ def _compare_steps(
 
 
 def _bench_store(cfg: BenchConfig, workdir: Path) -> Path:
-    """A small store of d_in-wide rows: _Run reads its init sample (b_dec, loss scale) from one."""
+    """A small store of d_in-wide rows: TrainingRun reads its init sample (b_dec, loss scale) from one."""
 
     path = workdir / "init.zarr"
     if not path.exists():
