@@ -2,6 +2,8 @@
 
 A new architecture is one module defining a SparseAutoencoder subclass and its ArchSettings, plus one
 line in ARCHITECTURES: its settings become `saepipe train` options and sweep axes by themselves.
+
+Each architecture, and how to add one: docs/architectures.md#adding-an-architecture
 """
 
 from __future__ import annotations

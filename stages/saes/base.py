@@ -2,6 +2,8 @@
 
 Shapes follow SAELens: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], and
     pre = (x − b_dec) W_enc + b_enc,   x̂ = f(pre) W_dec + b_dec.
+
+Recipe and derivations: docs/architectures.md#the-shared-training-recipe
 """
 
 from __future__ import annotations

@@ -1,36 +1,11 @@
 """BatchTopK SAE (Bussmann, Leask & Nanda, "BatchTopK Sparse Autoencoders", 2024).
 
-Training keeps the k·B largest ReLU'd pre-activations of the whole batch of B rows instead of k per
-row, so a row's L0 varies (hard rows take more latents, easy ones fewer) while the batch mean stays k.
-Dead latents are revived by the TopK paper's AuxK loss, inherited from TopKSAE.
+Training keeps the k·B largest ReLU'd pre-activations of the whole batch of B rows instead of k per row, so
+a row's L0 varies while the batch mean stays k; AuxK is inherited from TopKSAE. That selection depends on
+the other rows, so `encode` (in training and eval mode alike) is a JumpReLU with one threshold θ, an EMA
+of the training batches' cut-offs, saved as the buffer `threshold` and exported to SAELens as "jumprelu".
 
-That selection depends on the other rows of the batch, so it is a training-time device only. What a
-row gets at inference is a JumpReLU with one global threshold θ learned during training:
-
-    encode(x) = pre · [pre > θ],   pre = (x − b_dec) W_enc + b_enc     (θ >= 0, so this is ReLU'd)
-
-θ estimates the batch selection's cut-off: each training step's smallest kept positive activation
-(the k·B-th largest, i.e. exactly the batch's own threshold) is folded into an exponential moving
-average (rate THRESHOLD_RATE = 0.05, a horizon of about 20 steps; the first step sets it outright,
-so there is no bias towards the initial 0). An EMA and not a running mean over all of training: the
-cut-off moves a lot while the encoder learns, and a mean over every step would be dominated by
-those early, stale values; the EMA tracks the current encoder, and by the end of training (the
-learning rate decays to zero) it averages the last ~20 steps of a nearly frozen model, which is the
-paper's "average of the minimum positive activations over a number of batches" taken where it
-matters. Why 0.05 and not SAELens's 0.01: each batch's cut-off is a quantile of k·B values, steady
-from batch to batch, so a short horizon costs little noise, while a long one lags. Measured on the
-default store (width 2048, k 32, 200 steps of 2,048): inference L0 25.3 and FVE 0.744 at 0.01, L0
-31.3 and FVE 0.765 at 0.05. It is updated only in training mode (like batch-norm statistics), so a loss computed on
-held-out data after `sae.eval()` does not move it.
-
-`encode` is the JumpReLU in both training and eval mode (no `self.training` switch): a row's code
-never depends on which rows share its batch, evaluation code that forgets `.eval()` still measures
-the SAE that is deployed, and it is exactly what the SAELens export computes. The batch selection
-is `batch_topk`, used by `training_loss` only.
-
-θ is a persistent 0-dim buffer `threshold`, saved with the weights; the SAELens export is the
-architecture "jumprelu" with a per-latent `threshold` tensor (θ repeated d_sae times), in
-pre-activation space, which the normalization fold leaves unchanged.
+Recipe, derivation and measurements: docs/architectures.md#batchtopk
 """
 
 from __future__ import annotations
@@ -44,7 +19,7 @@ from stages.saes.topk import TopKSAE
 
 class BatchTopKSAE(TopKSAE):
     arch = "batchtopk"
-    THRESHOLD_RATE = 0.05  # EMA rate of the inference threshold (see the module docstring)
+    THRESHOLD_RATE = 0.05  # EMA rate of the inference threshold (why 0.05: docs/architectures.md#batchtopk)
 
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coef: float = 1 / 32):
         super().__init__(d_in, d_sae, k, aux_k, aux_coef)
@@ -61,16 +36,9 @@ class BatchTopKSAE(TopKSAE):
 
     @staticmethod
     def encoder_init_scale(d_in: int, d_sae: int) -> float:
-        """Norm of each latent's initial encoder column. At init the batch selection hands the k·B slots
-        to the rows with the largest norms (measured on the planted-feature test data, k = 8: up to 61
-        latents on one row, a quarter of the rows none), and with a unit-norm encoder those rows'
-        reconstructions overshoot badly (step-0 FVE −0.37, where TopK starts at +0.25). Training
-        recovers, but many latents come out of it idle: firing too rarely to win the batch cut-off, yet
-        too often to count as dead for AuxK (80% of the planted features recovered, against 99.6% in
-        the same run with the scaled encoder). A smaller encoder keeps the first reconstructions short
-        of the data instead (step-0 FVE +0.39 at 0.5). √(2·d_in/d_sae) is the column norm of the
-        kaiming-uniform encoder Bussmann et al.'s reference implementation starts from (0.25–0.35 at
-        usual LM widths); anything in 0.1–0.5 recovered ≥ 97% in that test."""
+        """Norm of each latent's initial encoder column: that of the kaiming-uniform encoder Bussmann et
+        al.'s reference implementation starts from. With a unit-norm encoder the first batch selections
+        overshoot and many latents end up idle (docs/architectures.md#batchtopk)."""
         return min(1.0, (2 * d_in / d_sae) ** 0.5)
 
     # -- inference: JumpReLU with the learned threshold -----------------------------------------------

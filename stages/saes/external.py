@@ -1,5 +1,8 @@
 """An SAE trained elsewhere (a SAELens SAE object) behind our interface, so eval can measure it on
-the same yardstick as ours."""
+the same yardstick as ours.
+
+What it wraps and what it cannot do: docs/architectures.md#external-saes-trained-elsewhere
+"""
 
 from __future__ import annotations
 

@@ -1,48 +1,11 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; the Gemma Scope recipe).
 
-    f_i = pre_i · H(pre_i − θ_i),   θ = exp(log_threshold)   (one threshold per latent, init `init_threshold`)
-    loss = ‖x − x̂‖² / mse_scale + λ · S,   S = L̄0                     (target_l0 None)
-                                             S = (L̄0 / target_l0 − 1)²   (target_l0 set)
+    f_i = pre_i · H(pre_i − θ_i),   θ = exp(log_threshold),   loss = ‖x − x̂‖² / mse_scale + λ · S
+    S = L̄0 (the batch's mean L0), or (L̄0 / target_l0 − 1)² with a target
 
-L̄0 is the batch mean of Σ_i H(pre_i − θ_i). The step H has zero derivative almost everywhere, so θ is
-trained with the paper's straight-through estimator: with the rectangle kernel
-K(u) = 1[−½ < u < ½] of width ε = `bandwidth`,
+θ is trained by the paper's rectangle-kernel straight-through estimator, which reaches θ only.
 
-    ∂f_i/∂θ_i := −(θ_i/ε) K((pre_i − θ_i)/ε),      ∂H(pre_i − θ_i)/∂θ_i := −(1/ε) K((pre_i − θ_i)/ε).
-
-As in the paper (and Gemma Scope), these pseudo-derivatives go to θ only: the encoder gets the exact
-gradient of f w.r.t. pre (H(pre − θ), the jump itself passing none), so it learns from the reconstruction
-alone and the sparsity term acts on the thresholds. Decoder rows are kept unit-norm by the base class's
-hooks (projection of the gradient, renormalization after each step), as in the paper: neither L0 nor the
-jump sees magnitudes, so the constraint is what fixes the split of scale between encoder and decoder
-(and with it what a threshold means).
-
-Initialization (one deviation from the paper). Decoder rows random unit vectors and b_enc = 0 as in the
-paper, but the encoder is (d_in/d_sae)·W_decᵀ rather than W_decᵀ. With W_enc = W_decᵀ and a small θ about
-half the latents fire at the start and the reconstruction is ≈ (d_sae/2d_in)·x — 4x too large at width
-8·d, 16x at 32·d; the first steps then push most pre-activations below θ, where the encoder gets no
-gradient, and those latents never recover. Scaled by d_in/d_sae, the first reconstruction is ≈ x/2 and
-training starts from a dense ReLU-like phase that thins out as θ rises. Measured on the planted-feature
-benchmark (d=64, 256 features, width 512, 720k tokens): 95-97% of features recovered against 59-68%
-with W_enc = W_decᵀ (best θ₀ for each).
-
-Thresholds move slowly. θ = exp(log_threshold) is trained by Adam, whose steps are ~lr per step in
-log θ: over n steps θ can change by at most a factor ~exp(lr·n). init_threshold must therefore be within
-that reach of where the thresholds end up. Our inputs have E‖x̂‖² ≈ d where the paper's had E‖x‖² = 1,
-so its ε = θ₀ = 0.001 correspond to 0.001·√d here; `bandwidth=None` resolves to that and
-`init_threshold=None` to d_in/d_sae, the initial pre-activations' standard deviation (both recorded in
-config() as the numbers used). The paper also warms λ up from 0 (over its first 10k steps); there is no
-setting for that here, λ applies from the first step.
-
-Sparsity coefficient λ (`l0_coef`, None → the defaults below). With target_l0 we use the batch-mean form
-(L̄0/T − 1)² rather than a per-token (L0/T − 1)²: it steers the *average* L0 to T without also penalizing
-the natural spread of L0 across tokens (tokens that carry more features may use more latents). At the
-equilibrium the MSE's marginal gain per latent m (in units of the normalized MSE) balances
-2λ(L̄0/T − 1)/T, so L̄0 settles about m·T²/(2λ) above T; with λ = 1 and LM-like m ≈ 1e-3 at T ≈ 50
-that is ~2-3%.
-
-Export: SAELens "jumprelu", whose encode is ReLU(pre)·1[pre > threshold], equal to ours since θ > 0; the
-`threshold` tensor is exp(log_threshold), in pre-activation space (unchanged by the normalization fold).
+Recipe, initialization, defaults in our units, λ and measurements: docs/architectures.md#jumprelu
 """
 
 from __future__ import annotations

@@ -1,37 +1,11 @@
 """Matching-pursuit SAE: one unit-norm dictionary, encoded greedily, as SAELens 6's ``matching_pursuit``.
 
-Encoding a row x (``W`` the dictionary [d_sae, d_in], rows of norm 1):
+Each step picks the latent with the highest r · W_i, adds c = max(r · W_j, 0) to it and removes c · W_j
+from the residual r (r starts at x − b_dec): exactly k steps (static), or until the residual threshold,
+a step that does not grow the support, or max_iterations (dynamic). Rows run batched in lockstep, with
+scores updated through the Gram matrix W Wᵀ. W_dec is the only weight matrix: W_enc = W_decᵀ, b_enc = 0.
 
-    r = x − b_dec
-    repeat:  j = argmax_i (r · W_i)      (the highest dot product; SAELens ReLUs the scores first)
-             c = max(r · W_j, 0)         (positive-only, like SAELens: a row whose best score is <= 0 adds 0)
-             z_j += c;   r −= c · W_j
-    x̂ = z W + b_dec                      (so x − x̂ is the final residual r)
-
-A latent may be picked again later (MP revisits atoms): its coefficients add up, as in SAELens.
-
-- static variant (the default): exactly k steps per row, no early stop.
-- dynamic variant (``residual_threshold`` and/or ``max_iterations``): a row stops after the step at which
-  ‖r‖ < residual_threshold, or at which its support (latents with z > 0) did not grow — a latent already
-  in the support was picked again (its coefficient is still added) or the best score was <= 0 — or after
-  ``max_iterations`` steps (d_in when only the threshold is given, SAELens's default). The check follows each
-  step, so every row takes at least one step. Exactly SAELens's ``stop_on_duplicate_support`` rule.
-
-Rows run in lockstep: stopped rows keep being scored but add 0. The loop has no host synchronization,
-except that the dynamic variant checks every ``CHECK_EVERY`` steps whether every row has stopped.
-
-Scores are kept up to date through the Gram matrix G = W Wᵀ: after z_j += c, r·Wᵀ changes by −c·G[j], so a
-step costs an [n, d_sae] gather-and-update instead of an [n, d_in] × [d_in, d_sae] matmul. Measured on CPU
-(1 thread, d_in 576, width 4096, batch 4096, k 32; best of 3 on a shared machine): encode 1.65 s with G
-against 4.2 s rescoring by matmul; a training step (forward + backward) 2.2 s against 5.0 s. Widths above
-``GRAM_MAX_WIDTH`` (G would not fit) or batches too small to repay G (d_sae > n·T) rescore with a matmul.
-
-Training: the selection runs without autograd; the coefficients of the chosen latents are then recomputed
-with autograd from an explicit residual (c = relu(r · W_j), r −= c · W_j), so the loss ‖x − x̂‖² / mse_scale
-reaches W and b_dec through every coefficient, as in SAELens's training.
-
-Tying: W_dec is the only weight matrix (with b_dec); ``W_enc`` is W_decᵀ and ``b_enc`` zeros, both derived
-properties, so state_dict() holds exactly SAELens's MP weights (W_dec, b_dec).
+Algorithm, backward, settings and measurements: docs/architectures.md#mp
 """
 
 from __future__ import annotations
@@ -186,9 +160,7 @@ class MatchingPursuitSAE(SparseAutoencoder):
         """The pursuit without autograd: (indices, coefs [n, T], steps [n], residual or None).
 
         On CPU, rows go through in blocks of CPU_ROW_BLOCK: a block's [rows, d_sae] scores stay in cache
-        across the T steps instead of streaming through memory at each one. Rows are independent, so the
-        result is the same. Measured (d_in 576, width 4096, 4,096 rows, k 32, 2 threads): 0.41 s in
-        blocks of 1,024 against 0.77 s in one block."""
+        across the T steps (docs/architectures.md#mp). Rows are independent, so the result is the same."""
         W = self.W_dec.detach()
         G = W @ W.T if gram else None
         block = CPU_ROW_BLOCK if r.device.type == "cpu" else r.shape[0]
@@ -250,10 +222,8 @@ class MatchingPursuitSAE(SparseAutoencoder):
     def _replay(self, x: torch.Tensor, indices: torch.Tensor, coefs: torch.Tensor):
         """A fixed selection replayed differentiably: c_t = relu(r · W[j_t]) where the selection added
         something (0 elsewhere), r −= c_t · W[j_t]. Returns (coefficients [n, T], final residual), both
-        differentiable in x, W and b_dec; they equal the selection's up to rounding. O(T·n·d_in), where
-        solving for all coefficients at once (a triangular system in the picks' Gram matrix) would cost
-        O(T²·n·d_in). The backward is written out (_PursuitReplay): autograd through the T steps spent
-        most of a training step on saved [n, d_in] intermediates."""
+        differentiable in x, W and b_dec; they equal the selection's up to rounding. The backward is
+        written out (_PursuitReplay) so that no [T, n, d_in] intermediates are kept."""
         live = (coefs > 0).to(x.dtype)
         return _PursuitReplay.apply(x, self.W_dec, self.b_dec, indices, live)
 
@@ -293,11 +263,10 @@ class MatchingPursuitSAE(SparseAutoencoder):
 
 
 class _PursuitReplay(torch.autograd.Function):
-    """Forward: r_0 = x − b_dec; for each step t, w = W[j_t], c_t = relu(r_{t−1} · w) · live_t,
-    r_t = r_{t−1} − c_t · w. Backward walks the steps in reverse. It rebuilds r_{t−1} = r_t + c_t · w, so
-    nothing of size [T, n, d_in] is stored, and it applies, with g = ∂L/∂r_t and
-    δ = (∂L/∂c_t − g · w) · [c_t > 0]:
-        ∂L/∂W[j_t] += δ · r_{t−1} − c_t · g,        ∂L/∂r_{t−1} = g + δ · w."""
+    """Forward: r_0 = x − b_dec; per step t, w = W[j_t], c_t = relu(r_{t−1} · w) · live_t, r_t = r_{t−1} − c_t · w.
+    Backward: the steps in reverse, rebuilding r_{t−1} = r_t + c_t · w; with g = ∂L/∂r_t and
+    δ = (∂L/∂c_t − g · w) · [c_t > 0]: ∂L/∂W[j_t] += δ · r_{t−1} − c_t · g, ∂L/∂r_{t−1} = g + δ · w
+    (docs/architectures.md#mp)."""
 
     @staticmethod
     def forward(ctx, x, W, b_dec, indices, live):

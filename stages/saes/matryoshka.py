@@ -1,17 +1,9 @@
 """Matryoshka SAE (Bussmann, Nabeshima, Karvonen & Nanda, "Learning Multi-Level Features with
 Matryoshka Sparse Autoencoders", 2025): a BatchTopK SAE whose latents form nested prefixes
-m_1 < m_2 < … < m_G = d_sae (`--groups`). The loss sums every prefix's reconstruction error,
+m_1 < m_2 < … < m_G = d_sae (`--groups`), the loss summing every prefix's reconstruction error, so that
+the first latents learn the most general directions. Inference, threshold and export are BatchTopKSAE's.
 
-    Σ_i ‖x − (z_{<m_i} W_dec[:m_i] + b_dec)‖² / mse_scale  +  aux_coef · AuxK,
-
-z being the one batch-top-k code of the whole SAE. The first m_1 latents must reconstruct on their
-own, so they learn the most general, frequent directions (a parent feature rather than the
-parent-plus-child blends that absorb it in a flat SAE); later groups add detail. The fixed group
-sizes and the plain sum follow Bussmann et al.; Nabeshima's variant samples random prefix sizes
-each step instead. AuxK is computed on the full reconstruction's residual (SAELens's default too;
-its optional variant revives each group's dead latents on that group's own residual). Inference, the
-learned threshold and the SAELens export ("jumprelu") are those of BatchTopKSAE: the nesting only
-shapes training. The prefix reconstructions are built incrementally, one sparse decode per group.
+Recipe, deviations and settings: docs/architectures.md#matryoshka
 """
 
 from __future__ import annotations

@@ -3,39 +3,9 @@ train SAEs), optionally with ghost grads for dead latents (Anthropic, "Circuits 
 
     f = ReLU(pre),   loss = ‖x − x̂‖² / mse_scale + λ(t) · Σ_i f_i ‖W_dec,i‖
 
-The decoder rows are *not* constrained to unit norm (`unit_norm_decoder = False`): the penalty weighs each
-code by its row's norm, so shrinking a code while growing its decoder row buys nothing, and no
-projection or renormalization is needed. λ ramps linearly from 0 to `l1_coef` over the first
-`l1_warmup_frac` of training. Initialization as in the recipe: random decoder directions with norm 0.1
-(INIT_DECODER_NORM) and the encoder equal to the decoder's transpose, so the first reconstructions are
-small (≈ 0.01·(d_sae/2d_in)·x) and training grows features from there rather than first undoing a large
-overshoot (with unit-norm rows and W_enc = W_decᵀ the planted-feature benchmark recovered 0-1% of
-features instead of 97%). The recipe also clips the gradient norm to 1; the shared training loop does
-not clip, and the benchmark did not need it.
+The decoder rows are free (no unit-norm constraint): the penalty weighs each code by its row's norm.
 
-Default λ. The recipe's loss is ‖x − x̂‖² + λ_A Σ f_i‖W_dec,i‖ on inputs scaled so that E‖x‖² = d, with
-λ_A = 5. Our loss divides the squared error by mse_scale = E‖x̂ − E x̂‖², which is ≈ d under our
-normalization (center-scale / token: E‖x̂‖² ≈ d, centered); dividing the recipe's whole loss by d gives
-ours with λ = λ_A / d. So `l1_coef=None` resolves to DEFAULT_L1_COEF_TIMES_D / d_in = 5 / d_in (0.0087
-for d = 576, 0.0022 for d = 2304), recorded in `config()` as the number used. Stores with normalization
-`none` are on an arbitrary scale: pass --l1-coef (the L1 term scales like ‖x‖ while the MSE term is
-scale-free, so the right λ scales like 1 / ‖x‖).
-
-Ghost grads (`ghost_grads=True`; off by default, as the April-2024 recipe itself does without them),
-following the January-2024 recipe, only for the latents `ctx.dead`
-marks (dead for the loop's dead-latent window; nothing before that):
-  1. r = x − x̂, the main reconstruction's residual, detached;
-  2. the dead latents' pre-activations are passed through exp instead of ReLU and decoded by their own
-     decoder rows: g = exp(pre_dead) W_dec[dead];
-  3. g is rescaled per row to half the residual's norm, with the factor ‖r‖ / (2‖g‖) detached;
-  4. the ghost loss ‖g − r‖² (batch mean) is multiplied by (main MSE term / ghost loss), detached, so
-     its value equals the main MSE term while its gradient still points where the dead latents should
-     go; it is added to the loss and reported as `aux_loss`.
-The dead pre-activations are computed with b_dec detached, so ghost grads move only the dead latents'
-encoder columns, encoder biases and decoder rows (b_dec and live latents are untouched). Each row's
-exp is taken after subtracting that row's (detached) maximum dead pre-activation: because step 3
-rescales each row by a detached factor, that shift changes neither the loss nor any gradient, and
-exp cannot overflow.
+Recipe, default λ, ghost grads and measurements: docs/architectures.md#relu
 """
 
 from __future__ import annotations
@@ -55,9 +25,11 @@ from stages.saes.base import (
     reconstruction_metrics,
 )
 
-DEFAULT_L1_COEF_TIMES_D = 5.0  # the April-2024 recipe's λ; ours is this / d_in (see the module docstring)
+# The April-2024 recipe's λ, on inputs with E‖x‖² = d; ours is this / d_in, our loss being the recipe's / d
+# (docs/architectures.md#relu).
+DEFAULT_L1_COEF_TIMES_D = 5.0
 
-
+# The recipe's initial decoder norm: small first reconstructions, grown by training rather than undone.
 INIT_DECODER_NORM = 0.1
 
 
@@ -139,11 +111,15 @@ class ReLUSAE(SparseAutoencoder):
     def ghost_loss(
         self, x: torch.Tensor, residual: torch.Tensor, mse_term: torch.Tensor, dead: torch.Tensor | None
     ) -> torch.Tensor:
-        """The ghost-grads term (see the module docstring); zero when no latent is dead."""
+        """The ghost-grads term of the January-2024 recipe: the dead latents' exp'd pre-activations, decoded
+        and rescaled to half the residual's norm, fit that residual; the loss is rescaled to equal the main
+        MSE term (docs/architectures.md#ghost-grads). Zero when no latent is dead."""
         if dead is None or not bool(dead.any()):
             return torch.zeros((), device=x.device)
         idx = dead.nonzero().squeeze(1)
+        # b_dec detached: ghost grads move only the dead latents' weights.
         pre = ((x - self.b_dec.detach()) @ self.W_enc[:, idx] + self.b_enc[idx]).float()
+        # Shifted by each row's max (detached): the per-row rescale below cancels it, and exp cannot overflow.
         acts = torch.exp(pre - pre.detach().amax(dim=1, keepdim=True))
         ghost = acts @ self.W_dec[idx].float()
         r = residual.detach().float()

@@ -1,6 +1,8 @@
 """TopK SAE (Gao et al., "Scaling and evaluating sparse autoencoders"): keep the k largest
 pre-activations per row, ReLU them, decode sparsely. Dead latents are revived by the AuxK loss: the
 top `aux_k` dead latents reconstruct the main reconstruction's residual.
+
+Recipe and formulas: docs/architectures.md#topk
 """
 
 from __future__ import annotations

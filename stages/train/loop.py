@@ -1,13 +1,14 @@
 """Stage two: train an SAE from a store, never touching the host model.
 
-The TopK paper's recipe: encoder initialized as the decoder's transpose, unit-norm decoder rows whose
-gradient loses its parallel part before each step, b_dec at the geometric median of a sample, MSE
-scaled by a constant fixed at the start, AuxK on dead latents, Adam with linear warm-up and decay.
+One loop for every architecture: the SAE brings its loss; the loop initializes it from a sample of rows,
+and owns the optimizer, the schedule, gradient clipping, the dead-latent clock, logs and checkpoints.
 
 Under torchrun (`saepipe train --nproc N`) the loop is data parallel: every rank builds the same SAE,
 reads a disjoint 1/N of each global batch, and DDP averages the gradients; the batch statistics an SAE
 needs are taken over the global batch (stages.basics.distributed), so N ranks train what one process would.
 Rank 0 alone writes the run folder.
+
+The recipe (the TopK paper's, plus gradient clipping): docs/architectures.md#the-shared-training-recipe
 """
 
 from __future__ import annotations
