@@ -29,7 +29,7 @@ class ActivationStore:
         self.location = location
         self.header = dict(group.attrs[schema.ATTRS_KEY])
         # Whole committed chunks whose CRC32C this process has checked: a training run reads each chunk
-        # every epoch, and checking it again would halve the read speed (CRC32C runs at ~6 GB/s here).
+        # every epoch, and checking it again would halve the read speed (docs/benchmarks.md: CRC32C rate).
         self._verified: set[tuple[str, str, int]] = set()
 
     @classmethod

@@ -15,7 +15,7 @@ from stages.basics.errors import SaepipeError, first_line
 from stages.text.python_docs import python_docs_documents
 
 # datasets and pyarrow are imported where an HF dataset or local files are read: python-docs needs
-# neither, and importing datasets takes about a second.
+# neither, and datasets is slow to import.
 
 PYTHON_DOCS = "python-docs"
 

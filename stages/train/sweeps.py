@@ -37,8 +37,9 @@ def _convert(name: str, annotation: str, text: str):
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
             return text.lower() in ("true", "1")
-        if "tuple" in annotation:  # groups: sizes joined by '/', e.g. groups=512/4096,1024/4096
-            return tuple(int(v) for v in text.split("/"))
+        if "tuple" in annotation:  # joined by '/': groups=512/4096,1024/4096 or adam_betas=0.9/0.99
+            item = float if "tuple[float" in annotation else int
+            return tuple(item(v) for v in text.split("/"))
         if "int" in annotation and "float" not in annotation:
             return int(text)
         if "float" in annotation:
