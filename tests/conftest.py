@@ -1,20 +1,7 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by test modules of several folders (a folder's own are in its conftest.py)."""
 
 import pytest
 import torch
-
-from store_schema.writer import write_array_store
-from tests.helpers.planted import PlantedFeatures
-
-
-@pytest.fixture(scope="session")
-def planted(tmp_path_factory):
-    """A complete store of 64-d rows built from 256 planted features (120k train, 4k eval rows), and
-    the features: every architecture's recovery test trains on it through the real loop."""
-    features = PlantedFeatures.make(64, 256, seed=0)
-    path = tmp_path_factory.mktemp("planted") / "store.zarr"
-    write_array_store(path, features.sample(120_000, seed=1), features.sample(4096, seed=2), hook="synthetic")
-    return features, path
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Ground truth for SAE recipes: activations built from known sparse features (write them as a store
-with store_schema.writer.write_array_store).
+with store_schema.writer.write_array_store; `planted_store` writes the recovery tests' set).
 
 Each row is a sparse non-negative combination of unit "feature" directions plus Gaussian noise; feature
 i fires independently with probability `frequencies[i]` (spread log-uniformly, so rare and common
@@ -12,9 +12,12 @@ fire only on rows where their parent fires, and each child's direction leans tow
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from store_schema.writer import write_array_store
 
 
 @dataclass(frozen=True)
@@ -96,3 +99,12 @@ class PlantedFeatures:
         planted = self.directions if features is None else self.directions[features]
         best = (torch.from_numpy(planted) @ dec.T).max(dim=1).values
         return float((best >= threshold).float().mean())
+
+
+def planted_store(path: Path, n_train: int, n_eval: int) -> tuple[PlantedFeatures, Path]:
+    """The recovery tests' ground truth: 64-d rows built from 256 planted features (seed 0), written as a
+    complete store at `path` (hook "synthetic": `n_train` training rows drawn with seed 1, `n_eval` eval
+    rows with seed 2), and the features."""
+    features = PlantedFeatures.make(64, 256, seed=0)
+    write_array_store(path, features.sample(n_train, seed=1), features.sample(n_eval, seed=2), hook="synthetic")
+    return features, path

@@ -4,41 +4,17 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from store_schema.writer import StoreWriter, write_array_store
+from tests.helpers.cli import HOOK, collect_args, expect_error, run, run_ok
 
-HOOK = "blocks.2.hook_resid_post"
-COLLECT = [
-    "collect",
-    "--model",
-    "tiny-random",
-    "--hook",
-    HOOK,
-    "--tokens",
-    "8000",
-    "--context-size",
-    "32",
-    "--shuffle-buffer-rows",
-    "1000",
-    "--chunk-rows",
-    "512",
-    "--warmup-rows",
-    "1000",
-    "--no-progress",
-]
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+COLLECT = collect_args(8000)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "s.zarr"
-    result = run(*COLLECT, "--out", str(path))
-    assert result.exit_code == 0, result.output
+    run_ok(*COLLECT, "--out", str(path))
     return path
 
 
@@ -127,14 +103,6 @@ def test_train_again_needs_overwrite_or_resume(store, tmp_path):
     again = run(*args)
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert run(*args, "--overwrite").exit_code == 0
-
-
-def expect_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    line = result.output.strip().splitlines()[-1]
-    assert line.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in line, line
 
 
 def test_unknown_hook_lists_close_matches(tmp_path):

@@ -5,26 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from store_schema.reader import open_store
+from tests.helpers.cli import run_ok
 
 pytestmark = pytest.mark.slow
 HOOK = "blocks.15.hook_resid_post"
-
-
-def run(*args):
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("default")
     store, out = root / "s.zarr", root / "run"
-    run(
+    run_ok(
         "collect",
         "--tokens",
         "6000",
@@ -36,7 +29,7 @@ def trained(tmp_path_factory):
         str(store),
         "--no-progress",
     )
-    run(
+    run_ok(
         "train",
         str(store),
         "--width",
@@ -51,7 +44,7 @@ def trained(tmp_path_factory):
         str(out),
         "--no-progress",
     )
-    run("eval", str(out), "--tokens", "640", "--no-progress")
+    run_ok("eval", str(out), "--tokens", "640", "--no-progress")
     return store, out
 
 

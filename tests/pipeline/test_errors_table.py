@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from stages import host_model as host_models
 from store_schema.lock import lock_path
 from store_schema.writer import StoreWriter, write_array_store
+from tests.helpers.cli import run_catching, run_ok
 from tests.helpers.files import REPO
 
 DOC = REPO / "docs" / "errors.md"
@@ -74,11 +73,6 @@ def parse_table(text: str) -> list[Row]:
 ROWS = parse_table(DOC.read_text())
 
 
-def cli(*args) -> None:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-
-
 # -- the placeholders -------------------------------------------------------------------------------
 
 
@@ -102,7 +96,7 @@ def places(tmp_path_factory) -> dict[str, Path]:
             "file",
         )
     }
-    cli(
+    run_ok(
         "collect",
         "--model",
         "tiny-random",
@@ -117,8 +111,9 @@ def places(tmp_path_factory) -> dict[str, Path]:
         "--no-progress",
         "--out",
         p["store"],
+        catch_exceptions=True,
     )
-    cli(
+    run_ok(
         "collect",
         "--model",
         "tiny-random",
@@ -135,6 +130,7 @@ def places(tmp_path_factory) -> dict[str, Path]:
         "--no-progress",
         "--out",
         p["multi"],
+        catch_exceptions=True,
     )
     shutil.copytree(p["store"], p["incomplete"])
     StoreWriter.open(p["incomplete"])._update(complete=False)
@@ -146,7 +142,7 @@ def places(tmp_path_factory) -> dict[str, Path]:
     ):
         write_array_store(p[name], rng.standard_normal((600, d)), rng.standard_normal((60, d)), hook=hook)
     for name in ("run", "unevaluated"):
-        cli(
+        run_ok(
             "train",
             p["store"],
             "--width",
@@ -160,8 +156,9 @@ def places(tmp_path_factory) -> dict[str, Path]:
             "--no-progress",
             "--out",
             p[name],
+            catch_exceptions=True,
         )
-    cli("eval", p["run"], "--no-model", "--no-progress")
+    run_ok("eval", p["run"], "--no-model", "--no-progress", catch_exceptions=True)
     p["folder"].mkdir()
     (p["folder"] / "notes.txt").write_text("not a store, not a run\n")
     p["file"].write_text("a plain file\n")
@@ -375,7 +372,7 @@ def test_row(row: Row, places, tmp_path, monkeypatch, request):
     args = shlex.split(_substitute(row.trigger, values, quote=True))[1:]
     before = _snapshot(places["root"], tmp_path)
 
-    result = CliRunner().invoke(main, args)
+    result = run_catching(*args)
 
     output = result.output
     crash = (

@@ -15,7 +15,7 @@ import pytest
 
 from store_schema.reader import open_store
 from store_schema.writer import write_array_store
-from tests.helpers.files import REPO
+from tests.helpers.files import REPO, tree_bytes
 
 HOOK = "blocks.1.hook_resid_post"
 COLLECT = [
@@ -44,10 +44,6 @@ COLLECT = [
     "--no-progress",
 ]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def committed_rows(store: Path) -> int:

@@ -8,56 +8,20 @@ import socket
 import subprocess
 import sys
 
-import pytest
-from click.testing import CliRunner
-
-from pipeline.cli import main
 from store_schema.lock import lock_path
-
-HOOK = "blocks.2.hook_resid_post"
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from tests.helpers.cli import HOOK, collect_args, run_catching
 
 
-@pytest.fixture(scope="module")
-def collected(tmp_path_factory):
-    path = tmp_path_factory.mktemp("integrity") / "s.zarr"
-    result = run(
-        "collect",
-        "--model",
-        "tiny-random",
-        "--hook",
-        HOOK,
-        "--tokens",
-        "4000",
-        "--context-size",
-        "32",
-        "--shuffle-buffer-rows",
-        "1000",
-        "--chunk-rows",
-        "512",
-        "--warmup-rows",
-        "1000",
-        "--out",
-        path,
-        "--no-progress",
-    )
-    assert result.exit_code == 0, result.output
-    return path
-
-
-def test_a_fresh_store_verifies(collected):
-    result = run("store", "verify", collected, "--no-progress")
+def test_a_fresh_store_verifies(tiny_store):
+    result = run_catching("store", "verify", tiny_store, "--no-progress")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("ok: ") and "warning" not in result.output
     assert int(result.output.split()[1].replace(",", "")) >= 8 + 3  # 8 train act chunks, tokens, splits...
 
 
-def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(collected, tmp_path):
+def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(tiny_store, tmp_path):
     store = tmp_path / "damaged.zarr"
-    shutil.copytree(collected, store)
+    shutil.copytree(tiny_store, store)
     acts = store / "train" / "acts" / HOOK / "c"
     for chunk in ("3", "5"):
         path = acts / chunk / "0"
@@ -65,7 +29,7 @@ def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(collec
         data[len(data) // 2] ^= 0x01
         path.write_bytes(bytes(data))
     (store / "train" / "row_position" / "c" / "1").unlink()
-    result = run("store", "verify", store, "--no-progress")
+    result = run_catching("store", "verify", store, "--no-progress")
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert f"chunk 3 of train/acts/{HOOK} fails its checksum" in lines
@@ -74,7 +38,7 @@ def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(collec
     assert lines[-1].startswith("error: 3 damaged chunk(s)")
 
     out = tmp_path / "run"
-    result = run(
+    result = run_catching(
         "train",
         store,
         "--width",
@@ -94,24 +58,7 @@ def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(collec
     assert not (out / "sae.safetensors").exists()
 
 
-COLLECT = [
-    "collect",
-    "--model",
-    "tiny-random",
-    "--hook",
-    HOOK,
-    "--tokens",
-    "2000",
-    "--context-size",
-    "32",
-    "--shuffle-buffer-rows",
-    "1000",
-    "--chunk-rows",
-    "512",
-    "--warmup-rows",
-    "500",
-    "--no-progress",
-]
+COLLECT = collect_args(2000, warmup_rows=500)
 
 
 def test_a_second_collect_on_a_store_being_written_refuses(tmp_path):
@@ -119,12 +66,12 @@ def test_a_second_collect_on_a_store_being_written_refuses(tmp_path):
 
     store = tmp_path / "s.zarr"
     with StoreLock(store):  # this test process is the collect in progress
-        result = run(*COLLECT, "--out", store)
+        result = run_catching(*COLLECT, "--out", store)
         assert result.exit_code == 2, result.output
         line = result.output.strip().splitlines()[-1]
         assert f"store {store} is being written by pid {os.getpid()} on {socket.gethostname()}" in line
         assert not store.exists()
-    assert run(*COLLECT, "--out", store).exit_code == 0  # released on exit
+    assert run_catching(*COLLECT, "--out", store).exit_code == 0  # released on exit
     assert not lock_path(store).exists()
 
 
@@ -133,11 +80,11 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_one_is_not(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)  # that process has exited
     lock_path(store).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "started": "earlier"}))
-    result = run(*COLLECT, "--out", store)
+    result = run_catching(*COLLECT, "--out", store)
     assert result.exit_code == 0, result.output
     assert "taking over the stale lock" in result.output and not lock_path(store).exists()
 
     other = tmp_path / "t.zarr"
     lock_path(other).write_text(json.dumps({"pid": 1, "host": "another-machine", "started": "earlier"}))
-    result = run(*COLLECT, "--out", other)
+    result = run_catching(*COLLECT, "--out", other)
     assert result.exit_code == 2 and f"remove {lock_path(other)}" in result.output

@@ -11,48 +11,22 @@ import uuid
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from pipeline.cli import main
+from tests.helpers.cli import collect_args, run, run_catching
 
-HOOK = "blocks.2.hook_resid_post"
 TRAIN = ["--width", "32", "--k", "4", "--tokens", "12000", "--batch-size", "256", "--seed", "1", "--no-progress"]
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-COLLECT = [
-    "collect",
-    "--model",
-    "tiny-random",
-    "--hook",
-    HOOK,
-    "--tokens",
-    "4000",
-    "--context-size",
-    "32",
-    "--shuffle-buffer-rows",
-    "1000",
-    "--chunk-rows",
-    "512",
-    "--warmup-rows",
-    "1000",
-    "--no-progress",
-]
+COLLECT = collect_args(4000)  # the store tiny_store (conftest.py) holds
 
 
 @pytest.fixture(scope="module")
-def collected(tmp_path_factory):
-    root = tmp_path_factory.mktemp("remote")
-    path = root / "s.zarr"
-    result = run(*COLLECT, "--out", path)
-    assert result.exit_code == 0, result.output
-    local_run = root / "local-run"
-    assert run("train", path, *TRAIN, "--out", local_run).exit_code == 0
-    return path, load_file(str(local_run / "sae.safetensors"))
+def collected(tiny_store, tmp_path_factory):
+    """The tiny store, collected with COLLECT, and the weights training on it locally gives."""
+    local_run = tmp_path_factory.mktemp("remote") / "local-run"
+    assert run("train", tiny_store, *TRAIN, "--out", local_run).exit_code == 0
+    return tiny_store, load_file(str(local_run / "sae.safetensors"))
 
 
 def _free_port() -> int:
@@ -153,7 +127,7 @@ def test_an_interrupted_copy_is_not_a_store_and_resumes(collected, tmp_path, mon
         )
     )
     assert not (dst / "zarr.json").exists()
-    result = CliRunner().invoke(main, ["info", str(dst)])
+    result = run_catching("info", str(dst))
     assert result.exit_code == 2  # not mistaken for a store
     monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "pipe_file", original)
     result = run("store", "copy", local, dst, "--threads", "1", "--no-progress")

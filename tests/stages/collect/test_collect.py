@@ -17,24 +17,8 @@ from stages.basics.errors import SaepipeError
 from stages.collect.config import CollectConfig
 from stages.collect.plan import PlanAction
 from store_schema.reader import open_store
-
-HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
-SMALL = dict(
-    model="tiny-random",
-    hooks=HOOKS,
-    tokens=6000,
-    context_size=32,
-    eval_fraction=0.1,
-    batch_size=8,
-    shuffle_buffer_rows=620,
-    chunk_rows=256,
-    warmup_rows=500,
-    progress=False,
-)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.helpers.collect import HOOKS, SMALL
+from tests.helpers.files import tree_bytes
 
 
 def test_rows_are_the_models_activations_at_their_recorded_positions(tmp_path):

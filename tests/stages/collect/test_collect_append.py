@@ -8,42 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from stages.basics.errors import SaepipeError
 from stages.collect import plan_action, run_collect
 from stages.collect.config import CollectConfig
 from store_schema.reader import open_store
 from store_schema.schema import split_counts
 from store_schema.writer import StoreWriter, write_array_store
-
-HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
-# 20-context blocks and 256-row chunks (blocks straddle chunks), over a small local corpus that holds
-# about 1,670 contexts of 32 tokens (the byte-level tokenizer: one token per byte).
-SETTINGS = dict(
-    model="tiny-random",
-    hooks=HOOKS,
-    context_size=32,
-    eval_fraction=0.1,
-    batch_size=8,
-    shuffle_buffer_rows=620,
-    chunk_rows=256,
-    warmup_rows=500,
-    progress=False,
-)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+from tests.helpers.cli import run
+from tests.helpers.collect import HOOKS, SETTINGS
+from tests.helpers.files import tree_bytes
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
+    """A small local corpus that holds about 1,670 contexts of 32 tokens (the byte-level tokenizer: one token
+    per byte), collected with SETTINGS: 20-context blocks and 256-row chunks (blocks straddle chunks)."""
     folder = tmp_path_factory.mktemp("corpus")
     words = np.array("the a of store rows chunk model token layer train eval block append shuffle norm".split())
     rng = np.random.default_rng(0)

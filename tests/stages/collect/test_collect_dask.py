@@ -6,35 +6,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from stages.basics.errors import SaepipeError
 from stages.collect import on_dask as collect_dask
 from stages.collect import run_collect
 from stages.collect.config import CollectConfig
 from store_schema.reader import open_store
 from store_schema.writer import StoreWriter
-
-HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
-# ~20 contexts (<= 620 rows) per block, 256-row chunks: about ten training blocks, whose boundaries fall
-# inside chunks, and an eval split of two blocks.
-SMALL = dict(
-    model="tiny-random",
-    hooks=HOOKS,
-    tokens=6000,
-    context_size=32,
-    eval_fraction=0.1,
-    batch_size=8,
-    shuffle_buffer_rows=620,
-    chunk_rows=256,
-    warmup_rows=500,
-    progress=False,
-)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.helpers.cli import run_catching
+from tests.helpers.collect import SMALL
+from tests.helpers.files import tree_bytes
 
 
 @pytest.fixture(scope="module")
@@ -118,19 +99,16 @@ def test_a_workers_error_is_the_one_line_error_of_a_single_process_collect(clien
 
 
 def test_workers_and_scheduler_together_are_refused(tmp_path):
-    result = CliRunner().invoke(
-        main,
-        [
-            "collect",
-            "--model",
-            "tiny-random",
-            "--out",
-            str(tmp_path / "s.zarr"),
-            "--workers",
-            "2",
-            "--scheduler",
-            "tcp://127.0.0.1:8786",
-        ],
+    result = run_catching(
+        "collect",
+        "--model",
+        "tiny-random",
+        "--out",
+        str(tmp_path / "s.zarr"),
+        "--workers",
+        "2",
+        "--scheduler",
+        "tcp://127.0.0.1:8786",
     )
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
@@ -138,7 +116,7 @@ def test_workers_and_scheduler_together_are_refused(tmp_path):
         "--scheduler ADDRESS uses a running one; pick one"
     ]
     assert not (tmp_path / "s.zarr").exists()
-    result = CliRunner().invoke(main, ["collect", "--out", str(tmp_path / "s.zarr"), "--workers", "0"])
+    result = run_catching("collect", "--out", str(tmp_path / "s.zarr"), "--workers", "0")
     assert result.exit_code == 2 and "--workers must be at least 1, got 0" in result.output
 
 

@@ -17,9 +17,8 @@ import random
 from pathlib import Path
 
 import torch
-from click.testing import CliRunner
 
-from pipeline.cli import main
+from tests.helpers.cli import run
 
 MANIFEST = Path(__file__).parent / "golden" / "tiny_store.json"
 WORDS = (
@@ -94,7 +93,7 @@ def test_tiny_store_bytes_are_unchanged(tmp_path, monkeypatch):
     for i in range(40):
         (tmp_path / "corpus" / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(400)) + "\n")
     monkeypatch.chdir(tmp_path)  # the dataset is named by a relative path: the config fingerprint stays put
-    result = CliRunner().invoke(main, COLLECT, catch_exceptions=False)
+    result = run(*COLLECT)
     assert result.exit_code == 0, result.output
     files, probe = manifest_of(tmp_path / "s.zarr", tmp_path), kernel_probe()
     if os.environ.get("SAEPIPE_WRITE_GOLDEN"):

@@ -8,39 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from pipeline.cli import main
 from stages.evaluate import ablation
 from stages.evaluate.accumulators import ReconstructionStats, SparsityStats
 from stages.saes.base import DenseCode
 from store_schema.normalization import Normalization
+from tests.helpers.cli import HOOK, collect_args, run, run_catching
 
-HOOK = "blocks.2.hook_resid_post"
-COLLECT = [
-    "collect",
-    "--model",
-    "tiny-random",
-    "--hook",
-    HOOK,
-    "--tokens",
-    "6000",
-    "--context-size",
-    "32",
-    "--shuffle-buffer-rows",
-    "1000",
-    "--chunk-rows",
-    "512",
-    "--warmup-rows",
-    "1000",
-    "--eval-fraction",
-    "0.2",
-    "--no-progress",
-]
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+COLLECT = collect_args(6000, eval_fraction=0.2)
 
 
 def test_reconstruction_stats_follow_their_definitions():
@@ -248,11 +223,9 @@ def test_external_saelens_sae_scores_like_our_own(trained, tmp_path):
     cfg = json.loads((bad / "cfg.json").read_text())
     cfg["metadata"]["hook_name"] = "blocks.0.hook_resid_pre"
     (bad / "cfg.json").write_text(json.dumps(cfg))
-    result = CliRunner().invoke(main, ["eval", str(tmp_path / "e2"), "--external", str(bad), "--store", str(store)])
+    result = run_catching("eval", str(tmp_path / "e2"), "--external", str(bad), "--store", str(store))
     assert result.exit_code == 2 and "reads hook 'blocks.0.hook_resid_pre'" in result.output
-    result = CliRunner().invoke(
-        main, ["eval", str(tmp_path / "e3"), "--external", str(tmp_path), "--store", str(store)]
-    )
+    result = run_catching("eval", str(tmp_path / "e3"), "--external", str(tmp_path), "--store", str(store))
     assert result.exit_code == 2 and "is not a SAELens SAE folder" in result.output
-    result = CliRunner().invoke(main, ["eval", str(tmp_path / "e4"), "--external", str(out / "saelens")])
+    result = run_catching("eval", str(tmp_path / "e4"), "--external", str(out / "saelens"))
     assert result.exit_code == 2 and "--external needs --store" in result.output

@@ -9,25 +9,11 @@ import subprocess
 import time
 
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import main
+from tests.helpers.cli import collect_args, expect_error, run, run_ok
 
-HOOK = "blocks.2.hook_resid_post"
 WIDTH = 64
 CHROMIUM_TIMEOUT_S = 60
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def expect_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    line = result.output.strip().splitlines()[-1]
-    assert line.startswith("error: "), line
-    for fragment in fragments:
-        assert fragment in line, line
 
 
 @pytest.fixture(scope="module")
@@ -36,29 +22,7 @@ def runs(tmp_path_factory):
     runs before it saved one."""
     root = tmp_path_factory.mktemp("report")
     store = root / "s.zarr"
-    result = run(
-        "collect",
-        "--model",
-        "tiny-random",
-        "--hook",
-        HOOK,
-        "--tokens",
-        "3000",
-        "--context-size",
-        "32",
-        "--eval-fraction",
-        "0.2",
-        "--shuffle-buffer-rows",
-        "1000",
-        "--chunk-rows",
-        "512",
-        "--warmup-rows",
-        "1000",
-        "--out",
-        store,
-        "--no-progress",
-    )
-    assert result.exit_code == 0, result.output
+    run_ok(*collect_args(3000, eval_fraction=0.2), "--out", store)
     sweep = root / "sweep"
     result = run(
         "train",

@@ -24,29 +24,9 @@ from stages.train.saelens_export import export_saelens
 from store_schema.normalization import Normalization
 from store_schema.writer import write_array_store
 from tests.helpers.planted import PlantedFeatures
+from tests.helpers.saes import trained_like
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The training tests run on CPUs shared with other work: with one thread a busy core slows them
-    down instead of stalling every parallel region (measured: 12 s with one thread, 35–120 s with two
-    while another process kept a core busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def trained_like(sae, seed=0):
-    """Nonzero biases, an encoder that is not the decoder's transpose, a learned threshold."""
-    gen = torch.Generator().manual_seed(seed)
-    sae.reset_parameters(gen)
-    with torch.no_grad():
-        sae.b_enc.copy_(0.1 * torch.randn(sae.d_sae, generator=gen))
-        sae.b_dec.copy_(0.3 * torch.randn(sae.d_in, generator=gen))
-        sae.W_enc.add_(0.05 * torch.randn(sae.d_in, sae.d_sae, generator=gen))
-        sae.threshold.fill_(0.2)
-    return sae
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # -- the batch selection and the threshold ------------------------------------------------------------

@@ -18,8 +18,7 @@ from stages.saes.matching_pursuit import MatchingPursuitSAE, merge_picks
 from stages.saes.saved import load_sae
 from stages.train.config import TrainConfig
 from store_schema.normalization import Normalization
-from store_schema.writer import write_array_store
-from tests.helpers.planted import PlantedFeatures
+from tests.helpers.planted import planted_store
 
 
 def random_sae(d_in: int, d_sae: int, seed: int = 0, dtype=torch.float64, **kwargs) -> MatchingPursuitSAE:
@@ -271,11 +270,8 @@ def test_settings_accept_the_variants():
 
 @pytest.fixture(scope="module")
 def planted_small(tmp_path_factory):
-    """The shared planted features with half the rows: pursuit trains on 240k tokens here."""
-    features = PlantedFeatures.make(64, 256, seed=0)
-    path = tmp_path_factory.mktemp("planted") / "store.zarr"
-    write_array_store(path, features.sample(60_000, seed=1), features.sample(2048, seed=2), hook="synthetic")
-    return features, path
+    """The shared planted features (conftest.py) with half the rows: pursuit trains on 240k tokens here."""
+    return planted_store(tmp_path_factory.mktemp("planted") / "store.zarr", 60_000, 2048)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,7 @@ from stages.train.config import TrainConfig
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These small matmuls gain little from a second thread, and on a shared 2-core machine two threads
-    spin against other work (measured under load: 68 s instead of 4 s for one training run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def train(store, out, **kw) -> tuple[torch.nn.Module, dict, list[dict]]:

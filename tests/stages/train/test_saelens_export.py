@@ -13,6 +13,7 @@ from stages.saes.base import SparseAutoencoder
 from stages.saes.topk import TopKSAE
 from stages.train.saelens_export import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, export_saelens, fold_normalization
 from store_schema.normalization import Normalization
+from tests.helpers.saes import trained_like
 
 sae_lens = pytest.importorskip("sae_lens")  # slow import: once per module
 from sae_lens.saes.topk_sae import TopKSAE as SAELensTopKSAE  # noqa: E402
@@ -28,14 +29,7 @@ META = {
 
 @pytest.fixture(scope="module")
 def sae() -> TopKSAE:
-    gen = torch.Generator().manual_seed(0)
-    model = TopKSAE(D_IN, D_SAE, K)
-    model.reset_parameters(gen)
-    with torch.no_grad():  # trained SAEs have nonzero biases and an encoder that is not W_decᵀ
-        model.b_enc.copy_(0.1 * torch.randn(D_SAE, generator=gen))
-        model.b_dec.copy_(0.3 * torch.randn(D_IN, generator=gen))
-        model.W_enc.add_(0.05 * torch.randn(D_IN, D_SAE, generator=gen))
-    return model
+    return trained_like(TopKSAE(D_IN, D_SAE, K))  # trained SAEs have nonzero biases and an encoder that is not W_decᵀ
 
 
 def raw_activations(sigma: float = 2.0, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

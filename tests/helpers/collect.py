@@ -1,0 +1,19 @@
+"""The collect settings the collect tests share: the tiny random model at two hooks, in small blocks and
+chunks."""
+
+HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
+# Blocks of about 20 contexts (<= 620 rows) and 256-row chunks: block boundaries fall inside chunks. No
+# token budget: add `tokens` (or `append`).
+SETTINGS = dict(
+    model="tiny-random",
+    hooks=HOOKS,
+    context_size=32,
+    eval_fraction=0.1,
+    batch_size=8,
+    shuffle_buffer_rows=620,
+    chunk_rows=256,
+    warmup_rows=500,
+    progress=False,
+)
+# 6,000 tokens: about ten training blocks and an eval split of two blocks.
+SMALL = dict(SETTINGS, tokens=6000)
