@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.commands.options import options
-from pipeline.tools.quality import QualityConfig, compare, format_quality_table
+from pipeline.tools.quality import QualityConfig, compare_with_saelens, format_quality_table
 from stages.train import TrainConfig
 
 
@@ -22,5 +22,5 @@ from stages.train import TrainConfig
 def quality(store: str, archs: str, k: int, eval_tokens: int, use_model: bool, **train) -> None:
     """Train ours and SAELens's SAEs on the same rows and compare them (needs sae-lens)."""
     base = TrainConfig(store=store, **train)
-    rows = compare(base, QualityConfig(archs, k, eval_tokens, use_model))
+    rows = compare_with_saelens(base, QualityConfig(archs, k, eval_tokens, use_model))
     click.echo(format_quality_table(rows))

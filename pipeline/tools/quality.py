@@ -99,7 +99,7 @@ class QualityConfig:
     use_model: bool = setting(True, "store-only metrics (no CE/KL)", flag="--no-model", inverted=True)
 
 
-def compare(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
+def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
 
     k, eval_tokens, use_model = cfg.k, cfg.eval_tokens, cfg.use_model
     archs = [arch.strip() for arch in cfg.archs.split(",") if arch.strip()]

@@ -23,7 +23,9 @@ def test_topk_against_saelens_on_the_same_rows(tmp_path):
         batch_size=512,
         progress=False,
     )
-    rows = quality.compare(base, quality.QualityConfig(archs="topk", k=8, eval_tokens=2048, use_model=False))
+    rows = quality.compare_with_saelens(
+        base, quality.QualityConfig(archs="topk", k=8, eval_tokens=2048, use_model=False)
+    )
     assert [r["impl"].split()[0] for r in rows] == ["saepipe", "sae-lens"]
     for row in rows:
         assert row["l0"] == pytest.approx(8, abs=0.01)
