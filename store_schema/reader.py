@@ -274,7 +274,6 @@ def _raw_chunk_files(arr: zarr.Array) -> _RawChunks | None:
     filters or sharding (optionally followed by Zarr's crc32c checksum): such a chunk file is exactly
     the rows' bytes, so reading it into the destination skips Zarr's decode pipeline and its copies.
     None for any other array."""
-
     serializer = arr.serializer
     only_checksum = len(arr.compressors) == 1 and is_checksummed(arr)
     if (
@@ -292,13 +291,11 @@ def _raw_chunk_files(arr: zarr.Array) -> _RawChunks | None:
 
 
 def is_checksummed(arr: zarr.Array) -> bool:
-
     return any(isinstance(codec, Crc32cCodec) for codec in arr.compressors)
 
 
 def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
     """Whether the chunk at `coords` has been written, in any Zarr store (local or remote)."""
-
     key = arr.metadata.encode_chunk_key(coords)
     return sync(arr.store.exists(f"{arr.path}/{key}" if arr.path else key))
 
@@ -323,7 +320,6 @@ def _checked(read, what: str):
 def _read_verified(f, pieces: list[tuple[int, np.ndarray]], base: int, chunk_rows: int, row_bytes: int) -> bool:
     """Read a whole checksummed chunk file in one pass: the pieces' rows into their destinations, the rows
     between them into scratch, and the trailing CRC32C; True when the CRC matches the bytes."""
-
     views, position = [], base
     for first, dest in pieces:
         if first > position:

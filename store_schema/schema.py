@@ -29,7 +29,6 @@ EVERY_CHUNK_WRITTEN_CONFIG = {"array.write_empty_chunks": True}
 
 def checksummed(*codecs) -> tuple:
     """The bytes-to-bytes codecs of an array: `codecs` (e.g. compression), then the chunk's CRC32C."""
-
     return (*codecs, Crc32cCodec())
 
 

@@ -148,7 +148,6 @@ def _sync(device: torch.device) -> None:
 # -- read_vs_memmap ---------------------------------------------------------------------------------
 def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     """On the CPU whatever `device` is: the reader's own speed."""
-
     rows = np.random.default_rng(0).standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16)
     store_path = write_array_store(
         _fresh(workdir / "read.zarr"), rows, rows[: cfg.batch_size], hook=HOOK, chunk_rows=8192
@@ -211,7 +210,6 @@ def _random_batches(cfg: BenchConfig, device: torch.device, n: int = 4) -> list[
 
 def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, device: torch.device):
     """Our training loop's step (stages.train.loop.TrainingRun.step) on in-memory batches."""
-
     train_cfg = TrainConfig.from_flat(
         store=str(store_path),
         out=str(out),
@@ -291,7 +289,6 @@ def _compare_steps(
 
 def _bench_store(cfg: BenchConfig, workdir: Path) -> Path:
     """A small store of d_in-wide rows: TrainingRun reads its init sample (b_dec, loss scale) from one."""
-
     path = workdir / "init.zarr"
     if not path.exists():
         rows = np.random.default_rng(2).standard_normal((16_384, cfg.d_in), dtype=np.float32)
@@ -363,7 +360,6 @@ def bench_mp(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
 def _mp_outputs_agree(cfg: BenchConfig, their_sae, x: torch.Tensor, device: torch.device) -> float:
     """Both implementations given the same dictionary must reconstruct alike (the ratio compares equal
     work): our static pursuit against SAELens's on the same W_dec and b_dec."""
-
     ours = MatchingPursuitSAE(cfg.d_in, cfg.width, cfg.k).to(device)
     ours.reset_parameters(torch.Generator().manual_seed(3))
     their_sae.W_dec.copy_(ours.W_dec)
@@ -388,7 +384,6 @@ class _CollectSetup:
 
     def collect_side(self) -> float:
         """Our collect, rows stored per second (store creation and tokenization included)."""
-
         started = time.perf_counter()
         run_collect(dataclasses.replace(self.config), model=self.model)
         elapsed = time.perf_counter() - started
@@ -396,12 +391,10 @@ class _CollectSetup:
 
     def tokens(self) -> np.ndarray:
         """The collected contexts [n, context_size] (after a first collect_side)."""
-
         return open_store(self.config.out).tokens[:].astype(np.int64)
 
 
 def _collect_setup(cfg: BenchConfig, workdir: Path, device: torch.device) -> _CollectSetup:
-
     model = load_host_model(cfg.model, str(device))
     hooks = validate_hooks(model, [cfg.collect_hook])
     rows_per_context = cfg.context_size - 1
@@ -437,7 +430,6 @@ def _collect_sizes(cfg: BenchConfig) -> dict:
 
 
 def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
-
     setup = _collect_setup(cfg, workdir, device)
     setup.collect_side()  # warm-up, and the contexts for the forward side
     tokens = torch.from_numpy(setup.tokens())
@@ -524,7 +516,6 @@ def _hf_block_name(model, layer: int) -> str:
 
 
 def _python_docs(characters: int) -> list[str]:
-
     docs, total = [], 0
     for doc in open_text_source("python-docs").documents():
         docs.append(doc)
@@ -554,7 +545,6 @@ print(json.dumps({"peak_rss_bytes": peak}))
 def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     """Train (in a fresh process, on the CPU: host memory is what is measured) from a store four times
     the streaming loader's buffer; its peak RSS."""
-
     chunk_rows = cfg.stream_chunk_rows
     buffer_bytes = ShuffledBatches.buffer_bytes_for(chunk_rows, cfg.d_in)
     n_rows = 4 * buffer_bytes // (cfg.d_in * 2)

@@ -100,7 +100,6 @@ class QualityConfig:
 
 
 def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
-
     k, eval_tokens, use_model = cfg.k, cfg.eval_tokens, cfg.use_model
     archs = [arch.strip() for arch in cfg.archs.split(",") if arch.strip()]
     if not archs:
@@ -174,7 +173,6 @@ def _pick(metrics: dict) -> dict:
 
 
 def _installed_saelens_version() -> str:
-
     return version("sae-lens")
 
 

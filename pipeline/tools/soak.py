@@ -129,7 +129,6 @@ def _train_alone(cfg: SoakConfig, store: Path, out: Path, seconds: float) -> dic
 
 def _reader(store: str, hook: str, seconds: float, seed: int, results) -> None:
     """Open the store again and again; read random whole chunks; check them against earlier reads."""
-
     rng = np.random.default_rng(seed)
     seen: dict[int, np.ndarray] = {}
     report = {"opens": 0, "rows_read": 0, "problems": [], "max_rows_seen": 0}
@@ -168,7 +167,6 @@ def _reader(store: str, hook: str, seconds: float, seed: int, results) -> None:
 
 def _appender(cfg: SoakConfig, store: Path, seconds: float) -> dict:
     """Append again and again until the deadline; the append in flight then is killed and resumed."""
-
     deadline = time.time() + seconds
     done = 0
     tokens = open_store(store).header["token_budget"]
@@ -193,7 +191,6 @@ def _appender(cfg: SoakConfig, store: Path, seconds: float) -> dict:
 
 
 def run_soak(cfg: SoakConfig) -> dict:
-
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,6 @@ def start(device_type: str) -> World:
 def launch(nproc: int, entrypoint, *args):
     """Run `entrypoint(*args)` in `nproc` processes on this machine through torch's elastic launcher (what
     torchrun --standalone runs); returns rank 0's result. A failed rank stops them all."""
-
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

@@ -95,7 +95,6 @@ def begin(cfg: CollectConfig, model, writer: StoreWriter) -> None:
 
 
 def _pack(cfg: CollectConfig, tok, header: dict, first: int, n_contexts: int) -> np.ndarray:
-
     def source_documents():
         return open_text_source(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column).documents()
 

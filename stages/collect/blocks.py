@@ -175,7 +175,6 @@ def forward_block(
 ) -> Block:
     """Run the model over the block's contexts (`tokens`, `keep`: their rows of the store's tokens and
     stored-position mask); `on_rows(n)` hears of the rows of each batch."""
-
     raw: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     row_context, row_position, dropped = [], [], []
     nonfinite = {h: [0, 0] for h in hooks}

@@ -12,7 +12,6 @@ from store_schema.writer import StoreWriter
 
 
 def create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
-
     source = open_text_source(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column)
     tok = model.tokenizer
     separator = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id

@@ -148,7 +148,6 @@ class WorkerModelSummary:
 
 
 def _describe(cfg: CollectConfig) -> WorkerModelSummary:
-
     model = _worker_model(cfg)
     return WorkerModelSummary(
         model.name,

@@ -54,7 +54,6 @@ def _collect_to_remote(cfg: CollectConfig, model) -> str:
     """--out s3://... (any fsspec URL): collect into a local staging store (resumable like any collect,
     kept under the cache folder), then `store copy` it to the URL (resumable too; the root metadata
     goes last, so the URL never holds a half store)."""
-
     try:
         existing = ActivationStore.open(cfg.out)
     except schema.StoreError:

@@ -34,7 +34,6 @@ def ablation_sparsity(
 ) -> dict:
     """`token_rows` [n, ctx] are held-out contexts and `stored` [n, ctx] marks the positions a store keeps
     (the only positions ablated). Returns the mean sparsity, its spread and the number of ablations."""
-
     rng = np.random.default_rng(seed)
     device = next(sae.parameters()).device
     sae_dtype = next(sae.parameters()).dtype

@@ -22,7 +22,6 @@ from store_schema.schema import stored_positions
 
 def load_eval_model(store: ActivationStore, model_name: str | None, device: torch.device):
     """The host model for the downstream metrics: the store's own unless named, checked against it."""
-
     header = store.header
     name = model_name or header["model"]["name"]
     model = load_host_model(name, str(device), header["model"].get("dtype", "float32"))
@@ -70,7 +69,6 @@ def downstream_metrics(
 ) -> dict:
     """CE loss and KL with the SAE spliced in, on held-out contexts replayed from the store's tokens, at
     every position the store would keep from `splice_from` on."""
-
     contexts = held_out_contexts(store, max_tokens)
     sae_dtype = next(sae.parameters()).dtype
     spliced: torch.Tensor | None = None  # [batch, ctx] positions of the current batch the SAE replaces

@@ -129,7 +129,6 @@ def _load_smollm2(device: torch.device, dtype_name: str, torch_dtype: torch.dtyp
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:

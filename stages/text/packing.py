@@ -28,7 +28,6 @@ def pack_contexts(
     a document may run on into the next row). Documents are pulled and encoded one at a time and no
     more are read once the last row is full. Raises SaepipeError if the documents run out first.
     """
-
     if context_size < 2:
         raise SaepipeError(f"context size {context_size} is too small: use at least 2 (BOS plus one token)")
     if n_contexts < 0:

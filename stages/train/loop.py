@@ -343,7 +343,6 @@ def _prepare_run_folders(cfgs: list[TrainConfig]) -> list[bool] | SaepipeError:
 
 def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out: Path) -> None:
     """Final weights, config and the SAELens export; the checkpoint goes once they are safely written."""
-
     run_dir.save_sae(out, sae, run_config(cfg, store, sae) | {"finished": True})
     header = store.header
     export_saelens(

@@ -153,7 +153,6 @@ def export_saelens(
     ``sae_lens.SAE.load_from_disk(out_dir)``. `extra_metadata` entries are added to (and may override)
     the cfg's ``metadata``. Returns out_dir.
     """
-
     arch = sae.saelens_export()
     raw = {k: getattr(sae, k).detach().to("cpu", torch.float32) for k in WEIGHT_KEYS}
     weights, normalize_activations = to_saelens_space(raw, norm)
