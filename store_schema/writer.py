@@ -8,6 +8,10 @@ and a resume restarts exactly at the first uncommitted block. Rows past `rows_co
 bytes of an interrupted block (or of later blocks, written ahead by dask workers); the resume
 overwrites them with the same values.
 
+Durability. On a local filesystem (unless `durable=False`: scratch stores) a commit first flushes the
+chunk files it makes visible and their folders, then writes the root metadata durably (store_schema.
+durable): a power cut loses at most the commit in flight.
+
 Several processes may write rows at once (collect across dask workers) as long as no two write into
 one chunk at the same time: writing part of a chunk reads the chunk, changes it and writes it back.
 Only the process holding the store lock commits.
@@ -26,15 +30,19 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
 
 from store_schema import schema
+from store_schema.durable import chunk_files, fsync_files, fsync_path, fsync_tree, local_root, write_durably
 from store_schema.normalization import Normalization
 
 
 class StoreWriter:
-    def __init__(self, group: zarr.Group):
+    def __init__(self, group: zarr.Group, durable: bool = True):
         self.group = group
         self.header = dict(group.attrs[schema.ATTRS_KEY])
+        # where to flush before each commit: the store's folder, or None (not asked, or not a local store)
+        self.flush_root = local_root(group) if durable else None
 
     # -- creation -----------------------------------------------------------------------------------
     @classmethod
@@ -46,6 +54,7 @@ class StoreWriter:
         context_split: np.ndarray,
         planned_rows: dict[str, int],
         chunk_rows: int,
+        durable: bool = True,
     ) -> StoreWriter:
         """Write the empty store (tokens, split, preallocated row arrays, attributes) to a temporary
         folder beside `path` and rename it into place, so a killed creation leaves no half store."""
@@ -106,14 +115,18 @@ class StoreWriter:
         header["normalization"] = None
         header["complete"] = False
         group.update_attributes({schema.ATTRS_KEY: header})
+        if durable:
+            fsync_tree(tmp)
         os.replace(tmp, path)
-        return cls(zarr.open_group(store=str(path), mode="r+"))
+        if durable:
+            fsync_path(path.parent)
+        return cls(zarr.open_group(store=str(path), mode="r+"), durable)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> StoreWriter:
+    def open(cls, path: str | os.PathLike, durable: bool = True) -> StoreWriter:
         group = zarr.open_group(store=str(path), mode="r+")
         schema.check_header(dict(group.attrs.get(schema.ATTRS_KEY, {})))
-        return cls(group)
+        return cls(group, durable)
 
     def remove_leftover_temporaries(self) -> None:
         """Zarr writes each file to a `.partial` temporary and renames it; a writer killed in between
@@ -170,7 +183,10 @@ class StoreWriter:
                     compressors=schema.checksummed(ZstdCodec()),
                     overwrite=True,
                 )
-        self._update(normalization={hook: norm.to_attrs() for hook, norm in norms.items()})
+        self._update(
+            flush=self._files_below("normalization"),
+            normalization={hook: norm.to_attrs() for hook, norm in norms.items()},
+        )
 
     def write_rows(
         self,
@@ -199,6 +215,8 @@ class StoreWriter:
         stats: dict[str, schema.RunningStats],
         skipped_contexts: list[int],
     ) -> None:
+        """Make the split's rows up to `rows_committed` visible, with their statistics."""
+        written = self._row_chunk_files(split, self.progress(split)["rows_committed"], rows_committed)
         live = self._live()
         progress = dict(live["progress"])
         progress[split] = {"blocks_done": blocks_done, "rows_committed": rows_committed}
@@ -206,9 +224,9 @@ class StoreWriter:
         running = dict(live["running_stats"])
         running[split] = {hook: s.to_json() for hook, s in stats.items()}
         if self.appending:
-            self._update(append={**live, "progress": progress, "running_stats": running})
+            self._update(flush=written, append={**live, "progress": progress, "running_stats": running})
         else:
-            self._update(progress=progress, running_stats=running)
+            self._update(flush=written, progress=progress, running_stats=running)
 
     def commit_block(
         self,
@@ -267,7 +285,13 @@ class StoreWriter:
             f"n_{split}_contexts": int((context_split == code).sum()) for split, code in schema.SPLIT_CODES.items()
         }
         layout = self.header["layout"]["planned_rows"]
+        grown = [schema.TOKENS, schema.CONTEXT_SPLIT] + [
+            name for split in schema.SPLITS for name in schema.row_array_names(self.header, split)
+        ]
         self._update(
+            flush=self._metadata_files(grown)
+            + self._chunk_files(schema.TOKENS, first, first + added)
+            + self._chunk_files(schema.CONTEXT_SPLIT, first, first + added),
             append={
                 "tokens": token_budget,
                 "contexts": [first, first + added],
@@ -277,20 +301,22 @@ class StoreWriter:
                 "writer": writer,
                 "progress": self.header["progress"],
                 "running_stats": self.header["running_stats"],
-            }
+            },
         )
 
     def finalize(self) -> None:
         """Trim row arrays to what was written (contexts may have been skipped) and mark complete; after
         an append, make its rows, statistics and contexts the store's, in one attribute write."""
+        resized = []
         for split in schema.SPLITS:
             n = self.progress(split)["rows_committed"]
             for name in schema.row_array_names(self.header, split):
                 arr = self.group[name]
                 if arr.shape[0] != n:
                     arr.resize((n,) + arr.shape[1:])
+                    resized.append(name)
         if not self.appending:
-            self._update(complete=True)
+            self._update(flush=self._metadata_files(resized), complete=True)
             return
         append, header = self.header["append"], dict(self.header)
         del header["append"]
@@ -304,11 +330,48 @@ class StoreWriter:
             {"collect_config": header["collect_config"], "appends": [a["tokens"] for a in header["appends"]]}
         )
         self.header = header
-        self.group.update_attributes({schema.ATTRS_KEY: header})
+        self._write_attributes(flush=self._metadata_files(resized))
 
-    def _update(self, **changes) -> None:
+    def _update(self, flush: list[Path] = (), **changes) -> None:
         self.header.update(changes)
-        self.group.update_attributes({schema.ATTRS_KEY: self.header})
+        self._write_attributes(flush)
+
+    def _write_attributes(self, flush: list[Path] = ()) -> None:
+        """Write the root metadata, the commit readers see; a durable writer first flushes `flush` (the
+        files the new metadata points to) and writes it durably."""
+        if self.flush_root is None:
+            self.group.update_attributes({schema.ATTRS_KEY: self.header})
+            return
+        fsync_files(flush)
+        metadata = self.group.metadata  # the bytes Zarr's update_attributes would write, written durably
+        metadata.attributes[schema.ATTRS_KEY] = self.header
+        write_durably(
+            self.flush_root / "zarr.json", metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+        )
+
+    # -- what a durable commit flushes first (nothing when this writer does not flush) ----------------
+    def _row_chunk_files(self, split: str, first_row: int, stop_row: int) -> list[Path]:
+        """The chunk files of the split's row arrays holding rows [first_row, stop_row)."""
+        return [
+            path
+            for name in schema.row_array_names(self.header, split)
+            for path in self._chunk_files(name, first_row, stop_row)
+        ]
+
+    def _chunk_files(self, name: str, first_row: int, stop_row: int) -> list[Path]:
+        if self.flush_root is None:
+            return []
+        return chunk_files(self.flush_root, self.group[name], first_row, stop_row)
+
+    def _metadata_files(self, names: list[str]) -> list[Path]:
+        if self.flush_root is None:
+            return []
+        return [self.flush_root / name / "zarr.json" for name in names]
+
+    def _files_below(self, name: str) -> list[Path]:
+        if self.flush_root is None:
+            return []
+        return [path for path in (self.flush_root / name).rglob("*") if path.is_file()]
 
 
 def _write_from(arr: zarr.Array, first: int, data: np.ndarray) -> None:

@@ -33,7 +33,7 @@ STORE_SETTINGS = (
     metavar="STORE",
     help="grow the complete STORE to --tokens training tokens, with its own settings (instead of --out)",
 )
-@options(CollectConfig, "resume", "overwrite", "progress")
+@options(CollectConfig, "resume", "overwrite", "fsync", "progress")
 @click.pass_context
 def collect(ctx: click.Context, append_to: str | None, **values) -> None:
     """Run the model once over the text and write normalized fp16 activations to a Zarr store."""

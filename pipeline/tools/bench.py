@@ -11,8 +11,9 @@ Keys (targets in docs/benchmarks.md):
   sparse decoder forward and backward) over the dense matmul rate measured at the step's own GEMM shape.
 - train_vs_saelens / mp_vs_saelens: our training step over SAELens's (its trainer's own step: forward,
   backward, clipping, Adam, dead-latent bookkeeping), same sizes, same in-memory batches.
-- collect_vs_forward: collect (to disk, normalized, shuffled) over the bare forward pass to the same
-  stop layer, same contexts, same batch; the model loaded once for both.
+- collect_vs_forward: collect (to disk, normalized, shuffled, every commit flushed) over the bare forward
+  pass to the same stop layer, same contexts, same batch; the model loaded once for both.
+- fsync_cost: collect_vs_forward without flushing commits (--no-fsync) minus collect_vs_forward.
 - collect_vs_saelens: collect over SAELens's CacheActivationsRunner, same model, hook, contexts, batch.
 - stream_peak_rss_gb: peak RSS of a training process streaming from a store 4x its loader's buffer.
 """
@@ -66,6 +67,7 @@ TARGETS = {
     "train_vs_saelens": (">=", 1.5),  # CPU; 3 on a GPU
     "mp_vs_saelens": (">=", 5.0),
     "collect_vs_forward": (">=", 0.9),
+    "fsync_cost": ("<=", 0.02),  # collect_vs_forward lost to flushing every commit
     "collect_vs_saelens": (">=", 1.5),
     "stream_peak_rss_gb": ("<=", None),  # the loader's buffer + 1 GB, known only once measured
 }
@@ -382,10 +384,11 @@ class _CollectSetup:
     hooks: list[str]
     config: CollectConfig
 
-    def collect_side(self) -> float:
-        """Our collect, rows stored per second (store creation and tokenization included)."""
+    def collect_side(self, fsync: bool = True) -> float:
+        """Our collect, rows stored per second (store creation and tokenization included); `fsync`:
+        each commit flushed to disk (the default), or not (--no-fsync)."""
         started = time.perf_counter()
-        run_collect(dataclasses.replace(self.config), model=self.model)
+        run_collect(dataclasses.replace(self.config, fsync=fsync), model=self.model)
         elapsed = time.perf_counter() - started
         return open_store(self.config.out).n_rows("train") / elapsed
 
@@ -442,9 +445,16 @@ def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict
         elapsed = time.perf_counter() - started
         return len(tokens) * (cfg.context_size - 1) / elapsed
 
-    rates = alternate({"collect_tokens_per_s": setup.collect_side, "forward_tokens_per_s": forward_side}, cfg.rounds)
+    sides = {
+        "collect_tokens_per_s": setup.collect_side,
+        "collect_no_fsync_tokens_per_s": lambda: setup.collect_side(fsync=False),
+        "forward_tokens_per_s": forward_side,
+    }
+    rates = alternate(sides, cfg.rounds)
+    with_fsync = ratio(rates, "collect_tokens_per_s", "forward_tokens_per_s")
     return {
-        "collect_vs_forward": ratio(rates, "collect_tokens_per_s", "forward_tokens_per_s"),
+        "collect_vs_forward": with_fsync,
+        "fsync_cost": ratio(rates, "collect_no_fsync_tokens_per_s", "forward_tokens_per_s") - with_fsync,
         "collect": {**rates, **_collect_sizes(cfg)},
     }
 

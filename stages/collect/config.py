@@ -50,6 +50,12 @@ class CollectConfig:
     )
     overwrite: bool = setting(False, "replace whatever --out holds")
     resume: bool = setting(False, "continue an interrupted collect (also done by re-running it)")
+    fsync: bool = setting(
+        True,
+        "do not flush each commit to disk (faster; a power cut can then damage the store: scratch stores only)",
+        flag="--no-fsync",
+        inverted=True,
+    )
     progress: bool = progress_setting()
     # Where the forward passes run (never part of the store's contents): this process, a local dask
     # cluster of `workers` processes, or the dask cluster whose scheduler is at `scheduler`.
@@ -126,7 +132,7 @@ class CollectConfig:
 
     def content_fields(self) -> dict:
         """The fields that decide the store's bytes: equal fields mean a resumable, identical store."""
-        skip = {"out", "device", "overwrite", "resume", "progress", "workers", "scheduler", "append"}
+        skip = {"out", "device", "overwrite", "resume", "fsync", "progress", "workers", "scheduler", "append"}
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         fields["hooks"] = sorted(self.hooks)
         return fields

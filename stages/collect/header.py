@@ -65,4 +65,4 @@ def create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
         nonfinite_policy=cfg.nonfinite,
     )
     planned = schema.planned_rows(tokens, context_split, cfg.drop_first, header["excluded_tokens"])
-    return StoreWriter.create(cfg.out, header, tokens, context_split, planned, cfg.chunk_rows)
+    return StoreWriter.create(cfg.out, header, tokens, context_split, planned, cfg.chunk_rows, durable=cfg.fsync)

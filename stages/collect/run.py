@@ -117,7 +117,7 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: PlanAct
         if out.exists():
             shutil.rmtree(out)
         return create_store(cfg, model, hooks)
-    writer = StoreWriter.open(out)
+    writer = StoreWriter.open(out, durable=cfg.fsync)
     writer.remove_leftover_temporaries()  # we hold the lock and no worker has started
     if writer.header["model"]["revision"] != model.revision:
         raise SaepipeError(

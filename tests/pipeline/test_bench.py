@@ -54,6 +54,10 @@ def test_tiny_bench_writes_every_key(tmp_path):
         "stream_peak_rss_gb",
     ):
         assert result[key] > 0, key
+    # fsync's cost is a difference of two ratios of the same run: finite, and no larger than the ratio itself
+    assert (
+        abs(result["fsync_cost"]) < result["collect_vs_forward"] and result["collect"]["collect_no_fsync_tokens_per_s"]
+    )
     assert len(result["read"]["store_tokens_per_s"]) == len(result["read"]["memmap_tokens_per_s"]) == 1
     assert result["mp"]["reconstruction_max_rel_diff"] < 1e-3
     stream = result["stream"]
