@@ -114,7 +114,19 @@ class ActivationStore:
 
     def running_stats(self, split: str, hook: str) -> schema.RunningStats | None:
         saved = self.header["running_stats"][split].get(hook)
-        return None if saved is None else schema.RunningStats.from_json(self.d_model, saved)
+        if saved is None:
+            return None
+        if not schema.small_metadata(self.header):  # version 1: the sum is in the attributes
+            return schema.RunningStats.from_attrs(self.d_model, saved, saved["sum"])
+        total = self.group[schema.running_sum_path(split, hook)][saved["sum_slot"]]
+        return schema.RunningStats.from_attrs(self.d_model, saved, total)
+
+    def skipped_contexts(self) -> np.ndarray:
+        """Contexts left out for non-finite activations (their indices into `tokens`)."""
+        progress = self.header["progress"]
+        if not schema.small_metadata(self.header):
+            return np.asarray(progress.get("skipped_contexts") or [], dtype=np.int64)
+        return self.group[schema.SKIPPED_CONTEXTS][: progress["skipped_count"]]
 
     # -- arrays -------------------------------------------------------------------------------------
     @cached_property
@@ -132,8 +144,8 @@ class ActivationStore:
     def contexts(self, split: str) -> np.ndarray:
         """Indices into `tokens` of the split's contexts that have rows (skipped ones left out)."""
         idx = np.flatnonzero(self.context_split == schema.SPLIT_CODES[split])
-        skipped = self.header["progress"].get("skipped_contexts") or []
-        return np.setdiff1d(idx, np.asarray(skipped, dtype=idx.dtype)) if skipped else idx
+        skipped = self.skipped_contexts()
+        return np.setdiff1d(idx, skipped.astype(idx.dtype)) if len(skipped) else idx
 
     def acts(self, split: str, hook: str) -> zarr.Array:
         """The raw Zarr array; rows at and beyond n_rows(split) are not committed and must not be read."""

@@ -1,4 +1,5 @@
-"""Names, version and invariants of the activation store (schema version 1). SPEC.md is the prose twin."""
+"""Names, version and invariants of the activation store (schema version 2; version 1 still reads). SPEC.md
+is the prose twin."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import numpy as np
 from zarr.codecs import Crc32cCodec
 
 SCHEMA_NAME = "saepipe.activation-store"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 keeps the root metadata small whatever the corpus, width and hooks: the running statistics'
+# sum vectors and the skipped contexts live in arrays, not in the attributes rewritten at every commit.
+FIRST_SMALL_METADATA_VERSION = 2
 ATTRS_KEY = "saepipe"  # every attribute of ours lives under this one root attribute
 
 SPLITS = ("train", "eval")
@@ -18,7 +22,13 @@ SPLIT_CODES = {"train": 0, "eval": 1}
 
 TOKENS = "tokens"
 CONTEXT_SPLIT = "context_split"
+SKIPPED_CONTEXTS = "skipped_contexts"  # int64, contexts left out for non-finite activations, in commit order
+SKIPPED_CHUNK = 4096
 TOKENS_CHUNK_CONTEXTS = 1024
+# Each hook's running sum (float64 [d]) of each split is kept in one of a few slots: a commit writes the new
+# sum to a slot no attribute names (neither the store's nor a running append's) and then names it, so the
+# sum readers see is never the one being written.
+RUNNING_SUM_SLOTS = 4
 
 
 # Integrity: every chunk of every array ends with the CRC32C of its bytes (Zarr's crc32c codec, so any
@@ -56,6 +66,15 @@ def norm_mean_path(hook: str) -> str:
     return f"normalization/{hook}/mean"
 
 
+def running_sum_path(split: str, hook: str) -> str:
+    return f"running_sums/{split}/{hook}"
+
+
+def small_metadata(header: dict) -> bool:
+    """Whether the store keeps its running sums and skipped contexts in arrays (schema version 2 on)."""
+    return header.get("schema_version", 1) >= FIRST_SMALL_METADATA_VERSION
+
+
 def row_array_names(header: dict, split: str) -> list[str]:
     """The arrays holding one row per stored position of `split`."""
     names = [row_context_path(split), row_position_path(split)] + [acts_path(split, h) for h in header["hooks"]]
@@ -69,6 +88,8 @@ def array_names(header: dict) -> list[str]:
     names = [TOKENS, CONTEXT_SPLIT]
     for split in SPLITS:
         names += row_array_names(header, split)
+    if small_metadata(header):
+        names += [SKIPPED_CONTEXTS] + [running_sum_path(split, hook) for split in SPLITS for hook in header["hooks"]]
     for hook, norm in (header.get("normalization") or {}).items():
         if norm["mode"] == "center-scale":
             names.append(norm_mean_path(hook))
@@ -135,8 +156,8 @@ def new_header(
 class RunningStats:
     """Statistics over every row written for one hook and split, accumulated in float64.
 
-    Kept in the store's attributes and rewritten with each commit, so a resumed collect continues the
-    very same sums and ends bit-identical to an uninterrupted one.
+    Rewritten with each commit (the scalars in the attributes, the sum vector in a slot of its array), so a
+    resumed collect continues the very same sums and ends bit-identical to an uninterrupted one.
     """
 
     def __init__(
@@ -188,10 +209,11 @@ class RunningStats:
     def mean_sq_norm(self) -> float:
         return self.sum_sq_norm / max(self.count, 1)
 
-    def to_json(self) -> dict:
+    def to_attrs(self, sum_slot: int) -> dict:
+        """The attributes of a version-2 store: the scalars, and the slot holding the sum vector."""
         return {
             "count": self.count,
-            "sum": self.total.tolist(),
+            "sum_slot": sum_slot,
             "sum_sq_norm": self.sum_sq_norm,
             "max_abs": self.max_abs,
             "nonfinite_values": self.nonfinite_values,
@@ -200,11 +222,12 @@ class RunningStats:
         }
 
     @classmethod
-    def from_json(cls, d: int, obj: dict) -> RunningStats:
+    def from_attrs(cls, d: int, obj: dict, total) -> RunningStats:
+        """From the attributes and the sum vector (version 1 keeps it in the attributes: obj["sum"])."""
         return cls(
             d,
             obj["count"],
-            obj["sum"],
+            total,
             obj["sum_sq_norm"],
             obj["max_abs"],
             obj["nonfinite_values"],
@@ -267,9 +290,13 @@ def _header_problem(header: dict) -> str | None:
         done = progress.get(split)
         if not (isinstance(done, dict) and _is_int(done.get("rows_committed")) and _is_int(done.get("blocks_done"))):
             return f"'progress.{split}' does not give rows_committed and blocks_done"
-    skipped = progress.get("skipped_contexts", [])
-    if not (isinstance(skipped, list) and all(_is_int(c) for c in skipped)):
-        return "'progress.skipped_contexts' is not a list of context indices"
+    if small_metadata(header):
+        if not _is_int(progress.get("skipped_count")):
+            return "'progress.skipped_count' is not a count"
+    else:
+        skipped = progress.get("skipped_contexts", [])
+        if not (isinstance(skipped, list) and all(_is_int(c) for c in skipped)):
+            return "'progress.skipped_contexts' is not a list of context indices"
     for key in ("dropped_positions", "excluded_tokens"):
         if not (isinstance(header.get(key, []), list) and all(_is_int(v) for v in header.get(key, []))):
             return f"'{key}' is not a list of integers"
@@ -281,6 +308,12 @@ def _header_problem(header: dict) -> str | None:
     running = header.get("running_stats", {})
     if not all(isinstance(running.get(s, {}), dict) for s in SPLITS):
         return "'running_stats' does not hold an object per split"
+    if small_metadata(header):
+        for split in SPLITS:
+            for hook, stats in running.get(split, {}).items():
+                slot = stats.get("sum_slot") if isinstance(stats, dict) else None
+                if not (_is_int(slot) and slot < RUNNING_SUM_SLOTS):
+                    return f"'running_stats.{split}.{hook}' names no sum slot"
     from store_schema.normalization import MODES  # here, not at the top: normalization imports torch, schema does not
 
     norms = header.get("normalization")

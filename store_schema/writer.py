@@ -63,18 +63,19 @@ class StoreWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(store=str(tmp), mode="w")
         d_model = header["d_model"]
-        group.create_array(
-            schema.TOKENS,
-            data=tokens.astype(np.int32),
-            compressors=schema.checksummed(ZstdCodec()),
-            chunks=(min(schema.TOKENS_CHUNK_CONTEXTS, max(len(tokens), 1)), tokens.shape[1]),
-        )
-        group.create_array(
-            schema.CONTEXT_SPLIT,
-            data=context_split.astype(np.int8),
-            compressors=schema.checksummed(ZstdCodec()),
-            chunks=(max(len(context_split), 1),),
-        )
+        with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # an all-zero chunk too: verify expects it
+            group.create_array(
+                schema.TOKENS,
+                data=tokens.astype(np.int32),
+                compressors=schema.checksummed(ZstdCodec()),
+                chunks=(min(schema.TOKENS_CHUNK_CONTEXTS, max(len(tokens), 1)), tokens.shape[1]),
+            )
+            group.create_array(
+                schema.CONTEXT_SPLIT,
+                data=context_split.astype(np.int8),
+                compressors=schema.checksummed(ZstdCodec()),
+                chunks=(max(len(context_split), 1),),
+            )
         row_stats = header["normalization_mode"] == "token"
         for split in schema.SPLITS:
             n = planned_rows[split]
@@ -107,10 +108,26 @@ class StoreWriter:
                         compressors=schema.checksummed(),
                         fill_value=0,
                     )
+        with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # zeros too: a missing chunk is damage
+            for split in schema.SPLITS:
+                for hook in header["hooks"]:
+                    group.create_array(
+                        schema.running_sum_path(split, hook),
+                        data=np.zeros((schema.RUNNING_SUM_SLOTS, d_model)),
+                        chunks=(1, d_model),
+                        compressors=schema.checksummed(),
+                    )
+        group.create_array(
+            schema.SKIPPED_CONTEXTS,
+            shape=(0,),
+            dtype="int64",
+            chunks=(schema.SKIPPED_CHUNK,),
+            compressors=schema.checksummed(ZstdCodec()),
+        )
         header = dict(header)
         header["layout"] = {"chunk_rows": chunk_rows, "planned_rows": dict(planned_rows)}
         header["progress"] = {split: {"blocks_done": 0, "rows_committed": 0} for split in schema.SPLITS}
-        header["progress"]["skipped_contexts"] = []
+        header["progress"]["skipped_count"] = 0
         header["running_stats"] = {split: {} for split in schema.SPLITS}
         header["normalization"] = None
         header["complete"] = False
@@ -125,7 +142,14 @@ class StoreWriter:
     @classmethod
     def open(cls, path: str | os.PathLike, durable: bool = True) -> StoreWriter:
         group = zarr.open_group(store=str(path), mode="r+")
-        schema.check_header(dict(group.attrs.get(schema.ATTRS_KEY, {})))
+        header = dict(group.attrs.get(schema.ATTRS_KEY, {}))
+        schema.check_header(header)
+        if header["schema_version"] < schema.SCHEMA_VERSION:
+            raise schema.StoreError(
+                f"store {path} uses schema version {header['schema_version']}, written by an earlier saepipe: it "
+                f"reads as it is, but this saepipe writes version {schema.SCHEMA_VERSION} and cannot continue or "
+                f"grow it; finish it with the saepipe that started it, or collect it again"
+            )
         return cls(group, durable)
 
     def remove_leftover_temporaries(self) -> None:
@@ -159,7 +183,15 @@ class StoreWriter:
     def running_stats(self, split: str, hook: str) -> schema.RunningStats:
         saved = self._live()["running_stats"][split].get(hook)
         d = self.header["d_model"]
-        return schema.RunningStats(d) if saved is None else schema.RunningStats.from_json(d, saved)
+        if saved is None:
+            return schema.RunningStats(d)
+        return schema.RunningStats.from_attrs(
+            d, saved, self.group[schema.running_sum_path(split, hook)][saved["sum_slot"]]
+        )
+
+    def skipped_contexts(self) -> list[int]:
+        """Contexts left out for non-finite activations so far (an append's included while it runs)."""
+        return self.group[schema.SKIPPED_CONTEXTS][: self._live()["progress"]["skipped_count"]].tolist()
 
     def normalizations(self) -> dict[str, Normalization] | None:
         saved = self.header.get("normalization")
@@ -215,14 +247,25 @@ class StoreWriter:
         stats: dict[str, schema.RunningStats],
         skipped_contexts: list[int],
     ) -> None:
-        """Make the split's rows up to `rows_committed` visible, with their statistics."""
+        """Make the split's rows up to `rows_committed` visible, with their statistics and the contexts this
+        commit leaves out (`skipped_contexts`: non-finite activations). The sums and the skipped contexts
+        are written to their arrays first, where no committed attribute points yet."""
         written = self._row_chunk_files(split, self.progress(split)["rows_committed"], rows_committed)
         live = self._live()
         progress = dict(live["progress"])
         progress[split] = {"blocks_done": blocks_done, "rows_committed": rows_committed}
-        progress["skipped_contexts"] = sorted(skipped_contexts)
+        progress["skipped_count"], written_skipped = self._write_skipped(
+            live["progress"]["skipped_count"], skipped_contexts
+        )
         running = dict(live["running_stats"])
-        running[split] = {hook: s.to_json() for hook, s in stats.items()}
+        running[split] = {}
+        for hook, hook_stats in stats.items():
+            slot = self._free_sum_slot(split, hook)
+            with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):
+                self.group[schema.running_sum_path(split, hook)][slot] = hook_stats.total
+            running[split][hook] = hook_stats.to_attrs(slot)
+            written += self._chunk_files(schema.running_sum_path(split, hook), slot, slot + 1)
+        written += written_skipped
         if self.appending:
             self._update(flush=written, append={**live, "progress": progress, "running_stats": running})
         else:
@@ -246,8 +289,31 @@ class StoreWriter:
         stats = {hook: self.running_stats(split, hook) for hook in self.header["hooks"]}
         for hook, block in block_stats.items():
             stats[hook].merge(block)
-        skipped = self._live()["progress"]["skipped_contexts"] + list(dropped_contexts)
-        self.commit(split, block_index + 1, self.progress(split)["rows_committed"] + n_rows, stats, skipped)
+        self.commit(split, block_index + 1, self.progress(split)["rows_committed"] + n_rows, stats, dropped_contexts)
+
+    def _free_sum_slot(self, split: str, hook: str) -> int:
+        """A slot of the hook's running sums that neither the store's attributes nor a running append's
+        name: writing it changes nothing any reader or resume relies on."""
+        named = {
+            attrs["running_stats"][split][hook]["sum_slot"]
+            for attrs in (self.header, self.header.get("append") or {})
+            if hook in attrs.get("running_stats", {}).get(split, {})
+        }
+        return min(set(range(schema.RUNNING_SUM_SLOTS)) - named)
+
+    def _write_skipped(self, count: int, new: list[int]) -> tuple[int, list[Path]]:
+        """Write contexts `new` after the first `count` skipped ones (past what any attribute counts);
+        the new count, and the files to flush before it is committed."""
+        if not new:
+            return count, []
+        arr = self.group[schema.SKIPPED_CONTEXTS]
+        if arr.shape[0] < count + len(new):
+            arr.resize((count + len(new),))
+        with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):
+            arr[count : count + len(new)] = np.asarray(new, dtype=np.int64)
+        return count + len(new), self._metadata_files([schema.SKIPPED_CONTEXTS]) + self._chunk_files(
+            schema.SKIPPED_CONTEXTS, count, count + len(new)
+        )
 
     def begin_append(
         self,

@@ -231,6 +231,10 @@ def _newer_schema(tmp: Path, places: dict, monkeypatch) -> None:
     StoreWriter.open(_copy_store(tmp, places, "newer.zarr"))._update(schema_version=99)
 
 
+def _old_schema(tmp: Path, places: dict, monkeypatch) -> None:
+    shutil.copytree(REPO / "tests" / "store_schema" / "v1_store" / "store.zarr", tmp / "v1.zarr")
+
+
 def _damaged_chunk(tmp: Path, places: dict, monkeypatch) -> None:
     chunk = _copy_store(tmp, places, "damaged.zarr") / TRAIN_CHUNK
     data = bytearray(chunk.read_bytes())
@@ -277,6 +281,7 @@ def _damaged(name: str, garble):
 
 
 SETUPS = {
+    "old_schema": _old_schema,
     "data": _data,
     "offline": _offline,
     "no_gpu": _no_gpu,

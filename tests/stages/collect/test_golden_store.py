@@ -1,5 +1,7 @@
-"""The bytes of a tiny-model store, file by file, against a manifest recorded before the layout
-refactor (issue 13): code that moves must not change what collect writes.
+"""The bytes of a tiny-model store, file by file, against a recorded manifest: code that moves must not
+change what collect writes. Recorded before the layout refactor (issue 13); re-recorded for schema
+version 2 (issue 14), where every row array, token and mapping file kept its bytes, the root metadata
+changed and the running sums' and skipped contexts' arrays are new.
 
 Activations are floats computed by the CPU's kernels, whose last bits depend on the instruction set
 (AVX-512, AVX2, ...). A kernel probe, recorded with the manifest, tells whether this machine computes
@@ -65,7 +67,7 @@ def kernel_probe() -> str:
 
 
 def floats_reach(name: str) -> bool:
-    return "/acts/" in name or name.startswith("normalization/")
+    return "/acts/" in name or name.startswith(("normalization/", "running_sums/"))
 
 
 def manifest_of(store: Path, workdir: Path) -> dict[str, str]:
