@@ -17,3 +17,14 @@ SETTINGS = dict(
 )
 # 6,000 tokens: about ten training blocks and an eval split of two blocks.
 SMALL = dict(SETTINGS, tokens=6000)
+
+
+def cli_args(*hooks: str, tokens: int) -> list[str]:
+    """The `saepipe collect` arguments of SETTINGS (tiny-random, small blocks and chunks) for these hooks."""
+    args = ["--model", "tiny-random"]
+    for hook in hooks:
+        args += ["--hook", hook]
+    return args + [
+        "--tokens", str(tokens), "--context-size", "32", "--batch-size", "8", "--shuffle-buffer-rows", "620",
+        "--chunk-rows", "256", "--warmup-rows", "500", "--eval-fraction", "0.1", "--no-progress",
+    ]  # fmt: skip

@@ -15,34 +15,11 @@ import pytest
 
 from store_schema.reader import open_store
 from store_schema.writer import write_array_store
+from tests.helpers.collect import cli_args
 from tests.helpers.files import REPO, tree_bytes
 
 HOOK = "blocks.1.hook_resid_post"
-COLLECT = [
-    sys.executable,
-    "-m",
-    "pipeline.cli",
-    "collect",
-    "--model",
-    "tiny-random",
-    "--hook",
-    HOOK,
-    "--tokens",
-    "24000",
-    "--context-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--shuffle-buffer-rows",
-    "620",
-    "--chunk-rows",
-    "256",
-    "--warmup-rows",
-    "500",
-    "--eval-fraction",
-    "0.1",
-    "--no-progress",
-]
+COLLECT = [sys.executable, "-m", "pipeline.cli", "collect", *cli_args(HOOK, tokens=24000)]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 

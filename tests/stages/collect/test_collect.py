@@ -17,7 +17,7 @@ from stages.basics.errors import SaepipeError
 from stages.collect.config import CollectConfig
 from stages.collect.plan import PlanAction
 from store_schema.reader import open_store
-from tests.helpers.collect import HOOKS, SMALL
+from tests.helpers.collect import HOOKS, SMALL, cli_args
 from tests.helpers.files import tree_bytes
 
 
@@ -57,29 +57,7 @@ def test_rows_are_the_models_activations_at_their_recorded_positions(tmp_path):
 
 
 def test_resume_after_kill_9_is_bit_identical(tmp_path):
-    args = [
-        "--model",
-        "tiny-random",
-        "--hook",
-        HOOKS[0],
-        "--hook",
-        HOOKS[1],
-        "--tokens",
-        "60000",
-        "--context-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--shuffle-buffer-rows",
-        "620",
-        "--chunk-rows",
-        "256",
-        "--warmup-rows",
-        "500",
-        "--eval-fraction",
-        "0.1",
-        "--no-progress",
-    ]
+    args = cli_args(*HOOKS, tokens=60000)
     cmd = [sys.executable, "-m", "pipeline.cli", "collect", *args]
     subprocess.run(cmd + ["--out", str(tmp_path / "whole.zarr")], check=True, capture_output=True)
 
@@ -114,25 +92,7 @@ def test_a_reader_during_collect_sees_committed_rows_only_never_torn_chunks(tmp_
     (checksums checked) without error, and they are exactly the first rows of the finished store."""
     out = tmp_path / "live.zarr"
     args = [
-        "--model",
-        "tiny-random",
-        "--hook",
-        HOOKS[0],
-        "--tokens",
-        "40000",
-        "--context-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--shuffle-buffer-rows",
-        "620",
-        "--chunk-rows",
-        "256",
-        "--warmup-rows",
-        "500",
-        "--eval-fraction",
-        "0.1",
-        "--no-progress",
+        *cli_args(HOOKS[0], tokens=40000),
         "--out",
         str(out),
     ]
