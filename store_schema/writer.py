@@ -189,10 +189,6 @@ class StoreWriter:
             d, saved, self.group[schema.running_sum_path(split, hook)][saved["sum_slot"]]
         )
 
-    def skipped_contexts(self) -> list[int]:
-        """Contexts left out for non-finite activations so far (an append's included while it runs)."""
-        return self.group[schema.SKIPPED_CONTEXTS][: self._live()["progress"]["skipped_count"]].tolist()
-
     def normalizations(self) -> dict[str, Normalization] | None:
         saved = self.header.get("normalization")
         if saved is None:

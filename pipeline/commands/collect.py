@@ -7,14 +7,12 @@ from click.core import ParameterSource
 
 from pipeline.commands.options import options
 from stages.basics.errors import SaepipeError
+from stages.basics.settings import settings_of
 from stages.collect import CollectConfig, run_collect
+from stages.collect.config import RUN_SETTINGS
 
-# What decides a store's contents: an append takes all of it from the store.
-STORE_SETTINGS = (
-    "model", "dataset", "dataset_split", "text_column", "hooks", "context_size", "normalize", "eval_fraction",
-    "batch_size", "dtype", "seed", "drop_first", "exclude_special", "outlier_factor", "shuffle_buffer_rows",
-    "chunk_rows", "warmup_rows", "nonfinite",
-)  # fmt: skip
+# What decides a store's contents besides its size: an append takes all of it from the store.
+STORE_SETTINGS = tuple(name for name in settings_of(CollectConfig) if name not in RUN_SETTINGS | {"tokens"})
 
 
 @click.command()

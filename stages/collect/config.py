@@ -10,6 +10,11 @@ from stages.basics.errors import require
 from stages.basics.settings import device_setting, progress_setting, setting
 from store_schema.normalization import MODES as NORMALIZATION_MODES
 
+# Where and how a collect runs, never what it writes: the other fields decide the store's bytes.
+RUN_SETTINGS = frozenset(
+    {"out", "device", "overwrite", "resume", "fsync", "progress", "workers", "scheduler", "append"}
+)
+
 
 @dataclass
 class CollectConfig:
@@ -132,7 +137,6 @@ class CollectConfig:
 
     def content_fields(self) -> dict:
         """The fields that decide the store's bytes: equal fields mean a resumable, identical store."""
-        skip = {"out", "device", "overwrite", "resume", "fsync", "progress", "workers", "scheduler", "append"}
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_SETTINGS}
         fields["hooks"] = sorted(self.hooks)
         return fields
