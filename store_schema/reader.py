@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +15,7 @@ import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
@@ -21,26 +23,35 @@ from store_schema import schema
 from store_schema.normalization import Normalization
 
 
+REMOTE_CONCURRENCY = 16  # chunk requests in flight to a remote store: object stores answer in tens of ms
+CONCURRENCY_VARIABLE = "SAEPIPE_REMOTE_CONCURRENCY"
+
+
 class ActivationStore:
     """A read-only view of a store that shows committed rows only."""
 
-    def __init__(self, group: zarr.Group, location: str):
+    def __init__(self, group: zarr.Group, location: str, concurrency: int = REMOTE_CONCURRENCY):
         self.group = group
         self.location = location
+        # chunk objects fetched at once from a remote store (a local one is read with the callers' threads)
+        self.concurrency = concurrency
         self.header = dict(group.attrs[schema.ATTRS_KEY])
         # Whole committed chunks whose CRC32C this process has checked: a training run reads each chunk
         # every epoch, and checking it again would halve the read speed (docs/benchmarks.md: CRC32C rate).
         self._verified: set[tuple[str, str, int]] = set()
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> ActivationStore:
+    def open(cls, path: str | os.PathLike, concurrency: int | None = None) -> ActivationStore:
         """A store at a local path, or at a URL fsspec knows: file://, s3://, gs://, http(s):// (read-only).
-        Object-store credentials and endpoints come from the usual environment (e.g. AWS_* variables)."""
+        Object-store credentials and endpoints come from the usual environment (e.g. AWS_* variables).
+        `concurrency`: chunk requests in flight to a remote store (default: $SAEPIPE_REMOTE_CONCURRENCY,
+        else REMOTE_CONCURRENCY)."""
         location = local_path(str(path))
         if "://" not in location and not Path(location).exists():
             raise schema.StoreError(f"no store at {location}: run `saepipe collect --out {location}` first")
+        concurrency = remote_concurrency() if concurrency is None else concurrency
         try:
-            group = zarr.open_group(store=location, mode="r")
+            group = zarr.open_group(store=location, mode="r", storage_options=_storage_options(location, concurrency))
         except ImportError as e:  # fsspec names the backend a URL needs (s3fs, gcsfs, aiohttp)
             raise schema.StoreError(
                 f"opening {location} needs a package that is not installed ({e}): pip install 'saepipe[remote]'"
@@ -64,7 +75,7 @@ class ActivationStore:
             _check_arrays_match(group, header)
         except schema.StoreError as e:
             raise schema.StoreError(f"{location}: {e}") from None
-        return cls(group, location)
+        return cls(group, location, concurrency)
 
     # -- description --------------------------------------------------------------------------------
     @property

@@ -103,7 +103,22 @@ def fingerprint(obj) -> str:
 
 
 def tokens_fingerprint(tokens: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:16]
+    fingerprint = TokensFingerprint()
+    fingerprint.update(tokens)
+    return fingerprint.hexdigest()
+
+
+class TokensFingerprint:
+    """The fingerprint of a tokens array, fed its contexts in order in pieces of any size."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def update(self, tokens: np.ndarray) -> None:
+        self._hash.update(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()[:16]
 
 
 def new_header(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -50,90 +51,32 @@ class StoreWriter:
         cls,
         path: str | os.PathLike,
         header: dict,
-        tokens: np.ndarray,
+        tokens: np.ndarray | Iterable[np.ndarray],
         context_split: np.ndarray,
-        planned_rows: dict[str, int],
         chunk_rows: int,
         durable: bool = True,
     ) -> StoreWriter:
         """Write the empty store (tokens, split, preallocated row arrays, attributes) to a temporary
-        folder beside `path` and rename it into place, so a killed creation leaves no half store."""
+        folder beside `path` and rename it into place, so a killed or failed creation leaves no half
+        store. `tokens`: the contexts' token ids, an array or its pieces in order (each [n, context_size],
+        best a multiple of TOKENS_CHUNK_CONTEXTS), written as they come so that a corpus of any size is
+        never held in memory; the header gains their fingerprint and the rows each split will hold."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        group = zarr.open_group(store=str(tmp), mode="w")
-        d_model = header["d_model"]
-        with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # an all-zero chunk too: verify expects it
-            group.create_array(
-                schema.TOKENS,
-                data=tokens.astype(np.int32),
-                compressors=schema.checksummed(ZstdCodec()),
-                chunks=(min(schema.TOKENS_CHUNK_CONTEXTS, max(len(tokens), 1)), tokens.shape[1]),
+        try:
+            group = zarr.open_group(store=str(tmp), mode="w")
+            header = _header_with_layout(header, chunk_rows)
+            header["text_source"]["tokens_fingerprint"], header["layout"]["planned_rows"] = _write_tokens(
+                group, header, [tokens] if isinstance(tokens, np.ndarray) else tokens, context_split
             )
-            group.create_array(
-                schema.CONTEXT_SPLIT,
-                data=context_split.astype(np.int8),
-                compressors=schema.checksummed(ZstdCodec()),
-                chunks=(max(len(context_split), 1),),
-            )
-        row_stats = header["normalization_mode"] == "token"
-        for split in schema.SPLITS:
-            n = planned_rows[split]
-            chunk = (chunk_rows,)  # also for a smaller split: its arrays can then grow (--append)
-            for name, dtype in ((schema.row_context_path(split), "int32"), (schema.row_position_path(split), "int16")):
-                group.create_array(
-                    name,
-                    shape=(n,),
-                    dtype=dtype,
-                    chunks=chunk,
-                    fill_value=-1,
-                    compressors=schema.checksummed(ZstdCodec()),
-                )
-            for hook in header["hooks"]:
-                # fp16 activations barely compress; raw chunks (plus their checksum) read fastest.
-                group.create_array(
-                    schema.acts_path(split, hook),
-                    shape=(n, d_model),
-                    dtype="float16",
-                    chunks=chunk + (d_model,),
-                    compressors=schema.checksummed(),
-                    fill_value=0,
-                )
-                if row_stats:
-                    group.create_array(
-                        schema.row_stats_path(split, hook),
-                        shape=(n, 2),
-                        dtype="float32",
-                        chunks=chunk + (2,),
-                        compressors=schema.checksummed(),
-                        fill_value=0,
-                    )
-        with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # zeros too: a missing chunk is damage
-            for split in schema.SPLITS:
-                for hook in header["hooks"]:
-                    group.create_array(
-                        schema.running_sum_path(split, hook),
-                        data=np.zeros((schema.RUNNING_SUM_SLOTS, d_model)),
-                        chunks=(1, d_model),
-                        compressors=schema.checksummed(),
-                    )
-        group.create_array(
-            schema.SKIPPED_CONTEXTS,
-            shape=(0,),
-            dtype="int64",
-            chunks=(schema.SKIPPED_CHUNK,),
-            compressors=schema.checksummed(ZstdCodec()),
-        )
-        header = dict(header)
-        header["layout"] = {"chunk_rows": chunk_rows, "planned_rows": dict(planned_rows)}
-        header["progress"] = {split: {"blocks_done": 0, "rows_committed": 0} for split in schema.SPLITS}
-        header["progress"]["skipped_count"] = 0
-        header["running_stats"] = {split: {} for split in schema.SPLITS}
-        header["normalization"] = None
-        header["complete"] = False
-        group.update_attributes({schema.ATTRS_KEY: header})
-        if durable:
-            fsync_tree(tmp)
+            _create_row_arrays(group, header)
+            group.update_attributes({schema.ATTRS_KEY: header})
+            if durable:
+                fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         os.replace(tmp, path)
         if durable:
             fsync_path(path.parent)
@@ -436,6 +379,112 @@ class StoreWriter:
         return [path for path in (self.flush_root / name).rglob("*") if path.is_file()]
 
 
+def _header_with_layout(header: dict, chunk_rows: int) -> dict:
+    """A new store's header: `header` with its layout and empty progress (nothing committed yet)."""
+    header = {**header, "text_source": dict(header["text_source"])}
+    header["layout"] = {"chunk_rows": chunk_rows, "planned_rows": None}
+    header["progress"] = {split: {"blocks_done": 0, "rows_committed": 0} for split in schema.SPLITS}
+    header["progress"]["skipped_count"] = 0
+    header["running_stats"] = {split: {} for split in schema.SPLITS}
+    header["normalization"] = None
+    header["complete"] = False
+    return header
+
+
+def _write_tokens(
+    group: zarr.Group, header: dict, pieces: Iterable[np.ndarray], context_split: np.ndarray
+) -> tuple[str, dict[str, int]]:
+    """Write the tokens piece by piece (and the split); returns their fingerprint and each split's
+    stored positions (the rows it will hold at most, before the outlier filter)."""
+    n_contexts, context_size = len(context_split), header["context_size"]
+    drop_first, excluded = len(header["dropped_positions"]), header["excluded_tokens"]
+    with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # an all-zero chunk too: verify expects it
+        tokens = group.create_array(
+            schema.TOKENS,
+            shape=(n_contexts, context_size),
+            dtype="int32",
+            fill_value=0,
+            compressors=schema.checksummed(ZstdCodec()),
+            chunks=(min(schema.TOKENS_CHUNK_CONTEXTS, max(n_contexts, 1)), context_size),
+        )
+        group.create_array(
+            schema.CONTEXT_SPLIT,
+            data=context_split.astype(np.int8),
+            compressors=schema.checksummed(ZstdCodec()),
+            chunks=(max(n_contexts, 1),),
+        )
+        fingerprint, stored, done = schema.TokensFingerprint(), np.zeros(n_contexts, np.int64), 0
+        for piece in pieces:
+            piece = np.ascontiguousarray(piece, dtype=np.int32)
+            if done + len(piece) > n_contexts or piece.shape[1:] != (context_size,):
+                raise ValueError(f"token pieces overrun the {n_contexts} contexts of {context_size} tokens")
+            tokens[done : done + len(piece)] = piece
+            fingerprint.update(piece)
+            stored[done : done + len(piece)] = schema.stored_positions(piece, drop_first, excluded).sum(axis=1)
+            done += len(piece)
+    if done != n_contexts:
+        raise ValueError(f"token pieces hold {done} contexts, not the {n_contexts} of the split")
+    planned = {split: int(stored[context_split == code].sum()) for split, code in schema.SPLIT_CODES.items()}
+    return fingerprint.hexdigest(), planned
+
+
+def _create_row_arrays(group: zarr.Group, header: dict) -> None:
+    """The preallocated row arrays of both splits, the running sums' slots and the skipped contexts."""
+    d_model, chunk_rows, planned_rows = (
+        header["d_model"],
+        header["layout"]["chunk_rows"],
+        header["layout"]["planned_rows"],
+    )
+    row_stats = header["normalization_mode"] == "token"
+    for split in schema.SPLITS:
+        n = planned_rows[split]
+        chunk = (chunk_rows,)  # also for a smaller split: its arrays can then grow (--append)
+        for name, dtype in ((schema.row_context_path(split), "int32"), (schema.row_position_path(split), "int16")):
+            group.create_array(
+                name,
+                shape=(n,),
+                dtype=dtype,
+                chunks=chunk,
+                fill_value=-1,
+                compressors=schema.checksummed(ZstdCodec()),
+            )
+        for hook in header["hooks"]:
+            # fp16 activations barely compress; raw chunks (plus their checksum) read fastest.
+            group.create_array(
+                schema.acts_path(split, hook),
+                shape=(n, d_model),
+                dtype="float16",
+                chunks=chunk + (d_model,),
+                compressors=schema.checksummed(),
+                fill_value=0,
+            )
+            if row_stats:
+                group.create_array(
+                    schema.row_stats_path(split, hook),
+                    shape=(n, 2),
+                    dtype="float32",
+                    chunks=chunk + (2,),
+                    compressors=schema.checksummed(),
+                    fill_value=0,
+                )
+    with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # zeros too: a missing chunk is damage
+        for split in schema.SPLITS:
+            for hook in header["hooks"]:
+                group.create_array(
+                    schema.running_sum_path(split, hook),
+                    data=np.zeros((schema.RUNNING_SUM_SLOTS, d_model)),
+                    chunks=(1, d_model),
+                    compressors=schema.checksummed(),
+                )
+    group.create_array(
+        schema.SKIPPED_CONTEXTS,
+        shape=(0,),
+        dtype="int64",
+        chunks=(schema.SKIPPED_CHUNK,),
+        compressors=schema.checksummed(ZstdCodec()),
+    )
+
+
 def _write_from(arr: zarr.Array, first: int, data: np.ndarray) -> None:
     """Make `arr` end with `data` at index `first` (growing or shrinking it)."""
     arr.resize((first + len(data),) + arr.shape[1:])
@@ -472,7 +521,7 @@ def write_array_store(
         warmup_rows=0,
         nonfinite_policy="skip",
     )
-    writer = StoreWriter.create(path, header, tokens, split, {"train": n_train, "eval": n_eval}, chunk_rows)
+    writer = StoreWriter.create(path, header, tokens, split, chunk_rows)
     writer.record_normalization({hook: Normalization("none")})
     for name, rows, offset in (("train", train, 0), ("eval", eval_rows, n_train)):
         fp16 = rows.astype(np.float16)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from stages.basics.errors import SaepipeError
 from stages.collect.config import CollectConfig
+from stages.collect.context_tokens import ContextTokens
 from stages.host_model.model import run_to_hooks
 from store_schema import schema
 from store_schema.normalization import Normalization
@@ -149,16 +150,10 @@ def pending_blocks(cfg: CollectConfig, writer: StoreWriter) -> list[BlockTask]:
     return tasks
 
 
-def tokens_and_stored_mask(cfg: CollectConfig, writer: StoreWriter) -> tuple[np.ndarray, np.ndarray]:
-    """The store's tokens and the mask of their stored positions (before the outlier filter)."""
-    tokens = writer.group[schema.TOKENS][:]
-    return tokens, schema.stored_positions(tokens, cfg.drop_first, writer.header["excluded_tokens"])
-
-
-def progress_bar(cfg: CollectConfig, keep: np.ndarray, todo: list[BlockTask]) -> tqdm:
+def progress_bar(cfg: CollectConfig, tokens: ContextTokens, todo: list[BlockTask]) -> tqdm:
     """Stored positions: all of them, those of the blocks still to do counted as not done yet."""
-    total = int(keep.sum())
-    left = int(sum(keep[task.contexts].sum() for task in todo))
+    total = int(tokens.stored_counts.sum())
+    left = int(sum(tokens.stored_counts[task.contexts].sum() for task in todo))
     return tqdm(
         total=total,
         initial=total - left,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from stages import __version__
 from stages.collect.blocks import contexts_per_block
 from stages.collect.config import CollectConfig
-from stages.text.packing import pack_contexts
+from stages.text.packing import iter_packed_contexts
 from stages.text.sources import open_text_source
 from store_schema import schema
 from store_schema.writer import StoreWriter
@@ -16,13 +16,14 @@ def create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
     tok = model.tokenizer
     separator = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
     n_contexts = schema.contexts_needed(cfg.tokens, cfg.rows_per_context, cfg.eval_fraction)
-    tokens = pack_contexts(
+    tokens = iter_packed_contexts(  # pieces written as they are packed: never the whole corpus in memory
         source.documents(),
         tok.encode,
         context_size=cfg.context_size,
         n_contexts=n_contexts,
         bos_token_id=tok.bos_token_id,
         separator_token_id=separator,
+        piece_contexts=schema.TOKENS_CHUNK_CONTEXTS,
         progress=cfg.progress,
     )
     context_split = schema.assign_split(n_contexts, cfg.eval_fraction, cfg.seed)
@@ -39,7 +40,7 @@ def create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
             "n_layers": model.n_layers,
             "dtype": cfg.dtype,
         },
-        text_source={**source.describe(), "tokens_fingerprint": schema.tokens_fingerprint(tokens)},
+        text_source=source.describe(),  # the writer adds the tokens' fingerprint
         tokenizer={
             "name": tok.name,
             "vocab_size": tok.vocab_size,
@@ -64,5 +65,4 @@ def create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
         warmup_rows=cfg.warmup_rows,
         nonfinite_policy=cfg.nonfinite,
     )
-    planned = schema.planned_rows(tokens, context_split, cfg.drop_first, header["excluded_tokens"])
-    return StoreWriter.create(cfg.out, header, tokens, context_split, planned, cfg.chunk_rows, durable=cfg.fsync)
+    return StoreWriter.create(cfg.out, header, tokens, context_split, cfg.chunk_rows, durable=cfg.fsync)

@@ -14,32 +14,32 @@ from stages.collect.blocks import (
     pending_blocks,
     prepare_block,
     progress_bar,
-    tokens_and_stored_mask,
 )
 from stages.collect.config import CollectConfig
+from stages.collect.context_tokens import ContextTokens
 from store_schema.writer import StoreWriter
 
 
 def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter) -> None:
-    tokens, keep = tokens_and_stored_mask(cfg, writer)
-    todo = pending_blocks(cfg, writer)
-    bar = progress_bar(cfg, keep, todo)
-    norms = writer.normalizations()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool:
-        pending: Future | None = None
-        for task in todo:
-            block = forward_block(cfg, model, hooks, task, tokens[task.contexts], keep[task.contexts], bar.update)
-            if norms is None:
-                norms = fix_normalization(writer, estimate_normalization(cfg, hooks, block))
-            # The torch work stays on this thread: torch ops issued from a second thread start a second
-            # OpenMP team, whose spinning threads slow the forward pass (docs/benchmarks.md); the writer's
-            # share is numpy and I/O.
-            normalized = normalize_block(block, norms, hooks)
+    with ContextTokens.of_store(writer.group, writer.header) as tokens:
+        todo = pending_blocks(cfg, writer)
+        bar = progress_bar(cfg, tokens, todo)
+        norms = writer.normalizations()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool:
+            pending: Future | None = None
+            for task in todo:
+                block = forward_block(cfg, model, hooks, task, *tokens.read(task.contexts), bar.update)
+                if norms is None:
+                    norms = fix_normalization(writer, estimate_normalization(cfg, hooks, block))
+                # The torch work stays on this thread: torch ops issued from a second thread start a second
+                # OpenMP team, whose spinning threads slow the forward pass (docs/benchmarks.md); the writer's
+                # share is numpy and I/O.
+                normalized = normalize_block(block, norms, hooks)
+                if pending is not None:
+                    pending.result()  # one block in flight: bounded memory, writer errors surface here
+                pending = pool.submit(_write_and_commit, cfg, writer, normalized)
             if pending is not None:
-                pending.result()  # one block in flight: bounded memory, writer errors surface here
-            pending = pool.submit(_write_and_commit, cfg, writer, normalized)
-        if pending is not None:
-            pending.result()
+                pending.result()
     bar.close()
 
 

@@ -46,9 +46,9 @@ from stages.collect.blocks import (
     pending_blocks,
     prepare_block,
     progress_bar,
-    tokens_and_stored_mask,
 )
 from stages.collect.config import CollectConfig
+from stages.collect.context_tokens import ContextTokens
 from stages.host_model.loading import load_host_model
 from stages.host_model.model import validate_hooks
 from store_schema import schema
@@ -227,19 +227,19 @@ def fill_store_on_workers(cfg: CollectConfig, client, writer: StoreWriter, model
     """Collect every block the store still lacks on the client's workers; the client commits them."""
     store = str(Path(cfg.out).resolve())  # workers may run elsewhere, in another folder
     lock = _check_workers_see_store(client, store)
-    tokens, keep = tokens_and_stored_mask(cfg, writer)
-    todo = pending_blocks(cfg, writer)
-    bar = progress_bar(cfg, keep, todo)
-    collector = DaskBlockRunner(
-        cfg, client, writer, model_summary.hooks, model_summary.revision, store, lock, tokens, keep
-    )
-    try:
-        collector.run(deque(todo), bar)
-    except BaseException:
-        collector.stop()
-        raise
-    finally:
-        bar.close()
+    with ContextTokens.of_store(writer.group, writer.header) as tokens:
+        todo = pending_blocks(cfg, writer)
+        bar = progress_bar(cfg, tokens, todo)
+        collector = DaskBlockRunner(
+            cfg, client, writer, model_summary.hooks, model_summary.revision, store, lock, tokens
+        )
+        try:
+            collector.run(deque(todo), bar)
+        except BaseException:
+            collector.stop()
+            raise
+        finally:
+            bar.close()
 
 
 def _check_workers_see_store(client, store: str) -> str:
@@ -292,11 +292,10 @@ class DaskBlockRunner:
         revision: str,
         store: str,
         lock: str,
-        tokens,
-        keep,
+        tokens: ContextTokens,
     ):
         self.cfg, self.client, self.writer, self.hooks, self.revision = cfg, client, writer, hooks, revision
-        self.store, self.lock, self.tokens, self.keep = store, lock, tokens, keep
+        self.store, self.lock, self.tokens = store, lock, tokens
         self.norms = writer.normalizations()
         self.next_row = {split: writer.progress(split)["rows_committed"] for split in schema.SPLITS}
         self.chunk_rows = {split: writer.chunk_rows(split) for split in schema.SPLITS}
@@ -346,7 +345,7 @@ class DaskBlockRunner:
 
     def _launch(self, task: BlockTask) -> None:
         item = BlockInFlight(task)
-        args = (self.cfg, self.hooks, self.revision, task, self.tokens[task.contexts], self.keep[task.contexts])
+        args = (self.cfg, self.hooks, self.revision, task, *self.tokens.read(task.contexts))
         if self.norms is None:  # only before the first block of a new store is done
             item.forward = self._submit("forward", task, _forward, *args, priority=0)
         else:

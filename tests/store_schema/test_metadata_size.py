@@ -31,8 +31,7 @@ def test_root_metadata_stays_under_64_kib_with_8_hooks_of_width_4096(tmp_path):
     )  # fmt: skip
     split = np.zeros(n_contexts, np.int8)
     split[-16:] = 1
-    writer = StoreWriter.create(tmp_path / "s.zarr", header, np.zeros((n_contexts, 2), np.int32), split,
-                                {"train": 48, "eval": 16}, chunk_rows=16)  # fmt: skip
+    writer = StoreWriter.create(tmp_path / "s.zarr", header, np.ones((n_contexts, 2), np.int32), split, chunk_rows=16)
     rng = np.random.default_rng(0)
     writer.record_normalization({h: Normalization("center-scale", rng.standard_normal(d).astype(np.float32), 0.5,
                                                   100.0) for h in hooks})  # fmt: skip
