@@ -15,6 +15,7 @@ from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError, first_line
 from stages.host_model.model import HostModel, block_hook_points
 from stages.host_model.smollm2 import prepare_default_model, read_conversion_marker, sha256_16
+from stages.host_model.synthetic import is_synthetic, load_synthetic
 from stages.host_model.tokenizers import ByteTokenizer, HFTextTokenizer, TextTokenizer
 
 # transformer_lens, transformers and huggingface_hub are imported inside the functions that boot a model:
@@ -43,7 +44,7 @@ def _parse_dtype(dtype: str) -> tuple[str, torch.dtype]:
 
 
 def load_host_model(name: str, device: str = "auto", dtype: str = "float32") -> HostModel:
-    """Load ``smollm2-135m``, ``tiny-random``, an HF model id or a local HF model directory."""
+    """Load ``smollm2-135m``, ``tiny-random``, ``synthetic[-d<N>]``, an HF model id or a local HF model directory."""
     name = str(name).strip()
     if not name:
         raise SaepipeError("no model named: use --model smollm2-135m, an HF model id or a local model directory")
@@ -53,6 +54,8 @@ def load_host_model(name: str, device: str = "auto", dtype: str = "float32") -> 
         return _load_tiny_random(torch_device, dtype_name, torch_dtype)
     if name.lower() == DEFAULT_MODEL:
         return _load_smollm2(torch_device, dtype_name, torch_dtype)
+    if is_synthetic(name):
+        return load_synthetic(name, torch_device, dtype_name)
     return _load_hf_model(name, torch_device, dtype_name, torch_dtype)
 
 

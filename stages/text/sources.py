@@ -13,6 +13,7 @@ from typing import Any
 
 from stages.basics.errors import SaepipeError, first_line
 from stages.text.python_docs import python_docs_documents
+from stages.text.synthetic_text import SYNTHETIC_TEXT, synthetic_documents
 
 # datasets and pyarrow are imported where an HF dataset or local files are read: python-docs needs
 # neither, and datasets is slow to import.
@@ -81,7 +82,7 @@ _HF_BATCH = 64  # rows fetched per batch when iterating a datasets object
 @dataclass(frozen=True)
 class TextSource:
     name: str  # "python-docs", an HF dataset name, or a description of local files
-    kind: str  # "builtin" | "hf" | "files"
+    kind: str  # "builtin" | "synthetic" | "hf" | "files"
     split: str | None
     text_column: str | None
     paths: tuple[str, ...] = ()  # local files, resolved absolute, sorted (empty otherwise)
@@ -106,6 +107,8 @@ class TextSource:
         """Yield the document texts, lazily, in a deterministic order."""
         if self.kind == "builtin":
             return python_docs_documents()
+        if self.kind == "synthetic":
+            return synthetic_documents()
         if self.kind in ("hf", "files"):
             ds = self._dataset
             if ds is None:  # constructed by hand rather than by open_text_source
@@ -129,6 +132,8 @@ def open_text_source(
         )
     if spec == PYTHON_DOCS:
         return TextSource(name=PYTHON_DOCS, kind="builtin", split=None, text_column=None, paths=())
+    if spec == SYNTHETIC_TEXT:
+        return TextSource(name=SYNTHETIC_TEXT, kind="synthetic", split=None, text_column=None, paths=())
     if _looks_like_files(spec):
         return _open_files(spec, text_column, streaming)
     return _open_hf(spec, split, text_column, streaming)
