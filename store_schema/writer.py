@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -497,9 +497,38 @@ def write_array_store(
 ) -> Path:
     """A complete store (normalization `none`) holding the given rows, as if collected: one position per
     "context", so its mapping and token arrays are trivial. For tests and ground-truth benchmarks."""
-    d = train.shape[1]
-    n_train, n_eval = len(train), len(eval_rows)
-    tokens = np.zeros((n_train + n_eval, 2), np.int32)
+    splits = {"train": train, "eval": eval_rows}
+    return write_generated_store(
+        path,
+        {name: len(rows) for name, rows in splits.items()},
+        train.shape[1],
+        lambda split, start, stop: splits[split][start:stop],
+        hook=hook,
+        chunk_rows=chunk_rows,
+    )
+
+
+def write_generated_store(
+    path: str | Path,
+    n_rows: dict[str, int],
+    d: int,
+    rows: Callable[[str, int, int], np.ndarray],
+    *,
+    hook: str = "synthetic",
+    chunk_rows: int = 4096,
+    commit_chunks: int = 8,
+    on_rows: Callable[[int], None] | None = None,
+) -> Path:
+    """A complete store (normalization `none`) of `n_rows[split]` rows per split, asked of `rows(split,
+    start, stop)` and committed `commit_chunks` chunks at a time as a collect would, so a store of any
+    size is written in bounded memory (the synthetic stores of tests and benchmarks). One position per
+    "context": the mapping and token arrays are trivial. `on_rows(n)` hears of each piece written."""
+    n_train, n_eval = n_rows["train"], n_rows["eval"]
+    n_contexts = n_train + n_eval
+    token_pieces = (
+        np.zeros((min(schema.TOKENS_CHUNK_CONTEXTS, n_contexts - i), 2), np.int32)
+        for i in range(0, n_contexts, schema.TOKENS_CHUNK_CONTEXTS)
+    )
     split = np.concatenate([np.zeros(n_train, np.int8), np.ones(n_eval, np.int8)])
     header = schema.new_header(
         writer="saepipe synthetic",
@@ -521,14 +550,21 @@ def write_array_store(
         warmup_rows=0,
         nonfinite_policy="skip",
     )
-    writer = StoreWriter.create(path, header, tokens, split, chunk_rows)
+    writer = StoreWriter.create(path, header, token_pieces, split, chunk_rows)
     writer.record_normalization({hook: Normalization("none")})
-    for name, rows, offset in (("train", train, 0), ("eval", eval_rows, n_train)):
-        fp16 = rows.astype(np.float16)
+    step = chunk_rows * commit_chunks
+    for name, offset in (("train", 0), ("eval", n_train)):
         stats = schema.RunningStats(d)
-        stats.update(fp16)
-        contexts = np.arange(offset, offset + len(rows))
-        writer.write_rows(name, 0, {hook: fp16}, contexts, np.ones(len(rows), np.int16))
-        writer.commit(name, 1, len(rows), {hook: stats}, [])
+        for block, start in enumerate(range(0, n_rows[name], step)):
+            stop = min(start + step, n_rows[name])
+            fp16 = np.asarray(rows(name, start, stop)).astype(np.float16, copy=False)
+            if fp16.shape != (stop - start, d):
+                raise ValueError(f"rows({name!r}, {start}, {stop}) gave shape {fp16.shape}, not {(stop - start, d)}")
+            stats.update(fp16, fast=True)
+            contexts = np.arange(offset + start, offset + stop)
+            writer.write_rows(name, start, {hook: fp16}, contexts, np.ones(stop - start, np.int16))
+            writer.commit(name, block + 1, stop, {hook: stats}, [])
+            if on_rows is not None:
+                on_rows(stop - start)
     writer.finalize()
     return Path(path)
