@@ -44,6 +44,8 @@ class StoreWriter:
         self.header = dict(group.attrs[schema.ATTRS_KEY])
         # where to flush before each commit: the store's folder, or None (not asked, or not a local store)
         self.flush_root = local_root(group) if durable else None
+        # called after every write of the root metadata (a collect straight to S3 mirrors the store then)
+        self.after_commit: Callable[[StoreWriter], None] | None = None
 
     # -- creation -----------------------------------------------------------------------------------
     @classmethod
@@ -346,13 +348,16 @@ class StoreWriter:
         files the new metadata points to) and writes it durably."""
         if self.flush_root is None:
             self.group.update_attributes({schema.ATTRS_KEY: self.header})
-            return
-        fsync_files(flush)
-        metadata = self.group.metadata  # the bytes Zarr's update_attributes would write, written durably
-        metadata.attributes[schema.ATTRS_KEY] = self.header
-        write_durably(
-            self.flush_root / "zarr.json", metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
-        )
+        else:
+            fsync_files(flush)
+            metadata = self.group.metadata  # the bytes Zarr's update_attributes would write, written durably
+            metadata.attributes[schema.ATTRS_KEY] = self.header
+            write_durably(
+                self.flush_root / "zarr.json",
+                metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes(),
+            )
+        if self.after_commit is not None:
+            self.after_commit(self)
 
     # -- what a durable commit flushes first (nothing when this writer does not flush) ----------------
     def _row_chunk_files(self, split: str, first_row: int, stop_row: int) -> list[Path]:

@@ -22,8 +22,11 @@ from stages.collect.plan import PlanAction, differing_settings, plan_action
 from stages.host_model.loading import load_host_model
 from stages.host_model.model import validate_hooks
 from store_schema import schema
+from store_schema.copy import _filesystem as store_filesystem
 from store_schema.copy import copy_store
+from store_schema.lease import ObjectLease
 from store_schema.lock import StoreLock
+from store_schema.mirror import RemoteMirror
 from store_schema.reader import ActivationStore
 from store_schema.writer import StoreWriter
 
@@ -40,6 +43,8 @@ def run_collect(cfg: CollectConfig, model=None) -> str:
             )
 
         cfg = append.store_config(cfg)
+    elif str(cfg.out).startswith("s3://"):
+        return _collect_to_s3(cfg, model)
     elif _is_remote(cfg.out):
         return _collect_to_remote(cfg, model)
     with StoreLock(cfg.out):
@@ -48,6 +53,48 @@ def run_collect(cfg: CollectConfig, model=None) -> str:
 
 def _is_remote(out: str) -> bool:
     return "://" in str(out) and not str(out).startswith("file://")
+
+
+def _collect_to_s3(cfg: CollectConfig, model) -> str:
+    """--out s3://...: collect into a small local staging store mirrored to the bucket at every commit
+    (store_schema.mirror), under a lease that keeps collects on other machines out (store_schema.lease).
+    A resumed collect rebuilds the staging store from the bucket, wherever it runs."""
+    fs, remote_root = store_filesystem(cfg.out)
+    staging = _staging_path(cfg.out)
+    with ObjectLease(fs, remote_root, cfg.out) as lease:
+        mirror = RemoteMirror(fs, remote_root, cfg.out, staging, lease)
+        header = mirror.remote_header()
+        if header is not None:
+            if header.get("complete") and not cfg.overwrite:
+                if _done_remotely(cfg):
+                    return str(cfg.out)
+            print(f"resuming {cfg.out} from the bucket (staging store {staging})", file=sys.stderr)
+            mirror.rebuild(header)
+        else:
+            print(f"collecting into {cfg.out} through the staging store {staging}", file=sys.stderr)
+        local = dataclasses.replace(cfg, out=str(staging), fsync=False, overwrite=False)  # the bucket keeps it
+        with StoreLock(staging):
+            _collect_locked(local, model, after_commit=mirror.sync)
+    shutil.rmtree(staging)
+    return str(cfg.out)
+
+
+def _staging_path(url: str) -> Path:
+    return cache_dir() / "staging" / (hashlib.sha256(str(url).encode()).hexdigest()[:16] + ".zarr")
+
+
+def _done_remotely(cfg: CollectConfig) -> bool:
+    """True when the remote store is complete for cfg's settings; refuses one of other settings."""
+    existing = ActivationStore.open(cfg.out)
+    differing = differing_settings(cfg, existing)
+    if differing is not None:
+        raise SaepipeError(
+            f"--out {cfg.out} holds a store of a different configuration (differs in: "
+            f"{differing}): choose another --out (a remote store is never overwritten; "
+            f"delete it there first)"
+        )
+    print(f"store {cfg.out} is already complete for this configuration; nothing to do", file=sys.stderr)
+    return True
 
 
 def _collect_to_remote(cfg: CollectConfig, model) -> str:
@@ -78,7 +125,8 @@ def _collect_to_remote(cfg: CollectConfig, model) -> str:
     return str(cfg.out)
 
 
-def _collect_locked(cfg: CollectConfig, model) -> Path:
+def _collect_locked(cfg: CollectConfig, model, after_commit=None) -> Path:
+    """`after_commit`: called with the writer after every commit of its root metadata."""
     out = Path(cfg.out)
     if cfg.append:
         action = append.plan(cfg)
@@ -97,12 +145,14 @@ def _collect_locked(cfg: CollectConfig, model) -> Path:
         with on_dask.connect(cfg) as client:
             model_summary = on_dask.describe_model(client, cfg)
             writer = _open_or_create(cfg, model_summary, model_summary.hooks, action)
+            writer.after_commit = after_commit
             on_dask.fill_store_on_workers(cfg, client, writer, model_summary)
     else:
         if model is None:
             model = load_host_model(cfg.model, cfg.device, cfg.dtype)
         hooks = validate_hooks(model, list(cfg.hooks))
         writer = _open_or_create(cfg, model, hooks, action)
+        writer.after_commit = after_commit
         fill_store_here(cfg, model, hooks, writer)
     writer.finalize()
     return out
