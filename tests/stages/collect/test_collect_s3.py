@@ -128,3 +128,27 @@ def test_a_collect_whose_lease_was_taken_stops_and_loses_nothing(bucket, local_b
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors == [stderr.strip().splitlines()[-1]] and "this collect stopped" in errors[0], stderr
     assert objects(store) == local_bytes  # the stopped collect changed nothing
+
+
+def test_a_full_scratch_disk_stops_the_collect_and_it_resumes(bucket, local_bytes, tmp_path):
+    url, env = bucket
+    store = f"{url}/s.zarr"
+    scratch = tmp_path / "small"
+    scratch.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(scratch)], capture_output=True)
+    if mounted.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must be able to mount a small tmpfs (run as root) for the disk-full test")
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        command, cli_env = _cli(env, scratch, 60, store)
+        full = subprocess.run(command, capture_output=True, text=True, env=cli_env)
+        lines = full.stderr.strip().splitlines()
+        assert full.returncode != 0 and lines[-1].startswith("error: no space left on device"), full.stderr[-2000:]
+        assert "Traceback" not in full.stderr
+        subprocess.run(["mount", "-o", "remount,size=64m", str(scratch)], check=True)
+        resumed = subprocess.run(command, capture_output=True, text=True, env=cli_env)
+        assert resumed.returncode == 0, resumed.stderr
+        assert objects(store) == local_bytes
+    finally:
+        subprocess.run(["umount", str(scratch)], capture_output=True)
