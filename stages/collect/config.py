@@ -19,10 +19,13 @@ RUN_SETTINGS = frozenset(
 @dataclass
 class CollectConfig:
     out: str = setting(help="the store folder to write (STORE.zarr)")
-    model: str = setting(DEFAULT_MODEL, "smollm2-135m (offline), an HF id, or a local HF model folder")
+    model: str = setting(
+        DEFAULT_MODEL, "smollm2-135m (offline), an HF id, a local HF model folder, or synthetic (scale tests)"
+    )
     dataset: str = setting(
         DEFAULT_DATASET,
-        "python-docs (offline), an HF dataset name, or local .txt/.jsonl/.parquet files (comma list or glob)",
+        "python-docs (offline), synthetic-text (scale tests), an HF dataset name, or local "
+        ".txt/.jsonl/.parquet files (comma list or glob)",
     )
     dataset_split: str = setting("train", "dataset split (HF datasets)", flag="--split")
     text_column: str = setting("text", "the column holding the text (HF datasets, .jsonl, .parquet)")
