@@ -1,10 +1,11 @@
 """`saepipe store copy SRC DST`: copy a store between any two places fsspec reaches (local folders,
 s3://, gs://, ...), resumably.
 
-The store's files are copied as they are (chunks keep their checksums). The root `zarr.json`, which
-holds the store's header, is copied last: until then DST is not a store, so an interrupted copy is
-never mistaken for a complete one. Running the same copy again skips every file already at DST with
-the same size, so an interrupted copy resumes where it stopped.
+The store's files are copied as they are (chunks keep their checksums), `threads` at a time, and memory
+stays bounded whatever the store's size (PIECE_BYTES). The root `zarr.json`, which holds the store's
+header, is copied last: until then DST is not a store, so an interrupted copy is never mistaken for a
+complete one. Running the same copy again skips every file already at DST with the same size, so an
+interrupted copy resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from store_schema import schema
 from store_schema.reader import local_path, open_store
 
 ROOT_METADATA = "zarr.json"
+# Files up to this size (a chunk file of collect's 8,192 rows up to d_model 1,024) are copied whole, in
+# one request each way; larger ones a piece at a time (S3 takes parts of 5 MiB and more). Each thread then
+# holds at most about 4 pieces: a piece read and the client's copy of it, the piece being written and the
+# client's buffered part. So memory stays under threads x 4 x PIECE_BYTES (512 MiB with 8 threads),
+# whatever the store's size; with chunk files of c bytes (the usual case), about threads x 2 x c.
+PIECE_BYTES = 16 << 20
 
 
 def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> dict:
@@ -85,10 +92,13 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
             and dst_fs.size(target) == size
         )
         if not skip:
-            data = src_fs.cat_file(path)
-            size = len(data)
             dst_fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            dst_fs.pipe_file(target, data)
+            if size is not None and size > PIECE_BYTES:
+                _stream_file(src_fs, path, dst_fs, target)
+            else:  # a chunk file (chunk_rows x d_model x 2 bytes), or a file of unknown size (HTTP)
+                data = src_fs.cat_file(path)
+                size = len(data)
+                dst_fs.pipe_file(target, data)
         with counting:
             done["files_skipped" if skip else "files_copied"] += 1
             done["bytes_copied"] += 0 if skip else size
@@ -106,6 +116,14 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
     finally:
         bar.close()
     return done
+
+
+def _stream_file(src_fs, path: str, dst_fs, target: str) -> None:
+    """Copy one large file a piece at a time: its size does not bound the copy's memory."""
+    with src_fs.open(path, "rb", block_size=PIECE_BYTES, cache_type="none") as source:
+        with dst_fs.open(target, "wb", block_size=PIECE_BYTES) as sink:
+            while piece := source.read(PIECE_BYTES):
+                sink.write(piece)
 
 
 def _filesystem(location: str):

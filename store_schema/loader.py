@@ -14,6 +14,14 @@ Two ways to serve them, picked by size:
   (a gather per batch), which kept the reader far below memmap speed (docs/benchmarks.md). Runs that do
   not fill a last whole batch in a window are skipped that epoch.
 
+From a remote store (a URL) whose chunks are plain bytes (what collect writes), the chunk objects are
+fetched whole, `store.concurrency` requests at a time (ActivationStore.stream_chunks), running ahead in
+the epochs' chunk order across window boundaries, and each run is copied from its fetched chunk to its
+slot. The windows, slots and batches are the same as from a local copy of the store.
+
+Memory: the window buffers (buffer_bytes_for), plus for a remote store up to 2·concurrency + 1 chunks
+(remote_fetch_bytes_for).
+
 Batch `i` depends only on (seed, i), never on what happened before, so a resumed run continues the
 exact sequence of an uninterrupted one.
 
@@ -103,6 +111,13 @@ class ShuffledBatches:
         """Rows the streaming loader holds at once, in bytes (fp16)."""
         return cls.WINDOW_BUFFERS * window_chunks * chunk_rows * d_model * 2
 
+    @staticmethod
+    def remote_fetch_bytes_for(chunk_rows: int, d_model: int, concurrency: int) -> int:
+        """Chunk objects a remote streaming loader holds at most besides its buffers, in bytes: concurrency + 1
+        fetched or arriving (stream_chunks), and as many again while the HTTP client joins the pieces of
+        the responses arriving."""
+        return (2 * concurrency + 1) * chunk_rows * d_model * 2
+
     @property
     def run_rows(self) -> int:
         """Adjacent rows the streaming loader moves together."""
@@ -160,9 +175,13 @@ class ShuffledBatches:
             windows.append(_Window(epoch, w, chunks, rows // self.batch_size))
         return windows
 
-    def _read_window(self, window: _Window, buffer: torch.Tensor) -> torch.Tensor:
+    def _read_window(
+        self, window: _Window, buffer: torch.Tensor, fetched: Iterator[tuple[int, np.ndarray]] | None = None
+    ) -> torch.Tensor:
         """The window's batches, back to back: its chunks cut into runs, and each run read straight to a
-        seeded random slot of `buffer` (the mixing buffer), so a batch is a plain slice."""
+        seeded random slot of `buffer` (the mixing buffer), so a batch is a plain slice. `fetched`: the
+        chunks' rows as a remote store's chunk stream yields them (the window's chunks next, in order);
+        without it the runs are read from the store here."""
         chunk, run = self.store.chunk_rows, self.run_rows
         starts = np.concatenate([c * chunk + np.arange(self._runs_in(c)) * run for c in window.chunks])
         slots = np.random.default_rng([self.seed, window.epoch, window.index]).permutation(len(starts))
@@ -173,7 +192,17 @@ class ShuffledBatches:
             for first, slot in zip(starts, slots)
             if slot < used_slots and self._reaches_share(slot)
         ]
-        self.store.read_into(self.split, self.hook, pieces, threads=2)
+        if fetched is None:
+            self.store.read_into(self.split, self.hook, pieces, threads=2)  # local disks: 2 threads keep up
+        else:
+            by_chunk: dict[int, list[tuple[int, np.ndarray]]] = {}
+            for first, dest in pieces:
+                by_chunk.setdefault(first // chunk, []).append((first, dest))
+            for expected in window.chunks:
+                got, rows = next(fetched)
+                assert got == expected, f"chunk stream out of step: {got} for {expected}"
+                for first, dest in by_chunk.get(got, []):
+                    dest[:] = rows[first - got * chunk : first - got * chunk + len(dest)]
         return buffer[: window.n_batches * self.batch_size]
 
     def _reaches_share(self, slot: int) -> bool:
@@ -214,14 +243,26 @@ class ShuffledBatches:
         stop = threading.Event()
 
         def read_ahead() -> None:
+            # A remote store's chunk objects are fetched `concurrency` at a time, running ahead across
+            # windows in the plan's order (requests take tens of ms each: a window's worth would leave
+            # the connections idle between windows). Local files are read window by window.
+            fetched = (
+                self.store.stream_chunks(self.split, self.hook, (c for window, _ in plan() for c in window.chunks))
+                if self.store.streams_chunk_objects(self.split, self.hook)
+                else None
+            )
             try:
                 for window, first in plan():
                     buffer = _get_unless_stopped(free, stop)
                     if buffer is None:
                         return
-                    _put_unless_stopped(ready, (window, first, self._read_window(window, buffer), buffer), stop)
+                    rows = self._read_window(window, buffer, fetched)
+                    _put_unless_stopped(ready, (window, first, rows, buffer), stop)
             except BaseException as e:  # surface read errors in the consuming thread
                 _put_unless_stopped(ready, e, stop)
+            finally:
+                if fetched is not None:
+                    fetched.close()
 
         reader = threading.Thread(target=read_ahead, daemon=True, name="saepipe-read-ahead")
         reader.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import sys
@@ -22,7 +23,6 @@ from zarr.storage import LocalStore
 from store_schema import schema
 from store_schema.normalization import Normalization
 
-
 REMOTE_CONCURRENCY = 16  # chunk requests in flight to a remote store: object stores answer in tens of ms
 CONCURRENCY_VARIABLE = "SAEPIPE_REMOTE_CONCURRENCY"
 
@@ -39,6 +39,7 @@ class ActivationStore:
         # Whole committed chunks whose CRC32C this process has checked: a training run reads each chunk
         # every epoch, and checking it again would halve the read speed (docs/benchmarks.md: CRC32C rate).
         self._verified: set[tuple[str, str, int]] = set()
+        self._arrays: dict[str, zarr.Array] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike, concurrency: int | None = None) -> ActivationStore:
@@ -51,7 +52,7 @@ class ActivationStore:
             raise schema.StoreError(f"no store at {location}: run `saepipe collect --out {location}` first")
         concurrency = remote_concurrency() if concurrency is None else concurrency
         try:
-            group = zarr.open_group(store=location, mode="r", storage_options=_storage_options(location, concurrency))
+            group = zarr.open_group(store=location, mode="r", storage_options=storage_options(location, concurrency))
         except ImportError as e:  # fsspec names the backend a URL needs (s3fs, gcsfs, aiohttp)
             raise schema.StoreError(
                 f"opening {location} needs a package that is not installed ({e}): pip install 'saepipe[remote]'"
@@ -161,7 +162,10 @@ class ActivationStore:
     def acts(self, split: str, hook: str) -> zarr.Array:
         """The raw Zarr array; rows at and beyond n_rows(split) are not committed and must not be read."""
         self.require_hook(hook)
-        return self.group[schema.acts_path(split, hook)]
+        path = schema.acts_path(split, hook)
+        if path not in self._arrays:  # opened once: every lookup of a remote array is a request
+            self._arrays[path] = self.group[path]
+        return self._arrays[path]
 
     @property
     def chunk_rows(self) -> int:
@@ -202,10 +206,44 @@ class ActivationStore:
 
     def read_into(self, split: str, hook: str, pieces: list[tuple[int, np.ndarray]], threads: int = 2) -> None:
         """Fill each piece's destination (a contiguous fp16 [n, d_model] array) with the committed rows
-        [first, first + n); a piece lies within one chunk. One task per chunk; when the array is local and
-        uncompressed (what collect writes) a chunk's file is read straight into the destinations, one
-        `preadv` per stretch of adjacent pieces, so scattering rows costs no more than reading them."""
-        arr, n_rows = self.acts(split, hook), self.n_rows(split)
+        [first, first + n); a piece lies within one chunk. When the array is local and uncompressed (what
+        collect writes) a chunk's file is read straight into the destinations, one `preadv` per stretch
+        of adjacent pieces, so scattering rows costs no more than reading them; one task per chunk on
+        `threads` threads. When it is remote and uncompressed, its chunk objects are fetched whole,
+        `concurrency` at a time (stream_chunks), and the rows copied out."""
+        by_chunk = self._pieces_by_chunk(split, hook, pieces)
+        if self.streams_chunk_objects(split, hook):
+            for chunk, rows in self.stream_chunks(split, hook, sorted(by_chunk)):
+                _scatter(rows, chunk * self.chunk_rows, by_chunk[chunk])
+            return
+        arr = self.acts(split, hook)
+        raw, checksummed = _raw_chunk_files(arr), is_checksummed(arr)
+        name = self._chunk_name(split, hook)
+
+        def read(chunk: int) -> None:
+            todo = sorted(by_chunk[chunk], key=lambda piece: piece[0])
+            path = None if raw is None else raw.path(chunk)
+            on_disk = path is not None and path.exists()
+            if checksummed and not on_disk and (path is not None or not chunk_exists(arr, (chunk, 0))):
+                raise schema.StoreError(_missing(name.format(chunk)))
+            if not on_disk:  # through Zarr (or an older store's unwritten fill-value chunk)
+                a, b = todo[0][0], max(first + len(dest) for first, dest in todo)
+                _scatter(_checked(lambda: arr[a:b], name.format(chunk)), a, todo)
+                return
+            self._read_file(split, hook, chunk, path, todo, checksummed)
+
+        if len(by_chunk) == 1 or threads <= 1:
+            for chunk in by_chunk:
+                read(chunk)
+        elif by_chunk:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(read, by_chunk))
+
+    def _pieces_by_chunk(
+        self, split: str, hook: str, pieces: list[tuple[int, np.ndarray]]
+    ) -> dict[int, list[tuple[int, np.ndarray]]]:
+        """The non-empty pieces grouped by chunk, each checked to be committed rows within its chunk."""
+        n_rows = self.n_rows(split)
         by_chunk: dict[int, list[tuple[int, np.ndarray]]] = {}
         for first, dest in pieces:
             if not len(dest):
@@ -221,50 +259,65 @@ class ActivationStore:
                     f"of {split}/{hook}, or their destination is not contiguous"
                 )
             by_chunk.setdefault(chunk, []).append((first, dest))
-        raw, checksummed = _raw_chunk_files(arr), is_checksummed(arr)
-        name = f"chunk {{}} of {schema.acts_path(split, hook)} in {self.location}"
+        return by_chunk
 
-        def read(chunk: int) -> None:
-            todo = sorted(by_chunk[chunk], key=lambda piece: piece[0])
-            path = None if raw is None else raw.path(chunk)
-            on_disk = path is not None and path.exists()
-            if checksummed and not on_disk and (path is not None or not chunk_exists(arr, (chunk, 0))):
-                raise schema.StoreError(
-                    f"{name.format(chunk)} is missing; the store is damaged: "
-                    f"run `saepipe store verify` and collect it again"
-                )
-            if not on_disk:  # through Zarr (or an older store's unwritten fill-value chunk)
-                a, b = todo[0][0], max(first + len(dest) for first, dest in todo)
-                rows = _checked(lambda: arr[a:b], name.format(chunk))
-                for first, dest in todo:
-                    dest[:] = rows[first - a : first - a + len(dest)]
+    def _chunk_name(self, split: str, hook: str) -> str:
+        return f"chunk {{}} of {schema.acts_path(split, hook)} in {self.location}"
+
+    def _read_file(
+        self, split: str, hook: str, chunk: int, path: Path, todo: list[tuple[int, np.ndarray]], checksummed: bool
+    ) -> None:
+        """The pieces (sorted, within `chunk`) straight from the chunk's local file."""
+        arr, name = self.acts(split, hook), self._chunk_name(split, hook).format(chunk)
+        row_bytes, base = self.d_model * 2, chunk * self.chunk_rows
+        with open(path, "rb") as f:
+            if checksummed and (split, hook, chunk) not in self._verified:
+                # the whole chunk is read, gaps into scratch, so that its CRC32C can be checked
+                if not _read_verified(f, todo, base, arr.chunks[0], row_bytes):
+                    raise schema.StoreError(_damaged(name))
+                if (chunk + 1) * arr.chunks[0] <= self.n_rows(split):  # a chunk still being filled changes
+                    self._verified.add((split, hook, chunk))
                 return
-            row_bytes, base = self.d_model * 2, chunk * self.chunk_rows
-            with open(path, "rb") as f:
-                if checksummed and (split, hook, chunk) not in self._verified:
-                    # the whole chunk is read, gaps into scratch, so that its CRC32C can be checked
-                    if not _read_verified(f, todo, base, arr.chunks[0], row_bytes):
-                        raise schema.StoreError(
-                            f"{name.format(chunk)} fails its checksum (or is truncated); the store "
-                            f"is damaged: run `saepipe store verify` and collect it again"
-                        )
-                    if (chunk + 1) * arr.chunks[0] <= n_rows:  # a chunk still being filled changes: check it again
-                        self._verified.add((split, hook, chunk))
-                    return
-                for start, stretch in _adjacent_stretches(todo):
-                    if not _read_exactly(
-                        f, [memoryview(dest).cast("B") for dest in stretch], (start - base) * row_bytes
-                    ):
-                        raise schema.StoreError(
-                            f"{name.format(chunk)} is truncated; the store is damaged: collect it again"
-                        )
+            for start, stretch in _adjacent_stretches(todo):
+                if not _read_exactly(f, [memoryview(dest).cast("B") for dest in stretch], (start - base) * row_bytes):
+                    raise schema.StoreError(f"{name} is truncated; the store is damaged: collect it again")
 
-        if len(by_chunk) == 1 or threads <= 1:
-            for chunk in by_chunk:
-                read(chunk)
-        elif by_chunk:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(read, by_chunk))
+    def _remote_chunks(self, split: str, hook: str) -> _RemoteChunks | None:
+        """The fetcher of the array's chunk objects when it is remote and uncompressed; None otherwise."""
+        arr = self.acts(split, hook)
+        if isinstance(arr.store, LocalStore) or not _raw_layout(arr):
+            return None
+        return _RemoteChunks(arr, self._chunk_name(split, hook), self.n_rows(split))
+
+    def streams_chunk_objects(self, split: str, hook: str) -> bool:
+        """Whether the split's chunks are remote objects, fetched whole (stream_chunks)."""
+        return self._remote_chunks(split, hook) is not None
+
+    def stream_chunks(self, split: str, hook: str, chunks: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(chunk, its committed fp16 rows, read-only) for each chunk in `chunks`, in that order, from a
+        remote store whose chunks are objects (streams_chunk_objects). `concurrency` requests are kept in
+        flight, running ahead of the caller; at most `concurrency` chunks are held besides the one last
+        yielded, which bounds the memory. Closing the iterator stops the fetching."""
+        remote = self._remote_chunks(split, hook)
+        if remote is None:
+            raise ValueError(f"{split}/{hook} of {self.location} has no chunk objects to stream")
+        pending: collections.deque[tuple[int, Future]] = collections.deque()
+        todo = iter(chunks)
+
+        def fill() -> None:
+            while len(pending) < self.concurrency and (chunk := next(todo, None)) is not None:
+                pending.append((chunk, remote.submit(chunk)))
+
+        try:
+            fill()
+            while pending:
+                chunk, future = pending.popleft()
+                rows = future.result()
+                fill()  # keep `concurrency` requests in flight while the caller uses this chunk
+                yield chunk, rows
+        finally:
+            for _, future in pending:
+                future.cancel()
 
     def read_mapping(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(context index, position) of committed rows [start, stop)."""
@@ -292,25 +345,120 @@ class _RawChunks:
         return self.root / self.array.metadata.encode_chunk_key((chunk, 0))
 
 
-def _raw_chunk_files(arr: zarr.Array) -> _RawChunks | None:
-    """The chunk files of a local array whose chunks are plain little-endian bytes with no compression,
-    filters or sharding (optionally followed by Zarr's crc32c checksum): such a chunk file is exactly
-    the rows' bytes, so reading it into the destination skips Zarr's decode pipeline and its copies.
-    None for any other array."""
+def _raw_layout(arr: zarr.Array) -> bool:
+    """Whether the array's chunks are plain little-endian bytes with no compression, filters or sharding
+    (optionally followed by Zarr's crc32c checksum), whole rows each: such a chunk (file or object) is
+    exactly the rows' bytes, so reading it skips Zarr's decode pipeline and its copies."""
     serializer = arr.serializer
     only_checksum = len(arr.compressors) == 1 and is_checksummed(arr)
-    if (
-        not isinstance(arr.store, LocalStore)
-        or (arr.compressors and not only_checksum)
+    return not (
+        (arr.compressors and not only_checksum)
         or arr.filters
         or not isinstance(serializer, BytesCodec)
         or serializer.endian is None
         or serializer.endian.value != sys.byteorder
         or len(arr.shape) != 2
         or arr.chunks[1] != arr.shape[1]
-    ):
+    )
+
+
+def _raw_chunk_files(arr: zarr.Array) -> _RawChunks | None:
+    """The chunk files of a local array with the raw layout (_raw_layout), read straight into the
+    destinations; None for any other array."""
+    if not isinstance(arr.store, LocalStore) or not _raw_layout(arr):
         return None
     return _RawChunks(Path(arr.store.root) / arr.path, arr)
+
+
+class _RemoteChunks:
+    """The chunk objects of a remote array with the raw layout: each fetched whole in one request, as a
+    coroutine on Zarr's event loop (where the array's store lives; no thread per request), and its
+    CRC32C checked."""
+
+    def __init__(self, arr: zarr.Array, name: str, n_rows: int):
+        self.arr, self.name, self.n_rows = arr, name, n_rows
+        self.chunk_rows, self.width = arr.chunks[0], arr.shape[1]
+        self.checksummed = is_checksummed(arr)
+
+    def submit(self, chunk: int) -> Future:
+        """Start fetching `chunk`; the future's result is its committed rows (see _fetch)."""
+        return asyncio.run_coroutine_threadsafe(self._fetch(chunk), _zarr_loop())
+
+    async def _fetch(self, chunk: int) -> np.ndarray:
+        """The chunk's committed rows [n, d], a read-only view of the response; the fill value when the
+        object is missing from an array without checksums (an older store's unwritten chunk, which Zarr
+        reads so too). A missing or damaged checksummed chunk raises a StoreError naming it."""
+        key = self.arr.metadata.encode_chunk_key((chunk, 0))
+        buffer = await self.arr.store.get(
+            f"{self.arr.path}/{key}" if self.arr.path else key, default_buffer_prototype()
+        )
+        rows = max(0, min(self.chunk_rows, self.n_rows - chunk * self.chunk_rows))
+        name = self.name.format(chunk)
+        if buffer is None:
+            if self.checksummed:
+                raise schema.StoreError(_missing(name))
+            return np.full((rows, self.width), self.arr.fill_value, self.arr.dtype)
+        data = buffer.as_numpy_array()
+        size = self.chunk_rows * self.width * self.arr.dtype.itemsize
+        if len(data) != size + 4 * self.checksummed:
+            raise schema.StoreError(
+                _damaged(name) if self.checksummed else f"{name} is truncated; the store is damaged: collect it again"
+            )
+        if self.checksummed and google_crc32c.value(data[:size]) != int.from_bytes(data[size:].tobytes(), "little"):
+            raise schema.StoreError(_damaged(name))
+        return data[:size].view(self.arr.dtype).reshape(self.chunk_rows, self.width)[:rows]
+
+
+def _zarr_loop() -> asyncio.AbstractEventLoop:
+    """The event loop Zarr runs its stores' I/O on (a remote store's client belongs to it)."""
+    return zarr.core.sync._get_loop()
+
+
+def _scatter(rows: np.ndarray, first_row: int, pieces: list[tuple[int, np.ndarray]]) -> None:
+    """Copy each piece's rows out of `rows`, which holds rows from first_row on."""
+    for first, dest in pieces:
+        dest[:] = rows[first - first_row : first - first_row + len(dest)]
+
+
+def _missing(name: str) -> str:
+    return f"{name} is missing; the store is damaged: run `saepipe store verify` and collect it again"
+
+
+def _damaged(name: str) -> str:
+    return (
+        f"{name} fails its checksum (or is truncated); the store is damaged: "
+        f"run `saepipe store verify` and collect it again"
+    )
+
+
+def remote_concurrency() -> int:
+    """Chunk requests in flight to a remote store: $SAEPIPE_REMOTE_CONCURRENCY, else REMOTE_CONCURRENCY."""
+    value = os.environ.get(CONCURRENCY_VARIABLE, "").strip()
+    if not value:
+        return REMOTE_CONCURRENCY
+    if not value.isdigit() or int(value) < 1:
+        raise schema.StoreError(
+            f"{CONCURRENCY_VARIABLE}={value} is not a positive whole number: set it to e.g. 16, or unset it"
+        )
+    return int(value)
+
+
+def storage_options(location: str, concurrency: int) -> dict | None:
+    """fsspec options for a URL; None for a local path, which takes none. For S3 (unless fsspec's own
+    configuration says otherwise): a connection for each request in flight (botocore keeps 10, which would
+    cap the concurrency); one GET per chunk (s3fs otherwise asks for an object's size first, to split a
+    large one into ranges: a second round trip for every chunk; chunks are fetched in parallel already);
+    and no second checksum of every response (each chunk's CRC32C is checked when it is read)."""
+    if not location.startswith(("s3://", "s3a://")):
+        return None
+    import fsspec.config
+
+    configured = fsspec.config.conf.get("s3", {})
+    client = {"max_pool_connections": max(10, concurrency), "response_checksum_validation": "when_required"}
+    options = {"config_kwargs": {**client, **configured.get("config_kwargs", {})}}
+    if "max_concurrency" not in configured:
+        options["max_concurrency"] = 1
+    return options
 
 
 def is_checksummed(arr: zarr.Array) -> bool:
@@ -434,5 +582,5 @@ def local_path(location: str) -> str:
     return location[len("file://") :] if location.startswith("file://") else location
 
 
-def open_store(path: str | os.PathLike) -> ActivationStore:
-    return ActivationStore.open(path)
+def open_store(path: str | os.PathLike, concurrency: int | None = None) -> ActivationStore:
+    return ActivationStore.open(path, concurrency)
