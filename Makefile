@@ -4,6 +4,7 @@
 #   make test    the test suite (what CI runs)
 #   make lint    ruff (lint and format) and the import contracts (lint-imports); CI runs it before the tests
 #   make bench   speed benchmarks (docs/benchmarks.md)
+#   make scale   a store at scale: 100M-token collect, a store bigger than memory, S3 (docs/scale.md)
 #   make soak    a store under load: training, readers and appends at once (pipeline/tools/soak.py)
 # Every variable below can be overridden: make all MODEL=gpt2 HOOK=blocks.6.hook_resid_post DEVICE=cuda
 
@@ -37,7 +38,7 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval report sweep test lint bench soak clean distclean
+.PHONY: all setup collect train eval report sweep test lint bench scale soak clean distclean
 
 all: report
 
@@ -93,6 +94,10 @@ lint: $(SETUP_DONE)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+
+# A store at scale (docs/scale.md): about half an hour and 45 GB of scratch; writes runs/scale/scale.json.
+scale: $(SETUP_DONE)
+	$(SAEPIPE) scale --model $(MODEL) --hook $(HOOK) --out runs/scale
 
 # Speed as same-run ratios (docs/benchmarks.md); writes runs/bench/bench.json.
 bench: $(SETUP_DONE)

@@ -18,6 +18,7 @@ from pipeline.commands.info import info
 from pipeline.commands.prepare_model import prepare_model
 from pipeline.commands.quality import quality
 from pipeline.commands.report import report
+from pipeline.commands.scale import scale
 from pipeline.commands.soak import soak
 from pipeline.commands.store import store
 from pipeline.commands.train import train
@@ -56,7 +57,7 @@ def main() -> None:
     """Collect a model's activations once into a Zarr store, then train and evaluate SAEs from it."""
 
 
-for command in (collect, train, eval_command, report, compare, quality, bench, soak, info, store, prepare_model):
+for command in (collect, train, eval_command, report, compare, quality, bench, scale, soak, info, store, prepare_model):
     main.add_command(command)
 
 

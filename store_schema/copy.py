@@ -33,8 +33,8 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
     """Copy; returns counts of files and bytes copied and skipped."""
     source = open_store(src)  # a store, and a complete one: never spread a half-collected store
     source.require_complete()
-    src_fs, src_root = _filesystem(src)
-    dst_fs, dst_root = _filesystem(dst)
+    src_fs, src_root = store_filesystem(src)
+    dst_fs, dst_root = store_filesystem(dst)
     try:
         if dst_fs.isfile(dst_root):
             raise schema.StoreError(f"{dst} is a file: pass a folder or a URL for the copy")
@@ -126,7 +126,7 @@ def _stream_file(src_fs, path: str, dst_fs, target: str) -> None:
                 sink.write(piece)
 
 
-def _filesystem(location: str):
+def store_filesystem(location: str):
     """fsspec's filesystem and root path for a path or URL; a StoreError when fsspec cannot open it."""
     try:
         return fsspec.core.url_to_fs(local_path(location))

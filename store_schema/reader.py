@@ -21,6 +21,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from store_schema import schema
+from store_schema.limits import check_fits_in_memory
 from store_schema.normalization import Normalization
 
 REMOTE_CONCURRENCY = 16  # chunk requests in flight to a remote store: object stores answer in tens of ms
@@ -74,6 +75,7 @@ class ActivationStore:
         try:
             schema.check_header(header)
             _check_arrays_match(group, header)
+            check_fits_in_memory(group, header)
         except schema.StoreError as e:
             raise schema.StoreError(f"{location}: {e}") from None
         return cls(group, location, concurrency)

@@ -22,8 +22,7 @@ from stages.collect.plan import PlanAction, differing_settings, plan_action
 from stages.host_model.loading import load_host_model
 from stages.host_model.model import validate_hooks
 from store_schema import schema
-from store_schema.copy import _filesystem as store_filesystem
-from store_schema.copy import copy_store
+from store_schema.copy import copy_store, store_filesystem
 from store_schema.lease import ObjectLease
 from store_schema.lock import StoreLock
 from store_schema.mirror import RemoteMirror

@@ -1,0 +1,49 @@
+"""Refusing a store whose metadata describes more than this machine can hold, before any allocation is
+sized by it: a damaged or hostile header could otherwise ask a reader for terabytes in one call."""
+
+from __future__ import annotations
+
+import zarr
+
+from store_schema import schema
+
+# A reader allocates at most one of these at a time; each must leave room for the rest of the process.
+LARGEST_SHARE_OF_MEMORY = 0.25
+
+
+def available_memory_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits_in_memory(group: zarr.Group, header: dict, memory_bytes: int | None = None) -> None:
+    """Raise a one-line StoreError when something a reader or a resumed collect allocates whole (a chunk
+    of rows or tokens, the split of every context, the skipped contexts, a running sum) would take more
+    than LARGEST_SHARE_OF_MEMORY of `memory_bytes` (the memory available now)."""
+    memory = available_memory_bytes() if memory_bytes is None else memory_bytes
+    d = int(header["d_model"])
+    tokens, split = group[schema.TOKENS], group[schema.CONTEXT_SPLIT]
+    sizes = {
+        f"a chunk of rows ({header['layout']['chunk_rows']:,} x {d:,} fp16)": header["layout"]["chunk_rows"] * d * 2,
+        f"a chunk of tokens {tuple(tokens.chunks)}": _product(tokens.chunks) * 4,
+        f"the split of its {split.shape[0]:,} contexts": _product(split.shape) * 5,  # int8, and 4 bytes per context
+        f"its {header['progress'].get('skipped_count', 0):,} skipped contexts": (
+            int(header["progress"].get("skipped_count", 0)) * 8
+        ),
+        f"a running sum of width {d:,}": schema.RUNNING_SUM_SLOTS * d * 8,
+    }
+    what, largest = max(sizes.items(), key=lambda item: item[1])
+    if largest > LARGEST_SHARE_OF_MEMORY * memory:
+        raise schema.StoreError(
+            f"the store's metadata describes {what}: {largest / 2**30:,.1f} GiB in one piece, more than this "
+            f"machine can hold ({memory / 2**30:,.1f} GiB available); the store is damaged or was not written "
+            f"by saepipe: copy it again from its source, or collect it again"
+        )
+
+
+def _product(shape) -> int:
+    total = 1
+    for n in shape:
+        total *= int(n)
+    return total

@@ -1,0 +1,64 @@
+"""`saepipe scale` at tiny sizes: every part runs through its real code path and writes its keys beside
+the raw figures they come from, and the scratch stores are gone afterwards."""
+
+import json
+
+import pytest
+
+from pipeline.tools.scale import ScaleConfig, format_scale_table, run_scale
+from stages.basics.errors import SaepipeError
+from tests.helpers.cli import expect_error, run
+
+
+@pytest.fixture(scope="module")
+def tiny_scale(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scale")
+    cfg = ScaleConfig(
+        out=out,
+        collect_tokens=(20_000, 200_000),
+        big_store_gb=0.08,
+        model="tiny-random",
+        collect_hook="blocks.1.hook_resid_post",
+        s3_latency_ms=20,
+        progress=False,
+        train_steps=6,
+        fsync_contexts=16,
+        s3_options=dict(
+            d_model=32, chunk_rows=1024, n_chunks=12, batch_size=1024, width=64, k=4, train_steps=4, rounds=2
+        ),
+    )
+    return out, run_scale(cfg)
+
+
+def test_every_part_writes_its_keys_and_raw_figures(tiny_scale):
+    out, result = tiny_scale
+    assert json.loads((out / "scale.json").read_text()) == result
+    assert not (out / "work").exists()  # scratch removed
+    collect = result["collect"]
+    assert collect["small"]["tokens"] == 20_000 and collect["large"]["tokens"] == 200_000
+    assert result["collect_rss_ratio"] == pytest.approx(
+        collect["large"]["peak_rss_bytes"] / collect["small"]["peak_rss_bytes"]
+    )
+    assert result["collect_commit_ratio"] == pytest.approx(
+        collect["large"]["commit_s_last_tenth_median"] / collect["large"]["commit_s_first_tenth_median"]
+    )
+    assert collect["large"]["train_blocks"] > collect["small"]["train_blocks"] >= 1
+    assert 0 < result["root_metadata_bytes"] <= 65_536
+    big = result["big_store"]
+    assert result["big_store_gb"] == pytest.approx(big["store_bytes"] / 1e9) and big["store_bytes"] > 0.07e9
+    assert big["disk_bytes"] >= big["loader_bytes"] > 0  # the loader skips only a last partial batch
+    assert result["big_store_read_vs_disk"] == pytest.approx(big["loader_bytes_per_s"] / big["disk_bytes_per_s"])
+    assert result["big_store_train_vs_resident"] > 0 and big["train"]["steps"] == 6
+    assert big["peak_rss_limit_gb"] == pytest.approx(big["buffer_bytes"] / 1e9 + 1)
+    assert "fsync_cost" in result and result["fsync"]["model"] == "tiny-random"
+    assert result["s3_latency_ms"] == pytest.approx(20) and result["s3_read_vs_raw_get"] > 0
+    assert result["s3_train_vs_local"] > 0
+    table = format_scale_table(result)
+    assert "| collect_rss_ratio |" in table and "| big_store_peak_rss_gb |" in table
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path):
+    with pytest.raises(SaepipeError, match="unknown part colect"):
+        run_scale(ScaleConfig(out=tmp_path, only="colect"))
+    expect_error(run("scale", "--out", tmp_path, "--collect-tokens", "100,10"), "two sizes, smaller first")
+    assert not (tmp_path / "scale.json").exists()
