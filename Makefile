@@ -95,7 +95,7 @@ lint: $(SETUP_DONE)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
-# A store at scale (docs/scale.md): about half an hour and 45 GB of scratch; writes runs/scale/scale.json.
+# A store at scale (docs/scale.md): about 12 minutes and 40 GB of scratch; writes runs/scale/scale.json.
 scale: $(SETUP_DONE)
 	$(SAEPIPE) scale --model $(MODEL) --hook $(HOOK) --out runs/scale
 

@@ -15,8 +15,8 @@ from pipeline.tools.scale import ScaleConfig, format_scale_table, run_scale
 @options(ScaleConfig, "progress")
 def scale(**values) -> None:
     """Measure collect at 10M and 100M tokens, a store bigger than memory, streaming from S3 (moto, with
-    injected latency) and the cost of durable commits; writes OUT/scale.json. Needs about 45 GB of free
-    disk under OUT and takes about half an hour on 2 cores."""
+    injected latency) and the cost of durable commits; writes OUT/scale.json. Needs about 40 GB of free
+    disk under OUT and takes about 12 minutes on 2 cores (docs/scale.md)."""
     cfg = ScaleConfig(**values)
     result = run_scale(cfg)
     click.echo(format_scale_table(result))
