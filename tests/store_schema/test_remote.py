@@ -84,8 +84,8 @@ def test_copy_to_s3_verify_train_and_copy_back(collected, s3, tmp_path):
 
 
 def test_collect_to_s3_equals_a_local_collect(collected, s3, tmp_path, monkeypatch):
-    """--out s3://...: collected in a local staging store, then copied; the objects are the bytes of a
-    local collect with the same settings, and a second run finds the store complete."""
+    """--out s3://...: collected through a staging store mirrored to the bucket at every commit; the objects
+    are the bytes of a local collect with the same settings, and a second run finds the store complete."""
     import s3fs
 
     local, _ = collected
