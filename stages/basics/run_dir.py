@@ -16,7 +16,8 @@ from stages.basics.errors import SaepipeError
 SAE_WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
 TRAIN_LOG = "train_log.jsonl"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"  # tensors, and a JSON header: nothing in it runs code (train/checkpoint.py)
+PICKLED_CHECKPOINT = "checkpoint.pt"  # what saepipe wrote before: a pickle, never loaded
 EVAL = "eval.json"
 FEATURE_DENSITY = "feature_density.npy"  # eval: each latent's firing fraction over the eval rows
 EXTERNAL = "external.json"  # an eval folder of an SAE trained elsewhere: where it is, and the store
@@ -28,6 +29,12 @@ def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:
     if run_dir.exists() and not run_dir.is_dir():
         raise SaepipeError(f"--out {run_dir} is a file: pass a folder for the run")
     if resume:
+        if (run_dir / PICKLED_CHECKPOINT).exists() and not (run_dir / CHECKPOINT).exists():
+            raise SaepipeError(
+                f"{run_dir} holds a checkpoint.pt written by an earlier saepipe: a pickle, which saepipe no "
+                f"longer opens (unpickling a file can run any code); pass --overwrite to train again, or "
+                f"finish it with the saepipe that started it"
+            )
         if (run_dir / CHECKPOINT).exists():
             return True
         if (run_dir / SAE_WEIGHTS).exists():
@@ -40,7 +47,7 @@ def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:
                 f"--out {run_dir} is not empty: pass --resume to continue its run, "
                 f"--overwrite to replace it, or choose another --out"
             )
-        if not ((run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists()):
+        if not any((run_dir / name).exists() for name in (CONFIG, CHECKPOINT, PICKLED_CHECKPOINT)):
             raise SaepipeError(
                 f"--out {run_dir} is not a saepipe run folder; refusing to overwrite it: choose another --out"
             )
@@ -59,12 +66,6 @@ def save_npy_atomic(path: Path, array) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
         np.save(f, array)
-    os.replace(tmp, path)
-
-
-def save_torch_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 

@@ -29,6 +29,7 @@ from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.saes import ARCHITECTURES, SparseAutoencoder
 from stages.saes.base import TrainContext, geometric_median
+from stages.train.checkpoint import Checkpoint
 from stages.train.config import TrainConfig, only_hook
 from stages.train.saelens_export import export_saelens
 from store_schema.loader import ShuffledBatches
@@ -128,17 +129,18 @@ class TrainingRun:
         self.dead_window = cfg.dead_window_tokens or min(10_000_000, max(cfg.tokens // 4, cfg.batch_size))
         self.start = 0
         if resuming:
-            ckpt = torch.load(self.out / run_dir.CHECKPOINT, map_location=device, weights_only=False)
-            if ckpt["store_fingerprint"] != store.fingerprint or ckpt["config"] != cfg.to_json():
+            ckpt = Checkpoint.load(self.out / run_dir.CHECKPOINT)
+            # the checkpoint holds the configuration as JSON (tuples as lists): compare it as JSON
+            if ckpt.store_fingerprint != store.fingerprint or ckpt.config != json.loads(json.dumps(cfg.to_json())):
                 raise SaepipeError(
                     f"{self.out} was trained with another store or configuration: pass the same "
                     f"arguments to --resume, or --overwrite to start again"
                 )
-            self.sae.load_state_dict(ckpt["sae"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.tokens_since_fired = ckpt["tokens_since_fired"].to(device)
-            self.mse_scale, self.start = ckpt["mse_scale"], ckpt["step"]
+            self.sae.load_state_dict(ckpt.sae)
+            self.optimizer.load_state_dict(ckpt.optimizer)
+            self.scheduler.load_state_dict(ckpt.scheduler)
+            self.tokens_since_fired = ckpt.tokens_since_fired.to(device)
+            self.mse_scale, self.start = ckpt.mse_scale, ckpt.step
             if world.is_main:
                 run_dir.truncate_log(self.out, self.start)
         elif world.is_main:
@@ -185,19 +187,16 @@ class TrainingRun:
     def checkpoint(self, step: int) -> None:
         if not self.world.is_main:
             return
-        run_dir.save_torch_atomic(
-            self.out / run_dir.CHECKPOINT,
-            {
-                "step": step,
-                "sae": self.sae.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "tokens_since_fired": self.tokens_since_fired,
-                "mse_scale": self.mse_scale,
-                "store_fingerprint": self.store.fingerprint,
-                "config": self.cfg.to_json(),
-            },
-        )
+        Checkpoint(
+            step=step,
+            sae=self.sae.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            tokens_since_fired=self.tokens_since_fired,
+            mse_scale=self.mse_scale,
+            store_fingerprint=self.store.fingerprint,
+            config=self.cfg.to_json(),
+        ).save(self.out / run_dir.CHECKPOINT)
 
     def close(self) -> None:
         if self.log is not None:

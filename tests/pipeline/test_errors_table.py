@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from stages import host_model as host_models
+from stages.basics import run_dir
+from stages.train.checkpoint import Checkpoint
 from store_schema.lock import lock_path
 from store_schema.writer import StoreWriter, write_array_store
 from tests.helpers.cli import run_catching, run_ok
@@ -264,7 +266,35 @@ def _no_wheel(tmp: Path, places: dict, monkeypatch) -> None:
 
 def _stale_checkpoint(tmp: Path, places: dict, monkeypatch) -> None:
     (tmp / "run").mkdir()
-    torch.save({"store_fingerprint": "another store", "config": {}}, tmp / "run" / "checkpoint.pt")
+    Checkpoint(
+        step=0,
+        sae={},
+        optimizer={"state": {}, "param_groups": []},
+        scheduler={},
+        tokens_since_fired=torch.zeros(1),
+        mse_scale=1.0,
+        store_fingerprint="another store",
+        config={},
+    ).save(tmp / "run" / run_dir.CHECKPOINT)
+
+
+class _RunsCode:
+    """Unpickling this creates a file: the proof that a pickle was opened."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["SAEPIPE_PICKLE_MARKER"]),))
+
+
+def _pickled_checkpoint(tmp: Path, places: dict, monkeypatch) -> None:
+    (tmp / "run").mkdir()
+    monkeypatch.setenv("SAEPIPE_PICKLE_MARKER", str(tmp / "pickle-ran"))
+    torch.save({"step": 1, "payload": _RunsCode()}, tmp / "run" / run_dir.PICKLED_CHECKPOINT)
+
+
+def _damaged_checkpoint(tmp: Path, places: dict, monkeypatch) -> None:
+    _stale_checkpoint(tmp, places, monkeypatch)
+    path = tmp / "run" / run_dir.CHECKPOINT
+    path.write_bytes(path.read_bytes()[:40])
 
 
 def _unfinished_run(tmp: Path, places: dict, monkeypatch) -> None:
@@ -297,6 +327,8 @@ SETUPS = {
     "no_saelens": _no_saelens,
     "no_wheel": _no_wheel,
     "stale_checkpoint": _stale_checkpoint,
+    "pickled_checkpoint": _pickled_checkpoint,
+    "damaged_checkpoint": _damaged_checkpoint,
     "unfinished_run": _unfinished_run,
     "damaged_cfg": _damaged("cfg.json", lambda data: b"{not json"),
     "damaged_eval": _damaged("eval.json", lambda data: b"{not json"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stages.basics import run_dir
 from store_schema.reader import open_store
 from store_schema.writer import write_array_store
 from tests.helpers.collect import cli_args
@@ -131,7 +132,7 @@ def test_train_killed_mid_run_resumes_to_the_uninterrupted_weights(rows_store, t
     rng = np.random.default_rng(7)
     kills = 0
     for target in sorted(rng.integers(12, 110, 3)):
-        flags = ["--resume"] if (run / "checkpoint.pt").exists() else ["--overwrite"] if run.exists() else []
+        flags = ["--resume"] if (run / run_dir.CHECKPOINT).exists() else ["--overwrite"] if run.exists() else []
         proc = subprocess.Popen(
             cmd + ["--out", str(run), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
         )
@@ -145,7 +146,7 @@ def test_train_killed_mid_run_resumes_to_the_uninterrupted_weights(rows_store, t
     for name in whole:  # CPU training is deterministic: equal, not close
         np.testing.assert_array_equal(cut[name], whole[name], err_msg=name)
     assert [r["step"] for r in read_log(run)] == list(range(5, 121, 5))  # none twice, none missing
-    assert not (run / "checkpoint.pt").exists()
+    assert not (run / run_dir.CHECKPOINT).exists()
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:

@@ -266,7 +266,7 @@ def test_recovers_planted_features(trained):
     if cfg.arch == "matryoshka":
         expected["groups"] = list(MATRYOSHKA_GROUPS)
     assert saved["finished"] and saved["sae"] == expected
-    assert not (out / "checkpoint.pt").exists()
+    assert not (out / run_dir.CHECKPOINT).exists()
 
 
 def test_inference_threshold_gives_about_k_latents_per_row(trained, planted):

@@ -111,7 +111,7 @@ def test_topk_recovers_planted_features(planted, tmp_path):
         "aux_coef": 1 / 32,
     }
     assert (tmp_path / "run" / "saelens" / "cfg.json").exists()
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / run_dir.CHECKPOINT).exists()
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(planted, tmp_path, crash_training):

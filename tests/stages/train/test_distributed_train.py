@@ -78,7 +78,7 @@ def test_two_processes_train_what_one_process_trains(store, tmp_path, resident):
                 assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), (one.name, key)
         cfg = json.loads((two / "cfg.json").read_text())
         assert cfg["finished"] and (two / "saelens" / "sae_weights.safetensors").exists()
-        assert not (two / "checkpoint.pt").exists()
+        assert not (two / run_dir.CHECKPOINT).exists()
     # the revival terms were exercised: some latents were dead at some point
     topk_log = [json.loads(line) for line in (single[0] / "train_log.jsonl").read_text().splitlines()]
     assert any(r["dead_fraction"] > 0 and r["aux_loss"] > 0 for r in topk_log)
