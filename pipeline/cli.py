@@ -6,7 +6,9 @@ Every user-facing error (SaepipeError, StoreError) becomes one line on stderr an
 from __future__ import annotations
 
 import errno
+import signal
 import sys
+import threading
 
 import click
 
@@ -27,14 +29,37 @@ from stages.basics.errors import SaepipeError
 from store_schema.schema import StoreError
 
 EXIT_USER_ERROR = 2
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # the shell's convention: 130, 143
+
+# What a command stopped part-way keeps, and how to go on. Every writer commits atomically, so nothing is
+# ever half-written.
+_AFTER_INTERRUPT = {
+    "collect": "the store keeps every committed block; run the same command again to resume it",
+    "train": "the run keeps its last checkpoint; run the same command with --resume to continue it",
+}
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
 
 
 class SaepipeGroup(click.Group):
-    """Turns the project's user-facing errors into one line on stderr and exit code 2."""
+    """Turns the project's user-facing errors into one line on stderr and exit code 2, and Ctrl-C or
+    SIGTERM into one line saying what was kept (exit 130 or 143)."""
 
     def invoke(self, ctx: click.Context):
+        in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _stopped(ctx, "interrupted", EXIT_SIGINT)
+        except _Terminated:
+            _stopped(ctx, "terminated (SIGTERM)", EXIT_SIGTERM)
         except (SaepipeError, StoreError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_USER_ERROR)
@@ -49,6 +74,15 @@ class SaepipeGroup(click.Group):
                 err=True,
             )
             sys.exit(EXIT_USER_ERROR)
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(ctx: click.Context, how: str, code: int) -> None:
+    kept = _AFTER_INTERRUPT.get(ctx.invoked_subcommand, "nothing is left half-written; run the same command again")
+    click.echo(f"{how}: {kept}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=SaepipeGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import posixpath
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import fsspec
 from tqdm import tqdm
@@ -35,6 +36,12 @@ def copy_store(src: str, dst: str, threads: int = 8, progress: bool = True) -> d
     source.require_complete()
     src_fs, src_root = store_filesystem(src)
     dst_fs, dst_root = store_filesystem(dst)
+    overlap = _overlap(_place(src, src_fs, src_root), _place(dst, dst_fs, dst_root))
+    if overlap:
+        raise schema.StoreError(
+            f"cannot copy {src} to {dst}: {overlap}; a published store must not change: copy it to a folder "
+            f"or URL outside it"
+        )
     try:
         if dst_fs.isfile(dst_root):
             raise schema.StoreError(f"{dst} is a file: pass a folder or a URL for the copy")
@@ -124,6 +131,24 @@ def _stream_file(src_fs, path: str, dst_fs, target: str) -> None:
         with dst_fs.open(target, "wb", block_size=PIECE_BYTES) as sink:
             while piece := source.read(PIECE_BYTES):
                 sink.write(piece)
+
+
+def _place(location: str, fs, root: str) -> str:
+    """Where a location is, comparable with another: a resolved path, or protocol://bucket/key."""
+    if "://" not in local_path(location):
+        return str(Path(root).resolve())
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return f"{protocol}://{root.strip('/')}"
+
+
+def _overlap(src: str, dst: str) -> str | None:
+    if src == dst:
+        return "they are the same place"
+    if dst.startswith(src.rstrip("/") + "/"):
+        return "the destination is inside the store"
+    if src.startswith(dst.rstrip("/") + "/"):
+        return "the store is inside the destination"
+    return None
 
 
 def store_filesystem(location: str):

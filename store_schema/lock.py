@@ -38,8 +38,9 @@ def lock_path(store: str | os.PathLike) -> Path:
 class StoreLock:
     """`with StoreLock(path):` around everything that writes the store at `path`."""
 
-    def __init__(self, store: str | os.PathLike):
+    def __init__(self, store: str | os.PathLike, kind: str = "store"):
         self.store, self.path = Path(store), lock_path(store)
+        self.kind = kind  # what the messages call the folder: "store", "run folder"
         self.held = False
 
     def __enter__(self) -> StoreLock:
@@ -54,7 +55,7 @@ class StoreLock:
                     holder = {"pid": "?", "host": "?", "started": "just now"}  # being written by its taker
                 if holder is not None and not self._stale(holder):
                     raise StoreError(
-                        f"store {self.store} is being written by pid {holder['pid']} on "
+                        f"{self.kind} {self.store} is being written by pid {holder['pid']} on "
                         f"{holder['host']} (since {holder['started']}): wait for it to finish; if that "
                         f"process is gone, remove {self.path}"
                     ) from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import zarr
 from tqdm import tqdm
 
 from store_schema import schema
@@ -28,10 +27,12 @@ class Verification:
     checked: int  # chunks decoded and compared with their checksum
     damaged: list[str]  # one line per chunk that fails its checksum or is missing
     unverifiable: list[str]  # arrays written without checksums (stores from before they were recorded)
+    foreign: list[str]  # files under the store that are not part of it
 
 
 def verify_store(store: ActivationStore, progress: bool = True) -> Verification:
-    arrays = sorted((name, arr) for name, arr in store.group.members(max_depth=None) if isinstance(arr, zarr.Array))
+    # the arrays the header names: walking the group would also open whatever else lies in the folder
+    arrays = sorted((name, store.group[name]) for name in schema.array_names(store.header))
     plan, problems, unverifiable = [], [], []
     for name, arr in arrays:
         if not is_checksummed(arr):
@@ -51,4 +52,36 @@ def verify_store(store: ActivationStore, progress: bool = True) -> Verification:
             if not is_checksum_error(e):
                 raise
             problems.append(f"chunk {i} of {name} fails its checksum")
-    return Verification(len(plan), problems, unverifiable)
+    return Verification(len(plan), problems, unverifiable, foreign_files(store))
+
+
+def foreign_files(store: ActivationStore) -> list[str]:
+    """Files under the store that none of its arrays owns (a store copied into it, stray files): the
+    header names every array, and an array owns its zarr.json and the chunk files of its grid."""
+    from store_schema.copy import store_filesystem  # copy imports the reader too: keep the graph acyclic
+
+    fs, root = store_filesystem(store.location)
+    owned = {"zarr.json"}
+    grids = {}
+    for name in schema.array_names(store.header):
+        arr = store.group[name]
+        parts = name.split("/")
+        owned |= {"/".join(parts[:i] + ["zarr.json"]) for i in range(1, len(parts) + 1)}  # its groups' too
+        grids[name] = [math.ceil(n / c) for n, c in zip(arr.shape, arr.chunks)]
+    found = []
+    for path in sorted(fs.find(root)):
+        relative = path[len(root.rstrip("/")) + 1 :]
+        if relative in owned or _is_chunk_of(relative, grids):
+            continue
+        found.append(relative)
+    return found
+
+
+def _is_chunk_of(relative: str, grids: dict[str, list[int]]) -> bool:
+    """Whether `relative` is `ARRAY/c/i/j...` with indices inside ARRAY's chunk grid."""
+    array, _, key = relative.partition("/c/")
+    grid = grids.get(array)
+    if grid is None or not key:
+        return False
+    indices = key.split("/")
+    return len(indices) == len(grid) and all(i.isdigit() and int(i) < n for i, n in zip(indices, grid))

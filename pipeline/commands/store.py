@@ -56,9 +56,16 @@ def store_verify(path: str, progress: bool) -> None:
         click.echo(f"warning: {name} has no checksums (written before saepipe recorded them): not verified", err=True)
     for line in result.damaged:
         click.echo(line)
+    for name in result.foreign:
+        click.echo(f"{name} is not part of the store")
     if result.damaged:
         raise SaepipeError(
             f"{len(result.damaged)} damaged chunk(s) in {path} (listed above): the store cannot be "
             f"trusted; collect it again, or copy it again from a good replica"
+        )
+    if result.foreign:
+        raise SaepipeError(
+            f"{len(result.foreign)} file(s) in {path} are not part of the store (listed above): remove them "
+            f"(a store holds only its own files), or copy the store again"
         )
     click.echo(f"ok: {result.checked:,} chunks match their checksums")

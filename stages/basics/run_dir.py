@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,12 @@ def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:
         if (run_dir / SAE_WEIGHTS).exists():
             raise SaepipeError(
                 f"{run_dir} holds a finished run with no checkpoint to resume: pass --overwrite to train again"
+            )
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            print(
+                f"saepipe: {run_dir} has no checkpoint (its run stopped before the first): training starts "
+                f"from the beginning",
+                file=sys.stderr,
             )
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:

@@ -145,6 +145,7 @@ class WorkerModelSummary:
     n_layers: int
     tokenizer: object
     hooks: list[str]
+    n_ctx: int  # the longest context the model takes
 
 
 def _describe(cfg: CollectConfig) -> WorkerModelSummary:
@@ -156,6 +157,7 @@ def _describe(cfg: CollectConfig) -> WorkerModelSummary:
         model.n_layers,
         model.tokenizer,
         validate_hooks(model, list(cfg.hooks)),
+        model.n_ctx,
     )
 
 

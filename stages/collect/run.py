@@ -163,6 +163,11 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: PlanAct
     workers report)."""
     out = Path(cfg.out)
     if action is PlanAction.CREATE:
+        if cfg.context_size > model.n_ctx:  # refused before the store exists: nothing to resume
+            raise SaepipeError(
+                f"--context-size {cfg.context_size:,} is more than {cfg.model} takes: its contexts hold at most "
+                f"{model.n_ctx:,} tokens; pass --context-size {model.n_ctx} or less"
+            )
         if out.exists():
             shutil.rmtree(out)
         return create_store(cfg, model, hooks)

@@ -33,6 +33,7 @@ from stages.train.checkpoint import Checkpoint
 from stages.train.config import TrainConfig, only_hook
 from stages.train.saelens_export import export_saelens
 from store_schema.loader import ShuffledBatches
+from store_schema.lock import StoreLock
 from store_schema.reader import ActivationStore, open_store
 
 
@@ -145,7 +146,8 @@ class TrainingRun:
                 run_dir.truncate_log(self.out, self.start)
         elif world.is_main:
             run_dir.write_json_atomic(self.out / run_dir.CONFIG, run_config(cfg, store, self.sae) | {"finished": False})
-        self.log = open(self.out / run_dir.TRAIN_LOG, "a") if world.is_main else None
+        # a fresh run starts a fresh log (an earlier attempt that stopped before its first checkpoint left lines)
+        self.log = open(self.out / run_dir.TRAIN_LOG, "a" if resuming else "w") if world.is_main else None
         self.sums = torch.zeros(len(self.KEYS), device=device)
 
     def step(self, x: torch.Tensor, step: int, autocast) -> None:
@@ -221,6 +223,16 @@ def run_sweep(cfgs: list[TrainConfig], nproc: int = 1) -> list[Path]:
         cfg.validate()
     base = cfgs[0]
     device = resolve_device(base.device)
+    if distributed.launched_by_torchrun():  # the process that launched the ranks holds the run folders' locks
+        return _train_here(cfgs, device, nproc)
+    with contextlib.ExitStack() as locks:  # one writer per run folder, as per store
+        for cfg in cfgs:
+            locks.enter_context(StoreLock(cfg.out, kind="run folder"))
+        return _train_here(cfgs, device, nproc)
+
+
+def _train_here(cfgs: list[TrainConfig], device: torch.device, nproc: int) -> list[Path]:
+    """Train in this process, or launch `nproc` processes that do."""
     if nproc > 1 and not distributed.launched_by_torchrun():
         _check_before_launch(cfgs, device, nproc)
         return distributed.launch(nproc, run_sweep, cfgs)
