@@ -3,6 +3,8 @@ sized by it: a damaged or hostile header could otherwise ask a reader for teraby
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import zarr
 
 from store_schema import schema
@@ -39,6 +41,24 @@ def check_fits_in_memory(group: zarr.Group, header: dict, memory_bytes: int | No
             f"the store's metadata describes {what}: {largest / 2**30:,.1f} GiB in one piece, more than this "
             f"machine can hold ({memory / 2**30:,.1f} GiB available); the store is damaged or was not written "
             f"by saepipe: copy it again from its source, or collect it again"
+        )
+
+
+# Saepipe's root metadata stays under 64 KiB (schema version 2; version 1 stores grew to a few MB): a root
+# zarr.json far larger is not a store of ours, and parsing it would take its size in memory many times.
+MAX_ROOT_METADATA_BYTES = 64 << 20
+
+
+def check_root_metadata_size(location: str) -> None:
+    """Refuse a local store whose root zarr.json is too large to be one, before it is read."""
+    root = Path(location) / "zarr.json"
+    if "://" in location or not root.is_file():
+        return
+    size = root.stat().st_size
+    if size > MAX_ROOT_METADATA_BYTES:
+        raise schema.StoreError(
+            f"{root} is {size / 2**20:,.0f} MiB, far more than a store's root metadata (at most "
+            f"{MAX_ROOT_METADATA_BYTES >> 20} MiB): it is not a saepipe store, or a damaged one; it was not read"
         )
 
 

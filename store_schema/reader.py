@@ -21,7 +21,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from store_schema import schema
-from store_schema.limits import check_fits_in_memory
+from store_schema.limits import check_fits_in_memory, check_root_metadata_size
 from store_schema.normalization import Normalization
 
 REMOTE_CONCURRENCY = 16  # chunk requests in flight to a remote store: object stores answer in tens of ms
@@ -52,6 +52,7 @@ class ActivationStore:
         if "://" not in location and not Path(location).exists():
             raise schema.StoreError(f"no store at {location}: run `saepipe collect --out {location}` first")
         concurrency = remote_concurrency() if concurrency is None else concurrency
+        check_root_metadata_size(location)
         try:
             group = zarr.open_group(store=location, mode="r", storage_options=storage_options(location, concurrency))
         except ImportError as e:  # fsspec names the backend a URL needs (s3fs, gcsfs, aiohttp)

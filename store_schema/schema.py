@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 
 import numpy as np
 from zarr.codecs import Crc32cCodec
@@ -283,11 +284,22 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Hook names become paths inside the store (train/acts/<hook>): from a store of unknown origin, only names
+# that cannot reach outside it, and not so many that listing them is a denial of service.
+SAFE_HOOK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
+MAX_HOOKS = 4096
+
+
 def _header_problem(header: dict) -> str | None:
     """What in the attributes a reader relies on has the wrong shape or type (None: nothing)."""
     hooks = header["hooks"]
-    if not (isinstance(hooks, list) and hooks and all(isinstance(h, str) and h and "/" not in h for h in hooks)):
+    if not (isinstance(hooks, list) and hooks and all(isinstance(h, str) and h for h in hooks)):
         return "'hooks' is not a list of hook names"
+    if len(hooks) > MAX_HOOKS:
+        return f"it names {len(hooks):,} hooks, more than the {MAX_HOOKS:,} a store may hold"
+    for hook in hooks:  # hook names become paths in the store: none may lead outside it
+        if not SAFE_HOOK_NAME.fullmatch(hook) or ".." in hook:
+            return f"hook name {hook[:60]!r} is not a safe name (letters, digits, '_', '.', '-', at most 200)"
     for key in ("d_model", "context_size"):
         if not _is_int(header[key], 1):
             return f"'{key}' is not a positive integer"

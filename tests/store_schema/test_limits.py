@@ -51,3 +51,44 @@ def test_absurd_sizes_in_the_metadata_are_refused_before_allocating(tiny_store, 
     message = str(refused.value)
     assert "\n" not in message and "more than this machine can hold" in message, message
     assert peak < 50 * 2**20  # refused before anything sized by the metadata was allocated
+
+
+def _with_header(tiny_store, tmp_path, change):
+    path = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, path)
+    root_path = path / "zarr.json"
+    root = json.loads(root_path.read_text())
+    change(root["attributes"][schema.ATTRS_KEY])
+    root_path.write_text(json.dumps(root))
+    return path
+
+
+@pytest.mark.parametrize(
+    "hooks, fragment",
+    [
+        (["../../../etc"], "is not a safe name"),
+        (["/etc/passwd"], "is not a safe name"),
+        (["blocks..2"], "is not a safe name"),
+        (["blocks.2\x1b[2J"], "is not a safe name"),
+        (["h" * 5000], "is not a safe name"),
+        ([f"h{i}" for i in range(5000)], "more than the 4,096 a store may hold"),
+    ],
+)
+def test_hook_names_that_could_leave_the_store_are_refused(tiny_store, tmp_path, hooks, fragment):
+    path = _with_header(tiny_store, tmp_path, lambda header: header.update(hooks=hooks))
+    with pytest.raises(schema.StoreError) as refused:  # from the header alone: no array path is built
+        ActivationStore.open(path)
+    message = str(refused.value)
+    assert fragment in message and "\n" not in message and len(message) < 400, message
+
+
+def test_a_huge_root_metadata_file_is_refused_unread(tiny_store, tmp_path):
+    path = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, path)
+    with open(path / "zarr.json", "ab") as f:
+        f.truncate(65 << 20)  # a sparse file: no disk, but 65 MiB to whoever reads it
+    tracemalloc.start()
+    with pytest.raises(schema.StoreError, match="far more than a store's root metadata"):
+        ActivationStore.open(path)
+    assert tracemalloc.get_traced_memory()[1] < 20 * 2**20
+    tracemalloc.stop()
