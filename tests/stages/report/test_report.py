@@ -216,3 +216,32 @@ def test_sparse_codes_are_read_without_densifying_them_the_same_as_dense():
     expected = code.dense(32)[:, latents]
     assert torch.equal(_selected(code, latents, column, 32), expected)
     assert torch.equal(_selected(DenseCode(code.dense(32)), latents, column, 32), expected)
+
+
+PWN = "document.body.appendChild(Object.assign(document.createElement('div'),{id:'pwned'}))"
+HOSTILE_TEXT = f'<script>{PWN}</script> and "><img src=x onerror="{PWN}"> '
+
+
+def test_hostile_tokens_and_run_names_render_as_text(tmp_path):
+    """A report of a store whose text holds markup, from a run folder whose name holds markup: in
+    Chromium no injected script runs (it would add <div id="pwned">) and nothing reaches the console."""
+    browser = chromium()
+    text = tmp_path / "hostile.txt"
+    text.write_text(HOSTILE_TEXT * 400)
+    store = tmp_path / "s.zarr"
+    run_ok(*collect_args(3000, eval_fraction=0.2), "--dataset", text, "--out", store)
+    run_folder = tmp_path / f'run"><img src=x onerror={PWN}>'
+    train = ["--width", WIDTH, "--k", "4", "--tokens", "6000", "--batch-size", "512", "--no-progress"]
+    run_ok("train", store, *train, "--device", "cpu", "--out", run_folder)
+    run_ok("eval", run_folder, "--no-progress", "--device", "cpu")
+    out = tmp_path / "report"
+    run_ok("report", run_folder, "--out", out, "--latents", 5, "--contexts", 4, "--device", "cpu", "--no-progress")
+    page = (out / "index.html").read_text()
+    assert "<img src=x" not in page and page.count("<script") == 1  # escaped: only the page's own check script
+    dom = headless(browser, out / "index.html", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert '<div id="pwned">' not in dom.stdout  # no injected script ran
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    check = re.search(r'<body[^>]*data-check="([^"]*)"', dom.stdout)
+    assert check is not None and check.group(1) == "ok"
