@@ -65,8 +65,8 @@ def _collect_to_s3(cfg: CollectConfig, model) -> str:
         header = mirror.remote_header()
         if header is not None:
             if header.get("complete") and not cfg.overwrite:
-                if _done_remotely(cfg):
-                    return str(cfg.out)
+                _refuse_another_configuration(cfg, ActivationStore.open(cfg.out))
+                return str(cfg.out)
             print(f"resuming {cfg.out} from the bucket (staging store {staging})", file=sys.stderr)
             mirror.rebuild(header)
         else:
@@ -82,9 +82,9 @@ def _staging_path(url: str) -> Path:
     return cache_dir() / "staging" / (hashlib.sha256(str(url).encode()).hexdigest()[:16] + ".zarr")
 
 
-def _done_remotely(cfg: CollectConfig) -> bool:
-    """True when the remote store is complete for cfg's settings; refuses one of other settings."""
-    existing = ActivationStore.open(cfg.out)
+def _refuse_another_configuration(cfg: CollectConfig, existing: ActivationStore) -> None:
+    """Refuse a complete remote store of other settings (a remote store is never overwritten); for one of
+    cfg's own, say there is nothing to do."""
     differing = differing_settings(cfg, existing)
     if differing is not None:
         raise SaepipeError(
@@ -93,7 +93,6 @@ def _done_remotely(cfg: CollectConfig) -> bool:
             f"delete it there first)"
         )
     print(f"store {cfg.out} is already complete for this configuration; nothing to do", file=sys.stderr)
-    return True
 
 
 def _collect_to_remote(cfg: CollectConfig, model) -> str:
@@ -105,16 +104,9 @@ def _collect_to_remote(cfg: CollectConfig, model) -> str:
     except schema.StoreError:
         existing = None
     if existing is not None and existing.complete and not cfg.overwrite:
-        differing = differing_settings(cfg, existing)
-        if differing is not None:
-            raise SaepipeError(
-                f"--out {cfg.out} holds a store of a different configuration (differs in: "
-                f"{differing}): choose another --out (a remote store is never overwritten; "
-                f"delete it there first)"
-            )
-        print(f"store {cfg.out} is already complete for this configuration; nothing to do", file=sys.stderr)
+        _refuse_another_configuration(cfg, existing)
         return str(cfg.out)
-    staging = cache_dir() / "staging" / (hashlib.sha256(str(cfg.out).encode()).hexdigest()[:16] + ".zarr")
+    staging = _staging_path(cfg.out)
     print(f"collecting into the local staging store {staging}, then copying it to {cfg.out}", file=sys.stderr)
     local = dataclasses.replace(cfg, out=str(staging))
     with StoreLock(staging):
