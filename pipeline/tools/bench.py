@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.tools.measurements import run_parts, targets_table
 from pipeline.tools.quality import saelens_training_sae
 from stages.basics import run_dir
 from stages.basics.defaults import DEFAULT_HOOK, DEFAULT_MODEL
@@ -620,27 +621,13 @@ def run_bench(cfg: BenchConfig) -> dict:
         "sizes": {"d_in": cfg.d_in, "width": cfg.width, "k": cfg.k, "batch_size": cfg.batch_size, "rounds": cfg.rounds},
         "date": time.strftime("%Y-%m-%d"),
     }
-    for key, part in BENCHMARKS.items():
-        if not cfg.wants(key):
-            continue
-        if cfg.progress:
-            print(f"bench: {key} ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        result |= part(cfg, workdir, device)
-        result.setdefault("seconds", {})[key] = round(time.perf_counter() - started, 1)
-        (cfg.out / "bench.json").write_text(json.dumps(result, indent=2))  # partial results survive a failure
-    return result
+    parts = {key: (lambda part=part: part(cfg, workdir, device)) for key, part in BENCHMARKS.items() if cfg.wants(key)}
+    return run_parts(parts, result, cfg.out / "bench.json", "bench", cfg.progress)
 
 
 def format_bench_table(result: dict) -> str:
-    lines = ["| key | value | target |", "| --- | ---: | --- |"]
-    for key, (op, target) in TARGETS.items():
-        if key not in result:
-            continue
-        if key == "stream_peak_rss_gb":
-            target = result["stream"]["limit_gb"]
-        lines.append(f"| {key} | {result[key]:.3g} | {op} {target:.3g} |")
-    return "\n".join(lines)
+    limits = {"stream_peak_rss_gb": result["stream"]["limit_gb"]} if "stream" in result else {}
+    return targets_table(result, TARGETS, limits)
 
 
 def _describe_device(device: torch.device) -> str:

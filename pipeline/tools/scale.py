@@ -12,9 +12,7 @@ Parts, each a function returning its keys:
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.tools import bench
+from pipeline.tools.measurements import run_parts, targets_table
 from pipeline.tools.scale_big_store import measure_big_store
 from pipeline.tools.scale_collect import measure_collect_growth
 from pipeline.tools.scale_s3 import measure_s3_streaming
@@ -151,23 +150,11 @@ def run_scale(cfg: ScaleConfig) -> dict:
         "versions": bench._versions(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    for name in cfg.parts:
-        if cfg.progress:
-            print(f"scale: {name} ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        result |= parts[name]()
-        result.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
-        (cfg.out / "scale.json").write_text(json.dumps(result, indent=2))  # partial results survive a failure
+    run_parts({name: parts[name] for name in cfg.parts}, result, cfg.out / "scale.json", "scale", cfg.progress)
     shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
 def format_scale_table(result: dict) -> str:
-    lines = ["| key | value | target |", "| --- | ---: | --- |"]
-    for key, (op, target) in TARGETS.items():
-        if key not in result:
-            continue
-        if key == "big_store_peak_rss_gb":
-            target = result["big_store"]["peak_rss_limit_gb"]
-        lines.append(f"| {key} | {result[key]:.4g} | {op} {target:.4g} |")
-    return "\n".join(lines)
+    limits = {"big_store_peak_rss_gb": result["big_store"]["peak_rss_limit_gb"]} if "big_store" in result else {}
+    return targets_table(result, TARGETS, limits)
