@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import platform
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.tools.child import peak_rss_bytes, run_in_child
 from pipeline.tools.measurements import run_parts, targets_table
 from pipeline.tools.quality import saelens_training_sae
 from stages.basics import run_dir
@@ -54,7 +52,7 @@ from stages.host_model.smollm2 import prepare_default_model
 from stages.saes.matching_pursuit import MatchingPursuitSAE
 from stages.text.sources import open_text_source
 from stages.train.config import TrainConfig
-from stages.train.loop import TrainingRun
+from stages.train.loop import TrainingRun, run_train
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import open_store
 from store_schema.writer import write_array_store
@@ -537,20 +535,10 @@ def _python_docs(characters: int) -> list[str]:
 
 
 # -- streaming memory -------------------------------------------------------------------------------
-# Peak RSS from the kernel's high-water mark of this process image (VmHWM). Not getrusage's ru_maxrss:
-# Linux carries that across fork and exec, so the child would report the benchmark parent's own peak.
-_RSS_CHILD = """
-import json, resource, sys
-from stages.train import TrainConfig, run_train
-cfg = TrainConfig.from_flat(**json.loads(sys.argv[1]))
-run_train(cfg)
-try:
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    peak = int(hwm.split()[1]) * 1024
-except OSError:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-print(json.dumps({"peak_rss_bytes": peak}))
-"""
+def train_for_peak_rss(args: dict) -> dict:
+    """In a fresh process (run_in_child): train with these TrainConfig fields; the peak RSS."""
+    run_train(TrainConfig.from_flat(**args))
+    return {"peak_rss_bytes": peak_rss_bytes()}
 
 
 def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
@@ -581,10 +569,9 @@ def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> d
         "progress": False,
         "device": "cpu",
     }
-    done = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(train)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SaepipeError(f"the streaming-memory benchmark's training failed: {done.stderr.strip().splitlines()[-1]}")
-    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    peak = run_in_child(f"{__name__}.train_for_peak_rss", train, "the streaming-memory benchmark's training")[
+        "peak_rss_bytes"
+    ]
     return {
         "stream_peak_rss_gb": peak / 1e9,
         "stream": {

@@ -18,13 +18,25 @@ print("\\n" + json.dumps(result))
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (the kernel's high-water mark)."""
+    """This process's peak resident set size: the kernel's high-water mark of this process image
+    (VmHWM). Not getrusage's ru_maxrss where VmHWM exists: Linux carries that across fork and exec, so a
+    child would report its parent's peak."""
     try:
-        with open("/proc/self/status") as status:
-            hwm = next(line for line in status if line.startswith("VmHWM:"))
-        return int(hwm.split()[1]) * 1024
+        return _status_bytes("VmHWM:")
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(field)).split()[1]) * 1024
 
 
 def run_in_child(function: str, args: dict, what: str, show_progress: bool = False) -> dict:

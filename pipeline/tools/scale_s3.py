@@ -35,6 +35,7 @@ import numpy as np
 import psutil
 import torch
 
+from pipeline.tools.child import peak_rss_bytes, rss_bytes, run_in_child
 from pipeline.tools.s3_latency import s3_environment, s3_server
 from stages.basics import run_dir
 from stages.basics.distributed import World
@@ -417,28 +418,18 @@ class _TimedTraining:
 
 
 # -- store copy ---------------------------------------------------------------------------------------
-# `store copy` in a fresh process, so that its peak RSS (the kernel's high-water mark) is the copy's own.
-_COPY_CHILD = """
-import json, sys, time
-from store_schema.copy import copy_store
-
-def status(field):
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
-
-before = status("VmRSS:")
-started = time.perf_counter()
-done = copy_store(sys.argv[1], sys.argv[2], progress=False)
-print(json.dumps({**done, "seconds": time.perf_counter() - started, "rss_before": before, "peak": status("VmHWM:")}))
-"""
+def copy_for_peak_rss(args: dict) -> dict:
+    """In a fresh process (run_in_child), so that its peak RSS is the copy's own: `store copy`, timed."""
+    before = rss_bytes()
+    started = time.perf_counter()
+    done = copy_store(args["src"], args["dst"], progress=False)
+    return {**done, "seconds": time.perf_counter() - started, "rss_before": before, "peak": peak_rss_bytes()}
 
 
 def _measure_copy(url: str, destination: Path) -> dict:
     """`store copy` from s3:// to a local folder with its default threads: wall time and peak RSS."""
-    done = subprocess.run([sys.executable, "-c", _COPY_CHILD, url, str(destination)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the copy from {url} failed: {done.stderr.strip().splitlines()[-1]}")
-    copied = json.loads(done.stdout.strip().splitlines()[-1])
+    args = {"src": url, "dst": str(destination)}
+    copied = run_in_child(f"{__name__}.copy_for_peak_rss", args, f"the copy from {url}")
     shutil.rmtree(destination, ignore_errors=True)
     return {
         "s3_copy": {
