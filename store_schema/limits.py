@@ -13,7 +13,7 @@ from store_schema import schema
 LARGEST_SHARE_OF_MEMORY = 0.25
 
 
-def available_memory_bytes() -> int:
+def available_host_memory_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
@@ -23,7 +23,7 @@ def check_fits_in_memory(group: zarr.Group, header: dict, memory_bytes: int | No
     """Raise a one-line StoreError when something a reader or a resumed collect allocates whole (a chunk
     of rows or tokens, the split of every context, the skipped contexts, a running sum) would take more
     than LARGEST_SHARE_OF_MEMORY of `memory_bytes` (the memory available now)."""
-    memory = available_memory_bytes() if memory_bytes is None else memory_bytes
+    memory = available_host_memory_bytes() if memory_bytes is None else memory_bytes
     d = int(header["d_model"])
     tokens, split = group[schema.TOKENS], group[schema.CONTEXT_SPLIT]
     sizes = {

@@ -32,16 +32,15 @@ would. A streaming rank reads only the runs that reach its share.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import psutil
 import torch
 
+from store_schema.limits import available_host_memory_bytes
 from store_schema.reader import ActivationStore
 from store_schema.schema import StoreError
 
@@ -50,10 +49,7 @@ def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return available_host_memory_bytes()
 
 
 WINDOW_CHUNKS = 8  # chunks the streaming loader reads and mixes together
