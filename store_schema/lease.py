@@ -47,6 +47,20 @@ def is_precondition_failure(e: BaseException) -> bool:
     return False
 
 
+def conditional_put(fs, path: str, body: bytes, condition: dict) -> dict | None:
+    """PUT `body` at `bucket/key` `path` under `condition` (IfMatch=ETag or IfNoneMatch="*"): S3's
+    response, or None when the condition failed (an If-Match on an object deleted since fails too)."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+    except FileNotFoundError:
+        return None
+    except Exception as e:
+        if is_precondition_failure(e):
+            return None
+        raise
+
+
 class ObjectLease:
     """`with ObjectLease(fs, store_path, url):` around everything that writes the store. `fs`: an s3fs
     filesystem; `store_path`: the store's `bucket/key` path; `url`: how messages name the store."""
@@ -118,16 +132,9 @@ class ObjectLease:
     # -- the object ---------------------------------------------------------------------------------
     def _put(self, **condition) -> bool:
         """Write our holder record under `condition`; False when the condition failed."""
-        try:
-            response = self.fs.call_s3(
-                "put_object", Bucket=self.bucket, Key=self.object, Body=json.dumps(self.me).encode(), **condition
-            )
-        except FileNotFoundError:  # If-Match on an object deleted since: not ours any more
+        response = conditional_put(self.fs, self.key, json.dumps(self.me).encode(), condition)
+        if response is None:
             return False
-        except Exception as e:
-            if is_precondition_failure(e):
-                return False
-            raise
         self.etag = response["ETag"]
         return True
 

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from store_schema import schema
-from store_schema.lease import ObjectLease, is_precondition_failure
+from store_schema.lease import ObjectLease, conditional_put
 
 ROOT_METADATA = "zarr.json"
 
@@ -69,15 +69,10 @@ class RemoteMirror:
 
     def _put(self, key: str, body: bytes, condition: dict) -> dict:
         """A conditional PUT; a StoreError when its condition fails."""
-        bucket, object_key, _ = self.fs.split_path(key)
-        try:
-            return self.fs.call_s3("put_object", Bucket=bucket, Key=object_key, Body=body, **condition)
-        except FileNotFoundError:  # If-Match on an object deleted since
-            raise schema.StoreError(f"{key} changed under this collect") from None
-        except Exception as e:
-            if is_precondition_failure(e):
-                raise schema.StoreError(f"{key} changed under this collect") from None
-            raise
+        response = conditional_put(self.fs, key, body, condition)
+        if response is None:
+            raise schema.StoreError(f"{key} changed under this collect")
+        return response
 
     def _remote_etag(self, key: str) -> str | None:
         bucket, object_key, _ = self.fs.split_path(key)
