@@ -7,13 +7,13 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from tests.helpers.cli import collect_args, run, run_catching
+from tests.helpers.s3 import free_port, moto_bucket
 
 TRAIN = ["--width", "32", "--k", "4", "--tokens", "12000", "--batch-size", "256", "--seed", "1", "--no-progress"]
 
@@ -29,38 +29,16 @@ def collected(tiny_store, tmp_path_factory):
     return tiny_store, load_file(str(local_run / "sae.safetensors"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
 @pytest.fixture
-def s3(monkeypatch):
+def s3():
     pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }.items():
-        monkeypatch.setenv(key, value)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    bucket = f"team-stores-{uuid.uuid4().hex[:8]}"  # moto's state is per process: a fresh bucket per test
-    s3fs.S3FileSystem().mkdir(bucket)
-    yield f"s3://{bucket}"
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    pytest.importorskip("moto.server")
+    with moto_bucket() as (url, _):  # a fresh bucket per test: moto's state is per process
+        yield url
 
 
 def test_copy_to_s3_verify_train_and_copy_back(collected, s3, tmp_path):
@@ -141,7 +119,7 @@ def test_an_interrupted_copy_is_not_a_store_and_resumes(collected, tmp_path, mon
 def http_root(collected):
     pytest.importorskip("aiohttp")
     local, _ = collected
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(local.parent)],
         stdout=subprocess.DEVNULL,
