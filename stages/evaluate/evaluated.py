@@ -80,7 +80,24 @@ def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: t
     reads raw activations, so its normalization is the identity, keeping the store's outlier bound: it is
     spliced and scored exactly where the store keeps rows."""
     folder = Path(saelens_dir)
-    if not (folder / "cfg.json").exists() or not (folder / "sae_weights.safetensors").exists():
+    sae = load_saelens_sae(folder, device)
+    store = open_store(store_path)
+    hook = sae.inner.cfg.metadata.hook_name
+    check_hook_and_width(f"the SAE at {folder}", hook, sae.d_in, store)
+    identity = Normalization("none", max_norm=store.normalization(hook).max_norm)
+    return EvaluatedSAE(
+        out, sae, identity, hook, store.location, store.header["model"]["name"], f"{folder.name} (external)"
+    )
+
+
+def is_saelens_folder(folder: Path) -> bool:
+    return (folder / "cfg.json").is_file() and (folder / "sae_weights.safetensors").is_file()
+
+
+def load_saelens_sae(folder: Path, device: torch.device | str = "cpu") -> ExternalSAE:
+    """A SAELens-format SAE folder (SAELens's own, or one `saepipe export` wrote), loaded by sae-lens."""
+    folder = Path(folder)
+    if not is_saelens_folder(folder):
         raise SaepipeError(
             f"{folder} is not a SAELens SAE folder (cfg.json and sae_weights.safetensors): "
             f"pass the folder SAELens's save_model / save_inference_model wrote"
@@ -88,15 +105,8 @@ def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: t
     try:
         from sae_lens import SAE
     except ImportError as e:
-        raise SaepipeError("evaluating a SAELens SAE needs sae-lens: pip install 'sae-lens>=6'") from e
-    store = open_store(store_path)
+        raise SaepipeError("loading a SAELens SAE needs sae-lens: pip install 'sae-lens>=6'") from e
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         inner = SAE.load_from_disk(str(folder), device=str(device))
-    sae = ExternalSAE(inner)
-    hook = inner.cfg.metadata.hook_name
-    check_hook_and_width(f"the SAE at {folder}", hook, sae.d_in, store)
-    identity = Normalization("none", max_norm=store.normalization(hook).max_norm)
-    return EvaluatedSAE(
-        out, sae, identity, hook, store.location, store.header["model"]["name"], f"{folder.name} (external)"
-    )
+    return ExternalSAE(inner)

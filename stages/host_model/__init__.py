@@ -7,7 +7,7 @@ numbers: no LayerNorm folding or weight centering (``blocks.L.hook_resid_post`` 
 ``hidden_states[L + 1]``).
 """
 
-from stages.host_model.loading import TINY_RANDOM_NAME, load_host_model
+from stages.host_model.loading import TINY_RANDOM_NAME, load_host_model, load_tokenizer
 from stages.host_model.model import (
     BLOCK_HOOKS,
     HostModel,
@@ -28,6 +28,7 @@ __all__ = [
     "TextTokenizer",
     "hook_layer",
     "load_host_model",
+    "load_tokenizer",
     "logits_with_hook_replaced",
     "prepare_default_model",
     "run_to_hooks",

@@ -59,6 +59,25 @@ def load_host_model(name: str, device: str = "auto", dtype: str = "float32") -> 
     return _load_hf_model(name, torch_device, dtype_name, torch_dtype)
 
 
+def load_tokenizer(name: str) -> TextTokenizer:
+    """The tokenizer of a model named as load_host_model takes it, without loading the model's weights:
+    what turns a store's token ids back into text."""
+    name = str(name).strip()
+    if name.lower() == TINY_RANDOM_NAME or is_synthetic(name):
+        return ByteTokenizer()
+    if name.lower() == DEFAULT_MODEL:
+        return _smollm2_tokenizer(prepare_default_model())
+    from transformers import AutoTokenizer
+
+    try:
+        return HFTextTokenizer(AutoTokenizer.from_pretrained(str(Path(name).expanduser())), name=name)
+    except Exception as e:
+        raise SaepipeError(
+            f"the tokenizer of model '{name}' could not be loaded ({first_line(e)}): pass a local model "
+            f"directory, or connect to the internet once so that the HF cache holds it"
+        ) from None
+
+
 def _finish(
     name: str, bridge: Any, tokenizer: TextTokenizer, revision: str, dtype_name: str, device: torch.device
 ) -> HostModel:
@@ -117,18 +136,26 @@ def _load_tiny_random(device: torch.device, dtype_name: str, torch_dtype: torch.
 
 def _load_smollm2(device: torch.device, dtype_name: str, torch_dtype: torch.dtype) -> HostModel:
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer
 
     target = prepare_default_model()
     marker = read_conversion_marker(target) or {}
     revision = str(marker.get("gguf_sha256_16") or "unknown")
+    tokenizer = _smollm2_tokenizer(target)
+    bridge = TransformerBridge.boot_transformers(
+        str(target), tokenizer=tokenizer.hf_tokenizer, device=device, dtype=torch_dtype
+    )
+    return _finish(DEFAULT_MODEL, bridge, tokenizer, revision, dtype_name, device)
+
+
+def _smollm2_tokenizer(target: Path) -> HFTextTokenizer:
+    from transformers import AutoTokenizer
+
     hf_tokenizer = AutoTokenizer.from_pretrained(str(target))
     tokenizer = HFTextTokenizer(hf_tokenizer, name=DEFAULT_MODEL)
     # The GGUF declares the chat tokens <|im_start|>/<|im_end|> as BOS/EOS; raw text was pretrained with
     # <|endoftext|> (id 0) starting and separating documents, so contexts use that.
     tokenizer.bos_token_id = tokenizer.eos_token_id = int(hf_tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-    bridge = TransformerBridge.boot_transformers(str(target), tokenizer=hf_tokenizer, device=device, dtype=torch_dtype)
-    return _finish(DEFAULT_MODEL, bridge, tokenizer, revision, dtype_name, device)
+    return tokenizer
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

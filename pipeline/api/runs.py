@@ -1,0 +1,107 @@
+"""A trained SAE as a torch module that reads the model's raw activations: from a saepipe run folder (its
+store's normalization applied on the way in and inverted on the way out) or a SAELens-format folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stages.basics import run_dir
+from stages.basics.device import resolve_device
+from stages.basics.errors import SaepipeError
+from stages.evaluate.evaluated import is_saelens_folder, load_saelens_sae, run_normalization
+from stages.saes import SparseAutoencoder
+from stages.saes.base import DenseCode
+from stages.saes.saved import load_sae
+from store_schema.normalization import Normalization
+
+
+class TrainedSAE(nn.Module):
+    """An SAE on raw activations [..., d_in]: ``encode`` gives dense latents [..., d_sae], ``decode`` maps
+    latents back to raw activations, ``forward`` reconstructs. ``sae`` is the module itself, acting on the
+    store's normalized rows, and ``normalization`` the map between the two."""
+
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        normalization: Normalization,
+        hook: str,
+        config: dict,
+        eval_results: dict | None,
+        path: Path,
+    ):
+        super().__init__()
+        self.sae, self.normalization, self.hook = sae, normalization, hook
+        self.config, self.eval_results, self.path = config, eval_results, path
+
+    @property
+    def d_in(self) -> int:
+        return self.sae.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.sae.d_sae
+
+    @property
+    def arch(self) -> str:
+        return self.sae.arch
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations [..., d_in] -> latent activations [..., d_sae] (dense)."""
+        flat, _ = self._normalized(x)
+        return self.sae.encode(flat).dense(self.d_sae).reshape(*x.shape[:-1], self.d_sae)
+
+    def decode(self, latents: torch.Tensor, row_stats: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent activations [..., d_sae] -> raw activations [..., d_in]. A store normalized per token
+        (mode token) needs each row's (mean, scale), which only `forward` has: pass them as `row_stats`."""
+        if self.normalization.has_row_stats and row_stats is None:
+            raise ValueError(
+                "this SAE's store normalizes each token by its own mean and scale: decode needs them as "
+                "row_stats (Normalization.apply returns them), or call the module on raw rows instead"
+            )
+        x_hat = self.sae.decode(DenseCode(latents.reshape(-1, self.d_sae)))
+        return self.normalization.invert(x_hat, row_stats).reshape(*latents.shape[:-1], self.d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations [..., d_in] -> their reconstruction, in raw units."""
+        flat, row_stats = self._normalized(x)
+        x_hat = self.sae.decode(self.sae.encode(flat))
+        return self.normalization.invert(x_hat, row_stats).reshape(x.shape)
+
+    def _normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"this SAE reads rows of width {self.d_in}; got a tensor of shape {tuple(x.shape)}")
+        return self.normalization.apply(x.reshape(-1, self.d_in).float())
+
+    def __repr__(self) -> str:
+        return f"TrainedSAE({self.arch}, d_in={self.d_in}, d_sae={self.d_sae}, hook={self.hook!r}, from {self.path})"
+
+
+def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedSAE:
+    """The SAE of a finished saepipe run folder (cfg.json + sae.safetensors), with its config and its
+    eval.json if `saepipe eval` ran; or of a SAELens-format folder (cfg.json + sae_weights.safetensors,
+    e.g. a run's saelens/ export), which needs sae-lens and reads raw activations as they are."""
+    folder, device = Path(path), resolve_device(str(device))
+    if (folder / run_dir.SAE_WEIGHTS).exists() or (folder / run_dir.CHECKPOINT).exists():
+        sae, cfg = load_sae(folder, device)
+        return TrainedSAE(sae, run_normalization(cfg), cfg["hook"], cfg, _eval_results(folder), folder)
+    if is_saelens_folder(folder):
+        sae = load_saelens_sae(folder, device)
+        cfg = json.loads((folder / "cfg.json").read_text())
+        hook = sae.inner.cfg.metadata.hook_name
+        return TrainedSAE(sae, Normalization("none"), hook, cfg, None, folder)
+    raise SaepipeError(
+        f"{folder} is neither a saepipe run folder ({run_dir.SAE_WEIGHTS}) nor a SAELens SAE folder "
+        f"(sae_weights.safetensors): pass the folder `saepipe train --out` wrote, or its saelens/ export"
+    )
+
+
+def _eval_results(folder: Path) -> dict | None:
+    path = folder / run_dir.EVAL
+    if not path.exists():
+        return None
+    return run_dir.read_json(path, f"evaluate the run again (saepipe eval {folder})")
