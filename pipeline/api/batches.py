@@ -4,6 +4,7 @@ a torch IterableDataset for a DataLoader. Both are the loader `saepipe train` re
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -81,19 +82,27 @@ class Batches:
             yield batch
 
 
-def _shard() -> tuple[int, int]:
-    """(this reader's index, readers in all): one per DataLoader worker of each torch.distributed rank."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    worker = get_worker_info()
-    workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
-    return rank * workers + worker_id, world * workers
+def _ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): as given, else torch.distributed's when it is initialized, else torchrun's
+    RANK/WORLD_SIZE, else (0, 1). Taken when the dataset is made: a DataLoader worker cannot ask
+    torch.distributed (its process group is its parent's)."""
+    if rank is not None or world_size is not None:
+        rank, world_size = int(rank or 0), int(world_size or 1)
+    elif dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of the {world_size} ranks")
+    return rank, world_size
 
 
 class ActivationDataset(IterableDataset):
     """Batches of one hook as a torch IterableDataset (Store.dataset): use ``DataLoader(ds, batch_size=None,
     num_workers=W)``. Each item is a CPU batch [batch_size, d_model].
 
-    With R torch.distributed ranks and W workers per rank, the R·W readers share each global batch of
+    Ranks: torch.distributed's when it is initialized before the dataset is made, else torchrun's
+    RANK/WORLD_SIZE, or pass `rank` and `world_size`. With R ranks and W workers per rank, the R·W readers share each global batch of
     R·W·batch_size rows, reader `rank·W + worker` taking its own slice: together they see every row of an
     epoch once, as one reader with the global batch would. An epoch is `n_batches` batches per reader
     (default: the readers' pass over the split); ``set_epoch(e)`` moves to epoch e, and `start` (a batch
@@ -113,8 +122,11 @@ class ActivationDataset(IterableDataset):
         split: str = "train",
         dtype: torch.dtype = torch.float32,
         resident: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
     ):
         super().__init__()
+        self.rank, self.world_size = _ranks(rank, world_size)
         self.location, self.hook, self.batch_size, self.seed = location, hook, int(batch_size), seed
         self.n_batches, self.start, self.raw, self.split = n_batches, int(start), raw, split
         self.dtype, self.resident, self.epoch = dtype, resident, 0
@@ -133,9 +145,14 @@ class ActivationDataset(IterableDataset):
             split=self.split, resident=self.resident, rank=reader, world_size=readers,
         )  # fmt: skip
 
+    def _reader(self) -> tuple[int, int]:
+        """(this reader's index, readers in all): one per DataLoader worker of each rank."""
+        worker = get_worker_info()
+        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        return self.rank * workers + worker_id, self.world_size * workers
+
     def __iter__(self) -> Iterator[torch.Tensor]:
-        reader, readers = _shard()
-        batches = self._batches(reader, readers)
+        batches = self._batches(*self._reader())
         per_epoch = batches.batches_per_epoch if self.n_batches is None else self.n_batches
         batches.start = self.start + self.epoch * per_epoch
         yield from batches.take(per_epoch)

@@ -48,6 +48,9 @@ class TrainedSAE(nn.Module):
 
     @property
     def arch(self) -> str:
+        """Our architecture name (topk, ...), or "saelens <its architecture>" for a SAELens folder."""
+        if self.sae.arch == "external":
+            return f"saelens {self.sae.config()['architecture']}"
         return self.sae.arch
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

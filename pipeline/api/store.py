@@ -193,13 +193,15 @@ class Store:
         raw: bool = False,
         split: str = "train",
         dtype: torch.dtype = torch.float32,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> ActivationDataset:
         """A torch IterableDataset of batches for a DataLoader (use ``batch_size=None`` there): each
         DataLoader worker of each torch.distributed rank gets its own share of every global batch, so no
         row is served twice in an epoch. See ActivationDataset."""
         return ActivationDataset(
             self.location, hook, batch_size, seed=seed, n_batches=n_batches, start=start, raw=raw,
-            split=_split(split), dtype=dtype,
+            split=_split(split), dtype=dtype, rank=rank, world_size=world_size,
         )  # fmt: skip
 
 
