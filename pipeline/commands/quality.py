@@ -16,11 +16,13 @@ from stages.train import TrainConfig
 @options(TrainConfig, "width")
 @options(QualityConfig, "k")
 @options(TrainConfig, "tokens", "batch_size", "lr")
-@options(QualityConfig, "eval_tokens", "use_model")
+@options(QualityConfig, "eval_tokens", "use_model", "dictionary_learning")
 @options(TrainConfig, "out", out={"help": "folder for the runs, quality.json and quality.md"})
 @options(TrainConfig, "device", "seed", "progress")
-def quality(store: str, archs: str, k: int, eval_tokens: int, use_model: bool, **train) -> None:
+def quality(
+    store: str, archs: str, k: int, eval_tokens: int, use_model: bool, dictionary_learning: bool, **train
+) -> None:
     """Train ours and SAELens's SAEs on the same rows and compare them (needs sae-lens)."""
     base = TrainConfig(store=store, **train)
-    rows = compare_with_saelens(base, QualityConfig(archs, k, eval_tokens, use_model))
+    rows = compare_with_saelens(base, QualityConfig(archs, k, eval_tokens, use_model, dictionary_learning))
     click.echo(format_quality_table(rows))

@@ -4,7 +4,8 @@ For each architecture both are trained from one store with the same width, the s
 same token budget, the same batches in the same order (our loader feeds SAELens's trainer) and the same
 learning-rate schedule, then both are measured by our eval (held-out reconstruction, CE/KL with the
 SAE spliced into the model). SAELens runs with its own defaults otherwise: that is what its users get.
-Needs sae-lens (a test dependency): `pip install 'saepipe[test]'`.
+Needs sae-lens (a test dependency): `pip install 'saepipe[test]'`. `--dictionary-learning` adds
+dictionary_learning's TopK trainer, fed the same batches (installed as docs/python-api.md says).
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from stages import evaluate
 from stages.basics import run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.basics.settings import setting
+from stages.saes.base import DenseCode, SparseAutoencoder
 from stages.saes.external import ExternalSAE
 from stages.train import run_train
 from stages.train.config import TrainConfig, only_hook
@@ -97,6 +102,9 @@ class QualityConfig:
     k: int = setting(32, "the L0 both implementations are trained to")
     eval_tokens: int = setting(4096, "held-out tokens for every metric")
     use_model: bool = setting(True, "store-only metrics (no CE/KL)", flag="--no-model", inverted=True)
+    dictionary_learning: bool = setting(
+        False, "also train dictionary_learning's TopK trainer on the same rows (needs topk in --archs)"
+    )
 
 
 def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
@@ -108,6 +116,10 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
         if arch not in COUNTERPARTS:
             raise SaepipeError(f"--archs {arch}: no SAELens counterpart; compare {', '.join(COUNTERPARTS)}")
         _ours_config(base, arch, k).validate()
+    if cfg.dictionary_learning:
+        if "topk" not in archs:
+            raise SaepipeError("--dictionary-learning compares its TopK trainer: include topk in --archs")
+        _import_dictionary_learning()
     store = open_store(base.store)
     if base.hook is None:
         base = dataclasses.replace(base, hook=only_hook(store.hooks))
@@ -144,6 +156,17 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
         rows.append(
             {"arch": arch, "impl": f"sae-lens {_installed_saelens_version()}", **_pick(theirs), "wall_s": theirs_wall}
         )
+        if arch == "topk" and cfg.dictionary_learning:
+            ae, dl_wall = _train_dictionary_learning(base, k, store, device)
+            adapter = DictionaryLearningSAE(ae)
+            theirs, _ = evaluate.store_metrics(adapter, store, base.hook, norm, device, eval_tokens, base.progress)
+            if use_model:
+                host = evaluate.load_eval_model(store, None, device)
+                theirs |= evaluate.downstream_metrics(
+                    adapter, store, base.hook, norm, host, device, eval_tokens, progress=base.progress
+                )
+            impl = f"dictionary_learning {version('dictionary-learning')}"
+            rows.append({"arch": arch, "impl": impl, **_pick(theirs), "wall_s": dl_wall})
     run_dir.write_json_atomic(
         out / "quality.json",
         {
@@ -157,6 +180,64 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
     )
     (out / "quality.md").write_text(format_quality_table(rows) + "\n")
     return rows
+
+
+def _import_dictionary_learning():
+    try:
+        from dictionary_learning.trainers.top_k import TopKTrainer
+    except ImportError as e:
+        raise SaepipeError(
+            f"--dictionary-learning needs dictionary-learning ({e}): pip install --no-deps "
+            f"dictionary-learning==0.1.0 nnsight==0.3.7 python-socketio (docs/python-api.md says why)"
+        ) from None
+    return TopKTrainer
+
+
+def _train_dictionary_learning(cfg: TrainConfig, k: int, store, device):
+    """dictionary_learning's TopKTrainer fed the batches ours and SAELens's get, with the same lr and the
+    same warm-up and decay lengths (its schedule: linear warm-up, then linear decay to 0 from decay_start)."""
+    trainer_class = _import_dictionary_learning()
+    warmup = max(1, int(cfg.steps * cfg.warmup_frac))
+    decay = int(cfg.steps * cfg.decay_frac)
+    trainer = trainer_class(
+        steps=cfg.steps, activation_dim=store.d_model, dict_size=cfg.width, k=k, layer=0,
+        lm_name=store.header["model"]["name"], lr=cfg.resolved_lr(), warmup_steps=warmup,
+        decay_start=cfg.steps - decay if decay and cfg.steps - decay > warmup else None,
+        seed=cfg.seed, device=str(device),
+    )  # fmt: skip
+    loader = ShuffledBatches(store, cfg.hook, cfg.batch_size, device=device, seed=cfg.seed, resident=cfg.resident)
+    batches = loader.batches(0)
+    started = time.perf_counter()
+    try:
+        for step in range(cfg.steps):
+            trainer.update(step, next(batches))
+    finally:
+        batches.close()
+    return trainer.ae.eval(), time.perf_counter() - started
+
+
+class DictionaryLearningSAE(SparseAutoencoder):
+    """dictionary_learning's AutoEncoderTopK behind our interface, for our eval. Its inference encode (what
+    its users call) keeps the top k of each row, as its training did."""
+
+    arch = "external"
+
+    def __init__(self, ae):
+        nn.Module.__init__(self)
+        self.ae, self.d_in, self.d_sae = ae, int(ae.activation_dim), int(ae.dict_size)
+
+    @property
+    def W_dec(self) -> torch.Tensor:  # noqa: N802 - the name every SAE library uses
+        return self.ae.decoder.weight.T
+
+    def encode(self, x: torch.Tensor) -> DenseCode:
+        return DenseCode(self.ae.encode(x))
+
+    def decode(self, code) -> torch.Tensor:
+        return self.ae.decode(code.dense(self.d_sae))
+
+    def config(self) -> dict:
+        return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae, "architecture": "dictionary_learning topk"}
 
 
 def _inference_model(training_sae, folder: Path, device):
