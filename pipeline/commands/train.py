@@ -41,7 +41,7 @@ def arch_options(command):
     default=1,
     help="data-parallel processes on this machine (one per GPU; gloo on CPU); see also torchrun",
 )
-@options(TrainConfig, "progress")
+@options(TrainConfig, "wandb", "wandb_run", "progress")
 def train(store: str, sweep_specs: tuple[str, ...], nproc: int, **values) -> None:
     """Train an SAE on a store's training rows (the model is never loaded)."""
     cfg = TrainConfig.from_flat(store=store, **values)

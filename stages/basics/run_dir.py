@@ -23,6 +23,8 @@ EVAL = "eval.json"
 FEATURE_DENSITY = "feature_density.npy"  # eval: each latent's firing fraction over the eval rows
 EXTERNAL = "external.json"  # an eval folder of an SAE trained elsewhere: where it is, and the store
 SAELENS = "saelens"
+WANDB = "wandb.json"  # the wandb run a tracked run logs to (--wandb): project, id, name, entity, last step sent
+WANDB_FILES = "wandb"  # wandb's own files (an offline run's records, its logs): wandb names the folder
 
 
 def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:

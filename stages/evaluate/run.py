@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.basics import run_dir
+from stages.basics import run_dir, tracking
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.evaluate.ablation import ablation_sparsity
@@ -54,6 +54,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             )
     run_dir.save_npy_atomic(run_path / run_dir.FEATURE_DENSITY, density)
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
+    tracking.log_eval(run_path, result)  # into the run's wandb run, when it was trained with --wandb
     return result
 
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stages.basics import tracking
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.basics.settings import device_setting, setting
@@ -124,7 +125,18 @@ def build_report(opts: ReportOptions) -> Path:
     for image in images:
         _write_atomic(out / image.filename, image.png)
     _write_atomic(out / INDEX, render(page).encode("utf-8"))
+    _log_to_wandb(runs, out, [training, *frontiers], densities)
     return out / INDEX
+
+
+def _log_to_wandb(runs: list[EvaluatedRun], out: Path, shared: list[Image | None], densities: list) -> None:
+    """The plots, into the wandb run of each run trained with --wandb: those of every run, and its own
+    feature density (the latent browser's histograms stay in the page)."""
+    for run, density in zip(runs, densities):
+        images = {f"report/{Path(i.filename).stem}": out / i.filename for i in shared if i is not None}
+        if density is not None:
+            images["report/density"] = out / density.filename
+        tracking.log_images(run.path, images)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -47,6 +47,12 @@ class TrainConfig:
     overwrite: bool = setting(False, "replace the run folder")
     resume: bool = setting(False, "continue from the run folder's checkpoint")
     progress: bool = progress_setting()
+    # Experiment tracking (stages/basics/tracking.py). Not part of the run's identity: to_json leaves it
+    # out of cfg.json and the checkpoint, so a --resume may add, drop or change it without being refused.
+    wandb: str | None = setting(
+        None, "log the training to this Weights & Biases project (needs saepipe[wandb])", metavar="PROJECT"
+    )
+    wandb_run: str | None = setting(None, "the wandb run's name", shown_default="the run folder's name", metavar="NAME")
 
     @classmethod
     def from_flat(cls, **values) -> TrainConfig:
@@ -121,7 +127,7 @@ class TrainConfig:
         """What cfg.json and checkpoints record: the flat values, the learning rate resolved."""
         d = self.flat()
         d["lr"] = self.resolved_lr()
-        for key in ("overwrite", "resume", "progress"):
+        for key in ("overwrite", "resume", "progress", "wandb", "wandb_run"):
             d.pop(key)
         return d
 

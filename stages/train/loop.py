@@ -27,6 +27,7 @@ from stages import __version__
 from stages.basics import distributed, run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
+from stages.basics.tracking import Tracker, require_wandb
 from stages.saes import ARCHITECTURES, SparseAutoencoder
 from stages.saes.base import TrainContext, geometric_median
 from stages.train.checkpoint import Checkpoint
@@ -144,10 +145,20 @@ class TrainingRun:
             self.mse_scale, self.start = ckpt.mse_scale, ckpt.step
             if world.is_main:
                 run_dir.truncate_log(self.out, self.start)
-        elif world.is_main:
-            run_dir.write_json_atomic(self.out / run_dir.CONFIG, run_config(cfg, store, self.sae) | {"finished": False})
-        # a fresh run starts a fresh log (an earlier attempt that stopped before its first checkpoint left lines)
-        self.log = open(self.out / run_dir.TRAIN_LOG, "a" if resuming else "w") if world.is_main else None
+        config = run_config(cfg, store, self.sae) | {"finished": False}
+        # Rank 0 alone tracks. It starts before cfg.json is written, so a wandb run that cannot start leaves
+        # a fresh run folder empty (the same command then runs again as it is).
+        self.tracker = Tracker.start(self.out, cfg.wandb, cfg.wandb_run, config) if world.is_main else Tracker()
+        try:
+            # a wandb run new to a resumed run gets the lines kept so far; the same wandb run has them already
+            self.tracker.log_rows(run_dir.read_log(self.out) if resuming and world.is_main else [])
+            if not resuming and world.is_main:
+                run_dir.write_json_atomic(self.out / run_dir.CONFIG, config)
+            # a fresh run starts a fresh log (an earlier attempt that stopped before its first checkpoint left lines)
+            self.log = open(self.out / run_dir.TRAIN_LOG, "a" if resuming else "w") if world.is_main else None
+        except BaseException:
+            self.tracker.fail()
+            raise
         self.sums = torch.zeros(len(self.KEYS), device=device)
 
     def step(self, x: torch.Tensor, step: int, autocast) -> None:
@@ -183,6 +194,7 @@ class TrainingRun:
         if self.log is not None:
             self.log.write(json.dumps(row) + "\n")
             self.log.flush()
+            self.tracker.log(row)
         self.sums.zero_()
         return row
 
@@ -221,6 +233,8 @@ def run_sweep(cfgs: list[TrainConfig], nproc: int = 1) -> list[Path]:
         cfgs = [dataclasses.replace(cfg, hook=hook) for cfg in cfgs]
     for cfg in cfgs:
         cfg.validate()
+    if any(cfg.wandb for cfg in cfgs):
+        require_wandb()  # a missing wandb is refused before any work
     base = cfgs[0]
     device = resolve_device(base.device)
     if distributed.launched_by_torchrun():  # the process that launched the ranks holds the run folders' locks
@@ -268,7 +282,6 @@ def _open_checked(cfgs: list[TrainConfig], device: torch.device, world: distribu
 
 
 def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.World) -> list[Path]:
-    base = cfgs[0]
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
@@ -276,7 +289,26 @@ def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.Wor
     resuming = distributed.broadcast_object(_prepare_run_folders(cfgs) if world.is_main else None)
     if isinstance(resuming, SaepipeError):
         raise resuming
-    runs = [TrainingRun(c, store, device, r, world, sample) for c, r in zip(cfgs, resuming)]
+    runs: list[TrainingRun] = []
+    try:
+        for c, r in zip(cfgs, resuming):
+            runs.append(TrainingRun(c, store, device, r, world, sample))
+        _train_runs(runs, store, loader, device, world)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: the wandb runs close as failed rather than hang
+        for run in runs:
+            run.tracker.fail()
+        raise
+    return [run.out for run in runs]
+
+
+def _train_runs(
+    runs: list[TrainingRun],
+    store: ActivationStore,
+    loader: ShuffledBatches,
+    device: torch.device,
+    world: distributed.World,
+) -> None:
+    base = runs[0].cfg
     starts = {run.start for run in runs}
     if len(starts) > 1:
         raise SaepipeError(
@@ -326,8 +358,8 @@ def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.Wor
     if world.is_main:
         for run in runs:
             finish(run.cfg, store, run.sae, run.out)
+            run.tracker.finish(run_dir.load_config(run.out))
     distributed.barrier()  # the run folders are complete when any rank returns
-    return [run.out for run in runs]
 
 
 def _check_before_launch(cfgs: list[TrainConfig], device: torch.device, nproc: int) -> None:

@@ -14,7 +14,7 @@ from stages.train.config import TrainConfig
 
 # Every SAE of a sweep sees the same batches from the same store, so these cannot differ between them.
 SHARED = ("store", "hook", "batch_size", "tokens", "device", "resident", "log_every", "checkpoint_every")
-NOT_PARAMETERS = ("out", "overwrite", "resume", "progress", "arch_settings")
+NOT_PARAMETERS = ("out", "overwrite", "resume", "progress", "arch_settings", "wandb", "wandb_run")
 
 
 def sweepable() -> list[str]:
@@ -76,12 +76,14 @@ def _label(value) -> str:
 
 
 def expand(base: TrainConfig, axes: dict[str, list]) -> list[TrainConfig]:
-    """One config per combination, each writing to base.out/<name=value_...>."""
+    """One config per combination, each writing to base.out/<name=value_...>; tracked, each in a wandb run
+    of its own, named <--wandb-run>-<name=value_...> (the run folder's name when no name is given)."""
     cfgs = []
     for combo in itertools.product(*axes.values()):
         params = dict(zip(axes, combo))
         name = "_".join(f"{k}={_label(v)}" for k, v in params.items())
-        cfgs.append(base.replaced(**params, out=str(Path(base.out) / name)))
+        wandb_run = f"{base.wandb_run}-{name}" if base.wandb_run else None
+        cfgs.append(base.replaced(**params, out=str(Path(base.out) / name), wandb_run=wandb_run))
     return cfgs
 
 
