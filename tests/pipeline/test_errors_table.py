@@ -258,6 +258,20 @@ def _no_saelens(tmp: Path, places: dict, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "sae_lens", None)
 
 
+def _no_wandb(tmp: Path, places: dict, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)
+
+
+def _wandb_logged_out(tmp: Path, places: dict, monkeypatch) -> None:
+    import wandb
+
+    def init(*args, **kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", init)
+    (tmp / "run").mkdir()  # training prepares the folder before it starts the wandb run, and leaves it empty
+
+
 def _no_wheel(tmp: Path, places: dict, monkeypatch) -> None:
     monkeypatch.setattr(host_models.loading, "prepare_default_model", _real_prepare_default_model)  # undo the guard
     monkeypatch.setattr(host_models.smollm2, "smollm2_gguf_path", lambda: None)
@@ -325,6 +339,8 @@ SETUPS = {
     "missing_chunk": _missing_chunk,
     "no_s3fs": _no_s3fs,
     "no_saelens": _no_saelens,
+    "no_wandb": _no_wandb,
+    "wandb_logged_out": _wandb_logged_out,
     "no_wheel": _no_wheel,
     "stale_checkpoint": _stale_checkpoint,
     "pickled_checkpoint": _pickled_checkpoint,
