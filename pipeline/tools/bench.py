@@ -7,6 +7,8 @@ timings behind every ratio go into bench.json beside the ratios.
 Keys (targets in docs/benchmarks.md):
 - read_vs_memmap: shuffled training batches from the store's streaming reader, over a sequential
   np.memmap read of the same bytes (page cache warm for both).
+- api_read_vs_loader: the public API's Store.batches (pipeline.api) over the loader it wraps, same rows;
+  each round of each side starts its own iterator, so no side's read-ahead runs during the other's.
 - train_roofline_fraction: FLOP/s of a full TopK training step (encoder forward, encoder weight gradient,
   sparse decoder forward and backward) over the dense matmul rate measured at the step's own GEMM shape.
 - train_vs_saelens / mp_vs_saelens: our training step over SAELens's (its trainer's own step: forward,
@@ -27,7 +29,7 @@ import re
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -35,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import api
 from pipeline.tools.child import peak_rss_bytes, run_in_child
 from pipeline.tools.measurements import run_parts, targets_table
 from pipeline.tools.quality import saelens_training_sae
@@ -62,6 +65,7 @@ from store_schema.writer import write_array_store
 
 TARGETS = {
     "read_vs_memmap": (">=", 0.7),
+    "api_read_vs_loader": (">=", 0.95),  # what a teammate's loop gets from pipeline.api, over the loader
     "train_roofline_fraction": (">=", 0.7),  # CPU fp32; 0.5 on a GPU in bf16
     "train_vs_saelens": (">=", 1.5),  # CPU; 3 on a GPU
     "mp_vs_saelens": (">=", 5.0),
@@ -194,6 +198,46 @@ def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
             "passes_per_round": cfg.read_passes,
             **rates,
         },
+    }
+
+
+def bench_api_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
+    """The public API's batches over the training loader's, both streaming fp16 on the CPU from one store.
+    A side's round starts a fresh iterator, serves a warm-up pass (its reader thread starts, the page cache
+    fills), times `read_passes` passes and stops, so each side runs alone."""
+    rows = np.random.default_rng(0).standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16)
+    store_path = write_array_store(
+        _fresh(workdir / "api-read.zarr"), rows, rows[: cfg.batch_size], hook=HOOK, chunk_rows=8192
+    )
+    del rows
+    loader = ShuffledBatches(
+        open_store(store_path), HOOK, cfg.batch_size, device=torch.device("cpu"), dtype=torch.float16, resident=False
+    )
+    per_pass = loader.batches_per_epoch
+    public = api.open_store(store_path).batches(HOOK, cfg.batch_size, dtype=torch.float16, resident=False)
+
+    def side(make: Callable[[], Iterator[torch.Tensor]]) -> Callable[[], float]:
+        def timed() -> float:
+            served = make()
+            try:
+                for _ in range(per_pass):
+                    next(served)
+                started = time.perf_counter()
+                for _ in range(cfg.read_passes * per_pass):
+                    next(served)
+                return cfg.read_passes * per_pass * cfg.batch_size / (time.perf_counter() - started)
+            finally:
+                served.close()
+
+        return timed
+
+    rates = alternate(
+        {"loader_tokens_per_s": side(lambda: loader.batches(0)), "api_tokens_per_s": side(lambda: iter(public))},
+        cfg.rounds,
+    )
+    return {
+        "api_read_vs_loader": ratio(rates, "api_tokens_per_s", "loader_tokens_per_s"),
+        "api_read": {"rows": cfg.read_rows, "passes_per_round": cfg.read_passes, **rates},
     }
 
 
@@ -587,6 +631,7 @@ def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> d
 # Each key's benchmark (bench_train also yields train_roofline_fraction), run in this order.
 BENCHMARKS: dict[str, Callable[[BenchConfig, Path, torch.device], dict]] = {
     "read_vs_memmap": bench_read,
+    "api_read_vs_loader": bench_api_read,
     "train_vs_saelens": bench_train,
     "mp_vs_saelens": bench_mp,
     "collect_vs_forward": bench_collect,
