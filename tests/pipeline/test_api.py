@@ -263,3 +263,22 @@ def test_what_is_not_a_run_is_refused(tmp_path, trained_run):
     (unfinished / "checkpoint.safetensors").write_bytes(b"")
     with pytest.raises(saepipe.SaepipeError, match="the run did not finish"):
         saepipe.load_run(unfinished)
+
+
+def test_a_store_on_s3_serves_the_same_batches_rows_and_dataset(tiny_store):
+    pytest.importorskip("moto")
+    from tests.helpers.s3 import moto_bucket
+
+    with moto_bucket() as (bucket, _):
+        url = f"{bucket}/shared/s.zarr"
+        run_ok("store", "copy", tiny_store, url, "--no-progress")
+        remote, local = saepipe.open_store(url), saepipe.open_store(tiny_store)
+        assert remote.fingerprint == local.fingerprint and url in repr(remote)
+        for a, b in zip(
+            remote.batches(HOOK, 256, seed=4, resident=False).take(3), local.batches(HOOK, 256, seed=4, resident=False)
+        ):
+            assert torch.equal(a, b)
+        assert torch.equal(remote.rows(7, 19, hook=HOOK, raw=True).acts, local.rows(7, 19, hook=HOOK, raw=True).acts)
+        assert np.array_equal(remote.rows(7, 19).tokens, local.rows(7, 19).tokens)
+        served = [row for batch in DataLoader(remote.dataset(HOOK, 128, n_batches=2), batch_size=None) for row in batch]
+        assert len(served) == 256
