@@ -24,7 +24,7 @@ def check_fits_in_memory(group: zarr.Group, header: dict, memory_bytes: int | No
     of rows or tokens, the split of every context, the skipped contexts, a running sum) would take more
     than LARGEST_SHARE_OF_MEMORY of `memory_bytes` (the memory available now)."""
     memory = available_host_memory_bytes() if memory_bytes is None else memory_bytes
-    d = int(header["d_model"])
+    d = max([int(header["d_model"])] + [schema.hook_width(header, hook) for hook in header["hooks"]])
     tokens, split = group[schema.TOKENS], group[schema.CONTEXT_SPLIT]
     sizes = {
         f"a chunk of rows ({header['layout']['chunk_rows']:,} x {d:,} fp16)": header["layout"]["chunk_rows"] * d * 2,

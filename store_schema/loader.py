@@ -93,7 +93,8 @@ class ShuffledBatches:
                 f"the store's {split} split has {self.n_rows:,} rows, fewer than one batch of "
                 f"{batch_size:,}: lower --batch-size or collect more tokens"
             )
-        nbytes = self.n_rows * store.d_model * 2
+        self.width = store.width(hook)
+        nbytes = self.n_rows * self.width * 2
         self.resident = nbytes <= memory_fraction * available_memory_bytes(device) if resident is None else resident
         self.window_chunks = window_chunks
         self._rows: torch.Tensor | None = None
@@ -285,7 +286,7 @@ class ShuffledBatches:
             reader.join(timeout=60)
 
     def _window_buffer(self) -> torch.Tensor:
-        buffer = torch.empty(self.window_chunks * self.store.chunk_rows, self.store.d_model, dtype=torch.float16)
+        buffer = torch.empty(self.window_chunks * self.store.chunk_rows, self.width, dtype=torch.float16)
         return buffer.pin_memory() if self.device.type == "cuda" else buffer
 
     def _batch(self, rows: torch.Tensor) -> torch.Tensor:

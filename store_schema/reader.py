@@ -88,7 +88,13 @@ class ActivationStore:
 
     @property
     def d_model(self) -> int:
+        """The model's residual width: the width of every hook's rows but those `width` says otherwise of."""
         return int(self.header["d_model"])
+
+    def width(self, hook: str) -> int:
+        """The width of one hook's rows (d_model, or e.g. an MLP's hidden width)."""
+        self.require_hook(hook)
+        return schema.hook_width(self.header, hook)
 
     @property
     def context_size(self) -> int:
@@ -134,7 +140,7 @@ class ActivationStore:
         if not schema.small_metadata(self.header):  # version 1: the sum is in the attributes
             return schema.RunningStats.from_attrs(self.d_model, saved, saved["sum"])
         total = self.group[schema.running_sum_path(split, hook)][saved["sum_slot"]]
-        return schema.RunningStats.from_attrs(self.d_model, saved, total)
+        return schema.RunningStats.from_attrs(self.width(hook), saved, total)
 
     def skipped_contexts(self) -> np.ndarray:
         """Contexts left out for non-finite activations (their indices into `tokens`)."""
@@ -198,7 +204,7 @@ class ActivationStore:
         self, split: str, hook: str, ranges: list[tuple[int, int]], threads: int, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Rows of each [a, b) range (each within one chunk), concatenated."""
-        shape = (sum(b - a for a, b in ranges), self.d_model)
+        shape = (sum(b - a for a, b in ranges), self.width(hook))
         if out is None:
             out = np.empty(shape, np.float16)
         elif out.shape != shape or out.dtype != np.float16 or not out.flags.c_contiguous:
@@ -208,7 +214,7 @@ class ActivationStore:
         return out
 
     def read_into(self, split: str, hook: str, pieces: list[tuple[int, np.ndarray]], threads: int = 2) -> None:
-        """Fill each piece's destination (a contiguous fp16 [n, d_model] array) with the committed rows
+        """Fill each piece's destination (a contiguous fp16 [n, width(hook)] array) with the committed rows
         [first, first + n); a piece lies within one chunk. When the array is local and uncompressed (what
         collect writes) a chunk's file is read straight into the destinations, one `preadv` per stretch
         of adjacent pieces, so scattering rows costs no more than reading them; one task per chunk on
@@ -272,7 +278,7 @@ class ActivationStore:
     ) -> None:
         """The pieces (sorted, within `chunk`) straight from the chunk's local file."""
         arr, name = self.acts(split, hook), self._chunk_name(split, hook).format(chunk)
-        row_bytes, base = self.d_model * 2, chunk * self.chunk_rows
+        row_bytes, base = self.width(hook) * 2, chunk * self.chunk_rows
         with open(path, "rb") as f:
             if checksummed and (split, hook, chunk) not in self._verified:
                 # the whole chunk is read, gaps into scratch, so that its CRC32C can be checked
@@ -568,13 +574,14 @@ def _check_arrays_match(group: zarr.Group, header: dict) -> None:
         committed = header["progress"][split]["rows_committed"]
         for hook in header["hooks"]:
             arr = arrays[schema.acts_path(split, hook)]
-            shape_ok = arr.ndim == 2 and arr.shape[1] == header["d_model"] and arr.shape[0] >= committed
+            width = schema.hook_width(header, hook)
+            shape_ok = arr.ndim == 2 and arr.shape[1] == width and arr.shape[0] >= committed
             # readers find row i in chunk i // chunk_rows: true when the chunks are that size, or one holds all
             chunks_ok = arr.chunks[0] == chunk_rows or arr.shape[0] <= arr.chunks[0]
             if not (shape_ok and chunks_ok):
                 raise schema.StoreError(
                     f"the attributes disagree with the array {schema.acts_path(split, hook)} (shape {arr.shape}, "
-                    f"chunks {arr.chunks}; attributes say d_model {header['d_model']}, {committed:,} committed rows, "
+                    f"chunks {arr.chunks}; attributes say width {width}, {committed:,} committed rows, "
                     f"{chunk_rows} rows per chunk): the store is damaged; copy it again, or collect it again"
                 )
 

@@ -12,10 +12,16 @@ import numpy as np
 from zarr.codecs import Crc32cCodec
 
 SCHEMA_NAME = "saepipe.activation-store"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 2 keeps the root metadata small whatever the corpus, width and hooks: the running statistics'
 # sum vectors and the skipped contexts live in arrays, not in the attributes rewritten at every commit.
 FIRST_SMALL_METADATA_VERSION = 2
+# Version 3 adds `hook_widths`, for hooks whose rows are not d_model wide (an MLP's hidden activations,
+# attention's per-head outputs). A store whose hooks are all d_model wide is still written as version 2,
+# so every saepipe that reads version 2 reads it.
+FIRST_HOOK_WIDTHS_VERSION = 3
+# The oldest version this saepipe continues or grows (a version 1 store only reads).
+FIRST_WRITABLE_VERSION = 2
 ATTRS_KEY = "saepipe"  # every attribute of ours lives under this one root attribute
 
 SPLITS = ("train", "eval")
@@ -142,12 +148,15 @@ def new_header(
     normalization_mode: str,
     warmup_rows: int,
     nonfinite_policy: str,
+    hook_widths: dict[str, int] | None = None,
 ) -> dict:
     """The header of a new store, every field SPEC.md describes in its order (StoreWriter.create adds the
-    layout, progress and statistics): the one place a store's header is assembled, whoever writes it."""
-    return {
+    layout, progress and statistics): the one place a store's header is assembled, whoever writes it.
+    `hook_widths`: the row width of each hook (default d_model); only widths other than d_model are kept."""
+    widths = {hook: int(w) for hook, w in (hook_widths or {}).items() if int(w) != d_model}
+    header = {
         "schema": SCHEMA_NAME,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": FIRST_HOOK_WIDTHS_VERSION if widths else FIRST_HOOK_WIDTHS_VERSION - 1,
         "writer": writer,
         "config_fingerprint": config_fingerprint,
         "collect_config": collect_config,
@@ -167,6 +176,14 @@ def new_header(
         "warmup_rows": warmup_rows,
         "nonfinite_policy": nonfinite_policy,
     }
+    if widths:
+        header["hook_widths"] = widths
+    return header
+
+
+def hook_width(header: dict, hook: str) -> int:
+    """The width of one hook's rows: its entry in `hook_widths` (version 3), else d_model."""
+    return int((header.get("hook_widths") or {}).get(hook, header["d_model"]))
 
 
 class RunningStats:
@@ -303,6 +320,9 @@ def _header_problem(header: dict) -> str | None:
     for key in ("d_model", "context_size"):
         if not _is_int(header[key], 1):
             return f"'{key}' is not a positive integer"
+    widths = header.get("hook_widths", {})
+    if not (isinstance(widths, dict) and all(h in hooks and _is_int(w, 1) for h, w in widths.items())):
+        return "'hook_widths' is not a positive width for hooks of the store"
     if not isinstance(header["complete"], bool):
         return "'complete' is not true or false"
     if not isinstance(header.get("config_fingerprint"), str):

@@ -89,11 +89,11 @@ class StoreWriter:
         group = zarr.open_group(store=str(path), mode="r+")
         header = dict(group.attrs.get(schema.ATTRS_KEY, {}))
         schema.check_header(header)
-        if header["schema_version"] < schema.SCHEMA_VERSION:
+        if header["schema_version"] < schema.FIRST_WRITABLE_VERSION:
             raise schema.StoreError(
                 f"store {path} uses schema version {header['schema_version']}, written by an earlier saepipe: it "
-                f"reads as it is, but this saepipe writes version {schema.SCHEMA_VERSION} and cannot continue or "
-                f"grow it; finish it with the saepipe that started it, or collect it again"
+                f"reads as it is, but this saepipe writes version {schema.FIRST_WRITABLE_VERSION} or later and "
+                f"cannot continue or grow it; finish it with the saepipe that started it, or collect it again"
             )
         return cls(group, durable)
 
@@ -127,7 +127,7 @@ class StoreWriter:
 
     def running_stats(self, split: str, hook: str) -> schema.RunningStats:
         saved = self._live()["running_stats"][split].get(hook)
-        d = self.header["d_model"]
+        d = schema.hook_width(self.header, hook)
         if saved is None:
             return schema.RunningStats(d)
         return schema.RunningStats.from_attrs(
@@ -435,11 +435,7 @@ def _write_tokens(
 
 def _create_row_arrays(group: zarr.Group, header: dict) -> None:
     """The preallocated row arrays of both splits, the running sums' slots and the skipped contexts."""
-    d_model, chunk_rows, planned_rows = (
-        header["d_model"],
-        header["layout"]["chunk_rows"],
-        header["layout"]["planned_rows"],
-    )
+    chunk_rows, planned_rows = header["layout"]["chunk_rows"], header["layout"]["planned_rows"]
     row_stats = header["normalization_mode"] == "token"
     for split in schema.SPLITS:
         n = planned_rows[split]
@@ -455,11 +451,12 @@ def _create_row_arrays(group: zarr.Group, header: dict) -> None:
             )
         for hook in header["hooks"]:
             # fp16 activations barely compress; raw chunks (plus their checksum) read fastest.
+            width = schema.hook_width(header, hook)
             group.create_array(
                 schema.acts_path(split, hook),
-                shape=(n, d_model),
+                shape=(n, width),
                 dtype="float16",
-                chunks=chunk + (d_model,),
+                chunks=chunk + (width,),
                 compressors=schema.checksummed(),
                 fill_value=0,
             )
@@ -475,10 +472,11 @@ def _create_row_arrays(group: zarr.Group, header: dict) -> None:
     with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # zeros too: a missing chunk is damage
         for split in schema.SPLITS:
             for hook in header["hooks"]:
+                width = schema.hook_width(header, hook)
                 group.create_array(
                     schema.running_sum_path(split, hook),
-                    data=np.zeros((schema.RUNNING_SUM_SLOTS, d_model)),
-                    chunks=(1, d_model),
+                    data=np.zeros((schema.RUNNING_SUM_SLOTS, width)),
+                    chunks=(1, width),
                     compressors=schema.checksummed(),
                 )
     group.create_array(

@@ -55,7 +55,12 @@ class Store:
 
     @property
     def d_model(self) -> int:
+        """The model's residual width: the width of every hook's rows unless `width` says otherwise."""
         return self._store.d_model
+
+    def width(self, hook: str) -> int:
+        """The width of one hook's rows (d_model, or e.g. an MLP's hidden width for mlp.hook_post)."""
+        return self._store.width(hook)
 
     @property
     def context_size(self) -> int:

@@ -30,7 +30,9 @@ def describe_store(store) -> dict:
         "complete": store.complete,
         "model": f"{h['model']['name']} (revision {h['model']['revision']}, d_model {h['d_model']}, {h['model']['dtype']})",
         "text source": h["text_source"].get("name"),
-        "hooks": ", ".join(store.hooks),
+        "hooks": ", ".join(
+            h if store.width(h) == store.d_model else f"{h} (width {store.width(h)})" for h in store.hooks
+        ),
         "context size": f"{h['context_size']} (dropped positions {h['dropped_positions']})",
         "rows": {s: f"{store.n_rows(s):,} of {h['layout']['planned_rows'][s]:,} planned" for s in ("train", "eval")},
         "normalization": h["normalization_mode"],

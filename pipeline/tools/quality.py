@@ -73,7 +73,7 @@ def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    sae = saelens_training_sae(arch, store.d_model, cfg.width, k, str(device))
+    sae = saelens_training_sae(arch, store.width(cfg.hook), cfg.width, k, str(device))
     loader = ShuffledBatches(store, cfg.hook, cfg.batch_size, device=device, seed=cfg.seed, resident=cfg.resident)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.steps * cfg.batch_size,
@@ -200,7 +200,7 @@ def _train_dictionary_learning(cfg: TrainConfig, k: int, store, device):
     warmup = max(1, int(cfg.steps * cfg.warmup_frac))
     decay = int(cfg.steps * cfg.decay_frac)
     trainer = trainer_class(
-        steps=cfg.steps, activation_dim=store.d_model, dict_size=cfg.width, k=k, layer=0,
+        steps=cfg.steps, activation_dim=store.width(cfg.hook), dict_size=cfg.width, k=k, layer=0,
         lm_name=store.header["model"]["name"], lr=cfg.resolved_lr(), warmup_steps=warmup,
         decay_start=cfg.steps - decay if decay and cfg.steps - decay > warmup else None,
         seed=cfg.seed, device=str(device),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from stages.basics.defaults import DEFAULT_DATASET, DEFAULT_HOOK, DEFAULT_MODEL
 from stages.basics.errors import require
 from stages.basics.settings import device_setting, progress_setting, setting
+from stages.host_model.model import expand_hook_ranges
 from store_schema.normalization import MODES as NORMALIZATION_MODES
 
 # Where and how a collect runs, never what it writes: the other fields decide the store's bytes.
@@ -79,7 +80,7 @@ class CollectConfig:
     append: bool = False  # `out` is a complete store to grow to `tokens` training tokens, with its own settings
 
     def __post_init__(self) -> None:
-        self.hooks = tuple(self.hooks)
+        self.hooks = tuple(expand_hook_ranges(self.hooks))  # blocks.{0-29}.hook_mlp_out: one name per layer
         if self.outlier_factor == 0:  # 0 keeps every row, as None does
             self.outlier_factor = None
 

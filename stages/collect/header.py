@@ -64,5 +64,6 @@ def create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
         normalization_mode=cfg.normalize,
         warmup_rows=cfg.warmup_rows,
         nonfinite_policy=cfg.nonfinite,
+        hook_widths={hook: model.hook_width(hook) for hook in hooks},
     )
     return StoreWriter.create(cfg.out, header, tokens, context_split, cfg.chunk_rows, durable=cfg.fsync)

@@ -146,18 +146,24 @@ class WorkerModelSummary:
     tokenizer: object
     hooks: list[str]
     n_ctx: int  # the longest context the model takes
+    hook_widths: dict[str, int]
+
+    def hook_width(self, hook: str) -> int:
+        return self.hook_widths[hook]
 
 
 def _describe(cfg: CollectConfig) -> WorkerModelSummary:
     model = _worker_model(cfg)
+    hooks = validate_hooks(model, list(cfg.hooks))
     return WorkerModelSummary(
         model.name,
         model.revision,
         model.d_model,
         model.n_layers,
         model.tokenizer,
-        validate_hooks(model, list(cfg.hooks)),
+        hooks,
         model.n_ctx,
+        {hook: model.hook_width(hook) for hook in hooks},
     )
 
 

@@ -34,10 +34,10 @@ def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStor
             f"{which} reads hook '{hook}' but store {store.location} holds "
             f"{', '.join(store.hooks)}: pass --store with a store of that hook"
         )
-    if d_in != store.d_model:
+    if d_in != store.width(hook):
         raise SaepipeError(
-            f"{which} has d_in {d_in} but store {store.location} has d_model {store.d_model}: "
-            f"pass --store with activations of the SAE's model"
+            f"{which} has d_in {d_in} but store {store.location} has rows of width {store.width(hook)} "
+            f"at '{hook}': pass --store with activations of the SAE's model"
         )
 
 

@@ -37,8 +37,8 @@ def store_metrics(
         raise SaepipeError(f"store {store.location} has no held-out rows: collect with --eval-fraction > 0")
     store_norm = store.normalization(hook)
     convert = not store_norm.same_transform(sae_norm)  # e.g. an external SAE, which reads raw activations
-    normalized = ReconstructionStats(store.d_model, device)
-    raw = ReconstructionStats(store.d_model, device)
+    normalized = ReconstructionStats(store.width(hook), device)
+    raw = ReconstructionStats(store.width(hook), device)
     sparsity = SparsityStats(sae.d_sae, device)
     step = store.chunk_rows
     with torch.inference_mode():

@@ -21,6 +21,13 @@ from stages.host_model.tokenizers import TextTokenizer
 # [batch, ctx, d_model] tensor. Architectures without one of them (parallel attention+MLP blocks have no
 # resid_mid) simply do not list it.
 BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+# Hook points inside a block's attention and MLP, under their TransformerBridge names, for transcoders and
+# SAEs on MLP neurons or attention heads:
+# - attn.hook_z: attention's per-head outputs before the output projection, [batch, ctx, heads, d_head],
+#   stored flattened over heads (n_heads * d_head wide, head-major), as attention-output SAEs read it;
+# - mlp.hook_in: the MLP's input after its norm (ln2's output), d_model wide: a transcoder's input;
+# - mlp.hook_post: the MLP's hidden activations after the nonlinearity, d_mlp wide.
+INNER_HOOKS = ("attn.hook_z", "mlp.hook_in", "mlp.hook_post")
 
 
 _HOOK_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -56,6 +63,16 @@ class HostModel:
     def d_vocab(self) -> int:
         return int(self.bridge.cfg.d_vocab)
 
+    def hook_width(self, hook: str) -> int:
+        """The width of a hook's rows as collect stores them (attn.hook_z flattened over heads)."""
+        suffix = hook_suffix(hook)
+        cfg = getattr(self.bridge, "cfg", None)
+        if suffix == "mlp.hook_post":
+            return int(cfg.d_mlp)
+        if suffix == "attn.hook_z":
+            return int(cfg.n_heads) * int(cfg.d_head)
+        return self.d_model
+
     @property
     def n_ctx(self) -> int:
         """The model's context length (learned-position models cannot go beyond it)."""
@@ -63,15 +80,53 @@ class HostModel:
 
 
 def block_hook_points(bridge: Any, n_layers: int) -> dict[str, Any]:
-    """Resolve blocks.{i}.<BLOCK_HOOKS> through the bridge's alias table to the HookPoints that fire."""
+    """Resolve blocks.{i}.<BLOCK_HOOKS and INNER_HOOKS> through the bridge's alias table to the HookPoints
+    that fire."""
     available = bridge.hook_dict  # canonical names + TL-style aliases -> HookPoint
     points: dict[str, Any] = {}
     for layer in range(n_layers):
-        for suffix in BLOCK_HOOKS:
+        for suffix in BLOCK_HOOKS + INNER_HOOKS:
             name = f"blocks.{layer}.{suffix}"
             if name in available:
                 points[name] = available[name]
     return points
+
+
+_LAYER_SET_RE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_hook_ranges(patterns) -> list[str]:
+    """Hook names with layer sets written out: ``blocks.{0-29}.hook_mlp_out`` is 30 names,
+    ``blocks.{0,4,8-9}.mlp.hook_in`` four; names without braces pass as they are (order kept)."""
+    names: list[str] = []
+    for pattern in patterns:
+        match = _LAYER_SET_RE.search(pattern)
+        if match is None:
+            names.append(pattern)
+            continue
+        layers: list[int] = []
+        for part in match.group(1).split(","):
+            bounds = part.strip().split("-")
+            if not (1 <= len(bounds) <= 2 and all(b.strip().isdigit() for b in bounds)):
+                raise SaepipeError(
+                    f"--hook {pattern}: '{{{match.group(1)}}}' is not a layer set; write e.g. "
+                    f"blocks.{{0-29}}.hook_mlp_out or blocks.{{0,4,8-11}}.mlp.hook_in"
+                )
+            first, last = int(bounds[0]), int(bounds[-1])
+            if last < first:
+                raise SaepipeError(
+                    f"--hook {pattern}: the layer range {first}-{last} runs backwards; write {last}-{first}"
+                )
+            layers.extend(range(first, last + 1))
+        head, tail = pattern[: match.start()], pattern[match.end() :]
+        names.extend(expand_hook_ranges([f"{head}{layer}{tail}" for layer in layers]))
+    return names
+
+
+def hook_suffix(hook: str) -> str:
+    """What follows ``blocks.{i}.`` in a hook name (the whole name when it has no layer)."""
+    match = _HOOK_LAYER_RE.match(hook)
+    return hook if match is None else hook[match.end() :]
 
 
 def hook_layer(hook: str) -> int:
@@ -141,7 +196,7 @@ def _stop_at_layer_exception() -> type[BaseException]:
 def run_to_hooks(model: HostModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """One forward pass that stops as soon as every requested hook has fired.
 
-    Returns {hook: float32 [batch, ctx, d_model]} on the model's device. Layers after the deepest
+    Returns {hook: float32 [batch, ctx, model.hook_width(hook)]} on the model's device. Layers after the deepest
     requested one never run (the bridge's stop_at_layer, and, earlier still, a stop raised from the last
     hook to fire, which also spares the rest of that block and the unembedding).
     """
@@ -156,10 +211,13 @@ def run_to_hooks(model: HostModel, tokens: torch.Tensor, hooks: list[str]) -> di
         point = model.hook_points[hook]
         by_point.setdefault(id(point), (point, []))[1].append(hook)
     captured: dict[str, torch.Tensor] = {}
-    expected = (tokens.shape[0], tokens.shape[1], model.d_model)
 
     def make_hook(names: list[str]) -> Callable[..., None]:
+        expected = (tokens.shape[0], tokens.shape[1], model.hook_width(names[0]))
+
         def capture(tensor: torch.Tensor, *, hook: Any) -> None:
+            if tensor.ndim == 4:  # attn.hook_z: [batch, ctx, heads, d_head] -> heads side by side
+                tensor = tensor.flatten(2)
             if tuple(tensor.shape) != expected:
                 raise RuntimeError(f"hook {names[0]} gave shape {tuple(tensor.shape)}, expected {expected}")
             value = tensor.detach().to(torch.float32, copy=True)
@@ -202,13 +260,14 @@ def logits_with_hook_replaced(
     level = next(_hook_levels)
 
     def substitute(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
-        new = replace(tensor)
-        if not isinstance(new, torch.Tensor) or new.shape != tensor.shape:
+        rows = tensor.flatten(2) if tensor.ndim == 4 else tensor  # the replacement sees rows as stored
+        new = replace(rows)
+        if not isinstance(new, torch.Tensor) or new.shape != rows.shape:
             raise ValueError(
-                f"replacement for {hook.name} must keep shape {tuple(tensor.shape)}, "
+                f"replacement for {hook.name} must keep shape {tuple(rows.shape)}, "
                 f"got {getattr(new, 'shape', type(new))}"
             )
-        return new.to(device=tensor.device, dtype=tensor.dtype)
+        return new.reshape(tensor.shape).to(device=tensor.device, dtype=tensor.dtype)
 
     try:
         if replace is not None:

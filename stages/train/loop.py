@@ -63,7 +63,7 @@ def build_for_store(
         sample = torch.from_numpy(store.read_rows("train", cfg.hook, 0, cfg.geometric_median_rows))
     sample = sample[: cfg.geometric_median_rows].float()
     generator = torch.Generator().manual_seed(cfg.seed)
-    sae = ARCHITECTURES[cfg.arch].from_settings(store.d_model, cfg.width, cfg.settings)
+    sae = ARCHITECTURES[cfg.arch].from_settings(store.width(cfg.hook), cfg.width, cfg.settings)
     sae.reset_parameters(generator)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample))
@@ -77,7 +77,7 @@ def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder)
         "saepipe_version": __version__,
         "sae": sae.config(),
         "hook": cfg.hook,
-        "d_in": store.d_model,
+        "d_in": store.width(cfg.hook),
         "store": {
             "path": str(Path(store.location).resolve()) if "://" not in store.location else store.location,
             "fingerprint": store.fingerprint,

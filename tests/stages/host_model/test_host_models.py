@@ -17,7 +17,9 @@ from stages.basics.errors import SaepipeError
 from stages.host_model.loading import load_host_model
 from stages.host_model.model import (
     BLOCK_HOOKS,
+    INNER_HOOKS,
     HostModel,
+    expand_hook_ranges,
     hook_layer,
     logits_with_hook_replaced,
     run_to_hooks,
@@ -116,7 +118,7 @@ def test_tiny_random_shape_and_names(tiny):
     assert tiny.tokenizer.name == "byte-level"
     assert not tiny.bridge.training
     names = tiny.hook_names()
-    assert names == [f"blocks.{i}.{h}" for i in range(4) for h in BLOCK_HOOKS]
+    assert names == [f"blocks.{i}.{h}" for i in range(4) for h in BLOCK_HOOKS + INNER_HOOKS]
     assert all(hook_layer(n) < tiny.n_layers for n in names)
 
 
@@ -160,9 +162,12 @@ def reference_forward(model: HostModel, tokens: torch.Tensor) -> tuple[dict[str,
         z = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, seq, n_heads * d_head)
         attn_out = lin(z, f"{p}.attn.o")
         resid = resid + attn_out
+        acts[f"blocks.{i}.attn.hook_z"] = z  # heads side by side, as collect stores them
         acts[f"blocks.{i}.hook_attn_out"] = attn_out
         acts[f"blocks.{i}.hook_resid_mid"] = resid
-        mlp_out = lin(F.gelu(lin(ln(resid, f"{p}.ln2"), f"{p}.mlp.fc_in")), f"{p}.mlp.fc_out")
+        acts[f"blocks.{i}.mlp.hook_in"] = ln(resid, f"{p}.ln2")
+        acts[f"blocks.{i}.mlp.hook_post"] = F.gelu(lin(acts[f"blocks.{i}.mlp.hook_in"], f"{p}.mlp.fc_in"))
+        mlp_out = lin(acts[f"blocks.{i}.mlp.hook_post"], f"{p}.mlp.fc_out")
         resid = resid + mlp_out
         acts[f"blocks.{i}.hook_mlp_out"] = mlp_out
         acts[f"blocks.{i}.hook_resid_post"] = resid
@@ -177,7 +182,9 @@ def test_tiny_random_activations_are_the_true_residual_stream(tiny, tokens):
     got = run_to_hooks(tiny, tokens, tiny.hook_names())
     assert set(got) == set(tiny.hook_names())
     for name, value in got.items():
-        assert value.shape == (3, 24, 64) and value.dtype == torch.float32 and value.device == tiny.device
+        width = 256 if name.endswith("mlp.hook_post") else 64  # d_mlp; z is 4 heads x 16
+        assert tiny.hook_width(name) == width
+        assert value.shape == (3, 24, width) and value.dtype == torch.float32 and value.device == tiny.device
         assert rel_err(value, expected[name]) < 1e-4, name
     logits = logits_with_hook_replaced(tiny, tokens, "blocks.0.hook_resid_post", None)
     assert logits.shape == (3, 24, 257) and logits.dtype == torch.float32
@@ -256,6 +263,32 @@ def test_logits_with_hook_replaced(tiny, tokens):
         logits_with_hook_replaced(tiny, tokens, hook, lambda x: x[:, :-1])
 
 
+def test_a_head_output_is_replaced_as_its_stored_rows(tiny, tokens):
+    hook = "blocks.1.attn.hook_z"
+    seen = {}
+    logits_with_hook_replaced(tiny, tokens, hook, lambda z: seen.setdefault("z", z.clone()))
+    assert torch.equal(seen["z"], run_to_hooks(tiny, tokens, [hook])[hook])  # [batch, ctx, heads * d_head]
+    expected, _ = reference_forward(tiny, tokens)
+    zero_head = seen["z"].clone()
+    zero_head[..., 16:32] = 0  # head 1 silenced: the model sees exactly that
+    silenced = logits_with_hook_replaced(tiny, tokens, hook, lambda z: zero_head)
+    assert not torch.allclose(silenced, logits_with_hook_replaced(tiny, tokens, hook, None), atol=1e-4)
+    assert rel_err(seen["z"], expected[hook]) < 1e-4
+
+
+def test_layer_sets_in_hook_names():
+    assert expand_hook_ranges(["blocks.{0-2}.hook_mlp_out", "blocks.5.mlp.hook_in"]) == [
+        "blocks.0.hook_mlp_out",
+        "blocks.1.hook_mlp_out",
+        "blocks.2.hook_mlp_out",
+        "blocks.5.mlp.hook_in",
+    ]
+    assert expand_hook_ranges(["blocks.{0,4,8-9}.mlp.hook_in"]) == [f"blocks.{i}.mlp.hook_in" for i in (0, 4, 8, 9)]
+    for bad, fragment in (("blocks.{3-1}.hook_mlp_out", "runs backwards"), ("blocks.{a-b}.x", "is not a layer set")):
+        with pytest.raises(SaepipeError, match=fragment):
+            expand_hook_ranges([bad])
+
+
 def test_validate_hooks(tiny):
     assert validate_hooks(tiny, ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"]) == [
         "blocks.1.hook_resid_post",
@@ -268,7 +301,8 @@ def test_validate_hooks(tiny):
         "unknown hook 'blocks.1.hook_resd_post' for tiny-random; close matches: blocks.1.hook_resid_post"
     )
     assert msg.endswith(
-        "its hooks are blocks.<0..3>.<hook_resid_pre|hook_attn_out|hook_resid_mid|hook_mlp_out|hook_resid_post>"
+        "its hooks are blocks.<0..3>.<hook_resid_pre|hook_attn_out|hook_resid_mid|hook_mlp_out|hook_resid_post"
+        "|attn.hook_z|mlp.hook_in|mlp.hook_post>"
     )
     assert "\n" not in msg
     with pytest.raises(SaepipeError) as err:
@@ -330,7 +364,7 @@ def test_local_hf_directory(tiny_gpt2_dir, tokens):
     model = load_host_model(str(path), device="cpu")
     assert (model.name, model.d_model, model.n_layers) == (str(path), 32, 3)
     assert model.revision == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:16]
-    assert model.hook_names() == [f"blocks.{i}.{h}" for i in range(3) for h in BLOCK_HOOKS]
+    assert model.hook_names() == [f"blocks.{i}.{h}" for i in range(3) for h in BLOCK_HOOKS + INNER_HOOKS]
     tok = model.tokenizer
     assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (256, 256, 257)
     assert tok.decode(tok.encode("héllo wörld")) == "héllo wörld" and 256 not in tok.encode("hi")
@@ -342,6 +376,24 @@ def test_local_hf_directory(tiny_gpt2_dir, tokens):
         assert rel_err(got[f"blocks.{i}.hook_resid_post"], out.hidden_states[i + 1]) < 1e-4
     assert rel_err(got["blocks.1.hook_resid_pre"], out.hidden_states[1]) < 1e-4
     assert rel_err(logits_with_hook_replaced(model, x, "blocks.0.hook_resid_post", None), out.logits) < 1e-4
+    # The inner hooks read HF's own modules: ln_2's output, the MLP's activation, attention before c_proj.
+    block, seen = hf.transformer.h[1], {}
+    handles = [
+        block.ln_2.register_forward_hook(lambda m, a, o: seen.setdefault("mlp_in", o)),
+        block.mlp.act.register_forward_hook(lambda m, a, o: seen.setdefault("mlp_post", o)),
+        block.attn.c_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("z", a[0])),
+    ]
+    try:
+        with torch.inference_mode():
+            hf(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inner = run_to_hooks(model, x, ["blocks.1.mlp.hook_in", "blocks.1.mlp.hook_post", "blocks.1.attn.hook_z"])
+    assert inner["blocks.1.mlp.hook_post"].shape == (3, 16, 128)  # GPT-2's d_mlp is 4 x 32
+    assert rel_err(inner["blocks.1.mlp.hook_in"], seen["mlp_in"]) < 1e-4
+    assert rel_err(inner["blocks.1.mlp.hook_post"], seen["mlp_post"]) < 1e-4
+    assert rel_err(inner["blocks.1.attn.hook_z"], seen["z"]) < 1e-4
 
 
 # --------------------------------------------------------------------------------------------- smollm2-135m
@@ -358,7 +410,8 @@ def test_smollm2_loads_from_the_wheel(smollm2):
     gguf = host_models.smollm2_gguf_path()
     if gguf is not None:
         assert smollm2.revision == hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
-    assert len(smollm2.hook_names()) == 30 * len(BLOCK_HOOKS)
+    assert len(smollm2.hook_names()) == 30 * len(BLOCK_HOOKS + INNER_HOOKS)
+    assert smollm2.hook_width("blocks.3.mlp.hook_post") == 1536 and smollm2.hook_width("blocks.3.attn.hook_z") == 576
     tok = smollm2.tokenizer
     ids = tok.encode("def add(a, b):\n    return a + b\n")
     assert tok.decode(ids) == "def add(a, b):\n    return a + b\n"
