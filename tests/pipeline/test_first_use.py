@@ -34,6 +34,16 @@ def _saepipe(*args) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
 
 
+def _ctrl_c_reaches_it() -> None:
+    """Ctrl-C's default in the child, whatever the suite inherited: a shell without job control starts
+    its background commands with SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _start(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_ctrl_c_reaches_it)
+
+
 def _wait_for(condition, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -56,7 +66,7 @@ def test_ctrl_c_and_sigterm_say_what_was_kept(tiny_store, tmp_path):
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         out = tmp_path / f"run-{code}"
         command = _saepipe("train", tiny_store, *TRAIN, "--checkpoint-every", "50", "--out", out)
-        proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=ENV)
+        proc = _start(command)
         _wait_for(lambda out=out: (out / run_dir.CHECKPOINT).exists())
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
@@ -74,7 +84,7 @@ def test_resume_without_a_checkpoint_starts_over_with_a_clean_log(tiny_store, tm
     out = tmp_path / "run"
     args = ["train", tiny_store, "--width", "32", "--k", "4", "--tokens", "40960", "--batch-size", "512"]
     command = _saepipe(*args, "--log-every", "5", "--checkpoint-every", "1000", "--no-progress", "--out", out)
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = _start(command)
     _wait_for(lambda: _logged(out) >= 2 or proc.poll() is not None)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
@@ -105,7 +115,7 @@ def test_a_store_is_never_copied_into_itself(tiny_store, tmp_path):
 def test_two_trainings_of_one_run_folder_are_kept_apart(tiny_store, tmp_path):
     out = tmp_path / "run"
     command = _saepipe("train", tiny_store, *TRAIN, "--out", out)
-    first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=ENV)
+    first = _start(command)
     _wait_for(lambda: _logged(out) >= 1)
     second = subprocess.run(command, capture_output=True, text=True, env=ENV)
     assert second.returncode == 2, second.stderr
@@ -133,7 +143,7 @@ def test_ctrl_c_during_collect_says_the_store_resumes(tmp_path):
         except Exception:  # noqa: BLE001 - not created yet
             return False
 
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = _start(command)
     _wait_for(lambda: committed() or proc.poll() is not None)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
