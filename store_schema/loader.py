@@ -336,3 +336,42 @@ def _put_unless_stopped(ready: queue.Queue, item, stop: threading.Event) -> None
 
 def _mix(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class RowAlignedBatches:
+    """Shuffled batches of several hooks side by side: row i of a batch is [hook 1's row | hook 2's row |
+    ...] of one token (what a transcoder trains on). Each hook has its own ShuffledBatches with the same
+    seed, batch size and residency; their shuffles depend on neither the hook nor its width, so their
+    batches hold the same rows in the same order."""
+
+    def __init__(self, store: ActivationStore, hooks: tuple[str, ...], batch_size: int, **kwargs):
+        resident = kwargs.pop("resident", None)
+        device = kwargs["device"]
+        if resident is None:  # one choice for all hooks: their rows held together, or all streamed
+            nbytes = store.n_rows(kwargs.get("split", "train")) * sum(store.width(h) for h in hooks) * 2
+            resident = nbytes <= kwargs.get("memory_fraction", 0.5) * available_memory_bytes(device)
+        self.loaders = [ShuffledBatches(store, hook, batch_size, resident=resident, **kwargs) for hook in hooks]
+        self.resident = resident
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.loaders[0].batches_per_epoch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        streams = [loader.batches(start) for loader in self.loaders]
+        try:
+            for parts in zip(*streams):
+                yield torch.cat(parts, dim=1)
+        finally:
+            for stream in streams:
+                stream.close()
+
+
+def batches_of(store: ActivationStore, hooks: tuple[str, ...], batch_size: int, **kwargs):
+    """The loader of one hook's batches, or of several hooks' side by side (RowAlignedBatches)."""
+    if len(hooks) == 1:
+        return ShuffledBatches(store, hooks[0], batch_size, **kwargs)
+    return RowAlignedBatches(store, hooks, batch_size, **kwargs)

@@ -23,7 +23,10 @@ from store_schema.normalization import Normalization
 class TrainedSAE(nn.Module):
     """An SAE on raw activations [..., d_in]: ``encode`` gives dense latents [..., d_sae], ``decode`` maps
     latents back to raw activations, ``forward`` reconstructs. ``sae`` is the module itself, acting on the
-    store's normalized rows, and ``normalization`` the map between the two."""
+    store's normalized rows, and ``normalization`` the map between the two.
+
+    A transcoder reads ``in_hook`` and writes ``hook`` (its output hook): ``forward`` predicts the output
+    hook's raw activations [..., d_out] from the input hook's, and ``out_normalization`` maps its output."""
 
     def __init__(
         self,
@@ -33,10 +36,17 @@ class TrainedSAE(nn.Module):
         config: dict,
         eval_results: dict | None,
         path: Path,
+        in_hook: str | None = None,
+        out_normalization: Normalization | None = None,
     ):
         super().__init__()
-        self.sae, self.normalization, self.hook = sae, normalization, hook
+        self.sae, self.normalization, self.hook, self.in_hook = sae, normalization, hook, in_hook
+        self.out_normalization = normalization if out_normalization is None else out_normalization
         self.config, self.eval_results, self.path = config, eval_results, path
+
+    @property
+    def d_out(self) -> int:
+        return self.sae.W_dec.shape[1]
 
     @property
     def d_in(self) -> int:
@@ -61,18 +71,23 @@ class TrainedSAE(nn.Module):
     def decode(self, latents: torch.Tensor, row_stats: torch.Tensor | None = None) -> torch.Tensor:
         """Latent activations [..., d_sae] -> raw activations [..., d_in]. A store normalized per token
         (mode token) needs each row's (mean, scale), which only `forward` has: pass them as `row_stats`."""
-        if self.normalization.has_row_stats and row_stats is None:
+        if self.out_normalization.has_row_stats and row_stats is None:
             raise ValueError(
                 "this SAE's store normalizes each token by its own mean and scale: decode needs them as "
                 "row_stats (Normalization.apply returns them), or call the module on raw rows instead"
             )
+        if self.in_hook is not None and getattr(self.sae, "skip", False):
+            raise ValueError("a skip transcoder's output needs its input too: call the module on the input rows")
         x_hat = self.sae.decode(DenseCode(latents.reshape(-1, self.d_sae)))
-        return self.normalization.invert(x_hat, row_stats).reshape(*latents.shape[:-1], self.d_in)
+        return self.out_normalization.invert(x_hat, row_stats).reshape(*latents.shape[:-1], self.d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw activations [..., d_in] -> their reconstruction, in raw units."""
+        """Raw activations [..., d_in] -> their reconstruction (a transcoder: its output hook's prediction
+        [..., d_out]), in raw units."""
         flat, row_stats = self._normalized(x)
-        x_hat = self.sae.decode(self.sae.encode(flat))
+        x_hat = self.sae.output(flat, self.sae.encode(flat))
+        if self.in_hook is not None:  # another hook's rows: the input's per-row stats do not apply
+            return self.out_normalization.invert(x_hat).reshape(*x.shape[:-1], self.d_out)
         return self.normalization.invert(x_hat, row_stats).reshape(x.shape)
 
     def _normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,6 +106,18 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tra
     folder, device = Path(path), resolve_device(str(device))
     if (folder / run_dir.SAE_WEIGHTS).exists() or (folder / run_dir.CHECKPOINT).exists():
         sae, cfg = load_sae(folder, device)
+        if cfg.get("in_hook") is not None:  # a transcoder: in_hook -> out_hook
+            out_norm = run_normalization(cfg, "out_normalization")
+            return TrainedSAE(
+                sae,
+                run_normalization(cfg),
+                cfg["out_hook"],
+                cfg,
+                _eval_results(folder),
+                folder,
+                cfg["in_hook"],
+                out_norm,
+            )
         return TrainedSAE(sae, run_normalization(cfg), cfg["hook"], cfg, _eval_results(folder), folder)
     if is_saelens_folder(folder):
         sae = load_saelens_sae(folder, device)

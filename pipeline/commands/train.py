@@ -22,9 +22,8 @@ def arch_options(command):
 
 @click.command()
 @click.argument("store")
-@options(
-    TrainConfig, "hook", "arch", "width", "tokens", "batch_size", "out", "lr", "max_grad_norm", "dead_window_tokens"
-)
+@options(TrainConfig, "hook", "arch", "in_hook", "out_hook", "activation")
+@options(TrainConfig, "width", "tokens", "batch_size", "out", "lr", "max_grad_norm", "dead_window_tokens")
 @arch_options
 @options(TrainConfig, "device", "seed", "log_every", "checkpoint_every")
 @click.option(

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from stages.basics.errors import SaepipeError
 from stages.host_model.loading import load_host_model
-from stages.host_model.model import logits_with_hook_replaced, run_to_hooks
+from stages.host_model.model import logits_with_hook_predicted, logits_with_hook_replaced, run_to_hooks
 from stages.saes import SparseAutoencoder
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore
@@ -66,9 +66,11 @@ def downstream_metrics(
     splice_from: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    read: tuple[str, Normalization] | None = None,
 ) -> dict:
     """CE loss and KL with the SAE spliced in, on held-out contexts replayed from the store's tokens, at
-    every position the store would keep from `splice_from` on."""
+    every position the store would keep from `splice_from` on. `read`: a transcoder's input hook and its
+    normalization; its prediction from that hook replaces `hook`'s activation (an MLP's output)."""
     contexts = held_out_contexts(store, max_tokens)
     sae_dtype = next(sae.parameters()).dtype
     spliced: torch.Tensor | None = None  # [batch, ctx] positions of the current batch the SAE replaces
@@ -80,6 +82,19 @@ def downstream_metrics(
         out = act.clone()
         out[spliced] = sae_norm.invert(rec, row_stats).to(act.dtype)
         return out
+
+    def predict(read_act: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x_hat, _ = read[1].apply(read_act[spliced].float())
+        out = act.clone()
+        out[spliced] = sae_norm.invert(sae(x_hat.to(sae_dtype)).float()).to(act.dtype)
+        return out
+
+    def logits(tokens: torch.Tensor, key: str) -> torch.Tensor:
+        if key == "sae" and read is not None:
+            return logits_with_hook_predicted(model, tokens, read[0], hook, predict)
+        return logits_with_hook_replaced(
+            model, tokens, hook, {"clean": None, "sae": splice_sae, "zero": zero_ablate}[key]
+        )
 
     def zero_ablate(act: torch.Tensor) -> torch.Tensor:
         out = act.clone()
@@ -96,15 +111,17 @@ def downstream_metrics(
             # splice exactly where the store would have kept a row: stored positions, minus outliers
             stored = torch.from_numpy(positions_kept(store, token_ids)).to(device)
             stored[:, :splice_from] = False
-            clean_act = run_to_hooks(model, tokens, [hook])[hook]
-            spliced = stored & sae_norm.inliers(clean_act)
+            hooks = [hook] if read is None else [hook, read[0]]
+            clean = run_to_hooks(model, tokens, hooks)
+            spliced = stored & sae_norm.inliers(clean[hook])
+            if read is not None:  # a transcoder splices only where the store keeps its input's rows too
+                spliced &= read[1].inliers(clean[read[0]])
             # next-token predictions made from spliced positions (the last position predicts nothing)
             scored = spliced[:, :-1]
             targets = tokens[:, 1:][scored]
             logp = {}
-            for key, replace in (("clean", None), ("sae", splice_sae), ("zero", zero_ablate)):
-                logits = logits_with_hook_replaced(model, tokens, hook, replace)[:, :-1][scored]
-                logp[key] = torch.log_softmax(logits.float(), dim=-1)
+            for key in ("clean", "sae", "zero"):
+                logp[key] = torch.log_softmax(logits(tokens, key)[:, :-1][scored].float(), dim=-1)
             for key in ("clean", "sae", "zero"):
                 nll = -logp[key].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 totals[f"ce_{key}"] += float(nll.double().sum())

@@ -21,8 +21,10 @@ from store_schema.reader import ActivationStore, open_store
 # sae_lens is optional (the test extra): imported only to evaluate an SAE trained with it.
 
 
-def run_normalization(cfg: dict) -> Normalization:
-    saved = cfg["normalization"]
+def run_normalization(cfg: dict, key: str = "normalization") -> Normalization:
+    """The normalization a run recorded: of its hook (a transcoder's input hook), or with
+    key="out_normalization" of a transcoder's output hook."""
+    saved = cfg[key]
     mean = None if saved.get("mean") is None else np.asarray(saved["mean"], np.float32)
     return Normalization(saved["mode"], mean, float(saved["scale"]), saved.get("max_norm"))
 
@@ -42,7 +44,11 @@ def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStor
 
 
 def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) -> None:
-    check_hook_and_width("the SAE", cfg["hook"], sae.d_in, store)
+    if cfg.get("in_hook") is not None:  # a transcoder: its input and output hooks
+        check_hook_and_width("the transcoder", cfg["in_hook"], sae.d_in, store)
+        check_hook_and_width("the transcoder", cfg["out_hook"], sae.d_out, store)
+    else:
+        check_hook_and_width("the SAE", cfg["hook"], sae.d_in, store)
     if store.header["model"]["name"] != cfg["store"]["model"]["name"]:
         raise SaepipeError(
             f"the SAE was trained on {cfg['store']['model']['name']} activations but the store holds "
@@ -62,6 +68,9 @@ class EvaluatedSAE:
     store_path: str
     model_name: str
     label: str  # a short name for tables and plots
+    # A transcoder reads another hook than the one it writes (`hook`, whose normalization is above).
+    read_hook: str | None = None
+    read_normalization: Normalization | None = None
 
 
 def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_path: str | None = None) -> EvaluatedSAE:
@@ -72,7 +81,11 @@ def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_pa
         return open_external(saved["saelens_dir"], store_path or saved["store"], path, device)
     sae, cfg = load_sae(path, device)
     store = store_path or cfg["store"]["path"]
-    return EvaluatedSAE(path, sae, run_normalization(cfg), cfg["hook"], store, cfg["store"]["model"]["name"], path.name)
+    model_name = cfg["store"]["model"]["name"]
+    if cfg.get("in_hook") is not None:
+        out_norm, in_norm = run_normalization(cfg, "out_normalization"), run_normalization(cfg)
+        return EvaluatedSAE(path, sae, out_norm, cfg["out_hook"], store, model_name, path.name, cfg["in_hook"], in_norm)
+    return EvaluatedSAE(path, sae, run_normalization(cfg), cfg["hook"], store, model_name, path.name)
 
 
 def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: torch.device | str) -> EvaluatedSAE:

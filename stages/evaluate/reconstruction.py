@@ -29,9 +29,11 @@ def store_metrics(
     device: torch.device,
     max_rows: int | None = None,
     progress: bool = True,
+    read_hook: str | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Reconstruction (in the store's normalized space, and on the raw activation scale) and sparsity on
-    the held-out rows; and each latent's firing fraction."""
+    the held-out rows; and each latent's firing fraction. With `read_hook` (a transcoder of ours), the SAE
+    reads that hook's rows and its output is scored against `hook`'s."""
     n = store.n_rows("eval") if max_rows is None else min(max_rows, store.n_rows("eval"))
     if n == 0:
         raise SaepipeError(f"store {store.location} has no held-out rows: collect with --eval-fraction > 0")
@@ -49,8 +51,10 @@ def store_metrics(
             row_stats = None if row_stats is None else torch.from_numpy(row_stats).to(device)
             x_raw = store_norm.invert(x, row_stats)
             sae_in, sae_row_stats = sae_norm.apply(x_raw) if convert else (x, row_stats)
+            if read_hook is not None:  # a transcoder reads the input hook's stored rows
+                sae_in = torch.from_numpy(store.read_rows("eval", read_hook, start, stop)).to(device).float()
             code = sae.encode(sae_in)
-            rec = sae.decode(code)
+            rec = sae.output(sae_in, code)
             rec_raw = sae_norm.invert(rec, sae_row_stats)
             # the normalized-scale metrics are always in the store's space: one yardstick for every SAE
             normalized.add(x, _normalize_like_store(store_norm, rec_raw, row_stats) if convert else rec)

@@ -32,21 +32,26 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.splice_from < 0 or cfg.splice_from >= store.context_size:
         raise SaepipeError(f"--splice-from {cfg.splice_from} is outside the context (0 to {store.context_size - 1})")
     sae, norm, hook = evaluated.sae, evaluated.normalization, evaluated.hook
+    read_hook = evaluated.read_hook  # a transcoder's input hook; `hook` is the one it writes
     result = {
         "run": str(run_path),
         "store": store.location,
         "store_fingerprint": store.fingerprint,
         "hook": hook,
+        **({"in_hook": read_hook} if read_hook is not None else {}),
         "sae": sae.config(),
     }
-    metrics, density = store_metrics(sae, store, hook, norm, dev, cfg.tokens, cfg.progress)
+    metrics, density = store_metrics(sae, store, hook, norm, dev, cfg.tokens, cfg.progress, read_hook=read_hook)
     result |= metrics
     if cfg.use_model:
         host = load_eval_model(store, cfg.model, dev)
+        read = None if read_hook is None else (read_hook, evaluated.read_normalization)
         result |= downstream_metrics(
-            sae, store, hook, norm, host, dev, cfg.tokens, cfg.splice_from, progress=cfg.progress
+            sae, store, hook, norm, host, dev, cfg.tokens, cfg.splice_from, progress=cfg.progress, read=read
         )
-        if cfg.ablation_contexts > 0:
+        # Latent ablation measures how sparse an SAE's effect on the logits is; for transcoders it is
+        # not defined yet (issue 16).
+        if cfg.ablation_contexts > 0 and read_hook is None:
             ids = held_out_contexts(store, None)[: cfg.ablation_contexts]
             token_rows = store.tokens.oindex[ids.tolist(), :]
             result |= ablation_sparsity(

@@ -278,3 +278,44 @@ def logits_with_hook_replaced(
         if replace is not None:
             point.remove_hooks("fwd", level=level)
     return logits.float()
+
+
+def logits_with_hook_predicted(
+    model: HostModel,
+    tokens: torch.Tensor,
+    read_hook: str,
+    hook: str,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Full forward pass in which `hook`'s activation y [batch, ctx, d] becomes predict(x, y), x being what
+    `read_hook` (which fires earlier in the same pass) carried: a transcoder's output spliced in for an
+    MLP's. Returns float32 logits [batch, ctx, vocab]."""
+    validate_hooks(model, [read_hook, hook])
+    tokens = _prepare_tokens(model, tokens)
+    read_point, point = model.hook_points[read_hook], model.hook_points[hook]
+    level = next(_hook_levels)
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture(tensor: torch.Tensor, *, hook: Any) -> None:
+        seen["x"] = (tensor.flatten(2) if tensor.ndim == 4 else tensor).detach()
+
+    def substitute(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        if "x" not in seen:
+            raise SaepipeError(f"{read_hook} fires after {hook} in {model.name}: a prediction reads an earlier hook")
+        rows = tensor.flatten(2) if tensor.ndim == 4 else tensor
+        new = predict(seen.pop("x"), rows)
+        if not isinstance(new, torch.Tensor) or new.shape != rows.shape:
+            raise ValueError(
+                f"prediction for {hook} must keep shape {tuple(rows.shape)}, got {getattr(new, 'shape', None)}"
+            )
+        return new.reshape(tensor.shape).to(device=tensor.device, dtype=tensor.dtype)
+
+    try:
+        read_point.add_hook(capture, level=level)
+        point.add_hook(substitute, level=level)
+        with torch.inference_mode():
+            logits = model.bridge.forward(tokens, return_type="logits")
+    finally:
+        read_point.remove_hooks("fwd", level=level)
+        point.remove_hooks("fwd", level=level)
+    return logits.float()

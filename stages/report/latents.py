@@ -118,12 +118,15 @@ def choose_latents(density: np.ndarray | None, d_sae: int, opts: BrowseOptions) 
 
 class SaeInputs:
     """Eval rows in the SAE's input space: the stored rows as they are when the store normalizes them
-    the SAE's way, else mapped back to raw activations and normalized again."""
+    the SAE's way, else mapped back to raw activations and normalized again. A transcoder's input is its
+    read hook's rows."""
 
     def __init__(self, store: ActivationStore, evaluated: EvaluatedSAE, device: torch.device):
-        self.store, self.hook, self.device = store, evaluated.hook, device
-        self.store_norm = store.normalization(evaluated.hook)
-        self.sae_norm = evaluated.normalization
+        transcoder = evaluated.read_hook is not None
+        self.store, self.device = store, device
+        self.hook = evaluated.read_hook if transcoder else evaluated.hook
+        self.store_norm = store.normalization(self.hook)
+        self.sae_norm = evaluated.read_normalization if transcoder else evaluated.normalization
         self.convert = not self.store_norm.same_transform(self.sae_norm)
         self.dtype = next(evaluated.sae.parameters()).dtype
 
@@ -302,10 +305,11 @@ def browse(
 
     if model is not None:
         W_U = model.bridge.W_U.detach()
-        if W_U.shape[0] != sae.d_in:
+        writes = sae.W_dec.shape[1]  # d_in, or a transcoder's d_out
+        if W_U.shape[0] != writes:
             notes.append(
                 f"the model's unembedding takes {W_U.shape[0]} dimensions, the SAE's decoder writes "
-                f"{sae.d_in}: output-token tables left out"
+                f"{writes}: output-token tables left out"
             )
         else:
             rows = sae.W_dec.detach()[torch.tensor(latents, device=sae.W_dec.device)]

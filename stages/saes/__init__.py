@@ -20,6 +20,7 @@ from stages.saes.matching_pursuit import MatchingPursuitSAE
 from stages.saes.matryoshka import MatryoshkaSAE
 from stages.saes.relu import ReLUSAE
 from stages.saes.topk import TopKSAE
+from stages.saes.transcoder import ACTIVATIONS, TRANSCODER_ARCHS, transcoder_class
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
     "topk": TopKSAE,
@@ -47,8 +48,28 @@ def owners(name: str) -> list[str]:
 
 def require_arch(arch: str) -> type[SparseAutoencoder]:
     if arch not in ARCHITECTURES:
-        raise SaepipeError(f"unknown --arch {arch!r}; available: {', '.join(ARCHITECTURES)}")
+        known = ", ".join((*ARCHITECTURES, *TRANSCODER_ARCHS))
+        raise SaepipeError(f"unknown --arch {arch!r}; available: {known}")
     return ARCHITECTURES[arch]
+
+
+def settings_arch(arch: str, activation: str) -> str:
+    """The architecture whose settings (k, l1_coef, ...) a run takes: a transcoder's activation's."""
+    if arch not in TRANSCODER_ARCHS:
+        return arch
+    if activation not in ACTIVATIONS:
+        raise SaepipeError(
+            f"--activation {activation!r} cannot drive a transcoder: use one of {', '.join(ACTIVATIONS)}"
+        )
+    return activation
+
+
+def new_sae(arch: str, activation: str, d_in: int, width: int, settings: ArchSettings, d_out: int | None = None):
+    """A fresh SAE, or transcoder from d_in to d_out, of `width` latents."""
+    if arch not in TRANSCODER_ARCHS:
+        return require_arch(arch).from_settings(d_in, width, settings)
+    cls = transcoder_class(ARCHITECTURES, settings_arch(arch, activation), skip=arch == "skip_transcoder")
+    return cls.from_settings(d_in, width, settings, d_out=d_out)
 
 
 def settings_for(arch: str, values: dict[str, Any]) -> ArchSettings:
@@ -70,12 +91,16 @@ def settings_for(arch: str, values: dict[str, Any]) -> ArchSettings:
 
 def build_sae(config: dict) -> SparseAutoencoder:
     """Rebuild an SAE module (uninitialized weights) from `SparseAutoencoder.config()`."""
-    params = {k: v for k, v in config.items() if k != "arch"}
+    params = {k: v for k, v in config.items() if k not in ("arch", "activation")}
+    if config["arch"] in TRANSCODER_ARCHS:
+        return transcoder_class(ARCHITECTURES, config["activation"], skip=config["arch"] == "skip_transcoder")(**params)
     return ARCHITECTURES[config["arch"]](**params)
 
 
 __all__ = [
+    "ACTIVATIONS",
     "ARCHITECTURES",
+    "TRANSCODER_ARCHS",
     "ArchSettings",
     "BatchTopKSAE",
     "JumpReLUSAE",
@@ -87,6 +112,8 @@ __all__ = [
     "TopKSAE",
     "arch_settings",
     "build_sae",
+    "new_sae",
     "owners",
+    "settings_arch",
     "settings_for",
 ]

@@ -96,21 +96,32 @@ class SparseAutoencoder(nn.Module):
     # step. Architectures whose sparsity penalty is weighted by decoder norms turn this off.
     unit_norm_decoder = True
 
+    # A transcoder (stages/saes/transcoder.py) reads one hook and writes another: its decoder is d_out wide
+    # and its encoder reads its input as it is (no b_dec subtracted). Every other SAE writes what it reads.
+    transcodes = False
+
     def __init__(self, d_in: int, d_sae: int):
         super().__init__()
         self.d_in, self.d_sae = d_in, d_sae
+        d_out = getattr(self, "d_out", d_in)
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Random unit-norm decoder rows and the encoder as their transpose (TopK paper, section 2.3)."""
-        self.W_dec.copy_(torch.randn(self.d_sae, self.d_in, generator=generator))
+        """Random unit-norm decoder rows and the encoder as their transpose (TopK paper, section 2.3). A
+        transcoder's encoder and decoder live in different spaces: its encoder columns are drawn on their
+        own, unit-norm like the decoder rows."""
+        self.W_dec.copy_(torch.randn(*self.W_dec.shape, generator=generator))
         self.normalize_decoder()
-        self.W_enc.copy_(self.W_dec.t())
+        if self.transcodes:
+            encoder = torch.randn(self.d_sae, self.d_in, generator=generator)
+            self.W_enc.copy_((encoder / encoder.norm(dim=1, keepdim=True).clamp_min(1e-12)).t())
+        else:
+            self.W_enc.copy_(self.W_dec.t())
         self.b_enc.zero_()
         self.b_dec.zero_()
 
@@ -130,16 +141,24 @@ class SparseAutoencoder(nn.Module):
         return _SelectedPreActs.apply(x, self.W_enc, self.encoder_bias(), indices, pre.gather(1, indices))
 
     @classmethod
-    def from_settings(cls, d_in: int, width: int, settings: ArchSettings) -> SparseAutoencoder:
-        """A new SAE of `width` latents for inputs of width `d_in`, from its architecture's settings."""
+    def from_settings(cls, d_in: int, width: int, settings: ArchSettings, **extra) -> SparseAutoencoder:
+        """A new SAE of `width` latents for inputs of width `d_in`, from its architecture's settings.
+        `extra`: constructor arguments of a subclass (a transcoder's d_out), passed through."""
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> Code:
         raise NotImplementedError
 
-    def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, detached metrics incl. loss, mse, fve, l0, aux_loss and fire_counts [d_sae])."""
+    def training_loss(
+        self, x: torch.Tensor, ctx: TrainContext, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, detached metrics incl. loss, mse, fve, l0, aux_loss and fire_counts [d_sae]). `target`:
+        the rows the decoder must reconstruct, x itself unless the SAE transcodes."""
         raise NotImplementedError
+
+    def target_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """The part of a training batch the decoder reconstructs (all of it; a transcoder's output hook)."""
+        return batch
 
     def saelens_export(self) -> ArchExport:
         """The SAELens architecture this SAE exports as (weights in our normalized space)."""
@@ -147,6 +166,11 @@ class SparseAutoencoder(nn.Module):
 
     def decode(self, code: Code) -> torch.Tensor:
         return self.decode_rows(code) + self.b_dec
+
+    def output(self, x: torch.Tensor, code: Code) -> torch.Tensor:
+        """What the SAE writes for input x with its code: the decoding (a skip transcoder adds its linear
+        path from x)."""
+        return self.decode(code)
 
     def decode_rows(self, code: Code) -> torch.Tensor:
         """The decoder's output without b_dec. A sparse code is decoded as a weighted sum of its k

@@ -67,10 +67,13 @@ class BatchTopKSAE(TopKSAE):
         """Prefix widths whose reconstructions the loss sums: the whole SAE only (see MatryoshkaSAE)."""
         return (self.d_sae,)
 
-    def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss = Σ over prefixes m of ‖x − x̂_m‖² / mse_scale + aux_coef · AuxK, where x̂_m decodes the
-        batch-top-k code with latents < m only (BatchTopK: the single prefix d_sae). Also moves the
-        inference threshold (in training mode)."""
+    def training_loss(
+        self, x: torch.Tensor, ctx: TrainContext, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss = Σ over prefixes m of ‖y − x̂_m‖² / mse_scale + aux_coef · AuxK, where x̂_m decodes the
+        batch-top-k code with latents < m only (BatchTopK: the single prefix d_sae) and y is `target` (a
+        transcoder's output rows), else x. Also moves the inference threshold (in training mode)."""
+        target = x if target is None else target
         with torch.no_grad():  # the selection; gradients reach the encoder through the selected entries only
             pre = self.pre_acts(x)
             selected = self.batch_topk(pre)
@@ -78,7 +81,7 @@ class BatchTopKSAE(TopKSAE):
         code = SparseCode(values, selected.indices)
         if self.training:
             self.update_threshold(code.values)
-        recon = self.b_dec.expand_as(x)
+        recon = self.b_dec.expand_as(target)
         mse_sum = torch.zeros((), device=x.device)
         start = 0
         for end in self.prefixes:  # each prefix's reconstruction adds the latents [start, end)
@@ -88,12 +91,12 @@ class BatchTopKSAE(TopKSAE):
                 else SparseCode(code.values * ((code.indices >= start) & (code.indices < end)), code.indices)
             )
             recon = recon + self.decode_rows(band)
-            sq_err = (recon - x).pow(2).sum(dim=-1)
+            sq_err = (recon - target).pow(2).sum(dim=-1)
             mse_sum = mse_sum + sq_err.mean()
             start = end
-        aux = self.auxk_loss(x, pre, x - recon, ctx.dead)  # the full reconstruction's residual
+        aux = self.auxk_loss(x, pre, target - recon, ctx.dead)  # the full reconstruction's residual
         loss = mse_sum / ctx.mse_scale + self.aux_coef * aux
-        return loss, reconstruction_metrics(x, sq_err, code, self.d_sae, loss, aux)
+        return loss, reconstruction_metrics(target, sq_err, code, self.d_sae, loss, aux)
 
     @torch.no_grad()
     def update_threshold(self, kept: torch.Tensor) -> None:

@@ -155,8 +155,9 @@ class JumpReLUSAE(SparseAutoencoder):
             self.log_threshold.fill_(math.log(self.init_threshold))
 
     @classmethod
-    def from_settings(cls, d_in: int, width: int, settings: JumpReLUSettings) -> JumpReLUSAE:
-        return cls(d_in, width, settings.bandwidth, settings.init_threshold, settings.l0_coef, settings.target_l0)
+    def from_settings(cls, d_in: int, width: int, settings: JumpReLUSettings, **extra) -> JumpReLUSAE:
+        s = settings
+        return cls(d_in, width, s.bandwidth, s.init_threshold, s.l0_coef, s.target_l0, **extra)
 
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
@@ -175,14 +176,18 @@ class JumpReLUSAE(SparseAutoencoder):
             return l0, l0
         return (l0 / self.target_l0 - 1).pow(2), l0
 
-    def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_loss(
+        self, x: torch.Tensor, ctx: TrainContext, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`target`: what the decoder reconstructs (a transcoder's output rows); x itself by default."""
+        target = x if target is None else target
         pre = self.pre_acts(x)
         code = self.encode_pre(pre)
         recon = self.decode(code)
-        sq_err = (recon - x).pow(2).sum(dim=-1)
+        sq_err = (recon - target).pow(2).sum(dim=-1)
         sparsity, _ = self.l0_penalty(pre)
         loss = sq_err.mean() / ctx.mse_scale + self.l0_coef * sparsity
-        metrics = reconstruction_metrics(x, sq_err, code, self.d_sae, loss, torch.zeros((), device=x.device))
+        metrics = reconstruction_metrics(target, sq_err, code, self.d_sae, loss, torch.zeros((), device=x.device))
         metrics["sparsity_loss"] = sparsity.detach()
         return loss, metrics
 

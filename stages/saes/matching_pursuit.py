@@ -100,10 +100,10 @@ class MatchingPursuitSAE(SparseAutoencoder):
         self.reset_parameters()
 
     @classmethod
-    def from_settings(cls, d_in: int, width: int, settings: MatchingPursuitSettings) -> MatchingPursuitSAE:
+    def from_settings(cls, d_in: int, width: int, settings: MatchingPursuitSettings, **extra) -> MatchingPursuitSAE:
         if not settings.dynamic:
-            return cls(d_in, width, settings.resolved_k)
-        return cls(d_in, width, None, settings.residual_threshold, settings.max_iterations)
+            return cls(d_in, width, settings.resolved_k, **extra)
+        return cls(d_in, width, None, settings.residual_threshold, settings.max_iterations, **extra)
 
     # -- tying: W_dec is the dictionary, the encoder is derived ---------------------------------------
     @property

@@ -62,8 +62,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().__init__(d_in, d_sae, k, aux_k, aux_coef)
 
     @classmethod
-    def from_settings(cls, d_in: int, width: int, settings: MatryoshkaSettings) -> MatryoshkaSAE:
-        return cls(d_in, width, settings.resolved_k, settings.groups, settings.aux_k, settings.aux_coef)
+    def from_settings(cls, d_in: int, width: int, settings: MatryoshkaSettings, **extra) -> MatryoshkaSAE:
+        return cls(d_in, width, settings.resolved_k, settings.groups, settings.aux_k, settings.aux_coef, **extra)
 
     @property
     def prefixes(self) -> tuple[int, ...]:

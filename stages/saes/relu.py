@@ -78,11 +78,14 @@ class ReLUSAE(SparseAutoencoder):
         """The recipe's init: random decoder directions of norm INIT_DECODER_NORM, encoder = decoder transpose."""
         super().reset_parameters(generator)
         self.W_dec.mul_(INIT_DECODER_NORM)
-        self.W_enc.copy_(self.W_dec.t())
+        if self.transcodes:  # encoder and decoder in different spaces: the encoder is scaled alike
+            self.W_enc.mul_(INIT_DECODER_NORM)
+        else:
+            self.W_enc.copy_(self.W_dec.t())
 
     @classmethod
-    def from_settings(cls, d_in: int, width: int, settings: ReLUSettings) -> ReLUSAE:
-        return cls(d_in, width, settings.l1_coef, settings.l1_warmup_frac, settings.ghost_grads)
+    def from_settings(cls, d_in: int, width: int, settings: ReLUSettings, **extra) -> ReLUSAE:
+        return cls(d_in, width, settings.l1_coef, settings.l1_warmup_frac, settings.ghost_grads, **extra)
 
     def l1_coef_at(self, progress: float) -> float:
         """λ at a fraction `progress` of training: linear from 0 over the first l1_warmup_frac, then l1_coef."""
@@ -93,18 +96,22 @@ class ReLUSAE(SparseAutoencoder):
     def encode(self, x: torch.Tensor) -> DenseCode:
         return DenseCode(self.pre_acts(x).relu())
 
-    def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_loss(
+        self, x: torch.Tensor, ctx: TrainContext, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`target`: what the decoder reconstructs (a transcoder's output rows); x itself by default."""
+        target = x if target is None else target
         code = self.encode(x)
         recon = self.decode(code)
-        sq_err = (recon - x).pow(2).sum(dim=-1)
+        sq_err = (recon - target).pow(2).sum(dim=-1)
         mse_term = sq_err.mean() / ctx.mse_scale
         sparsity = (code.values * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
         loss = mse_term + self.l1_coef_at(ctx.progress) * sparsity
         aux = torch.zeros((), device=x.device)
         if self.ghost_grads:
-            aux = self.ghost_loss(x, x - recon, mse_term, ctx.dead)
+            aux = self.ghost_loss(x, target - recon, mse_term, ctx.dead)
             loss = loss + aux
-        metrics = reconstruction_metrics(x, sq_err, code, self.d_sae, loss, aux)
+        metrics = reconstruction_metrics(target, sq_err, code, self.d_sae, loss, aux)
         metrics["sparsity_loss"] = sparsity.detach()
         return loss, metrics
 

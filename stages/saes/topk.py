@@ -68,8 +68,8 @@ class TopKSAE(SparseAutoencoder):
         super().__init__(d_in, d_sae)
 
     @classmethod
-    def from_settings(cls, d_in: int, width: int, settings: TopKSettings) -> TopKSAE:
-        return cls(d_in, width, settings.resolved_k, settings.aux_k, settings.aux_coef)
+    def from_settings(cls, d_in: int, width: int, settings: TopKSettings, **extra) -> TopKSAE:
+        return cls(d_in, width, settings.resolved_k, settings.aux_k, settings.aux_coef, **extra)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         return self.encode_pre(self.pre_acts(x))
@@ -78,17 +78,21 @@ class TopKSAE(SparseAutoencoder):
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return SparseCode(values.relu(), indices)
 
-    def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss = ‖x − x̂‖² / mse_scale (fixed once at the start of training) + aux_coef · AuxK."""
+    def training_loss(
+        self, x: torch.Tensor, ctx: TrainContext, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss = ‖y − x̂‖² / mse_scale (fixed once at the start of training) + aux_coef · AuxK, where y is
+        `target` (a transcoder's output rows), else x itself."""
+        target = x if target is None else target
         with torch.no_grad():  # the selection; gradients reach the encoder through the selected entries only
             pre = self.pre_acts(x)
             indices = pre.topk(self.k, dim=-1, sorted=False).indices
         code = SparseCode(self.selected_pre_acts(x, pre, indices).relu(), indices)
         recon = self.decode(code)
-        sq_err = (recon - x).pow(2).sum(dim=-1)
-        aux = self.auxk_loss(x, pre, x - recon, ctx.dead)
+        sq_err = (recon - target).pow(2).sum(dim=-1)
+        aux = self.auxk_loss(x, pre, target - recon, ctx.dead)
         loss = sq_err.mean() / ctx.mse_scale + self.aux_coef * aux
-        return loss, reconstruction_metrics(x, sq_err, code, self.d_sae, loss, aux)
+        return loss, reconstruction_metrics(target, sq_err, code, self.d_sae, loss, aux)
 
     def auxk_loss(
         self, x: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None

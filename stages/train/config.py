@@ -7,7 +7,16 @@ from dataclasses import dataclass
 
 from stages.basics.errors import require
 from stages.basics.settings import default_of, device_setting, progress_setting, setting
-from stages.saes import ARCHITECTURES, ArchSettings, arch_settings, require_arch, settings_for
+from stages.saes import (
+    ACTIVATIONS,
+    ARCHITECTURES,
+    TRANSCODER_ARCHS,
+    ArchSettings,
+    arch_settings,
+    require_arch,
+    settings_arch,
+    settings_for,
+)
 
 
 @dataclass
@@ -15,7 +24,11 @@ class TrainConfig:
     store: str  # the store to train from: a path or URL
     out: str = setting(help="run folder to write")
     hook: str | None = setting(None, "the store's hook to train on", shown_default="the store's only hook")
-    arch: str = setting("topk", f"SAE architecture: {', '.join(ARCHITECTURES)}")
+    arch: str = setting("topk", f"SAE architecture: {', '.join((*ARCHITECTURES, *TRANSCODER_ARCHS))}")
+    # Transcoders read one hook and reconstruct another, with one SAE architecture's sparsity rule.
+    in_hook: str | None = setting(None, "a transcoder's input hook (e.g. blocks.5.mlp.hook_in)")
+    out_hook: str | None = setting(None, "a transcoder's output hook (e.g. blocks.5.hook_mlp_out)")
+    activation: str = setting("topk", f"a transcoder's sparsity rule: {', '.join(ACTIVATIONS)}")
     width: int = setting(4096, "number of latents (d_sae)")
     # The architecture's own settings (k, l1_coef, ...), declared beside it in stages/saes/; None: its defaults
     arch_settings: ArchSettings | None = None
@@ -60,14 +73,29 @@ class TrainConfig:
         settings (k, l1_coef, ...) are routed into its ArchSettings, and another architecture's setting
         is refused unless it is left at its default."""
         own = {f.name for f in dataclasses.fields(cls)} - {"arch_settings"}
-        arch = values.get("arch", "topk")
+        arch = settings_arch(values.get("arch", "topk"), values.get("activation", "topk"))
         settings = settings_for(arch, {k: v for k, v in values.items() if k not in own})
         return cls(**{k: v for k, v in values.items() if k in own}, arch_settings=settings)
 
     @property
+    def settings_arch(self) -> str:
+        """The architecture whose settings this run takes (a transcoder's activation)."""
+        return settings_arch(self.arch, self.activation)
+
+    @property
+    def transcodes(self) -> bool:
+        return self.arch in TRANSCODER_ARCHS
+
+    @property
+    def read_hooks(self) -> tuple[str, ...]:
+        """The store's hooks a training batch holds, side by side: the hook, or a transcoder's input and
+        output hooks."""
+        return (self.in_hook, self.out_hook) if self.transcodes else (self.hook,)
+
+    @property
     def settings(self) -> ArchSettings:
         """The architecture's settings: as given, or its defaults."""
-        return self.arch_settings if self.arch_settings is not None else settings_for(self.arch, {})
+        return self.arch_settings if self.arch_settings is not None else settings_for(self.settings_arch, {})
 
     def flat(self) -> dict:
         """Every field, with every architecture's settings flattened in (another's at its default):
@@ -83,7 +111,33 @@ class TrainConfig:
         return TrainConfig.from_flat(**{**self.flat(), **changes})
 
     def validate(self) -> TrainConfig:
-        expected = require_arch(self.arch).settings_class
+        if self.transcodes:
+            require(
+                self.in_hook is not None and self.out_hook is not None,
+                f"--arch {self.arch} reads one hook and reconstructs another: pass --in-hook and --out-hook "
+                f"(e.g. --in-hook blocks.5.mlp.hook_in --out-hook blocks.5.hook_mlp_out)",
+            )
+            require(self.hook is None, f"--arch {self.arch} takes --in-hook and --out-hook, not --hook")
+            require(
+                self.in_hook != self.out_hook,
+                f"--in-hook and --out-hook are both {self.in_hook}: a transcoder maps one hook to another "
+                f"(for an SAE of one hook, use --arch {self.activation} --hook {self.in_hook})",
+            )
+            require(
+                not getattr(self.settings, "ghost_grads", False),
+                "--ghost-grads does not apply to transcoders (it revives latents by reconstructing the input)",
+            )
+        else:
+            require(
+                self.activation == "topk",
+                f"--activation is a transcoder's sparsity rule; for an SAE pass --arch {self.activation}",
+            )
+            require(
+                self.in_hook is None and self.out_hook is None,
+                f"--in-hook and --out-hook are for --arch transcoder or skip_transcoder, not --arch {self.arch}: "
+                f"pass --hook",
+            )
+        expected = require_arch(self.settings_arch).settings_class
         require(
             type(self.settings) is expected,
             f"--arch {self.arch} takes {expected.__name__}, not {type(self.settings).__name__}",

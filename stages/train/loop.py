@@ -28,12 +28,12 @@ from stages.basics import distributed, run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.basics.tracking import Tracker, require_wandb
-from stages.saes import ARCHITECTURES, SparseAutoencoder
+from stages.saes import SparseAutoencoder, new_sae
 from stages.saes.base import TrainContext, geometric_median
 from stages.train.checkpoint import Checkpoint
 from stages.train.config import TrainConfig, only_hook
 from stages.train.saelens_export import export_saelens
-from store_schema.loader import ShuffledBatches
+from store_schema.loader import RowAlignedBatches, ShuffledBatches, batches_of
 from store_schema.lock import StoreLock
 from store_schema.reader import ActivationStore, open_store
 
@@ -60,24 +60,45 @@ def build_for_store(
     (rows are stored shuffled, so the first rows are a random sample). `sample`: those first rows,
     when already read (at least cfg.geometric_median_rows of them)."""
     if sample is None:
-        sample = torch.from_numpy(store.read_rows("train", cfg.hook, 0, cfg.geometric_median_rows))
+        sample = read_sample(store, cfg.read_hooks, cfg.geometric_median_rows)
     sample = sample[: cfg.geometric_median_rows].float()
     generator = torch.Generator().manual_seed(cfg.seed)
-    sae = ARCHITECTURES[cfg.arch].from_settings(store.width(cfg.hook), cfg.width, cfg.settings)
+    d_in = store.width(cfg.read_hooks[0])
+    d_out = store.width(cfg.out_hook) if cfg.transcodes else None
+    sae = new_sae(cfg.arch, cfg.activation, d_in, cfg.width, cfg.settings, d_out=d_out)
     sae.reset_parameters(generator)
+    target = sae.target_rows(sample)  # what the decoder reconstructs: the rows, or a transcoder's output
     with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample))
-    mse_scale = float((sample - sample.mean(dim=0)).pow(2).sum(dim=-1).mean())
+        sae.b_dec.copy_(geometric_median(target))
+    mse_scale = float((target - target.mean(dim=0)).pow(2).sum(dim=-1).mean())
     return sae.to(device), mse_scale
 
 
+def read_sample(store: ActivationStore, hooks: tuple[str, ...], rows: int) -> torch.Tensor:
+    """The first `rows` training rows of each hook, side by side (fp16)."""
+    return torch.cat([torch.from_numpy(store.read_rows("train", hook, 0, rows)) for hook in hooks], dim=1)
+
+
 def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder) -> dict:
-    norm = store.normalization(cfg.hook)
+    norm = store.normalization(cfg.read_hooks[0])
+    transcoder = {}
+    if cfg.transcodes:  # the input's normalization is `normalization`; the output's is recorded beside it
+        out_norm = store.normalization(cfg.out_hook)
+        transcoder = {
+            "in_hook": cfg.in_hook,
+            "out_hook": cfg.out_hook,
+            "d_out": store.width(cfg.out_hook),
+            "out_normalization": {
+                **out_norm.to_attrs(),
+                "mean": None if out_norm.mean is None else out_norm.mean.tolist(),
+            },
+        }
     return {
         "saepipe_version": __version__,
         "sae": sae.config(),
         "hook": cfg.hook,
-        "d_in": store.width(cfg.hook),
+        **transcoder,
+        "d_in": store.width(cfg.read_hooks[0]),
         "store": {
             "path": str(Path(store.location).resolve()) if "://" not in store.location else store.location,
             "fingerprint": store.fingerprint,
@@ -228,7 +249,7 @@ def run_sweep(cfgs: list[TrainConfig], nproc: int = 1) -> list[Path]:
     data seed (see sweeps.expand); each SAE writes its own run folder. Under torchrun, or with
     `nproc` > 1 (which starts `nproc` processes here through torch's launcher), data parallel (see the
     module docstring). A config without a hook trains on the store's only one."""
-    if cfgs[0].hook is None:
+    if cfgs[0].hook is None and not cfgs[0].transcodes:
         hook = only_hook(open_store(cfgs[0].store).hooks)
         cfgs = [dataclasses.replace(cfg, hook=hook) for cfg in cfgs]
     for cfg in cfgs:
@@ -266,10 +287,16 @@ def _open_checked(cfgs: list[TrainConfig], device: torch.device, world: distribu
     distributed.check_divides(base.batch_size, world.size)
     store = open_store(base.store)
     store.require_complete()
-    store.require_hook(base.hook)
-    loader = ShuffledBatches(
+    for hook in base.read_hooks:
+        store.require_hook(hook)
+    if base.transcodes and store.normalization(base.out_hook).has_row_stats:
+        raise SaepipeError(
+            f"store {store.location} normalizes {base.out_hook} per token (mode token): a transcoder's prediction "
+            f"cannot be mapped back without the true row's own mean and scale; collect with --normalize center-scale"
+        )
+    loader = batches_of(
         store,
-        base.hook,
+        base.read_hooks,
         base.batch_size,
         device=device,
         seed=base.seed,
@@ -277,7 +304,7 @@ def _open_checked(cfgs: list[TrainConfig], device: torch.device, world: distribu
         rank=world.rank,
         world_size=world.size,
     )
-    sample = torch.from_numpy(store.read_rows("train", base.hook, 0, max(c.geometric_median_rows for c in cfgs)))
+    sample = read_sample(store, base.read_hooks, max(c.geometric_median_rows for c in cfgs))
     return store, loader, sample
 
 
@@ -304,7 +331,7 @@ def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.Wor
 def _train_runs(
     runs: list[TrainingRun],
     store: ActivationStore,
-    loader: ShuffledBatches,
+    loader: ShuffledBatches | RowAlignedBatches,
     device: torch.device,
     world: distributed.World,
 ) -> None:
@@ -387,6 +414,9 @@ def _prepare_run_folders(cfgs: list[TrainConfig]) -> list[bool] | SaepipeError:
 def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out: Path) -> None:
     """Final weights, config and the SAELens export; the checkpoint goes once they are safely written."""
     run_dir.save_sae(out, sae, run_config(cfg, store, sae) | {"finished": True})
+    if cfg.transcodes:  # their SAELens formats are not written yet (issue 16): the run folder holds them
+        (out / run_dir.CHECKPOINT).unlink(missing_ok=True)
+        return
     header = store.header
     export_saelens(
         out / run_dir.SAELENS,

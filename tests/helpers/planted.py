@@ -108,3 +108,52 @@ def planted_store(path: Path, n_train: int, n_eval: int) -> tuple[PlantedFeature
     features = PlantedFeatures.make(64, 256, seed=0)
     write_array_store(path, features.sample(n_train, seed=1), features.sample(n_eval, seed=2), hook="synthetic")
     return features, path
+
+
+@dataclass(frozen=True)
+class PlantedTranscoder:
+    """Ground truth for transcoders: feature i reads direction `inputs.directions[i]` of the input x and
+    writes `out_directions[i]` into the output y, with the same magnitude: x = Σ f_i d_in,i + noise,
+    y = Σ f_i d_out,i (+ x·`linear`, the part a skip transcoder's linear path should carry)."""
+
+    inputs: PlantedFeatures
+    out_directions: np.ndarray  # float32 [n_features, d_out], unit rows
+    linear: np.ndarray | None = None  # float32 [d_in, d_out]
+
+    @classmethod
+    def make(cls, d_in: int, d_out: int, n_features: int, *, linear_scale: float = 0.0, seed: int = 0):
+        inputs = PlantedFeatures.make(d_in, n_features, seed=seed)
+        rng = np.random.default_rng(seed + 1000)
+        out = rng.standard_normal((n_features, d_out)).astype(np.float32)
+        out /= np.linalg.norm(out, axis=1, keepdims=True)
+        linear = None
+        if linear_scale:
+            linear = (linear_scale * rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
+        return cls(inputs, out, linear)
+
+    def sample(self, n: int, *, noise: float = 0.01, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(x [n, d_in], y [n, d_out]) float32."""
+        rng = np.random.default_rng(seed)
+        active = rng.random((n, len(self.inputs.frequencies))) < self.inputs.frequencies
+        magnitudes = (rng.uniform(0.5, 1.5, active.shape) * active).astype(np.float32)
+        x = magnitudes @ self.inputs.directions + noise * rng.standard_normal((n, self.inputs.directions.shape[1]))
+        y = magnitudes @ self.out_directions
+        if self.linear is not None:
+            y = y + x @ self.linear
+        return x.astype(np.float32), y.astype(np.float32)
+
+    def recovered_fraction(self, decoder_rows, threshold: float = 0.9) -> float:
+        """Share of the planted output directions matched by some decoder row at cosine >= threshold."""
+        return PlantedFeatures(self.out_directions, self.inputs.frequencies).recovered_fraction(decoder_rows, threshold)
+
+
+def planted_transcoder_store(
+    path: Path, n_train: int, n_eval: int, noise: float = 0.01, **make
+) -> tuple[PlantedTranscoder, Path]:
+    """A complete store of hooks "in" (64 wide) and "out" (48 wide), row-aligned pairs from 256 planted
+    features (seed 0; training pairs drawn with seed 1, eval pairs with seed 2). `noise`: the dense
+    Gaussian part of x (per dimension), which only a linear path can carry into y."""
+    truth = PlantedTranscoder.make(64, 48, 256, **make)
+    (x, y), (x_eval, y_eval) = truth.sample(n_train, noise=noise, seed=1), truth.sample(n_eval, noise=noise, seed=2)
+    write_array_store(path, {"in": x, "out": y}, {"in": x_eval, "out": y_eval})
+    return truth, path

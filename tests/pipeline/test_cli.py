@@ -175,7 +175,9 @@ def test_eval_refuses_a_store_of_another_width(store, tmp_path):
     rng = np.random.default_rng(0)
     other = tmp_path / "other.zarr"
     write_array_store(other, rng.standard_normal((600, 32)), rng.standard_normal((60, 32)), hook=HOOK)
-    expect_error(run("eval", str(out), "--store", str(other), "--no-model"), "has d_in 64 but store", "has d_model 32")
+    expect_error(
+        run("eval", str(out), "--store", str(other), "--no-model"), "has d_in 64 but store", "has rows of width 32"
+    )
     expect_error(run("eval", str(tmp_path / "nothing")), "not a finished saepipe run")
 
 

@@ -21,6 +21,7 @@ from stages.host_model.model import (
     HostModel,
     expand_hook_ranges,
     hook_layer,
+    logits_with_hook_predicted,
     logits_with_hook_replaced,
     run_to_hooks,
     validate_hooks,
@@ -274,6 +275,25 @@ def test_a_head_output_is_replaced_as_its_stored_rows(tiny, tokens):
     silenced = logits_with_hook_replaced(tiny, tokens, hook, lambda z: zero_head)
     assert not torch.allclose(silenced, logits_with_hook_replaced(tiny, tokens, hook, None), atol=1e-4)
     assert rel_err(seen["z"], expected[hook]) < 1e-4
+
+
+def test_a_prediction_from_an_earlier_hook_replaces_a_later_one(tiny, tokens):
+    read, hook = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
+    clean = logits_with_hook_replaced(tiny, tokens, hook, None)
+    seen = {}
+
+    def keep(x, y):
+        seen["x"], seen["y"] = x.clone(), y.clone()
+        return y
+
+    assert torch.equal(logits_with_hook_predicted(tiny, tokens, read, hook, keep), clean)
+    acts = run_to_hooks(tiny, tokens, [read, hook])
+    assert torch.equal(seen["x"], acts[read]) and torch.equal(seen["y"], acts[hook])
+    zeroed = logits_with_hook_predicted(tiny, tokens, read, hook, lambda x, y: torch.zeros_like(y))
+    assert torch.equal(zeroed, logits_with_hook_replaced(tiny, tokens, hook, torch.zeros_like))
+    assert torch.equal(logits_with_hook_replaced(tiny, tokens, hook, None), clean)  # nothing left installed
+    with pytest.raises(SaepipeError, match="fires after"):
+        logits_with_hook_predicted(tiny, tokens, "blocks.2.mlp.hook_in", hook, keep)
 
 
 def test_layer_sets_in_hook_names():

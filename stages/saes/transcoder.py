@@ -1,0 +1,102 @@
+"""Transcoders: a sparse code read from one hook that reconstructs another (Dunefsky, Chlenski & Nanda,
+"Transcoders Find Interpretable LLM Feature Circuits", 2024; the skip transcoder of Paulo, Shabalin &
+Belrose, "Transcoders Beat Sparse Autoencoders for Interpretability", 2025).
+
+    transcoder:       ŷ = f(x W_enc + b_enc) W_dec + b_dec
+    skip transcoder:  ŷ = f(x W_enc + b_enc) W_dec + b_dec + x W_skip
+
+x is the input hook's row (an MLP's input after its norm), y the output hook's (the MLP's output), and f
+one of the SAE activations (topk, batchtopk, jumprelu, relu), trained with that activation's own loss,
+AuxK, thresholds and schedules, against y instead of x. The encoder reads x as it is: b_dec lives in the
+output space, so nothing is subtracted before encoding (as SAELens's Transcoder). W_skip starts at zero.
+
+A training batch holds both hooks side by side, [x | y] (d_in + d_out wide; stages.train reads the two
+hooks row-aligned), and `training_loss` splits it.
+
+Formulas and measurements: docs/architectures.md#transcoders
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stages.basics import distributed
+from stages.saes.base import SparseAutoencoder, TrainContext
+
+# The activations a transcoder can use: the SAEs whose encoder is (x W_enc + bias) followed by a sparsity
+# rule, and whose training loss takes a target.
+ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
+TRANSCODER_ARCHS = ("transcoder", "skip_transcoder")
+
+
+class TranscoderMixin:
+    """Turns an SAE class into a transcoder of the same activation (see transcoder_class)."""
+
+    transcodes = True
+    skip = False
+
+    def __init__(self, d_in: int, d_sae: int, *args, d_out: int, **kwargs):
+        self.d_out = int(d_out)  # read by SparseAutoencoder.__init__ to size the decoder
+        super().__init__(d_in, d_sae, *args, **kwargs)
+        if self.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_in, self.d_out))
+
+    activation = ""  # set on each generated class: the SAE architecture whose sparsity rule it uses
+
+    def encoder_bias(self) -> torch.Tensor:
+        return self.b_enc  # the input is encoded as it is: b_dec is an output-space bias
+
+    def target_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch[..., self.d_in :]
+
+    def skip_term(self, x: torch.Tensor) -> torch.Tensor | None:
+        return x @ self.W_skip if self.skip else None
+
+    def output(self, x: torch.Tensor, code) -> torch.Tensor:
+        y_hat = self.decode(code)
+        skip = self.skip_term(x)
+        return y_hat if skip is None else y_hat + skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output hook's rows predicted from the input hook's x."""
+        return self.output(x, self.encode(x))
+
+    def training_loss(self, batch: torch.Tensor, ctx: TrainContext, target: torch.Tensor | None = None):
+        """The activation's own loss on [x | y]: its code of x reconstructs y (minus the skip path's
+        prediction, whose weights get their gradient through that difference)."""
+        x, y = batch[..., : self.d_in], batch[..., self.d_in :]
+        skip = self.skip_term(x)
+        loss, metrics = super().training_loss(x, ctx, target=y if skip is None else y - skip)
+        if skip is not None:  # fve against y itself: the residual target's variance is not y's
+            with torch.no_grad():
+                sq_err = metrics["mse"] * self.d_out
+                variance = distributed.global_mean((y - distributed.global_mean(y.mean(dim=0))).pow(2).sum(-1).mean())
+                metrics["fve"] = 1 - distributed.global_mean(sq_err) / variance
+        return loss, metrics
+
+    def saelens_export(self):
+        raise ValueError(f"the SAELens export of {self.arch} runs is not written yet (issue 16)")
+
+    def config(self) -> dict:
+        return {**super().config(), "activation": self.activation, "d_out": self.d_out}
+
+
+class SkipTranscoderMixin(TranscoderMixin):
+    skip = True
+
+
+_CLASSES: dict[tuple[str, bool], type] = {}
+
+
+def transcoder_class(activations: dict[str, type[SparseAutoencoder]], activation: str, skip: bool) -> type:
+    """The transcoder (or skip transcoder) class of one activation, made once: the mixin first, so its
+    encoder bias, init and loss come before the SAE's own."""
+    key = (activation, skip)
+    if key not in _CLASSES:
+        base = activations[activation]
+        mixin = SkipTranscoderMixin if skip else TranscoderMixin
+        arch = TRANSCODER_ARCHS[skip]
+        name = f"{base.__name__.removesuffix('SAE')}{'Skip' if skip else ''}Transcoder"
+        _CLASSES[key] = type(name, (mixin, base), {"arch": arch, "activation": activation})
+    return _CLASSES[key]
