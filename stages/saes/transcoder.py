@@ -76,7 +76,11 @@ class TranscoderMixin:
         return loss, metrics
 
     def saelens_export(self):
-        raise ValueError(f"the SAELens export of {self.arch} runs is not written yet (issue 16)")
+        raise ValueError(f"{self.arch} runs export through stages.train.transcoder_export, not as SAEs")
+
+    def saelens_export_of_activation(self):
+        """How the activation alone exports to SAELens (its architecture name and extra tensors)."""
+        return super().saelens_export()
 
     def config(self) -> dict:
         return {**super().config(), "activation": self.activation, "d_out": self.d_out}

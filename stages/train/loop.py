@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from stages.saes.base import TrainContext, geometric_median
 from stages.train.checkpoint import Checkpoint
 from stages.train.config import TrainConfig, only_hook
 from stages.train.saelens_export import export_saelens
+from stages.train.transcoder_export import export_saelens_transcoder
 from store_schema.loader import RowAlignedBatches, ShuffledBatches, batches_of
 from store_schema.lock import StoreLock
 from store_schema.reader import ActivationStore, open_store
@@ -414,10 +416,25 @@ def _prepare_run_folders(cfgs: list[TrainConfig]) -> list[bool] | SaepipeError:
 def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out: Path) -> None:
     """Final weights, config and the SAELens export; the checkpoint goes once they are safely written."""
     run_dir.save_sae(out, sae, run_config(cfg, store, sae) | {"finished": True})
-    if cfg.transcodes:  # their SAELens formats are not written yet (issue 16): the run folder holds them
+    header = store.header
+    if cfg.transcodes:
+        try:
+            export_saelens_transcoder(
+                out / run_dir.SAELENS,
+                sae,
+                store.normalization(cfg.in_hook),
+                store.normalization(cfg.out_hook),
+                in_hook=cfg.in_hook,
+                out_hook=cfg.out_hook,
+                model_name=header["model"]["name"],
+                context_size=store.context_size,
+                dataset=header["text_source"].get("name", ""),
+                extra_metadata={"saepipe_store_fingerprint": store.fingerprint},
+            )
+        except ValueError as e:  # what SAELens cannot hold: the run folder is complete without it
+            print(f"saepipe: no SAELens export for {out}: {e}", file=sys.stderr)
         (out / run_dir.CHECKPOINT).unlink(missing_ok=True)
         return
-    header = store.header
     export_saelens(
         out / run_dir.SAELENS,
         sae,

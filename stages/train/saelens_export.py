@@ -168,28 +168,11 @@ def export_saelens(
     if bad:
         raise ValueError(f"cannot export an SAE with non-finite weights ({', '.join(bad)})")
 
-    metadata: dict[str, Any] = {
-        "sae_lens_version": _saelens_version_to_record(),
-        "sae_lens_training_version": None,  # trained by saepipe, not SAELens
-        "model_name": model_name,
-        "hook_name": hook_name,
-        "hook_head_index": None,
-        "context_size": int(context_size),
-        "prepend_bos": True,  # saepipe's contexts start with BOS at position 0
-        "dataset_path": dataset,
-        "exclude_special_tokens": False,
-        "seqpos_slice": [None],
-        "model_from_pretrained_kwargs": {},
-        "neuronpedia_id": None,
-        "saepipe": {
-            "version": __version__,
-            "sae_config": sae.config(),
-            "normalization": {
-                **norm.to_attrs(),
-                "exported_as": normalize_activations,
-                "folded_into_weights": norm.mode != "none",
-            },
-        },
+    metadata: dict[str, Any] = base_metadata(sae, model_name, hook_name, context_size, dataset)
+    metadata["saepipe"]["normalization"] = {
+        **norm.to_attrs(),
+        "exported_as": normalize_activations,
+        "folded_into_weights": norm.mode != "none",
     }
     metadata.update(extra_metadata or {})
     cfg = {
@@ -205,7 +188,30 @@ def export_saelens(
         **arch_cfg,
         "metadata": metadata,
     }
+    return write_saelens_folder(out_dir, tensors, cfg)
 
+
+def base_metadata(sae: SparseAutoencoder, model_name: str, hook_name: str, context_size: int, dataset: str) -> dict:
+    """The cfg.json `metadata` every export of ours carries (SAELens's keys, and ours under "saepipe")."""
+    return {
+        "sae_lens_version": _saelens_version_to_record(),
+        "sae_lens_training_version": None,  # trained by saepipe, not SAELens
+        "model_name": model_name,
+        "hook_name": hook_name,
+        "hook_head_index": None,
+        "context_size": int(context_size),
+        "prepend_bos": True,  # saepipe's contexts start with BOS at position 0
+        "dataset_path": dataset,
+        "exclude_special_tokens": False,
+        "seqpos_slice": [None],
+        "model_from_pretrained_kwargs": {},
+        "neuronpedia_id": None,
+        "saepipe": {"version": __version__, "sae_config": sae.config()},
+    }
+
+
+def write_saelens_folder(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: dict) -> Path:
+    """sae_weights.safetensors and cfg.json into out_dir, all or nothing (an earlier export is replaced)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
