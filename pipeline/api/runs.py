@@ -88,7 +88,7 @@ class TrainedSAE(nn.Module):
         x_hat = self.sae.output(flat, self.sae.encode(flat))
         if self.in_hook is not None:  # another hook's rows: the input's per-row stats do not apply
             return self.out_normalization.invert(x_hat).reshape(*x.shape[:-1], self.d_out)
-        return self.normalization.invert(x_hat, row_stats).reshape(x.shape)
+        return self.normalization.invert(x_hat, row_stats).reshape(*x.shape[:-1], x_hat.shape[-1])
 
     def _normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if x.shape[-1] != self.d_in:

@@ -31,6 +31,11 @@ class ExternalSAE(SparseAutoencoder):
     def decode(self, code) -> torch.Tensor:
         return self.inner.decode(code.dense(self.d_sae))
 
+    def output(self, x: torch.Tensor, code) -> torch.Tensor:
+        out = self.decode(code)
+        skip = getattr(self.inner, "W_skip", None)  # a SAELens skip transcoder: W_skip is [d_out, d_in]
+        return out if skip is None else out + x @ skip.T
+
     def config(self) -> dict:
         return {
             "arch": self.arch,

@@ -62,3 +62,14 @@ def test_a_topk_transcoder_has_no_saelens_export_and_says_why(mlp_store, tmp_pat
     assert "SAELens has no transcoder of 'topk' activations" in result.output
     assert not (tmp_path / "run" / "saelens").exists() and (tmp_path / "run" / "sae.safetensors").exists()
     run_ok("eval", tmp_path / "run", "--no-model", "--no-progress")  # the run itself is complete
+
+
+def test_the_api_reads_the_export_as_the_run(mlp_store, tmp_path):
+    assert train(mlp_store, tmp_path / "run", "skip_transcoder", "jumprelu").exit_code == 0
+    x = api.open_store(mlp_store).rows(0, 100, hook=IN, split="eval", raw=True).acts
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = api.load_run(tmp_path / "run" / "saelens")
+    with torch.no_grad():
+        ours = api.load_run(tmp_path / "run")(x)
+        assert torch.allclose(exported(x), ours, atol=1e-4 * float(ours.abs().max()))
