@@ -9,6 +9,8 @@ Keys (targets in docs/benchmarks.md):
   np.memmap read of the same bytes (page cache warm for both).
 - api_read_vs_loader: the public API's Store.batches (pipeline.api) over the loader it wraps, same rows;
   each round of each side starts its own iterator, so no side's read-ahead runs during the other's.
+- two_hooks_read_vs_one: bytes per second of two hooks' rows read together, side by side (what a
+  transcoder trains on), over one hook's, each side alone in its rounds.
 - train_roofline_fraction: FLOP/s of a full TopK training step (encoder forward, encoder weight gradient,
   sparse decoder forward and backward) over the dense matmul rate measured at the step's own GEMM shape.
 - train_vs_saelens / mp_vs_saelens: our training step over SAELens's (its trainer's own step: forward,
@@ -56,7 +58,7 @@ from stages.saes.matching_pursuit import MatchingPursuitSAE
 from stages.text.sources import open_text_source
 from stages.train.config import TrainConfig
 from stages.train.loop import TrainingRun, run_train
-from store_schema.loader import ShuffledBatches
+from store_schema.loader import RowAlignedBatches, ShuffledBatches
 from store_schema.reader import open_store
 from store_schema.writer import write_array_store
 
@@ -66,6 +68,7 @@ from store_schema.writer import write_array_store
 TARGETS = {
     "read_vs_memmap": (">=", 0.7),
     "api_read_vs_loader": (">=", 0.95),  # what a teammate's loop gets from pipeline.api, over the loader
+    "two_hooks_read_vs_one": (">=", 0.9),  # bytes/s of a transcoder's two hooks read together, over one hook's
     "train_roofline_fraction": (">=", 0.7),  # CPU fp32; 0.5 on a GPU in bf16
     "train_vs_saelens": (">=", 1.5),  # CPU; 3 on a GPU
     "mp_vs_saelens": (">=", 5.0),
@@ -201,43 +204,79 @@ def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     }
 
 
+def _alone(make: Callable[[], Iterator[torch.Tensor]], batches: int, passes: int, rows: int) -> Callable[[], float]:
+    """A side that starts its own iterator, serves a warm-up pass of `batches` (its reader thread starts,
+    the page cache fills), times `passes` passes and stops it: no side's read-ahead runs during another's.
+    Returns rows per second."""
+
+    def timed() -> float:
+        served = make()
+        try:
+            for _ in range(batches):
+                next(served)
+            started = time.perf_counter()
+            for _ in range(passes * batches):
+                next(served)
+            return passes * batches * rows / (time.perf_counter() - started)
+        finally:
+            served.close()
+
+    return timed
+
+
+def _random_store(cfg: BenchConfig, path: Path, hooks: tuple[str, ...]) -> Path:
+    """A store of cfg.read_rows random fp16 rows of width d_in at each hook."""
+    rng = np.random.default_rng(0)
+    rows = {h: rng.standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16) for h in hooks}
+    return write_array_store(_fresh(path), rows, {h: r[: cfg.batch_size] for h, r in rows.items()}, chunk_rows=8192)
+
+
 def bench_api_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
-    """The public API's batches over the training loader's, both streaming fp16 on the CPU from one store.
-    A side's round starts a fresh iterator, serves a warm-up pass (its reader thread starts, the page cache
-    fills), times `read_passes` passes and stops, so each side runs alone."""
-    rows = np.random.default_rng(0).standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16)
-    store_path = write_array_store(
-        _fresh(workdir / "api-read.zarr"), rows, rows[: cfg.batch_size], hook=HOOK, chunk_rows=8192
-    )
-    del rows
+    """The public API's batches over the training loader's, both streaming fp16 on the CPU from one store,
+    each side alone in its rounds (_alone)."""
+    store_path = _random_store(cfg, workdir / "api-read.zarr", (HOOK,))
     loader = ShuffledBatches(
         open_store(store_path), HOOK, cfg.batch_size, device=torch.device("cpu"), dtype=torch.float16, resident=False
     )
     per_pass = loader.batches_per_epoch
     public = api.open_store(store_path).batches(HOOK, cfg.batch_size, dtype=torch.float16, resident=False)
-
-    def side(make: Callable[[], Iterator[torch.Tensor]]) -> Callable[[], float]:
-        def timed() -> float:
-            served = make()
-            try:
-                for _ in range(per_pass):
-                    next(served)
-                started = time.perf_counter()
-                for _ in range(cfg.read_passes * per_pass):
-                    next(served)
-                return cfg.read_passes * per_pass * cfg.batch_size / (time.perf_counter() - started)
-            finally:
-                served.close()
-
-        return timed
-
     rates = alternate(
-        {"loader_tokens_per_s": side(lambda: loader.batches(0)), "api_tokens_per_s": side(lambda: iter(public))},
+        {
+            "loader_tokens_per_s": _alone(lambda: loader.batches(0), per_pass, cfg.read_passes, cfg.batch_size),
+            "api_tokens_per_s": _alone(lambda: iter(public), per_pass, cfg.read_passes, cfg.batch_size),
+        },
         cfg.rounds,
     )
     return {
         "api_read_vs_loader": ratio(rates, "api_tokens_per_s", "loader_tokens_per_s"),
         "api_read": {"rows": cfg.read_rows, "passes_per_round": cfg.read_passes, **rates},
+    }
+
+
+def bench_two_hooks_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
+    """Bytes per second of a transcoder's batches, two hooks side by side (RowAlignedBatches), over one
+    hook's (ShuffledBatches), from one store of two d_in-wide hooks; streaming fp16 on the CPU."""
+    hooks = (HOOK, f"{HOOK}_out")
+    store = open_store(_random_store(cfg, workdir / "two-hooks.zarr", hooks))
+    common = dict(device=torch.device("cpu"), dtype=torch.float16, resident=False)
+    one = ShuffledBatches(store, HOOK, cfg.batch_size, **common)
+    two = RowAlignedBatches(store, hooks, cfg.batch_size, **common)
+    per_pass = one.batches_per_epoch
+    row_bytes = cfg.d_in * 2
+    rates = alternate(
+        {
+            "one_hook_bytes_per_s": _alone(
+                lambda: one.batches(0), per_pass, cfg.read_passes, cfg.batch_size * row_bytes
+            ),
+            "two_hooks_bytes_per_s": _alone(
+                lambda: two.batches(0), per_pass, cfg.read_passes, cfg.batch_size * 2 * row_bytes
+            ),
+        },
+        cfg.rounds,
+    )
+    return {
+        "two_hooks_read_vs_one": ratio(rates, "two_hooks_bytes_per_s", "one_hook_bytes_per_s"),
+        "two_hooks_read": {"rows": cfg.read_rows, "passes_per_round": cfg.read_passes, **rates},
     }
 
 
@@ -632,6 +671,7 @@ def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> d
 BENCHMARKS: dict[str, Callable[[BenchConfig, Path, torch.device], dict]] = {
     "read_vs_memmap": bench_read,
     "api_read_vs_loader": bench_api_read,
+    "two_hooks_read_vs_one": bench_two_hooks_read,
     "train_vs_saelens": bench_train,
     "mp_vs_saelens": bench_mp,
     "collect_vs_forward": bench_collect,

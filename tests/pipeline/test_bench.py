@@ -49,6 +49,7 @@ def test_tiny_bench_writes_every_key(tmp_path):
     for key in (
         "read_vs_memmap",
         "api_read_vs_loader",
+        "two_hooks_read_vs_one",
         "train_vs_saelens",
         "train_roofline_fraction",
         "mp_vs_saelens",
@@ -64,6 +65,7 @@ def test_tiny_bench_writes_every_key(tmp_path):
     assert result["fsync_cost"] == pytest.approx(no_fsync - result["collect_vs_forward"])
     assert len(result["read"]["store_tokens_per_s"]) == len(result["read"]["memmap_tokens_per_s"]) == 1
     assert len(result["api_read"]["api_tokens_per_s"]) == len(result["api_read"]["loader_tokens_per_s"]) == 1
+    assert len(result["two_hooks_read"]["two_hooks_bytes_per_s"]) == 1
     assert result["mp"]["reconstruction_max_rel_diff"] < 1e-3
     stream = result["stream"]
     assert stream["store_bytes"] == 4 * stream["buffer_bytes"]
