@@ -9,7 +9,7 @@ Keys (targets in docs/benchmarks.md):
   np.memmap read of the same bytes (page cache warm for both).
 - api_read_vs_loader: the public API's Store.batches (pipeline.api) over the loader it wraps, same rows;
   each round of each side starts its own iterator, so no side's read-ahead runs during the other's.
-- two_hooks_read_vs_one: bytes per second of two hooks' rows read together, side by side (what a
+- two_hooks_read_vs_one: bytes per second of two hooks' rows read together, row-aligned (what a
   transcoder trains on), over one hook's, each side alone in its rounds.
 - train_roofline_fraction: FLOP/s of a full TopK training step (encoder forward, encoder weight gradient,
   sparse decoder forward and backward) over the dense matmul rate measured at the step's own GEMM shape.
@@ -254,8 +254,8 @@ def bench_api_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dic
 
 
 def bench_two_hooks_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
-    """Bytes per second of a transcoder's batches, two hooks side by side (RowAlignedBatches), over one
-    hook's (ShuffledBatches), from one store of two d_in-wide hooks; streaming fp16 on the CPU."""
+    """Bytes per second of a transcoder's batches, two hooks' row-aligned batches (RowAlignedBatches), over
+    one hook's (ShuffledBatches), from one store of two d_in-wide hooks; streaming fp16 on the CPU."""
     hooks = (HOOK, f"{HOOK}_out")
     store = open_store(_random_store(cfg, workdir / "two-hooks.zarr", hooks))
     common = dict(device=torch.device("cpu"), dtype=torch.float16, resident=False)

@@ -10,8 +10,8 @@ one of the SAE activations (topk, batchtopk, jumprelu, relu), trained with that 
 AuxK, thresholds and schedules, against y instead of x. The encoder reads x as it is: b_dec lives in the
 output space, so nothing is subtracted before encoding (as SAELens's Transcoder). W_skip starts at zero.
 
-A training batch holds both hooks side by side, [x | y] (d_in + d_out wide; stages.train reads the two
-hooks row-aligned), and `training_loss` splits it.
+A training batch is the pair (x, y) of row-aligned batches of the two hooks (stages.train reads them
+together), or the two side by side, [x | y] (the initialization sample).
 
 Formulas and measurements: docs/architectures.md#transcoders
 """
@@ -47,8 +47,8 @@ class TranscoderMixin:
     def encoder_bias(self) -> torch.Tensor:
         return self.b_enc  # the input is encoded as it is: b_dec is an output-space bias
 
-    def target_rows(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch[..., self.d_in :]
+    def target_rows(self, batch) -> torch.Tensor:
+        return batch[1] if isinstance(batch, tuple) else batch[..., self.d_in :]
 
     def skip_term(self, x: torch.Tensor) -> torch.Tensor | None:
         return x @ self.W_skip if self.skip else None
@@ -63,9 +63,9 @@ class TranscoderMixin:
         return self.output(x, self.encode(x))
 
     def training_loss(self, batch: torch.Tensor, ctx: TrainContext, target: torch.Tensor | None = None):
-        """The activation's own loss on [x | y]: its code of x reconstructs y (minus the skip path's
+        """The activation's own loss on (x, y): its code of x reconstructs y (minus the skip path's
         prediction, whose weights get their gradient through that difference)."""
-        x, y = batch[..., : self.d_in], batch[..., self.d_in :]
+        x, y = batch if isinstance(batch, tuple) else (batch[..., : self.d_in], batch[..., self.d_in :])
         skip = self.skip_term(x)
         loss, metrics = super().training_loss(x, ctx, target=y if skip is None else y - skip)
         if skip is not None:  # fve against y itself: the residual target's variance is not y's

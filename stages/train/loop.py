@@ -121,7 +121,7 @@ class _TrainingLoss(torch.nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, x: torch.Tensor, ctx: TrainContext):
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...], ctx: TrainContext):
         return self.sae.training_loss(x, ctx)
 
 
@@ -184,7 +184,8 @@ class TrainingRun:
             raise
         self.sums = torch.zeros(len(self.KEYS), device=device)
 
-    def step(self, x: torch.Tensor, step: int, autocast) -> None:
+    def step(self, x: torch.Tensor | tuple[torch.Tensor, ...], step: int, autocast) -> None:
+        """One optimizer step on batch x (a transcoder's: the pair of its hooks' row-aligned batches)."""
         dead = self.tokens_since_fired >= self.dead_window
         with autocast:  # the forward only; backward runs in the dtypes the forward chose
             loss, metrics = self.loss(x, TrainContext(self.mse_scale, dead, step / self.cfg.steps))
