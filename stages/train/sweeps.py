@@ -13,7 +13,18 @@ from stages.saes import arch_settings
 from stages.train.config import TrainConfig
 
 # Every SAE of a sweep sees the same batches from the same store, so these cannot differ between them.
-SHARED = ("store", "hook", "in_hook", "out_hook", "batch_size", "tokens", "device", "resident", "log_every", "checkpoint_every")
+SHARED = (
+    "store",
+    "hook",
+    "in_hook",
+    "out_hook",
+    "batch_size",
+    "tokens",
+    "device",
+    "resident",
+    "log_every",
+    "checkpoint_every",
+)
 NOT_PARAMETERS = ("out", "overwrite", "resume", "progress", "arch_settings", "wandb", "wandb_run")
 
 
