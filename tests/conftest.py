@@ -15,6 +15,22 @@ def tiny_store(tmp_path_factory):
     return path
 
 
+MLP_IN, MLP_OUT = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
+
+
+@pytest.fixture(scope="session")
+def mlp_store(tmp_path_factory):
+    """A complete store of the tiny random model's MLP input and output at layer 1 (MLP_IN, MLP_OUT;
+    6,000 training tokens, tests.helpers.collect.SETTINGS): what transcoders train on. Read only."""
+    from stages import collect as collect_stage
+    from stages.collect.config import CollectConfig
+    from tests.helpers.collect import SETTINGS
+
+    path = tmp_path_factory.mktemp("mlp-store") / "s.zarr"
+    collect_stage.run_collect(CollectConfig(out=str(path), **dict(SETTINGS, hooks=(MLP_IN, MLP_OUT), tokens=6000)))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     """A 3-layer random GPT-2 with a byte-level BPE tokenizer, saved like any local HF model."""

@@ -9,17 +9,10 @@ import torch
 from pipeline import api
 from stages import collect as collect_stage
 from stages.collect.config import CollectConfig
+from tests.conftest import MLP_IN as IN
+from tests.conftest import MLP_OUT as OUT
 from tests.helpers.cli import expect_error, run, run_ok
 from tests.helpers.collect import SETTINGS
-
-IN, OUT = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
-
-
-@pytest.fixture(scope="module")
-def mlp_store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mlp") / "s.zarr"
-    collect_stage.run_collect(CollectConfig(out=str(path), **dict(SETTINGS, hooks=(IN, OUT), tokens=6000)))
-    return path
 
 
 @pytest.fixture(scope="module")
