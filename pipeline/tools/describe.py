@@ -60,7 +60,8 @@ def describe_run(p: Path) -> dict:
         "run": str(p),
         "finished": cfg.get("finished", False),
         "sae": json.dumps(cfg["sae"]),
-        "hook": cfg["hook"],
+        # a transcoder reads one hook and writes another
+        "hook": cfg["hook"] if cfg.get("in_hook") is None else f"{cfg['in_hook']} -> {cfg['out_hook']}",
         "store": cfg["store"]["path"],
         "normalization": cfg["normalization"]["mode"],
     }

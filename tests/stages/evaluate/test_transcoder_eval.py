@@ -38,6 +38,8 @@ def test_eval_scores_the_prediction_of_the_output_hook(mlp_store, transcoder_run
     # the spliced prediction is closer to the clean model than zeroing the MLP's output
     assert result["ce_clean"] <= result["ce_sae"] < result["ce_zero"] and 0 < result["ce_recovered"] <= 1.01
     assert "ablation_sparsity" not in result
+    info = run_ok("info", transcoder_run).output
+    assert f"hook: {IN} -> {OUT}" in info and "fve" in info
 
 
 def test_the_api_maps_raw_input_to_raw_output(mlp_store, transcoder_run):
