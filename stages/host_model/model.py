@@ -216,8 +216,7 @@ def run_to_hooks(model: HostModel, tokens: torch.Tensor, hooks: list[str]) -> di
         expected = (tokens.shape[0], tokens.shape[1], model.hook_width(names[0]))
 
         def capture(tensor: torch.Tensor, *, hook: Any) -> None:
-            if tensor.ndim == 4:  # attn.hook_z: [batch, ctx, heads, d_head] -> heads side by side
-                tensor = tensor.flatten(2)
+            tensor = _as_rows(tensor)
             if tuple(tensor.shape) != expected:
                 raise RuntimeError(f"hook {names[0]} gave shape {tuple(tensor.shape)}, expected {expected}")
             value = tensor.detach().to(torch.float32, copy=True)
@@ -260,14 +259,7 @@ def logits_with_hook_replaced(
     level = next(_hook_levels)
 
     def substitute(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
-        rows = tensor.flatten(2) if tensor.ndim == 4 else tensor  # the replacement sees rows as stored
-        new = replace(rows)
-        if not isinstance(new, torch.Tensor) or new.shape != rows.shape:
-            raise ValueError(
-                f"replacement for {hook.name} must keep shape {tuple(rows.shape)}, "
-                f"got {getattr(new, 'shape', type(new))}"
-            )
-        return new.reshape(tensor.shape).to(device=tensor.device, dtype=tensor.dtype)
+        return _put_back(replace(_as_rows(tensor)), tensor, f"replacement for {hook.name}")
 
     try:
         if replace is not None:
@@ -295,20 +287,15 @@ def logits_with_hook_predicted(
     read_point, point = model.hook_points[read_hook], model.hook_points[hook]
     level = next(_hook_levels)
     seen: dict[str, torch.Tensor] = {}
+    written = hook  # the name as given (the callbacks' `hook` is the bridge's HookPoint, named its own way)
 
     def capture(tensor: torch.Tensor, *, hook: Any) -> None:
-        seen["x"] = (tensor.flatten(2) if tensor.ndim == 4 else tensor).detach()
+        seen["x"] = _as_rows(tensor).detach()
 
     def substitute(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
         if "x" not in seen:
-            raise SaepipeError(f"{read_hook} fires after {hook} in {model.name}: a prediction reads an earlier hook")
-        rows = tensor.flatten(2) if tensor.ndim == 4 else tensor
-        new = predict(seen.pop("x"), rows)
-        if not isinstance(new, torch.Tensor) or new.shape != rows.shape:
-            raise ValueError(
-                f"prediction for {hook} must keep shape {tuple(rows.shape)}, got {getattr(new, 'shape', None)}"
-            )
-        return new.reshape(tensor.shape).to(device=tensor.device, dtype=tensor.dtype)
+            raise SaepipeError(f"{read_hook} fires after {written} in {model.name}: a prediction reads an earlier hook")
+        return _put_back(predict(seen.pop("x"), _as_rows(tensor)), tensor, f"prediction for {written}")
 
     try:
         read_point.add_hook(capture, level=level)
@@ -319,3 +306,17 @@ def logits_with_hook_predicted(
         read_point.remove_hooks("fwd", level=level)
         point.remove_hooks("fwd", level=level)
     return logits.float()
+
+
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """A hook's activation as collect stores it: attn.hook_z's [batch, ctx, heads, d_head] with the heads
+    side by side, [batch, ctx, heads * d_head]; every other hook as it is."""
+    return tensor.flatten(2) if tensor.ndim == 4 else tensor
+
+
+def _put_back(new, tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """`new` rows (shaped as _as_rows(tensor)) in the hook's own shape, dtype and device."""
+    rows_shape = _as_rows(tensor).shape
+    if not isinstance(new, torch.Tensor) or new.shape != rows_shape:
+        raise ValueError(f"{what} must keep shape {tuple(rows_shape)}, got {getattr(new, 'shape', type(new))}")
+    return new.reshape(tensor.shape).to(device=tensor.device, dtype=tensor.dtype)

@@ -292,7 +292,7 @@ def test_a_prediction_from_an_earlier_hook_replaces_a_later_one(tiny, tokens):
     zeroed = logits_with_hook_predicted(tiny, tokens, read, hook, lambda x, y: torch.zeros_like(y))
     assert torch.equal(zeroed, logits_with_hook_replaced(tiny, tokens, hook, torch.zeros_like))
     assert torch.equal(logits_with_hook_replaced(tiny, tokens, hook, None), clean)  # nothing left installed
-    with pytest.raises(SaepipeError, match="fires after"):
+    with pytest.raises(SaepipeError, match="blocks.2.mlp.hook_in fires after blocks.1.hook_mlp_out in tiny-random"):
         logits_with_hook_predicted(tiny, tokens, "blocks.2.mlp.hook_in", hook, keep)
 
 
