@@ -52,6 +52,14 @@ def available_memory_bytes(device: torch.device) -> int:
     return available_host_memory_bytes()
 
 
+MEMORY_FRACTION = 0.5  # the share of free memory a resident split may take
+
+
+def fits_resident(nbytes: int, device: torch.device, memory_fraction: float) -> bool:
+    """Whether rows of `nbytes` (fp16) may be held whole on `device`: at most `memory_fraction` of what is free."""
+    return nbytes <= memory_fraction * available_memory_bytes(device)
+
+
 WINDOW_CHUNKS = 8  # chunks the streaming loader reads and mixes together
 
 
@@ -75,7 +83,7 @@ class ShuffledBatches:
         seed: int = 0,
         split: str = "train",
         resident: bool | None = None,
-        memory_fraction: float = 0.5,
+        memory_fraction: float = MEMORY_FRACTION,
         window_chunks: int = WINDOW_CHUNKS,
         rank: int = 0,
         world_size: int = 1,
@@ -95,7 +103,7 @@ class ShuffledBatches:
             )
         self.width = store.width(hook)
         nbytes = self.n_rows * self.width * 2
-        self.resident = nbytes <= memory_fraction * available_memory_bytes(device) if resident is None else resident
+        self.resident = fits_resident(nbytes, device, memory_fraction) if resident is None else resident
         self.window_chunks = window_chunks
         self._rows: torch.Tensor | None = None
 
@@ -350,7 +358,7 @@ class RowAlignedBatches:
         device = kwargs["device"]
         if resident is None:  # one choice for all hooks: their rows held together, or all streamed
             nbytes = store.n_rows(kwargs.get("split", "train")) * sum(store.width(h) for h in hooks) * 2
-            resident = nbytes <= kwargs.get("memory_fraction", 0.5) * available_memory_bytes(device)
+            resident = fits_resident(nbytes, device, kwargs.get("memory_fraction", MEMORY_FRACTION))
         self.loaders = [ShuffledBatches(store, hook, batch_size, resident=resident, **kwargs) for hook in hooks]
         self.resident = resident
 
