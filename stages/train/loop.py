@@ -82,18 +82,13 @@ def read_sample(store: ActivationStore, hooks: tuple[str, ...], rows: int) -> to
 
 
 def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder) -> dict:
-    norm = store.normalization(cfg.read_hooks[0])
     transcoder = {}
     if cfg.transcodes:  # the input's normalization is `normalization`; the output's is recorded beside it
-        out_norm = store.normalization(cfg.out_hook)
         transcoder = {
             "in_hook": cfg.in_hook,
             "out_hook": cfg.out_hook,
             "d_out": store.width(cfg.out_hook),
-            "out_normalization": {
-                **out_norm.to_attrs(),
-                "mean": None if out_norm.mean is None else out_norm.mean.tolist(),
-            },
+            "out_normalization": _normalization_record(store.normalization(cfg.out_hook)),
         }
     return {
         "saepipe_version": __version__,
@@ -109,9 +104,14 @@ def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder)
             "context_size": store.context_size,
             "dropped_positions": store.header["dropped_positions"],
         },
-        "normalization": {**norm.to_attrs(), "mean": None if norm.mean is None else norm.mean.tolist()},
+        "normalization": _normalization_record(store.normalization(cfg.read_hooks[0])),
         "training": cfg.to_json(),
     }
+
+
+def _normalization_record(norm) -> dict:
+    """A normalization as cfg.json records it (stages.evaluate.evaluated.run_normalization reads it back)."""
+    return {**norm.to_attrs(), "mean": None if norm.mean is None else norm.mean.tolist()}
 
 
 class _TrainingLoss(torch.nn.Module):
@@ -418,32 +418,20 @@ def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out
     """Final weights, config and the SAELens export; the checkpoint goes once they are safely written."""
     run_dir.save_sae(out, sae, run_config(cfg, store, sae) | {"finished": True})
     header = store.header
-    if cfg.transcodes:
+    provenance = {
+        "model_name": header["model"]["name"],
+        "context_size": store.context_size,
+        "dataset": header["text_source"].get("name", ""),
+        "extra_metadata": {"saepipe_store_fingerprint": store.fingerprint},
+    }
+    if not cfg.transcodes:
+        export_saelens(out / run_dir.SAELENS, sae, store.normalization(cfg.hook), hook_name=cfg.hook, **provenance)
+    else:
+        norms = store.normalization(cfg.in_hook), store.normalization(cfg.out_hook)
         try:
             export_saelens_transcoder(
-                out / run_dir.SAELENS,
-                sae,
-                store.normalization(cfg.in_hook),
-                store.normalization(cfg.out_hook),
-                in_hook=cfg.in_hook,
-                out_hook=cfg.out_hook,
-                model_name=header["model"]["name"],
-                context_size=store.context_size,
-                dataset=header["text_source"].get("name", ""),
-                extra_metadata={"saepipe_store_fingerprint": store.fingerprint},
+                out / run_dir.SAELENS, sae, *norms, in_hook=cfg.in_hook, out_hook=cfg.out_hook, **provenance
             )
         except ValueError as e:  # what SAELens cannot hold: the run folder is complete without it
             print(f"saepipe: no SAELens export for {out}: {e}", file=sys.stderr)
-        (out / run_dir.CHECKPOINT).unlink(missing_ok=True)
-        return
-    export_saelens(
-        out / run_dir.SAELENS,
-        sae,
-        store.normalization(cfg.hook),
-        hook_name=cfg.hook,
-        model_name=header["model"]["name"],
-        context_size=store.context_size,
-        dataset=header["text_source"].get("name", ""),
-        extra_metadata={"saepipe_store_fingerprint": store.fingerprint},
-    )
     (out / run_dir.CHECKPOINT).unlink(missing_ok=True)
