@@ -54,6 +54,18 @@ def _fold_affine(weights: dict[str, torch.Tensor], mean: torch.Tensor | None, c:
     return {k: v.to(torch.float32).contiguous() for k, v in folded.items()}
 
 
+def center_scale(norm: Normalization, width: int) -> tuple[torch.Tensor, float]:
+    """(μ as float32 [width], c as the float32 value the data was scaled by) of a center-scale
+    normalization x̂ = (x − μ)·c, checked: a mean of another width or an unusable scale is a ValueError."""
+    mean = torch.as_tensor(norm.mean, dtype=torch.float32).reshape(-1)
+    if mean.shape[0] != width:
+        raise ValueError(f"normalization mean has width {mean.shape[0]}, the SAE's is {width}")
+    scale = float(torch.tensor(norm.scale, dtype=torch.float32))  # the float32 c the data was scaled by
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"center-scale normalization has an unusable scale {norm.scale!r}")
+    return mean, scale
+
+
 def fold_normalization(weights: dict[str, torch.Tensor], norm: Normalization) -> dict[str, torch.Tensor]:
     """Our SAE's weights (acting on normalized x̂) -> weights acting on raw activations x.
 
@@ -65,13 +77,7 @@ def fold_normalization(weights: dict[str, torch.Tensor], norm: Normalization) ->
     if norm.mode == "none":
         return {k: weights[k].detach().to("cpu", torch.float32).clone().contiguous() for k in WEIGHT_KEYS}
     if norm.mode == "center-scale":
-        mean = torch.as_tensor(norm.mean, dtype=torch.float32).reshape(-1)
-        if mean.shape[0] != d_in:
-            raise ValueError(f"normalization mean has width {mean.shape[0]}, the SAE's d_in is {d_in}")
-        scale = float(torch.tensor(norm.scale, dtype=torch.float32))  # the float32 c the data was scaled by
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"center-scale normalization has an unusable scale {norm.scale!r}")
-        return _fold_affine(weights, mean, scale)
+        return _fold_affine(weights, *center_scale(norm, d_in))
     raise ValueError(
         f"{norm.mode!r} normalization is per-row and cannot be folded into raw-space weights; "
         "export_saelens maps it onto SAELens's 'layer_norm' normalization instead"

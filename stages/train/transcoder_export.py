@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from stages.saes.base import SparseAutoencoder
-from stages.train.saelens_export import base_metadata, write_saelens_folder
+from stages.train.saelens_export import base_metadata, center_scale, write_saelens_folder
 from store_schema.normalization import Normalization
 
 # Our activation's SAELens export name -> SAELens's transcoder architecture (plain, skip)
@@ -30,13 +30,12 @@ SAELENS_TRANSCODERS = {
 
 
 def _affine(norm: Normalization, width: int) -> tuple[torch.Tensor, float]:
-    """(μ, c) of a normalization x̂ = (x − μ)·c, in float64."""
+    """(μ, c) of a normalization x̂ = (x − μ)·c, μ in float64 (`none`: μ = 0, c = 1)."""
     if norm.mode == "none":
         return torch.zeros(width, dtype=torch.float64), 1.0
     if norm.mode == "center-scale":
-        return torch.as_tensor(norm.mean, dtype=torch.float64).reshape(-1), float(
-            torch.tensor(norm.scale, dtype=torch.float32)
-        )
+        mean, scale = center_scale(norm, width)
+        return mean.double(), scale
     raise ValueError(f"a transcoder of a {norm.mode!r}-normalized hook cannot be folded into raw-space weights")
 
 
