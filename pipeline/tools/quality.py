@@ -10,6 +10,7 @@ dictionary_learning's TopK trainer, fed the same batches (installed as docs/pyth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -74,7 +75,6 @@ def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
     from sae_lens.training.sae_trainer import SAETrainer
 
     sae = saelens_training_sae(arch, store.width(cfg.hook), cfg.width, k, str(device))
-    loader = ShuffledBatches(store, cfg.hook, cfg.batch_size, device=device, seed=cfg.seed, resident=cfg.resident)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.steps * cfg.batch_size,
         train_batch_size_samples=cfg.batch_size,
@@ -85,13 +85,21 @@ def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
         device=str(device),
         dead_feature_window=max(1, (cfg.dead_window_tokens or min(10_000_000, cfg.tokens // 4)) // cfg.batch_size),
     )
-    batches = loader.batches(0)
-    started = time.perf_counter()
-    try:
+    with _our_batches(cfg, store, device) as batches:
+        started = time.perf_counter()
         trained = SAETrainer(trainer_cfg, sae, batches).fit()
+    return trained, time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def _our_batches(cfg: TrainConfig, store, device):
+    """The batches our training reads, in its order (its loader, seed and residency), for another trainer."""
+    loader = ShuffledBatches(store, cfg.hook, cfg.batch_size, device=device, seed=cfg.seed, resident=cfg.resident)
+    batches = loader.batches(0)
+    try:
+        yield batches
     finally:
         batches.close()
-    return trained, time.perf_counter() - started
 
 
 @dataclass
@@ -128,6 +136,19 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
     norm = store.normalization(base.hook)
     out = Path(base.out)
     rows = []
+    host = None  # the model for CE/KL, loaded once for every SAE scored outside run_eval
+
+    def score(sae) -> dict:
+        """Our eval's metrics of an SAE trained elsewhere, on the same held-out rows and contexts."""
+        nonlocal host
+        metrics, _ = evaluate.store_metrics(sae, store, base.hook, norm, device, eval_tokens, base.progress)
+        if use_model:
+            host = host or evaluate.load_eval_model(store, None, device)
+            metrics |= evaluate.downstream_metrics(
+                sae, store, base.hook, norm, host, device, eval_tokens, progress=base.progress
+            )
+        return _pick(metrics)
+
     for arch in archs:
         ours_cfg = _ours_config(base, arch, k)
         started = time.perf_counter()
@@ -146,27 +167,12 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
         rows.append({"arch": arch, "impl": "saepipe", **_pick(ours), "wall_s": ours_wall})
 
         theirs_sae, theirs_wall = _train_saelens(base, arch, k, store, device)
-        adapter = ExternalSAE(_inference_model(theirs_sae, out / f"saelens-{arch}", device))
-        theirs, _ = evaluate.store_metrics(adapter, store, base.hook, norm, device, eval_tokens, base.progress)
-        if use_model:
-            host = evaluate.load_eval_model(store, None, device)
-            theirs |= evaluate.downstream_metrics(
-                adapter, store, base.hook, norm, host, device, eval_tokens, progress=base.progress
-            )
-        rows.append(
-            {"arch": arch, "impl": f"sae-lens {_installed_saelens_version()}", **_pick(theirs), "wall_s": theirs_wall}
-        )
+        theirs = score(ExternalSAE(_inference_model(theirs_sae, out / f"saelens-{arch}", device)))
+        rows.append({"arch": arch, "impl": f"sae-lens {_installed_saelens_version()}", **theirs, "wall_s": theirs_wall})
         if arch == "topk" and cfg.dictionary_learning:
             ae, dl_wall = _train_dictionary_learning(base, k, store, device)
-            adapter = DictionaryLearningSAE(ae)
-            theirs, _ = evaluate.store_metrics(adapter, store, base.hook, norm, device, eval_tokens, base.progress)
-            if use_model:
-                host = evaluate.load_eval_model(store, None, device)
-                theirs |= evaluate.downstream_metrics(
-                    adapter, store, base.hook, norm, host, device, eval_tokens, progress=base.progress
-                )
             impl = f"dictionary_learning {version('dictionary-learning')}"
-            rows.append({"arch": arch, "impl": impl, **_pick(theirs), "wall_s": dl_wall})
+            rows.append({"arch": arch, "impl": impl, **score(DictionaryLearningSAE(ae)), "wall_s": dl_wall})
     run_dir.write_json_atomic(
         out / "quality.json",
         {
@@ -205,14 +211,10 @@ def _train_dictionary_learning(cfg: TrainConfig, k: int, store, device):
         decay_start=cfg.steps - decay if decay and cfg.steps - decay > warmup else None,
         seed=cfg.seed, device=str(device),
     )  # fmt: skip
-    loader = ShuffledBatches(store, cfg.hook, cfg.batch_size, device=device, seed=cfg.seed, resident=cfg.resident)
-    batches = loader.batches(0)
-    started = time.perf_counter()
-    try:
+    with _our_batches(cfg, store, device) as batches:
+        started = time.perf_counter()
         for step in range(cfg.steps):
             trainer.update(step, next(batches))
-    finally:
-        batches.close()
     return trainer.ae.eval(), time.perf_counter() - started
 
 
