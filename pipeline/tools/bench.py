@@ -156,7 +156,7 @@ def _sync(device: torch.device) -> None:
 # -- read_vs_memmap ---------------------------------------------------------------------------------
 def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     """On the CPU whatever `device` is: the reader's own speed."""
-    rows = np.random.default_rng(0).standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16)
+    rows = _random_rows(cfg, np.random.default_rng(0))
     store_path = write_array_store(
         _fresh(workdir / "read.zarr"), rows, rows[: cfg.batch_size], hook=HOOK, chunk_rows=8192
     )
@@ -224,10 +224,15 @@ def _alone(make: Callable[[], Iterator[torch.Tensor]], batches: int, passes: int
     return timed
 
 
+def _random_rows(cfg: BenchConfig, rng: np.random.Generator) -> np.ndarray:
+    """cfg.read_rows random fp16 rows of width d_in: what the read benchmarks read."""
+    return rng.standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16)
+
+
 def _random_store(cfg: BenchConfig, path: Path, hooks: tuple[str, ...]) -> Path:
     """A store of cfg.read_rows random fp16 rows of width d_in at each hook."""
     rng = np.random.default_rng(0)
-    rows = {h: rng.standard_normal((cfg.read_rows, cfg.d_in), dtype=np.float32).astype(np.float16) for h in hooks}
+    rows = {h: _random_rows(cfg, rng) for h in hooks}
     return write_array_store(_fresh(path), rows, {h: r[: cfg.batch_size] for h, r in rows.items()}, chunk_rows=8192)
 
 
