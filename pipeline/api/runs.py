@@ -13,7 +13,7 @@ from torch import nn
 from stages.basics import run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
-from stages.evaluate.evaluated import is_saelens_folder, load_saelens_sae, run_normalization
+from stages.evaluate.evaluated import is_saelens_folder, load_saelens_sae, run_hooks
 from stages.saes import SparseAutoencoder
 from stages.saes.base import DenseCode
 from stages.saes.saved import load_sae
@@ -106,19 +106,10 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tra
     folder, device = Path(path), resolve_device(str(device))
     if (folder / run_dir.SAE_WEIGHTS).exists() or (folder / run_dir.CHECKPOINT).exists():
         sae, cfg = load_sae(folder, device)
-        if cfg.get("in_hook") is not None:  # a transcoder: in_hook -> out_hook
-            out_norm = run_normalization(cfg, "out_normalization")
-            return TrainedSAE(
-                sae,
-                run_normalization(cfg),
-                cfg["out_hook"],
-                cfg,
-                _eval_results(folder),
-                folder,
-                cfg["in_hook"],
-                out_norm,
-            )
-        return TrainedSAE(sae, run_normalization(cfg), cfg["hook"], cfg, _eval_results(folder), folder)
+        hook, norm, in_hook, in_norm = run_hooks(cfg)  # a transcoder reads in_hook and writes hook
+        if in_hook is None:
+            return TrainedSAE(sae, norm, hook, cfg, _eval_results(folder), folder)
+        return TrainedSAE(sae, in_norm, hook, cfg, _eval_results(folder), folder, in_hook, out_normalization=norm)
     if is_saelens_folder(folder):
         sae = load_saelens_sae(folder, device)
         cfg = json.loads((folder / "cfg.json").read_text())

@@ -29,6 +29,14 @@ def run_normalization(cfg: dict, key: str = "normalization") -> Normalization:
     return Normalization(saved["mode"], mean, float(saved["scale"]), saved.get("max_norm"))
 
 
+def run_hooks(cfg: dict) -> tuple[str, Normalization, str | None, Normalization | None]:
+    """(the hook a run writes, its normalization, the hook it reads when that is another one, its
+    normalization): an SAE reads and writes its hook; a transcoder reads in_hook and writes out_hook."""
+    if cfg.get("in_hook") is None:
+        return cfg["hook"], run_normalization(cfg), None, None
+    return cfg["out_hook"], run_normalization(cfg, "out_normalization"), cfg["in_hook"], run_normalization(cfg)
+
+
 def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStore) -> None:
     """`which` SAE (e.g. "the SAE") reads `hook` with width `d_in`: the store must hold them."""
     if hook not in store.hooks:
@@ -81,11 +89,8 @@ def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_pa
         return open_external(saved["saelens_dir"], store_path or saved["store"], path, device)
     sae, cfg = load_sae(path, device)
     store = store_path or cfg["store"]["path"]
-    model_name = cfg["store"]["model"]["name"]
-    if cfg.get("in_hook") is not None:
-        out_norm, in_norm = run_normalization(cfg, "out_normalization"), run_normalization(cfg)
-        return EvaluatedSAE(path, sae, out_norm, cfg["out_hook"], store, model_name, path.name, cfg["in_hook"], in_norm)
-    return EvaluatedSAE(path, sae, run_normalization(cfg), cfg["hook"], store, model_name, path.name)
+    hook, norm, read_hook, read_norm = run_hooks(cfg)
+    return EvaluatedSAE(path, sae, norm, hook, store, cfg["store"]["model"]["name"], path.name, read_hook, read_norm)
 
 
 def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: torch.device | str) -> EvaluatedSAE:
