@@ -64,12 +64,17 @@ def settings_arch(arch: str, activation: str) -> str:
     return activation
 
 
+def sae_class(arch: str, activation: str | None = None) -> type[SparseAutoencoder]:
+    """The module class of an architecture; of a transcoder, the one made for its activation."""
+    if arch not in TRANSCODER_ARCHS:
+        return require_arch(arch)
+    return transcoder_class(ARCHITECTURES, settings_arch(arch, activation), skip=arch == "skip_transcoder")
+
+
 def new_sae(arch: str, activation: str, d_in: int, width: int, settings: ArchSettings, d_out: int | None = None):
     """A fresh SAE, or transcoder from d_in to d_out, of `width` latents."""
-    if arch not in TRANSCODER_ARCHS:
-        return require_arch(arch).from_settings(d_in, width, settings)
-    cls = transcoder_class(ARCHITECTURES, settings_arch(arch, activation), skip=arch == "skip_transcoder")
-    return cls.from_settings(d_in, width, settings, d_out=d_out)
+    extra = {"d_out": d_out} if arch in TRANSCODER_ARCHS else {}
+    return sae_class(arch, activation).from_settings(d_in, width, settings, **extra)
 
 
 def settings_for(arch: str, values: dict[str, Any]) -> ArchSettings:
@@ -92,9 +97,7 @@ def settings_for(arch: str, values: dict[str, Any]) -> ArchSettings:
 def build_sae(config: dict) -> SparseAutoencoder:
     """Rebuild an SAE module (uninitialized weights) from `SparseAutoencoder.config()`."""
     params = {k: v for k, v in config.items() if k not in ("arch", "activation")}
-    if config["arch"] in TRANSCODER_ARCHS:
-        return transcoder_class(ARCHITECTURES, config["activation"], skip=config["arch"] == "skip_transcoder")(**params)
-    return ARCHITECTURES[config["arch"]](**params)
+    return sae_class(config["arch"], config.get("activation"))(**params)
 
 
 __all__ = [
