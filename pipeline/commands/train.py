@@ -22,7 +22,9 @@ def arch_options(command):
 
 @click.command()
 @click.argument("store")
-@options(TrainConfig, "hook", "arch", "in_hook", "out_hook", "activation")
+@options(
+    TrainConfig, "hook", "arch", "in_hook", "out_hook", "layers", "activation", hook={"multiple": True, "default": ()}
+)
 @options(TrainConfig, "width", "tokens", "batch_size", "out", "lr", "max_grad_norm", "dead_window_tokens")
 @arch_options
 @options(TrainConfig, "device", "seed", "log_every", "checkpoint_every")
@@ -43,6 +45,8 @@ def arch_options(command):
 @options(TrainConfig, "wandb", "wandb_run", "progress")
 def train(store: str, sweep_specs: tuple[str, ...], nproc: int, **values) -> None:
     """Train an SAE on a store's training rows (the model is never loaded)."""
+    hooks = values.pop("hook")  # one hook, or a crosscoder's several
+    values |= {"hook": hooks[0], "hooks": ()} if len(hooks) == 1 else {"hook": None, "hooks": tuple(hooks)}
     cfg = TrainConfig.from_flat(store=store, **values)
     axes = sweeps.parse_axes(list(sweep_specs))
     outs = run_sweep(sweeps.expand(cfg, axes) if axes else [cfg], nproc)

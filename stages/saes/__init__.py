@@ -15,6 +15,8 @@ from stages.basics.errors import SaepipeError
 from stages.basics.settings import default_of, flag_of, settings_of
 from stages.saes.base import ArchSettings, SparseAutoencoder, SparseCode
 from stages.saes.batchtopk import BatchTopKSAE
+from stages.saes.clt import CrossLayerTranscoder
+from stages.saes.crosscoder import CROSSCODER_ACTIVATIONS, crosscoder_class
 from stages.saes.jumprelu import JumpReLUSAE
 from stages.saes.matching_pursuit import MatchingPursuitSAE
 from stages.saes.matryoshka import MatryoshkaSAE
@@ -29,6 +31,15 @@ ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
     "relu": ReLUSAE,
     "jumprelu": JumpReLUSAE,
     "mp": MatchingPursuitSAE,
+}
+
+
+# Architectures made of several hooks' rows, each with the sparsity rules (`--activation`) it takes.
+MULTI_HOOK_ARCHS: dict[str, tuple[str, ...]] = {
+    "transcoder": ACTIVATIONS,
+    "skip_transcoder": ACTIVATIONS,
+    "crosscoder": CROSSCODER_ACTIVATIONS,
+    "clt": ("topk",),
 }
 
 
@@ -48,38 +59,45 @@ def owners(name: str) -> list[str]:
 
 def require_arch(arch: str) -> type[SparseAutoencoder]:
     if arch not in ARCHITECTURES:
-        known = ", ".join((*ARCHITECTURES, *TRANSCODER_ARCHS))
+        known = ", ".join((*ARCHITECTURES, *MULTI_HOOK_ARCHS))
         raise SaepipeError(f"unknown --arch {arch!r}; available: {known}")
     return ARCHITECTURES[arch]
 
 
 def settings_arch(arch: str, activation: str) -> str:
-    """The architecture whose settings (k, l1_coef, ...) a run takes: a transcoder's activation's."""
-    if arch not in TRANSCODER_ARCHS:
+    """The architecture whose settings (k, l1_coef, ...) a run takes: a multi-hook one's activation's."""
+    if arch not in MULTI_HOOK_ARCHS:
         return arch
-    if activation not in ACTIVATIONS:
+    if activation not in MULTI_HOOK_ARCHS[arch]:
         raise SaepipeError(
-            f"--activation {activation!r} cannot drive a transcoder: use one of {', '.join(ACTIVATIONS)}"
+            f"--activation {activation!r} cannot drive --arch {arch}: use one of {', '.join(MULTI_HOOK_ARCHS[arch])}"
         )
     return activation
 
 
 def sae_class(arch: str, activation: str | None = None) -> type[SparseAutoencoder]:
-    """The module class of an architecture; of a transcoder, the one made for its activation."""
-    if arch not in TRANSCODER_ARCHS:
+    """The module class of an architecture; of a multi-hook one, the one made for its activation."""
+    if arch not in MULTI_HOOK_ARCHS:
         return require_arch(arch)
-    return transcoder_class(ARCHITECTURES, settings_arch(arch, activation), skip=arch == "skip_transcoder")
+    activation = settings_arch(arch, activation)
+    if arch == "clt":
+        return CrossLayerTranscoder
+    if arch == "crosscoder":
+        return crosscoder_class(ARCHITECTURES, activation)
+    return transcoder_class(ARCHITECTURES, activation, skip=arch == "skip_transcoder")
 
 
-def new_sae(arch: str, activation: str, d_in: int, width: int, settings: ArchSettings, d_out: int | None = None):
-    """A fresh SAE, or transcoder from d_in to d_out, of `width` latents."""
-    extra = {"d_out": d_out} if arch in TRANSCODER_ARCHS else {}
-    return sae_class(arch, activation).from_settings(d_in, width, settings, **extra)
+def new_sae(arch: str, activation: str, d_in: int, width: int, settings: ArchSettings, **shape):
+    """A fresh SAE of `width` latents (of `width` per layer for a CLT). `shape`: what a multi-hook
+    architecture needs beside d_in (a transcoder's d_out; a CLT's d_out and n_layers; a crosscoder's
+    hook_widths)."""
+    return sae_class(arch, activation).from_settings(d_in, width, settings, **shape)
 
 
-def settings_for(arch: str, values: dict[str, Any]) -> ArchSettings:
+def settings_for(arch: str, values: dict[str, Any], named: str | None = None) -> ArchSettings:
     """`arch`'s settings from flat values (the CLI's, or a sweep's): its own are taken; another
-    architecture's setting is refused unless it is left at its default."""
+    architecture's setting is refused unless it is left at its default. `named`: how the user named the
+    architecture, when `arch` is a multi-hook one's activation (e.g. "clt --activation topk")."""
     own = settings_of(require_arch(arch).settings_class)
     every = arch_settings()
     for name, value in values.items():
@@ -89,7 +107,7 @@ def settings_for(arch: str, values: dict[str, Any]) -> ArchSettings:
             raise TypeError(f"no architecture has a setting {name!r}")
         if value != default_of(every[name]):
             raise SaepipeError(
-                f"{flag_of(every[name])} does not apply to --arch {arch} (it is for {', '.join(owners(name))})"
+                f"{flag_of(every[name])} does not apply to --arch {named or arch} (it is for {', '.join(owners(name))})"
             )
     return ARCHITECTURES[arch].settings_class(**{k: v for k, v in values.items() if k in own})
 
@@ -103,9 +121,11 @@ def build_sae(config: dict) -> SparseAutoencoder:
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
+    "MULTI_HOOK_ARCHS",
     "TRANSCODER_ARCHS",
     "ArchSettings",
     "BatchTopKSAE",
+    "CrossLayerTranscoder",
     "JumpReLUSAE",
     "MatchingPursuitSAE",
     "MatryoshkaSAE",

@@ -138,7 +138,7 @@ class SparseAutoencoder(nn.Module):
         """`pre` (computed without autograd) at the selected latents [n, k], differentiable: the encoder's
         gradient is built from those n·k entries alone. A dense backward would spend a [n, d_sae] x
         [n, d_in] GEMM on a gradient that is zero outside the selection."""
-        return _SelectedPreActs.apply(x, self.W_enc, self.encoder_bias(), indices, pre.gather(1, indices))
+        return selected_pre_acts(x, self.W_enc, self.encoder_bias(), pre, indices)
 
     @classmethod
     def from_settings(cls, d_in: int, width: int, settings: ArchSettings, **extra) -> SparseAutoencoder:
@@ -208,6 +208,14 @@ class SparseAutoencoder(nn.Module):
     def config(self) -> dict:
         """Architecture hyper-parameters, enough to rebuild the module (see stages.saes.build_sae)."""
         return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae}
+
+
+def selected_pre_acts(
+    x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    """x W_enc + bias (already computed, without autograd, as `pre`) at `indices` [n, k], differentiable
+    in W_enc and bias through those n·k entries alone (SparseAutoencoder.selected_pre_acts)."""
+    return _SelectedPreActs.apply(x, W_enc, bias, indices, pre.gather(1, indices))
 
 
 class _SelectedPreActs(torch.autograd.Function):

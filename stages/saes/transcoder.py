@@ -23,6 +23,7 @@ from torch import nn
 
 from stages.basics import distributed
 from stages.saes.base import SparseAutoencoder, TrainContext
+from stages.saes.composed import composed_class
 
 # The activations a transcoder can use: the SAEs whose encoder is (x W_enc + bias) followed by a sparsity
 # rule, and whose training loss takes a target.
@@ -90,17 +91,8 @@ class SkipTranscoderMixin(TranscoderMixin):
     skip = True
 
 
-_CLASSES: dict[tuple[str, bool], type] = {}
-
-
 def transcoder_class(activations: dict[str, type[SparseAutoencoder]], activation: str, skip: bool) -> type:
-    """The transcoder (or skip transcoder) class of one activation, made once: the mixin first, so its
-    encoder bias, init and loss come before the SAE's own."""
-    key = (activation, skip)
-    if key not in _CLASSES:
-        base = activations[activation]
-        mixin = SkipTranscoderMixin if skip else TranscoderMixin
-        arch = TRANSCODER_ARCHS[skip]
-        name = f"{base.__name__.removesuffix('SAE')}{'Skip' if skip else ''}Transcoder"
-        _CLASSES[key] = type(name, (mixin, base), {"arch": arch, "activation": activation})
-    return _CLASSES[key]
+    """The transcoder (or skip transcoder) class of one activation."""
+    base = activations[activation]
+    name = f"{base.__name__.removesuffix('SAE')}{'Skip' if skip else ''}Transcoder"
+    return composed_class(SkipTranscoderMixin if skip else TranscoderMixin, base, TRANSCODER_ARCHS[skip], name)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from stages.basics.errors import require
+from stages.basics.errors import SaepipeError, require
 from stages.basics.settings import default_of, device_setting, progress_setting, setting
 from stages.saes import (
-    ACTIVATIONS,
     ARCHITECTURES,
+    MULTI_HOOK_ARCHS,
     TRANSCODER_ARCHS,
     ArchSettings,
     arch_settings,
@@ -23,12 +23,20 @@ from stages.saes import (
 class TrainConfig:
     store: str  # the store to train from: a path or URL
     out: str = setting(help="run folder to write")
-    hook: str | None = setting(None, "the store's hook to train on", shown_default="the store's only hook")
-    arch: str = setting("topk", f"SAE architecture: {', '.join((*ARCHITECTURES, *TRANSCODER_ARCHS))}")
+    hook: str | None = setting(
+        None, "the store's hook to train on (repeated for --arch crosscoder)", shown_default="the store's only hook"
+    )
+    arch: str = setting("topk", f"SAE architecture: {', '.join((*ARCHITECTURES, *MULTI_HOOK_ARCHS))}")
     # Transcoders read one hook and reconstruct another, with one SAE architecture's sparsity rule.
     in_hook: str | None = setting(None, "a transcoder's input hook (e.g. blocks.5.mlp.hook_in)")
     out_hook: str | None = setting(None, "a transcoder's output hook (e.g. blocks.5.hook_mlp_out)")
-    activation: str = setting("topk", f"a transcoder's sparsity rule: {', '.join(ACTIVATIONS)}")
+    # A cross-layer transcoder reads blocks.L.mlp.hook_in and writes blocks.L.hook_mlp_out for L in a range.
+    layers: str | None = setting(None, "a cross-layer transcoder's layers, first-last (e.g. 0-29)", metavar="A-B")
+    activation: str = setting(
+        "topk", "the sparsity rule of a transcoder or crosscoder: topk, batchtopk, jumprelu, relu (a clt: topk)"
+    )
+    # A crosscoder's hooks (the CLI's --hook given several times); `hook` is then None.
+    hooks: tuple[str, ...] = ()
     width: int = setting(4096, "number of latents (d_sae)")
     # The architecture's own settings (k, l1_coef, ...), declared beside it in stages/saes/; None: its defaults
     arch_settings: ArchSettings | None = None
@@ -73,8 +81,10 @@ class TrainConfig:
         settings (k, l1_coef, ...) are routed into its ArchSettings, and another architecture's setting
         is refused unless it is left at its default."""
         own = {f.name for f in dataclasses.fields(cls)} - {"arch_settings"}
-        arch = settings_arch(values.get("arch", "topk"), values.get("activation", "topk"))
-        settings = settings_for(arch, {k: v for k, v in values.items() if k not in own})
+        named, activation = values.get("arch", "topk"), values.get("activation", "topk")
+        arch = settings_arch(named, activation)
+        shown = f"{named} --activation {activation}" if arch != named else None
+        settings = settings_for(arch, {k: v for k, v in values.items() if k not in own}, shown)
         return cls(**{k: v for k, v in values.items() if k in own}, arch_settings=settings)
 
     @property
@@ -84,13 +94,42 @@ class TrainConfig:
 
     @property
     def transcodes(self) -> bool:
-        return self.arch in TRANSCODER_ARCHS
+        """Whether the run writes other hooks than it reads (a transcoder, or a CLT)."""
+        return self.arch in (*TRANSCODER_ARCHS, "clt")
+
+    @property
+    def layer_range(self) -> range:
+        """A CLT's layers, from --layers A-B."""
+        first, sep, last = (self.layers or "").partition("-")
+        try:
+            layers = range(int(first), int(last if sep else first) + 1)
+        except ValueError:
+            layers = range(0)
+        if not layers or layers.start < 0:
+            raise SaepipeError(f"--layers must be first-last with 0 <= first <= last (e.g. 0-29), got {self.layers!r}")
+        return layers
+
+    @property
+    def in_hooks(self) -> tuple[str, ...]:
+        """The hooks the run encodes."""
+        if self.arch == "clt":
+            return tuple(f"blocks.{layer}.mlp.hook_in" for layer in self.layer_range)
+        if self.arch == "crosscoder":
+            return self.hooks
+        return (self.in_hook,) if self.transcodes else (self.hook,)
+
+    @property
+    def out_hooks(self) -> tuple[str, ...]:
+        """The hooks the run reconstructs."""
+        if self.arch == "clt":
+            return tuple(f"blocks.{layer}.hook_mlp_out" for layer in self.layer_range)
+        return (self.out_hook,) if self.transcodes else self.in_hooks
 
     @property
     def read_hooks(self) -> tuple[str, ...]:
-        """The store's hooks a training batch holds, side by side: the hook, or a transcoder's input and
-        output hooks."""
-        return (self.in_hook, self.out_hook) if self.transcodes else (self.hook,)
+        """The store's hooks a training batch holds, side by side: the hooks encoded, then those written
+        when they are others."""
+        return self.in_hooks + self.out_hooks if self.transcodes else self.in_hooks
 
     @property
     def settings(self) -> ArchSettings:
@@ -111,32 +150,7 @@ class TrainConfig:
         return TrainConfig.from_flat(**{**self.flat(), **changes})
 
     def validate(self) -> TrainConfig:
-        if self.transcodes:
-            require(
-                self.in_hook is not None and self.out_hook is not None,
-                f"--arch {self.arch} reads one hook and reconstructs another: pass --in-hook and --out-hook "
-                f"(e.g. --in-hook blocks.5.mlp.hook_in --out-hook blocks.5.hook_mlp_out)",
-            )
-            require(self.hook is None, f"--arch {self.arch} takes --in-hook and --out-hook, not --hook")
-            require(
-                self.in_hook != self.out_hook,
-                f"--in-hook and --out-hook are both {self.in_hook}: a transcoder maps one hook to another "
-                f"(for an SAE of one hook, use --arch {self.activation} --hook {self.in_hook})",
-            )
-            require(
-                not getattr(self.settings, "ghost_grads", False),
-                "--ghost-grads does not apply to transcoders (it revives latents by reconstructing the input)",
-            )
-        else:
-            require(
-                self.activation == "topk",
-                f"--activation is a transcoder's sparsity rule; for an SAE pass --arch {self.activation}",
-            )
-            require(
-                self.in_hook is None and self.out_hook is None,
-                f"--in-hook and --out-hook are for --arch transcoder or skip_transcoder, not --arch {self.arch}: "
-                f"pass --hook",
-            )
+        self._validate_hooks()
         expected = require_arch(self.settings_arch).settings_class
         require(
             type(self.settings) is expected,
@@ -169,6 +183,54 @@ class TrainConfig:
         )
         require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other: pick one")
         return self
+
+    def _validate_hooks(self) -> None:
+        """The hook options an architecture takes, and only those."""
+        arch, given = (
+            self.arch,
+            {
+                "--hook": self.hook is not None or bool(self.hooks),
+                "--in-hook/--out-hook": self.in_hook is not None or self.out_hook is not None,
+                "--layers": self.layers is not None,
+            },
+        )
+        takes = {"clt": "--layers", "crosscoder": "--hook"}.get(
+            arch, "--in-hook/--out-hook" if arch in TRANSCODER_ARCHS else "--hook"
+        )
+        for options, present in given.items():
+            require(not present or options == takes, f"{options} does not apply to --arch {arch}: it takes {takes}")
+        if arch in MULTI_HOOK_ARCHS:
+            settings_arch(arch, self.activation)  # refuses an activation the architecture cannot take
+        else:
+            require(
+                self.activation == "topk",
+                f"--activation is the sparsity rule of a transcoder, crosscoder or clt; for an SAE pass "
+                f"--arch {self.activation}",
+            )
+            require(not self.hooks, f"several --hook are for --arch crosscoder, not --arch {arch}: pass one")
+        if arch == "crosscoder":
+            require(
+                len(self.hooks) >= 2 and len(set(self.hooks)) == len(self.hooks),
+                "--arch crosscoder reads one latent space from several hooks: pass two or more different --hook",
+            )
+        if arch == "clt":
+            require(self.layers is not None, "--arch clt needs --layers first-last (e.g. --layers 0-29)")
+            self.layer_range  # noqa: B018 - refuses a malformed range
+        if arch in TRANSCODER_ARCHS:
+            require(
+                self.in_hook is not None and self.out_hook is not None,
+                f"--arch {arch} reads one hook and reconstructs another: pass --in-hook and --out-hook "
+                f"(e.g. --in-hook blocks.5.mlp.hook_in --out-hook blocks.5.hook_mlp_out)",
+            )
+            require(
+                self.in_hook != self.out_hook,
+                f"--in-hook and --out-hook are both {self.in_hook}: a transcoder maps one hook to another "
+                f"(for an SAE of one hook, use --arch {self.activation} --hook {self.in_hook})",
+            )
+        require(
+            not (self.transcodes and getattr(self.settings, "ghost_grads", False)),
+            "--ghost-grads does not apply to transcoders (it revives latents by reconstructing the input)",
+        )
 
     @property
     def steps(self) -> int:

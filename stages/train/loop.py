@@ -29,7 +29,7 @@ from stages.basics import distributed, run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.basics.tracking import Tracker, require_wandb
-from stages.saes import SparseAutoencoder, new_sae
+from stages.saes import MULTI_HOOK_ARCHS, SparseAutoencoder, new_sae
 from stages.saes.base import TrainContext, geometric_median
 from stages.train.checkpoint import Checkpoint
 from stages.train.config import TrainConfig, only_hook
@@ -65,9 +65,8 @@ def build_for_store(
         sample = read_sample(store, cfg.read_hooks, cfg.geometric_median_rows)
     sample = sample[: cfg.geometric_median_rows].float()
     generator = torch.Generator().manual_seed(cfg.seed)
-    d_in = store.width(cfg.read_hooks[0])
-    d_out = store.width(cfg.out_hook) if cfg.transcodes else None
-    sae = new_sae(cfg.arch, cfg.activation, d_in, cfg.width, cfg.settings, d_out=d_out)
+    d_in, shape = sae_shape(cfg, store)
+    sae = new_sae(cfg.arch, cfg.activation, d_in, cfg.width, cfg.settings, **shape)
     sae.reset_parameters(generator)
     target = sae.target_rows(sample)  # what the decoder reconstructs: the rows, or a transcoder's output
     with torch.no_grad():
@@ -76,26 +75,45 @@ def build_for_store(
     return sae.to(device), mse_scale
 
 
+def sae_shape(cfg: TrainConfig, store: ActivationStore) -> tuple[int, dict]:
+    """(d_in, the other sizes an architecture is built with) from the widths of the store's hooks."""
+    widths = [store.width(hook) for hook in cfg.in_hooks]
+    if cfg.arch == "crosscoder":  # one SAE over the hooks side by side
+        return sum(widths), {"hook_widths": widths}
+    if cfg.arch == "clt":  # every layer's MLP input and output are d_model wide
+        return widths[0], {"d_out": store.width(cfg.out_hooks[0]), "n_layers": len(widths)}
+    if cfg.transcodes:
+        return widths[0], {"d_out": store.width(cfg.out_hook)}
+    return widths[0], {}
+
+
 def read_sample(store: ActivationStore, hooks: tuple[str, ...], rows: int) -> torch.Tensor:
     """The first `rows` training rows of each hook, side by side (fp16)."""
     return torch.cat([torch.from_numpy(store.read_rows("train", hook, 0, rows)) for hook in hooks], dim=1)
 
 
 def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder) -> dict:
-    transcoder = {}
-    if cfg.transcodes:  # the input's normalization is `normalization`; the output's is recorded beside it
-        transcoder = {
+    """cfg.json: the SAE, the hooks it reads and writes with their normalizations, the store, the training."""
+    hooks: dict = {"hook": cfg.hook}
+    if cfg.arch in ("transcoder", "skip_transcoder"):  # the input's normalization is `normalization`
+        hooks |= {
             "in_hook": cfg.in_hook,
             "out_hook": cfg.out_hook,
             "d_out": store.width(cfg.out_hook),
             "out_normalization": _normalization_record(store.normalization(cfg.out_hook)),
         }
+    elif cfg.arch in ("clt", "crosscoder"):  # every hook read or written, each with its normalization
+        hooks |= {
+            "in_hooks": list(cfg.in_hooks),
+            "out_hooks": list(cfg.out_hooks),
+            **({"layers": [cfg.layer_range.start, cfg.layer_range.stop - 1]} if cfg.arch == "clt" else {}),
+            "normalizations": {h: _normalization_record(store.normalization(h)) for h in cfg.read_hooks},
+        }
     return {
         "saepipe_version": __version__,
         "sae": sae.config(),
-        "hook": cfg.hook,
-        **transcoder,
-        "d_in": store.width(cfg.read_hooks[0]),
+        **hooks,
+        "d_in": sae.d_in,
         "store": {
             "path": str(Path(store.location).resolve()) if "://" not in store.location else store.location,
             "fingerprint": store.fingerprint,
@@ -150,7 +168,7 @@ class TrainingRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(cfg.steps, cfg.warmup_frac, cfg.decay_frac)
         )
-        self.tokens_since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)
+        self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
         self.dead_window = cfg.dead_window_tokens or min(10_000_000, max(cfg.tokens // 4, cfg.batch_size))
         self.start = 0
         if resuming:
@@ -252,7 +270,7 @@ def run_sweep(cfgs: list[TrainConfig], nproc: int = 1) -> list[Path]:
     data seed (see sweeps.expand); each SAE writes its own run folder. Under torchrun, or with
     `nproc` > 1 (which starts `nproc` processes here through torch's launcher), data parallel (see the
     module docstring). A config without a hook trains on the store's only one."""
-    if cfgs[0].hook is None and not cfgs[0].transcodes:
+    if cfgs[0].hook is None and not cfgs[0].hooks and cfgs[0].arch not in MULTI_HOOK_ARCHS:
         hook = only_hook(open_store(cfgs[0].store).hooks)
         cfgs = [dataclasses.replace(cfg, hook=hook) for cfg in cfgs]
     for cfg in cfgs:
@@ -290,13 +308,13 @@ def _open_checked(cfgs: list[TrainConfig], device: torch.device, world: distribu
     distributed.check_divides(base.batch_size, world.size)
     store = open_store(base.store)
     store.require_complete()
-    for hook in base.read_hooks:
-        store.require_hook(hook)
-    if base.transcodes and store.normalization(base.out_hook).has_row_stats:
-        raise SaepipeError(
-            f"store {store.location} normalizes {base.out_hook} per token (mode token): a transcoder's prediction "
-            f"cannot be mapped back without the true row's own mean and scale; collect with --normalize center-scale"
-        )
+    _require_hooks(base, store)
+    for hook in base.out_hooks if base.transcodes else ():
+        if store.normalization(hook).has_row_stats:
+            raise SaepipeError(
+                f"store {store.location} normalizes {hook} per token (mode token): a transcoder's prediction "
+                f"cannot be mapped back without the true row's own mean and scale; collect with --normalize center-scale"
+            )
     loader = batches_of(
         store,
         base.read_hooks,
@@ -309,6 +327,20 @@ def _open_checked(cfgs: list[TrainConfig], device: torch.device, world: distribu
     )
     sample = read_sample(store, base.read_hooks, max(c.geometric_median_rows for c in cfgs))
     return store, loader, sample
+
+
+def _require_hooks(cfg: TrainConfig, store: ActivationStore) -> None:
+    """The store holds every hook the run reads; a CLT's are named by its layer range."""
+    missing = [hook for hook in cfg.read_hooks if hook not in store.hooks]
+    if cfg.arch == "clt" and missing:
+        first, last = cfg.layer_range.start, cfg.layer_range.stop - 1
+        raise SaepipeError(
+            f"--arch clt --layers {cfg.layers} reads each layer's MLP input and output, but store {store.location} "
+            f"lacks {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: collect with "
+            f"--hook 'blocks.{{{first}-{last}}}.mlp.hook_in' --hook 'blocks.{{{first}-{last}}}.hook_mlp_out'"
+        )
+    for hook in cfg.read_hooks:
+        store.require_hook(hook)
 
 
 def _train(cfgs: list[TrainConfig], device: torch.device, world: distributed.World) -> list[Path]:
@@ -424,7 +456,9 @@ def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out
         "dataset": header["text_source"].get("name", ""),
         "extra_metadata": {"saepipe_store_fingerprint": store.fingerprint},
     }
-    if not cfg.transcodes:
+    if cfg.arch in ("clt", "crosscoder"):
+        print(f"saepipe: no SAELens export for {out}: SAELens has no {cfg.arch} format", file=sys.stderr)
+    elif not cfg.transcodes:
         export_saelens(out / run_dir.SAELENS, sae, store.normalization(cfg.hook), hook_name=cfg.hook, **provenance)
     else:
         norms = store.normalization(cfg.in_hook), store.normalization(cfg.out_hook)

@@ -18,6 +18,8 @@ SHARED = (
     "hook",
     "in_hook",
     "out_hook",
+    "hooks",
+    "layers",
     "batch_size",
     "tokens",
     "device",

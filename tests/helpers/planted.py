@@ -157,3 +157,79 @@ def planted_transcoder_store(
     (x, y), (x_eval, y_eval) = truth.sample(n_train, noise=noise, seed=1), truth.sample(n_eval, noise=noise, seed=2)
     write_array_store(path, {"in": x, "out": y}, {"in": x_eval, "out": y_eval})
     return truth, path
+
+
+@dataclass(frozen=True)
+class PlantedCLT:
+    """Ground truth for cross-layer transcoders over `n_layers` layers: feature i belongs to layer
+    `source[i]`, reads direction `in_directions[i]` of that layer's input, and writes into that layer's output
+    and the next ones: `out_rows[i]` holds its writes into layers source[i] .. L − 1 side by side (zero past
+    its last layer), so its planted decoder row is out_rows[i][source[i] · d:]."""
+
+    source: np.ndarray  # int64 [n_features]
+    in_directions: np.ndarray  # float32 [n_features, d], unit rows
+    out_rows: np.ndarray  # float32 [n_features, n_layers · d]; the part from source[i] on has unit norm
+    frequencies: np.ndarray
+    n_layers: int
+    d: int
+
+    @classmethod
+    def make(cls, n_layers: int, d: int, per_layer: int, *, seed: int = 0) -> PlantedCLT:
+        """`per_layer` features read each layer; each writes into 1 to 3 consecutive layers from its own."""
+        base = PlantedFeatures.make(d, n_layers * per_layer, seed=seed)
+        rng = np.random.default_rng(seed + 2000)
+        source = np.repeat(np.arange(n_layers), per_layer)
+        out = np.zeros((len(source), n_layers * d), np.float32)
+        for i, layer in enumerate(source):
+            last = min(n_layers - 1, layer + int(rng.integers(0, 3)))
+            row = rng.standard_normal((last - layer + 1) * d).astype(np.float32)
+            out[i, layer * d : (last + 1) * d] = row / np.linalg.norm(row)
+        return cls(source, base.directions, out, base.frequencies, n_layers, d)
+
+    def sample(self, n: int, *, noise: float = 0.01, seed: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(each layer's inputs, each layer's outputs), float32 [n, d] each."""
+        rng = np.random.default_rng(seed)
+        active = rng.random((n, len(self.frequencies))) < self.frequencies
+        magnitudes = (rng.uniform(0.5, 1.5, active.shape) * active).astype(np.float32)
+        xs = []
+        for layer in range(self.n_layers):
+            mine = self.source == layer
+            x = magnitudes[:, mine] @ self.in_directions[mine]
+            xs.append((x + noise * rng.standard_normal(x.shape)).astype(np.float32))
+        y = magnitudes @ self.out_rows
+        return xs, [part.astype(np.float32) for part in np.split(y, self.n_layers, axis=1)]
+
+    def recovered_fraction(self, layer: int, decoder_rows, threshold: float = 0.9) -> float:
+        """Share of layer `layer`'s planted features matched by a row of its decoder [width, (L − layer) · d]."""
+        mine = self.source == layer
+        planted = PlantedFeatures(self.out_rows[mine, layer * self.d :], self.frequencies[mine])
+        return planted.recovered_fraction(decoder_rows, threshold)
+
+
+def planted_clt_store(path: Path, n_train: int, n_eval: int, n_layers: int = 3) -> tuple[PlantedCLT, Path]:
+    """A complete store of blocks.L.mlp.hook_in and blocks.L.hook_mlp_out for L < n_layers (32 wide), from
+    96 planted features per layer (seed 0; training rows drawn with seed 1, eval rows with seed 2)."""
+    truth = PlantedCLT.make(n_layers, 32, 96)
+    splits = []
+    for n, seed in ((n_train, 1), (n_eval, 2)):
+        xs, ys = truth.sample(n, seed=seed)
+        rows = {f"blocks.{layer}.mlp.hook_in": x for layer, x in enumerate(xs)}
+        splits.append(rows | {f"blocks.{layer}.hook_mlp_out": y for layer, y in enumerate(ys)})
+    write_array_store(path, *splits)
+    return truth, path
+
+
+def planted_crosscoder_store(path: Path, n_train: int, n_eval: int) -> tuple[PlantedFeatures, Path]:
+    """A complete store of hooks "a" and "b" (32 wide each) whose rows side by side are built from 256
+    planted features over the 64 joined dimensions (seed 0): 3 in 4 write into both hooks, the rest into
+    one hook only (zero in the other), as a feature one model or layer has and the other lacks."""
+    shared = PlantedFeatures.make(64, 256, seed=0)
+    directions = shared.directions.copy()
+    only = np.arange(len(directions)) % 4 == 3
+    directions[only & (np.arange(len(directions)) % 8 == 3), 32:] = 0  # only in "a"
+    directions[only & (np.arange(len(directions)) % 8 == 7), :32] = 0  # only in "b"
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    truth = PlantedFeatures(directions, shared.frequencies)
+    train, held_out = truth.sample(n_train, seed=1), truth.sample(n_eval, seed=2)
+    write_array_store(path, {"a": train[:, :32], "b": train[:, 32:]}, {"a": held_out[:, :32], "b": held_out[:, 32:]})
+    return truth, path

@@ -92,10 +92,10 @@ def test_a_resumed_transcoder_continues_bit_identically(pairs, tmp_path, crash_t
     [
         (dict(out_hook=None), "pass --in-hook and --out-hook"),
         (dict(out_hook="in"), "--in-hook and --out-hook are both in"),
-        (dict(hook="in"), "takes --in-hook and --out-hook, not --hook"),
-        (dict(activation="mp"), "--activation 'mp' cannot drive a transcoder"),
+        (dict(hook="in"), "--hook does not apply to --arch transcoder: it takes --in-hook/--out-hook"),
+        (dict(activation="mp"), "--activation 'mp' cannot drive --arch transcoder"),
         (dict(activation="relu", ghost_grads=True), "--ghost-grads does not apply to transcoders"),
-        (dict(arch="topk"), "--in-hook and --out-hook are for --arch transcoder or skip_transcoder"),
+        (dict(arch="topk"), "--in-hook/--out-hook does not apply to --arch topk: it takes --hook"),
     ],
 )
 def test_bad_transcoder_settings_are_one_line(pairs, tmp_path, change, message):

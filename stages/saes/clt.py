@@ -1,0 +1,242 @@
+"""Cross-layer transcoder (CLT): for a range of L consecutive layers, one encoder per layer reads that layer's
+MLP input, and each layer's latents write into that layer's MLP output and every later one's (Anthropic,
+"Circuit Tracing: Revealing Computational Graphs in Language Models", 2025):
+
+    f_l = TopK(x_l W_enc,l + b_enc,l)                 x_l: layer l's MLP input (blocks.l.mlp.hook_in)
+    ŷ_m = Σ_{l ≤ m} f_l W_dec,l→m + b_dec,m           ŷ_m: layer m's MLP output (blocks.m.hook_mlp_out)
+
+Layer l's decoder is one matrix W_dec,l [width, (L − l) · d_out]: a latent's row holds what it writes into
+layer l, then l + 1, ..., up to the last layer; its norm over all of them is kept at 1 (the TopK recipe's
+constraint, on the whole row), and the loss is the squared error summed over every layer's output. TopK is
+the sparsity rule (k active latents per layer and token), with AuxK per layer for dead latents.
+
+Latents are numbered layer by layer: latent l · width + i is latent i of layer l; `d_sae` counts them all.
+A training batch is the tuple of row-aligned batches (x_0 .. x_{L−1}, y_0 .. y_{L−1}), or those side by
+side (the initialization sample); `encode` and `forward` take the inputs side by side [n, L · d_in].
+
+Formulas, the planted-feature test and measurements: docs/architectures.md#cross-layer-transcoders-clt
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stages.basics import distributed
+from stages.saes.base import (
+    DenseCode,
+    SparseAutoencoder,
+    SparseCode,
+    TrainContext,
+    reconstruction_metrics,
+    selected_pre_acts,
+)
+from stages.saes.topk import TopKSettings
+
+# A layer's sparse code: (values [n, k], indices into that layer's latents [n, k]).
+LayerCode = tuple[torch.Tensor, torch.Tensor]
+
+
+class CrossLayerTranscoder(SparseAutoencoder):
+    arch = "clt"
+    activation = "topk"
+    settings_class = TopKSettings
+    transcodes = True
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        aux_k: int | None = None,
+        aux_coef: float = 1 / 32,
+        *,
+        d_out: int,
+        n_layers: int,
+    ):
+        nn.Module.__init__(self)  # its weights are per layer, not the single matrices of SparseAutoencoder
+        if d_sae % n_layers:
+            raise ValueError(f"d_sae {d_sae} is not a whole number of latents for each of {n_layers} layers")
+        self.d_in, self.d_sae, self.d_out, self.n_layers = d_in, d_sae, int(d_out), int(n_layers)
+        self.width = d_sae // n_layers  # latents per layer
+        if not 0 < k <= self.width:
+            raise ValueError(f"k must be in [1, width={self.width}], got {k}")
+        self.k, self.aux_k, self.aux_coef = k, aux_k if aux_k is not None else d_in // 2, aux_coef
+        layers = range(self.n_layers)
+        self.W_enc = nn.ParameterList(nn.Parameter(torch.empty(d_in, self.width)) for _ in layers)
+        self.b_enc = nn.Parameter(torch.zeros(self.n_layers, self.width))
+        # layer l writes into layers l .. L − 1: its rows are (L − l) outputs side by side
+        self.W_dec = nn.ParameterList(
+            nn.Parameter(torch.empty(self.width, (self.n_layers - layer) * self.d_out)) for layer in layers
+        )
+        self.b_dec = nn.Parameter(torch.zeros(self.n_layers * self.d_out))
+        self.reset_parameters()
+
+    @classmethod
+    def from_settings(cls, d_in: int, width: int, settings: TopKSettings, **extra) -> CrossLayerTranscoder:
+        """`width` latents for each of extra["n_layers"] layers."""
+        n_layers = extra["n_layers"]
+        return cls(d_in, width * n_layers, settings.resolved_k, settings.aux_k, settings.aux_coef, **extra)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder rows, and unit-norm encoder columns drawn on their own (the encoder
+        reads another space than the decoder writes, as a transcoder's)."""
+        for W_enc, W_dec in zip(self.W_enc, self.W_dec):  # noqa: N806
+            W_dec.copy_(torch.randn(*W_dec.shape, generator=generator))
+            encoder = torch.randn(self.width, self.d_in, generator=generator)
+            W_enc.copy_((encoder / encoder.norm(dim=1, keepdim=True).clamp_min(1e-12)).t())
+        self.normalize_decoder()
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # -- the batch's parts ----------------------------------------------------------------------------
+    def layer_inputs(self, batch) -> list[torch.Tensor]:
+        """Each layer's input rows [n, d_in], from a training tuple or from rows side by side."""
+        if isinstance(batch, tuple):
+            return list(batch[: self.n_layers])
+        return list(batch[..., : self.n_layers * self.d_in].split(self.d_in, dim=-1))
+
+    def target_rows(self, batch) -> torch.Tensor:
+        """Every layer's output rows, side by side [n, L · d_out]."""
+        if isinstance(batch, tuple):
+            return torch.cat(batch[self.n_layers :], dim=1)
+        return batch[..., self.n_layers * self.d_in :]
+
+    # -- encoding and decoding -----------------------------------------------------------------------
+    def layer_pre_acts(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b_enc[layer], x, self.W_enc[layer])
+
+    def encode_layer(self, layer: int, x: torch.Tensor) -> LayerCode:
+        """Layer `layer`'s code of its input rows x [n, d_in]: its top k latents (indices within the layer)."""
+        values, indices = self.layer_pre_acts(layer, x).topk(self.k, dim=-1, sorted=False)
+        return values.relu(), indices
+
+    def encode(self, x: torch.Tensor) -> SparseCode:
+        """The code of every layer's inputs side by side [n, L · d_in], latents numbered layer by layer."""
+        codes = [self.encode_layer(layer, x_l) for layer, x_l in enumerate(self.layer_inputs(x))]
+        return self._joined(codes)
+
+    def _joined(self, codes: list[LayerCode]) -> SparseCode:
+        values = torch.cat([v for v, _ in codes], dim=1)
+        indices = torch.cat([i + layer * self.width for layer, (_, i) in enumerate(codes)], dim=1)
+        return SparseCode(values, indices)
+
+    def _split(self, code) -> list[LayerCode | torch.Tensor]:
+        """A code of all layers as each layer's: (values, indices within the layer), or dense [n, width]."""
+        if isinstance(code, DenseCode):
+            return list(code.values.split(self.width, dim=-1))
+        layer_of = code.indices // self.width
+        local = code.indices % self.width
+        # entries of other layers keep their place with weight 0, so every layer's bag has the same shape
+        return [(code.values * (layer_of == layer), local) for layer in range(self.n_layers)]
+
+    def decode_layers(self, codes: list, first: int = 0) -> torch.Tensor:
+        """Σ over the source layers of their latents' writes, without b_dec: [n, L · d_out]. `codes[i]` is
+        layer first + i's code, (values, indices) or dense [n, width]; None skips a layer."""
+        out = None
+        for layer, code in enumerate(codes, start=first):
+            if code is None:
+                continue
+            if isinstance(code, torch.Tensor):
+                written = code.to(self.W_dec[layer].dtype) @ self.W_dec[layer]
+            else:
+                values, indices = code
+                written = nn.functional.embedding_bag(
+                    indices, self.W_dec[layer], per_sample_weights=values.to(self.W_dec[layer].dtype), mode="sum"
+                )
+            if out is None:
+                out = written.new_zeros(written.shape[0], self.n_layers * self.d_out)
+            out[:, layer * self.d_out :] += written  # layer l writes into layers l .. L − 1
+        return out
+
+    def decode_rows(self, code) -> torch.Tensor:
+        return self.decode_layers(self._split(code))
+
+    def output(self, x: torch.Tensor, code) -> torch.Tensor:
+        return self.decode(code)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every layer's MLP output predicted from every layer's MLP input (both side by side)."""
+        return self.decode(self.encode(x))
+
+    def layer_output(self, layer: int, codes: list[LayerCode]) -> torch.Tensor:
+        """Layer `layer`'s predicted output [n, d_out] from the codes of layers 0 .. `layer` (what a splice
+        into the model has when that layer's MLP output is reached)."""
+        d = self.d_out
+        out = self.b_dec[layer * d : (layer + 1) * d].expand(codes[0][0].shape[0], d).clone()
+        for source, (values, indices) in enumerate(codes[: layer + 1]):
+            offset = (layer - source) * d
+            weights = self.W_dec[source][:, offset : offset + d]
+            out += nn.functional.embedding_bag(
+                indices, weights, per_sample_weights=values.to(weights.dtype), mode="sum"
+            )
+        return out
+
+    # -- training ------------------------------------------------------------------------------------
+    def training_loss(self, batch, ctx: TrainContext, target: torch.Tensor | None = None):
+        """‖y − ŷ‖² summed over every layer's output, / mse_scale, + aux_coef · AuxK (per layer: each layer's
+        top `aux_k` dead latents reconstruct the residual of all outputs)."""
+        xs, y = self.layer_inputs(batch), self.target_rows(batch)
+        with torch.no_grad():
+            pres = [self.layer_pre_acts(layer, x) for layer, x in enumerate(xs)]
+            chosen = [pre.topk(self.k, dim=-1, sorted=False).indices for pre in pres]
+        codes = [
+            (selected_pre_acts(x, self.W_enc[layer], self.b_enc[layer], pres[layer], indices).relu(), indices)
+            for layer, (x, indices) in enumerate(zip(xs, chosen))
+        ]
+        recon = self.decode_layers(codes) + self.b_dec
+        sq_err = (recon - y).pow(2).sum(dim=-1)
+        aux = self.auxk_loss(xs, pres, y - recon, ctx.dead)
+        loss = sq_err.mean() / ctx.mse_scale + self.aux_coef * aux
+        return loss, reconstruction_metrics(y, sq_err, self._joined(codes), self.d_sae, loss, aux)
+
+    def auxk_loss(self, xs, pres, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+        if dead is None or self.aux_coef == 0 or not bool(dead.any()):
+            return torch.zeros((), device=residual.device)
+        residual = residual.detach()
+        codes = []
+        for layer, (x, pre, dead_here) in enumerate(zip(xs, pres, dead.view(self.n_layers, self.width))):
+            n_dead = int(dead_here.sum())
+            if n_dead == 0:
+                codes.append(None)
+                continue
+            with torch.no_grad():
+                masked = pre.masked_fill(~dead_here, float("-inf"))
+                indices = masked.topk(min(self.aux_k, n_dead), dim=-1, sorted=False).indices
+            values = selected_pre_acts(x, self.W_enc[layer], self.b_enc[layer], pre, indices).relu()
+            codes.append((values, indices))
+        aux_recon = self.decode_layers(codes)
+        mean = distributed.global_mean(residual.mean(dim=0))
+        baseline = distributed.global_mean((residual - mean).pow(2).sum(dim=-1).mean()).clamp_min(1e-12)
+        return (aux_recon - residual).pow(2).sum(dim=-1).mean() / baseline
+
+    # -- the decoder-norm constraint, per latent over all the layers it writes -----------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        for W_dec in self.W_dec:  # noqa: N806
+            W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        for W_dec in self.W_dec:  # noqa: N806
+            if W_dec.grad is None:
+                continue
+            w = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            W_dec.grad.sub_((W_dec.grad * w).sum(dim=1, keepdim=True) * w)
+
+    def saelens_export(self):
+        raise ValueError("SAELens has no cross-layer transcoder format (a CLT exports for circuit-tracer)")
+
+    def config(self) -> dict:
+        return {
+            "arch": self.arch,
+            "activation": self.activation,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "d_out": self.d_out,
+            "n_layers": self.n_layers,
+            "k": self.k,
+            "aux_k": self.aux_k,
+            "aux_coef": self.aux_coef,
+        }
