@@ -105,3 +105,45 @@ def test_a_single_process_checkpoint_resumes_on_two_processes(store, tmp_path, c
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
     assert [r["step"] for r in run_dir.read_log(resumed)] == list(range(5, 31, 5))  # none twice, none missing
+
+
+@pytest.fixture(scope="module")
+def layers_store(tmp_path_factory):
+    """Two layers' MLP inputs and outputs (32 wide), row-aligned: what transcoders, crosscoders and CLTs read."""
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((32, 32)).astype(np.float32) / 6
+    rows = {}
+    for layer in range(2):
+        x = (rng.standard_normal((8192, 32)) * np.linspace(0.5, 3, 32)).astype(np.float32)
+        rows |= {f"blocks.{layer}.mlp.hook_in": x, f"blocks.{layer}.hook_mlp_out": np.maximum(x @ mix, 0)}
+    path = tmp_path_factory.mktemp("ddp-layers") / "s.zarr"
+    write_array_store(path, rows, {h: r[:256] for h, r in rows.items()}, chunk_rows=512)
+    return path
+
+
+MULTI_HOOK = [
+    ("transcoder", dict(in_hook="blocks.0.mlp.hook_in", out_hook="blocks.0.hook_mlp_out", k=4)),
+    ("skip_transcoder", dict(in_hook="blocks.1.mlp.hook_in", out_hook="blocks.1.hook_mlp_out", activation="batchtopk")),
+    ("crosscoder", dict(hooks=("blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"), k=4)),
+    ("clt", dict(layers="0-1", k=4)),
+]
+
+
+@pytest.mark.parametrize("arch, settings", MULTI_HOOK, ids=[arch for arch, _ in MULTI_HOOK])
+def test_two_processes_train_each_multi_hook_architecture_as_one_does(layers_store, tmp_path, arch, settings):
+    def config(out):
+        return TrainConfig.from_flat(
+            store=str(layers_store), arch=arch, width=64, tokens=30 * BATCH, batch_size=BATCH, out=str(out),
+            log_every=5, checkpoint_every=10, resident=False, progress=False, dead_window_tokens=2 * BATCH,
+            **settings,
+        )  # fmt: skip
+
+    one = run_sweep([config(tmp_path / "single")])[0]
+    two = run_sweep([config(tmp_path / "ddp")], nproc=2)[0]
+    a, b = load_file(one / "sae.safetensors"), load_file(two / "sae.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=f"{arch} {name}")
+    for ra, rb in zip(run_dir.read_log(one), run_dir.read_log(two)):
+        for key in ("loss", "fve", "l0", "dead_fraction"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), (arch, key)
