@@ -19,6 +19,7 @@ from pipeline.commands.evaluate import eval_command
 from pipeline.commands.info import info
 from pipeline.commands.prepare_model import prepare_model
 from pipeline.commands.quality import quality
+from pipeline.commands.quality_transcoder import quality_transcoder
 from pipeline.commands.report import report
 from pipeline.commands.scale import scale
 from pipeline.commands.soak import soak
@@ -93,6 +94,7 @@ def main() -> None:
 
 for command in (collect, train, eval_command, report, compare, quality, bench, scale, soak, info, store, prepare_model):
     main.add_command(command)
+main.add_command(quality_transcoder)
 
 
 if __name__ == "__main__":
