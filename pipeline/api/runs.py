@@ -13,11 +13,27 @@ from torch import nn
 from stages.basics import run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
-from stages.evaluate.evaluated import is_saelens_folder, load_saelens_sae, run_hooks
+from stages.evaluate.evaluated import is_saelens_folder, load_saelens_sae, multi_hooks, run_hooks
 from stages.saes import SparseAutoencoder
 from stages.saes.base import DenseCode
 from stages.saes.saved import load_sae
 from store_schema.normalization import Normalization
+
+
+class JoinedNormalization:
+    """The normalizations of several hooks whose rows sit side by side (a crosscoder's or CLT's), applied
+    and inverted block by block: what TrainedSAE needs of a Normalization."""
+
+    has_row_stats = False  # load_run refuses stores normalized per token for these runs
+
+    def __init__(self, norms: list[Normalization], widths: list[int]):
+        self.norms, self.widths = norms, widths
+
+    def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.cat([n.apply(part)[0] for n, part in zip(self.norms, x.split(self.widths, dim=-1))], -1), None
+
+    def invert(self, x_hat: torch.Tensor, row_stats: None = None) -> torch.Tensor:
+        return torch.cat([n.invert(part) for n, part in zip(self.norms, x_hat.split(self.widths, dim=-1))], -1)
 
 
 class TrainedSAE(nn.Module):
@@ -26,7 +42,9 @@ class TrainedSAE(nn.Module):
     store's normalized rows, and ``normalization`` the map between the two.
 
     A transcoder reads ``in_hook`` and writes ``hook`` (its output hook): ``forward`` predicts the output
-    hook's raw activations [..., d_out] from the input hook's, and ``out_normalization`` maps its output."""
+    hook's raw activations [..., d_out] from the input hook's, and ``out_normalization`` maps its output.
+    A crosscoder or CLT reads the raw rows of ``in_hooks`` side by side and writes those of ``out_hooks``
+    (a crosscoder: the same hooks; a CLT: each layer's MLP output)."""
 
     def __init__(
         self,
@@ -38,19 +56,26 @@ class TrainedSAE(nn.Module):
         path: Path,
         in_hook: str | None = None,
         out_normalization: Normalization | None = None,
+        in_hooks: tuple[str, ...] | None = None,
+        out_hooks: tuple[str, ...] | None = None,
     ):
         super().__init__()
         self.sae, self.normalization, self.hook, self.in_hook = sae, normalization, hook, in_hook
+        self.in_hooks, self.out_hooks = in_hooks, out_hooks
         self.out_normalization = normalization if out_normalization is None else out_normalization
         self.config, self.eval_results, self.path = config, eval_results, path
 
     @property
     def d_out(self) -> int:
+        """The width of what forward writes (a CLT: all its layers' outputs side by side)."""
+        if getattr(self.sae, "n_layers", None):
+            return self.sae.n_layers * self.sae.d_out
         return self.sae.W_dec.shape[1]
 
     @property
     def d_in(self) -> int:
-        return self.sae.d_in
+        """The width of what the module reads (a CLT: all its layers' inputs side by side)."""
+        return self.sae.d_in * (getattr(self.sae, "n_layers", None) or 1)
 
     @property
     def d_sae(self) -> int:
@@ -86,7 +111,7 @@ class TrainedSAE(nn.Module):
         [..., d_out]), in raw units."""
         flat, row_stats = self._normalized(x)
         x_hat = self.sae.output(flat, self.sae.encode(flat))
-        if self.in_hook is not None:  # another hook's rows: the input's per-row stats do not apply
+        if self.in_hook is not None or self.in_hooks is not None:  # the input's per-row stats do not apply
             return self.out_normalization.invert(x_hat).reshape(*x.shape[:-1], self.d_out)
         return self.normalization.invert(x_hat, row_stats).reshape(*x.shape[:-1], x_hat.shape[-1])
 
@@ -106,6 +131,9 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tra
     folder, device = Path(path), resolve_device(str(device))
     if (folder / run_dir.SAE_WEIGHTS).exists() or (folder / run_dir.CHECKPOINT).exists():
         sae, cfg = load_sae(folder, device)
+        multi = multi_hooks(cfg)
+        if multi is not None:
+            return _multi_hook_run(sae, cfg, multi, folder)
         hook, norm, in_hook, in_norm = run_hooks(cfg)  # a transcoder reads in_hook and writes hook
         if in_hook is None:
             return TrainedSAE(sae, norm, hook, cfg, _eval_results(folder), folder)
@@ -119,6 +147,25 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tra
         f"{folder} is neither a saepipe run folder ({run_dir.SAE_WEIGHTS}) nor a SAELens SAE folder "
         f"(sae_weights.safetensors): pass the folder `saepipe train --out` wrote, or its saelens/ export"
     )
+
+
+def _multi_hook_run(sae: SparseAutoencoder, cfg: dict, multi, folder: Path) -> TrainedSAE:
+    """A crosscoder or CLT on raw rows: each hook's block normalized and mapped back by its own."""
+    in_hooks, out_hooks, norms = multi
+    per_token = [hook for hook, norm in norms.items() if norm.has_row_stats]
+    if per_token:
+        raise SaepipeError(
+            f"{folder}: its store normalizes {per_token[0]} per token (mode token), which a {sae.arch} on raw rows "
+            f"cannot invert; read the store's normalized rows and call the module `.sae` on them instead"
+        )
+    widths_in = list(getattr(sae, "hook_widths", None) or [sae.d_in] * len(in_hooks))
+    widths_out = widths_in if in_hooks == out_hooks else [sae.d_out] * len(out_hooks)
+    joined_in = JoinedNormalization([norms[h] for h in in_hooks], widths_in)
+    joined_out = JoinedNormalization([norms[h] for h in out_hooks], widths_out)
+    return TrainedSAE(
+        sae, joined_in, out_hooks[0], cfg, _eval_results(folder), folder,
+        out_normalization=joined_out, in_hooks=in_hooks, out_hooks=out_hooks,
+    )  # fmt: skip
 
 
 def _eval_results(folder: Path) -> dict | None:

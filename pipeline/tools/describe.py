@@ -60,8 +60,7 @@ def describe_run(p: Path) -> dict:
         "run": str(p),
         "finished": cfg.get("finished", False),
         "sae": json.dumps(cfg["sae"]),
-        # a transcoder reads one hook and writes another
-        "hook": cfg["hook"] if cfg.get("in_hook") is None else f"{cfg['in_hook']} -> {cfg['out_hook']}",
+        "hook": _hooks_line(cfg),
         "store": cfg["store"]["path"],
         "normalization": cfg["normalization"]["mode"],
     }
@@ -84,3 +83,14 @@ def summary_text(summary: dict, indent: str = "") -> str:
         else:
             lines.append(f"{indent}{key}: {value}")
     return "\n".join(lines)
+
+
+def _hooks_line(cfg: dict) -> str:
+    """The hooks a run reads and writes: one hook, a transcoder's `in -> out`, a crosscoder's `a + b`, or a
+    CLT's layer range."""
+    if cfg.get("layers") is not None:
+        first, last = cfg["layers"]
+        return f"layers {first}-{last}: blocks.L.mlp.hook_in -> blocks.L.hook_mlp_out"
+    if cfg.get("in_hooks") is not None:
+        return " + ".join(cfg["in_hooks"])
+    return cfg["hook"] if cfg.get("in_hook") is None else f"{cfg['in_hook']} -> {cfg['out_hook']}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -71,11 +72,9 @@ def downstream_metrics(
     """CE loss and KL with the SAE spliced in, on held-out contexts replayed from the store's tokens, at
     every position the store would keep from `splice_from` on. `read`: a transcoder's input hook and its
     normalization; its prediction from that hook replaces `hook`'s activation (an MLP's output)."""
-    contexts = held_out_contexts(store, max_tokens)
     sae_dtype = next(sae.parameters()).dtype
-    spliced: torch.Tensor | None = None  # [batch, ctx] positions of the current batch the SAE replaces
 
-    def splice_sae(act: torch.Tensor) -> torch.Tensor:
+    def splice_sae(spliced: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x = act[spliced].float()
         x_hat, row_stats = sae_norm.apply(x)
         rec = sae(x_hat.to(sae_dtype)).float()
@@ -83,24 +82,49 @@ def downstream_metrics(
         out[spliced] = sae_norm.invert(rec, row_stats).to(act.dtype)
         return out
 
-    def predict(read_act: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    def predict(spliced: torch.Tensor, read_act: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x_hat, _ = read[1].apply(read_act[spliced].float())
         out = act.clone()
         out[spliced] = sae_norm.invert(sae(x_hat.to(sae_dtype)).float()).to(act.dtype)
         return out
 
-    def logits(tokens: torch.Tensor, key: str) -> torch.Tensor:
-        if key == "sae" and read is not None:
-            return logits_with_hook_predicted(model, tokens, read[0], hook, predict)
-        return logits_with_hook_replaced(
-            model, tokens, hook, {"clean": None, "sae": splice_sae, "zero": zero_ablate}[key]
-        )
-
-    def zero_ablate(act: torch.Tensor) -> torch.Tensor:
+    def zero_ablate(spliced: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         out = act.clone()
         out[spliced] = 0
         return out
 
+    def logits(tokens: torch.Tensor, key: str, spliced: torch.Tensor) -> torch.Tensor:
+        if key == "sae" and read is not None:
+            return logits_with_hook_predicted(model, tokens, read[0], hook, lambda x, y: predict(spliced, x, y))
+        replace = {"clean": None, "sae": splice_sae, "zero": zero_ablate}[key]
+        return logits_with_hook_replaced(
+            model, tokens, hook, None if replace is None else lambda act: replace(spliced, act)
+        )
+
+    # a transcoder splices only where the store keeps its input's rows too
+    norms = {hook: sae_norm} | ({} if read is None else {read[0]: read[1]})
+    return spliced_positions_metrics(
+        store, model, device, max_tokens, splice_from, list(norms), norms, logits, batch_size, progress
+    )
+
+
+def spliced_positions_metrics(
+    store: ActivationStore,
+    model,
+    device: torch.device,
+    max_tokens: int | None,
+    splice_from: int,
+    hooks: list[str],
+    norms: dict[str, Normalization],
+    logits: Callable[[torch.Tensor, str, torch.Tensor], torch.Tensor],
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """CE loss and KL of `logits(tokens, key, spliced)` for key "clean", "sae" (the SAE's output spliced in)
+    and "zero" (the activation zero-ablated), where `spliced` [batch, ctx] marks the positions replaced:
+    those the store keeps from `splice_from` on, where every one of `hooks` is an inlier of its
+    normalization (checked on a clean pass)."""
+    contexts = held_out_contexts(store, max_tokens)
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
     count = 0
     with torch.inference_mode():
@@ -109,19 +133,17 @@ def downstream_metrics(
             token_ids = store.tokens.oindex[ids.tolist(), :]
             tokens = torch.from_numpy(token_ids.astype(np.int64)).to(device)
             # splice exactly where the store would have kept a row: stored positions, minus outliers
-            stored = torch.from_numpy(positions_kept(store, token_ids)).to(device)
-            stored[:, :splice_from] = False
-            hooks = [hook] if read is None else [hook, read[0]]
+            spliced = torch.from_numpy(positions_kept(store, token_ids)).to(device)
+            spliced[:, :splice_from] = False
             clean = run_to_hooks(model, tokens, hooks)
-            spliced = stored & sae_norm.inliers(clean[hook])
-            if read is not None:  # a transcoder splices only where the store keeps its input's rows too
-                spliced &= read[1].inliers(clean[read[0]])
+            for hook in hooks:
+                spliced &= norms[hook].inliers(clean[hook])
             # next-token predictions made from spliced positions (the last position predicts nothing)
             scored = spliced[:, :-1]
             targets = tokens[:, 1:][scored]
             logp = {}
             for key in ("clean", "sae", "zero"):
-                logp[key] = torch.log_softmax(logits(tokens, key)[:, :-1][scored].float(), dim=-1)
+                logp[key] = torch.log_softmax(logits(tokens, key, spliced)[:, :-1][scored].float(), dim=-1)
             for key in ("clean", "sae", "zero"):
                 nll = -logp[key].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 totals[f"ce_{key}"] += float(nll.double().sum())

@@ -32,6 +32,9 @@ def run_normalization(cfg: dict, key: str = "normalization") -> Normalization:
 def run_hooks(cfg: dict) -> tuple[str, Normalization, str | None, Normalization | None]:
     """(the hook a run writes, its normalization, the hook it reads when that is another one, its
     normalization): an SAE reads and writes its hook; a transcoder reads in_hook and writes out_hook."""
+    multi = multi_hooks(cfg)
+    if multi is not None:  # a crosscoder or CLT: its first written hook (multi_hooks has them all)
+        return multi[1][0], multi[2][multi[1][0]], None, None
     if cfg.get("in_hook") is None:
         return cfg["hook"], run_normalization(cfg), None, None
     return cfg["out_hook"], run_normalization(cfg, "out_normalization"), cfg["in_hook"], run_normalization(cfg)
@@ -51,8 +54,26 @@ def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStor
         )
 
 
+def multi_hooks(cfg: dict) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Normalization]] | None:
+    """(hooks encoded, hooks written, each hook's normalization) of a run over several hooks at once (a
+    crosscoder or a CLT); None for an SAE or a transcoder."""
+    if cfg.get("in_hooks") is None:
+        return None
+    norms = {hook: run_normalization(cfg["normalizations"], hook) for hook in cfg["normalizations"]}
+    return tuple(cfg["in_hooks"]), tuple(cfg["out_hooks"]), norms
+
+
 def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) -> None:
-    if cfg.get("in_hook") is not None:  # a transcoder: its input and output hooks
+    multi = multi_hooks(cfg)
+    if multi is not None:  # a crosscoder or CLT: every hook, each at the width the SAE was trained on
+        in_hooks, out_hooks, _ = multi
+        if hasattr(sae, "hook_widths"):  # a crosscoder: its rows are its hooks' side by side
+            widths = dict(zip(in_hooks, sae.hook_widths))
+        else:
+            widths = {hook: sae.d_in for hook in in_hooks} | {hook: sae.d_out for hook in out_hooks}
+        for hook, width in widths.items():
+            check_hook_and_width(f"the {cfg['sae']['arch']}", hook, width, store)
+    elif cfg.get("in_hook") is not None:  # a transcoder: its input and output hooks
         check_hook_and_width("the transcoder", cfg["in_hook"], sae.d_in, store)
         check_hook_and_width("the transcoder", cfg["out_hook"], sae.d_out, store)
     else:
@@ -79,6 +100,9 @@ class EvaluatedSAE:
     # A transcoder reads another hook than the one it writes (`hook`, whose normalization is above).
     read_hook: str | None = None
     read_normalization: Normalization | None = None
+    # A crosscoder or CLT reads and writes several hooks: (in_hooks, out_hooks, normalization of each);
+    # `hook` is then its first written hook.
+    multi: tuple[tuple[str, ...], tuple[str, ...], dict[str, Normalization]] | None = None
 
 
 def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_path: str | None = None) -> EvaluatedSAE:
@@ -90,7 +114,8 @@ def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_pa
     sae, cfg = load_sae(path, device)
     store = store_path or cfg["store"]["path"]
     hook, norm, read_hook, read_norm = run_hooks(cfg)
-    return EvaluatedSAE(path, sae, norm, hook, store, cfg["store"]["model"]["name"], path.name, read_hook, read_norm)
+    model = cfg["store"]["model"]["name"]
+    return EvaluatedSAE(path, sae, norm, hook, store, model, path.name, read_hook, read_norm, multi_hooks(cfg))
 
 
 def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: torch.device | str) -> EvaluatedSAE:

@@ -11,6 +11,7 @@ from stages.evaluate.ablation import ablation_sparsity
 from stages.evaluate.config import EvalConfig
 from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, positions_kept
 from stages.evaluate.evaluated import EvaluatedSAE, check_compatible, open_evaluated, open_external
+from stages.evaluate.multi_hook import clt_downstream_metrics, multi_hook_store_metrics
 from stages.evaluate.reconstruction import store_metrics
 from store_schema.reader import open_store
 
@@ -41,9 +42,13 @@ def run_eval(cfg: EvalConfig) -> dict:
         **({"in_hook": read_hook} if read_hook is not None else {}),
         "sae": sae.config(),
     }
-    metrics, density = store_metrics(sae, store, hook, norm, dev, cfg.tokens, cfg.progress, read_hook=read_hook)
-    result |= metrics
-    if cfg.use_model:
+    if evaluated.multi is not None:  # a crosscoder or a CLT
+        result |= _multi_hook_metrics(cfg, evaluated, store, dev)
+        density = result.pop("density")
+    else:
+        metrics, density = store_metrics(sae, store, hook, norm, dev, cfg.tokens, cfg.progress, read_hook=read_hook)
+        result |= metrics
+    if cfg.use_model and evaluated.multi is None:
         host = load_eval_model(store, cfg.model, dev)
         read = None if read_hook is None else (read_hook, evaluated.read_normalization)
         result |= downstream_metrics(
@@ -60,6 +65,24 @@ def run_eval(cfg: EvalConfig) -> dict:
     run_dir.save_npy_atomic(run_path / run_dir.FEATURE_DENSITY, density)
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
     tracking.log_eval(run_path, result)  # into the run's wandb run, when it was trained with --wandb
+    return result
+
+
+def _multi_hook_metrics(cfg: EvalConfig, evaluated: EvaluatedSAE, store, device) -> dict:
+    """A crosscoder's or CLT's metrics: per written hook, and (a CLT, with the model) CE/KL with every layer
+    spliced at once. A crosscoder has no downstream metric: it reads hooks that a splice would change."""
+    in_hooks, out_hooks, norms = evaluated.multi
+    sae = evaluated.sae
+    result = {"in_hooks": list(in_hooks), "out_hooks": list(out_hooks)}
+    metrics, density = multi_hook_store_metrics(
+        sae, store, in_hooks, out_hooks, norms, device, cfg.tokens, cfg.progress
+    )
+    result |= metrics | {"density": density}
+    if cfg.use_model and sae.arch == "clt":
+        host = load_eval_model(store, cfg.model, device)
+        result |= clt_downstream_metrics(
+            sae, store, in_hooks, out_hooks, norms, host, device, cfg.tokens, cfg.splice_from, cfg.progress
+        )
     return result
 
 
@@ -111,6 +134,11 @@ def format_eval_table(result: dict) -> str:
     if "l0_quantiles" in result:
         q = result["l0_quantiles"]
         lines.append(f"{'l0 p10 / p50 / p90':<30}{q['p10']:>6} /{q['p50']:>3} /{q['p90']:>3}")
+    for hook, metrics in result.get("per_hook", {}).items():  # a crosscoder's or CLT's written hooks
+        lines.append(f"{'fve ' + hook:<30}{metrics['fve']:>14.5g}")
+    layers = result.get("per_layer")
+    if layers:
+        lines.append(f"{'l0 per layer':<30}{' '.join(f'{v:.1f}' for v in layers['l0']):>14}")
     lines.append(f"{'eval rows':<30}{result['eval_rows']:>14,}")
     if "downstream_tokens" in result:
         lines.append(f"{'ce/kl tokens':<30}{result['downstream_tokens']:>14,}")

@@ -282,29 +282,55 @@ def logits_with_hook_predicted(
     """Full forward pass in which `hook`'s activation y [batch, ctx, d] becomes predict(x, y), x being what
     `read_hook` (which fires earlier in the same pass) carried: a transcoder's output spliced in for an
     MLP's. Returns float32 logits [batch, ctx, vocab]."""
-    validate_hooks(model, [read_hook, hook])
+    return logits_with_hooks_predicted(model, tokens, [(read_hook, hook)], lambda _, x, y: predict(x, y))
+
+
+def logits_with_hooks_predicted(
+    model: HostModel,
+    tokens: torch.Tensor,
+    pairs: list[tuple[str, str]],
+    predict: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Full forward pass in which, for each (read hook, hook) of `pairs`, in the order they fire, the hook's
+    activation y becomes predict(i, x, y), x being what pair i's read hook carried earlier in the same pass
+    (after the earlier pairs' predictions took effect): per-layer transcoders, or a cross-layer transcoder,
+    spliced in for every MLP at once. Returns float32 logits [batch, ctx, vocab]."""
+    validate_hooks(model, [hook for pair in pairs for hook in pair])
     tokens = _prepare_tokens(model, tokens)
-    read_point, point = model.hook_points[read_hook], model.hook_points[hook]
     level = next(_hook_levels)
-    seen: dict[str, torch.Tensor] = {}
-    written = hook  # the name as given (the callbacks' `hook` is the bridge's HookPoint, named its own way)
+    seen: dict[int, torch.Tensor] = {}
+    points = []
 
-    def capture(tensor: torch.Tensor, *, hook: Any) -> None:
-        seen["x"] = _as_rows(tensor).detach()
+    def capturing(i: int) -> Callable[..., None]:
+        def capture(tensor: torch.Tensor, *, hook: Any) -> None:
+            seen[i] = _as_rows(tensor).detach()
 
-    def substitute(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
-        if "x" not in seen:
-            raise SaepipeError(f"{read_hook} fires after {written} in {model.name}: a prediction reads an earlier hook")
-        return _put_back(predict(seen.pop("x"), _as_rows(tensor)), tensor, f"prediction for {written}")
+        return capture
+
+    def substituting(i: int, read_hook: str, written: str) -> Callable[..., torch.Tensor]:
+        # `written` is the name as given (the callbacks' `hook` is the bridge's HookPoint, named its own way)
+        def substitute(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+            if i not in seen:
+                raise SaepipeError(
+                    f"{read_hook} fires after {written} in {model.name}: a prediction reads an earlier hook"
+                )
+            return _put_back(predict(i, seen.pop(i), _as_rows(tensor)), tensor, f"prediction for {written}")
+
+        return substitute
 
     try:
-        read_point.add_hook(capture, level=level)
-        point.add_hook(substitute, level=level)
+        for i, (read_hook, hook) in enumerate(pairs):
+            for point, callback in (
+                (model.hook_points[read_hook], capturing(i)),
+                (model.hook_points[hook], substituting(i, read_hook, hook)),
+            ):
+                point.add_hook(callback, level=level)
+                points.append(point)
         with torch.inference_mode():
             logits = model.bridge.forward(tokens, return_type="logits")
     finally:
-        read_point.remove_hooks("fwd", level=level)
-        point.remove_hooks("fwd", level=level)
+        for point in points:
+            point.remove_hooks("fwd", level=level)
     return logits.float()
 
 

@@ -107,6 +107,9 @@ def build_report(opts: ReportOptions) -> Path:
             "L0 vs CE loss recovered",
         ),
     ]
+    layers = keep("per_hook.png", plots.per_hook(runs), "per written hook and per layer")
+    if layers is not None:  # crosscoders and CLTs: shown with the frontier
+        frontiers.append(layers)
     if frontiers[1] is None:
         notes["frontier"] = ["no run has ce_recovered: evaluate with the model (`saepipe eval RUN` without --no-model)"]
     if len(runs) == 1:

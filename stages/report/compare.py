@@ -44,6 +44,7 @@ _PREFIX_GROUPS = (
     ("ce_", "downstream"),
     ("kl_", "downstream"),
     ("l0_", "sparsity"),
+    ("per_hook.", "per written hook (crosscoders, CLTs)"),
 )
 # Descriptions of the run or plot data, not metrics.
 _NOT_METRICS = {"run", "store", "store_fingerprint", "sae", "l0_histogram", "log10_density_histogram"}
@@ -57,6 +58,9 @@ def flat_metrics(run: EvaluatedRun) -> dict:
             continue
         if isinstance(value, dict):
             flat |= {f"{key}.{inner}": v for inner, v in value.items() if _is_scalar(v)}
+            for inner, v in value.items():  # per_hook: {hook: {metric: value}}
+                if isinstance(v, dict):
+                    flat |= {f"{key}.{inner}.{name}": x for name, x in v.items() if _is_scalar(x)}
         elif _is_scalar(value):
             flat[key] = value
     return flat

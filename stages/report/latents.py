@@ -122,21 +122,27 @@ class SaeInputs:
     read hook's rows."""
 
     def __init__(self, store: ActivationStore, evaluated: EvaluatedSAE, device: torch.device):
-        transcoder = evaluated.read_hook is not None
         self.store, self.device = store, device
-        self.hook = evaluated.read_hook if transcoder else evaluated.hook
-        self.store_norm = store.normalization(self.hook)
-        self.sae_norm = evaluated.read_normalization if transcoder else evaluated.normalization
-        self.convert = not self.store_norm.same_transform(self.sae_norm)
+        if evaluated.multi is not None:  # a crosscoder or CLT: its input hooks side by side
+            in_hooks, _, norms = evaluated.multi
+            self.hooks = [(hook, norms[hook]) for hook in in_hooks]
+        elif evaluated.read_hook is not None:  # a transcoder reads its input hook
+            self.hooks = [(evaluated.read_hook, evaluated.read_normalization)]
+        else:
+            self.hooks = [(evaluated.hook, evaluated.normalization)]
         self.dtype = next(evaluated.sae.parameters()).dtype
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        x = torch.from_numpy(self.store.read_rows("eval", self.hook, start, stop)).to(self.device).float()
-        if self.convert:
-            stats = self.store.read_row_stats("eval", self.hook, start, stop)
+        return torch.cat([self._read(hook, norm, start, stop) for hook, norm in self.hooks], dim=1).to(self.dtype)
+
+    def _read(self, hook: str, sae_norm, start: int, stop: int) -> torch.Tensor:
+        x = torch.from_numpy(self.store.read_rows("eval", hook, start, stop)).to(self.device).float()
+        store_norm = self.store.normalization(hook)
+        if not store_norm.same_transform(sae_norm):
+            stats = self.store.read_row_stats("eval", hook, start, stop)
             stats = None if stats is None else torch.from_numpy(stats).to(self.device)
-            x = self.sae_norm.apply(self.store_norm.invert(x, stats))[0]
-        return x.to(self.dtype)
+            x = sae_norm.apply(store_norm.invert(x, stats))[0]
+        return x
 
 
 def _batch_starts(n: int, desc: str, progress: bool):
@@ -305,8 +311,10 @@ def browse(
 
     if model is not None:
         W_U = model.bridge.W_U.detach()
-        writes = sae.W_dec.shape[1]  # d_in, or a transcoder's d_out
-        if W_U.shape[0] != writes:
+        writes = sae.W_dec.shape[1] if evaluated.multi is None else None  # d_in, or a transcoder's d_out
+        if writes is None:
+            notes.append(f"a {sae.arch}'s latents write into several hooks: output-token tables left out")
+        elif W_U.shape[0] != writes:
             notes.append(
                 f"the model's unembedding takes {W_U.shape[0]} dimensions, the SAE's decoder writes "
                 f"{writes}: output-token tables left out"

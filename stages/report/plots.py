@@ -9,6 +9,7 @@ import math
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from stages.report.runs import EvaluatedRun
 
@@ -124,6 +125,36 @@ def frontier(runs: list[EvaluatedRun], y_key: str, y_label: str) -> bytes | None
     ax.grid(alpha=0.3)
     ax.margins(0.15)
     fig.legend(loc="outside lower center", fontsize=7, frameon=False)
+    return to_png(fig)
+
+
+def per_hook(runs: list[EvaluatedRun]) -> bytes | None:
+    """For runs that write several hooks (crosscoders, CLTs): fve of each written hook and, for a CLT, L0
+    and dead fraction per layer; None when no run has them."""
+    shown = [(i, run) for i, run in enumerate(runs) if run.eval.get("per_hook")]
+    if not shown:
+        return None
+    layered = [(i, run) for i, run in shown if run.eval.get("per_layer")]
+    panels = [("fve", "fve of each written hook")]
+    panels += [("l0", "L0 per layer"), ("dead_fraction", "dead fraction per layer")] if layered else []
+    fig = _figure(4.2 * len(panels), 3.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (key, title) in zip(axes, panels):
+        for i, run in shown if key == "fve" else layered:
+            if key == "fve":
+                hooks = list(run.eval["per_hook"])
+                x, values = hooks, [run.eval["per_hook"][h]["fve"] for h in hooks]
+            else:
+                x, values = run.eval["per_layer"]["layer"], run.eval["per_layer"][key]
+            ax.plot(x, values, marker="o", color=run_color(i), label=run.label, linewidth=1.4)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if key == "fve":
+            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        else:
+            ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(fontsize=8)
     return to_png(fig)
 
 

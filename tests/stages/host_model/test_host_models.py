@@ -23,6 +23,7 @@ from stages.host_model.model import (
     hook_layer,
     logits_with_hook_predicted,
     logits_with_hook_replaced,
+    logits_with_hooks_predicted,
     run_to_hooks,
     validate_hooks,
 )
@@ -294,6 +295,23 @@ def test_a_prediction_from_an_earlier_hook_replaces_a_later_one(tiny, tokens):
     assert torch.equal(logits_with_hook_replaced(tiny, tokens, hook, None), clean)  # nothing left installed
     with pytest.raises(SaepipeError, match="blocks.2.mlp.hook_in fires after blocks.1.hook_mlp_out in tiny-random"):
         logits_with_hook_predicted(tiny, tokens, "blocks.2.mlp.hook_in", hook, keep)
+
+
+def test_predictions_for_several_layers_see_the_earlier_ones(tiny, tokens):
+    """A CLT's splice: layer 1's prediction reads the MLP input of the pass in which layer 0's was spliced."""
+    pairs = [("blocks.0.mlp.hook_in", "blocks.0.hook_mlp_out"), ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out")]
+    clean = run_to_hooks(tiny, tokens, ["blocks.1.mlp.hook_in"])["blocks.1.mlp.hook_in"]
+    seen = {}
+
+    def zero_first(i, x, y):
+        seen[i] = x.clone()
+        return torch.zeros_like(y) if i == 0 else y
+
+    logits = logits_with_hooks_predicted(tiny, tokens, pairs, zero_first)
+    assert torch.equal(logits, logits_with_hook_replaced(tiny, tokens, "blocks.0.hook_mlp_out", torch.zeros_like))
+    assert not torch.allclose(seen[1], clean, atol=1e-4)  # layer 1 read what layer 0's splice left
+    identity = logits_with_hooks_predicted(tiny, tokens, pairs, lambda i, x, y: y)
+    assert torch.equal(identity, logits_with_hook_replaced(tiny, tokens, "blocks.0.hook_mlp_out", None))
 
 
 def test_layer_sets_in_hook_names():
