@@ -78,9 +78,7 @@ def multi_hook_store_metrics(
             joined_raw.add(torch.cat(y_raw, dim=1), torch.cat(rec_raw, dim=1))
             sparsity.add(code)
             if n_layers:
-                fired = code.values > 0
-                layer_of = code.indices // sae.width
-                layer_l0 += torch.stack([(fired & (layer_of == layer)).sum() for layer in range(n_layers)]).double()
+                layer_l0 += sae.active_per_layer(code).double()
     density = sparsity.density()
     result = {"eval_rows": n, **joined.result(), **joined_raw.result("raw_"), **sparsity.result()}
     result["per_hook"] = {

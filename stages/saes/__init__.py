@@ -15,7 +15,7 @@ from stages.basics.errors import SaepipeError
 from stages.basics.settings import default_of, flag_of, settings_of
 from stages.saes.base import ArchSettings, SparseAutoencoder, SparseCode
 from stages.saes.batchtopk import BatchTopKSAE
-from stages.saes.clt import CrossLayerTranscoder
+from stages.saes.clt import BatchTopKCrossLayerTranscoder, CrossLayerTranscoder
 from stages.saes.crosscoder import CROSSCODER_ACTIVATIONS, crosscoder_class
 from stages.saes.jumprelu import JumpReLUSAE
 from stages.saes.matching_pursuit import MatchingPursuitSAE
@@ -39,7 +39,7 @@ MULTI_HOOK_ARCHS: dict[str, tuple[str, ...]] = {
     "transcoder": ACTIVATIONS,
     "skip_transcoder": ACTIVATIONS,
     "crosscoder": CROSSCODER_ACTIVATIONS,
-    "clt": ("topk",),
+    "clt": ("topk", "batchtopk"),
 }
 
 
@@ -81,7 +81,7 @@ def sae_class(arch: str, activation: str | None = None) -> type[SparseAutoencode
         return require_arch(arch)
     activation = settings_arch(arch, activation)
     if arch == "clt":
-        return CrossLayerTranscoder
+        return BatchTopKCrossLayerTranscoder if activation == "batchtopk" else CrossLayerTranscoder
     if arch == "crosscoder":
         return crosscoder_class(ARCHITECTURES, activation)
     return transcoder_class(ARCHITECTURES, activation, skip=arch == "skip_transcoder")

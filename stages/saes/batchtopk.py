@@ -47,20 +47,7 @@ class BatchTopKSAE(TopKSAE):
 
     # -- training: the batch's top k·B ---------------------------------------------------------------
     def batch_topk(self, pre: torch.Tensor) -> SparseCode:
-        """The k·B largest ReLU'd pre-activations of the batch [B, d_sae], as a sparse code decoded like
-        TopK's (never densely). Each row holds its top w latents, w the busiest row's count, with the
-        ones below the batch's cut-off set to 0 (which counts neither in L0 nor in fire counts, and
-        decodes to nothing); a row's latents are distinct, so `dense()` is exact. Exact ties at the
-        cut-off are all kept."""
-        # Selecting on `pre` itself (no ReLU'd copy of the whole batch): entries <= 0 among the k·B are
-        # ReLU'd to 0 below, which is what selecting among ReLU'd values would give. Under data
-        # parallelism B is the global batch and the cut-off is taken over every rank's rows.
-        cutoff = distributed.kth_largest(pre, self.k * pre.shape[0] * distributed.world_size())
-        per_row = (pre >= cutoff).sum(dim=-1)
-        values, indices = pre.topk(max(int(per_row.max()), 1), dim=-1, sorted=False)
-        zero = torch.zeros((), dtype=values.dtype, device=values.device)
-        values = torch.where(values >= cutoff, values.relu(), zero)
-        return SparseCode(values, indices)
+        return batch_top_k(pre, self.k)
 
     @property
     def prefixes(self) -> tuple[int, ...]:
@@ -100,14 +87,35 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def update_threshold(self, kept: torch.Tensor) -> None:
-        """EMA of the smallest positive kept activation (no host sync; a batch with none is skipped)."""
-        kept = kept.detach().float()
-        smallest = distributed.min_(kept.masked_fill(kept <= 0, float("inf")).min())
-        r = self.THRESHOLD_RATE
-        new = torch.where(self.threshold > 0, (1 - r) * self.threshold + r * smallest, smallest)
-        self.threshold.copy_(torch.where(torch.isfinite(smallest), new, self.threshold))
+        self.threshold.copy_(moved_threshold(self.threshold, kept, self.THRESHOLD_RATE))
 
     def saelens_export(self) -> ArchExport:
         # SAELens's JumpReLU: ReLU(pre) · [pre > threshold] with a per-latent threshold in pre-activation
         # space; with θ >= 0 that is exactly our encode.
         return ArchExport("jumprelu", {}, {"threshold": self.threshold.detach().float().expand(self.d_sae).clone()})
+
+
+def batch_top_k(pre: torch.Tensor, k: int) -> SparseCode:
+    """The k·B largest ReLU'd pre-activations of a batch [B, d_sae], as a sparse code decoded like TopK's
+    (never densely). Each row holds its top w latents, w the busiest row's count, with the ones below the
+    batch's cut-off set to 0 (which counts neither in L0 nor in fire counts, and decodes to nothing); a
+    row's latents are distinct, so `dense()` is exact. Exact ties at the cut-off are all kept."""
+    # Selecting on `pre` itself (no ReLU'd copy of the whole batch): entries <= 0 among the k·B are
+    # ReLU'd to 0 below, which is what selecting among ReLU'd values would give. Under data
+    # parallelism B is the global batch and the cut-off is taken over every rank's rows.
+    cutoff = distributed.kth_largest(pre, k * pre.shape[0] * distributed.world_size())
+    per_row = (pre >= cutoff).sum(dim=-1)
+    values, indices = pre.topk(max(int(per_row.max()), 1), dim=-1, sorted=False)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    values = torch.where(values >= cutoff, values.relu(), zero)
+    return SparseCode(values, indices)
+
+
+@torch.no_grad()
+def moved_threshold(threshold: torch.Tensor, kept: torch.Tensor, rate: float) -> torch.Tensor:
+    """The inference threshold moved towards the smallest positive kept activation, an EMA of `rate` (no host
+    sync; a batch with none leaves it)."""
+    kept = kept.detach().float()
+    smallest = distributed.min_(kept.masked_fill(kept <= 0, float("inf")).min())
+    new = torch.where(threshold > 0, (1 - rate) * threshold + rate * smallest, smallest)
+    return torch.where(torch.isfinite(smallest), new, threshold)

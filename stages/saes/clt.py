@@ -31,6 +31,7 @@ from stages.saes.base import (
     reconstruction_metrics,
     selected_pre_acts,
 )
+from stages.saes.batchtopk import BatchTopKSAE, batch_top_k, moved_threshold
 from stages.saes.topk import TopKSettings
 
 # A layer's sparse code: (values [n, k], indices into that layer's latents [n, k]).
@@ -107,7 +108,7 @@ class CrossLayerTranscoder(SparseAutoencoder):
     def layer_pre_acts(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b_enc[layer], x, self.W_enc[layer])
 
-    def encode_layer(self, layer: int, x: torch.Tensor) -> LayerCode:
+    def encode_layer(self, layer: int, x: torch.Tensor) -> LayerCode | torch.Tensor:
         """Layer `layer`'s code of its input rows x [n, d_in]: its top k latents (indices within the layer)."""
         values, indices = self.layer_pre_acts(layer, x).topk(self.k, dim=-1, sorted=False)
         return values.relu(), indices
@@ -117,7 +118,9 @@ class CrossLayerTranscoder(SparseAutoencoder):
         codes = [self.encode_layer(layer, x_l) for layer, x_l in enumerate(self.layer_inputs(x))]
         return self._joined(codes)
 
-    def _joined(self, codes: list[LayerCode]) -> SparseCode:
+    def _joined(self, codes: list) -> SparseCode | DenseCode:
+        if isinstance(codes[0], torch.Tensor):  # dense codes [n, width] (a BatchTopK CLT's inference)
+            return DenseCode(torch.cat(codes, dim=1))
         values = torch.cat([v for v, _ in codes], dim=1)
         indices = torch.cat([i + layer * self.width for layer, (_, i) in enumerate(codes)], dim=1)
         return SparseCode(values, indices)
@@ -160,18 +163,31 @@ class CrossLayerTranscoder(SparseAutoencoder):
         """Every layer's MLP output predicted from every layer's MLP input (both side by side)."""
         return self.decode(self.encode(x))
 
-    def layer_output(self, layer: int, codes: list[LayerCode]) -> torch.Tensor:
+    def layer_output(self, layer: int, codes: list) -> torch.Tensor:
         """Layer `layer`'s predicted output [n, d_out] from the codes of layers 0 .. `layer` (what a splice
         into the model has when that layer's MLP output is reached)."""
         d = self.d_out
-        out = self.b_dec[layer * d : (layer + 1) * d].expand(codes[0][0].shape[0], d).clone()
-        for source, (values, indices) in enumerate(codes[: layer + 1]):
+        rows = codes[0].shape[0] if isinstance(codes[0], torch.Tensor) else codes[0][0].shape[0]
+        out = self.b_dec[layer * d : (layer + 1) * d].expand(rows, d).clone()
+        for source, code in enumerate(codes[: layer + 1]):
             offset = (layer - source) * d
             weights = self.W_dec[source][:, offset : offset + d]
-            out += nn.functional.embedding_bag(
-                indices, weights, per_sample_weights=values.to(weights.dtype), mode="sum"
-            )
+            if isinstance(code, torch.Tensor):
+                out += code.to(weights.dtype) @ weights
+            else:
+                values, indices = code
+                out += nn.functional.embedding_bag(
+                    indices, weights, per_sample_weights=values.to(weights.dtype), mode="sum"
+                )
         return out
+
+    def active_per_layer(self, code) -> torch.Tensor:
+        """How many latents of each layer are active, summed over the code's rows [n_layers]."""
+        if isinstance(code, DenseCode):
+            return (code.values > 0).view(-1, self.n_layers, self.width).sum(dim=(0, 2))
+        layer_of = code.indices // self.width
+        fired = code.values > 0
+        return torch.stack([(fired & (layer_of == layer)).sum() for layer in range(self.n_layers)])
 
     # -- training ------------------------------------------------------------------------------------
     def training_loss(self, batch, ctx: TrainContext, target: torch.Tensor | None = None):
@@ -180,16 +196,17 @@ class CrossLayerTranscoder(SparseAutoencoder):
         xs, y = self.layer_inputs(batch), self.target_rows(batch)
         with torch.no_grad():
             pres = [self.layer_pre_acts(layer, x) for layer, x in enumerate(xs)]
-            chosen = [pre.topk(self.k, dim=-1, sorted=False).indices for pre in pres]
-        codes = [
-            (selected_pre_acts(x, self.W_enc[layer], self.b_enc[layer], pres[layer], indices).relu(), indices)
-            for layer, (x, indices) in enumerate(zip(xs, chosen))
-        ]
+        codes = [self.training_code(layer, x, pre) for layer, (x, pre) in enumerate(zip(xs, pres))]
         recon = self.decode_layers(codes) + self.b_dec
         sq_err = (recon - y).pow(2).sum(dim=-1)
         aux = self.auxk_loss(xs, pres, y - recon, ctx.dead)
         loss = sq_err.mean() / ctx.mse_scale + self.aux_coef * aux
         return loss, reconstruction_metrics(y, sq_err, self._joined(codes), self.d_sae, loss, aux)
+
+    def training_code(self, layer: int, x: torch.Tensor, pre: torch.Tensor) -> LayerCode:
+        """Layer `layer`'s code of a training batch, differentiable through the selected entries only."""
+        indices = pre.topk(self.k, dim=-1, sorted=False).indices
+        return selected_pre_acts(x, self.W_enc[layer], self.b_enc[layer], pre, indices).relu(), indices
 
     def auxk_loss(self, xs, pres, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
         if dead is None or self.aux_coef == 0 or not bool(dead.any()):
@@ -240,3 +257,38 @@ class CrossLayerTranscoder(SparseAutoencoder):
             "aux_k": self.aux_k,
             "aux_coef": self.aux_coef,
         }
+
+
+class BatchTopKCrossLayerTranscoder(CrossLayerTranscoder):
+    """A CLT whose layers select as BatchTopK does (stages/saes/batchtopk.py): in training, each layer keeps
+    the k·B largest pre-activations of its batch; at inference each layer is a JumpReLU with its own
+    threshold θ_l (an EMA of the training cut-offs), which is what circuit-tracer's JumpReLU CLT computes."""
+
+    activation = "batchtopk"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("threshold", torch.zeros(self.n_layers))  # persistent: needed at inference
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The CLT's init with each encoder scaled down as a BatchTopK SAE's (BatchTopKSAE.encoder_init_scale):
+        unit-norm encoders make the first batch selections overshoot."""
+        super().reset_parameters(generator)
+        for W_enc in self.W_enc:  # noqa: N806
+            W_enc.mul_(BatchTopKSAE.encoder_init_scale(self.d_in, self.width))
+        if hasattr(self, "threshold"):  # not yet registered when the base constructor calls this
+            self.threshold.zero_()
+
+    def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s dense code [n, width]: pre-activations above the layer's threshold."""
+        pre = self.layer_pre_acts(layer, x)
+        return torch.where(pre > self.threshold[layer], pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+
+    def training_code(self, layer: int, x: torch.Tensor, pre: torch.Tensor) -> LayerCode:
+        selected = batch_top_k(pre, self.k)
+        values = selected_pre_acts(x, self.W_enc[layer], self.b_enc[layer], pre, selected.indices)
+        values = values.masked_fill(selected.values <= 0, 0.0)
+        if self.training:
+            self.threshold[layer] = moved_threshold(self.threshold[layer], values, BatchTopKSAE.THRESHOLD_RATE)
+        return values, selected.indices
