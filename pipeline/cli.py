@@ -16,6 +16,7 @@ from pipeline.commands.bench import bench
 from pipeline.commands.collect import collect
 from pipeline.commands.compare import compare
 from pipeline.commands.evaluate import eval_command
+from pipeline.commands.export import export
 from pipeline.commands.info import info
 from pipeline.commands.prepare_model import prepare_model
 from pipeline.commands.quality import quality
@@ -95,6 +96,7 @@ def main() -> None:
 for command in (collect, train, eval_command, report, compare, quality, bench, scale, soak, info, store, prepare_model):
     main.add_command(command)
 main.add_command(quality_transcoder)
+main.add_command(export)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ SAELENS_TRANSCODERS = {
 }
 
 
-def _affine(norm: Normalization, width: int) -> tuple[torch.Tensor, float]:
+def affine(norm: Normalization, width: int) -> tuple[torch.Tensor, float]:
     """(μ, c) of a normalization x̂ = (x − μ)·c, μ in float64 (`none`: μ = 0, c = 1)."""
     if norm.mode == "none":
         return torch.zeros(width, dtype=torch.float64), 1.0
@@ -42,8 +42,8 @@ def _affine(norm: Normalization, width: int) -> tuple[torch.Tensor, float]:
 def fold_transcoder(sae: SparseAutoencoder, in_norm: Normalization, out_norm: Normalization) -> dict[str, torch.Tensor]:
     """The transcoder's weights acting on raw x and writing raw y (float64 arithmetic, float32 out)."""
     w = {k: v.detach().to("cpu", torch.float64) for k, v in sae.state_dict().items() if k.startswith(("W_", "b_"))}
-    mu_in, c_in = _affine(in_norm, sae.d_in)
-    mu_out, c_out = _affine(out_norm, sae.d_out)
+    mu_in, c_in = affine(in_norm, sae.d_in)
+    mu_out, c_out = affine(out_norm, sae.d_out)
     folded = {
         "W_enc": c_in * w["W_enc"],
         "b_enc": w["b_enc"] - c_in * (mu_in @ w["W_enc"]),
