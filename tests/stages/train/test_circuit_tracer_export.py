@@ -57,7 +57,7 @@ def test_a_per_layer_set_computes_what_our_runs_compute(store, layer_runs, tmp_p
     config = (out / "config.yaml").read_text()
     for line in ('model_kind: "transcoder_set"', 'feature_input_hook: "mlp.hook_in"', 'model_name: "tiny-random"'):
         assert line in config
-    for layer, run in enumerate(layer_runs):
+    for layer, run_folder in enumerate(layer_runs):
         tensors = load_file(out / f"layer_{layer}.safetensors")
         skip = PER_LAYER[layer][0] == "skip_transcoder"
         expected = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"W_skip"} if skip else set())
@@ -69,7 +69,7 @@ def test_a_per_layer_set_computes_what_our_runs_compute(store, layer_runs, tmp_p
         y = circuit_tracer_activation(pre, tensors.get("activation_function.threshold")) @ tensors["W_dec"]
         y = y + tensors["b_dec"] + (x @ tensors["W_skip"].T if skip else 0)
         with torch.no_grad():
-            ours = api.load_run(run)(x)
+            ours = api.load_run(run_folder)(x)
         torch.testing.assert_close(y, ours, rtol=1e-4, atol=1e-4, msg=f"layer {layer}")
 
 
