@@ -5,10 +5,13 @@ MLP input, and each layer's latents write into that layer's MLP output and every
     f_l = TopK(x_l W_enc,l + b_enc,l)                 x_l: layer l's MLP input (blocks.l.mlp.hook_in)
     ŷ_m = Σ_{l ≤ m} f_l W_dec,l→m + b_dec,m           ŷ_m: layer m's MLP output (blocks.m.hook_mlp_out)
 
-Layer l's decoder is one matrix W_dec,l [width, (L − l) · d_out]: a latent's row holds what it writes into
-layer l, then l + 1, ..., up to the last layer; its norm over all of them is kept at 1 (the TopK recipe's
-constraint, on the whole row), and the loss is the squared error summed over every layer's output. TopK is
-the sparsity rule (k active latents per layer and token), with AuxK per layer for dead latents.
+The decoder is stored by the layer written: W_dec[m] [(m + 1) · width, d_out] holds what the latents of
+layers 0 .. m write into layer m, so each layer's output is one sparse product of the joined code (slicing
+one matrix per source layer into its targets' blocks and summing them cost the backward a copy of every
+block: 5 times slower at 30 layers). A latent's writes into all later layers are its decoder "row"
+(`writes_of`); that row's norm is kept at 1 (the TopK recipe's constraint, on the whole row), and the loss
+is the squared error summed over every layer's output. TopK is the sparsity rule (k active latents per
+layer and token), with AuxK per layer for dead latents.
 
 Latents are numbered layer by layer: latent l · width + i is latent i of layer l; `d_sae` counts them all.
 A training batch is the tuple of row-aligned batches (x_0 .. x_{L−1}, y_0 .. y_{L−1}), or those side by
@@ -66,9 +69,9 @@ class CrossLayerTranscoder(SparseAutoencoder):
         layers = range(self.n_layers)
         self.W_enc = nn.ParameterList(nn.Parameter(torch.empty(d_in, self.width)) for _ in layers)
         self.b_enc = nn.Parameter(torch.zeros(self.n_layers, self.width))
-        # layer l writes into layers l .. L − 1: its rows are (L − l) outputs side by side
+        # by the layer written: W_dec[m] holds the writes of layers 0 .. m's latents into layer m
         self.W_dec = nn.ParameterList(
-            nn.Parameter(torch.empty(self.width, (self.n_layers - layer) * self.d_out)) for layer in layers
+            nn.Parameter(torch.empty((layer + 1) * self.width, self.d_out)) for layer in layers
         )
         self.b_dec = nn.Parameter(torch.zeros(self.n_layers * self.d_out))
         self.reset_parameters()
@@ -130,28 +133,33 @@ class CrossLayerTranscoder(SparseAutoencoder):
         if isinstance(code, DenseCode):
             return list(code.values.split(self.width, dim=-1))
         layer_of = code.indices // self.width
+        per_layer, rest = divmod(code.indices.shape[1], self.n_layers)
+        blocks = torch.arange(self.n_layers, device=layer_of.device).repeat_interleave(per_layer)
+        if not rest and torch.equal(layer_of, blocks.expand_as(layer_of)):  # as `encode` makes them: by layer
+            pairs = zip(code.values.split(per_layer, dim=1), code.indices.split(per_layer, dim=1))
+            return [(values, indices - layer * self.width) for layer, (values, indices) in enumerate(pairs)]
+        # any other order: entries of other layers keep their place with weight 0
         local = code.indices % self.width
-        # entries of other layers keep their place with weight 0, so every layer's bag has the same shape
         return [(code.values * (layer_of == layer), local) for layer in range(self.n_layers)]
 
-    def decode_layers(self, codes: list, first: int = 0) -> torch.Tensor:
-        """Σ over the source layers of their latents' writes, without b_dec: [n, L · d_out]. `codes[i]` is
-        layer first + i's code, (values, indices) or dense [n, width]; None skips a layer."""
-        out = None
-        for layer, code in enumerate(codes, start=first):
-            if code is None:
-                continue
-            if isinstance(code, torch.Tensor):
-                written = code.to(self.W_dec[layer].dtype) @ self.W_dec[layer]
-            else:
-                values, indices = code
-                written = nn.functional.embedding_bag(
-                    indices, self.W_dec[layer], per_sample_weights=values.to(self.W_dec[layer].dtype), mode="sum"
-                )
-            if out is None:
-                out = written.new_zeros(written.shape[0], self.n_layers * self.d_out)
-            out[:, layer * self.d_out :] += written  # layer l writes into layers l .. L − 1
-        return out
+    def decode_layers(self, codes: list) -> torch.Tensor:
+        """Every layer's output without b_dec, [n, L · d_out], from each layer's code: `codes[l]` is
+        (values, indices within the layer), dense [n, width], or None (nothing from that layer)."""
+        return torch.cat([self._written_into(layer, codes) for layer in range(self.n_layers)], dim=1)
+
+    def _written_into(self, layer: int, codes: list) -> torch.Tensor:
+        """What the latents of layers 0 .. `layer` write into `layer` [n, d_out]: one product with W_dec[layer]."""
+        weights = self.W_dec[layer]
+        sources = [(source, code) for source, code in enumerate(codes[: layer + 1]) if code is not None]
+        if not sources:
+            n = next(c for c in codes if c is not None)
+            return weights.new_zeros((n if isinstance(n, torch.Tensor) else n[0]).shape[0], self.d_out)
+        if isinstance(sources[0][1], torch.Tensor):  # dense codes: each source's block of rows
+            w = self.width
+            return sum(code.to(weights.dtype) @ weights[s * w : (s + 1) * w] for s, code in sources)
+        values = torch.cat([v for _, (v, _) in sources], dim=1).to(weights.dtype)
+        indices = torch.cat([i + source * self.width for source, (_, i) in sources], dim=1)
+        return nn.functional.embedding_bag(indices, weights, per_sample_weights=values, mode="sum")
 
     def decode_rows(self, code) -> torch.Tensor:
         return self.decode_layers(self._split(code))
@@ -166,20 +174,12 @@ class CrossLayerTranscoder(SparseAutoencoder):
     def layer_output(self, layer: int, codes: list) -> torch.Tensor:
         """Layer `layer`'s predicted output [n, d_out] from the codes of layers 0 .. `layer` (what a splice
         into the model has when that layer's MLP output is reached)."""
-        d = self.d_out
-        rows = codes[0].shape[0] if isinstance(codes[0], torch.Tensor) else codes[0][0].shape[0]
-        out = self.b_dec[layer * d : (layer + 1) * d].expand(rows, d).clone()
-        for source, code in enumerate(codes[: layer + 1]):
-            offset = (layer - source) * d
-            weights = self.W_dec[source][:, offset : offset + d]
-            if isinstance(code, torch.Tensor):
-                out += code.to(weights.dtype) @ weights
-            else:
-                values, indices = code
-                out += nn.functional.embedding_bag(
-                    indices, weights, per_sample_weights=values.to(weights.dtype), mode="sum"
-                )
-        return out
+        return self._written_into(layer, codes) + self.b_dec[layer * self.d_out : (layer + 1) * self.d_out]
+
+    def writes_of(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s latents' writes into layers `layer` .. L − 1: [width, L − layer, d_out]."""
+        rows = slice(layer * self.width, (layer + 1) * self.width)
+        return torch.stack([self.W_dec[m][rows] for m in range(layer, self.n_layers)], dim=1)
 
     def active_per_layer(self, code) -> torch.Tensor:
         """How many latents of each layer are active, summed over the code's rows [n_layers]."""
@@ -229,18 +229,31 @@ class CrossLayerTranscoder(SparseAutoencoder):
         return (aux_recon - residual).pow(2).sum(dim=-1).mean() / baseline
 
     # -- the decoder-norm constraint, per latent over all the layers it writes -----------------------------
+    def _latent_norms(self) -> torch.Tensor:
+        """Each latent's decoder norm over every layer it writes [L · width]."""
+        squares = self.W_dec[0].new_zeros(self.d_sae)
+        for weights in self.W_dec:
+            squares[: weights.shape[0]] += weights.detach().pow(2).sum(dim=1)
+        return squares.sqrt().clamp_min(1e-12)
+
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        for W_dec in self.W_dec:  # noqa: N806
-            W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        norms = self._latent_norms()
+        for weights in self.W_dec:
+            weights.div_(norms[: weights.shape[0], None])
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
-        for W_dec in self.W_dec:  # noqa: N806
-            if W_dec.grad is None:
-                continue
-            w = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            W_dec.grad.sub_((W_dec.grad * w).sum(dim=1, keepdim=True) * w)
+        """Drop the part of each latent's gradient, over all its writes, along its whole decoder row."""
+        if any(weights.grad is None for weights in self.W_dec):
+            return
+        norms = self._latent_norms()
+        along = self.W_dec[0].new_zeros(self.d_sae)  # g · w / ‖w‖², summed over the written layers
+        for weights in self.W_dec:
+            along[: weights.shape[0]] += (weights.grad * weights).sum(dim=1)
+        along /= norms.pow(2)
+        for weights in self.W_dec:
+            weights.grad.sub_(along[: weights.shape[0], None] * weights)
 
     def saelens_export(self):
         raise ValueError("SAELens has no cross-layer transcoder format (a CLT exports for circuit-tracer)")

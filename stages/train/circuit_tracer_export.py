@@ -102,7 +102,7 @@ def _folded_clt_layer(clt, layer: int, in_norm: Normalization, out_norms: list[N
     mu_in, c_in = affine(in_norm, clt.d_in)
     W_enc = clt.W_enc[layer].detach().double()  # noqa: N806
     b_enc = clt.b_enc[layer].detach().double() - c_in * (mu_in @ W_enc)
-    W_dec = clt.W_dec[layer].detach().double().reshape(clt.width, len(out_norms), clt.d_out)  # noqa: N806
+    W_dec = clt.writes_of(layer).detach().double()  # noqa: N806 - [width, L − layer, d_out]
     scales = []
     for norm in out_norms:
         _, c_out = affine(norm, clt.d_out)

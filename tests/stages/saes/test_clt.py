@@ -26,14 +26,20 @@ def clt_config(store, out, **settings) -> TrainConfig:
     )
 
 
+def rows_of(clt, layer: int) -> torch.Tensor:
+    """Layer `layer`'s decoder rows: each latent's writes into its layer and every later one, side by side."""
+    return clt.writes_of(layer).detach().reshape(clt.width, -1)
+
+
 def test_a_clt_recovers_features_that_write_into_later_layers(layers, tmp_path):
     truth, store = layers
     train_stage.run_train(clt_config(store, tmp_path / "run"))
     clt, saved = load_sae(tmp_path / "run")
     assert (clt.n_layers, clt.width, clt.d_sae, clt.d_in, clt.d_out) == (3, 256, 768, 32, 32)
-    assert [tuple(w.shape) for w in clt.W_dec] == [(256, 96), (256, 64), (256, 32)]
+    assert [tuple(w.shape) for w in clt.W_dec] == [(256, 32), (512, 32), (768, 32)]  # by the layer written
+    assert [tuple(clt.writes_of(layer).shape) for layer in range(3)] == [(256, 3, 32), (256, 2, 32), (256, 1, 32)]
     for layer in range(3):  # each layer's decoder rows: its writes into this layer and every later one
-        recovered = truth.recovered_fraction(layer, clt.W_dec[layer].detach())
+        recovered = truth.recovered_fraction(layer, rows_of(clt, layer))
         assert recovered >= 0.9, f"layer {layer}: only {recovered:.1%} of planted features at cosine >= 0.9"
     assert run_dir.read_log(tmp_path / "run")[-1]["fve"] > 0.85  # 0.90 when written
     assert saved["in_hooks"] == [f"blocks.{i}.mlp.hook_in" for i in range(3)]
@@ -98,7 +104,7 @@ def test_a_batchtopk_clt_recovers_the_features_and_encodes_with_its_thresholds(l
     clt, saved = load_sae(tmp_path / "run")
     assert saved["sae"]["activation"] == "batchtopk" and clt.threshold.shape == (3,) and (clt.threshold > 0).all()
     for layer in range(3):
-        recovered = truth.recovered_fraction(layer, clt.W_dec[layer].detach())
+        recovered = truth.recovered_fraction(layer, rows_of(clt, layer))
         assert recovered >= 0.9, f"layer {layer}: only {recovered:.1%} of planted features at cosine >= 0.9"
     # inference is a JumpReLU per layer: about k active latents per layer and row, as in training
     x = torch.cat([torch.from_numpy(part) for part in truth.sample(2048, seed=5)[0]], dim=1)
