@@ -6,6 +6,7 @@
 #   make bench   speed benchmarks (docs/benchmarks.md)
 #   make scale   a store at scale: 100M-token collect, a store bigger than memory, S3 (docs/scale.md)
 #   make soak    a store under load: training, readers and appends at once (pipeline/tools/soak.py)
+#   make circuit-tracer  circuit-tracer's own environment, and the test that it reads our exports
 # Every variable below can be overridden: make all MODEL=gpt2 HOOK=blocks.6.hook_resid_post DEVICE=cuda
 
 PYTHON  ?= python3
@@ -38,7 +39,7 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval report sweep test lint bench scale soak clean distclean
+.PHONY: all setup collect train eval report sweep test lint bench scale soak circuit-tracer clean distclean
 
 all: report
 
@@ -110,8 +111,18 @@ SOAK_SECONDS ?= 60
 soak: $(SETUP_DONE)
 	$(SAEPIPE) soak --out runs/soak --seconds $(SOAK_SECONDS)
 
+# circuit-tracer (attribution graphs) reads `saepipe export` folders (docs/circuit-tracer.md). It pins
+# transformers<=4.57.3, so it gets an environment of its own; this builds it and runs the export tests
+# with it, including the one in which circuit-tracer itself loads an export and attributes a prompt.
+CT_VENV ?= .venv-circuit-tracer
+circuit-tracer: $(SETUP_DONE)
+	test -x $(CT_VENV)/bin/python || $(PYTHON) -m venv $(CT_VENV)
+	$(CT_VENV)/bin/pip install -q --disable-pip-version-check "$(TORCH)" circuit-tracer==0.5.0 nnsight==0.6.3 matplotlib
+	SAEPIPE_CIRCUIT_TRACER_PYTHON=$(CT_VENV)/bin/python $(PY) -m pytest -q -p no:cacheprovider \
+		tests/stages/train/test_circuit_tracer_export.py
+
 clean:
 	rm -rf stores runs
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(CT_VENV)

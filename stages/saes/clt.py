@@ -159,7 +159,14 @@ class CrossLayerTranscoder(SparseAutoencoder):
             return sum(code.to(weights.dtype) @ weights[s * w : (s + 1) * w] for s, code in sources)
         values = torch.cat([v for _, (v, _) in sources], dim=1).to(weights.dtype)
         indices = torch.cat([i + source * self.width for source, (_, i) in sources], dim=1)
-        return nn.functional.embedding_bag(indices, weights, per_sample_weights=values, mode="sum")
+        # Only the non-zero entries, as variable-length bags: a BatchTopK code pads every row to its batch's
+        # busiest one, which on real activations can be most of a layer's latents.
+        kept = values != 0
+        counts = kept.sum(dim=1)
+        offsets = torch.cumsum(counts, dim=0) - counts
+        return nn.functional.embedding_bag(
+            indices[kept], weights, offsets, per_sample_weights=values[kept], mode="sum"
+        )
 
     def decode_rows(self, code) -> torch.Tensor:
         return self.decode_layers(self._split(code))

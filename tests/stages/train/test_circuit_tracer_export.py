@@ -3,6 +3,11 @@ circuit-tracer's files, checked by computing what circuit-tracer computes from t
 transcoders' encode and decode, as in circuit_tracer 0.5.0's SingleLayerTranscoder and
 CrossLayerTranscoder) against our runs on raw activations."""
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -113,3 +118,36 @@ def test_what_circuit_tracer_cannot_read_is_refused_and_nothing_is_written(store
     run_ok("export", *layer_runs, "--out", out, "--overwrite")
     assert not (out / "keep").exists() and (out / "layer_3.safetensors").exists()
     assert run_dir.CONFIG not in {p.name for p in out.iterdir()}
+
+
+CIRCUIT_TRACER_PYTHON = os.environ.get("SAEPIPE_CIRCUIT_TRACER_PYTHON")
+
+
+@pytest.mark.skipif(
+    not CIRCUIT_TRACER_PYTHON,
+    reason="needs a Python with circuit-tracer, which pins transformers<=4.57.3 (`make circuit-tracer` builds "
+    "one and runs this test with SAEPIPE_CIRCUIT_TRACER_PYTHON set)",
+)
+def test_circuit_tracer_attributes_a_prompt_through_our_transcoders(tiny_gpt2_dir, tmp_path):
+    """circuit-tracer itself loads our export of a local GPT-2's three per-layer transcoders, checks its
+    replacement model's logits against the HF model's, and computes an attribution graph."""
+    model_dir, _ = tiny_gpt2_dir
+    store = tmp_path / "s.zarr"
+    hooks = ("--hook", "blocks.{0-2}.mlp.hook_in", "--hook", "blocks.{0-2}.hook_mlp_out")
+    run_ok("collect", "--model", model_dir, *hooks, "--tokens", 3000, "--context-size", 32, "--chunk-rows", 256,
+           "--warmup-rows", 500, "--no-progress", "--out", store)  # fmt: skip
+    runs = []
+    for layer in range(3):
+        runs.append(tmp_path / f"layer{layer}")
+        run_ok("train", store, "--arch", "skip_transcoder", "--activation", "jumprelu", "--in-hook",
+               f"blocks.{layer}.mlp.hook_in", "--out-hook", f"blocks.{layer}.hook_mlp_out", *TRAIN, "--out", runs[-1])  # fmt: skip
+    run_ok("export", *runs, "--out", tmp_path / "export")
+    script = Path(__file__).parents[3] / "pipeline" / "tools" / "circuit_tracer_graph.py"
+    done = subprocess.run(
+        [CIRCUIT_TRACER_PYTHON, script, model_dir, tmp_path / "export", tmp_path / "graph", "--prompt", "abc abc ab"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "graph" / "graph.json").read_text())
+    assert summary["max_logit_gap_vs_hf"] < 1e-3 and summary["active_features"] > 0
+    assert 0 <= summary["replacement_score"] <= 1 and (tmp_path / "graph" / "graph.png").stat().st_size > 10_000
