@@ -164,9 +164,7 @@ class CrossLayerTranscoder(SparseAutoencoder):
         kept = values != 0
         counts = kept.sum(dim=1)
         offsets = torch.cumsum(counts, dim=0) - counts
-        return nn.functional.embedding_bag(
-            indices[kept], weights, offsets, per_sample_weights=values[kept], mode="sum"
-        )
+        return nn.functional.embedding_bag(indices[kept], weights, offsets, per_sample_weights=values[kept], mode="sum")
 
     def decode_rows(self, code) -> torch.Tensor:
         return self.decode_layers(self._split(code))
