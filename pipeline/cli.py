@@ -15,6 +15,7 @@ import click
 from pipeline.commands.bench import bench
 from pipeline.commands.collect import collect
 from pipeline.commands.compare import compare
+from pipeline.commands.eval_set import eval_set
 from pipeline.commands.evaluate import eval_command
 from pipeline.commands.export import export
 from pipeline.commands.info import info
@@ -97,6 +98,7 @@ for command in (collect, train, eval_command, report, compare, quality, bench, s
     main.add_command(command)
 main.add_command(quality_transcoder)
 main.add_command(export)
+main.add_command(eval_set)
 
 
 if __name__ == "__main__":

@@ -111,21 +111,63 @@ def clt_downstream_metrics(
     """CE loss and KL with the CLT spliced in for every MLP output of its range at once (ce_zero: all of
     them zero-ablated), at the positions the store keeps for every one of its hooks."""
     dtype = next(clt.parameters()).dtype
-    pairs = list(zip(in_hooks, out_hooks))
+    codes: list = []  # the codes of the layers spliced so far in the current pass
+
+    def predict_rows(layer: int, x: torch.Tensor) -> torch.Tensor:
+        if layer == 0:
+            codes.clear()
+        codes.append(clt.encode_layer(layer, norms[in_hooks[layer]].apply(x)[0].to(dtype)))
+        return norms[out_hooks[layer]].invert(clt.layer_output(layer, codes).float())
+
+    return layers_spliced_metrics(
+        store, model, device, max_tokens, splice_from, list(zip(in_hooks, out_hooks)), norms, predict_rows, progress
+    )
+
+
+def transcoder_set_downstream_metrics(
+    transcoders: list,
+    store: ActivationStore,
+    model,
+    device: torch.device,
+    max_tokens: int | None,
+    splice_from: int = 0,
+    progress: bool = True,
+) -> dict:
+    """CE loss and KL with a set of transcoders (EvaluatedSAEs, one per layer, in layer order) spliced in for
+    their MLP outputs at once, each predicting from the MLP input of the same spliced pass."""
+    norms = {t.read_hook: t.read_normalization for t in transcoders} | {t.hook: t.normalization for t in transcoders}
+
+    def predict_rows(i: int, x: torch.Tensor) -> torch.Tensor:
+        t = transcoders[i]
+        dtype = next(t.sae.parameters()).dtype
+        return t.normalization.invert(t.sae(t.read_normalization.apply(x)[0].to(dtype)).float())
+
+    pairs = [(t.read_hook, t.hook) for t in transcoders]
+    return layers_spliced_metrics(store, model, device, max_tokens, splice_from, pairs, norms, predict_rows, progress)
+
+
+def layers_spliced_metrics(
+    store: ActivationStore,
+    model,
+    device: torch.device,
+    max_tokens: int | None,
+    splice_from: int,
+    pairs: list[tuple[str, str]],
+    norms: dict[str, Normalization],
+    predict_rows,
+    progress: bool,
+) -> dict:
+    """CE loss and KL with, for each (read hook, hook) of `pairs` in the order they fire, `hook`'s raw rows
+    at the spliced positions replaced by predict_rows(i, the read hook's raw rows there) (ce_zero: every
+    `hook` zero-ablated there)."""
     state: dict = {}
 
-    def predict(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        spliced = state["spliced"]
-        if layer == 0:
-            state["codes"] = []
-        x_hat, _ = norms[in_hooks[layer]].apply(x[spliced].float())
-        state["codes"].append(clt.encode_layer(layer, x_hat.to(dtype)))
-        out = y.clone()
-        prediction = clt.layer_output(layer, state["codes"]).float()
-        out[spliced] = norms[out_hooks[layer]].invert(prediction).to(y.dtype)
+    def predict(i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        spliced, out = state["spliced"], y.clone()
+        out[spliced] = predict_rows(i, x[spliced].float()).to(y.dtype)
         return out
 
-    def zero(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def zero(i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = y.clone()
         out[state["spliced"]] = 0
         return out
@@ -133,10 +175,10 @@ def clt_downstream_metrics(
     def logits(tokens: torch.Tensor, key: str, spliced: torch.Tensor) -> torch.Tensor:
         state["spliced"] = spliced
         if key == "clean":
-            return logits_with_hooks_predicted(model, tokens, pairs, lambda layer, x, y: y)
+            return logits_with_hooks_predicted(model, tokens, pairs, lambda i, x, y: y)
         return logits_with_hooks_predicted(model, tokens, pairs, predict if key == "sae" else zero)
 
-    hooks = list(dict.fromkeys(in_hooks + out_hooks))
+    hooks = list(dict.fromkeys(hook for pair in pairs for hook in pair))
     return spliced_positions_metrics(
         store, model, device, max_tokens, splice_from, hooks, norms, logits, progress=progress
     )

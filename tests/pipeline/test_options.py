@@ -13,6 +13,7 @@ from pipeline.tools.soak import SoakConfig
 from stages.basics.settings import default_of, flag_of, settings_of
 from stages.collect import CollectConfig
 from stages.evaluate import EvalConfig
+from stages.evaluate.transcoder_set import EvalSetConfig
 from stages.report.build import ReportOptions
 from stages.report.latents import BrowseOptions
 from stages.saes import ARCHITECTURES, arch_settings, owners
@@ -29,6 +30,7 @@ COMMANDS = {
         {"sweep_specs", "nproc"},
     ),
     "eval": ([(EvalConfig, None)], set()),
+    "eval-set": ([(EvalSetConfig, None)], set()),
     "report": ([(ReportOptions, None), (BrowseOptions, None)], set()),
     "quality": ([(QualityConfig, None), (TrainConfig, QUALITY_TRAIN_SETTINGS)], set()),
     "bench": ([(BenchConfig, None)], set()),

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from pipeline import api
 from stages.basics import run_dir
 from tests.conftest import MLP_IN, MLP_OUT
-from tests.helpers.cli import run_ok
+from tests.helpers.cli import expect_error, run, run_ok
 from tests.helpers.collect import cli_args
 
 INS = ("blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in")
@@ -79,9 +79,9 @@ def test_a_crosscoder_is_scored_per_hook_without_a_splice(layers_store, crosscod
 
 
 def test_the_report_draws_each_written_hook_and_layer(clt_run, crosscoder_run, tmp_path):
-    for run in (clt_run, crosscoder_run):
-        if not (run / run_dir.EVAL).exists():
-            run_ok("eval", run, "--tokens", 2048, "--no-progress", "--no-model")
+    for folder in (clt_run, crosscoder_run):
+        if not (folder / run_dir.EVAL).exists():
+            run_ok("eval", folder, "--tokens", 2048, "--no-progress", "--no-model")
     run_ok("report", clt_run, crosscoder_run, "--no-model", "--no-progress", "--out", tmp_path / "report")
     assert (tmp_path / "report" / "per_hook.png").stat().st_size > 10_000
     page = (tmp_path / "report" / "index.html").read_text()
@@ -97,8 +97,52 @@ def test_a_one_layer_clt_scores_as_the_transcoder_with_its_weights(mlp_store, tm
     weights = {"W_enc": clt.W_enc[0], "b_enc": clt.b_enc[0], "W_dec": clt.W_dec[0], "b_dec": clt.b_dec}
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp_path / "tc" / run_dir.SAE_WEIGHTS)
     results = {}
-    for run in ("clt", "tc"):
-        run_ok("eval", tmp_path / run, "--tokens", 1024, "--no-progress", "--ablation-contexts", 0)
-        results[run] = json.loads((tmp_path / run / run_dir.EVAL).read_text())
+    for name in ("clt", "tc"):
+        run_ok("eval", tmp_path / name, "--tokens", 1024, "--no-progress", "--ablation-contexts", 0)
+        results[name] = json.loads((tmp_path / name / run_dir.EVAL).read_text())
     for key in ("fve", "raw_fve", "cosine", "l0", "dead_fraction", "ce_sae", "ce_zero", "kl", "downstream_tokens"):
         assert results["clt"][key] == pytest.approx(results["tc"][key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def transcoder_runs(layers_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("set")
+    for layer in range(2):
+        run_ok("train", layers_store, "--arch", "transcoder", "--in-hook", INS[layer], "--out-hook", OUTS[layer],
+               *TRAIN, "--out", root / f"layer{layer}")  # fmt: skip
+    return [root / "layer0", root / "layer1"]
+
+
+def test_a_transcoder_set_is_spliced_into_every_mlp_at_once(transcoder_runs, tmp_path):
+    out = run_ok("eval-set", transcoder_runs[1], transcoder_runs[0], "--tokens", 2048, "--no-progress",
+                 "--out", tmp_path / "set").output  # fmt: skip
+    result = json.loads((tmp_path / "set" / "set_eval.json").read_text())
+    assert result["per_layer"]["layer"] == [0, 1] and result["per_layer"]["l0"] == pytest.approx([4, 4])
+    assert result["ce_clean"] <= result["ce_sae"] < result["ce_zero"] and 0 < result["ce_recovered"] <= 1.01
+    assert "ce_recovered" in out and "written:" in out
+    # a set of one is the transcoder's own eval: the same splice, the same positions
+    run_ok("eval", transcoder_runs[1], "--tokens", 2048, "--no-progress", "--ablation-contexts", 0)
+    single = json.loads((transcoder_runs[1] / run_dir.EVAL).read_text())
+    run_ok("eval-set", transcoder_runs[1], "--tokens", 2048, "--no-progress", "--out", tmp_path / "one")
+    one = json.loads((tmp_path / "one" / "set_eval.json").read_text())
+    for key in ("ce_sae", "ce_zero", "kl", "downstream_tokens"):
+        assert one[key] == pytest.approx(single[key], rel=1e-6), key
+    assert one["per_layer"]["fve"] == [pytest.approx(single["fve"], rel=1e-6)]
+    # both layers spliced at once cost more than the second alone
+    assert result["ce_sae"] > one["ce_sae"]
+
+
+def test_a_set_refuses_what_is_not_one_set(transcoder_runs, clt_run, mlp_store, tmp_path):
+    expect_error(run("eval-set", transcoder_runs[0], clt_run, "--out", tmp_path / "a"), "is a clt run: eval-set")
+    expect_error(
+        run("eval-set", transcoder_runs[0], transcoder_runs[0], "--out", tmp_path / "b"),
+        "several runs write layer 0's MLP output: pass one per layer",
+    )
+    other = tmp_path / "other"
+    run_ok(
+        "train", mlp_store, "--arch", "transcoder", "--in-hook", MLP_IN, "--out-hook", MLP_OUT, *TRAIN, "--out", other
+    )
+    expect_error(
+        run("eval-set", transcoder_runs[0], other, "--out", tmp_path / "c"), "the runs were trained on different stores"
+    )
+    assert not any((tmp_path / name).exists() for name in "abc")
