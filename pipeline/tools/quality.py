@@ -151,19 +151,7 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
 
     for arch in archs:
         ours_cfg = _ours_config(base, arch, k)
-        started = time.perf_counter()
-        run_train(ours_cfg)
-        ours_wall = time.perf_counter() - started
-        ours = evaluate.run_eval(
-            evaluate.EvalConfig(
-                ours_cfg.out,
-                tokens=eval_tokens,
-                use_model=use_model,
-                device=base.device,
-                ablation_contexts=0,
-                progress=base.progress,
-            )
-        )
+        ours, ours_wall = train_and_evaluate(ours_cfg, eval_tokens, use_model)
         rows.append({"arch": arch, "impl": "saepipe", **_pick(ours), "wall_s": ours_wall})
 
         theirs_sae, theirs_wall = _train_saelens(base, arch, k, store, device)
@@ -186,6 +174,18 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
     )
     (out / "quality.md").write_text(format_quality_table(rows) + "\n")
     return rows
+
+
+def train_and_evaluate(cfg: TrainConfig, eval_tokens: int, use_model: bool) -> tuple[dict, float]:
+    """Our run of `cfg`, trained and evaluated (without ablation sparsity): (eval.json's metrics, training
+    wall seconds)."""
+    started = time.perf_counter()
+    run_train(cfg)
+    wall = time.perf_counter() - started
+    eval_cfg = evaluate.EvalConfig(
+        cfg.out, tokens=eval_tokens, use_model=use_model, device=cfg.device, ablation_contexts=0, progress=cfg.progress
+    )
+    return evaluate.run_eval(eval_cfg), wall
 
 
 def _import_dictionary_learning():

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.tools.quality import train_and_evaluate
 from stages import evaluate
 from stages.basics import run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.basics.settings import setting
 from stages.saes.base import SparseAutoencoder, SparseCode
-from stages.train import run_train
 from stages.train.config import TrainConfig
 from store_schema.loader import batches_of
 from store_schema.reader import open_store
@@ -222,19 +222,7 @@ def compare_with_sparsify(base: TrainConfig, qcfg: TranscoderQualityConfig) -> l
     device = resolve_device(base.device)
     out = Path(base.out)
 
-    started = time.perf_counter()
-    run_train(ours_cfg)
-    ours_wall = time.perf_counter() - started
-    ours = evaluate.run_eval(
-        evaluate.EvalConfig(
-            ours_cfg.out,
-            tokens=qcfg.eval_tokens,
-            use_model=qcfg.use_model,
-            device=base.device,
-            ablation_contexts=0,
-            progress=base.progress,
-        )
-    )
+    ours, ours_wall = train_and_evaluate(ours_cfg, qcfg.eval_tokens, qcfg.use_model)
     ours_tokens, ours_loop = _loop_seconds(Path(ours_cfg.out))
     rows = [
         {

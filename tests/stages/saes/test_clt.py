@@ -10,6 +10,7 @@ from stages.saes.saved import load_sae
 from stages.train import sweeps
 from stages.train.config import TrainConfig
 from tests.helpers.planted import planted_clt_store
+from tests.helpers.resume import assert_resume_is_bit_identical
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,16 +74,9 @@ def test_a_layer_writes_only_into_itself_and_later_layers(layers):
 def test_a_resumed_clt_continues_bit_identically(layers, tmp_path, crash_training):
     _, store = layers
     short = dict(tokens=40_960, checkpoint_every=10, dead_window_tokens=4096)
-    train_stage.run_train(clt_config(store, tmp_path / "whole", **short))
-    crash_training.arm(25)
-    with pytest.raises(crash_training.Crash):
-        train_stage.run_train(clt_config(store, tmp_path / "resumed", **short))
-    crash_training.disarm()
-    train_stage.run_train(clt_config(store, tmp_path / "resumed", resume=True, **short))
-    a, _ = load_sae(tmp_path / "whole")
-    b, _ = load_sae(tmp_path / "resumed")
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), name
+    assert_resume_is_bit_identical(
+        lambda out, **values: clt_config(store, out, **values), tmp_path, crash_training, **short
+    )
 
 
 def test_a_clt_sweep_trains_each_k_from_one_pass(layers, tmp_path):

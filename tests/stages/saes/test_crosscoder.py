@@ -10,6 +10,7 @@ from stages.saes.saved import load_sae
 from stages.train import sweeps
 from stages.train.config import TrainConfig
 from tests.helpers.planted import planted_crosscoder_store
+from tests.helpers.resume import assert_resume_is_bit_identical
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,16 +49,9 @@ def test_a_crosscoder_recovers_shared_and_hook_only_features(hooks, tmp_path, ac
 def test_a_resumed_crosscoder_continues_bit_identically(hooks, tmp_path, crash_training):
     _, store = hooks
     short = dict(tokens=40_960, checkpoint_every=10)
-    train_stage.run_train(crosscoder_config(store, tmp_path / "whole", **short))
-    crash_training.arm(25)
-    with pytest.raises(crash_training.Crash):
-        train_stage.run_train(crosscoder_config(store, tmp_path / "resumed", **short))
-    crash_training.disarm()
-    train_stage.run_train(crosscoder_config(store, tmp_path / "resumed", resume=True, **short))
-    a, _ = load_sae(tmp_path / "whole")
-    b, _ = load_sae(tmp_path / "resumed")
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), name
+    assert_resume_is_bit_identical(
+        lambda out, **values: crosscoder_config(store, out, **values), tmp_path, crash_training, **short
+    )
 
 
 def test_a_crosscoder_sweep_varies_the_activation(hooks, tmp_path):

@@ -10,6 +10,7 @@ from stages.basics.errors import SaepipeError
 from stages.saes.saved import load_sae
 from stages.train.config import TrainConfig
 from tests.helpers.planted import planted_transcoder_store
+from tests.helpers.resume import assert_resume_is_bit_identical
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,18 +74,11 @@ def test_a_skip_transcoder_carries_the_linear_part(pairs_with_linear_part, tmp_p
 
 def test_a_resumed_transcoder_continues_bit_identically(pairs, tmp_path, crash_training):
     _, store = pairs
-    short = dict(tokens=40_960, checkpoint_every=10)
-    whole = tmp_path / "whole"
-    train_stage.run_train(transcoder_config(store, whole, arch="skip_transcoder", **short))
-    crash_training.arm(25)
-    with pytest.raises(crash_training.Crash):
-        train_stage.run_train(transcoder_config(store, tmp_path / "resumed", arch="skip_transcoder", **short))
-    crash_training.disarm()
-    train_stage.run_train(transcoder_config(store, tmp_path / "resumed", arch="skip_transcoder", resume=True, **short))
-    a, _ = load_sae(whole)
-    b, _ = load_sae(tmp_path / "resumed")
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), name
+
+    def config(out, **values):
+        return transcoder_config(store, out, arch="skip_transcoder", **values)
+
+    assert_resume_is_bit_identical(config, tmp_path, crash_training, tokens=40_960, checkpoint_every=10)
 
 
 @pytest.mark.parametrize(
