@@ -12,7 +12,18 @@ from stages.evaluate import EvalConfig, format_eval_table, run_eval
 
 @click.command(name="eval")
 @click.argument("run", type=click.Path())
-@options(EvalConfig, "store", "model", "tokens", "use_model", "splice_from", "ablation_contexts", "external", "device")
+@options(
+    EvalConfig,
+    "store",
+    "model",
+    "tokens",
+    "use_model",
+    "splice_from",
+    "ablation_contexts",
+    "suite",
+    "external",
+    "device",
+)
 @options(EvalConfig, "progress")
 def eval_command(run: str, **values) -> None:
     """Evaluate a trained SAE (RUN: its run folder) on held-out rows; with the model, CE loss, KL and

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.basics.errors import require
+from stages.basics.errors import SaepipeError, require
 from stages.basics.settings import device_setting, progress_setting, setting
+
+# Evaluations `--suite` adds to the default ones (reconstruction, sparsity, CE/KL, ablation sparsity).
+EXTRA_SUITES = ("core", "probing")
 
 
 @dataclass
@@ -20,10 +23,25 @@ class EvalConfig:
     external: str | None = setting(
         None, "a SAELens SAE folder trained elsewhere: evaluate it on --store, writing into RUN"
     )
+    suite: str = setting(
+        "default", "evaluations beyond the default ones, comma-separated: core, probing, or all (docs/metrics.md)"
+    )
     device: str = device_setting()
     progress: bool = progress_setting()
 
+    @property
+    def suites(self) -> set[str]:
+        """The extra evaluations asked for ("all": every one)."""
+        names = {name.strip() for name in self.suite.split(",") if name.strip()} - {"default"}
+        return set(EXTRA_SUITES) if "all" in names else names
+
     def validate(self) -> EvalConfig:
+        names = [name.strip() for name in self.suite.split(",") if name.strip()]
+        unknown = [name for name in names if name not in (*EXTRA_SUITES, "default", "all")]
+        if unknown:
+            raise SaepipeError(
+                f"--suite {unknown[0]!r} is not an evaluation suite: use default, {', '.join(EXTRA_SUITES)} or all"
+            )
         require(
             self.tokens is None or self.tokens >= 1,
             f"--tokens must be at least 1, got {self.tokens} (leave it out to use every held-out row)",

@@ -9,6 +9,7 @@ from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.evaluate.ablation import ablation_sparsity
 from stages.evaluate.config import EvalConfig
+from stages.evaluate.core_extras import core_extras
 from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, positions_kept
 from stages.evaluate.evaluated import EvaluatedSAE, check_compatible, open_evaluated, open_external
 from stages.evaluate.multi_hook import clt_downstream_metrics, multi_hook_store_metrics
@@ -48,6 +49,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     else:
         metrics, density = store_metrics(sae, store, hook, norm, dev, cfg.tokens, cfg.progress, read_hook=read_hook)
         result |= metrics
+    if "core" in cfg.suites:
+        result |= core_extras(sae)
     if cfg.use_model and evaluated.multi is None:
         host = load_eval_model(store, cfg.model, dev)
         read = None if read_hook is None else (read_hook, evaluated.read_normalization)
@@ -123,6 +126,9 @@ TABLE_KEYS = (
     "kl_div_score",
     "delta_loss",
     "ablation_sparsity",
+    "decoder_max_cosine_mean",
+    "duplicate_fraction",
+    "encoder_decoder_cosine_mean",
 )
 
 
