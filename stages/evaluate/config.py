@@ -26,6 +26,11 @@ class EvalConfig:
     suite: str = setting(
         "default", "evaluations beyond the default ones, comma-separated: core, probing, or all (docs/metrics.md)"
     )
+    probe_data: str = setting(
+        "stdlib-package", "k-sparse probing's labelled texts: stdlib-package, .jsonl/.parquet files or an HF data set"
+    )
+    probe_text_column: str = setting("text", "the probing data's text column")
+    probe_label_column: str = setting("label", "the probing data's label column")
     device: str = device_setting()
     progress: bool = progress_setting()
 
@@ -49,5 +54,9 @@ class EvalConfig:
         require(
             self.ablation_contexts >= 0,
             f"--ablation-contexts must be at least 0 (0 skips ablation sparsity), got {self.ablation_contexts}",
+        )
+        require(
+            "probing" not in self.suites or self.use_model,
+            "--suite probing runs the model on its texts: drop --no-model (or leave probing out of --suite)",
         )
         return self

@@ -13,7 +13,9 @@ from stages.evaluate.core_extras import core_extras
 from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, positions_kept
 from stages.evaluate.evaluated import EvaluatedSAE, check_compatible, open_evaluated, open_external
 from stages.evaluate.multi_hook import clt_downstream_metrics, multi_hook_store_metrics
+from stages.evaluate.probing import probing_classes, sparse_probing
 from stages.evaluate.reconstruction import store_metrics
+from stages.text.probing_tasks import probing_data
 from store_schema.reader import open_store
 
 
@@ -33,6 +35,10 @@ def run_eval(cfg: EvalConfig) -> dict:
         check_compatible(evaluated.sae, run_dir.load_config(run_path), store)
     if cfg.splice_from < 0 or cfg.splice_from >= store.context_size:
         raise SaepipeError(f"--splice-from {cfg.splice_from} is outside the context (0 to {store.context_size - 1})")
+    probing = None  # the probing texts, read before any other work so that bad data is refused at once
+    if "probing" in cfg.suites:
+        probing = probing_data(cfg.probe_data, cfg.probe_text_column, cfg.probe_label_column)
+        probing_classes(probing)  # two classes or more
     sae, norm, hook = evaluated.sae, evaluated.normalization, evaluated.hook
     read_hook = evaluated.read_hook  # a transcoder's input hook; `hook` is the one it writes
     result = {
@@ -57,6 +63,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         result |= downstream_metrics(
             sae, store, hook, norm, host, dev, cfg.tokens, cfg.splice_from, progress=cfg.progress, read=read
         )
+        if probing is not None:
+            result["probing"] = sparse_probing(evaluated, store, host, probing, dev, progress=cfg.progress)
         # Latent ablation measures how sparse an SAE's effect on the logits is; for transcoders it is
         # not defined yet (issue 16).
         if cfg.ablation_contexts > 0 and read_hook is None:
@@ -148,6 +156,10 @@ def format_eval_table(result: dict) -> str:
     lines.append(f"{'eval rows':<30}{result['eval_rows']:>14,}")
     if "downstream_tokens" in result:
         lines.append(f"{'ce/kl tokens':<30}{result['downstream_tokens']:>14,}")
+    probing = result.get("probing")
+    if probing:
+        for key in ("sae_top_1", "sae_top_5", "model_top_1", "model_top_5"):
+            lines.append(f"{'probing ' + key:<30}{probing[key + '_accuracy']:>14.5g}")
     if "ablation_count" in result:
         lines.append(f"{'ablations':<30}{result['ablation_count']:>14,}")
     return "\n".join(lines)

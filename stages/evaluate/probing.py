@@ -1,0 +1,175 @@
+"""k-sparse probing (Gao et al. 2024; Gurnee et al. 2023; SAEBench's `sparse_probing`): how much of a
+text's class k latents carry.
+
+For each text: the model runs on it (BOS first, cut at the store's context size), the hook's activation at
+every position the store would keep is encoded by the SAE, and the latents are mean-pooled over the text
+(encode, then pool). Each class gives one binary task, the class against the others, balanced and split
+into train and test. On the train part the k latents with the largest |mean difference| between the two
+sides are chosen, a logistic regression is fit on them, and its test accuracy is reported, for k = 1, 2
+and 5; the same procedure on the model's own dimensions (its mean-pooled raw activations) is the
+baseline. Logistic regression as scikit-learn's default: L2 penalty with C = 1 on standardized features,
+minimized by L-BFGS.
+
+Definitions, the default task and its cost: docs/metrics.md#k-sparse-probing
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stages.basics.errors import SaepipeError
+from stages.evaluate.downstream import positions_kept
+from stages.evaluate.evaluated import EvaluatedSAE
+from stages.host_model.model import run_to_hooks
+from stages.text.probing_tasks import ProbingData
+from store_schema.reader import ActivationStore
+
+K_VALUES = (1, 2, 5)
+PER_CLASS = 120  # texts of each class used: 2/3 to train, 1/3 to test
+MIN_PER_CLASS = 12
+BATCH = 16
+
+
+def sparse_probing(
+    evaluated: EvaluatedSAE,
+    store: ActivationStore,
+    model,
+    data: ProbingData,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Test accuracies of the k-sparse probes on the SAE's latents and on the model's dimensions, per class
+    and averaged over the classes (`probing` in eval.json)."""
+    classes = probing_classes(data)
+    chosen, split = _chosen_texts(data, classes, seed)
+    raw, latents = pooled_activations(evaluated, store, model, [data.texts[i] for i in chosen], device, progress)
+    labels = np.array([data.labels[i] for i in chosen])
+    per_class = {}
+    rng = np.random.default_rng(seed)
+    for label in classes:
+        train, test = _balanced(labels, split, label, rng)
+        per_class[label] = {
+            **{f"sae_top_{k}": _probe_accuracy(latents, labels == label, train, test, k) for k in K_VALUES},
+            **{f"model_top_{k}": _probe_accuracy(raw, labels == label, train, test, k) for k in K_VALUES},
+        }
+    keys = list(next(iter(per_class.values())))
+    return {
+        "task": data.name,
+        "classes": len(classes),
+        "texts": len(chosen),
+        **{f"{key}_accuracy": float(np.mean([c[key] for c in per_class.values()])) for key in keys},
+        "per_class": per_class,
+    }
+
+
+def probing_classes(data: ProbingData) -> list[str]:
+    """The classes with at least MIN_PER_CLASS texts; refused unless there are two or more."""
+    counts = Counter(data.labels)
+    classes = sorted(label for label, n in counts.items() if n >= MIN_PER_CLASS)
+    if len(classes) < 2:
+        raise SaepipeError(
+            f"--probe-data {data.name} has {len(classes)} class(es) with at least {MIN_PER_CLASS} texts: "
+            f"probing needs two or more"
+        )
+    return classes
+
+
+def _chosen_texts(data: ProbingData, classes: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to PER_CLASS texts of each class (a seeded shuffle) and whether each is in the train part."""
+    rng = np.random.default_rng(seed)
+    labels = np.array(data.labels)
+    chosen, is_train = [], []
+    for label in classes:
+        mine = rng.permutation(np.flatnonzero(labels == label))[:PER_CLASS]
+        n_train = (2 * len(mine)) // 3
+        chosen.extend(mine.tolist())
+        is_train.extend([True] * n_train + [False] * (len(mine) - n_train))
+    return np.array(chosen), np.array(is_train)
+
+
+def _balanced(labels: np.ndarray, is_train: np.ndarray, label: str, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the binary task `label` against the rest: every text of the class in each part, and as
+    many of the other classes', drawn at random."""
+    parts = []
+    for in_part in (is_train, ~is_train):
+        positive = np.flatnonzero(in_part & (labels == label))
+        others = np.flatnonzero(in_part & (labels != label))
+        parts.append(
+            np.concatenate([positive, rng.choice(others, size=min(len(positive), len(others)), replace=False)])
+        )
+    return parts[0], parts[1]
+
+
+@torch.no_grad()
+def pooled_activations(
+    evaluated: EvaluatedSAE, store: ActivationStore, model, texts: list[str], device, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the hook's raw activations, the SAE's dense latents), each mean-pooled over the positions of a
+    text the store would keep: [n_texts, d] and [n_texts, d_sae]."""
+    if evaluated.multi is not None:
+        raise SaepipeError(f"k-sparse probing reads one hook; a {evaluated.sae.arch} reads several")
+    hook = evaluated.read_hook or evaluated.hook
+    norm = evaluated.read_normalization if evaluated.read_hook else evaluated.normalization
+    bos = store.header["tokenizer"]["bos_token_id"]
+    ids = [[bos, *model.tokenizer.encode(text)][: store.context_size] for text in texts]
+    raw_out, latent_out = [], []
+    sae, dtype = evaluated.sae, next(evaluated.sae.parameters()).dtype
+    for start in tqdm(range(0, len(ids), BATCH), desc="probing texts", disable=not progress, leave=False):
+        batch = ids[start : start + BATCH]
+        width = max(len(row) for row in batch)
+        token_ids = np.full((len(batch), width), bos, dtype=np.int64)
+        for i, row in enumerate(batch):
+            token_ids[i, : len(row)] = row
+        acts = run_to_hooks(model, torch.from_numpy(token_ids).to(device), [hook])[hook]
+        kept = torch.from_numpy(positions_kept(store, token_ids)).to(device) & norm.inliers(acts)
+        kept &= (
+            torch.arange(width, device=device)[None, :] < torch.tensor([len(r) for r in batch], device=device)[:, None]
+        )
+        rows = acts[kept]
+        code = sae.encode(norm.apply(rows)[0].to(dtype)).dense(sae.d_sae).float()
+        owner = kept.nonzero()[:, 0]  # the text of each kept row
+        counts = kept.sum(dim=1, keepdim=True).clamp_min(1).float()
+        raw_out.append(torch.zeros(len(batch), rows.shape[1], device=device).index_add_(0, owner, rows) / counts)
+        latent_out.append(torch.zeros(len(batch), sae.d_sae, device=device).index_add_(0, owner, code) / counts)
+    return torch.cat(raw_out).cpu(), torch.cat(latent_out).cpu()
+
+
+def top_k_by_mean_difference(features: torch.Tensor, positive: torch.Tensor, k: int) -> torch.Tensor:
+    """The k features whose mean differs most, in absolute value, between the positive and negative rows."""
+    difference = features[positive].mean(dim=0) - features[~positive].mean(dim=0)
+    return difference.abs().topk(k).indices
+
+
+def _probe_accuracy(features: torch.Tensor, is_class: np.ndarray, train, test, k: int) -> float:
+    y = torch.from_numpy(is_class)
+    chosen = top_k_by_mean_difference(features[train], y[train], k)
+    model = fit_logistic_regression(features[train][:, chosen], y[train])
+    return float((model(features[test][:, chosen]) == y[test]).float().mean())
+
+
+def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 200):
+    """scikit-learn's default LogisticRegression on standardized features: minimize
+    C · Σ log-loss + ½‖w‖² (the bias not penalized) with L-BFGS, in float64. Returns a predict function."""
+    x = x.double()
+    mean, std = x.mean(dim=0), x.std(dim=0, unbiased=False).clamp_min(1e-12)
+    z, target = (x - mean) / std, y.double()
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-8, line_search_fn="strong_wolfe")
+
+    def objective():
+        optimizer.zero_grad()
+        loss = c * torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target, reduction="sum")
+        loss = loss + 0.5 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    w, b = w.detach(), b.detach()
+    return lambda features: ((features.double() - mean) / std) @ w + b > 0
