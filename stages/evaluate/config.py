@@ -8,7 +8,7 @@ from stages.basics.errors import SaepipeError, require
 from stages.basics.settings import device_setting, progress_setting, setting
 
 # Evaluations `--suite` adds to the default ones (reconstruction, sparsity, CE/KL, ablation sparsity).
-EXTRA_SUITES = ("core", "probing")
+EXTRA_SUITES = ("core", "probing", "ground-truth")
 
 
 @dataclass
@@ -31,14 +31,19 @@ class EvalConfig:
     )
     probe_text_column: str = setting("text", "the probing data's text column")
     probe_label_column: str = setting("label", "the probing data's label column")
+    truth: str | None = setting(
+        None, "a synthetic store's planted directions (safetensors, key 'features') for --suite ground-truth"
+    )
     device: str = device_setting()
     progress: bool = progress_setting()
 
     @property
     def suites(self) -> set[str]:
-        """The extra evaluations asked for ("all": every one)."""
+        """The extra evaluations asked for ("all": every one that applies; ground truth needs --truth)."""
         names = {name.strip() for name in self.suite.split(",") if name.strip()} - {"default"}
-        return set(EXTRA_SUITES) if "all" in names else names
+        if "all" in names:
+            return set(EXTRA_SUITES) - (set() if self.truth else {"ground-truth"})
+        return names
 
     def validate(self) -> EvalConfig:
         names = [name.strip() for name in self.suite.split(",") if name.strip()]
@@ -54,6 +59,10 @@ class EvalConfig:
         require(
             self.ablation_contexts >= 0,
             f"--ablation-contexts must be at least 0 (0 skips ablation sparsity), got {self.ablation_contexts}",
+        )
+        require(
+            "ground-truth" not in self.suites or self.truth is not None,
+            "--suite ground-truth compares the SAE with planted features: pass --truth FILE (their directions)",
         )
         require(
             "probing" not in self.suites or self.use_model,

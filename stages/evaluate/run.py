@@ -12,6 +12,7 @@ from stages.evaluate.config import EvalConfig
 from stages.evaluate.core_extras import core_extras
 from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, positions_kept
 from stages.evaluate.evaluated import EvaluatedSAE, check_compatible, open_evaluated, open_external
+from stages.evaluate.ground_truth import decoder_rows, ground_truth_metrics, load_truth
 from stages.evaluate.multi_hook import clt_downstream_metrics, multi_hook_store_metrics
 from stages.evaluate.probing import probing_classes, sparse_probing
 from stages.evaluate.reconstruction import store_metrics
@@ -39,6 +40,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     if "probing" in cfg.suites:
         probing = probing_data(cfg.probe_data, cfg.probe_text_column, cfg.probe_label_column)
         probing_classes(probing)  # two classes or more
+    truth = None  # the planted directions, read before any other work too
+    if "ground-truth" in cfg.suites:
+        truth = load_truth(cfg.truth, decoder_rows(evaluated.sae).shape[1])
     sae, norm, hook = evaluated.sae, evaluated.normalization, evaluated.hook
     read_hook = evaluated.read_hook  # a transcoder's input hook; `hook` is the one it writes
     result = {
@@ -57,6 +61,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         result |= metrics
     if "core" in cfg.suites:
         result |= core_extras(sae)
+    if truth is not None:
+        result["ground_truth"] = ground_truth_metrics(sae, truth)
     if cfg.use_model and evaluated.multi is None:
         host = load_eval_model(store, cfg.model, dev)
         read = None if read_hook is None else (read_hook, evaluated.read_normalization)
@@ -156,6 +162,10 @@ def format_eval_table(result: dict) -> str:
     lines.append(f"{'eval rows':<30}{result['eval_rows']:>14,}")
     if "downstream_tokens" in result:
         lines.append(f"{'ce/kl tokens':<30}{result['downstream_tokens']:>14,}")
+    truth = result.get("ground_truth")
+    if truth:
+        lines.append(f"{'ground truth mcc':<30}{truth['mcc']:>14.5g}")
+        lines.append(f"{'ground truth recovered':<30}{truth['recovered_fraction']:>14.5g}")
     probing = result.get("probing")
     if probing:
         for key in ("sae_top_1", "sae_top_5", "model_top_1", "model_top_5"):
