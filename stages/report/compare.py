@@ -45,6 +45,12 @@ _PREFIX_GROUPS = (
     ("kl_", "downstream"),
     ("l0_", "sparsity"),
     ("per_hook.", "per written hook (crosscoders, CLTs)"),
+    ("probing.per_class.", "k-sparse probing, per class"),
+    ("probing.", "k-sparse probing"),
+    ("ground_truth.", "ground truth"),
+    ("decoder_max_cosine", "core extras"),
+    ("duplicate_fraction", "core extras"),
+    ("encoder_decoder_cosine", "core extras"),
 )
 # Descriptions of the run or plot data, not metrics.
 _NOT_METRICS = {"run", "store", "store_fingerprint", "sae", "l0_histogram", "log10_density_histogram"}

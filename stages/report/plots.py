@@ -107,13 +107,13 @@ def density_histogram(run: EvaluatedRun, density: np.ndarray | None, color: str,
 def frontier(runs: list[EvaluatedRun], y_key: str, y_label: str) -> bytes | None:
     """One point per run at (l0, y_key), numbered, with the run names in a legend below (run names are
     too long to write beside the points); None when no run has both values."""
-    points = [(i, run) for i, run in enumerate(runs) if _finite(run.eval.get("l0")) and _finite(run.eval.get(y_key))]
+    points = [(i, run) for i, run in enumerate(runs) if _finite(run.eval.get("l0")) and _finite(_value(run, y_key))]
     if not points:
         return None
     fig = _figure(5.5, 4.2 + 0.2 * len(points))
     ax = fig.subplots()
     for i, run in points:
-        x, y = run.eval["l0"], run.eval[y_key]
+        x, y = run.eval["l0"], _value(run, y_key)
         ax.scatter([x], [y], color=run_color(i), s=40, zorder=3, label=f"{i + 1}: {run.label}")
         ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
     l0s = [run.eval["l0"] for _, run in points]
@@ -156,6 +156,14 @@ def per_hook(runs: list[EvaluatedRun]) -> bytes | None:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8)
     return to_png(fig)
+
+
+def _value(run: EvaluatedRun, key: str):
+    """An eval.json value by its dotted key ("probing.sae_top_1_accuracy"), or None."""
+    value = run.eval
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _finite(value) -> bool:

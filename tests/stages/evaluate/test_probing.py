@@ -77,6 +77,10 @@ def test_eval_probes_a_labelled_file(tiny_run, tmp_path):
     for key in ("sae_top_1", "sae_top_2", "sae_top_5", "model_top_1", "model_top_2", "model_top_5"):
         assert 0 <= probing[f"{key}_accuracy"] <= 1
     assert "probing sae_top_5" in table
+    run_ok("report", tiny_run, "--no-model", "--no-progress", "--out", tmp_path / "report")
+    assert (tmp_path / "report" / "frontier_l0_probing_sae_top_1_accuracy.png").stat().st_size > 5_000
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "k-sparse probing" in page and "probing.model_top_5_accuracy" in page
 
 
 def test_bad_probing_input_is_refused_in_one_line(tiny_run, tmp_path):
