@@ -38,6 +38,10 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise SaepipeError(f"--splice-from {cfg.splice_from} is outside the context (0 to {store.context_size - 1})")
     probing = None  # the probing texts, read before any other work so that bad data is refused at once
     if "probing" in cfg.suites:
+        if evaluated.multi is not None:
+            raise SaepipeError(
+                f"k-sparse probing reads one hook; a {evaluated.sae.arch} reads several: leave probing out of --suite"
+            )
         probing = probing_data(cfg.probe_data, cfg.probe_text_column, cfg.probe_label_column)
         probing_classes(probing)  # two classes or more
     truth = None  # the planted directions, read before any other work too
