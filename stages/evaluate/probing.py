@@ -7,8 +7,9 @@ every position the store would keep is encoded by the SAE, and the latents are m
 into train and test. On the train part the k latents with the largest |mean difference| between the two
 sides are chosen, a logistic regression is fit on them, and its test accuracy is reported, for k = 1, 2
 and 5; the same procedure on the model's own dimensions (its mean-pooled raw activations) is the
-baseline. Logistic regression as scikit-learn's default: L2 penalty with C = 1 on standardized features,
-minimized by L-BFGS.
+baseline. The selection and the probe are SAEBench 0.6.0's (`get_top_k_mean_diff_mask`,
+`train_sklearn_probe`: scikit-learn's L2 logistic regression with C = 1 on the features as they are),
+the regression minimized here by L-BFGS.
 
 Definitions, the default task and its cost: docs/metrics.md#k-sparse-probing
 """
@@ -152,19 +153,18 @@ def _probe_accuracy(features: torch.Tensor, is_class: np.ndarray, train, test, k
     return float((model(features[test][:, chosen]) == y[test]).float().mean())
 
 
-def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 200):
-    """scikit-learn's default LogisticRegression on standardized features: minimize
-    C · Σ log-loss + ½‖w‖² (the bias not penalized) with L-BFGS, in float64. Returns a predict function."""
-    x = x.double()
-    mean, std = x.mean(dim=0), x.std(dim=0, unbiased=False).clamp_min(1e-12)
-    z, target = (x - mean) / std, y.double()
+def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 1000):
+    """SAEBench's probe, scikit-learn's `LogisticRegression(penalty="l2", C=1.0, max_iter=1000)` on the
+    features as they are: minimize C · Σ log-loss + ½‖w‖² (the bias not penalized) with L-BFGS, in float64.
+    Returns a predict function."""
+    x, target = x.double(), y.double()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-8, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
 
     def objective():
         optimizer.zero_grad()
-        loss = c * torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target, reduction="sum")
+        loss = c * torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, target, reduction="sum")
         loss = loss + 0.5 * w.pow(2).sum()
         loss.backward()
         return loss
@@ -172,4 +172,4 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, ma
     with torch.enable_grad():
         optimizer.step(objective)
     w, b = w.detach(), b.detach()
-    return lambda features: ((features.double() - mean) / std) @ w + b > 0
+    return lambda features: features.double() @ w + b > 0
