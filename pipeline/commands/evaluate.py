@@ -24,7 +24,7 @@ from stages.evaluate import EvalConfig, format_eval_table, run_eval
     "external",
     "device",
 )
-@options(EvalConfig, "probe_data", "probe_text_column", "probe_label_column", "truth", "progress")
+@options(EvalConfig, "probe_data", "probe_text_column", "probe_label_column", "absorption_words", "truth", "progress")
 def eval_command(run: str, **values) -> None:
     """Evaluate a trained SAE (RUN: its run folder) on held-out rows; with the model, CE loss, KL and
     ablation sparsity with it spliced in. Definitions: docs/metrics.md."""

@@ -8,7 +8,7 @@ from stages.basics.errors import SaepipeError, require
 from stages.basics.settings import device_setting, progress_setting, setting
 
 # Evaluations `--suite` adds to the default ones (reconstruction, sparsity, CE/KL, ablation sparsity).
-EXTRA_SUITES = ("core", "probing", "ground-truth")
+EXTRA_SUITES = ("core", "probing", "absorption", "ground-truth")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class EvalConfig:
     )
     probe_text_column: str = setting("text", "the probing data's text column")
     probe_label_column: str = setting("label", "the probing data's label column")
+    absorption_words: int = setting(4000, "letter-only tokens sampled for absorption (80% train, 20% test)")
     truth: str | None = setting(
         None, "a synthetic store's planted directions (safetensors, key 'features') for --suite ground-truth"
     )
@@ -65,7 +66,12 @@ class EvalConfig:
             "--suite ground-truth compares the SAE with planted features: pass --truth FILE (their directions)",
         )
         require(
-            "probing" not in self.suites or self.use_model,
-            "--suite probing runs the model on its texts: drop --no-model (or leave probing out of --suite)",
+            self.absorption_words >= 10 * 26,
+            f"--absorption-words must be at least 260 (10 per letter), got {self.absorption_words}",
         )
+        for suite in ("probing", "absorption"):
+            require(
+                suite not in self.suites or self.use_model,
+                f"--suite {suite} runs the model on its texts: drop --no-model (or leave {suite} out of --suite)",
+            )
         return self

@@ -153,18 +153,23 @@ def _probe_accuracy(features: torch.Tensor, is_class: np.ndarray, train, test, k
     return float((model(features[test][:, chosen]) == y[test]).float().mean())
 
 
-def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 1000):
+def fit_logistic_regression(
+    x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 1000, sample_weight: torch.Tensor | None = None
+):
     """SAEBench's probe, scikit-learn's `LogisticRegression(penalty="l2", C=1.0, max_iter=1000)` on the
-    features as they are: minimize C · Σ log-loss + ½‖w‖² (the bias not penalized) with L-BFGS, in float64.
-    Returns a predict function."""
+    features as they are: minimize C · Σ s_i log-loss_i + ½‖w‖² (the bias not penalized; s_i the sample
+    weights, scikit-learn's class_weight) with L-BFGS, in float64. Returns a predict function."""
     x, target = x.double(), y.double()
+    weight = None if sample_weight is None else sample_weight.double()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
 
     def objective():
         optimizer.zero_grad()
-        loss = c * torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, target, reduction="sum")
+        loss = c * torch.nn.functional.binary_cross_entropy_with_logits(
+            x @ w + b, target, weight=weight, reduction="sum"
+        )
         loss = loss + 0.5 * w.pow(2).sum()
         loss.backward()
         return loss

@@ -8,6 +8,7 @@ from stages.basics import run_dir, tracking
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.evaluate.ablation import ablation_sparsity
+from stages.evaluate.absorption import absorption
 from stages.evaluate.config import EvalConfig
 from stages.evaluate.core_extras import core_extras
 from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, positions_kept
@@ -75,6 +76,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         )
         if probing is not None:
             result["probing"] = sparse_probing(evaluated, store, host, probing, dev, progress=cfg.progress)
+        if "absorption" in cfg.suites:
+            bos = store.header["tokenizer"]["bos_token_id"]
+            result["absorption"] = absorption(
+                evaluated, host, bos, dev, max_words=cfg.absorption_words, progress=cfg.progress
+            )
         # Latent ablation measures how sparse an SAE's effect on the logits is; for transcoders it is
         # not defined yet (issue 16).
         if cfg.ablation_contexts > 0 and read_hook is None:
@@ -170,6 +176,11 @@ def format_eval_table(result: dict) -> str:
     if truth:
         lines.append(f"{'ground truth mcc':<30}{truth['mcc']:>14.5g}")
         lines.append(f"{'ground truth recovered':<30}{truth['recovered_fraction']:>14.5g}")
+    absorbed = result.get("absorption")
+    if absorbed:
+        lines.append(f"{'absorption fraction':<30}{absorbed['mean_absorption_fraction_score']:>14.5g}")
+        lines.append(f"{'full absorption':<30}{absorbed['mean_full_absorption_score']:>14.5g}")
+        lines.append(f"{'split features':<30}{absorbed['mean_num_split_features']:>14.5g}")
     probing = result.get("probing")
     if probing:
         for key in ("sae_top_1", "sae_top_5", "model_top_1", "model_top_5"):
