@@ -108,9 +108,10 @@ def build_report(opts: ReportOptions) -> Path:
         ),
     ]
     for key, label in (("probing.sae_top_1_accuracy", "k-sparse probing accuracy, k = 1"),
+                       ("absorption.mean_absorption_fraction_score", "absorption fraction"),
                        ("ground_truth.mcc", "ground-truth MCC")):  # fmt: skip
         extra = keep(f"frontier_l0_{key.replace('.', '_')}.png", plots.frontier(runs, key, label), f"L0 vs {label}")
-        if extra is not None:  # evaluated with --suite probing or ground-truth
+        if extra is not None:  # evaluated with --suite probing, absorption or ground-truth
             frontiers.append(extra)
     layers = keep("per_hook.png", plots.per_hook(runs), "per written hook and per layer")
     if layers is not None:  # crosscoders and CLTs: shown with the frontier

@@ -48,6 +48,8 @@ _PREFIX_GROUPS = (
     ("probing.per_class.", "k-sparse probing, per class"),
     ("probing.", "k-sparse probing"),
     ("ground_truth.", "ground truth"),
+    ("absorption.per_letter.", "absorption, per letter"),
+    ("absorption.", "absorption"),
     ("decoder_max_cosine", "core extras"),
     ("duplicate_fraction", "core extras"),
     ("encoder_decoder_cosine", "core extras"),
