@@ -7,6 +7,7 @@
 #   make scale   a store at scale: 100M-token collect, a store bigger than memory, S3 (docs/scale.md)
 #   make soak    a store under load: training, readers and appends at once (pipeline/tools/soak.py)
 #   make circuit-tracer  circuit-tracer's own environment, and the test that it reads our exports
+#   make saebench        SAEBench's own environment, and the test that sets our evals beside its code
 # Every variable below can be overridden: make all MODEL=gpt2 HOOK=blocks.6.hook_resid_post DEVICE=cuda
 
 PYTHON  ?= python3
@@ -39,7 +40,7 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval report sweep test lint bench scale soak circuit-tracer clean distclean
+.PHONY: all setup collect train eval report sweep test lint bench scale soak circuit-tracer saebench clean distclean
 
 all: report
 
@@ -123,8 +124,20 @@ circuit-tracer: $(SETUP_DONE)
 	SAEPIPE_CIRCUIT_TRACER_PYTHON=$(CT_VENV)/bin/python $(PY) -m pytest -q -p no:cacheprovider \
 		tests/stages/train/test_circuit_tracer_export.py
 
+# SAEBench 0.6.0 cannot live beside saepipe either (numpy < 2, datasets < 4): in its own environment, with
+# torch held at ours and its torchvision removed (that wheel needs CUDA's libtorch), the test that sets
+# our k-sparse probing and absorption beside its own code on the same inputs (docs/metrics.md).
+SB_VENV ?= .venv-saebench
+saebench: $(SETUP_DONE)
+	test -x $(SB_VENV)/bin/python || $(PYTHON) -m venv $(SB_VENV)
+	echo "$(TORCH)" > $(SB_VENV)/saepipe-constraints.txt
+	$(SB_VENV)/bin/pip install -q --disable-pip-version-check -c $(SB_VENV)/saepipe-constraints.txt "$(TORCH)" sae-bench==0.6.0
+	$(SB_VENV)/bin/pip uninstall -q -y torchvision
+	SAEPIPE_SAEBENCH_PYTHON=$(SB_VENV)/bin/python $(PY) -m pytest -q -p no:cacheprovider \
+		tests/stages/evaluate/test_against_saebench.py
+
 clean:
 	rm -rf stores runs
 
 distclean: clean
-	rm -rf $(VENV) $(CT_VENV)
+	rm -rf $(VENV) $(CT_VENV) $(SB_VENV)

@@ -153,6 +153,8 @@ def absorption_fraction(proj: torch.Tensor, cos: torch.Tensor, main: list[int], 
     """SAEBench's absorption fraction of one word: 0 when the main latents carry the projection or the
     absorbers carry less than ABSORBER_SHARE of it; 1 when the main latents carry nothing; else the
     absorbers' part A = min(their top-3 sum, what the main latents miss) over A + the main part."""
+    if act_proj <= 0:  # nothing along the probe to absorb (SAEBench: 0 below zero, a division by zero at it)
+        return 0.0
     is_main = torch.zeros(len(proj), dtype=torch.bool)
     is_main[main] = True
     main_part = float(proj[is_main].sum())
@@ -171,7 +173,7 @@ def full_absorption(
 ) -> bool:
     """SAEBench's full absorption of one word: no main latent fires, and the latent projecting most onto the
     probe has cosine >= 0.025 with it and carries at least ABSORBER_SHARE of the projection."""
-    if bool((acts[main] >= MAIN_ZERO).any()) or act_proj < 0:
+    if bool((acts[main] >= MAIN_ZERO).any()) or act_proj <= 0:  # SAEBench divides by zero at 0
         return False
     top = int(proj.argmax())
     return float(cos[top]) >= FULL_ABSORBER_COSINE and float(proj[top]) / act_proj >= ABSORBER_SHARE
