@@ -40,10 +40,12 @@ class EvalConfig:
 
     @property
     def suites(self) -> set[str]:
-        """The extra evaluations asked for ("all": every one that applies; ground truth needs --truth)."""
+        """The extra evaluations asked for ("all": every one that can run: ground truth needs --truth, probing
+        and absorption the model)."""
         names = {name.strip() for name in self.suite.split(",") if name.strip()} - {"default"}
         if "all" in names:
-            return set(EXTRA_SUITES) - (set() if self.truth else {"ground-truth"})
+            needing_the_model = set() if self.use_model else {"probing", "absorption"}
+            return set(EXTRA_SUITES) - (set() if self.truth else {"ground-truth"}) - needing_the_model
         return names
 
     def validate(self) -> EvalConfig:

@@ -37,16 +37,13 @@ def run_eval(cfg: EvalConfig) -> dict:
         check_compatible(evaluated.sae, run_dir.load_config(run_path), store)
     if cfg.splice_from < 0 or cfg.splice_from >= store.context_size:
         raise SaepipeError(f"--splice-from {cfg.splice_from} is outside the context (0 to {store.context_size - 1})")
+    suites = _applicable_suites(cfg, evaluated)
     probing = None  # the probing texts, read before any other work so that bad data is refused at once
-    if "probing" in cfg.suites:
-        if evaluated.multi is not None:
-            raise SaepipeError(
-                f"k-sparse probing reads one hook; a {evaluated.sae.arch} reads several: leave probing out of --suite"
-            )
+    if "probing" in suites:
         probing = probing_data(cfg.probe_data, cfg.probe_text_column, cfg.probe_label_column)
         probing_classes(probing)  # two classes or more
     truth = None  # the planted directions, read before any other work too
-    if "ground-truth" in cfg.suites:
+    if "ground-truth" in suites:
         truth = load_truth(cfg.truth, decoder_rows(evaluated.sae).shape[1])
     sae, norm, hook = evaluated.sae, evaluated.normalization, evaluated.hook
     read_hook = evaluated.read_hook  # a transcoder's input hook; `hook` is the one it writes
@@ -64,7 +61,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     else:
         metrics, density = store_metrics(sae, store, hook, norm, dev, cfg.tokens, cfg.progress, read_hook=read_hook)
         result |= metrics
-    if "core" in cfg.suites:
+    if "core" in suites:
         result |= core_extras(sae)
     if truth is not None:
         result["ground_truth"] = ground_truth_metrics(sae, truth)
@@ -76,7 +73,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         )
         if probing is not None:
             result["probing"] = sparse_probing(evaluated, store, host, probing, dev, progress=cfg.progress)
-        if "absorption" in cfg.suites:
+        if "absorption" in suites:
             bos = store.header["tokenizer"]["bos_token_id"]
             result["absorption"] = absorption(
                 evaluated, host, bos, dev, max_words=cfg.absorption_words, progress=cfg.progress
@@ -93,6 +90,25 @@ def run_eval(cfg: EvalConfig) -> dict:
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
     tracking.log_eval(run_path, result)  # into the run's wandb run, when it was trained with --wandb
     return result
+
+
+def _applicable_suites(cfg: EvalConfig, evaluated: EvaluatedSAE) -> set[str]:
+    """The extra evaluations to run: `--suite all` keeps those that apply to this run; one named that does
+    not apply is refused (probing and absorption read one hook; absorption probes the hook an SAE writes)."""
+    arch = evaluated.sae.arch
+    inapplicable = {}
+    if evaluated.multi is not None:
+        inapplicable |= {suite: f"it reads one hook; a {arch} reads several" for suite in ("probing", "absorption")}
+    elif evaluated.read_hook is not None:
+        inapplicable["absorption"] = f"it probes the hook an SAE reconstructs; a {arch} writes another"
+    if getattr(evaluated.sae, "n_layers", None):
+        inapplicable["ground-truth"] = f"it compares decoder rows; a {arch} has one decoder per layer"
+    named = {name.strip() for name in cfg.suite.split(",")}
+    if "all" in named:
+        return cfg.suites - set(inapplicable)
+    for suite in cfg.suites & set(inapplicable):
+        raise SaepipeError(f"--suite {suite} does not apply here: {inapplicable[suite]}")
+    return cfg.suites
 
 
 def _multi_hook_metrics(cfg: EvalConfig, evaluated: EvaluatedSAE, store, device) -> dict:

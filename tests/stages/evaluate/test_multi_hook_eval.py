@@ -146,3 +146,13 @@ def test_a_set_refuses_what_is_not_one_set(transcoder_runs, clt_run, mlp_store, 
         run("eval-set", transcoder_runs[0], other, "--out", tmp_path / "c"), "the runs were trained on different stores"
     )
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_suite_all_runs_what_applies_to_a_crosscoder_and_refuses_what_is_named(crosscoder_run):
+    run_ok("eval", crosscoder_run, "--tokens", 512, "--no-progress", "--no-model", "--suite", "all")
+    result = json.loads((crosscoder_run / run_dir.EVAL).read_text())
+    assert "duplicate_fraction" in result and "probing" not in result and "absorption" not in result
+    expect_error(
+        run("eval", crosscoder_run, "--tokens", 512, "--suite", "probing"),
+        "--suite probing does not apply here: it reads one hook; a crosscoder reads several",
+    )
