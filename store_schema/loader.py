@@ -4,8 +4,9 @@ Two ways to serve them, picked by size:
 - resident: the whole split is read once (chunks decoded on a thread pool) into device memory as fp16,
   and each epoch draws a fresh permutation of all rows; batches are converted to the compute dtype on
   the device.
-- streaming: each epoch visits the chunks in a seeded random order, a window of whole chunks at a
-  time, while a background thread reads the next window. The window's chunks are cut into runs of
+- streaming: each epoch visits the chunks in a seeded random order (a last, partial chunk always last,
+  so every epoch serves the same number of batches), a window of whole chunks at a time, while a
+  background thread reads the next window. The window's chunks are cut into runs of
   adjacent rows (batch_size / RUNS_PER_BATCH rows, so at least 16 runs per batch) and each run is read
   straight from its chunk file to a seeded random slot of the window's buffer (the mixing buffer), so a
   batch is a plain slice: one copy from the page cache, like a memmap read. Moving runs rather than
@@ -172,7 +173,12 @@ class ShuffledBatches:
 
     def _windows(self, epoch: int) -> list[_Window]:
         n_chunks = -(-self.n_rows // self.store.chunk_rows)
-        order = np.random.default_rng([self.seed, epoch, 0xC4]).permutation(n_chunks)
+        # A last, partial chunk goes last, so every epoch's windows hold the same numbers of rows and serve
+        # the same number of batches (batches_per_epoch): shuffled in among the others, it changed which
+        # window lost a remainder, and an epoch could end a batch early or late.
+        whole = n_chunks - (self.n_rows % self.store.chunk_rows != 0)
+        order = np.random.default_rng([self.seed, epoch, 0xC4]).permutation(whole)
+        order = np.concatenate([order, np.arange(whole, n_chunks)])
         windows = []
         for w, first in enumerate(range(0, n_chunks, self.window_chunks)):
             chunks = tuple(int(c) for c in order[first : first + self.window_chunks])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -65,6 +65,9 @@ def test_normalization_round_trips(mode, x, offset):
     resident=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+# found by this test in CI (2026-11-29): a partial last chunk shuffled among the others changed each epoch's
+# batch count, so the second epoch ended a batch early and the next batch repeated five rows
+@example(n=2487, chunk_rows=337, batch=5, window_chunks=3, resident=False, seed=0)
 def test_every_epoch_serves_distinct_rows_of_the_store(n, chunk_rows, batch, window_chunks, resident, seed):
     assume(batch <= n)
     train = np.zeros((n, 2), np.float32)
