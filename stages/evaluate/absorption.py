@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from stages.basics.errors import SaepipeError
 from stages.evaluate.evaluated import EvaluatedSAE
-from stages.evaluate.probing import fit_logistic_regression
+from stages.evaluate.probing import fit_logistic_regression, padded
 from stages.host_model.model import run_to_hooks
 
 LETTERS = string.ascii_lowercase
@@ -85,16 +85,12 @@ def word_activations(
         rows, positions = [], []
         for word in words[start : start + BATCH]:
             examples = [pool[i] for i in rng.choice(len(pool), size=ICL_EXAMPLES, replace=False)]
-            head, rest = prompt(word, examples)
-            # the two parts tokenized apart (the rest starts with a space), so the word's last token is known
-            ids = [bos, *model.tokenizer.encode(head)]
-            positions.append(len(ids) - 1)
-            rows.append(ids + model.tokenizer.encode(rest))
-        width = max(len(r) for r in rows)
-        tokens = torch.full((len(rows), width), bos, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.tensor(r)
-        acts = run_to_hooks(model, tokens.to(device), [hook])[hook]
+            head, _ = prompt(word, examples)
+            # Up to the word only: the model is causal, so the question's rest never reaches the word's
+            # activation. Tokenized on its own, the prompt's head ends with the word's last token.
+            rows.append([bos, *model.tokenizer.encode(head)])
+            positions.append(len(rows[-1]) - 1)
+        acts = run_to_hooks(model, torch.from_numpy(padded(rows, bos)).to(device), [hook])[hook]
         out.append(acts[torch.arange(len(rows)), torch.tensor(positions)].cpu())
     return torch.cat(out)
 

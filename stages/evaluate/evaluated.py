@@ -104,6 +104,16 @@ class EvaluatedSAE:
     # `hook` is then its first written hook.
     multi: tuple[tuple[str, ...], tuple[str, ...], dict[str, Normalization]] | None = None
 
+    def inputs(self) -> list[tuple[str, Normalization]]:
+        """The hooks the SAE encodes, each with the normalization mapping its raw rows into the SAE's input
+        space: its hook; a transcoder's input hook; a crosscoder's or CLT's input hooks, side by side."""
+        if self.multi is not None:
+            in_hooks, _, norms = self.multi
+            return [(hook, norms[hook]) for hook in in_hooks]
+        if self.read_hook is not None:
+            return [(self.read_hook, self.read_normalization)]
+        return [(self.hook, self.normalization)]
+
 
 def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_path: str | None = None) -> EvaluatedSAE:
     """A trained run folder (cfg.json + sae.safetensors), or an eval folder of an external SAE."""

@@ -114,18 +114,15 @@ def pooled_activations(
     text the store would keep: [n_texts, d] and [n_texts, d_sae]."""
     if evaluated.multi is not None:
         raise SaepipeError(f"k-sparse probing reads one hook; a {evaluated.sae.arch} reads several")
-    hook = evaluated.read_hook or evaluated.hook
-    norm = evaluated.read_normalization if evaluated.read_hook else evaluated.normalization
+    [(hook, norm)] = evaluated.inputs()
     bos = store.header["tokenizer"]["bos_token_id"]
     ids = [[bos, *model.tokenizer.encode(text)][: store.context_size] for text in texts]
     raw_out, latent_out = [], []
     sae, dtype = evaluated.sae, next(evaluated.sae.parameters()).dtype
     for start in tqdm(range(0, len(ids), BATCH), desc="probing texts", disable=not progress, leave=False):
         batch = ids[start : start + BATCH]
-        width = max(len(row) for row in batch)
-        token_ids = np.full((len(batch), width), bos, dtype=np.int64)
-        for i, row in enumerate(batch):
-            token_ids[i, : len(row)] = row
+        token_ids = padded(batch, bos)
+        width = token_ids.shape[1]
         acts = run_to_hooks(model, torch.from_numpy(token_ids).to(device), [hook])[hook]
         kept = torch.from_numpy(positions_kept(store, token_ids)).to(device) & norm.inliers(acts)
         kept &= (
@@ -138,6 +135,15 @@ def pooled_activations(
         raw_out.append(torch.zeros(len(batch), rows.shape[1], device=device).index_add_(0, owner, rows) / counts)
         latent_out.append(torch.zeros(len(batch), sae.d_sae, device=device).index_add_(0, owner, code) / counts)
     return torch.cat(raw_out).cpu(), torch.cat(latent_out).cpu()
+
+
+def padded(rows: list[list[int]], pad: int) -> np.ndarray:
+    """Token id rows of different lengths as one int64 array [n, longest], `pad` after each row's end (the
+    model is causal: what follows a position never changes its activation)."""
+    out = np.full((len(rows), max(len(row) for row in rows)), pad, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
 
 
 def top_k_by_mean_difference(features: torch.Tensor, positive: torch.Tensor, k: int) -> torch.Tensor:

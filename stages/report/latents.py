@@ -123,13 +123,7 @@ class SaeInputs:
 
     def __init__(self, store: ActivationStore, evaluated: EvaluatedSAE, device: torch.device):
         self.store, self.device = store, device
-        if evaluated.multi is not None:  # a crosscoder or CLT: its input hooks side by side
-            in_hooks, _, norms = evaluated.multi
-            self.hooks = [(hook, norms[hook]) for hook in in_hooks]
-        elif evaluated.read_hook is not None:  # a transcoder reads its input hook
-            self.hooks = [(evaluated.read_hook, evaluated.read_normalization)]
-        else:
-            self.hooks = [(evaluated.hook, evaluated.normalization)]
+        self.hooks = evaluated.inputs()  # a transcoder's input hook; a crosscoder's or CLT's, side by side
         self.dtype = next(evaluated.sae.parameters()).dtype
 
     def read(self, start: int, stop: int) -> torch.Tensor:
