@@ -18,7 +18,7 @@ from tqdm import tqdm
 from stages.basics.errors import SaepipeError
 from stages.evaluate.accumulators import ReconstructionStats, SparsityStats
 from stages.evaluate.downstream import spliced_positions_metrics
-from stages.host_model.model import hook_layer, logits_with_hooks_predicted
+from stages.host_model.model import hook_layer, logits_with_hook_replaced, logits_with_hooks_predicted
 from stages.saes import SparseAutoencoder
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore
@@ -174,8 +174,8 @@ def layers_spliced_metrics(
 
     def logits(tokens: torch.Tensor, key: str, spliced: torch.Tensor) -> torch.Tensor:
         state["spliced"] = spliced
-        if key == "clean":
-            return logits_with_hooks_predicted(model, tokens, pairs, lambda i, x, y: y)
+        if key == "clean":  # a plain forward pass: no hook installed
+            return logits_with_hook_replaced(model, tokens, pairs[0][1], None)
         return logits_with_hooks_predicted(model, tokens, pairs, predict if key == "sae" else zero)
 
     hooks = list(dict.fromkeys(hook for pair in pairs for hook in pair))

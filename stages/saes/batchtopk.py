@@ -43,7 +43,7 @@ class BatchTopKSAE(TopKSAE):
 
     # -- inference: JumpReLU with the learned threshold -----------------------------------------------
     def encode_pre(self, pre: torch.Tensor) -> DenseCode:
-        return DenseCode(torch.where(pre > self.threshold, pre, torch.zeros((), dtype=pre.dtype, device=pre.device)))
+        return DenseCode(above_threshold(pre, self.threshold))
 
     # -- training: the batch's top k·B ---------------------------------------------------------------
     def batch_topk(self, pre: torch.Tensor) -> SparseCode:
@@ -119,3 +119,8 @@ def moved_threshold(threshold: torch.Tensor, kept: torch.Tensor, rate: float) ->
     smallest = distributed.min_(kept.masked_fill(kept <= 0, float("inf")).min())
     new = torch.where(threshold > 0, (1 - rate) * threshold + rate * smallest, smallest)
     return torch.where(torch.isfinite(smallest), new, threshold)
+
+
+def above_threshold(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The inference code of a BatchTopK layer: a JumpReLU, pre-activations above the learned threshold."""
+    return torch.where(pre > threshold, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))

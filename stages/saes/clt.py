@@ -34,7 +34,7 @@ from stages.saes.base import (
     reconstruction_metrics,
     selected_pre_acts,
 )
-from stages.saes.batchtopk import BatchTopKSAE, batch_top_k, moved_threshold
+from stages.saes.batchtopk import BatchTopKSAE, above_threshold, batch_top_k, moved_threshold
 from stages.saes.topk import TopKSettings
 
 # A layer's sparse code: (values [n, k], indices into that layer's latents [n, k]).
@@ -190,9 +190,7 @@ class CrossLayerTranscoder(SparseAutoencoder):
         """How many latents of each layer are active, summed over the code's rows [n_layers]."""
         if isinstance(code, DenseCode):
             return (code.values > 0).view(-1, self.n_layers, self.width).sum(dim=(0, 2))
-        layer_of = code.indices // self.width
-        fired = code.values > 0
-        return torch.stack([(fired & (layer_of == layer)).sum() for layer in range(self.n_layers)])
+        return torch.bincount((code.indices // self.width)[code.values > 0], minlength=self.n_layers)
 
     # -- training ------------------------------------------------------------------------------------
     def training_loss(self, batch, ctx: TrainContext, target: torch.Tensor | None = None):
@@ -300,8 +298,7 @@ class BatchTopKCrossLayerTranscoder(CrossLayerTranscoder):
 
     def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s dense code [n, width]: pre-activations above the layer's threshold."""
-        pre = self.layer_pre_acts(layer, x)
-        return torch.where(pre > self.threshold[layer], pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+        return above_threshold(self.layer_pre_acts(layer, x), self.threshold[layer])
 
     def training_code(self, layer: int, x: torch.Tensor, pre: torch.Tensor) -> LayerCode:
         selected = batch_top_k(pre, self.k)

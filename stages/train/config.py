@@ -33,7 +33,8 @@ class TrainConfig:
     # A cross-layer transcoder reads blocks.L.mlp.hook_in and writes blocks.L.hook_mlp_out for L in a range.
     layers: str | None = setting(None, "a cross-layer transcoder's layers, first-last (e.g. 0-29)", metavar="A-B")
     activation: str = setting(
-        "topk", "the sparsity rule of a transcoder or crosscoder: topk, batchtopk, jumprelu, relu (a clt: topk)"
+        "topk",
+        "the sparsity rule of a transcoder or crosscoder: topk, batchtopk, jumprelu, relu (a clt: topk, batchtopk)",
     )
     # A crosscoder's hooks (the CLI's --hook given several times); `hook` is then None.
     hooks: tuple[str, ...] = ()
