@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from stages.basics.errors import SaepipeError
-from stages.train.transcoder_export import affine, fold_transcoder
+from stages.train.transcoder_export import affine, fold_encoder, fold_transcoder
 from store_schema.normalization import Normalization
 
 CONFIG = "config.yaml"
@@ -99,18 +99,13 @@ def export_clt(clt, norms: dict[str, Normalization], in_hooks, out_hooks, out: P
 
 def _folded_clt_layer(clt, layer: int, in_norm: Normalization, out_norms: list[Normalization]):
     """Layer `layer`'s encoder (with its output bias) and its decoder [width, L − layer, d_out] on raw rows."""
-    mu_in, c_in = affine(in_norm, clt.d_in)
-    W_enc = clt.W_enc[layer].detach().double()  # noqa: N806
-    b_enc = clt.b_enc[layer].detach().double() - c_in * (mu_in @ W_enc)
-    W_dec = clt.writes_of(layer).detach().double()  # noqa: N806 - [width, L − layer, d_out]
-    scales = []
-    for norm in out_norms:
-        _, c_out = affine(norm, clt.d_out)
-        scales.append(c_out)
-    W_dec = W_dec / torch.tensor(scales, dtype=torch.float64)[None, :, None]  # noqa: N806
+    W_enc, b_enc = fold_encoder(clt.W_enc[layer].detach(), clt.b_enc[layer].detach(), in_norm)  # noqa: N806
+    # each block of the writes into layer m is divided by layer m's scale; the bias is this layer's output's
+    scales = torch.tensor([affine(norm, clt.d_out)[1] for norm in out_norms], dtype=torch.float64)
+    W_dec = clt.writes_of(layer).detach().double() / scales[None, :, None]  # noqa: N806 - [width, L − layer, d_out]
     mu_out, c_out = affine(out_norms[0], clt.d_out)
     b_dec = clt.b_dec[layer * clt.d_out : (layer + 1) * clt.d_out].detach().double() / c_out + mu_out
-    encoder = {"W_enc": (c_in * W_enc).t(), "b_enc": b_enc, "b_dec": b_dec}
+    encoder = {"W_enc": W_enc.t(), "b_enc": b_enc, "b_dec": b_dec}
     return {k: v.float().contiguous() for k, v in encoder.items()}, W_dec.float().contiguous()
 
 

@@ -39,14 +39,23 @@ def affine(norm: Normalization, width: int) -> tuple[torch.Tensor, float]:
     raise ValueError(f"a transcoder of a {norm.mode!r}-normalized hook cannot be folded into raw-space weights")
 
 
+def fold_encoder(W_enc: torch.Tensor, b_enc: torch.Tensor, in_norm: Normalization):  # noqa: N803
+    """An encoder (x̂ W_enc + b_enc, no b_dec subtracted) of normalized rows x̂ = (x − μ)·c as one of raw rows:
+    (c W_enc, b_enc − c μ W_enc), in float64."""
+    mu, c = affine(in_norm, W_enc.shape[0])
+    W_enc, b_enc = W_enc.double(), b_enc.double()  # noqa: N806
+    return c * W_enc, b_enc - c * (mu @ W_enc)
+
+
 def fold_transcoder(sae: SparseAutoencoder, in_norm: Normalization, out_norm: Normalization) -> dict[str, torch.Tensor]:
     """The transcoder's weights acting on raw x and writing raw y (float64 arithmetic, float32 out)."""
     w = {k: v.detach().to("cpu", torch.float64) for k, v in sae.state_dict().items() if k.startswith(("W_", "b_"))}
     mu_in, c_in = affine(in_norm, sae.d_in)
     mu_out, c_out = affine(out_norm, sae.d_out)
+    W_enc, b_enc = fold_encoder(w["W_enc"], w["b_enc"], in_norm)  # noqa: N806
     folded = {
-        "W_enc": c_in * w["W_enc"],
-        "b_enc": w["b_enc"] - c_in * (mu_in @ w["W_enc"]),
+        "W_enc": W_enc,
+        "b_enc": b_enc,
         "W_dec": w["W_dec"] / c_out,
         "b_dec": w["b_dec"] / c_out + mu_out,
     }
