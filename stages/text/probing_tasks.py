@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.basics.errors import SaepipeError, first_line
-from stages.text.python_docs import _stdlib_sources
+from stages.text.python_docs import stdlib_sources
 
 STDLIB_PACKAGE = "stdlib-package"
 PACKAGES = 6  # the default task's classes: the packages with the most docstrings
@@ -69,7 +69,7 @@ def probing_data(spec: str, text_column: str = "text", label_column: str = "labe
 def stdlib_package_docstrings(packages: int = PACKAGES) -> ProbingData:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts, labels = [], []
-    for rel in _stdlib_sources(stdlib):
+    for rel in stdlib_sources(stdlib):
         package, sep, _ = rel.partition("/")
         if not sep:  # a single module, not a package
             continue

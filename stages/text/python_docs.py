@@ -37,13 +37,13 @@ def python_docs_documents() -> Iterator[str]:
         if text and text.strip():
             yield text
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for rel in _stdlib_sources(stdlib):
+    for rel in stdlib_sources(stdlib):
         doc = _module_document(stdlib / rel, rel)
         if doc:
             yield doc
 
 
-def _stdlib_sources(stdlib: Path) -> list[str]:
+def stdlib_sources(stdlib: Path) -> list[str]:
     """Relative POSIX paths of the stdlib .py files used for python-docs, sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(stdlib):
