@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from pipeline.commands.options import options
@@ -16,13 +18,14 @@ from stages.train import TrainConfig
 @options(TrainConfig, "width")
 @options(QualityConfig, "k")
 @options(TrainConfig, "tokens", "batch_size", "lr")
-@options(QualityConfig, "eval_tokens", "use_model", "dictionary_learning")
+@options(QualityConfig, "eval_tokens", "use_model", "interpretability", "absorption_words", "probe_data")
+@options(QualityConfig, "dictionary_learning")
 @options(TrainConfig, "out", out={"help": "folder for the runs, quality.json and quality.md"})
 @options(TrainConfig, "device", "seed", "progress")
-def quality(
-    store: str, archs: str, k: int, eval_tokens: int, use_model: bool, dictionary_learning: bool, **train
-) -> None:
+def quality(store: str, archs: str, k: int, **settings) -> None:
     """Train ours and SAELens's SAEs on the same rows and compare them (needs sae-lens)."""
-    base = TrainConfig(store=store, **train)
-    rows = compare_with_saelens(base, QualityConfig(archs, k, eval_tokens, use_model, dictionary_learning))
+    names = {field.name for field in dataclasses.fields(QualityConfig)}
+    own = {name: settings.pop(name) for name in list(settings) if name in names}
+    base = TrainConfig(store=store, **settings)
+    rows = compare_with_saelens(base, QualityConfig(archs=archs, k=k, **own))
     click.echo(format_quality_table(rows))

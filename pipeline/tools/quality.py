@@ -3,7 +3,10 @@
 For each architecture both are trained from one store with the same width, the same target L0, the
 same token budget, the same batches in the same order (our loader feeds SAELens's trainer) and the same
 learning-rate schedule, then both are measured by our eval (held-out reconstruction, CE/KL with the
-SAE spliced into the model). SAELens runs with its own defaults otherwise: that is what its users get.
+SAE spliced into the model), and, with the model, by the interpretability evaluations (absorption and
+k-sparse probing, each built once and run on every SAE). SAELens runs with its own defaults otherwise:
+that is what its users get. Both sides' L0 during training is kept (`l0_curve`) and drawn
+(`l0_curves.png`): it shows whether an architecture reached its target L0 within the budget.
 Needs sae-lens (a test dependency): `pip install 'saepipe[test]'`. `--dictionary-learning` adds
 dictionary_learning's TopK trainer, fed the same batches (installed as docs/python-api.md says).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -20,14 +24,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from stages import evaluate
 from stages.basics import run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.basics.settings import setting
+from stages.evaluate.absorption import FirstLetterTask, absorption_scores, first_letter_task
+from stages.evaluate.probing import K_VALUES, ProbingTexts, probing_classes, probing_scores, probing_texts
 from stages.saes.base import DenseCode, SparseAutoencoder
 from stages.saes.external import ExternalSAE
+from stages.text.probing_tasks import STDLIB_PACKAGE, probing_data
 from stages.train import run_train
 from stages.train.config import TrainConfig, only_hook
 from store_schema.loader import ShuffledBatches
@@ -35,21 +43,37 @@ from store_schema.reader import open_store
 
 # sae_lens is optional (the test extra): imported by the functions that train or load its SAEs.
 
-COLUMNS = ("fve", "nmse", "l0", "dead_fraction", "ce_recovered", "kl", "wall_s")
-COUNTERPARTS = ("topk", "batchtopk", "jumprelu", "mp")  # the architectures SAELens trains too
+# eval.json's metrics, then the interpretability ones (absorption, probing) and training speed
+METRICS = ("fve", "nmse", "l0", "dead_fraction", "ce_recovered", "kl")
+INTERPRETABILITY = ("absorption", "full_absorption", "probe_top_1", "probe_top_2", "probe_top_5")
+COLUMNS = (*METRICS, *INTERPRETABILITY, "tokens_per_s", "wall_s")
+TABLE_COLUMNS = ("fve", "l0", "dead_fraction", "ce_recovered", "kl", *INTERPRETABILITY, "tokens_per_s")
+COUNTERPARTS = ("topk", "batchtopk", "matryoshka", "jumprelu", "mp")  # the architectures SAELens trains too
+
+
+def matryoshka_groups(base: TrainConfig) -> tuple[int, ...]:
+    """The matryoshka prefix sizes both sides use: the base's groups, else width/8, width/2, width."""
+    groups = base.flat()["groups"]
+    return tuple(groups) if groups else (base.width // 8, base.width // 2, base.width)
 
 
 def _ours_config(base: TrainConfig, arch: str, k: int) -> TrainConfig:
     """Our config for `arch` at (about) k active latents per token."""
     extra = {"target_l0": float(k)} if arch == "jumprelu" else {"k": k}
+    if arch == "matryoshka":
+        extra["groups"] = matryoshka_groups(base)
     return base.replaced(arch=arch, out=str(Path(base.out) / f"ours-{arch}"), overwrite=True, **extra)
 
 
-def saelens_training_sae(arch: str, d_in: int, width: int, k: int, device: str):
+def saelens_training_sae(arch: str, d_in: int, width: int, k: int, device: str, groups=()):
     """SAELens's training SAE for `arch` at (about) k active latents, acting on our normalized rows."""
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.matching_pursuit_sae import MatchingPursuitTrainingSAE, MatchingPursuitTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     common = dict(d_in=d_in, d_sae=width, dtype="float32", device=device, normalize_activations="none")
@@ -57,6 +81,9 @@ def saelens_training_sae(arch: str, d_in: int, width: int, k: int, device: str):
         return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
     if arch == "batchtopk":
         return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=k, **common))
+    if arch == "matryoshka":
+        config = MatryoshkaBatchTopKTrainingSAEConfig(k=k, matryoshka_widths=list(groups), **common)
+        return MatryoshkaBatchTopKTrainingSAE(config)
     if arch == "jumprelu":
         return JumpReLUTrainingSAE(
             JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=float(k), **common)
@@ -71,10 +98,11 @@ def saelens_training_sae(arch: str, d_in: int, width: int, k: int, device: str):
 
 
 def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
+    """(SAELens's trained SAE, its training wall seconds, its L0 curve [(tokens, l0)])."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    sae = saelens_training_sae(arch, store.width(cfg.hook), cfg.width, k, str(device))
+    sae = saelens_training_sae(arch, store.width(cfg.hook), cfg.width, k, str(device), matryoshka_groups(cfg))
     trainer_cfg = SAETrainerConfig(
         total_training_samples=cfg.steps * cfg.batch_size,
         train_batch_size_samples=cfg.batch_size,
@@ -85,10 +113,41 @@ def _train_saelens(cfg: TrainConfig, arch: str, k: int, store, device):
         device=str(device),
         dead_feature_window=max(1, (cfg.dead_window_tokens or min(10_000_000, cfg.tokens // 4)) // cfg.batch_size),
     )
+    curve: list[tuple[int, float]] = []
     with _our_batches(cfg, store, device) as batches:
         started = time.perf_counter()
-        trained = SAETrainer(trainer_cfg, sae, batches).fit()
-    return trained, time.perf_counter() - started
+        trained = SAETrainer(trainer_cfg, sae, _recording_l0(batches, sae, cfg.log_every, curve)).fit()
+    return trained, time.perf_counter() - started, curve
+
+
+def _recording_l0(batches, sae, every: int, curve: list):
+    """`batches`, passed on; every `every` batches, before the SAE trains on one, the L0 its inference code
+    gives on that batch is appended to `curve` as (tokens once it has trained on it, mean L0). Encoding
+    changes no state (BatchTopK's threshold moves in its training forward only)."""
+    tokens = 0
+    for step, batch in enumerate(batches, 1):
+        tokens += len(batch)
+        if step % every == 0:
+            curve.append((tokens, _saelens_inference_l0(sae, batch)))
+        yield batch
+
+
+@torch.no_grad()
+def _saelens_inference_l0(sae, batch: torch.Tensor) -> float:
+    """The mean L0 of the SAE a SAELens user will load: a BatchTopK (Matryoshka too) is saved as a JumpReLU
+    at its running `topk_threshold`, in the units of its (decoder-norm rescaled) pre-activations; the
+    others' training encode is already their inference rule."""
+    if hasattr(sae, "topk_threshold"):
+        _, pre = sae.encode_with_hidden_pre(batch)
+        return float((pre > sae.topk_threshold).sum(dim=-1).float().mean())
+    return float((sae.encode(batch) != 0).sum(dim=-1).float().mean())
+
+
+def our_l0_curve(run: Path) -> list[tuple[int, float]]:
+    """Our run's L0 as train_log.jsonl records it: (tokens so far, the logging window's mean L0), the L0 of
+    its inference rule where that differs from training's (BatchTopK's threshold)."""
+    lines = (run / "train_log.jsonl").read_text().splitlines()
+    return [(record["tokens"], record.get("inference_l0", record["l0"])) for record in map(json.loads, lines)]
 
 
 @contextlib.contextmanager
@@ -109,7 +168,14 @@ class QualityConfig:
     archs: str = setting(",".join(COUNTERPARTS), "architectures to compare (comma-separated)")
     k: int = setting(32, "the L0 both implementations are trained to")
     eval_tokens: int = setting(4096, "held-out tokens for every metric")
-    use_model: bool = setting(True, "store-only metrics (no CE/KL)", flag="--no-model", inverted=True)
+    use_model: bool = setting(
+        True, "store-only metrics (no CE/KL, absorption or probing)", flag="--no-model", inverted=True
+    )
+    interpretability: bool = setting(
+        True, "skip absorption and k-sparse probing (they need the model)", flag="--no-interpretability", inverted=True
+    )
+    absorption_words: int = setting(4000, "letter-only tokens sampled for absorption (80% train, 20% test)")
+    probe_data: str = setting(STDLIB_PACKAGE, "k-sparse probing's task (as saepipe eval's --probe-data)")
     dictionary_learning: bool = setting(
         False, "also train dictionary_learning's TopK trainer on the same rows (needs topk in --archs)"
     )
@@ -128,6 +194,10 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
         if "topk" not in archs:
             raise SaepipeError("--dictionary-learning compares its TopK trainer: include topk in --archs")
         _import_dictionary_learning()
+    probing = None  # the probing texts, read (and bad data refused) before any training
+    if use_model and cfg.interpretability:
+        probing = probing_data(cfg.probe_data)
+        probing_classes(probing)
     store = open_store(base.store)
     if base.hook is None:
         base = dataclasses.replace(base, hook=only_hook(store.hooks))
@@ -135,7 +205,8 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
     device = resolve_device(base.device)
     norm = store.normalization(base.hook)
     out = Path(base.out)
-    rows = []
+    tokens = base.steps * base.batch_size
+    trained: list[tuple[dict, SparseAutoencoder]] = []  # every row with its SAE, for the evaluations after
     host = None  # the model for CE/KL, loaded once for every SAE scored outside run_eval
 
     def score(sae) -> dict:
@@ -149,31 +220,73 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
             )
         return _pick(metrics)
 
+    tasks = None  # the model's side of absorption and probing: built before training, so a failure comes first
+    if probing is not None:
+        host = evaluate.load_eval_model(store, None, device)
+        bos = store.header["tokenizer"]["bos_token_id"]
+        letters = first_letter_task(host, base.hook, bos, device, cfg.absorption_words, base.seed, base.progress)
+        texts = probing_texts(base.hook, norm, store, host, probing, device, base.seed, base.progress)
+        tasks = (letters, texts, norm, device)
+
     for arch in archs:
         ours_cfg = _ours_config(base, arch, k)
         ours, ours_wall = train_and_evaluate(ours_cfg, eval_tokens, use_model)
-        rows.append({"arch": arch, "impl": "saepipe", **_pick(ours), "wall_s": ours_wall})
+        row = {"arch": arch, "impl": "saepipe", **_pick(ours), **_speed(tokens, ours_wall)}
+        row["l0_curve"] = our_l0_curve(Path(ours_cfg.out))
+        trained.append((row, evaluate.open_evaluated(ours_cfg.out, device).sae))
 
-        theirs_sae, theirs_wall = _train_saelens(base, arch, k, store, device)
-        theirs = score(ExternalSAE(_inference_model(theirs_sae, out / f"saelens-{arch}", device)))
-        rows.append({"arch": arch, "impl": f"sae-lens {_installed_saelens_version()}", **theirs, "wall_s": theirs_wall})
+        theirs_training, theirs_wall, curve = _train_saelens(base, arch, k, store, device)
+        theirs = ExternalSAE(_inference_model(theirs_training, out / f"saelens-{arch}", device))
+        impl = f"sae-lens {_installed_saelens_version()}"
+        trained.append(
+            ({"arch": arch, "impl": impl, **score(theirs), **_speed(tokens, theirs_wall), "l0_curve": curve}, theirs)
+        )
         if arch == "topk" and cfg.dictionary_learning:
             ae, dl_wall = _train_dictionary_learning(base, k, store, device)
+            dl = DictionaryLearningSAE(ae)
             impl = f"dictionary_learning {version('dictionary-learning')}"
-            rows.append({"arch": arch, "impl": impl, **score(DictionaryLearningSAE(ae)), "wall_s": dl_wall})
+            trained.append(({"arch": arch, "impl": impl, **score(dl), **_speed(tokens, dl_wall)}, dl))
+    summary = {} if tasks is None else _interpretability(trained, *tasks, base.progress)
+    rows = [row for row, _ in trained]
     run_dir.write_json_atomic(
         out / "quality.json",
         {
             "store": base.store,
             "width": base.width,
             "k": k,
-            "tokens": base.steps * base.batch_size,
+            "tokens": tokens,
             "batch_size": base.batch_size,
+            **summary,
             "rows": rows,
         },
     )
     (out / "quality.md").write_text(format_quality_table(rows) + "\n")
+    plot_l0_curves(rows, k, out / "l0_curves.png")
     return rows
+
+
+def _interpretability(trained, letters: FirstLetterTask, texts: ProbingTexts, norm, device, progress: bool) -> dict:
+    """Absorption and k-sparse probing of every trained SAE, into its row (the model's side of each built
+    once: only the SAEs differ). Returns what the model alone scores (probing on its own dimensions)."""
+    probed = absorbed = {}
+    for row, sae in tqdm(trained, desc="absorption and probing", disable=not progress):
+        absorbed = absorption_scores(sae, norm, letters, device)
+        probed = probing_scores(sae, norm, texts, device)
+        row["absorption"] = absorbed["mean_absorption_fraction_score"]
+        row["full_absorption"] = absorbed["mean_full_absorption_score"]
+        row |= {f"probe_top_{k}": probed[f"sae_top_{k}_accuracy"] for k in K_VALUES}
+        row["split_features"] = absorbed["mean_num_split_features"]
+    return {
+        "absorption_letters": absorbed["letters"],
+        "absorption_words": absorbed["words"],
+        "probing_task": probed["task"],
+        "probing_texts": probed["texts"],
+        "probing_model": {f"top_{k}": probed[f"model_top_{k}_accuracy"] for k in K_VALUES},
+    }
+
+
+def _speed(tokens: int, wall: float) -> dict:
+    return {"tokens_per_s": tokens / wall, "wall_s": wall}
 
 
 def train_and_evaluate(cfg: TrainConfig, eval_tokens: int, use_model: bool) -> tuple[dict, float]:
@@ -252,7 +365,7 @@ def _inference_model(training_sae, folder: Path, device):
 
 
 def _pick(metrics: dict) -> dict:
-    return {key: metrics.get(key, float("nan")) for key in COLUMNS if key != "wall_s"}
+    return {key: metrics.get(key, float("nan")) for key in METRICS}
 
 
 def _installed_saelens_version() -> str:
@@ -261,12 +374,43 @@ def _installed_saelens_version() -> str:
 
 def format_quality_table(rows: list[dict]) -> str:
     lines = [
-        "| arch | implementation | " + " | ".join(COLUMNS) + " |",
-        "| --- | --- | " + " | ".join("---:" for _ in COLUMNS) + " |",
+        "| arch | implementation | " + " | ".join(TABLE_COLUMNS) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in TABLE_COLUMNS) + " |",
     ]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['impl']} | " + " | ".join(f"{r[c]:.4g}" for c in COLUMNS) + " |")
+        cells = [_cell(r.get(c, math.nan), c) for c in TABLE_COLUMNS]
+        lines.append(f"| {r['arch']} | {r['impl']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: float, column: str) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:,.0f}" if column == "tokens_per_s" else f"{value:.4g}"
+
+
+def plot_l0_curves(rows: list[dict], k: int, path: Path) -> None:
+    """Each architecture's training L0 against tokens, ours and SAELens's, beside the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(dict.fromkeys(r["arch"] for r in rows if r.get("l0_curve")))
+    if not archs:
+        return
+    fig, axes = plt.subplots(1, len(archs), figsize=(4 * len(archs), 3.4), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        for row in rows:
+            if row["arch"] == arch and row.get("l0_curve"):
+                tokens, l0 = zip(*row["l0_curve"])
+                ax.plot(tokens, l0, label=row["impl"])
+        ax.axhspan(0.9 * k, 1.1 * k, color="grey", alpha=0.2, label=f"target {k} ± 10%")
+        ax.set(title=arch, xlabel="training tokens", ylabel="L0", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def load_rows(out: Path) -> list[dict]:

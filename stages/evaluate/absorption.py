@@ -76,10 +76,9 @@ def prompt(word: Word, examples: list[Word]) -> tuple[str, str]:
 
 
 def word_activations(
-    evaluated: EvaluatedSAE, model, bos: int, words: list[Word], pool: list[Word], rng, progress: bool, device
+    hook: str, model, bos: int, words: list[Word], pool: list[Word], rng, progress: bool, device
 ) -> torch.Tensor:
     """The hook's raw activation at each word's token in its prompt [n, d] (examples drawn from `pool`)."""
-    hook = evaluated.hook
     out = []
     for start in tqdm(range(0, len(words), BATCH), desc="absorption prompts", disable=not progress, leave=False):
         rows, positions = [], []
@@ -175,12 +174,28 @@ def full_absorption(
     return float(cos[top]) >= FULL_ABSORBER_COSINE and float(proj[top]) / act_proj >= ABSORBER_SHARE
 
 
-def absorption(
-    evaluated: EvaluatedSAE, model, bos: int, device, max_words: int = 4000, seed: int = 0, progress: bool = True
-) -> dict:
-    """The absorption metrics of eval.json's `absorption`."""
-    if evaluated.read_hook is not None or evaluated.multi is not None:
-        raise SaepipeError(f"absorption probes the hook an SAE reconstructs; a {evaluated.sae.arch} writes another")
+@dataclass
+class FirstLetterTask:
+    """The model's side of the task at one hook, which no SAE changes: the words' activations, the
+    ground-truth probe, the letters it scores, and each letter's scored test words (their activations in
+    fresh prompts). Built once, it scores any number of SAEs of that hook (`absorption_scores`)."""
+
+    hook: str
+    words: int
+    x_train: torch.Tensor
+    x_test: torch.Tensor
+    y_train: torch.Tensor
+    y_test: torch.Tensor
+    probe: torch.nn.Linear
+    probe_f1: list[float]
+    scored: dict[int, torch.Tensor]  # letter -> raw activations of the test words the probe gets right
+    seed: int
+
+
+def first_letter_task(
+    model, hook: str, bos: int, device, max_words: int = 4000, seed: int = 0, progress: bool = True
+) -> FirstLetterTask:
+    """Runs the model on the task's prompts and fits the ground-truth probe (steps 1-3, and step 5's prompts)."""
     vocab = letter_words(model.tokenizer, model.d_vocab)
     letters_present = {w.letter for w in vocab}
     if len(vocab) < 10 * MIN_LETTERS or len(letters_present) < MIN_LETTERS:
@@ -192,8 +207,8 @@ def absorption(
     words = [vocab[i] for i in rng.permutation(len(vocab))[:max_words]]
     n_train = int(len(words) * TRAIN_FRACTION)
     train, test = words[:n_train], words[n_train:]
-    x_train = word_activations(evaluated, model, bos, train, train, rng, progress, device)
-    x_test = word_activations(evaluated, model, bos, test, test, rng, progress, device)
+    x_train = word_activations(hook, model, bos, train, train, rng, progress, device)
+    x_test = word_activations(hook, model, bos, test, test, rng, progress, device)
     y_train = torch.tensor([w.letter for w in train])
     y_test = torch.tensor([w.letter for w in test])
     probe = train_letter_probe(x_train, y_train, seed=seed)
@@ -203,28 +218,44 @@ def absorption(
     kept = [c for c in range(len(LETTERS)) if probe_f1[c] > MIN_PROBE_F1]
     if len(kept) < MIN_LETTERS:
         raise SaepipeError(
-            f"the first-letter probe on {evaluated.hook} reaches F1 > {MIN_PROBE_F1} for {len(kept)} letters, fewer "
+            f"the first-letter probe on {hook} reaches F1 > {MIN_PROBE_F1} for {len(kept)} letters, fewer "
             f"than {MIN_LETTERS}: this hook of {model.name} does not carry first letters well enough to measure absorption"
         )
-    sae, norm = evaluated.sae, evaluated.normalization
+    scored = {}
+    for c in kept:
+        right = [w for w, logit in zip(test, test_logits[:, c]) if w.letter == c and logit > 0]
+        if right:
+            scored[c] = word_activations(hook, model, bos, right, words, rng, False, device)
+    return FirstLetterTask(hook, len(words), x_train, x_test, y_train, y_test, probe, probe_f1, scored, seed)
+
+
+def absorption(
+    evaluated: EvaluatedSAE, model, bos: int, device, max_words: int = 4000, seed: int = 0, progress: bool = True
+) -> dict:
+    """The absorption metrics of eval.json's `absorption`."""
+    if evaluated.read_hook is not None or evaluated.multi is not None:
+        raise SaepipeError(f"absorption probes the hook an SAE reconstructs; a {evaluated.sae.arch} writes another")
+    task = first_letter_task(model, evaluated.hook, bos, device, max_words, seed, progress)
+    return absorption_scores(evaluated.sae, evaluated.normalization, task, device)
+
+
+def absorption_scores(sae, norm, task: FirstLetterTask, device) -> dict:
+    """An SAE's absorption on a built task (steps 4 and 5); `norm` maps the hook's raw rows to its input."""
     dtype = next(sae.parameters()).dtype
 
     def codes(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return sae.encode(norm.apply(x.to(device))[0].to(dtype)).dense(sae.d_sae).float().cpu()
 
-    codes_train, codes_test = codes(x_train), codes(x_test)
-    sparse = train_letter_probe(codes_train, y_train, l1=0.01, batch_size=4096, seed=seed)
+    y_train, y_test = task.y_train, task.y_test
+    codes_train, codes_test = codes(task.x_train), codes(task.x_test)
+    sparse = train_letter_probe(codes_train, y_train, l1=0.01, batch_size=4096, seed=task.seed)
     W_dec = sae.W_dec.detach().float().cpu()  # noqa: N806
     per_letter = {}
-    for c in kept:
+    for c, x in task.scored.items():
         main, f1_by_k = main_latents(codes_train, codes_test, y_train == c, y_test == c, sparse.weight[c].detach())
-        direction = probe.weight[c].detach() / probe.weight[c].detach().norm()
+        direction = task.probe.weight[c].detach() / task.probe.weight[c].detach().norm()
         cos = torch.nn.functional.cosine_similarity(W_dec, direction[None, :], dim=1)
-        scored = [w for w, logit in zip(test, test_logits[:, c]) if w.letter == c and logit > 0]
-        if not scored:
-            continue
-        x = word_activations(evaluated, model, bos, scored, words, rng, False, device)
         a = codes(x)
         fractions, full = [], 0
         for acts, row in zip(a, x):
@@ -233,12 +264,12 @@ def absorption(
             fractions.append(absorption_fraction(proj, cos, main, act_proj))
             full += full_absorption(acts, proj, cos, main, act_proj)
         per_letter[LETTERS[c]] = {
-            "probe_f1": probe_f1[c],
-            "words": len(scored),
+            "probe_f1": task.probe_f1[c],
+            "words": len(x),
             "main_latents": main,
             "k_sparse_f1": f1_by_k,
             "absorption_fraction": float(np.mean(fractions)),
-            "full_absorption_rate": full / len(scored),
+            "full_absorption_rate": full / len(x),
         }
     scores = list(per_letter.values())
 
@@ -255,6 +286,6 @@ def absorption(
         "std_dev_full_absorption_score": full_std,
         "mean_num_split_features": float(np.mean([len(s["main_latents"]) for s in scores])),
         "letters": len(scores),
-        "words": len(words),
+        "words": task.words,
         "per_letter": per_letter,
     }

@@ -17,6 +17,7 @@ Definitions, the default task and its cost: docs/metrics.md#k-sparse-probing
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,6 +36,39 @@ MIN_PER_CLASS = 12
 BATCH = 16
 
 
+@dataclass
+class ProbingTexts:
+    """The model's side of a probing task at one hook, which no SAE changes: the hook's raw activation at
+    every kept position of the chosen texts, the text each row belongs to, and each text's label and part.
+    Built once, it scores any number of SAEs of that hook (`probing_scores`)."""
+
+    task: str
+    classes: list[str]
+    rows: torch.Tensor  # [n_rows, d] raw activations, on the CPU
+    owner: torch.Tensor  # [n_rows] the index of each row's text
+    labels: np.ndarray  # [n_texts]
+    is_train: np.ndarray  # [n_texts]
+    seed: int
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-row features mean-pooled over each text: [n_texts, features]."""
+        counts = torch.bincount(self.owner, minlength=len(self.labels)).clamp_min(1)[:, None].float()
+        sums = torch.zeros(len(self.labels), features.shape[1]).index_add_(0, self.owner, features)
+        return sums / counts
+
+
+def probing_texts(
+    hook: str, norm, store: ActivationStore, model, data: ProbingData, device, seed: int = 0, progress: bool = True
+) -> ProbingTexts:
+    """Runs the model on the task's chosen texts and keeps the rows the store would keep (and `norm` would
+    call inliers)."""
+    classes = probing_classes(data)
+    chosen, split = _chosen_texts(data, classes, seed)
+    rows, owner = kept_rows(hook, norm, store, model, [data.texts[i] for i in chosen], device, progress)
+    labels = np.array([data.labels[i] for i in chosen])
+    return ProbingTexts(data.name, classes, rows, owner, labels, split, seed)
+
+
 def sparse_probing(
     evaluated: EvaluatedSAE,
     store: ActivationStore,
@@ -46,23 +80,36 @@ def sparse_probing(
 ) -> dict:
     """Test accuracies of the k-sparse probes on the SAE's latents and on the model's dimensions, per class
     and averaged over the classes (`probing` in eval.json)."""
-    classes = probing_classes(data)
-    chosen, split = _chosen_texts(data, classes, seed)
-    raw, latents = pooled_activations(evaluated, store, model, [data.texts[i] for i in chosen], device, progress)
-    labels = np.array([data.labels[i] for i in chosen])
+    if evaluated.multi is not None:
+        raise SaepipeError(f"k-sparse probing reads one hook; a {evaluated.sae.arch} reads several")
+    [(hook, norm)] = evaluated.inputs()
+    texts = probing_texts(hook, norm, store, model, data, device, seed, progress)
+    return probing_scores(evaluated.sae, norm, texts, device)
+
+
+@torch.no_grad()
+def probing_scores(sae, norm, texts: ProbingTexts, device, chunk: int = 4096) -> dict:
+    """An SAE's k-sparse probing on built texts; `norm` maps the hook's raw rows to the SAE's input."""
+    dtype = next(sae.parameters()).dtype
+    codes = [
+        sae.encode(norm.apply(part.to(device))[0].to(dtype)).dense(sae.d_sae).float().cpu()
+        for part in texts.rows.split(chunk)
+    ]
+    latents, raw = texts.pooled(torch.cat(codes)), texts.pooled(texts.rows)
+    labels = texts.labels
     per_class = {}
-    rng = np.random.default_rng(seed)
-    for label in classes:
-        train, test = _balanced(labels, split, label, rng)
+    rng = np.random.default_rng(texts.seed)
+    for label in texts.classes:
+        train, test = _balanced(labels, texts.is_train, label, rng)
         per_class[label] = {
             **{f"sae_top_{k}": _probe_accuracy(latents, labels == label, train, test, k) for k in K_VALUES},
             **{f"model_top_{k}": _probe_accuracy(raw, labels == label, train, test, k) for k in K_VALUES},
         }
     keys = list(next(iter(per_class.values())))
     return {
-        "task": data.name,
-        "classes": len(classes),
-        "texts": len(chosen),
+        "task": texts.task,
+        "classes": len(texts.classes),
+        "texts": len(labels),
         **{f"{key}_accuracy": float(np.mean([c[key] for c in per_class.values()])) for key in keys},
         "per_class": per_class,
     }
@@ -107,18 +154,14 @@ def _balanced(labels: np.ndarray, is_train: np.ndarray, label: str, rng) -> tupl
 
 
 @torch.no_grad()
-def pooled_activations(
-    evaluated: EvaluatedSAE, store: ActivationStore, model, texts: list[str], device, progress: bool
+def kept_rows(
+    hook: str, norm, store: ActivationStore, model, texts: list[str], device, progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the hook's raw activations, the SAE's dense latents), each mean-pooled over the positions of a
-    text the store would keep: [n_texts, d] and [n_texts, d_sae]."""
-    if evaluated.multi is not None:
-        raise SaepipeError(f"k-sparse probing reads one hook; a {evaluated.sae.arch} reads several")
-    [(hook, norm)] = evaluated.inputs()
+    """(the hook's raw activations at every position of a text the store would keep and `norm` calls an
+    inlier [n_rows, d], the index of each row's text [n_rows]), on the CPU."""
     bos = store.header["tokenizer"]["bos_token_id"]
     ids = [[bos, *model.tokenizer.encode(text)][: store.context_size] for text in texts]
-    raw_out, latent_out = [], []
-    sae, dtype = evaluated.sae, next(evaluated.sae.parameters()).dtype
+    rows_out, owner_out = [], []
     for start in tqdm(range(0, len(ids), BATCH), desc="probing texts", disable=not progress, leave=False):
         batch = ids[start : start + BATCH]
         token_ids = padded(batch, bos)
@@ -128,13 +171,9 @@ def pooled_activations(
         kept &= (
             torch.arange(width, device=device)[None, :] < torch.tensor([len(r) for r in batch], device=device)[:, None]
         )
-        rows = acts[kept]
-        code = sae.encode(norm.apply(rows)[0].to(dtype)).dense(sae.d_sae).float()
-        owner = kept.nonzero()[:, 0]  # the text of each kept row
-        counts = kept.sum(dim=1, keepdim=True).clamp_min(1).float()
-        raw_out.append(torch.zeros(len(batch), rows.shape[1], device=device).index_add_(0, owner, rows) / counts)
-        latent_out.append(torch.zeros(len(batch), sae.d_sae, device=device).index_add_(0, owner, code) / counts)
-    return torch.cat(raw_out).cpu(), torch.cat(latent_out).cpu()
+        rows_out.append(acts[kept].float().cpu())
+        owner_out.append(kept.nonzero()[:, 0].cpu() + start)
+    return torch.cat(rows_out), torch.cat(owner_out)
 
 
 def padded(rows: list[list[int]], pad: int) -> np.ndarray:

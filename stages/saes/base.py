@@ -96,6 +96,9 @@ class SparseAutoencoder(nn.Module):
     # step. Architectures whose sparsity penalty is weighted by decoder norms turn this off.
     unit_norm_decoder = True
 
+    # Metrics of training_loss logged beside TrainingRun.KEYS (BatchTopK: the L0 its inference threshold gives).
+    extra_log_keys: tuple[str, ...] = ()
+
     # A transcoder (stages/saes/transcoder.py) reads one hook and writes another: its decoder is d_out wide
     # and its encoder reads its input as it is (no b_dec subtracted). Every other SAE writes what it reads.
     transcodes = False

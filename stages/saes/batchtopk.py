@@ -19,6 +19,7 @@ from stages.saes.topk import TopKSAE
 
 class BatchTopKSAE(TopKSAE):
     arch = "batchtopk"
+    extra_log_keys = ("inference_l0",)
     THRESHOLD_RATE = 0.05  # EMA rate of the inference threshold (why 0.05: docs/architectures.md#batchtopk)
 
     def __init__(self, d_in: int, d_sae: int, k: int, aux_k: int | None = None, aux_coef: float = 1 / 32):
@@ -66,6 +67,9 @@ class BatchTopKSAE(TopKSAE):
             selected = self.batch_topk(pre)
         values = self.selected_pre_acts(x, pre, selected.indices).masked_fill(selected.values <= 0, 0.0)
         code = SparseCode(values, selected.indices)
+        # What inference would fire on this batch, with the threshold as it stands before this step's move:
+        # the log shows whether the threshold has settled near k (it starts at zero: every latent passes).
+        inference_l0 = (pre > self.threshold).sum(dim=-1).float().mean()
         if self.training:
             self.update_threshold(code.values)
         recon = self.b_dec.expand_as(target)
@@ -83,7 +87,9 @@ class BatchTopKSAE(TopKSAE):
             start = end
         aux = self.auxk_loss(x, pre, target - recon, ctx.dead)  # the full reconstruction's residual
         loss = mse_sum / ctx.mse_scale + self.aux_coef * aux
-        return loss, reconstruction_metrics(target, sq_err, code, self.d_sae, loss, aux)
+        return loss, reconstruction_metrics(target, sq_err, code, self.d_sae, loss, aux) | {
+            "inference_l0": inference_l0
+        }
 
     @torch.no_grad()
     def update_threshold(self, kept: torch.Tensor) -> None:

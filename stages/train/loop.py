@@ -200,7 +200,8 @@ class TrainingRun:
         except BaseException:
             self.tracker.fail()
             raise
-        self.sums = torch.zeros(len(self.KEYS), device=device)
+        self.keys = self.KEYS + self.sae.extra_log_keys
+        self.sums = torch.zeros(len(self.keys), device=device)
 
     def step(self, x: torch.Tensor | tuple[torch.Tensor, ...], step: int, autocast) -> None:
         """One optimizer step on batch x (a transcoder's: the pair of its hooks' row-aligned batches)."""
@@ -219,7 +220,7 @@ class TrainingRun:
         self.tokens_since_fired += self.cfg.batch_size
         # A latent fired if it fired on any rank's rows: every rank keeps the same dead-latent clock.
         self.tokens_since_fired[distributed.sum_(metrics["fire_counts"]) > 0] = 0
-        self.sums += torch.stack([metrics[k].float() for k in self.KEYS])
+        self.sums += torch.stack([metrics[k].float() for k in self.keys])
 
     def write_log(self, done: int, window_steps: int, elapsed: float) -> dict:
         """Every rank calls this (the metrics are averaged over ranks); rank 0 writes the line."""
@@ -227,7 +228,7 @@ class TrainingRun:
         row = {
             "step": done,
             "tokens": done * self.cfg.batch_size,
-            **dict(zip(self.KEYS, (self.sums / window_steps).tolist())),
+            **dict(zip(self.keys, (self.sums / window_steps).tolist())),
             "dead_fraction": float((self.tokens_since_fired >= self.dead_window).float().mean()),
             "lr": self.scheduler.get_last_lr()[0],
             "it_per_s": window_steps / elapsed,

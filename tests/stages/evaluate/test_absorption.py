@@ -5,7 +5,20 @@ latent), the F1-jump choice of main latents, and the refusals."""
 import pytest
 import torch
 
-from stages.evaluate.absorption import LETTERS, Word, absorption_fraction, full_absorption, main_latents, prompt
+from stages.evaluate.absorption import (
+    LETTERS,
+    FirstLetterTask,
+    Word,
+    absorption_fraction,
+    absorption_scores,
+    f1,
+    full_absorption,
+    main_latents,
+    prompt,
+    train_letter_probe,
+)
+from stages.saes.topk import TopKSAE
+from store_schema.normalization import Normalization
 from tests.helpers.cli import expect_error, run, run_ok
 
 D = 16
@@ -70,3 +83,61 @@ def test_a_tokenizer_without_enough_letter_only_tokens_is_refused(tiny_store, tm
         "absorption needs at least 200 over 20 letters",
     )
     expect_error(run("eval", folder, "--suite", "absorption", "--no-model"), "--suite absorption runs the model")
+
+
+def synthetic_task(absorbed_words: int) -> tuple[FirstLetterTask, torch.Tensor]:
+    """A first-letter task in 64 dimensions: each letter a unit direction, each word 3x its letter's plus
+    noise. Letter a's scored words (the fresh-prompt rows) carry a token direction v too, the first
+    `absorbed_words` of its 12 with weight 3. Returns the task and the directions [27, 64] (26 letters, v)."""
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(64, 27, generator=generator))[0].T
+
+    def words(n_per_letter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        letters = torch.arange(26).repeat_interleave(n_per_letter)
+        return 3 * directions[letters] + 0.1 * torch.randn(len(letters), 64, generator=generator), letters
+
+    (x_train, y_train), (x_test, y_test) = words(48), words(12)
+    probe = train_letter_probe(x_train, y_train)
+    with torch.no_grad():
+        probe_f1 = [f1(probe(x_test)[:, c] > 0, y_test == c) for c in range(26)]
+    scored = {c: x_test[y_test == c] for c in range(26)}
+    scored[0] = scored[0].clone()
+    scored[0][:absorbed_words] += 3 * directions[26]
+    return FirstLetterTask(
+        "synthetic", 26 * 60, x_train, x_test, y_train, y_test, probe, probe_f1, scored, 0
+    ), directions
+
+
+def exact_sae(dictionary: torch.Tensor, width: int = 2048) -> TopKSAE:
+    """A TopK (k = 1) SAE whose live latents are the unit rows of `dictionary`, encoder tied to the decoder,
+    padded to `width` with latents that never fire. The padding matters: SAEBench's sparse probe takes 50
+    Adam steps (lr 1e-2 decaying) from nn.Linear's init, U(±1/√width), which only a wide SAE's init leaves
+    small beside what those steps learn."""
+    padding = torch.randn(width - len(dictionary), dictionary.shape[1], generator=torch.Generator().manual_seed(1))
+    rows = torch.cat([dictionary, padding])
+    sae = TopKSAE(dictionary.shape[1], width, k=1)
+    with torch.no_grad():
+        sae.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
+        sae.b_enc.zero_()
+        sae.b_enc[len(dictionary) :] = -100.0
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_a_token_latent_firing_in_place_of_its_letters_is_absorption():
+    """Letter a's main latent is found on the train and test words; on half its scored words a latent of
+    a's direction plus a token direction fires instead (it wins the top 1), and absorbs the letter there."""
+    task, directions = synthetic_task(absorbed_words=6)
+    identity = Normalization("none")
+    letters_only = absorption_scores(exact_sae(directions[:26]), identity, task, "cpu")
+    assert letters_only["mean_absorption_fraction_score"] == 0 and letters_only["mean_full_absorption_score"] == 0
+    assert letters_only["letters"] == 26 and letters_only["mean_num_split_features"] == 1
+
+    absorber = directions[0] + directions[26]
+    absorbing = absorption_scores(exact_sae(torch.cat([directions[:26], absorber[None]])), identity, task, "cpu")
+    a = absorbing["per_letter"]["a"]
+    assert a["main_latents"] == [0] and a["words"] == 12
+    assert a["absorption_fraction"] == pytest.approx(0.5) and a["full_absorption_rate"] == pytest.approx(0.5)
+    assert all(s["absorption_fraction"] == 0 for letter, s in absorbing["per_letter"].items() if letter != "a")
+    assert absorbing["mean_absorption_fraction_score"] == pytest.approx(0.5 / 26)
