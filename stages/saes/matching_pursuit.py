@@ -1,4 +1,5 @@
-"""Matching-pursuit SAE: one unit-norm dictionary, encoded greedily, as SAELens 6's ``matching_pursuit``.
+"""Matching-pursuit SAE: one unit-norm dictionary (free atom norms with `--free-atom-norms`, as SAELens's
+trainer leaves them), encoded greedily, as SAELens 6's ``matching_pursuit``.
 
 Each step picks the latent with the highest r · W_i, adds c = max(r · W_j, 0) to it and removes c · W_j
 from the residual r (r starts at x − b_dec): exactly k steps (static), or until the residual threshold,
@@ -43,6 +44,9 @@ class MatchingPursuitSettings(KSettings):
 
     residual_threshold: float | None = setting(None, "dynamic variant: stop when ‖residual‖ falls below")
     max_iterations: int | None = setting(None, "dynamic variant: at most this many selections per row")
+    free_atom_norms: bool = setting(
+        False, "let the atoms' norms drift in training, as SAELens does (a per-atom gain; docs/quality.md)"
+    )
 
     @property
     def dynamic(self) -> bool:
@@ -82,6 +86,7 @@ class MatchingPursuitSAE(SparseAutoencoder):
         k: int | None = DEFAULT_K,
         residual_threshold: float | None = None,
         max_iterations: int | None = None,
+        free_atom_norms: bool = False,
     ):
         dynamic = residual_threshold is not None or max_iterations is not None
         if dynamic and k is not None:
@@ -95,15 +100,19 @@ class MatchingPursuitSAE(SparseAutoencoder):
         nn.Module.__init__(self)  # not SparseAutoencoder.__init__: no separate W_enc/b_enc parameters
         self.d_in, self.d_sae = d_in, d_sae
         self.k, self.residual_threshold, self.max_iterations = k, residual_threshold, max_iterations
+        # Free norms: an atom of norm g removes g² of the residual's part along it at each pick, which
+        # leaves room for later picks; the pursuit's arithmetic is the same (SAELens's).
+        self.unit_norm_decoder = not free_atom_norms
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.reset_parameters()
 
     @classmethod
     def from_settings(cls, d_in: int, width: int, settings: MatchingPursuitSettings, **extra) -> MatchingPursuitSAE:
+        free = settings.free_atom_norms
         if not settings.dynamic:
-            return cls(d_in, width, settings.resolved_k, **extra)
-        return cls(d_in, width, None, settings.residual_threshold, settings.max_iterations, **extra)
+            return cls(d_in, width, settings.resolved_k, free_atom_norms=free, **extra)
+        return cls(d_in, width, None, settings.residual_threshold, settings.max_iterations, free, **extra)
 
     # -- tying: W_dec is the dictionary, the encoder is derived ---------------------------------------
     @property
@@ -259,6 +268,7 @@ class MatchingPursuitSAE(SparseAutoencoder):
             "k": self.k,
             "residual_threshold": self.residual_threshold,
             "max_iterations": self.max_iterations,
+            **({} if self.unit_norm_decoder else {"free_atom_norms": True}),  # older runs: unit norms
         }
 
 

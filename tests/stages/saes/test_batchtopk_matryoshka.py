@@ -289,6 +289,11 @@ def test_inference_threshold_gives_about_k_latents_per_row(trained, planted):
     assert l0.std() > 0  # L0 varies by row
     fve = 1 - (rec - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
     assert fve > 0.8
+    # The log's inference_l0 is that rule on the training batches: it ends near what eval fires on held-out
+    # rows (its training L0, the batch's top k·B, is k exactly).
+    log = run_dir.read_log(out)
+    assert log[-1]["inference_l0"] == pytest.approx(float(l0.mean()), rel=0.1)
+    assert log[-1]["inference_l0"] != log[-1]["l0"] == cfg.settings.k
 
 
 def _raw_and_norm(sae_space_rows: torch.Tensor) -> tuple[torch.Tensor, Normalization]:

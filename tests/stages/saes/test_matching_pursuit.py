@@ -381,7 +381,7 @@ def test_trained_export_loads_in_saelens_and_matches(planted_small, trained):
 
 
 @pytest.mark.parametrize("mode", ["center-scale", "token"])
-@pytest.mark.parametrize("variant", ["static", "dynamic"])
+@pytest.mark.parametrize("variant", ["static", "dynamic", "static-free-norms"])
 def test_export_matches_on_raw_activations(tmp_path, mode, variant):
     """SAELens acts on raw x. Tied, the dictionary cannot absorb the normalization's scale c: W_dec is
     exported as is, b_dec folded, the threshold divided by c; SAELens's codes are ours / c and its
@@ -389,8 +389,11 @@ def test_export_matches_on_raw_activations(tmp_path, mode, variant):
     from stages.train.saelens_export import export_saelens
 
     d_in, d_sae = 32, 128
-    kwargs = dict(k=10) if variant == "static" else dict(k=None, residual_threshold=1.2, max_iterations=24)
+    kwargs = dict(k=None, residual_threshold=1.2, max_iterations=24) if variant == "dynamic" else dict(k=10)
     sae = random_sae(d_in, d_sae, seed=7, dtype=torch.float32, **kwargs)
+    if variant == "static-free-norms":  # atoms of norms 0.7 to 1.05, as SAELens's trainer leaves them
+        with torch.no_grad():
+            sae.W_dec.mul_(torch.linspace(0.7, 1.05, d_sae)[:, None])
     gen = torch.Generator().manual_seed(8)
     mu = 3.0 * torch.randn(d_in, generator=gen)
     x = mu + 2.0 * torch.randn(256, d_in, generator=gen)
@@ -418,16 +421,47 @@ def test_export_matches_on_raw_activations(tmp_path, mode, variant):
     assert_close_rel(rec_sl, rec)
 
 
-def test_replay_backward_passes_gradcheck():
+@pytest.mark.parametrize("atom_norms", ["unit", "free"])
+def test_replay_backward_passes_gradcheck(atom_norms):
     """The written-out backward of the replayed pursuit, for x, W and b_dec and for both outputs
-    (coefficients and residual), against numerical gradients in float64."""
+    (coefficients and residual), against numerical gradients in float64; with unit atoms and with atoms of
+    norms 0.5 to 1.5 (--free-atom-norms)."""
     from stages.saes.matching_pursuit import _PursuitReplay
 
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    W = torch.nn.functional.normalize(torch.randn(12, 5, generator=gen, dtype=torch.float64), dim=1).requires_grad_()
+    W = torch.nn.functional.normalize(torch.randn(12, 5, generator=gen, dtype=torch.float64), dim=1)
+    if atom_norms == "free":
+        W = W * torch.linspace(0.5, 1.5, 12, dtype=torch.float64)[:, None]
+    W.requires_grad_()
     b = (0.1 * torch.randn(5, generator=gen, dtype=torch.float64)).requires_grad_()
     indices = torch.randint(0, 12, (6, 4), generator=gen)
     live = torch.ones(6, 4, dtype=torch.float64)
     live[0, 2] = 0  # a step where the selection added nothing
     assert torch.autograd.gradcheck(lambda x, W, b: _PursuitReplay.apply(x, W, b, indices, live), (x, W, b))
+
+
+def test_free_atom_norms_drift_in_training_and_survive_a_reload():
+    """--free-atom-norms: the optimizer step leaves the atoms' norms where it moved them (SAELens's trainer);
+    by default they are renormalized to 1 after every step. The config rebuilds the same rule."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(256, 8, generator=gen)
+    norms = {}
+    for free in (False, True):
+        sae = MatchingPursuitSAE(8, 24, k=3, free_atom_norms=free)
+        sae.reset_parameters(torch.Generator().manual_seed(0))
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        for _ in range(20):
+            loss, _ = sae.training_loss(x, TrainContext(1.0, None, 0.0))
+            optimizer.zero_grad()
+            loss.backward()
+            sae.before_optimizer_step()
+            optimizer.step()
+            sae.after_optimizer_step()
+        norms[free] = sae.W_dec.detach().norm(dim=1)
+        rebuilt = build_sae(sae.config())
+        assert rebuilt.unit_norm_decoder == (not free) and sae.config().get("free_atom_norms", False) == free
+    torch.testing.assert_close(norms[False], torch.ones(24))
+    assert (norms[True] - 1).abs().max() > 0.05
+    settings = config(k=4, free_atom_norms=True).validate().settings
+    assert MatchingPursuitSAE.from_settings(8, 64, settings).unit_norm_decoder is False
