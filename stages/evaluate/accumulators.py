@@ -66,11 +66,13 @@ class SparsityStats:
         self.d_sae, self.n = d_sae, 0
         self.l0_counts = torch.zeros(d_sae + 1, dtype=torch.long, device=device)
         self.fires = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.l1_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add(self, code) -> None:
         l0 = code.l0()
         self.n += int(l0.numel())
+        self.l1_sum += code.values.double().clamp_min(0).sum()
         self.l0_counts += torch.bincount(l0, minlength=self.d_sae + 1)
         self.fires += code.fire_counts(self.d_sae)
 
@@ -90,6 +92,7 @@ class SparsityStats:
         hist, _ = np.histogram(np.clip(np.log10(alive), DENSITY_BINS[0], DENSITY_BINS[-1]), bins=DENSITY_BINS)
         return {
             "l0": float((counts * values).sum()) / max(self.n, 1),
+            "l1": float(self.l1_sum) / max(self.n, 1),  # the latents' summed activation per token (SAEBench's l1)
             "l0_quantiles": {"p10": quantile(0.1), "p50": quantile(0.5), "p90": quantile(0.9), "max": last},
             "l0_histogram": {"edges": list(range(last + 2)), "counts": counts[: last + 1].tolist()},
             "dead_fraction": float((density == 0).mean()),

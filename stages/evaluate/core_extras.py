@@ -1,6 +1,7 @@
-"""Weight-space metrics of an SAE, computed from its weights alone (eval's `--suite core` adds them): how
-close each latent's decoder direction comes to another's (duplicated latents), and how well each
-latent's encoder and decoder directions agree.
+"""What eval's `--suite core` adds. From the weights alone: how close each latent's decoder direction comes
+to another's (duplicated latents), and how well each latent's encoder and decoder directions agree. And
+SAEBench 0.6.0's core keys that our default metrics do not already give (`saebench_core_keys`), from the
+weights and from the latents' firing frequencies on the eval rows.
 
 Definitions: docs/metrics.md#core-extras
 """
@@ -31,6 +32,30 @@ def encoder_decoder_cosine(W_enc: torch.Tensor, W_dec: torch.Tensor) -> torch.Te
     """For each latent, the cosine between its encoder column and its decoder row [d_sae]."""
     enc, dec = W_enc.detach().float().T, W_dec.detach().float()
     return torch.nn.functional.cosine_similarity(enc, dec, dim=1)
+
+
+def saebench_core_keys(sae, density) -> dict:
+    """SAEBench 0.6.0's `misc_metrics` of its core eval (`calculate_misc_metrics`), under its names, from the
+    eval rows' firing frequency of each latent (`density`, feature_density.npy): the fraction alive, the
+    fractions of latents firing on more than 1% and 10% of tokens, and those latents' share of all firings
+    (`normalized_...`); and the mean over latents of the largest cosine between its encoder column and
+    another's. Its `average_max_decoder_cosine_sim` is our decoder_max_cosine_mean; its l1 is eval's l1."""
+    frequency = torch.as_tensor(density, dtype=torch.float64)
+    total = float(frequency.sum())
+
+    def share_over(threshold: float) -> float:
+        return float(frequency[frequency > threshold].sum()) / total if total > 0 else 0.0
+
+    out = {
+        "frac_alive": float((frequency > 0).double().mean()),
+        "freq_over_1_percent": float((frequency > 0.01).double().mean()),
+        "freq_over_10_percent": float((frequency > 0.1).double().mean()),
+        "normalized_freq_over_1_percent": share_over(0.01),
+        "normalized_freq_over_10_percent": share_over(0.1),
+    }
+    if not getattr(sae, "n_layers", None) and isinstance(getattr(sae, "W_enc", None), torch.Tensor):
+        out["average_max_encoder_cosine_sim"] = float(decoder_max_cosine(sae.W_enc.T).mean())
+    return out
 
 
 def core_extras(sae) -> dict:

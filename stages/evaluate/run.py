@@ -10,7 +10,7 @@ from stages.basics.errors import SaepipeError
 from stages.evaluate.ablation import ablation_sparsity
 from stages.evaluate.absorption import absorption
 from stages.evaluate.config import EvalConfig
-from stages.evaluate.core_extras import core_extras
+from stages.evaluate.core_extras import core_extras, saebench_core_keys
 from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, positions_kept
 from stages.evaluate.evaluated import EvaluatedSAE, check_compatible, open_evaluated, open_external
 from stages.evaluate.ground_truth import decoder_rows, ground_truth_metrics, load_truth
@@ -62,7 +62,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         metrics, density = store_metrics(sae, store, hook, norm, dev, cfg.tokens, cfg.progress, read_hook=read_hook)
         result |= metrics
     if "core" in suites:
-        result |= core_extras(sae)
+        result |= core_extras(sae) | saebench_core_keys(sae, density)
     if truth is not None:
         result["ground_truth"] = ground_truth_metrics(sae, truth)
     if cfg.use_model and evaluated.multi is None:

@@ -25,11 +25,13 @@ def test_topk_step_flops_counts_two_dense_gemms_and_a_sparse_decoder():
 @pytest.mark.filterwarnings("ignore")
 def test_tiny_bench_writes_every_key(tmp_path):
     pytest.importorskip("sae_lens")
+    pytest.importorskip("sparsify")
     cfg = bench.BenchConfig(
         out=tmp_path / "bench",
         device="cpu",
         d_in=32,
         width=256,
+        wide_width=512,
         k=4,
         batch_size=256,
         rounds=1,
@@ -52,6 +54,8 @@ def test_tiny_bench_writes_every_key(tmp_path):
         "two_hooks_read_vs_one",
         "train_vs_saelens",
         "train_roofline_fraction",
+        "train_vs_sparsify",
+        "train_vs_sparsify_16k",
         "mp_vs_saelens",
         "collect_vs_forward",
         "stream_peak_rss_gb",
@@ -67,6 +71,8 @@ def test_tiny_bench_writes_every_key(tmp_path):
     assert len(result["api_read"]["api_tokens_per_s"]) == len(result["api_read"]["loader_tokens_per_s"]) == 1
     assert len(result["two_hooks_read"]["two_hooks_bytes_per_s"]) == 1
     assert result["mp"]["reconstruction_max_rel_diff"] < 1e-3
+    sparsify = result["sparsify"]
+    assert sparsify["decoder"] == "eager_decode" and len(sparsify["width_512"]["sparsify_tokens_per_s"]) == 1
     stream = result["stream"]
     assert stream["store_bytes"] == 4 * stream["buffer_bytes"]
     assert 0 < stream["peak_rss_bytes"] < 8e9

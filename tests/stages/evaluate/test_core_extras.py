@@ -2,10 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from stages.evaluate.core_extras import core_extras, decoder_max_cosine, encoder_decoder_cosine
+from stages.evaluate.core_extras import core_extras, decoder_max_cosine, encoder_decoder_cosine, saebench_core_keys
 from stages.saes import TopKSAE
 from tests.helpers.cli import run_ok
 
@@ -35,6 +36,24 @@ def test_core_extras_of_an_sae():
     torch.testing.assert_close(encoder_decoder_cosine(sae.W_enc, sae.W_dec), -torch.ones(64))
 
 
+def test_saebench_core_keys_from_firing_frequencies_and_encoder():
+    """SAEBench's calculate_misc_metrics, on hand-set frequencies: 4 of 64 latents alive, firing on 50%, 5%,
+    0.5% and 20% of tokens."""
+    sae = TopKSAE(8, 64, k=4)
+    with torch.no_grad():
+        sae.W_enc[:, 1] = 2 * sae.W_enc[:, 0]  # latent 1 reads what latent 0 reads
+    density = np.zeros(64)
+    density[:4] = [0.5, 0.05, 0.005, 0.2]
+    keys = saebench_core_keys(sae, density)
+    assert keys["frac_alive"] == 4 / 64
+    assert keys["freq_over_1_percent"] == 3 / 64 and keys["freq_over_10_percent"] == 2 / 64
+    assert keys["normalized_freq_over_1_percent"] == pytest.approx(0.75 / 0.755)
+    assert keys["normalized_freq_over_10_percent"] == pytest.approx(0.7 / 0.755)
+    best = decoder_max_cosine(sae.W_enc.T)
+    assert best[0] == pytest.approx(1) and keys["average_max_encoder_cosine_sim"] == pytest.approx(float(best.mean()))
+    assert saebench_core_keys(sae, np.zeros(64))["normalized_freq_over_1_percent"] == 0.0  # nothing fired
+
+
 def test_eval_adds_them_with_suite_core(tiny_store, tmp_path):
     run = tmp_path / "run"
     run_ok("train", tiny_store, "--width", 64, "--k", 4, "--tokens", 2048, "--batch-size", 512, "--no-progress",
@@ -45,3 +64,8 @@ def test_eval_adds_them_with_suite_core(tiny_store, tmp_path):
     result = json.loads((run / "eval.json").read_text())
     assert 0 <= result["duplicate_fraction"] <= 1 and -1 <= result["encoder_decoder_cosine_mean"] <= 1
     assert "decoder_max_cosine_mean" in table
+    assert result["frac_alive"] == pytest.approx(1 - result["dead_fraction"])
+    density = np.load(run / "feature_density.npy")
+    assert result["freq_over_1_percent"] == pytest.approx(float((density > 0.01).mean()))
+    assert 0 <= result["average_max_encoder_cosine_sim"] <= 1 + 1e-6
+    assert result["l1"] > 0  # every eval gives it: the latents' summed activation per token

@@ -72,6 +72,7 @@ def test_sparsity_stats():
     stats.add(DenseCode(codes[4:]))
     m = stats.result()
     assert m["l0"] == pytest.approx((3 + 2 * 4 + 1 * 5) / 10)
+    assert m["l1"] == pytest.approx((10 * 1.0 + 5 * 2.0 + 3.0) / 10)  # summed activation per token
     assert m["l0_quantiles"] == {"p10": 1, "p50": 1, "p90": 2, "max": 3}
     assert m["l0_histogram"]["counts"] == [0, 5, 4, 1]
     assert m["dead_fraction"] == pytest.approx(0.5) and m["log10_density_histogram"]["dead"] == 3

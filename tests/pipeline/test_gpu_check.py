@@ -1,0 +1,83 @@
+"""`make gpu-check`'s dry run (`--device cpu`): every step of the GPU check runs at toy sizes on the tiny
+model, so the script a lent GPU runs first has run here; a step that breaks is recorded and the rest run."""
+
+import json
+
+import pytest
+
+from pipeline.tools import gpu_check
+from stages.basics.errors import SaepipeError
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    pytest.importorskip("sae_lens")
+    pytest.importorskip("sparsify")
+    out = tmp_path_factory.mktemp("gpu")
+    cfg = gpu_check.GpuCheckConfig(out=out, device="cpu", model="tiny-random", progress=False)
+    return out, gpu_check.run_gpu_check(cfg)
+
+
+def test_every_step_runs_on_a_cpu(dry_run):
+    out, result = dry_run
+    failures = {name: record.get("traceback") for name, record in result["steps"].items() if not record["ok"]}
+    assert not failures, failures
+    assert list(result["steps"]) == ["environment", "collect", "train", "eval", "nccl", "bench_d768", "bench_d2304"]
+    assert json.loads((out / "gpu.json").read_text()) == result and result["ok"]
+
+
+def test_every_architecture_trains_resident_and_streaming(dry_run):
+    _, result = dry_run
+    runs = result["steps"]["train"]["runs"]
+    archs = (*gpu_check.SAE_ARCHS, "transcoder", "skip_transcoder", "crosscoder", "clt")
+    assert sorted(runs) == sorted(f"{arch}-{mode}" for arch in archs for mode in ("resident", "streaming"))
+    assert all(run["tokens_per_s"] > 0 for run in runs.values())
+
+
+def test_the_figures_the_gpu_run_reports(dry_run):
+    _, result = dry_run
+    steps = result["steps"]
+    assert steps["collect"]["tokens_per_s"] > 0 and len(steps["collect"]["hooks"]) == 5
+    assert 0 <= steps["eval"]["ce_recovered"] <= 1.5 and steps["eval"]["kl"] >= 0
+    assert steps["nccl"]["backend"] == "gloo"  # NCCL on CUDA
+    first = steps["bench_d768"]
+    for key in ("train_vs_saelens", "train_roofline_fraction", "train_vs_sparsify", "mp_vs_saelens"):
+        assert first[key] > 0, key
+    assert first["steps_per_s"] > 0 and first["goal_steps_per_s"] == gpu_check.GOAL_STEPS_PER_S
+    assert steps["bench_d2304"]["sizes"]["d_in"] == gpu_check.DRY_SIZES.bench[1][0]
+    assert "FAILED" not in gpu_check.format_gpu_check(result)
+
+
+def test_a_failing_step_is_recorded_and_the_next_still_runs(tmp_path, monkeypatch):
+    def broken(self):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_check.GpuCheck, "environment", broken)
+    cfg = gpu_check.GpuCheckConfig(out=tmp_path, device="cpu", model="tiny-random", only="environment,collect")
+    result = gpu_check.run_gpu_check(cfg)
+    assert not result["ok"] and result["steps"]["collect"]["ok"]
+    assert result["steps"]["environment"]["error"] == "CUDA error: an illegal memory access was encountered"
+    assert "FAILED: CUDA error" in gpu_check.format_gpu_check(result)
+
+
+def test_an_unknown_step_is_refused_before_any_work(tmp_path):
+    cfg = gpu_check.GpuCheckConfig(out=tmp_path / "g", device="cpu", only="collect,warp")
+    with pytest.raises(SaepipeError, match="--only: unknown step warp; known: environment, collect"):
+        gpu_check.run_gpu_check(cfg)
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_model_shape_folder_gives_that_model_with_random_weights(tmp_path, tiny_gpt2_dir):
+    """What travels to a lent GPU: config and tokenizer, no weights (tiny_gpt2_dir's shape here)."""
+    folder, _ = tiny_gpt2_dir
+    shape = tmp_path / "shape"
+    shape.mkdir()
+    for f in folder.iterdir():
+        if f.suffix != ".safetensors" and f.name != "pytorch_model.bin":
+            (shape / f.name).write_bytes(f.read_bytes())
+    built = gpu_check.random_weights_model(shape, tmp_path / "built")
+    assert (built / "config.json").exists() and list(built.glob("*.safetensors"))
+    from stages.host_model.loading import load_host_model
+
+    model = load_host_model(str(built), "cpu")
+    assert model.n_layers == json.loads((shape / "config.json").read_text())["n_layer"]
