@@ -4,6 +4,7 @@
 #   make test    the test suite (what CI runs)
 #   make lint    ruff (lint and format) and the import contracts (lint-imports); CI runs it before the tests
 #   make bench   speed benchmarks (docs/benchmarks.md)
+#   make gpu-check  every CUDA path once, on this machine's GPU (GPU_DEVICE=cpu: the dry run); runs/gpu/gpu.json
 #   make scale   a store at scale: 100M-token collect, a store bigger than memory, S3 (docs/scale.md)
 #   make soak    a store under load: training, readers and appends at once (pipeline/tools/soak.py)
 #   make circuit-tracer  circuit-tracer's own environment, and the test that it reads our exports
@@ -40,7 +41,7 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval report sweep test lint bench scale soak circuit-tracer saebench clean distclean
+.PHONY: all setup collect train eval report sweep test lint bench gpu-check scale soak circuit-tracer saebench clean distclean
 
 all: report
 
@@ -108,6 +109,11 @@ scale: $(SETUP_DONE)
 # Speed as same-run ratios (docs/benchmarks.md); writes runs/bench/bench.json.
 bench: $(SETUP_DONE)
 	$(SAEPIPE) bench --device $(DEVICE) --model $(MODEL) --hook $(HOOK) --out runs/bench
+
+# Every CUDA path once, each step recorded even when another fails (docs/benchmarks.md#the-gpu-check).
+GPU_DEVICE ?= cuda
+gpu-check: $(SETUP_DONE)
+	$(SAEPIPE) gpu-check --device $(GPU_DEVICE) --model $(MODEL) --out runs/gpu
 
 # A store under load for SOAK_SECONDS: training, two readers and an appender at once; runs/soak/soak.json.
 SOAK_SECONDS ?= 60

@@ -18,6 +18,7 @@ from pipeline.commands.compare import compare
 from pipeline.commands.eval_set import eval_set
 from pipeline.commands.evaluate import eval_command
 from pipeline.commands.export import export
+from pipeline.commands.gpu_check import gpu_check
 from pipeline.commands.info import info
 from pipeline.commands.prepare_model import prepare_model
 from pipeline.commands.quality import quality
@@ -99,6 +100,7 @@ for command in (collect, train, eval_command, report, compare, quality, bench, s
 main.add_command(quality_transcoder)
 main.add_command(export)
 main.add_command(eval_set)
+main.add_command(gpu_check)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ from pipeline.tools.bench import BenchConfig, format_bench_table, run_bench
 
 
 @click.command()
-@options(BenchConfig, "out", "device", "only", "d_in", "width", "k", "batch_size", "rounds", "model", "collect_hook")
+@options(BenchConfig, "out", "device", "only", "d_in", "width", "wide_width", "k", "batch_size", "rounds")
+@options(BenchConfig, "model", "collect_hook")
 @options(BenchConfig, "progress")
 def bench(**values) -> None:
     """Measure speed as same-run ratios (reader, training, matching pursuit, collect, memory); writes
-    OUT/bench.json. Needs sae-lens for the SAELens comparisons."""
+    OUT/bench.json. Needs sae-lens for the SAELens comparisons, eai-sparsify for sparsify's."""
     cfg = BenchConfig(**values)
     result = run_bench(cfg)
     click.echo(format_bench_table(result))

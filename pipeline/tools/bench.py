@@ -15,6 +15,10 @@ Keys (targets in docs/benchmarks.md):
   sparse decoder forward and backward) over the dense matmul rate measured at the step's own GEMM shape.
 - train_vs_saelens / mp_vs_saelens: our training step over SAELens's (its trainer's own step: forward,
   backward, clipping, Adam, dead-latent bookkeeping), same sizes, same in-memory batches.
+- train_vs_sparsify / train_vs_sparsify_16k: our TopK training step over EleutherAI sparsify's (its
+  Trainer's step for an autoencoder, with its own kernels: decoder renormalized, fvu loss, the decoder
+  gradient's parallel part removed, its default optimizer, dead-latent bookkeeping), same batches, at
+  --width and at --wide-width.
 - collect_vs_forward: collect (to disk, normalized, shuffled, every commit flushed) over the bare forward
   pass to the same stop layer, same contexts, same batch; the model loaded once for both.
 - fsync_cost: collect_vs_forward without flushing commits (--no-fsync) minus collect_vs_forward.
@@ -71,6 +75,8 @@ TARGETS = {
     "two_hooks_read_vs_one": (">=", 0.9),  # bytes/s of a transcoder's two hooks read together, over one hook's
     "train_roofline_fraction": (">=", 0.7),  # CPU fp32; 0.5 on a GPU in bf16
     "train_vs_saelens": (">=", 1.5),  # CPU; 3 on a GPU
+    "train_vs_sparsify": (">=", 1.5),
+    "train_vs_sparsify_16k": (">=", 1.5),
     "mp_vs_saelens": (">=", 5.0),
     "collect_vs_forward": (">=", 0.9),
     "fsync_cost": ("<=", 0.02),  # collect_vs_forward lost to flushing every commit
@@ -86,6 +92,7 @@ class BenchConfig:
     device: str = device_setting()
     d_in: int = setting(576, "row width of the reader and training benchmarks (the default model's)")
     width: int = setting(4096, "SAE width of the training benchmarks")
+    wide_width: int = setting(16_384, "SAE width of the wide sparsify comparison (train_vs_sparsify_16k)")
     k: int = setting(32, "active latents of the training benchmarks")
     batch_size: int = setting(4096, "rows per training step")
     rounds: int = setting(3, "rounds per side, alternating the sides")
@@ -340,6 +347,50 @@ def _saelens_stepper(cfg: BenchConfig, arch: str, device: torch.device):
     return lambda x, step: trainer._train_step(sae, x), sae
 
 
+def _sparsify_stepper(cfg: BenchConfig, width: int, device: torch.device):
+    """sparsify's Trainer step for a TopK autoencoder (sparsify/trainer.py, fit), on our batches: the
+    decoder renormalized before the forward, b_dec set to the first batch's mean, the fvu loss (its
+    default; AuxK off, as its auxk_alpha 0 leaves it), the gradient's part parallel to the decoder rows
+    removed, its default optimizer (schedule-free SignSGD, momentum 0.95), the dead-latent counters.
+    Its encoder (FusedEncoder) is plain PyTorch; its decoder is Triton's kernel on CUDA when triton is
+    installed, else torch's embedding_bag (`sparsify_decoder` in bench.json says which ran)."""
+    from pipeline.tools.quality_transcoder import import_sparsify, sparsify_default_lr
+
+    sparsify = import_sparsify()
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify.sign_sgd import SignSGD
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        coder = sparsify.SparseCoder(
+            cfg.d_in, sparsify.SparseCoderConfig(num_latents=width, k=cfg.k), device, dtype=torch.float32
+        )
+    optimizer = ScheduleFreeWrapper(
+        SignSGD([dict(params=coder.parameters(), lr=sparsify_default_lr(width))]), momentum=0.95
+    )
+    optimizer.train()
+    tokens_since_fired = torch.zeros(width, dtype=torch.long, device=device)
+    did_fire = torch.zeros(width, dtype=torch.bool, device=device)
+
+    def step(x: torch.Tensor, i: int) -> None:
+        if i == 0:
+            coder.b_dec.data = x.mean(0)
+        coder.set_decoder_norm_to_unit_norm()
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        out = coder(x=x, y=x, dead_mask=tokens_since_fired > 10_000_000, total_variance=total_variance)
+        did_fire[out.latent_indices.flatten()] = True
+        (out.fvu + out.multi_topk_fvu / 8).backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            tokens_since_fired.add_(x.shape[0])
+            tokens_since_fired[did_fire] = 0
+            did_fire.zero_()
+
+    return step
+
+
 class _TimedSteps:
     """A training step function and the count of steps it has taken (its step index goes on across rounds)."""
 
@@ -365,11 +416,13 @@ def _compare_steps(
     device: torch.device,
     steps: int,
     warmup: int,
+    them: str = "saelens",
 ) -> dict[str, list[float]]:
-    """Our step against SAELens's, after `warmup` untimed steps each, alternating rounds of `steps`."""
+    """Our step against another library's (`them`), after `warmup` untimed steps each, alternating rounds
+    of `steps`."""
     sides = {
         "ours_tokens_per_s": _TimedSteps(ours, batches, device),
-        "saelens_tokens_per_s": _TimedSteps(theirs, batches, device),
+        f"{them}_tokens_per_s": _TimedSteps(theirs, batches, device),
     }
     for side in sides.values():
         side.rate(warmup)
@@ -430,6 +483,22 @@ def bench_train(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
             "dtype": "float32",
         },
     }
+
+
+def bench_train_sparsify(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
+    from pipeline.tools.quality_transcoder import sparsify_decoder
+
+    store = _bench_store(cfg, workdir)
+    batches = _random_batches(cfg, device)
+    result: dict = {"sparsify": {"decoder": sparsify_decoder(), "optimizer": "signum (its default)"}}
+    for key, width in (("train_vs_sparsify", cfg.width), ("train_vs_sparsify_16k", cfg.wide_width)):
+        sized = dataclasses.replace(cfg, width=width)
+        ours = _our_stepper(sized, "topk", store, workdir / f"ours-topk-{width}", device)
+        theirs = _sparsify_stepper(sized, width, device)
+        rates = _compare_steps(sized, ours, theirs, batches, device, cfg.train_steps, warmup=2, them="sparsify")
+        result[key] = ratio(rates, "ours_tokens_per_s", "sparsify_tokens_per_s")
+        result["sparsify"][f"width_{width}"] = rates
+    return result
 
 
 def bench_mp(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
@@ -672,12 +741,14 @@ def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> d
 
 
 # -- the whole run ----------------------------------------------------------------------------------
-# Each key's benchmark (bench_train also yields train_roofline_fraction), run in this order.
+# Each key's benchmark (bench_train also yields train_roofline_fraction, bench_train_sparsify
+# train_vs_sparsify_16k), run in this order.
 BENCHMARKS: dict[str, Callable[[BenchConfig, Path, torch.device], dict]] = {
     "read_vs_memmap": bench_read,
     "api_read_vs_loader": bench_api_read,
     "two_hooks_read_vs_one": bench_two_hooks_read,
     "train_vs_saelens": bench_train,
+    "train_vs_sparsify": bench_train_sparsify,
     "mp_vs_saelens": bench_mp,
     "collect_vs_forward": bench_collect,
     "collect_vs_saelens": bench_collect_saelens,

@@ -56,8 +56,10 @@ def test_a_failing_step_is_recorded_and_the_next_still_runs(tmp_path, monkeypatc
     cfg = gpu_check.GpuCheckConfig(out=tmp_path, device="cpu", model="tiny-random", only="environment,collect")
     result = gpu_check.run_gpu_check(cfg)
     assert not result["ok"] and result["steps"]["collect"]["ok"]
-    assert result["steps"]["environment"]["error"] == "CUDA error: an illegal memory access was encountered"
-    assert "FAILED: CUDA error" in gpu_check.format_gpu_check(result)
+    assert (
+        result["steps"]["environment"]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    )
+    assert "FAILED: RuntimeError: CUDA error" in gpu_check.format_gpu_check(result)
 
 
 def test_an_unknown_step_is_refused_before_any_work(tmp_path):
