@@ -404,7 +404,7 @@ def plot_l0_curves(rows: list[dict], k: int, path: Path) -> None:
         for row in rows:
             if row["arch"] == arch and row.get("l0_curve"):
                 tokens, l0 = zip(*row["l0_curve"])
-                ax.plot(tokens, l0, label=row["impl"])
+                ax.plot(tokens, l0, label=row["impl"], linestyle="-" if row["impl"] == "saepipe" else "--")
         ax.axhspan(0.9 * k, 1.1 * k, color="grey", alpha=0.2, label=f"target {k} ± 10%")
         ax.set(title=arch, xlabel="training tokens", ylabel="L0", yscale="log")
         ax.legend(fontsize=7)
