@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -50,11 +51,22 @@ class ProbingTexts:
     is_train: np.ndarray  # [n_texts]
     seed: int
 
-    def pooled(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-row features mean-pooled over each text: [n_texts, features]."""
+    def pooled(self, features_of=lambda rows: rows, chunk: int = 4096) -> torch.Tensor:
+        """`features_of` each kept row (the raw row itself by default), mean-pooled over each text:
+        [n_texts, features]. A chunk of rows at a time, so an SAE's dense codes of every row are never
+        held at once."""
+        sums = None
+        for rows, owner in zip(self.rows.split(chunk), self.owner.split(chunk)):
+            features = features_of(rows)
+            sums = torch.zeros(len(self.labels), features.shape[1]) if sums is None else sums
+            sums.index_add_(0, owner, features)
         counts = torch.bincount(self.owner, minlength=len(self.labels)).clamp_min(1)[:, None].float()
-        sums = torch.zeros(len(self.labels), features.shape[1]).index_add_(0, self.owner, features)
         return sums / counts
+
+    @cached_property
+    def raw_pooled(self) -> torch.Tensor:
+        """The model's own dimensions, mean-pooled: the baseline every SAE is set beside."""
+        return self.pooled()
 
 
 def probing_texts(
@@ -88,14 +100,14 @@ def sparse_probing(
 
 
 @torch.no_grad()
-def probing_scores(sae, norm, texts: ProbingTexts, device, chunk: int = 4096) -> dict:
+def probing_scores(sae, norm, texts: ProbingTexts, device) -> dict:
     """An SAE's k-sparse probing on built texts; `norm` maps the hook's raw rows to the SAE's input."""
     dtype = next(sae.parameters()).dtype
-    codes = [
-        sae.encode(norm.apply(part.to(device))[0].to(dtype)).dense(sae.d_sae).float().cpu()
-        for part in texts.rows.split(chunk)
-    ]
-    latents, raw = texts.pooled(torch.cat(codes)), texts.pooled(texts.rows)
+
+    def codes(rows: torch.Tensor) -> torch.Tensor:
+        return sae.encode(norm.apply(rows.to(device))[0].to(dtype)).dense(sae.d_sae).float().cpu()
+
+    latents, raw = texts.pooled(codes), texts.raw_pooled
     labels = texts.labels
     per_class = {}
     rng = np.random.default_rng(texts.seed)
