@@ -347,7 +347,7 @@ def _saelens_stepper(cfg: BenchConfig, arch: str, device: torch.device):
     return lambda x, step: trainer._train_step(sae, x), sae
 
 
-def _sparsify_stepper(cfg: BenchConfig, width: int, device: torch.device):
+def _sparsify_stepper(cfg: BenchConfig, device: torch.device):
     """sparsify's Trainer step for a TopK autoencoder (sparsify/trainer.py, fit), on our batches: the
     decoder renormalized before the forward, b_dec set to the first batch's mean, the fvu loss (its
     default; AuxK off, as its auxk_alpha 0 leaves it), the gradient's part parallel to the decoder rows
@@ -360,6 +360,7 @@ def _sparsify_stepper(cfg: BenchConfig, width: int, device: torch.device):
     from schedulefree import ScheduleFreeWrapper
     from sparsify.sign_sgd import SignSGD
 
+    width = cfg.width
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         coder = sparsify.SparseCoder(
@@ -491,13 +492,14 @@ def bench_train_sparsify(cfg: BenchConfig, workdir: Path, device: torch.device) 
     store = _bench_store(cfg, workdir)
     batches = _random_batches(cfg, device)
     result: dict = {"sparsify": {"decoder": sparsify_decoder(), "optimizer": "signum (its default)"}}
-    for key, width in (("train_vs_sparsify", cfg.width), ("train_vs_sparsify_16k", cfg.wide_width)):
+    for width in dict.fromkeys((cfg.width, cfg.wide_width)):  # once when the two widths are the same
         sized = dataclasses.replace(cfg, width=width)
         ours = _our_stepper(sized, "topk", store, workdir / f"ours-topk-{width}", device)
-        theirs = _sparsify_stepper(sized, width, device)
+        theirs = _sparsify_stepper(sized, device)
         rates = _compare_steps(sized, ours, theirs, batches, device, cfg.train_steps, warmup=2, them="sparsify")
-        result[key] = ratio(rates, "ours_tokens_per_s", "sparsify_tokens_per_s")
         result["sparsify"][f"width_{width}"] = rates
+    for key, width in (("train_vs_sparsify", cfg.width), ("train_vs_sparsify_16k", cfg.wide_width)):
+        result[key] = ratio(result["sparsify"][f"width_{width}"], "ours_tokens_per_s", "sparsify_tokens_per_s")
     return result
 
 

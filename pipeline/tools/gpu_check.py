@@ -29,7 +29,6 @@ How to run it on a lent GPU machine: docs/benchmarks.md#the-gpu-check.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 
 from stages import evaluate
-from stages.basics import distributed
+from stages.basics import distributed, run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError, first_line
 from stages.basics.settings import progress_setting, setting
@@ -65,13 +64,13 @@ class Sizes:
     batch_size: int
     width: int
     k: int
-    bench: tuple[tuple[int, int, int], ...]  # (d_in, width, wide width) of each bench step
+    bench: tuple[tuple[int, int], ...]  # (d_in, width) of each bench step
     bench_batch: int
     bench_rounds: int
 
 
-GPU_SIZES = Sizes(100_000, 20, 4096, 4096, 32, ((768, 16_384, 16_384), (2304, 65_536, 65_536)), 4096, 3)
-DRY_SIZES = Sizes(4_000, 3, 256, 128, 8, ((32, 128, 256), (48, 256, 256)), 256, 1)
+GPU_SIZES = Sizes(100_000, 20, 4096, 4096, 32, ((768, 16_384), (2304, 65_536)), 4096, 3)
+DRY_SIZES = Sizes(4_000, 3, 256, 128, 8, ((32, 128), (48, 256)), 256, 1)
 
 
 @dataclass
@@ -197,7 +196,7 @@ class GpuCheck:
         seconds = time.perf_counter() - started
         return {"model": model.name, "hooks": list(self.hooks.values()), "tokens_per_s": cfg.tokens / seconds}
 
-    def _train_config(self, name: str, arch: str, resident: bool, **extra) -> TrainConfig:
+    def _train_config(self, name: str, arch: str, resident: bool) -> TrainConfig:
         s = self.sizes
         base = dict(hook=self.hooks["resid"], k=s.k)
         if arch in ("transcoder", "skip_transcoder"):
@@ -216,7 +215,7 @@ class GpuCheck:
         return TrainConfig.from_flat(
             store=self.store, out=str(self.out / "runs" / name), arch=arch, width=s.width,
             tokens=s.train_steps * s.batch_size, batch_size=s.batch_size, device=str(self.device),
-            resident=resident, overwrite=True, progress=False, **base, **extra,
+            resident=resident, overwrite=True, progress=False, **base,
         )  # fmt: skip
 
     def train(self) -> dict:
@@ -225,8 +224,7 @@ class GpuCheck:
             for resident in (True, False):
                 name = f"{arch}-{'resident' if resident else 'streaming'}"
                 try:
-                    out = run_train(self._train_config(name, arch, resident))
-                    last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
+                    last = run_dir.read_log(run_train(self._train_config(name, arch, resident)))[-1]
                     runs[name] = {"tokens_per_s": last["tokens_per_s"], "fve": last["fve"], "l0": last["l0"]}
                 except Exception as e:  # noqa: BLE001 - every architecture is tried; the step fails at the end
                     failed[name] = first_line(e) or type(e).__name__
@@ -245,17 +243,17 @@ class GpuCheck:
         cfg = self._train_config("topk-launched", "topk", True)
         started = time.perf_counter()
         [out] = distributed.launch(1, run_sweep, [cfg])
-        last = json.loads((Path(out) / "train_log.jsonl").read_text().splitlines()[-1])
+        last = run_dir.read_log(out)[-1]
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         return {"backend": backend, "seconds_with_launch": time.perf_counter() - started, "fve": last["fve"]}
 
     def bench(self, which: int) -> dict:
         from pipeline.tools.bench import BenchConfig, run_bench
 
-        d_in, width, wide = self.sizes.bench[which]
+        d_in, width = self.sizes.bench[which]
         bench_cfg = BenchConfig(
-            out=self.out / f"bench-d{d_in}", device=str(self.device), d_in=d_in, width=width, wide_width=wide,
-            k=self.sizes.k if self.device.type == "cpu" else 32, batch_size=self.sizes.bench_batch,
+            out=self.out / f"bench-d{d_in}", device=str(self.device), d_in=d_in, width=width, wide_width=width,
+            k=self.sizes.k, batch_size=self.sizes.bench_batch,
             rounds=self.sizes.bench_rounds, only="train_vs_saelens,train_vs_sparsify,mp_vs_saelens",
             progress=False,
         )  # fmt: skip
@@ -270,7 +268,7 @@ class GpuCheck:
 
 
 def run_gpu_check(cfg: GpuCheckConfig) -> dict:
-    return GpuCheck(dataclasses.replace(cfg)).run()
+    return GpuCheck(cfg).run()
 
 
 def format_gpu_check(result: dict) -> str:

@@ -46,7 +46,6 @@ from store_schema.reader import open_store
 # eval.json's metrics, then the interpretability ones (absorption, probing) and training speed
 METRICS = ("fve", "nmse", "l0", "dead_fraction", "ce_recovered", "kl")
 INTERPRETABILITY = ("absorption", "full_absorption", "probe_top_1", "probe_top_2", "probe_top_5")
-COLUMNS = (*METRICS, *INTERPRETABILITY, "tokens_per_s", "wall_s")
 TABLE_COLUMNS = ("fve", "l0", "dead_fraction", "ce_recovered", "kl", *INTERPRETABILITY, "tokens_per_s")
 COUNTERPARTS = ("topk", "batchtopk", "matryoshka", "jumprelu", "mp")  # the architectures SAELens trains too
 
@@ -146,8 +145,7 @@ def _saelens_inference_l0(sae, batch: torch.Tensor) -> float:
 def our_l0_curve(run: Path) -> list[tuple[int, float]]:
     """Our run's L0 as train_log.jsonl records it: (tokens so far, the logging window's mean L0), the L0 of
     its inference rule where that differs from training's (BatchTopK's threshold)."""
-    lines = (run / "train_log.jsonl").read_text().splitlines()
-    return [(record["tokens"], record.get("inference_l0", record["l0"])) for record in map(json.loads, lines)]
+    return [(record["tokens"], record.get("inference_l0", record["l0"])) for record in run_dir.read_log(run)]
 
 
 @contextlib.contextmanager
