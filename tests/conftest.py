@@ -31,20 +31,11 @@ def mlp_store(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory):
-    """A 3-layer random GPT-2 with a byte-level BPE tokenizer, saved like any local HF model."""
+def _save_tiny_hf_model(path, hf):
+    """Save a random HF model beside a byte-level BPE tokenizer of 257 ids, like any local HF model."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        hf = GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=257, n_positions=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=256, eos_token_id=256
-            )
-        ).eval()
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = 256
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -54,6 +45,46 @@ def tiny_gpt2_dir(tmp_path_factory):
     hf.save_pretrained(path)
     tok.save_pretrained(path)
     return path, hf
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A 3-layer random GPT-2 with a byte-level BPE tokenizer, saved like any local HF model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=257, n_positions=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=256, eos_token_id=256
+            )
+        ).eval()
+    return _save_tiny_hf_model(tmp_path_factory.mktemp("tiny-gpt2"), hf)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 3-layer random Llama shaped like the default model (grouped-query attention, rotary positions,
+    a gated MLP, RMSNorm, tied embeddings), with the byte-level tokenizer of tiny_gpt2_dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=257,
+                hidden_size=48,
+                intermediate_size=128,
+                num_hidden_layers=3,
+                num_attention_heads=6,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                tie_word_embeddings=True,
+                bos_token_id=256,
+                eos_token_id=256,
+            )
+        ).eval()
+    return _save_tiny_hf_model(tmp_path_factory.mktemp("tiny-llama"), hf)
 
 
 class _Crash(Exception):

@@ -39,6 +39,7 @@ def create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
             "d_model": model.d_model,
             "n_layers": model.n_layers,
             "dtype": cfg.dtype,
+            "forward": model.forward_path(hooks),
         },
         text_source=source.describe(),  # the writer adds the tokens' fingerprint
         tokenizer={

@@ -147,9 +147,13 @@ class WorkerModelSummary:
     hooks: list[str]
     n_ctx: int  # the longest context the model takes
     hook_widths: dict[str, int]
+    forward: str  # the forward pass that serves the hooks on the workers (HostModel.forward_path)
 
     def hook_width(self, hook: str) -> int:
         return self.hook_widths[hook]
+
+    def forward_path(self, hooks) -> str:
+        return self.forward
 
 
 def _describe(cfg: CollectConfig) -> WorkerModelSummary:
@@ -164,6 +168,7 @@ def _describe(cfg: CollectConfig) -> WorkerModelSummary:
         hooks,
         model.n_ctx,
         {hook: model.hook_width(hook) for hook in hooks},
+        model.forward_path(hooks),
     )
 
 

@@ -5,12 +5,17 @@ converted once into the user cache); ``tiny-random``, a 4-layer random model bui
 anything else, an HF model id or a local folder holding an HF causal LM. Activations are the model's own
 numbers: no LayerNorm folding or weight centering (``blocks.L.hook_resid_post`` is HF's
 ``hidden_states[L + 1]``).
+
+Forward passes run through HF's own modules with PyTorch's SDPA attention wherever those serve every hook
+asked for (checked against the bridge at load: stages.host_model.direct), else through the bridge, which
+also names the hooks; SAEPIPE_FORWARD=bridge sends every pass through the bridge.
 """
 
 from stages.host_model.loading import TINY_RANDOM_NAME, load_host_model, load_tokenizer
 from stages.host_model.model import (
     BLOCK_HOOKS,
     HostModel,
+    forward_path,
     hook_layer,
     logits_with_hook_replaced,
     run_to_hooks,
@@ -26,6 +31,7 @@ __all__ = [
     "HFTextTokenizer",
     "HostModel",
     "TextTokenizer",
+    "forward_path",
     "hook_layer",
     "load_host_model",
     "load_tokenizer",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 from stages.basics.defaults import DEFAULT_MODEL
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError, first_line
+from stages.host_model.direct import DirectForward
 from stages.host_model.model import HostModel, block_hook_points
 from stages.host_model.smollm2 import prepare_default_model, read_conversion_marker, sha256_16
 from stages.host_model.synthetic import is_synthetic, load_synthetic
@@ -92,6 +94,7 @@ def _finish(
             if hasattr(hf_config, flag):
                 setattr(hf_config, flag, False)
     n_layers = int(bridge.cfg.n_layers)
+    hook_points = block_hook_points(bridge, n_layers)
     model = HostModel(
         name=name,
         bridge=bridge,
@@ -101,7 +104,8 @@ def _finish(
         revision=revision,
         dtype=dtype_name,
         device=device,
-        hook_points=block_hook_points(bridge, n_layers),
+        hook_points=hook_points,
+        direct=None if _bridge_forced() else DirectForward.build(bridge, hook_points, int(bridge.cfg.d_vocab)),
     )
     if not any(h.endswith(".hook_resid_post") for h in model.hook_points):
         raise SaepipeError(
@@ -109,6 +113,15 @@ def _finish(
             f"its architecture is not supported by transformer_lens' TransformerBridge"
         )
     return model
+
+
+def _bridge_forced() -> bool:
+    """SAEPIPE_FORWARD=bridge: every forward pass through TransformerBridge, even where HF's own modules
+    serve the hooks (to compare the two, or to rule the direct path out when something looks wrong)."""
+    value = os.environ.get("SAEPIPE_FORWARD", "auto").strip().lower()
+    if value not in ("auto", "bridge"):
+        raise SaepipeError(f"SAEPIPE_FORWARD={value!r} is not a choice: set it to auto (the default) or bridge")
+    return value == "bridge"
 
 
 def _load_tiny_random(device: torch.device, dtype_name: str, torch_dtype: torch.dtype) -> HostModel:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from stages.basics.errors import SaepipeError
+from stages.host_model.direct import DirectForward
 from stages.host_model.tokenizers import TextTokenizer
 
 # transformer_lens is imported where a forward pass needs it: it takes seconds to import (see loading.py).
@@ -50,6 +51,8 @@ class HostModel:
     device: torch.device
     # TL-style hook name -> the bridge HookPoint it reads; filled by load_host_model.
     hook_points: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # HF's own forward pass over the same weights, for the hooks it serves (None: the bridge serves all).
+    direct: DirectForward | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.hook_points and hasattr(self.bridge, "hook_dict"):
@@ -62,6 +65,10 @@ class HostModel:
     @property
     def d_vocab(self) -> int:
         return int(self.bridge.cfg.d_vocab)
+
+    def forward_path(self, hooks) -> str:
+        """Which forward pass serves these hooks (the function forward_path)."""
+        return forward_path(self, hooks)
 
     def hook_width(self, hook: str) -> int:
         """The width of a hook's rows as collect stores them (attn.hook_z flattened over heads)."""
@@ -193,29 +200,80 @@ def _stop_at_layer_exception() -> type[BaseException]:
     return StopAtLayerException
 
 
+def forward_path(model: HostModel, hooks) -> str:
+    """Which forward pass serves these hooks: "hf-<attention>" (HF's own modules, e.g. hf-sdpa) where they
+    all read what HF's modules expose, else the bridge's ("transformer-bridge", or a stand-in's own name)."""
+    direct = model.direct
+    if direct is not None and direct.covers(hooks):
+        return f"hf-{direct.attention}"
+    return getattr(model.bridge, "forward_name", "transformer-bridge")
+
+
+class _Pass:
+    """One forward pass with callbacks at hook points, through HF's own modules when those serve every
+    hook involved (stages.host_model.direct), else through the bridge; the callbacks go when it ends."""
+
+    def __init__(self, model: HostModel, hooks: list[str]):
+        self.model = model
+        self.direct = model.direct if forward_path(model, hooks).startswith("hf-") else None
+        self.level = next(_hook_levels)
+        self.removers: list[Callable[[], None]] = []
+
+    def attach(self, hook: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        """fn(activation) when `hook` fires; a tensor it returns replaces the activation."""
+        if self.direct is not None:
+            self.removers.append(self.direct.taps[hook].attach(fn))
+            return
+        point, level = self.model.hook_points[hook], self.level
+        point.add_hook(lambda tensor, *, hook: fn(tensor), level=level)
+        self.removers.append(lambda: point.remove_hooks("fwd", level=level))
+
+    def stop(self, tensor: torch.Tensor) -> BaseException:
+        """What a callback raises once the pass has given everything it was run for."""
+        return self.direct.stop() if self.direct is not None else _stop_at_layer_exception()(tensor)
+
+    def run(self, tokens: torch.Tensor, logits: bool, stop_at_layer: int | None = None) -> torch.Tensor | None:
+        """The pass (float32 logits when asked for); the callbacks are detached after it, whatever happens."""
+        try:
+            with torch.inference_mode():
+                if self.direct is not None:
+                    out = self.direct.run(tokens, logits)
+                else:
+                    stop_exc = _stop_at_layer_exception()
+                    try:
+                        out = self.model.bridge.forward(
+                            tokens, return_type="logits" if logits else None, stop_at_layer=stop_at_layer
+                        )
+                    except stop_exc:
+                        out = None  # bridge.forward catches its own; this covers a stop raised outside its try
+        finally:
+            for remove in self.removers:
+                remove()
+        return out.float() if logits else None
+
+
 def run_to_hooks(model: HostModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """One forward pass that stops as soon as every requested hook has fired.
 
     Returns {hook: float32 [batch, ctx, model.hook_width(hook)]} on the model's device. Layers after the deepest
-    requested one never run (the bridge's stop_at_layer, and, earlier still, a stop raised from the last
-    hook to fire, which also spares the rest of that block and the unembedding).
+    requested one never run (a stop raised from the last hook to fire, which also spares the rest of that
+    block and the unembedding; on the bridge, its stop_at_layer besides).
     """
     hooks = validate_hooks(model, hooks)
     tokens = _prepare_tokens(model, tokens)
-    stop_exc = _stop_at_layer_exception()
     deepest = max(hook_layer(h) for h in hooks)
     stop_at_layer = deepest + 1 if deepest + 1 < model.n_layers else None
+    forward = _Pass(model, hooks)
 
-    by_point: dict[int, tuple[Any, list[str]]] = {}
+    by_point: dict[int, list[str]] = {}  # aliases of one hook point are captured once
     for hook in hooks:
-        point = model.hook_points[hook]
-        by_point.setdefault(id(point), (point, []))[1].append(hook)
+        by_point.setdefault(id(model.hook_points[hook]), []).append(hook)
     captured: dict[str, torch.Tensor] = {}
 
-    def make_hook(names: list[str]) -> Callable[..., None]:
+    def capturing(names: list[str]) -> Callable[[torch.Tensor], None]:
         expected = (tokens.shape[0], tokens.shape[1], model.hook_width(names[0]))
 
-        def capture(tensor: torch.Tensor, *, hook: Any) -> None:
+        def capture(tensor: torch.Tensor) -> None:
             tensor = _as_rows(tensor)
             if tuple(tensor.shape) != expected:
                 raise RuntimeError(f"hook {names[0]} gave shape {tuple(tensor.shape)}, expected {expected}")
@@ -223,23 +281,14 @@ def run_to_hooks(model: HostModel, tokens: torch.Tensor, hooks: list[str]) -> di
             for name in names:
                 captured[name] = value
             if len(captured) == len(hooks):
-                raise stop_exc(tensor)  # everything is in hand: the rest of the forward pass is waste
+                raise forward.stop(tensor)  # everything is in hand: the rest of the forward pass is waste
             return None
 
         return capture
 
-    level = next(_hook_levels)
-    try:
-        for point, names in by_point.values():
-            point.add_hook(make_hook(names), level=level)
-        with torch.inference_mode():
-            try:
-                model.bridge.forward(tokens, return_type=None, stop_at_layer=stop_at_layer)
-            except stop_exc:
-                pass  # bridge.forward catches its own; this covers a stop raised outside its try
-    finally:
-        for point, _ in by_point.values():
-            point.remove_hooks("fwd", level=level)
+    for names in by_point.values():
+        forward.attach(names[0], capturing(names))
+    forward.run(tokens, logits=False, stop_at_layer=stop_at_layer)
     missing = [h for h in hooks if h not in captured]
     if missing:
         raise RuntimeError(f"hooks {missing} did not fire during the forward pass of {model.name}")
@@ -251,25 +300,15 @@ def logits_with_hook_replaced(
 ) -> torch.Tensor:
     """Full forward pass; with ``replace``, the hook's activation x [batch, ctx, d] becomes replace(x).
 
-    Returns float32 logits [batch, ctx, vocab] on the model's device.
+    Returns float32 logits [batch, ctx, vocab] on the model's device. It runs through the same forward
+    pass as run_to_hooks (so as collect) for that hook.
     """
     validate_hooks(model, [hook])
     tokens = _prepare_tokens(model, tokens)
-    point = model.hook_points[hook]
-    level = next(_hook_levels)
-
-    def substitute(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
-        return _put_back(replace(_as_rows(tensor)), tensor, f"replacement for {hook.name}")
-
-    try:
-        if replace is not None:
-            point.add_hook(substitute, level=level)
-        with torch.inference_mode():
-            logits = model.bridge.forward(tokens, return_type="logits")
-    finally:
-        if replace is not None:
-            point.remove_hooks("fwd", level=level)
-    return logits.float()
+    forward = _Pass(model, [hook])
+    if replace is not None:
+        forward.attach(hook, lambda tensor: _put_back(replace(_as_rows(tensor)), tensor, f"replacement for {hook}"))
+    return forward.run(tokens, logits=True)
 
 
 def logits_with_hook_predicted(
@@ -295,43 +334,31 @@ def logits_with_hooks_predicted(
     activation y becomes predict(i, x, y), x being what pair i's read hook carried earlier in the same pass
     (after the earlier pairs' predictions took effect): per-layer transcoders, or a cross-layer transcoder,
     spliced in for every MLP at once. Returns float32 logits [batch, ctx, vocab]."""
-    validate_hooks(model, [hook for pair in pairs for hook in pair])
+    hooks = validate_hooks(model, [hook for pair in pairs for hook in pair])
     tokens = _prepare_tokens(model, tokens)
-    level = next(_hook_levels)
+    forward = _Pass(model, hooks)
     seen: dict[int, torch.Tensor] = {}
-    points = []
 
-    def capturing(i: int) -> Callable[..., None]:
-        def capture(tensor: torch.Tensor, *, hook: Any) -> None:
+    def capturing(i: int) -> Callable[[torch.Tensor], None]:
+        def capture(tensor: torch.Tensor) -> None:
             seen[i] = _as_rows(tensor).detach()
 
         return capture
 
-    def substituting(i: int, read_hook: str, written: str) -> Callable[..., torch.Tensor]:
-        # `written` is the name as given (the callbacks' `hook` is the bridge's HookPoint, named its own way)
-        def substitute(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+    def substituting(i: int, read_hook: str, hook: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def substitute(tensor: torch.Tensor) -> torch.Tensor:
             if i not in seen:
                 raise SaepipeError(
-                    f"{read_hook} fires after {written} in {model.name}: a prediction reads an earlier hook"
+                    f"{read_hook} fires after {hook} in {model.name}: a prediction reads an earlier hook"
                 )
-            return _put_back(predict(i, seen.pop(i), _as_rows(tensor)), tensor, f"prediction for {written}")
+            return _put_back(predict(i, seen.pop(i), _as_rows(tensor)), tensor, f"prediction for {hook}")
 
         return substitute
 
-    try:
-        for i, (read_hook, hook) in enumerate(pairs):
-            for point, callback in (
-                (model.hook_points[read_hook], capturing(i)),
-                (model.hook_points[hook], substituting(i, read_hook, hook)),
-            ):
-                point.add_hook(callback, level=level)
-                points.append(point)
-        with torch.inference_mode():
-            logits = model.bridge.forward(tokens, return_type="logits")
-    finally:
-        for point in points:
-            point.remove_hooks("fwd", level=level)
-    return logits.float()
+    for i, (read_hook, hook) in enumerate(pairs):
+        forward.attach(read_hook, capturing(i))
+        forward.attach(hook, substituting(i, read_hook, hook))
+    return forward.run(tokens, logits=True)
 
 
 def _as_rows(tensor: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,8 @@ def is_synthetic(name: str) -> bool:
 class SyntheticBridge(torch.nn.Module):
     """The part of TransformerBridge that collect uses: hook points, and a forward pass that fires them."""
 
+    forward_name = "synthetic"  # what a store's header records as the forward pass that computed its rows
+
     def __init__(self, d_model: int, vocab_size: int):
         from transformer_lens.hook_points import HookPoint  # slow to import; only booting a model needs it
 

@@ -94,3 +94,31 @@ def test_saelens_export_matches_on_real_raw_activations(trained):
         got = theirs.decode(got_latents)
     torch.testing.assert_close(got_latents, code.dense(ours.d_sae), rtol=1e-4, atol=1e-4 * float(code.values.max()))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_hf_forward_gives_the_bridges_rows_and_logits_on_the_default_model(trained, monkeypatch):
+    """The default model's collect and eval run through HF's own modules (SDPA attention): at every kind
+    of hook, and with an activation replaced, what they give is the bridge's within fp16 rounding."""
+    from stages.host_model.loading import load_host_model
+    from stages.host_model.model import forward_path, logits_with_hook_replaced, run_to_hooks
+
+    store = open_store(trained[0])
+    assert store.header["model"]["forward"] == "hf-sdpa"
+    tokens = torch.from_numpy(store.tokens[:2].astype(np.int64))
+    hooks = [f"blocks.{layer}.{suffix}" for layer in (0, 15, 29) for suffix in (
+        "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
+        "attn.hook_z", "mlp.hook_in", "mlp.hook_post",
+    )]  # fmt: skip
+    direct = load_host_model("smollm2-135m")
+    assert forward_path(direct, hooks) == "hf-sdpa"
+    ours = run_to_hooks(direct, tokens, hooks)
+    replaced = logits_with_hook_replaced(direct, tokens, HOOK, lambda x: 0.5 * x)
+    del direct
+    monkeypatch.setenv("SAEPIPE_FORWARD", "bridge")
+    bridge = load_host_model("smollm2-135m")
+    theirs = run_to_hooks(bridge, tokens, hooks)
+    for hook in hooks:
+        a, b = ours[hook][:, 1:], theirs[hook][:, 1:]  # position 0, the attention sink, is never stored
+        assert bool(((a - b).abs() <= 2.0**-11 * b.abs().amax(dim=-1, keepdim=True)).all()), hook
+    expected = logits_with_hook_replaced(bridge, tokens, HOOK, lambda x: 0.5 * x)
+    assert float((replaced - expected).abs().max()) <= 2.0**-11 * float(expected.abs().max())

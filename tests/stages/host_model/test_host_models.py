@@ -491,9 +491,14 @@ def test_smollm2_resid_matches_hf_hidden_states(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_stops_at_the_deepest_layer(smollm2):
-    layers = smollm2.bridge.original_model.model.layers
-    counts, handles = count_calls([layer.original_component for layer in layers])
+@pytest.mark.parametrize("path", ["hf", "bridge"])
+def test_smollm2_stops_at_the_deepest_layer(smollm2, path, monkeypatch):
+    if path == "hf":
+        layers = list(smollm2.direct.model.model.layers)
+    else:
+        monkeypatch.setattr(smollm2, "direct", None)
+        layers = [layer.original_component for layer in smollm2.bridge.original_model.model.layers]
+    counts, handles = count_calls(layers)
     x = torch.randint(0, smollm2.tokenizer.vocab_size, (2, 32))
     try:
         run_to_hooks(smollm2, x, ["blocks.5.hook_resid_post", "blocks.3.hook_mlp_out"])
