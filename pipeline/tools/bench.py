@@ -20,7 +20,8 @@ Keys (targets in docs/benchmarks.md):
   gradient's parallel part removed, its default optimizer, dead-latent bookkeeping), same batches, at
   --width and at --wide-width.
 - collect_vs_forward: collect (to disk, normalized, shuffled, every commit flushed) over the bare forward
-  pass to the same stop layer, same contexts, same batch; the model loaded once for both.
+  pass: HF's own model loaded from the same checkpoint with SDPA attention, stopped after the same block,
+  same contexts, same batch (the bridge's forward for a model with no HF checkpoint, tiny-random).
 - fsync_cost: collect_vs_forward without flushing commits (--no-fsync) minus collect_vs_forward.
 - collect_vs_saelens: collect over SAELens's CacheActivationsRunner, same model, hook, contexts, batch.
 - stream_peak_rss_gb: peak RSS of a training process streaming from a store 4x its loader's buffer.
@@ -56,7 +57,7 @@ from stages.basics.settings import device_setting, progress_setting, setting
 from stages.collect import run_collect
 from stages.collect.config import CollectConfig
 from stages.host_model.loading import load_host_model
-from stages.host_model.model import run_to_hooks, validate_hooks
+from stages.host_model.model import hook_layer, run_to_hooks, validate_hooks
 from stages.host_model.smollm2 import prepare_default_model
 from stages.saes.matching_pursuit import MatchingPursuitSAE
 from stages.text.sources import open_text_source
@@ -590,16 +591,54 @@ def _collect_sizes(cfg: BenchConfig) -> dict:
     }
 
 
+class _StopForward(Exception):
+    """Raised from the bare forward's hook once the stop block's output is in hand."""
+
+
+def _bare_forward(cfg: BenchConfig, model, device: torch.device) -> tuple[str, Callable[[torch.Tensor], None]]:
+    """The forward pass collect is measured against, and its name: HF's own model, loaded from the same
+    checkpoint with SDPA attention, stopped after the block of the collected hook (as SAELens's runner
+    stops), its output copied to the CPU as float32. A model with no HF checkpoint (tiny-random) has the
+    bridge's forward pass instead (run_to_hooks)."""
+    if model.direct is None:
+
+        def bridge_forward(tokens: torch.Tensor) -> None:
+            run_to_hooks(model, tokens, [cfg.collect_hook])[cfg.collect_hook].float().cpu()
+
+        return "transformer-bridge", bridge_forward
+    from transformers import AutoModelForCausalLM
+
+    source = str(prepare_default_model()) if cfg.model.lower() == DEFAULT_MODEL else cfg.model
+    hf = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", dtype=torch.float32)
+    hf = hf.to(device).eval()
+    block = hf.get_submodule(_hf_block_name(hf, model.n_layers, hook_layer(cfg.collect_hook)))
+
+    def stop(module, args, output) -> None:
+        (output[0] if isinstance(output, tuple) else output).float().cpu()
+        raise _StopForward
+
+    block.register_forward_hook(stop)
+
+    def hf_forward(tokens: torch.Tensor) -> None:
+        with torch.inference_mode():
+            try:
+                hf(input_ids=tokens.to(device), use_cache=False)
+            except _StopForward:
+                pass
+
+    return "hf-sdpa", hf_forward
+
+
 def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     setup = _collect_setup(cfg, workdir, device)
     setup.collect_side()  # warm-up, and the contexts for the forward side
     tokens = torch.from_numpy(setup.tokens())
+    forward_name, forward = _bare_forward(cfg, setup.model, device)
 
     def forward_side() -> float:
         started = time.perf_counter()
         for i in range(0, len(tokens), cfg.collect_batch):
-            acts = run_to_hooks(setup.model, tokens[i : i + cfg.collect_batch], setup.hooks)
-            acts[setup.hooks[0]].float().cpu()
+            forward(tokens[i : i + cfg.collect_batch])
         elapsed = time.perf_counter() - started
         return len(tokens) * (cfg.context_size - 1) / elapsed
 
@@ -613,7 +652,12 @@ def bench_collect(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict
     return {
         "collect_vs_forward": with_fsync,
         "fsync_cost": ratio(rates, "collect_no_fsync_tokens_per_s", "forward_tokens_per_s") - with_fsync,
-        "collect": {**rates, **_collect_sizes(cfg)},
+        "collect": {
+            **rates,
+            **_collect_sizes(cfg),
+            "forward": forward_name,
+            "collect_forward": setup.model.forward_path(setup.hooks),
+        },
     }
 
 
@@ -648,7 +692,7 @@ def bench_collect_saelens(cfg: BenchConfig, workdir: Path, device: torch.device)
             dataset_path="saepipe-bench",
             model_name=model_dir,
             model_class_name="AutoModelForCausalLM",
-            hook_name=_hf_block_name(setup.model, layer),
+            hook_name=_hf_block_name(setup.model.bridge.original_model, setup.model.n_layers, layer),
             d_in=int(setup.model.d_model),
             training_tokens=rows,
             context_size=cfg.context_size,
@@ -668,19 +712,47 @@ def bench_collect_saelens(cfg: BenchConfig, workdir: Path, device: torch.device)
         return len(cached) * (cfg.context_size - 1) / elapsed
 
     rates = alternate({"collect_tokens_per_s": setup.collect_side, "saelens_tokens_per_s": saelens_side}, cfg.rounds)
+    # What each side spends its time on: one more, untimed, round of each under the profiler.
+    profile = {"collect": op_profile(setup.collect_side), "saelens": op_profile(saelens_side)}
     return {
         "collect_vs_saelens": ratio(rates, "collect_tokens_per_s", "saelens_tokens_per_s"),
-        "collect_saelens": {**rates, **_collect_sizes(cfg), "saelens_model_class": "AutoModelForCausalLM"},
+        "collect_saelens": {
+            **rates,
+            **_collect_sizes(cfg),
+            "saelens_model_class": "AutoModelForCausalLM",
+            "collect_forward": setup.model.forward_path(setup.hooks),
+            "profile": profile,
+        },
     }
 
 
-def _hf_block_name(model, layer: int) -> str:
+def op_profile(side: Callable[[], object], top: int = 15) -> dict:
+    """A run of `side` under torch.profiler: its wall time, the self time of every torch op it ran (all
+    threads) summed, and the `top` ops by self time with their calls. The wall time less the ops' time is
+    what the side spent outside torch's ops (Python, tokenizing, file writes, waiting)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        side()
+    wall = time.perf_counter() - started
+    ops = sorted(prof.key_averages(), key=lambda op: -op.self_cpu_time_total)
+    in_ops = sum(op.self_cpu_time_total for op in ops) / 1e6
+    return {
+        "wall_s": wall,
+        "torch_ops_s": in_ops,
+        "outside_torch_ops_s": wall - in_ops,
+        "top_ops": {op.key: {"calls": op.count, "self_s": op.self_cpu_time_total / 1e6} for op in ops[:top]},
+    }
+
+
+def _hf_block_name(hf_model: torch.nn.Module, n_layers: int, layer: int) -> str:
     """The HF module name of block `layer` (whose output is that block's hook_resid_post): the entry of
     the model's list of decoder blocks, e.g. model.layers.15 (Llama) or transformer.h.15 (GPT-2)."""
-    for name, module in model.bridge.original_model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == model.n_layers:
+    for name, module in hf_model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return f"{name}.{layer}"
-    raise SaepipeError(f"collect_vs_saelens: no list of {model.n_layers} decoder blocks in {model.name}")
+    raise SaepipeError(f"no list of {n_layers} decoder blocks in {type(hf_model).__name__}")
 
 
 def _python_docs(characters: int) -> list[str]:

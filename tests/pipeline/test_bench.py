@@ -67,6 +67,7 @@ def test_tiny_bench_writes_every_key(tmp_path):
         collect["forward_tokens_per_s"]
     )
     assert result["fsync_cost"] == pytest.approx(no_fsync - result["collect_vs_forward"])
+    assert collect["forward"] == collect["collect_forward"] == "transformer-bridge"  # tiny-random is no HF model
     assert len(result["read"]["store_tokens_per_s"]) == len(result["read"]["memmap_tokens_per_s"]) == 1
     assert len(result["api_read"]["api_tokens_per_s"]) == len(result["api_read"]["loader_tokens_per_s"]) == 1
     assert len(result["two_hooks_read"]["two_hooks_bytes_per_s"]) == 1
@@ -101,6 +102,29 @@ def test_tiny_collect_vs_saelens(tmp_path, tiny_gpt2_dir):
     )
     result = bench.run_bench(cfg)
     assert result["collect_vs_saelens"] > 0
+    # the profile of each side: its matrix products among the ops, and where the rest of its time went
+    for side in result["collect_saelens"]["profile"].values():
+        assert side["wall_s"] > 0 and side["torch_ops_s"] > 0
+        assert side["outside_torch_ops_s"] == pytest.approx(side["wall_s"] - side["torch_ops_s"])
+        assert any(op in side["top_ops"] for op in ("aten::addmm", "aten::mm"))
     cached = load_from_disk(str(tmp_path / "bench" / "work" / "saelens-cache"))
     assert cached.column_names == ["transformer.h.1", "token_ids"]
     assert len(cached) == 16 and len(cached[0]["token_ids"]) == 15
+
+
+def test_collect_is_measured_against_hf_itself_where_the_model_has_a_checkpoint(tmp_path, tiny_llama_dir):
+    cfg = bench.BenchConfig(
+        out=tmp_path / "bench",
+        device="cpu",
+        rounds=1,
+        model=str(tiny_llama_dir[0]),
+        collect_hook="blocks.1.hook_mlp_out",
+        collect_contexts=16,
+        collect_batch=4,
+        context_size=16,
+        only="collect_vs_forward",
+        progress=False,
+    )
+    result = bench.run_bench(cfg)
+    assert result["collect_vs_forward"] > 0
+    assert result["collect"]["forward"] == result["collect"]["collect_forward"] == "hf-sdpa"
