@@ -20,6 +20,7 @@ from stages.saes.base import (
     SparseCode,
     TrainContext,
     reconstruction_metrics,
+    top_pre_acts,
 )
 
 DEFAULT_K = 32
@@ -84,15 +85,25 @@ class TopKSAE(SparseAutoencoder):
         """Loss = ‖y − x̂‖² / mse_scale (fixed once at the start of training) + aux_coef · AuxK, where y is
         `target` (a transcoder's output rows), else x itself."""
         target = x if target is None else target
-        with torch.no_grad():  # the selection; gradients reach the encoder through the selected entries only
-            pre = self.pre_acts(x)
-            indices = pre.topk(self.k, dim=-1, sorted=False).indices
-        code = SparseCode(self.selected_pre_acts(x, pre, indices).relu(), indices)
+        n_aux = self.auxk_latents(ctx.dead)
+        bias = self.encoder_bias()
+        # The selections, without autograd: gradients reach the encoder through the selected entries only.
+        top = top_pre_acts(x, self.W_enc, bias.detach(), self.k, ctx.dead if n_aux else None, n_aux)
+        code = SparseCode(self.selected_values(x, bias, top.indices, top.values).relu(), top.indices)
         recon = self.decode(code)
         sq_err = (recon - target).pow(2).sum(dim=-1)
-        aux = self.auxk_loss(x, pre, target - recon, ctx.dead)
+        aux = torch.zeros((), device=x.device)
+        if n_aux:
+            among = self.selected_values(x, bias, top.among_indices, top.among_values)
+            aux = self.auxk_of(SparseCode(among.relu(), top.among_indices), target - recon)
         loss = sq_err.mean() / ctx.mse_scale + self.aux_coef * aux
         return loss, reconstruction_metrics(target, sq_err, code, self.d_sae, loss, aux)
+
+    def auxk_latents(self, dead: torch.Tensor | None) -> int:
+        """How many latents AuxK reconstructs with this step: the top aux_k of the dead ones (0 when AuxK
+        is off or nothing is dead)."""
+        n_dead = 0 if dead is None else int(dead.sum())
+        return 0 if self.aux_coef == 0 else min(self.aux_k, n_dead)
 
     def auxk_loss(
         self, x: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None
@@ -100,14 +111,18 @@ class TopKSAE(SparseAutoencoder):
         """The top `aux_k` dead latents reconstruct the main reconstruction's (detached) residual; the
         error is normalized by the residual's own variance. Zero when nothing is dead. `pre`: the
         batch's pre-activations, computed without autograd."""
-        n_dead = 0 if dead is None else int(dead.sum())
-        if n_dead == 0 or self.aux_coef == 0:
+        n_aux = self.auxk_latents(dead)
+        if n_aux == 0:
             return torch.zeros((), device=pre.device)
-        residual = residual.detach()
         with torch.no_grad():
-            indices = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=-1, sorted=False).indices
-        values = self.selected_pre_acts(x, pre, indices)
-        aux_recon = self.decode_rows(SparseCode(values.relu(), indices))
+            indices = pre.masked_fill(~dead, float("-inf")).topk(n_aux, dim=-1, sorted=False).indices
+        return self.auxk_of(SparseCode(self.selected_pre_acts(x, pre, indices).relu(), indices), residual)
+
+    def auxk_of(self, code: SparseCode, residual: torch.Tensor) -> torch.Tensor:
+        """AuxK's loss for the dead latents' code: their reconstruction of the (detached) residual, its
+        error normalized by the residual's own variance."""
+        residual = residual.detach()
+        aux_recon = self.decode_rows(code)
         # The residual's variance over the whole (global, under data parallelism) batch.
         mean = distributed.global_mean(residual.mean(dim=0))
         baseline = distributed.global_mean((residual - mean).pow(2).sum(dim=-1).mean()).clamp_min(1e-12)

@@ -68,6 +68,31 @@ def test_auxk_trains_only_dead_latents_on_the_residual():
     assert alive_rows == 0 and sae.W_dec.grad[40:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("rows", [100, 512, 1100])
+def test_top_pre_acts_in_blocks_selects_what_the_whole_matrix_does(rows):
+    """The blocked selection (a CPU's float32 path) against top-k of the whole pre-activation matrix: the
+    same latents and values per row, the dead latents' AuxK selection included."""
+    from stages.saes.base import top_pre_acts
+
+    gen = torch.Generator().manual_seed(rows)
+    x, W, bias = (
+        torch.randn(rows, 24, generator=gen),
+        torch.randn(24, 300, generator=gen),
+        torch.randn(300, generator=gen),
+    )
+    dead = torch.rand(300, generator=gen) < 0.2
+    got = top_pre_acts(x, W, bias, 7, dead, 5)
+    pre = torch.addmm(bias, x, W)
+    for (values, indices), (want_values, want_indices) in (
+        ((got.values, got.indices), pre.topk(7, dim=-1)),
+        ((got.among_values, got.among_indices), pre.masked_fill(~dead, float("-inf")).topk(5, dim=-1)),
+    ):
+        order = values.argsort(dim=-1, descending=True)
+        assert torch.equal(indices.gather(1, order), want_indices)
+        torch.testing.assert_close(values.gather(1, order), want_values)
+    assert bool(dead[got.among_indices].all())
+
+
 def test_geometric_median_resists_outliers():
     points = torch.randn(500, 8) * 0.1 + 3.0
     points[:40] += 1000.0  # 8% far outliers drag the mean, not the median
@@ -197,7 +222,8 @@ def test_gradient_norm_is_clipped_in_summed_squared_error_units(planted, tmp_pat
     ],
     ids=["topk", "batchtopk", "matryoshka"],
 )
-def test_sparse_encoder_gradient_equals_dense_autograd(make):
+@pytest.mark.parametrize("rows", [32, 1100])  # 1,100: TopK's selection in blocks of rows (two whole, one not)
+def test_sparse_encoder_gradient_equals_dense_autograd(make, rows):
     """The encoder's gradient built from the selected entries only equals autograd through the dense
     pre-activations, for every parameter, the AuxK term included (some latents dead)."""
     torch.manual_seed(0)
@@ -205,7 +231,7 @@ def test_sparse_encoder_gradient_equals_dense_autograd(make):
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)
-    x = torch.randn(32, 16)
+    x = torch.randn(rows, 16)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
 
@@ -217,6 +243,7 @@ def test_sparse_encoder_gradient_equals_dense_autograd(make):
 
     sparse_loss, sparse = grads()
     sae.selected_pre_acts = lambda x, pre, indices: sae.pre_acts(x).gather(1, indices)  # the dense path
+    sae.selected_values = lambda x, bias, indices, values: torch.addmm(bias, x, sae.W_enc).gather(1, indices)
     dense_loss, dense = grads()
     torch.testing.assert_close(sparse_loss, dense_loss)
     assert sparse.keys() == dense.keys() and sparse["W_enc"].abs().sum() > 0
