@@ -121,10 +121,9 @@ def _plain_twin(wrapped: Any) -> torch.nn.Module | None:
     for flag in ("output_attentions", "output_hidden_states", "use_cache"):
         if hasattr(config, flag):
             setattr(config, flag, False)
-    dtype = next(wrapped.parameters()).dtype
-    try:
+    try:  # on the meta device: no memory, no initialization; every tensor is replaced by the bridge's below
         with torch.device("meta"):
-            plain = type(wrapped)._from_config(config, attn_implementation="sdpa", torch_dtype=dtype)
+            plain = type(wrapped)._from_config(config, attn_implementation="sdpa")
     except Exception:  # an architecture without SDPA support, or one transformers cannot build from a config
         return None
     tensors: dict[str, torch.Tensor] = {}
