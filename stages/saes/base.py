@@ -143,12 +143,12 @@ class SparseAutoencoder(nn.Module):
         [n, d_in] GEMM on a gradient that is zero outside the selection."""
         return selected_pre_acts(x, self.W_enc, self.encoder_bias(), pre, indices)
 
-    def selected_values(
-        self, x: torch.Tensor, bias: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
-    ) -> torch.Tensor:
-        """`values` [n, k], x W_enc + bias at `indices` as top_pre_acts found them (without autograd),
-        differentiable as selected_pre_acts makes them."""
-        return differentiable_at(x, self.W_enc, bias, indices, values)
+    def selected_values(self, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`values` [n, k], the pre-activations at `indices` as top_pre_acts found them (without autograd),
+        differentiable in W_enc, b_enc and b_dec as selected_pre_acts makes them."""
+        return _SelectedPreActs.apply(
+            x, self.W_enc, self.b_enc, None if self.transcodes else self.b_dec, indices, values
+        )
 
     @classmethod
     def from_settings(cls, d_in: int, width: int, settings: ArchSettings, **extra) -> SparseAutoencoder:
@@ -225,15 +225,7 @@ def selected_pre_acts(
 ) -> torch.Tensor:
     """x W_enc + bias (already computed, without autograd, as `pre`) at `indices` [n, k], differentiable
     in W_enc and bias through those n·k entries alone (SparseAutoencoder.selected_pre_acts)."""
-    return _SelectedPreActs.apply(x, W_enc, bias, indices, pre.gather(1, indices))
-
-
-def differentiable_at(
-    x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
-) -> torch.Tensor:
-    """`values` [n, k], which are (x W_enc + bias) at `indices` computed without autograd, made
-    differentiable in W_enc and bias as selected_pre_acts makes them."""
-    return _SelectedPreActs.apply(x, W_enc, bias, indices, values)
+    return _SelectedPreActs.apply(x, W_enc, bias, None, indices, pre.gather(1, indices))
 
 
 # Rows of pre-activations per block of top_pre_acts on a CPU: a [512, d_sae] block of the encoder's GEMM
@@ -293,18 +285,20 @@ def _top_of(pre: torch.Tensor, k: int, among: torch.Tensor | None, k_among: int)
 
 
 class _SelectedPreActs(torch.autograd.Function):
-    """values[i, j] = x[i] · W_enc[:, indices[i, j]] + bias[indices[i, j]], given precomputed; the backward
-    scatters the n·k gradients into W_enc's columns with one sparse x dense product."""
+    """values[i, j] = x[i] · W_enc[:, indices[i, j]] + bias[indices[i, j]], given precomputed, where bias
+    is b_enc − b_dec W_enc (b_enc alone when b_dec is None). The backward scatters the n·k gradients into
+    W_enc's columns with one sparse x dense product, and adds b_dec's rank-one term to that same buffer in
+    place (left to autograd, it was an outer-product GEMM and a second pass over W_enc's gradient)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, bias, indices, values):
-        ctx.save_for_backward(x, indices)
+    def forward(ctx, x, W_enc, b_enc, b_dec, indices, values):
+        ctx.save_for_backward(x, indices, W_enc if b_dec is not None else None, b_dec)
         ctx.d_sae = W_enc.shape[1]
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        x, indices = ctx.saved_tensors
+        x, indices, W_enc, b_dec = ctx.saved_tensors
         n, k = indices.shape
         grad = grad.to(x.dtype)
         latents = indices.reshape(-1)
@@ -313,8 +307,12 @@ class _SelectedPreActs(torch.autograd.Function):
         scatter = torch.sparse_coo_tensor(
             torch.stack([latents, rows]), grad.reshape(-1), (ctx.d_sae, n), check_invariants=False
         )  # valid by construction
-        grad_W_enc = torch.sparse.mm(scatter, x).t()  # [d_in, d_sae]
-        return None, grad_W_enc, grad_bias, None, None
+        grad_W_enc_t = torch.sparse.mm(scatter, x)  # [d_sae, d_in]
+        grad_b_dec = None
+        if b_dec is not None:  # bias = b_enc − b_dec W_enc
+            grad_W_enc_t.addr_(grad_bias, b_dec.to(grad_W_enc_t.dtype), alpha=-1)
+            grad_b_dec = -(W_enc.to(grad_bias.dtype) @ grad_bias).to(b_dec.dtype)
+        return None, grad_W_enc_t.t(), grad_bias, grad_b_dec, None, None
 
 
 def reconstruction_metrics(

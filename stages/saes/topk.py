@@ -86,15 +86,16 @@ class TopKSAE(SparseAutoencoder):
         `target` (a transcoder's output rows), else x itself."""
         target = x if target is None else target
         n_aux = self.auxk_latents(ctx.dead)
-        bias = self.encoder_bias()
+        with torch.no_grad():
+            bias = self.encoder_bias()
         # The selections, without autograd: gradients reach the encoder through the selected entries only.
-        top = top_pre_acts(x, self.W_enc, bias.detach(), self.k, ctx.dead if n_aux else None, n_aux)
-        code = SparseCode(self.selected_values(x, bias, top.indices, top.values).relu(), top.indices)
+        top = top_pre_acts(x, self.W_enc, bias, self.k, ctx.dead if n_aux else None, n_aux)
+        code = SparseCode(self.selected_values(x, top.indices, top.values).relu(), top.indices)
         recon = self.decode(code)
         sq_err = (recon - target).pow(2).sum(dim=-1)
         aux = torch.zeros((), device=x.device)
         if n_aux:
-            among = self.selected_values(x, bias, top.among_indices, top.among_values)
+            among = self.selected_values(x, top.among_indices, top.among_values)
             aux = self.auxk_of(SparseCode(among.relu(), top.among_indices), target - recon)
         loss = sq_err.mean() / ctx.mse_scale + self.aux_coef * aux
         return loss, reconstruction_metrics(target, sq_err, code, self.d_sae, loss, aux)
