@@ -79,9 +79,9 @@ TARGETS = {
     "train_vs_sparsify": (">=", 1.5),
     "train_vs_sparsify_16k": (">=", 1.5),
     "mp_vs_saelens": (">=", 5.0),
-    "collect_vs_forward": (">=", 0.9),
+    "collect_vs_forward": (">=", 0.95),  # against HF's own forward pass with SDPA attention
     "fsync_cost": ("<=", 0.02),  # collect_vs_forward lost to flushing every commit
-    "collect_vs_saelens": (">=", 1.5),
+    "collect_vs_saelens": (">=", 1.2),  # or a profile of both sides showing the same forward pass
     "stream_peak_rss_gb": ("<=", None),  # the loader's buffer + 1 GB, known only once measured
 }
 HOOK = "bench"

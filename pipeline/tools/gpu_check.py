@@ -7,7 +7,8 @@ shows every break at once. OUT/gpu.json is rewritten after each step.
 Steps:
 - environment: torch, CUDA, the device's name, memory and bf16 support.
 - collect: the host model over the python-docs text to a store of five hooks (two layers' MLP input and
-  output, a residual stream), timed.
+  output, a residual stream), timed; then the forward pass to those hooks timed through HF's own
+  modules and through the bridge (forward_rates).
 - train: every architecture, resident and streaming, a few steps each (bf16 autocast on CUDA), from
   that store: SAEs on the residual stream, transcoders, a crosscoder and a CLT on the MLP hooks.
 - eval: the TopK run with CE/KL (the SAE spliced into the model).
@@ -29,6 +30,7 @@ How to run it on a lent GPU machine: docs/benchmarks.md#the-gpu-check.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -38,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from stages import evaluate
@@ -50,6 +53,7 @@ from stages.collect.config import CollectConfig
 from stages.train import run_train
 from stages.train.config import TrainConfig
 from stages.train.loop import run_sweep
+from store_schema.reader import open_store
 
 GOAL_STEPS_PER_S = 1000  # TopK at batch 4,096, d 768, width 16k, k 32 on one H100/H200
 SAE_ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu", "mp")
@@ -90,6 +94,30 @@ class GpuCheckConfig:
     @property
     def sizes(self) -> Sizes:
         return DRY_SIZES if resolve_device(self.device).type == "cpu" else GPU_SIZES
+
+
+def forward_rates(model, hooks: list[str], contexts, batch: int = 16, rounds: int = 3) -> dict[str, float]:
+    """Tokens/s of the forward pass to `hooks` over `contexts`, through HF's own modules and through the
+    bridge (the same model instance, its direct path set aside), alternating, best round of each."""
+    from stages.host_model.model import run_to_hooks
+
+    tokens = torch.from_numpy(np.asarray(contexts, dtype=np.int64))
+    paths = {model.forward_path(hooks): model, "transformer-bridge": dataclasses.replace(model, direct=None)}
+    rates = {name: 0.0 for name in paths}
+    for _ in range(rounds):
+        for name, runner in paths.items():
+            _synchronize(model.device)
+            started = time.perf_counter()
+            for i in range(0, len(tokens), batch):
+                run_to_hooks(runner, tokens[i : i + batch], hooks)
+            _synchronize(model.device)
+            rates[name] = max(rates[name], tokens.numel() / (time.perf_counter() - started))
+    return rates
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def random_weights_model(shape_dir: Path, out: Path) -> Path:
@@ -194,7 +222,14 @@ class GpuCheck:
         started = time.perf_counter()
         run_collect(cfg, model)
         seconds = time.perf_counter() - started
-        return {"model": model.name, "hooks": list(self.hooks.values()), "tokens_per_s": cfg.tokens / seconds}
+        hooks = list(self.hooks.values())
+        return {
+            "model": model.name,
+            "hooks": hooks,
+            "tokens_per_s": cfg.tokens / seconds,
+            "forward": model.forward_path(hooks),
+            "forward_tokens_per_s": forward_rates(model, hooks, open_store(self.store).tokens[:64]),
+        }
 
     def _train_config(self, name: str, arch: str, resident: bool) -> TrainConfig:
         s = self.sizes

@@ -17,6 +17,7 @@ agree whichever path runs.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +108,15 @@ class DirectForward:
             if tap is not None:
                 taps[hook] = tap
         direct = cls(plain, taps, plain.config._attn_implementation)
-        direct.taps = {hook: direct.taps[hook] for hook in _agreeing_hooks(direct, bridge, hook_points, d_vocab)}
+        agreeing = _agreeing_hooks(direct, bridge, hook_points, d_vocab)
+        if len(agreeing) < len(taps):
+            print(
+                f"note: {len(taps) - len(agreeing)} of {len(taps)} hooks differ between HF's own forward pass and "
+                f"TransformerBridge's by more than fp16 rounding (or HF's could not run); passes that read them "
+                f"run through the bridge",
+                file=sys.stderr,
+            )
+        direct.taps = {hook: taps[hook] for hook in agreeing}
         return direct if direct.taps else None
 
 

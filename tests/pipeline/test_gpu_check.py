@@ -4,6 +4,7 @@ model, so the script a lent GPU runs first has run here; a step that breaks is r
 import json
 
 import pytest
+import torch
 
 from pipeline.tools import gpu_check
 from stages.basics.errors import SaepipeError
@@ -38,6 +39,9 @@ def test_the_figures_the_gpu_run_reports(dry_run):
     _, result = dry_run
     steps = result["steps"]
     assert steps["collect"]["tokens_per_s"] > 0 and len(steps["collect"]["hooks"]) == 5
+    # tiny-random has no HF model under it: one forward pass to time, the bridge's
+    assert steps["collect"]["forward"] == "transformer-bridge"
+    assert list(steps["collect"]["forward_tokens_per_s"]) == ["transformer-bridge"]
     assert 0 <= steps["eval"]["ce_recovered"] <= 1.5 and steps["eval"]["kl"] >= 0
     assert steps["nccl"]["backend"] == "gloo"  # NCCL on CUDA
     first = steps["bench_d768"]
@@ -83,3 +87,13 @@ def test_a_model_shape_folder_gives_that_model_with_random_weights(tmp_path, tin
 
     model = load_host_model(str(built), "cpu")
     assert model.n_layers == json.loads((shape / "config.json").read_text())["n_layer"]
+
+
+def test_forward_rates_time_hfs_own_pass_beside_the_bridges(tiny_llama_dir):
+    from stages.host_model.loading import load_host_model
+
+    model = load_host_model(str(tiny_llama_dir[0]), "cpu")
+    contexts = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0)).numpy()
+    rates = gpu_check.forward_rates(model, ["blocks.1.hook_resid_post"], contexts, batch=4, rounds=1)
+    assert sorted(rates) == ["hf-sdpa", "transformer-bridge"] and min(rates.values()) > 0
+    assert model.direct is not None  # the bridge's side set the direct path aside on a copy only

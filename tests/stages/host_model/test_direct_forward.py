@@ -108,6 +108,18 @@ def test_a_hook_the_direct_path_does_not_serve_sends_the_whole_pass_to_the_bridg
         assert torch.equal(ours[hook], theirs[hook])  # the same forward pass, to the bit
 
 
+def test_a_model_whose_hf_forward_cannot_run_is_served_by_the_bridge(tiny_gpt2_dir, monkeypatch, capsys, tokens):
+    from stages.host_model import direct as direct_module
+
+    def broken(self, tokens, logits):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(direct_module.DirectForward, "run", broken)
+    model = load_host_model(str(tiny_gpt2_dir[0]), device="cpu")
+    assert model.direct is None and "passes that read them run through the bridge" in capsys.readouterr().err
+    assert run_to_hooks(model, tokens, ["blocks.2.hook_resid_post"])["blocks.2.hook_resid_post"].shape == (3, 20, 32)
+
+
 def test_the_check_drops_hooks_where_hf_and_the_bridge_disagree(tiny_llama_dir, monkeypatch):
     direct, _ = load_both(tiny_llama_dir[0], monkeypatch)
     # A change to layer 1's attention output on the direct side only: every hook from there on differs.
