@@ -80,6 +80,14 @@ def test_tiny_bench_writes_every_key(tmp_path):
     assert "| read_vs_memmap |" in bench.format_bench_table(result)
 
 
+def tiny_collect_bench(tmp_path, model_dir, hook: str, only: str) -> bench.BenchConfig:
+    """A one-round collect benchmark of 16 contexts of 16 tokens on a tiny local HF model."""
+    return bench.BenchConfig(
+        out=tmp_path / "bench", device="cpu", rounds=1, model=str(model_dir), collect_hook=hook,
+        collect_contexts=16, collect_batch=4, context_size=16, only=only, progress=False,
+    )  # fmt: skip
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_tiny_collect_vs_saelens(tmp_path, tiny_gpt2_dir):
     """SAELens's cache runner runs the same local HF checkpoint, hooked at the matching decoder block,
@@ -87,20 +95,9 @@ def test_tiny_collect_vs_saelens(tmp_path, tiny_gpt2_dir):
     pytest.importorskip("sae_lens")
     from datasets import load_from_disk
 
-    path, _ = tiny_gpt2_dir
-    cfg = bench.BenchConfig(
-        out=tmp_path / "bench",
-        device="cpu",
-        rounds=1,
-        model=str(path),
-        collect_hook="blocks.1.hook_resid_post",
-        collect_contexts=16,
-        collect_batch=4,
-        context_size=16,
-        only="collect_vs_saelens",
-        progress=False,
+    result = bench.run_bench(
+        tiny_collect_bench(tmp_path, tiny_gpt2_dir[0], "blocks.1.hook_resid_post", "collect_vs_saelens")
     )
-    result = bench.run_bench(cfg)
     assert result["collect_vs_saelens"] > 0
     # the profile of each side: its matrix products among the ops, and where the rest of its time went
     for side in result["collect_saelens"]["profile"].values():
@@ -113,18 +110,8 @@ def test_tiny_collect_vs_saelens(tmp_path, tiny_gpt2_dir):
 
 
 def test_collect_is_measured_against_hf_itself_where_the_model_has_a_checkpoint(tmp_path, tiny_llama_dir):
-    cfg = bench.BenchConfig(
-        out=tmp_path / "bench",
-        device="cpu",
-        rounds=1,
-        model=str(tiny_llama_dir[0]),
-        collect_hook="blocks.1.hook_mlp_out",
-        collect_contexts=16,
-        collect_batch=4,
-        context_size=16,
-        only="collect_vs_forward",
-        progress=False,
+    result = bench.run_bench(
+        tiny_collect_bench(tmp_path, tiny_llama_dir[0], "blocks.1.hook_mlp_out", "collect_vs_forward")
     )
-    result = bench.run_bench(cfg)
     assert result["collect_vs_forward"] > 0
     assert result["collect"]["forward"] == result["collect"]["collect_forward"] == "hf-sdpa"
