@@ -162,8 +162,14 @@ class TrainingRun:
         self.loss = _TrainingLoss(self.sae)
         if distributed.active():
             self.loss = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None)
+        # fused: one kernel per parameter instead of a dozen passes over it (Adam's step went from 10.3 to
+        # 1.4 ms at width 4,096, and from 40 to 5.5 ms at 16,384, on this project's 2-core CPU)
         self.optimizer = torch.optim.Adam(
-            self.sae.parameters(), lr=cfg.resolved_lr(), betas=cfg.adam_betas, eps=cfg.adam_eps
+            self.sae.parameters(),
+            lr=cfg.resolved_lr(),
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+            fused=device.type in ("cpu", "cuda"),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_schedule(cfg.steps, cfg.warmup_frac, cfg.decay_frac)
