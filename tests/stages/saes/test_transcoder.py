@@ -49,8 +49,10 @@ def test_a_transcoder_recovers_planted_output_directions(pairs, tmp_path, activa
     recovered = truth.recovered_fraction(sae.W_dec.detach())
     assert recovered >= 0.9, f"{activation}: only {recovered:.1%} of planted features recovered at cosine >= 0.9"
     log = run_dir.read_log(tmp_path / "run")
-    # fve of y, predicted from x; ReLU's L1 penalty shrinks every code (0.76 when written)
-    assert log[-1]["fve"] > (0.7 if activation == "relu" else 0.8), log[-1]
+    # fve of y, predicted from x; ReLU's L1 penalty shrinks every code (0.76 when written). JumpReLU ends at
+    # 0.795-0.803 over seeds 0-4 (2026-11-29): 0.8 was a coin flip for it, which float rounding alone
+    # decided (foreach and fused Adam, equal to 2e-7 a step, ended at 0.803 and 0.799 on seed 0).
+    assert log[-1]["fve"] > {"relu": 0.7, "jumprelu": 0.78}.get(activation, 0.8), log[-1]
     assert saved["sae"]["arch"] == "transcoder" and saved["sae"]["activation"] == activation
     assert (saved["in_hook"], saved["out_hook"], saved["d_in"], saved["d_out"]) == ("in", "out", 64, 48)
     x = torch.randn(5, 64)
