@@ -15,7 +15,6 @@ from stages.host_model.loading import TINY_RANDOM_NAME, load_host_model, load_to
 from stages.host_model.model import (
     BLOCK_HOOKS,
     HostModel,
-    forward_path,
     hook_layer,
     logits_with_hook_replaced,
     run_to_hooks,
@@ -31,7 +30,6 @@ __all__ = [
     "HFTextTokenizer",
     "HostModel",
     "TextTokenizer",
-    "forward_path",
     "hook_layer",
     "load_host_model",
     "load_tokenizer",

@@ -66,9 +66,18 @@ class HostModel:
     def d_vocab(self) -> int:
         return int(self.bridge.cfg.d_vocab)
 
+    def direct_for(self, hooks) -> DirectForward | None:
+        """HF's own forward pass when it serves every one of these hooks, else None (the bridge's)."""
+        return self.direct if self.direct is not None and self.direct.covers(hooks) else None
+
     def forward_path(self, hooks) -> str:
-        """Which forward pass serves these hooks (the function forward_path)."""
-        return forward_path(self, hooks)
+        """Which forward pass serves these hooks: "hf-<attention>" (HF's own modules, e.g. hf-sdpa) where
+        they all read what HF's modules expose, else the bridge's ("transformer-bridge", or a stand-in's
+        own name). What a store's header records."""
+        direct = self.direct_for(hooks)
+        if direct is not None:
+            return f"hf-{direct.attention}"
+        return getattr(self.bridge, "forward_name", "transformer-bridge")
 
     def hook_width(self, hook: str) -> int:
         """The width of a hook's rows as collect stores them (attn.hook_z flattened over heads)."""
@@ -200,22 +209,13 @@ def _stop_at_layer_exception() -> type[BaseException]:
     return StopAtLayerException
 
 
-def forward_path(model: HostModel, hooks) -> str:
-    """Which forward pass serves these hooks: "hf-<attention>" (HF's own modules, e.g. hf-sdpa) where they
-    all read what HF's modules expose, else the bridge's ("transformer-bridge", or a stand-in's own name)."""
-    direct = model.direct
-    if direct is not None and direct.covers(hooks):
-        return f"hf-{direct.attention}"
-    return getattr(model.bridge, "forward_name", "transformer-bridge")
-
-
 class _Pass:
     """One forward pass with callbacks at hook points, through HF's own modules when those serve every
     hook involved (stages.host_model.direct), else through the bridge; the callbacks go when it ends."""
 
     def __init__(self, model: HostModel, hooks: list[str]):
         self.model = model
-        self.direct = model.direct if forward_path(model, hooks).startswith("hf-") else None
+        self.direct = model.direct_for(hooks)
         self.level = next(_hook_levels)
         self.removers: list[Callable[[], None]] = []
 

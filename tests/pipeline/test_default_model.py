@@ -100,7 +100,7 @@ def test_hf_forward_gives_the_bridges_rows_and_logits_on_the_default_model(train
     """The default model's collect and eval run through HF's own modules (SDPA attention): at every kind
     of hook, and with an activation replaced, what they give is the bridge's within fp16 rounding."""
     from stages.host_model.loading import load_host_model
-    from stages.host_model.model import forward_path, logits_with_hook_replaced, run_to_hooks
+    from stages.host_model.model import logits_with_hook_replaced, run_to_hooks
 
     store = open_store(trained[0])
     assert store.header["model"]["forward"] == "hf-sdpa"
@@ -110,7 +110,7 @@ def test_hf_forward_gives_the_bridges_rows_and_logits_on_the_default_model(train
         "attn.hook_z", "mlp.hook_in", "mlp.hook_post",
     )]  # fmt: skip
     direct = load_host_model("smollm2-135m")
-    assert forward_path(direct, hooks) == "hf-sdpa"
+    assert direct.forward_path(hooks) == "hf-sdpa"
     ours = run_to_hooks(direct, tokens, hooks)
     replaced = logits_with_hook_replaced(direct, tokens, HOOK, lambda x: 0.5 * x)
     del direct

@@ -11,7 +11,6 @@ from stages.host_model.direct import _agreeing_hooks
 from stages.host_model.loading import load_host_model
 from stages.host_model.model import (
     INNER_HOOKS,
-    forward_path,
     logits_with_hook_replaced,
     logits_with_hooks_predicted,
     run_to_hooks,
@@ -53,7 +52,7 @@ def test_every_hook_is_served_by_hf_with_the_bridges_rows(models, tokens):
     direct, bridge = models
     hooks = direct.hook_names()
     assert direct.direct is not None and sorted(direct.direct.taps) == sorted(hooks)
-    assert forward_path(direct, hooks) == "hf-sdpa" and forward_path(bridge, hooks) == "transformer-bridge"
+    assert direct.forward_path(hooks) == "hf-sdpa" and bridge.forward_path(hooks) == "transformer-bridge"
     assert any(hook.endswith(INNER_HOOKS) for hook in hooks)  # attn.hook_z, mlp.hook_in, mlp.hook_post too
     ours, theirs = run_to_hooks(direct, tokens, hooks), run_to_hooks(bridge, tokens, hooks)
     for hook in hooks:
@@ -101,8 +100,8 @@ def test_a_hook_the_direct_path_does_not_serve_sends_the_whole_pass_to_the_bridg
     direct, bridge = load_both(tiny_gpt2_dir[0], monkeypatch)
     del direct.direct.taps["blocks.2.hook_mlp_out"]
     hooks = ["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out"]
-    assert forward_path(direct, hooks) == "transformer-bridge"
-    assert forward_path(direct, hooks[:1]) == "hf-sdpa"
+    assert direct.forward_path(hooks) == "transformer-bridge"
+    assert direct.forward_path(hooks[:1]) == "hf-sdpa"
     ours, theirs = run_to_hooks(direct, tokens, hooks), run_to_hooks(bridge, tokens, hooks)
     for hook in hooks:
         assert torch.equal(ours[hook], theirs[hook])  # the same forward pass, to the bit
@@ -137,7 +136,7 @@ def test_the_check_drops_hooks_where_hf_and_the_bridge_disagree(tiny_llama_dir, 
 
 def test_the_native_tiny_model_has_no_direct_path():
     model = load_host_model("tiny-random", device="cpu")
-    assert model.direct is None and forward_path(model, model.hook_names()) == "transformer-bridge"
+    assert model.direct is None and model.forward_path(model.hook_names()) == "transformer-bridge"
 
 
 def test_an_unknown_forward_setting_is_refused(tiny_gpt2_dir, monkeypatch):
