@@ -50,7 +50,7 @@ from pipeline.tools.measurements import run_parts, targets_table
 from pipeline.tools.quality import saelens_training_sae
 from stages.basics import run_dir
 from stages.basics.defaults import DEFAULT_HOOK, DEFAULT_MODEL
-from stages.basics.device import resolve_device
+from stages.basics.device import resolve_device, synchronize
 from stages.basics.distributed import World
 from stages.basics.errors import SaepipeError
 from stages.basics.settings import device_setting, progress_setting, setting
@@ -154,11 +154,6 @@ def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, l
 
 def ratio(rates: dict[str, list[float]], top: str, bottom: str) -> float:
     return statistics.median(rates[top]) / statistics.median(rates[bottom])
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- read_vs_memmap ---------------------------------------------------------------------------------
@@ -401,11 +396,11 @@ class _TimedSteps:
 
     def rate(self, n: int) -> float:
         """Tokens/s over n steps."""
-        _sync(self.device)
+        synchronize(self.device)
         started = time.perf_counter()
         for i in range(n):
             self.step(self.batches[i % len(self.batches)], self.taken + i)
-        _sync(self.device)
+        synchronize(self.device)
         self.taken += n
         return n * self.batches[0].shape[0] / (time.perf_counter() - started)
 
@@ -447,10 +442,10 @@ def matmul_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == 0.0:
-        _sync(device)
+        synchronize(device)
         started = time.perf_counter()
         torch.mm(a, b)
-        _sync(device)
+        synchronize(device)
         best = max(best, 2 * m * k * n / (time.perf_counter() - started))
     return best
 

@@ -45,11 +45,12 @@ import torch
 
 from stages import evaluate
 from stages.basics import distributed, run_dir
-from stages.basics.device import resolve_device
+from stages.basics.device import resolve_device, synchronize
 from stages.basics.errors import SaepipeError, first_line
 from stages.basics.settings import progress_setting, setting
 from stages.collect import run_collect
 from stages.collect.config import CollectConfig
+from stages.host_model.model import run_to_hooks
 from stages.train import run_train
 from stages.train.config import TrainConfig
 from stages.train.loop import run_sweep
@@ -99,25 +100,18 @@ class GpuCheckConfig:
 def forward_rates(model, hooks: list[str], contexts, batch: int = 16, rounds: int = 3) -> dict[str, float]:
     """Tokens/s of the forward pass to `hooks` over `contexts`, through HF's own modules and through the
     bridge (the same model instance, its direct path set aside), alternating, best round of each."""
-    from stages.host_model.model import run_to_hooks
-
     tokens = torch.from_numpy(np.asarray(contexts, dtype=np.int64))
     paths = {model.forward_path(hooks): model, "transformer-bridge": dataclasses.replace(model, direct=None)}
     rates = {name: 0.0 for name in paths}
     for _ in range(rounds):
         for name, runner in paths.items():
-            _synchronize(model.device)
+            synchronize(model.device)
             started = time.perf_counter()
             for i in range(0, len(tokens), batch):
                 run_to_hooks(runner, tokens[i : i + batch], hooks)
-            _synchronize(model.device)
+            synchronize(model.device)
             rates[name] = max(rates[name], tokens.numel() / (time.perf_counter() - started))
     return rates
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_weights_model(shape_dir: Path, out: Path) -> Path:

@@ -27,3 +27,9 @@ def resolve_device(device: str = "auto") -> torch.device:
             f"({torch.cuda.device_count()} visible): use --device cuda:0 or auto"
         )
     return torch.device("cuda", index)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): what a timing must do before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
