@@ -101,6 +101,7 @@ def test_hf_forward_gives_the_bridges_rows_and_logits_on_the_default_model(train
     of hook, and with an activation replaced, what they give is the bridge's within fp16 rounding."""
     from stages.host_model.loading import load_host_model
     from stages.host_model.model import logits_with_hook_replaced, run_to_hooks
+    from tests.helpers.tolerance import FP16_ROUNDING, assert_within_fp16_rounding
 
     store = open_store(trained[0])
     assert store.header["model"]["forward"] == "hf-sdpa"
@@ -119,6 +120,6 @@ def test_hf_forward_gives_the_bridges_rows_and_logits_on_the_default_model(train
     theirs = run_to_hooks(bridge, tokens, hooks)
     for hook in hooks:
         a, b = ours[hook][:, 1:], theirs[hook][:, 1:]  # position 0, the attention sink, is never stored
-        assert bool(((a - b).abs() <= 2.0**-11 * b.abs().amax(dim=-1, keepdim=True)).all()), hook
+        assert_within_fp16_rounding(a, b, what=hook)
     expected = logits_with_hook_replaced(bridge, tokens, HOOK, lambda x: 0.5 * x)
-    assert float((replaced - expected).abs().max()) <= 2.0**-11 * float(expected.abs().max())
+    assert float((replaced - expected).abs().max()) <= FP16_ROUNDING * float(expected.abs().max())

@@ -15,8 +15,7 @@ from stages.host_model.model import (
     logits_with_hooks_predicted,
     run_to_hooks,
 )
-
-FP16_ROUNDING = 2.0**-11
+from tests.helpers.tolerance import FP16_ROUNDING, assert_within_fp16_rounding
 
 
 def load_both(path, monkeypatch):
@@ -39,13 +38,6 @@ def tokens() -> torch.Tensor:
     toks = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(3))
     toks[:, 0] = 256
     return toks
-
-
-def assert_within_fp16_rounding(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Every element within fp16's rounding of its row's largest value."""
-    scale = b.abs().amax(dim=-1, keepdim=True)
-    assert a.shape == b.shape
-    assert bool(((a - b).abs() <= FP16_ROUNDING * scale).all()), float((a - b).abs().max())
 
 
 def test_every_hook_is_served_by_hf_with_the_bridges_rows(models, tokens):
@@ -162,4 +154,4 @@ def test_a_store_from_the_direct_path_holds_the_bridges_rows(tiny_llama_dir, tmp
         a = torch.from_numpy(ours.read_rows("train", hook).astype("float32"))
         b = torch.from_numpy(theirs.read_rows("train", hook).astype("float32"))
         # each side's rows normalized by its own statistics, then rounded to fp16: two roundings apart at most
-        assert bool(((a - b).abs() <= 2 * FP16_ROUNDING * b.abs().amax(dim=-1, keepdim=True)).all())
+        assert_within_fp16_rounding(a, b, roundings=2, what=hook)
