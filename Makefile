@@ -5,6 +5,8 @@
 #   make lint    ruff (lint and format) and the import contracts (lint-imports); CI runs it before the tests
 #   make bench   speed benchmarks (docs/benchmarks.md)
 #   make gpu-check  every CUDA path once, on this machine's GPU (GPU_DEVICE=cpu: the dry run); runs/gpu/gpu.json
+#   make gpu-kit    .gpu-kit/: what a lent GPU machine needs to run the GPU check on its first call
+#   make gpu-kit-proof  the kit installed and run to the end (--device cpu) in a copy of that machine's image
 #   make scale   a store at scale: 100M-token collect, a store bigger than memory, S3 (docs/scale.md)
 #   make soak    a store under load: training, readers and appends at once (pipeline/tools/soak.py)
 #   make circuit-tracer  circuit-tracer's own environment, and the test that it reads our exports
@@ -41,7 +43,7 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval report sweep test lint bench gpu-check scale soak circuit-tracer saebench clean distclean
+.PHONY: all setup collect train eval report sweep test lint bench gpu-check gpu-kit gpu-kit-proof scale soak circuit-tracer saebench clean distclean
 
 all: report
 
@@ -53,7 +55,7 @@ $(SETUP_DONE): pyproject.toml constraints.txt
 	# dictionary_learning for its recipe (docs/python-api.md): its declared dependencies pull a CUDA torch
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps dictionary-learning==0.1.0 nnsight==0.3.7
 	# sparsify for `saepipe quality-transcoder` (docs/quality.md), without the training stack it declares
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps eai-sparsify==1.3.3 natsort==8.4.0 schedulefree==1.4.1
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt eai-sparsify natsort schedulefree
 	$(SAEPIPE) prepare-model
 	touch $@
 
@@ -115,6 +117,20 @@ GPU_DEVICE ?= cuda
 gpu-check: $(SETUP_DONE)
 	$(SAEPIPE) gpu-check --device $(GPU_DEVICE) --model $(MODEL) --out runs/gpu
 
+# The GPU check on a lent GPU machine (docs/benchmarks.md#the-gpu-check): the image there lacks zarr,
+# transformer_lens, SAELens and sparsify and can fetch nothing, so they travel as wheels in GPU_KIT (under
+# 64 MiB with the working tree). gpu-kit-proof builds GPU_IMAGE_VENV, a CPU copy of that image (Python 3.12,
+# its torch 2.11.0 and transformers 5.17.0: about 5 GB), installs the kit into it as the machine would, and
+# runs the kit's script with --device cpu to the end; its gpu.json, log and profile land in runs/gpu-kit-proof.
+GPU_KIT        ?= .gpu-kit
+GPU_IMAGE_VENV ?= .venv-gpu-image
+gpu-kit: $(SETUP_DONE)
+	$(PY) -m benchmarks.gpu_kit.build --out $(GPU_KIT)
+
+gpu-kit-proof: gpu-kit
+	$(PY) -m benchmarks.gpu_kit.image_venv --venv $(GPU_IMAGE_VENV)
+	OUT=runs/gpu-kit-proof bash $(GPU_KIT)/run.sh --device cpu --python $(GPU_IMAGE_VENV)/bin/python
+
 # A store under load for SOAK_SECONDS: training, two readers and an appender at once; runs/soak/soak.json.
 SOAK_SECONDS ?= 60
 soak: $(SETUP_DONE)
@@ -146,4 +162,4 @@ clean:
 	rm -rf stores runs
 
 distclean: clean
-	rm -rf $(VENV) $(CT_VENV) $(SB_VENV)
+	rm -rf $(VENV) $(CT_VENV) $(SB_VENV) $(GPU_IMAGE_VENV) $(GPU_KIT)

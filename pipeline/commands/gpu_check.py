@@ -10,7 +10,7 @@ from stages.basics.errors import SaepipeError
 
 
 @click.command("gpu-check")
-@options(GpuCheckConfig, "out", "device", "model", "model_shape", "only", "progress")
+@options(GpuCheckConfig, "out", "device", "model", "model_shape", "only", "budgets", "progress")
 def gpu_check(**values) -> None:
     """Run every CUDA path once (collect, every architecture's training, eval, NCCL, the speed ratios)
     and write OUT/gpu.json; --device cpu is a dry run at toy sizes (docs/benchmarks.md)."""

@@ -4,13 +4,17 @@ A researcher's first GPU run should not be the first time these lines run. Each 
 own: one that fails is recorded (its error and traceback) and the next still runs, so one lease of a GPU
 shows every break at once. OUT/gpu.json is rewritten after each step.
 
-Steps:
-- environment: torch, CUDA, the device's name, memory and bf16 support.
+Steps, in priority order, each with a time budget on a GPU (STEP_BUDGETS): a step past its budget is cut,
+recorded with what it had measured so far, and the next still runs.
+- environment: torch, CUDA, the device's name, memory and bf16 support, the packages' versions.
 - collect: the host model over the python-docs text to a store of five hooks (two layers' MLP input and
   output, a residual stream), timed; then the forward pass to those hooks timed through HF's own
-  modules and through the bridge (forward_rates).
-- train: every architecture, resident and streaming, a few steps each (bf16 autocast on CUDA), from
-  that store: SAEs on the residual stream, transcoders, a crosscoder and a CLT on the MLP hooks.
+  modules and through the bridge (forward_rates), and one batch of it profiled.
+- train_steps: every architecture's training step (bf16 autocast on CUDA) on random batches at d 768 /
+  width 16k and d 2304 / width 64k: steps/s and peak memory; the TopK step profiled.
+- train_loop: every architecture through the whole training loop, resident and streaming, a few steps
+  each, from the collected store: SAEs on the residual stream, transcoders, a crosscoder and a CLT on
+  the MLP hooks.
 - eval: the TopK run with CE/KL (the SAE spliced into the model).
 - nccl: the TopK run again through torch's launcher with one process: the NCCL process group on CUDA
   (gloo on a CPU), DistributedDataParallel, the rank-aware loader.
@@ -18,6 +22,8 @@ Steps:
   pursuit over SAELens's) at d 768 / width 16k / k 32 and at d 2304 / width 64k.
 - steps_per_s: our TopK step at batch 4,096, d 768, width 16k, k 32 (the bench's own figure), against
   the goal of 1,000 steps/s.
+
+OUT/gpu.json holds the figures; OUT/profile.txt the profiles' summaries (torch.profiler, ops by self time).
 
 The model: `--model` (the prepared default where it exists), or `--model-shape DIR`, a folder with a
 model's config and tokenizer files but no weights (what can travel to a lent GPU machine within its
@@ -30,14 +36,19 @@ How to run it on a lent GPU machine: docs/benchmarks.md#the-gpu-check.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
+import signal
+import subprocess
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +57,7 @@ import torch
 from stages import evaluate
 from stages.basics import distributed, run_dir
 from stages.basics.device import resolve_device, synchronize
+from stages.basics.distributed import World
 from stages.basics.errors import SaepipeError, first_line
 from stages.basics.settings import progress_setting, setting
 from stages.collect import run_collect
@@ -53,11 +65,72 @@ from stages.collect.config import CollectConfig
 from stages.host_model.model import run_to_hooks
 from stages.train import run_train
 from stages.train.config import TrainConfig
-from stages.train.loop import run_sweep
+from stages.train.loop import TrainingRun, run_sweep
 from store_schema.reader import open_store
+from store_schema.writer import write_array_store
 
 GOAL_STEPS_PER_S = 1000  # TopK at batch 4,096, d 768, width 16k, k 32 on one H100/H200
 SAE_ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu", "mp")
+ALL_ARCHS = (*SAE_ARCHS, "transcoder", "skip_transcoder", "crosscoder", "clt")
+# Seconds each step may take on one H100, in priority order; together with the kit's install and Python's
+# start they stay under the 8 minutes of a lease's first call (benchmarks/gpu_kit/run.sh). The dry run on a
+# CPU keeps them too: its steps take a few seconds each.
+STEP_BUDGETS = {
+    "environment": 20,
+    "collect": 90,
+    "train_steps": 120,
+    "train_loop": 50,
+    "eval": 30,
+    "nccl": 40,
+    "bench_d768": 45,
+    "bench_d2304": 45,
+}
+PACKAGES = ("torch", "transformers", "numpy", "zarr", "numcodecs", "transformer-lens", "safetensors", "triton",
+            "sae-lens", "eai-sparsify")  # fmt: skip
+
+
+class OverBudget(BaseException):
+    """A step ran past its time budget: raised in the main thread by SIGALRM, past any `except Exception`."""
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float | None) -> Iterator[None]:
+    """Raise OverBudget in the main thread once `seconds` have passed (not at all off the main thread, or
+    where SIGALRM does not exist). Native code that never returns is not interrupted: run.sh's outer
+    timeout catches that."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not seconds or not usable:
+        yield
+        return
+
+    def cut(signum, frame):
+        raise OverBudget
+
+    previous = signal.signal(signal.SIGALRM, cut)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def parse_budgets(text: str) -> dict[str, float]:
+    """STEP_BUDGETS with --budgets' STEP=SECONDS overrides."""
+    budgets: dict[str, float] = dict(STEP_BUDGETS)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, seconds = item.partition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if not sep or name not in STEP_BUDGETS or value <= 0:
+            raise SaepipeError(
+                f"--budgets: {item!r} is not STEP=SECONDS with a known step and a positive number; "
+                f"steps: {', '.join(STEP_BUDGETS)}"
+            )
+        budgets[name] = value
+    return budgets
 
 
 @dataclass(frozen=True)
@@ -87,6 +160,9 @@ class GpuCheckConfig:
         None, "a folder with a model's config and tokenizer but no weights: that model with random weights"
     )
     only: str = setting("", "comma-separated steps to run", shown_default="all")
+    budgets: str = setting(
+        "", "comma-separated STEP=SECONDS overriding a step's time budget", shown_default="STEP_BUDGETS"
+    )
     progress: bool = progress_setting()
 
     def __post_init__(self) -> None:
@@ -129,6 +205,51 @@ def random_weights_model(shape_dir: Path, out: Path) -> Path:
     return out
 
 
+def package_versions() -> dict[str, str | None]:
+    """The versions of the packages the check runs on (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def nvidia_smi(fields: str) -> str | None:
+    """nvidia-smi's answer for the first GPU's `fields` (None where it is missing or fails)."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+
+
+def profile_summary(title: str, device: torch.device, work: Callable[[], None], rows: int = 15) -> str:
+    """torch.profiler's table of `work`'s ops by self time on `device` (the CPU's time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        work()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return f"== {title}\n{prof.key_averages().table(sort_by=sort, row_limit=rows)}\n"
+
+
+def mlp_and_resid_hooks(mid: int, resid: int) -> dict[str, str]:
+    """The check's hooks: layer `mid`'s and the next layer's MLP input and output, a residual stream."""
+    return {
+        "resid": f"blocks.{resid}.hook_resid_post",
+        "in": f"blocks.{mid}.mlp.hook_in",
+        "out": f"blocks.{mid}.hook_mlp_out",
+        "in_next": f"blocks.{mid + 1}.mlp.hook_in",
+        "out_next": f"blocks.{mid + 1}.hook_mlp_out",
+    }
+
+
 class GpuCheck:
     """The steps, sharing the store, the runs and the result."""
 
@@ -137,16 +258,20 @@ class GpuCheck:
         self.device = resolve_device(cfg.device)
         self.out = cfg.out
         self.store = str(self.out / "store.zarr")
-        self.result: dict = {"date": time.strftime("%Y-%m-%d"), "steps": {}}
+        self.budgets = parse_budgets(cfg.budgets)
+        self.result: dict = {"date": time.strftime("%Y-%m-%d"), "budgets_s": self.budgets, "steps": {}}
         self.hooks: dict[str, str] = {}
         self.model_name = ""
+        # what the running step has measured so far: kept in its record when the step is cut
+        self.partial: dict = {}
 
     # -- running ------------------------------------------------------------------------------------
     def steps(self) -> dict[str, Callable[[], dict]]:
         return {
             "environment": self.environment,
             "collect": self.collect,
-            "train": self.train,
+            "train_steps": self.train_steps,
+            "train_loop": self.train_loop,
             "eval": self.eval,
             "nccl": self.nccl,
             "bench_d768": lambda: self.bench(0),
@@ -159,14 +284,24 @@ class GpuCheck:
         if unknown:
             raise SaepipeError(f"--only: unknown step {', '.join(unknown)}; known: {', '.join(self.steps())}")
         self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "profile.txt").write_text("")
         for name, step in self.steps().items():
             if wanted and name not in wanted:
                 continue
             if self.cfg.progress:
-                print(f"gpu-check: {name} ...", file=sys.stderr, flush=True)
+                print(f"gpu-check: {name} (budget {self.budgets[name]:g} s) ...", file=sys.stderr, flush=True)
+            self.partial = {}
             started = time.perf_counter()
             try:
-                record = {"ok": True, **step()}
+                with time_budget(self.budgets[name]):
+                    record = {"ok": True, **step()}
+            except OverBudget:
+                record = {
+                    "ok": False,
+                    "cut": True,
+                    "error": f"cut at its budget of {self.budgets[name]:g} s",
+                    **self.partial,
+                }
             except Exception as e:  # noqa: BLE001 - one step's failure is recorded; the next still runs
                 record = {"ok": False, "error": first_line(e) or type(e).__name__, "traceback": traceback.format_exc()}
             record["seconds"] = round(time.perf_counter() - started, 1)
@@ -175,9 +310,18 @@ class GpuCheck:
             (self.out / "gpu.json").write_text(json.dumps(self.result, indent=2))
         return self.result
 
+    def _profile(self, title: str, work: Callable[[], None]) -> None:
+        with open(self.out / "profile.txt", "a") as f:
+            f.write(profile_summary(title, self.device, work))
+
     # -- the steps ----------------------------------------------------------------------------------
     def environment(self) -> dict:
-        env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(self.device)}
+        env = {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(self.device),
+            "packages": package_versions(),
+        }
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             env |= {
@@ -187,6 +331,8 @@ class GpuCheck:
                 "capability": f"{props.major}.{props.minor}",
                 "bf16": torch.cuda.is_bf16_supported(),
                 "nccl": torch.distributed.is_nccl_available(),
+                "driver": nvidia_smi("driver_version"),
+                "clocks_mhz": nvidia_smi("clocks.max.sm,clocks.max.memory"),
             }
         return env
 
@@ -200,14 +346,7 @@ class GpuCheck:
 
         self.model_name = self._model()
         model = load_host_model(self.model_name, str(self.device))
-        mid, resid = model.n_layers // 5, model.n_layers // 2  # 6 and 15 of SmolLM2's 30 layers
-        self.hooks = {
-            "resid": f"blocks.{resid}.hook_resid_post",
-            "in": f"blocks.{mid}.mlp.hook_in",
-            "out": f"blocks.{mid}.hook_mlp_out",
-            "in_next": f"blocks.{mid + 1}.mlp.hook_in",
-            "out_next": f"blocks.{mid + 1}.hook_mlp_out",
-        }
+        self.hooks = mlp_and_resid_hooks(model.n_layers // 5, model.n_layers // 2)  # 6 and 15 of SmolLM2's 30
         cfg = CollectConfig(
             out=self.store, model=self.model_name, hooks=tuple(self.hooks.values()), tokens=self.sizes.collect_tokens,
             device=str(self.device), overwrite=True, progress=self.cfg.progress, chunk_rows=2048,
@@ -217,43 +356,120 @@ class GpuCheck:
         run_collect(cfg, model)
         seconds = time.perf_counter() - started
         hooks = list(self.hooks.values())
-        return {
-            "model": model.name,
-            "hooks": hooks,
-            "tokens_per_s": cfg.tokens / seconds,
-            "forward": model.forward_path(hooks),
-            "forward_tokens_per_s": forward_rates(model, hooks, open_store(self.store).tokens[:64]),
-        }
+        contexts = open_store(self.store).tokens[:64]
+        record = {"model": model.name, "hooks": hooks, "tokens_per_s": cfg.tokens / seconds}
+        record["forward"] = model.forward_path(hooks)
+        self.partial = dict(record)
+        record["forward_tokens_per_s"] = forward_rates(model, hooks, contexts)
+        batch = torch.from_numpy(np.asarray(contexts[:16], dtype=np.int64))
+        self._profile(
+            f"collect's forward pass to {len(hooks)} hooks, 16 contexts", lambda: run_to_hooks(model, batch, hooks)
+        )
+        return record
 
-    def _train_config(self, name: str, arch: str, resident: bool) -> TrainConfig:
+    def _train_config(self, store: str, hooks: dict[str, str], name: str, arch: str, **values) -> TrainConfig:
+        """A run of `arch` on the hooks of mlp_and_resid_hooks: SAEs on the residual stream, a transcoder
+        from an MLP's input to its output, a crosscoder on two MLP outputs, a CLT over the two layers."""
         s = self.sizes
-        base = dict(hook=self.hooks["resid"], k=s.k)
+        base = dict(hook=hooks["resid"], k=s.k)
         if arch in ("transcoder", "skip_transcoder"):
-            base = dict(hook=None, in_hook=self.hooks["in"], out_hook=self.hooks["out"], k=s.k)
+            base = dict(hook=None, in_hook=hooks["in"], out_hook=hooks["out"], k=s.k)
         elif arch == "crosscoder":
-            base = dict(hook=None, hooks=(self.hooks["out"], self.hooks["out_next"]), k=s.k)
+            base = dict(hook=None, hooks=(hooks["out"], hooks["out_next"]), k=s.k)
         elif arch == "clt":
-            first = int(self.hooks["in"].split(".")[1])
+            first = int(hooks["in"].split(".")[1])
             base = dict(hook=None, layers=f"{first}-{first + 1}", k=s.k)
         elif arch == "jumprelu":
-            base = dict(hook=self.hooks["resid"], target_l0=float(s.k))
+            base = dict(hook=hooks["resid"], target_l0=float(s.k))
         elif arch == "relu":
-            base = dict(hook=self.hooks["resid"])
+            base = dict(hook=hooks["resid"])
         elif arch == "matryoshka":
-            base |= dict(groups=(s.width // 4, s.width))
+            base |= dict(groups=(values["width"] // 4, values["width"]))
         return TrainConfig.from_flat(
-            store=self.store, out=str(self.out / "runs" / name), arch=arch, width=s.width,
-            tokens=s.train_steps * s.batch_size, batch_size=s.batch_size, device=str(self.device),
-            resident=resident, overwrite=True, progress=False, **base,
+            store=store, out=str(self.out / "runs" / name), arch=arch, batch_size=s.batch_size,
+            device=str(self.device), overwrite=True, progress=False, **base, **values,
         )  # fmt: skip
 
-    def train(self) -> dict:
+    def train_steps(self) -> dict:
+        """Every architecture's training step at the bench's sizes, on random batches already on the device."""
+        sizes: dict = {}
+        self.partial = {"sizes": sizes}
+        failed = {}
+        for d_in, width in self.sizes.bench:
+            hooks = mlp_and_resid_hooks(0, 0)
+            store = self._random_store(d_in, tuple(hooks.values()))
+            size = sizes.setdefault(f"d{d_in}_w{width}", {})
+            for arch in ALL_ARCHS:
+                try:
+                    size[arch] = self._time_step(store, hooks, arch, d_in, width)
+                except Exception as e:  # noqa: BLE001 - every architecture is tried; the step fails at the end
+                    failed[f"{arch} d{d_in} w{width}"] = first_line(e) or type(e).__name__
+        if failed:
+            raise RuntimeError(f"{len(failed)} step timings failed: {json.dumps(failed)}")
+        return {"sizes": sizes, "batch_size": self.sizes.batch_size}
+
+    def _random_store(self, d_in: int, hooks: tuple[str, ...]) -> str:
+        """A store of random d_in-wide rows at `hooks`: the initialization sample of train_steps' runs."""
+        path = self.out / f"steps-d{d_in}.zarr"
+        if not path.exists():
+            rng = np.random.default_rng(0)
+            rows = {h: rng.standard_normal((self.sizes.batch_size, d_in), dtype=np.float32) for h in hooks}
+            write_array_store(path, rows, {h: r[:256] for h, r in rows.items()})
+        return str(path)
+
+    def _time_step(self, store: str, hooks: dict[str, str], arch: str, d_in: int, width: int) -> dict:
+        """Steps/s of TrainingRun.step (forward, backward, Adam, the architecture's own hooks) and its peak
+        memory, after two untimed steps; the TopK step at the first size is profiled too."""
+        name = f"step-{arch}-d{d_in}"
+        rows = self.sizes.batch_size
+        cfg = self._train_config(
+            store, hooks, name, arch, width=width, tokens=rows * 10_000, geometric_median_rows=rows
+        ).validate()
+        run_dir.prepare(Path(cfg.out), overwrite=True, resume=False)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        run = TrainingRun(cfg, open_store(store), self.device, resuming=False, world=World())
+        gen = torch.Generator(self.device).manual_seed(0)
+        x = tuple(torch.randn(rows, d_in, generator=gen, device=self.device) for _ in cfg.read_hooks)
+        batch = x[0] if len(x) == 1 else x
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        try:
+            for i in range(2):
+                run.step(batch, i, autocast)
+            n = max(3, self.sizes.train_steps // 2)
+            synchronize(self.device)
+            started = time.perf_counter()
+            for i in range(2, 2 + n):
+                run.step(batch, i, autocast)
+            synchronize(self.device)
+            seconds = time.perf_counter() - started
+            if arch == "topk" and (d_in, width) == self.sizes.bench[0]:
+                self._profile(
+                    f"TopK training step x3, d {d_in}, width {width}, batch {rows}",
+                    lambda: [run.step(batch, 2 + n + i, autocast) for i in range(3)],
+                )
+        finally:
+            run.close()
+        record = {"steps_per_s": n / seconds, "tokens_per_s": n * rows / seconds}
+        if cuda:
+            record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        return record
+
+    def train_loop(self) -> dict:
+        s = self.sizes
         runs, failed = {}, {}
-        for arch in (*SAE_ARCHS, "transcoder", "skip_transcoder", "crosscoder", "clt"):
+        self.partial = {"runs": runs}
+        for arch in ALL_ARCHS:
             for resident in (True, False):
                 name = f"{arch}-{'resident' if resident else 'streaming'}"
+                cfg = self._train_config(
+                    self.store, self.hooks, name, arch, width=s.width, tokens=s.train_steps * s.batch_size,
+                    resident=resident,
+                )  # fmt: skip
                 try:
-                    last = run_dir.read_log(run_train(self._train_config(name, arch, resident)))[-1]
+                    last = run_dir.read_log(run_train(cfg))[-1]
                     runs[name] = {"tokens_per_s": last["tokens_per_s"], "fve": last["fve"], "l0": last["l0"]}
                 except Exception as e:  # noqa: BLE001 - every architecture is tried; the step fails at the end
                     failed[name] = first_line(e) or type(e).__name__
@@ -269,7 +485,11 @@ class GpuCheck:
         return {key: metrics[key] for key in ("fve", "l0", "ce_recovered", "kl", "ablation_sparsity") if key in metrics}
 
     def nccl(self) -> dict:
-        cfg = self._train_config("topk-launched", "topk", True)
+        s = self.sizes
+        cfg = self._train_config(
+            self.store, self.hooks, "topk-launched", "topk", width=s.width, tokens=s.train_steps * s.batch_size,
+            resident=True,
+        )  # fmt: skip
         started = time.perf_counter()
         [out] = distributed.launch(1, run_sweep, [cfg])
         last = run_dir.read_log(out)[-1]
@@ -308,4 +528,7 @@ def format_gpu_check(result: dict) -> str:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
         status = "ok" if record["ok"] else f"FAILED: {record['error']}"
         lines.append(f"{name:<12} {status} ({record['seconds']} s){': ' + shown if shown and record['ok'] else ''}")
+        for size, archs in record.get("sizes", {}).items() if name == "train_steps" else ():
+            steps = ", ".join(f"{arch} {timing['steps_per_s']:.4g}" for arch, timing in archs.items())
+            lines.append(f"{'':<12}   {size} steps/s: {steps}")
     return "\n".join(lines)

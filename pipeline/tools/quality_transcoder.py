@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -66,7 +67,11 @@ class TranscoderQualityConfig:
 
 def import_sparsify():
     """The sparsify package, or a one-line error saying how to install it. Its import prints which sparse
-    decoder it uses (Triton's on CUDA when triton is installed, else torch's embedding_bag): kept quiet."""
+    decoder it uses (Triton's when triton is installed, else torch's embedding_bag): kept quiet. Its Triton
+    decoder takes CUDA tensors only, so without a GPU it is switched off by sparsify's own setting (a CPU
+    machine with CUDA's torch and triton installed, like the copy of the GPU image, would fail otherwise)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             import sparsify

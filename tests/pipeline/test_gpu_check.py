@@ -2,6 +2,7 @@
 model, so the script a lent GPU runs first has run here; a step that breaks is recorded and the rest run."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -23,16 +24,42 @@ def test_every_step_runs_on_a_cpu(dry_run):
     out, result = dry_run
     failures = {name: record.get("traceback") for name, record in result["steps"].items() if not record["ok"]}
     assert not failures, failures
-    assert list(result["steps"]) == ["environment", "collect", "train", "eval", "nccl", "bench_d768", "bench_d2304"]
+    assert list(result["steps"]) == list(gpu_check.STEP_BUDGETS)  # every step has a budget, in priority order
     assert json.loads((out / "gpu.json").read_text()) == result and result["ok"]
+    assert result["budgets_s"] == gpu_check.STEP_BUDGETS
+    # within their budgets, which on a CPU at toy sizes they keep by far
+    assert all(record["seconds"] < gpu_check.STEP_BUDGETS[name] for name, record in result["steps"].items())
 
 
 def test_every_architecture_trains_resident_and_streaming(dry_run):
     _, result = dry_run
-    runs = result["steps"]["train"]["runs"]
-    archs = (*gpu_check.SAE_ARCHS, "transcoder", "skip_transcoder", "crosscoder", "clt")
+    runs = result["steps"]["train_loop"]["runs"]
+    archs = gpu_check.ALL_ARCHS
     assert sorted(runs) == sorted(f"{arch}-{mode}" for arch in archs for mode in ("resident", "streaming"))
     assert all(run["tokens_per_s"] > 0 for run in runs.values())
+
+
+def test_every_architectures_step_is_timed_at_both_sizes(dry_run):
+    _, result = dry_run
+    record = result["steps"]["train_steps"]
+    sizes = [f"d{d}_w{w}" for d, w in gpu_check.DRY_SIZES.bench]
+    assert list(record["sizes"]) == sizes
+    for size in sizes:
+        timings = record["sizes"][size]
+        assert list(timings) == list(gpu_check.ALL_ARCHS)
+        for timing in timings.values():  # one batch of batch_size rows a step
+            assert timing["tokens_per_s"] == pytest.approx(timing["steps_per_s"] * record["batch_size"])
+    summary = gpu_check.format_gpu_check(result)
+    assert f"{sizes[1]} steps/s: topk " in summary and "clt " in summary
+
+
+def test_the_profiles_summarize_the_forward_and_the_topk_step(dry_run):
+    out, _ = dry_run
+    profile = (out / "profile.txt").read_text()
+    d, width = gpu_check.DRY_SIZES.bench[0]
+    assert "== collect's forward pass to 5 hooks, 16 contexts" in profile
+    assert f"== TopK training step x3, d {d}, width {width}" in profile
+    assert "aten::topk" in profile and "Self CPU" in profile  # the table, by self time
 
 
 def test_the_figures_the_gpu_run_reports(dry_run):
@@ -64,6 +91,48 @@ def test_a_failing_step_is_recorded_and_the_next_still_runs(tmp_path, monkeypatc
         result["steps"]["environment"]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     )
     assert "FAILED: RuntimeError: CUDA error" in gpu_check.format_gpu_check(result)
+
+
+def test_a_step_past_its_budget_is_cut_keeping_its_figures_and_the_next_still_runs(tmp_path, monkeypatch):
+    pytest.importorskip("sae_lens")
+    pytest.importorskip("sparsify")
+    timed = []
+
+    def third_one_hangs(self, store, hooks, arch, d_in, width):
+        timed.append(arch)
+        if len(timed) == 3:
+            time.sleep(60)
+        return {"steps_per_s": 1.0, "tokens_per_s": 256.0}
+
+    monkeypatch.setattr(gpu_check.GpuCheck, "_time_step", third_one_hangs)
+    cfg = gpu_check.GpuCheckConfig(
+        out=tmp_path, device="cpu", only="train_steps,bench_d2304", budgets="train_steps=1.5", progress=False
+    )
+    result = gpu_check.run_gpu_check(cfg)
+    cut = result["steps"]["train_steps"]
+    assert cut["cut"] and not cut["ok"] and cut["error"] == "cut at its budget of 1.5 s"
+    assert cut["seconds"] < 10  # cut where it hung, not at the end of the sleep
+    first = f"d{gpu_check.DRY_SIZES.bench[0][0]}_w{gpu_check.DRY_SIZES.bench[0][1]}"
+    assert list(cut["sizes"][first]) == list(gpu_check.ALL_ARCHS[:2])  # what it had timed before the cut
+    assert result["steps"]["bench_d2304"]["ok"] and not result["ok"]
+    assert "FAILED: cut at its budget of 1.5 s" in gpu_check.format_gpu_check(result)
+
+
+def test_a_budget_cuts_through_code_that_catches_every_exception():
+    caught = []
+    with pytest.raises(gpu_check.OverBudget), gpu_check.time_budget(0.05):
+        while True:
+            try:
+                time.sleep(0.01)
+            except Exception as e:  # noqa: BLE001 - what a step's per-architecture loop does
+                caught.append(e)
+    assert not caught
+
+
+@pytest.mark.parametrize("budgets", ["warp=3", "collect", "collect=0", "collect=soon"])
+def test_a_budget_that_is_not_step_equals_seconds_is_refused(budgets):
+    with pytest.raises(SaepipeError, match=rf"--budgets: '{budgets}' is not STEP=SECONDS"):
+        gpu_check.parse_budgets(budgets)
 
 
 def test_an_unknown_step_is_refused_before_any_work(tmp_path):
