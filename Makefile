@@ -7,8 +7,9 @@
 #   make gpu-check  every CUDA path once, on this machine's GPU (GPU_DEVICE=cpu: the dry run); runs/gpu/gpu.json
 #   make gpu-kit    .gpu-kit/: what a lent GPU machine needs to run the GPU check on its first call
 #   make gpu-kit-proof  the kit installed and run to the end (--device cpu) in a copy of that machine's image
+#   make quality ours against SAELens's SAEs on the same rows of the default store (docs/quality.md)
 #   make scale   a store at scale: 100M-token collect, a store bigger than memory, S3 (docs/scale.md)
-#   make soak    a store under load: training, readers and appends at once (pipeline/tools/soak.py)
+#   make soak    a store under load: training, readers and appends at once (benchmarks/soak.py)
 #   make circuit-tracer  circuit-tracer's own environment, and the test that it reads our exports
 #   make saebench        SAEBench's own environment, and the test that sets our evals beside its code
 # Every variable below can be overridden: make all MODEL=gpt2 HOOK=blocks.6.hook_resid_post DEVICE=cuda
@@ -43,7 +44,7 @@ RUN   ?= runs/$(call slug,$(MODEL))_$(call slug,$(HOOK))_$(ARCH)_w$(WIDTH)_k$(K)
 
 SETUP_DONE := $(VENV)/.saepipe-setup
 
-.PHONY: all setup collect train eval report sweep test lint bench gpu-check gpu-kit gpu-kit-proof scale soak circuit-tracer saebench clean distclean
+.PHONY: all setup collect train eval report sweep test lint readme quality bench gpu-check gpu-kit gpu-kit-proof scale soak circuit-tracer saebench clean distclean
 
 all: report
 
@@ -98,6 +99,10 @@ sweep: collect
 test: $(SETUP_DONE)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
+# README.md's CLI block, from the commands' own help (tests/pipeline/test_readme.py fails when it is stale).
+readme: $(SETUP_DONE)
+	$(PY) -m tests.helpers.readme
+
 # The code's habits: ruff's lint rules and format, and the import contracts in pyproject.toml.
 lint: $(SETUP_DONE)
 	$(VENV)/bin/ruff check .
@@ -106,16 +111,23 @@ lint: $(SETUP_DONE)
 
 # A store at scale (docs/scale.md): about 12 minutes and 40 GB of scratch; writes runs/scale/scale.json.
 scale: $(SETUP_DONE)
-	$(SAEPIPE) scale --model $(MODEL) --hook $(HOOK) --out runs/scale
+	$(PY) -m benchmarks scale --model $(MODEL) --hook $(HOOK) --out runs/scale
+
+# The measurements below are `python -m benchmarks COMMAND` (benchmarks/cli.py): the folder benchmarks/ is
+# not part of the installed package, so `saepipe --help` lists only the user's commands.
+
+# Ours against SAELens at matched settings on the same rows of the default store (docs/quality.md).
+quality: collect
+	$(PY) -m benchmarks quality $(STORE) --hook $(HOOK) --device $(DEVICE) --out runs/quality
 
 # Speed as same-run ratios (docs/benchmarks.md); writes runs/bench/bench.json.
 bench: $(SETUP_DONE)
-	$(SAEPIPE) bench --device $(DEVICE) --model $(MODEL) --hook $(HOOK) --out runs/bench
+	$(PY) -m benchmarks bench --device $(DEVICE) --model $(MODEL) --hook $(HOOK) --out runs/bench
 
 # Every CUDA path once, each step recorded even when another fails (docs/benchmarks.md#the-gpu-check).
 GPU_DEVICE ?= cuda
 gpu-check: $(SETUP_DONE)
-	$(SAEPIPE) gpu-check --device $(GPU_DEVICE) --model $(MODEL) --out runs/gpu
+	$(PY) -m benchmarks gpu-check --device $(GPU_DEVICE) --model $(MODEL) --out runs/gpu
 
 # The GPU check on a lent GPU machine (docs/benchmarks.md#the-gpu-check): the image there lacks zarr,
 # transformer_lens, SAELens and sparsify and can fetch nothing, so they travel as wheels in GPU_KIT (under
@@ -134,7 +146,7 @@ gpu-kit-proof: gpu-kit
 # A store under load for SOAK_SECONDS: training, two readers and an appender at once; runs/soak/soak.json.
 SOAK_SECONDS ?= 60
 soak: $(SETUP_DONE)
-	$(SAEPIPE) soak --out runs/soak --seconds $(SOAK_SECONDS)
+	$(PY) -m benchmarks soak --out runs/soak --seconds $(SOAK_SECONDS)
 
 # circuit-tracer (attribution graphs) reads `saepipe export` folders (docs/circuit-tracer.md). It pins
 # transformers<=4.57.3, so it gets an environment of its own; this builds it and runs the export tests

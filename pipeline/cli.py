@@ -12,20 +12,14 @@ import threading
 
 import click
 
-from pipeline.commands.bench import bench
 from pipeline.commands.collect import collect
 from pipeline.commands.compare import compare
 from pipeline.commands.eval_set import eval_set
 from pipeline.commands.evaluate import eval_command
 from pipeline.commands.export import export
-from pipeline.commands.gpu_check import gpu_check
 from pipeline.commands.info import info
 from pipeline.commands.prepare_model import prepare_model
-from pipeline.commands.quality import quality
-from pipeline.commands.quality_transcoder import quality_transcoder
 from pipeline.commands.report import report
-from pipeline.commands.scale import scale
-from pipeline.commands.soak import soak
 from pipeline.commands.store import store
 from pipeline.commands.train import train
 from stages import __version__
@@ -95,12 +89,8 @@ def main() -> None:
     """Collect a model's activations once into a Zarr store, then train and evaluate SAEs from it."""
 
 
-for command in (collect, train, eval_command, report, compare, quality, bench, scale, soak, info, store, prepare_model):
+for command in (collect, train, eval_command, eval_set, report, compare, export, info, store, prepare_model):
     main.add_command(command)
-main.add_command(quality_transcoder)
-main.add_command(export)
-main.add_command(eval_set)
-main.add_command(gpu_check)
 
 
 if __name__ == "__main__":

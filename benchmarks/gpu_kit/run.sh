@@ -39,7 +39,7 @@ echo "gpu-kit: installed in $((SECONDS - started)) s" | tee -a "$OUT/gpu-check.l
 # native code, which no budget can interrupt. gpu.json is rewritten after every step, so a cut keeps the rest.
 left=$((TOTAL - (SECONDS - started)))
 cd "$REPO"
-timeout --signal=INT --kill-after=15 "$left" "$PYTHON" -c 'from pipeline.cli import main; main()' \
+timeout --signal=INT --kill-after=15 "$left" "$PYTHON" -m benchmarks \
     gpu-check --device "$DEVICE" --model-shape "$KIT/smollm2-shape" --out "$WORK/gpu" 2>&1 | tee -a "$OUT/gpu-check.log"
 status=${PIPESTATUS[0]}
 cp "$WORK/gpu/gpu.json" "$WORK/gpu/profile.txt" "$OUT/" 2>/dev/null

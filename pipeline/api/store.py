@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.api.batches import ActivationDataset, Batches
-from pipeline.tools.describe import describe_store, summary_text
+from pipeline.describe import describe_store, summary_text
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore
 from store_schema.schema import SPLITS, StoreError

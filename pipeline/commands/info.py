@@ -6,7 +6,7 @@ import json
 
 import click
 
-from pipeline.tools.describe import describe, summary_text
+from pipeline.describe import describe, summary_text
 
 
 @click.command()

@@ -79,7 +79,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                 evaluated, host, bos, dev, max_words=cfg.absorption_words, progress=cfg.progress
             )
         # Latent ablation measures how sparse an SAE's effect on the logits is; for transcoders it is
-        # not defined yet (issue 16).
+        # not defined yet.
         if cfg.ablation_contexts > 0 and read_hook is None:
             ids = held_out_contexts(store, None)[: cfg.ablation_contexts]
             token_rows = store.tokens.oindex[ids.tolist(), :]

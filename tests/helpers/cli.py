@@ -1,6 +1,7 @@
 """The `saepipe` command line run in-process (click's CliRunner), and the tiny random model's collect that
 the CLI tests start from."""
 
+import click
 from click.testing import CliRunner, Result
 
 from pipeline.cli import main
@@ -8,16 +9,17 @@ from pipeline.cli import main
 HOOK = "blocks.2.hook_resid_post"  # the hook `collect_args` collects
 
 
-def run(*args, catch_exceptions: bool = False) -> Result:
+def run(*args, catch_exceptions: bool = False, cli: click.Group = main) -> Result:
     """`saepipe ARGS`, each argument passed through str() (paths and numbers as they are). An exception that
     the command does not turn into an error line propagates with its traceback; with `catch_exceptions`,
-    click catches it instead (exit code 1, `result.exception`)."""
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=catch_exceptions)
+    click catches it instead (exit code 1, `result.exception`). `cli`: another command line, such as the
+    harnesses' (`python -m benchmarks`, benchmarks.cli.main)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch_exceptions)
 
 
-def run_catching(*args) -> Result:
+def run_catching(*args, cli: click.Group = main) -> Result:
     """`run` with click catching any exception: exit code 1 and `result.exception`, never a raise."""
-    return run(*args, catch_exceptions=True)
+    return run(*args, catch_exceptions=True, cli=cli)
 
 
 def run_ok(*args, catch_exceptions: bool = False) -> Result:

@@ -1,5 +1,5 @@
 """Ground truth for SAE recipes: activations built from known sparse features (write them as a store
-with store_schema.writer.write_array_store; `planted_store` writes the recovery tests' set).
+with store_schema.generated.write_array_store; `planted_store` writes the recovery tests' set).
 
 Each row is a sparse non-negative combination of unit "feature" directions plus Gaussian noise; feature
 i fires independently with probability `frequencies[i]` (spread log-uniformly, so rare and common
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from store_schema.writer import write_array_store
+from store_schema.generated import write_array_store
 
 
 @dataclass(frozen=True)

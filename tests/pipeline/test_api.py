@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from pipeline import api as saepipe
+from store_schema.generated import write_generated_store
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import open_store as open_internal
-from store_schema.writer import write_generated_store
 from tests.helpers.cli import HOOK, collect_args, run_ok
 
 N_TRAIN = 6000

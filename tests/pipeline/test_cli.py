@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from store_schema.writer import StoreWriter, write_array_store
+from store_schema.generated import write_array_store
+from store_schema.writer import StoreWriter
 from tests.helpers.cli import HOOK, collect_args, expect_error, run, run_ok
 
 COLLECT = collect_args(8000)
@@ -263,10 +264,23 @@ def test_bad_sweeps_are_named(store, tmp_path):
     expect_error(run("train", str(store), "--out", str(tmp_path / "s"), "--sweep", "k=two"), "cannot read 'two'")
 
 
-def test_bench_refuses_unknown_keys_and_zero_rounds(tmp_path):
-    expect_error(
-        run("bench", "--out", str(tmp_path / "b"), "--only", "read_vs_memmap,warp_speed"),
-        "--only: unknown benchmark warp_speed",
-    )
-    expect_error(run("bench", "--out", str(tmp_path / "b"), "--rounds", "0"), "--rounds must be at least 1")
-    assert not (tmp_path / "b").exists()  # refused before any work
+def test_saepipe_lists_only_the_users_commands():
+    """The measurement harnesses are `python -m benchmarks`, outside the installed package."""
+    from pipeline.cli import main
+
+    user = {"collect", "train", "eval", "eval-set", "report", "compare", "export", "info", "store", "prepare-model"}
+    assert set(main.commands) == user
+    shown = run_ok("--help").output
+    assert all(f"  {name} " in shown for name in user) and "bench" not in shown and "gpu-check" not in shown
+
+
+def test_the_installed_package_leaves_the_benchmarks_out():
+    import tomllib
+    from setuptools import find_packages
+
+    from tests.helpers.files import REPO
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    shipped = find_packages(where=REPO, include=include)
+    assert {"pipeline", "stages", "store_schema"} <= set(shipped)
+    assert not [p for p in shipped if p.split(".")[0] in ("benchmarks", "tests")]

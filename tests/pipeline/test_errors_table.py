@@ -19,16 +19,20 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.cli import main
 from stages import host_model as host_models
 from stages.basics import run_dir
 from stages.train.checkpoint import Checkpoint
+from store_schema.generated import write_array_store
 from store_schema.lock import lock_path
-from store_schema.writer import StoreWriter, write_array_store
+from store_schema.writer import StoreWriter
 from tests.helpers.cli import run_catching, run_ok
 from tests.helpers.files import REPO
 
 DOC = REPO / "docs" / "errors.md"
 COLUMNS = ["id", "trigger", "message", "exit", "setup"]
+HARNESSES = "python -m benchmarks "  # the measurement harnesses' command line (benchmarks/cli.py)
+PROGRAMS = ("saepipe ", HARNESSES)
 HOOK = "blocks.2.hook_resid_post"
 TRAIN_CHUNK = Path("train") / "acts" / HOOK / "c" / "1" / "0"  # one chunk file of {store}'s training rows
 
@@ -36,7 +40,7 @@ TRAIN_CHUNK = Path("train") / "acts" / HOOK / "c" / "1" / "0"  # one chunk file 
 @dataclass(frozen=True)
 class Row:
     id: str
-    trigger: str  # the command line, "saepipe ..." with {placeholders}
+    trigger: str  # the command line, "saepipe ..." (or "python -m benchmarks ...") with {placeholders}
     fragments: tuple[str, ...]  # each must be in the error line
     exit_code: int
     setup: str  # a key of SETUPS, or ""
@@ -65,7 +69,7 @@ def parse_table(text: str) -> list[Row]:
         assert len(cells) == len(COLUMNS), f"errors.md line {number}: {len(cells)} cells, expected {len(COLUMNS)}"
         row_id, trigger, message, exit_code, setup = cells
         triggers, fragments = _code_spans(trigger), tuple(_code_spans(message))
-        assert len(triggers) == 1 and triggers[0].startswith("saepipe "), f"errors.md line {number}: trigger"
+        assert len(triggers) == 1 and triggers[0].startswith(PROGRAMS), f"errors.md line {number}: trigger"
         assert fragments, f"errors.md line {number}: no `message` fragment"
         assert exit_code.isdigit(), f"errors.md line {number}: exit code {exit_code!r}"
         rows.append(Row(row_id, triggers[0], fragments, int(exit_code), setup))
@@ -73,6 +77,12 @@ def parse_table(text: str) -> list[Row]:
 
 
 ROWS = parse_table(DOC.read_text())
+
+
+def harness_cli():
+    from benchmarks.cli import main as harnesses
+
+    return harnesses
 
 
 # -- the placeholders -------------------------------------------------------------------------------
@@ -414,7 +424,9 @@ def test_the_parser_reads_code_spans_and_refuses_malformed_rows():
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
-def test_row(row: Row, places, tmp_path, monkeypatch, request):
+def test_each_documented_error_is_one_line_with_its_exit_code_and_writes_nothing(
+    row: Row, places, tmp_path, monkeypatch, request
+):
     values = {name: str(path) for name, path in places.items() if name != "root"} | {"tmp": str(tmp_path)}
     for name, make in LAZY_PLACES.items():
         if "{" + name + "}" in row.trigger:
@@ -422,10 +434,11 @@ def test_row(row: Row, places, tmp_path, monkeypatch, request):
     if row.setup:
         SETUPS[row.setup](tmp_path, places, monkeypatch)
     monkeypatch.chdir(tmp_path)  # a default output folder (report/, runs/bench) would land here, and be seen
-    args = shlex.split(_substitute(row.trigger, values, quote=True))[1:]
+    harness = row.trigger.startswith(HARNESSES)
+    args = shlex.split(_substitute(row.trigger, values, quote=True))[3 if harness else 1 :]
     before = _snapshot(places["root"], tmp_path)
 
-    result = run_catching(*args)
+    result = run_catching(*args, cli=harness_cli() if harness else main)
 
     output = result.output
     crash = (

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from stages.basics import run_dir
+from store_schema.generated import write_array_store
 from store_schema.reader import open_store
-from store_schema.writer import write_array_store
 from tests.helpers.collect import cli_args
 from tests.helpers.files import REPO, tree_bytes
 

@@ -1,4 +1,4 @@
-"""Bugs found by trying saepipe as a new user would (issue 15): each is now refused or handled in one
+"""Bugs found by trying saepipe as a new user would: each is now refused or handled in one
 line, and the tests below fail if one comes back."""
 
 import json

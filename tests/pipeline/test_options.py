@@ -6,10 +6,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.bench import BenchConfig
+from benchmarks.cli import main as harnesses
+from benchmarks.quality import QualityConfig
+from benchmarks.soak import SoakConfig
 from pipeline.cli import main
-from pipeline.tools.bench import BenchConfig
-from pipeline.tools.quality import QualityConfig
-from pipeline.tools.soak import SoakConfig
 from stages.basics.settings import default_of, flag_of, settings_of
 from stages.collect import CollectConfig
 from stages.evaluate import EvalConfig
@@ -49,7 +50,8 @@ def cli_default(field):
 @pytest.mark.parametrize("name", COMMANDS)
 def test_every_setting_is_an_option_with_its_flag_default_and_help(name):
     configs, cli_only = COMMANDS[name]
-    options = {p.name: p for p in main.commands[name].params if isinstance(p, click.Option) and p.name != "help"}
+    command = main.commands.get(name) or harnesses.commands[name]  # saepipe's, or `python -m benchmarks`'s
+    options = {p.name: p for p in command.params if isinstance(p, click.Option) and p.name != "help"}
     exposed = set()
     for cls, names in configs:
         for field_name, field in settings_of(cls).items():

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from store_schema import schema
-from store_schema.writer import StoreWriter, write_array_store
+from store_schema.generated import write_array_store
+from store_schema.writer import StoreWriter
 
 
 class SyscallLog:

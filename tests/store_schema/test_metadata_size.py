@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from store_schema import schema
+from store_schema.generated import write_array_store
 from store_schema.normalization import Normalization
 from store_schema.reader import open_store
 from store_schema.verify import verify_store
-from store_schema.writer import StoreWriter, write_array_store
+from store_schema.writer import StoreWriter
 from tests.helpers.cli import run_ok
 
 # Collected by saepipe at commit c771279 (schema version 1): `saepipe collect --model tiny-random --dataset

@@ -18,10 +18,10 @@ from hypothesis.extra.numpy import arrays
 
 from stages.basics.errors import SaepipeError
 from store_schema import schema
+from store_schema.generated import write_array_store
 from store_schema.loader import ShuffledBatches
 from store_schema.normalization import MODES, Normalization
 from store_schema.reader import ActivationStore
-from store_schema.writer import write_array_store
 
 SLOW = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,7 +1,7 @@
 """Streaming from object storage: a store on moto's S3 server behind a proxy that adds 50 ms to every
-request (pipeline/tools/s3_latency.py) streams the batches a local copy streams, bit for bit, with many
+request (benchmarks/s3_latency.py) streams the batches a local copy streams, bit for bit, with many
 chunk requests in flight; a damaged or missing chunk object is refused in one line; `store copy`
-streams large files in pieces; and the measurement of issue 14's S3 figures runs end to end on tiny
+streams large files in pieces; and the measurement of docs/scale.md's S3 figures runs end to end on tiny
 sizes."""
 
 import time
@@ -14,15 +14,15 @@ from safetensors.torch import load_file
 
 from store_schema import copy as store_copy
 from store_schema.copy import copy_store
+from store_schema.generated import write_array_store
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import open_store
 from store_schema.schema import StoreError
-from store_schema.writer import write_array_store
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from pipeline.tools.s3_latency import s3_environment, s3_server  # noqa: E402  (needs moto and s3fs)
+from benchmarks.s3_latency import s3_environment, s3_server  # noqa: E402  (needs moto and s3fs)
 
 LATENCY_S = 0.05
 CHUNK_ROWS, D = 256, 32
@@ -188,7 +188,7 @@ def test_store_copy_streams_large_files_in_pieces(tmp_path, s3, monkeypatch):
 
 
 def test_measure_s3_streaming_on_tiny_sizes(tmp_path):
-    from pipeline.tools.scale_s3 import measure_s3_streaming
+    from benchmarks.scale_s3 import measure_s3_streaming
 
     result = measure_s3_streaming(
         tmp_path,

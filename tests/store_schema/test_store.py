@@ -9,10 +9,11 @@ import torch
 import zarr
 
 from store_schema import schema
+from store_schema.generated import write_array_store
 from store_schema.loader import ShuffledBatches
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore, open_store
-from store_schema.writer import StoreWriter, write_array_store
+from store_schema.writer import StoreWriter
 
 
 def raw_activations(n=2048, d=48, seed=0):

@@ -12,9 +12,10 @@ import torch
 from stages.basics.errors import SaepipeError
 from stages.collect import plan_action, run_collect
 from stages.collect.config import CollectConfig
+from store_schema.generated import write_array_store
 from store_schema.reader import open_store
 from store_schema.schema import split_counts
-from store_schema.writer import StoreWriter, write_array_store
+from store_schema.writer import StoreWriter
 from tests.helpers.cli import run
 from tests.helpers.collect import HOOKS, SETTINGS
 from tests.helpers.files import tree_bytes

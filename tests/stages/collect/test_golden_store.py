@@ -1,8 +1,8 @@
 """The bytes of a tiny-model store, file by file, against a recorded manifest: code that moves must not
-change what collect writes. Recorded before the layout refactor (issue 13); re-recorded for schema
-version 2 (issue 14), where every row array, token and mapping file kept its bytes, the root metadata
-changed and the running sums' and skipped contexts' arrays are new; re-recorded when the header's model
-gained `forward` (issue 18: only zarr.json changed).
+change what collect writes. Recorded before the layout refactor; re-recorded for schema version 2, where
+every row array, token and mapping file kept its bytes, the root metadata changed and the running sums'
+and skipped contexts' arrays are new; re-recorded when the header's model gained `forward` (only
+zarr.json changed).
 
 Activations are floats computed by the CPU's kernels, whose last bits depend on the instruction set
 (AVX-512, AVX2, ...). A kernel probe, recorded with the manifest, tells whether this machine computes

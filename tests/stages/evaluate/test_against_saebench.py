@@ -1,6 +1,6 @@
 """Our k-sparse probing and absorption against SAEBench 0.6.0's own code, on the same inputs. SAEBench
 cannot be installed beside saepipe (it pins numpy < 2 and datasets < 4), so its side runs in an environment
-of its own (pipeline/tools/saebench_check.py): `make saebench` builds it and runs this file with
+of its own (benchmarks/saebench_check.py): `make saebench` builds it and runs this file with
 SAEPIPE_SAEBENCH_PYTHON set. Without it these tests are skipped (CI)."""
 
 import json

@@ -21,8 +21,8 @@ from stages.saes.matryoshka import MatryoshkaSAE
 from stages.saes.saved import load_sae
 from stages.train.config import TrainConfig
 from stages.train.saelens_export import export_saelens
+from store_schema.generated import write_array_store
 from store_schema.normalization import Normalization
-from store_schema.writer import write_array_store
 from tests.helpers.planted import PlantedFeatures
 from tests.helpers.saes import trained_like
 

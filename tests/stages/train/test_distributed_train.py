@@ -15,7 +15,7 @@ from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
 from stages.train import run_sweep
 from stages.train.config import TrainConfig
-from store_schema.writer import write_array_store
+from store_schema.generated import write_array_store
 
 BATCH = 256
 # (arch, settings): small dead windows, so AuxK and ghost grads act within the run

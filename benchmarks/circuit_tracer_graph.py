@@ -4,7 +4,7 @@ transformers<=4.57.3, which saepipe's own environment does not allow): `make cir
 in .venv-circuit-tracer and runs this file there. Standalone on purpose: it imports neither saepipe nor
 anything circuit-tracer's environment lacks but matplotlib.
 
-    python pipeline/tools/circuit_tracer_graph.py MODEL_DIR EXPORT_DIR OUT_DIR --prompt "..."
+    python benchmarks/circuit_tracer_graph.py MODEL_DIR EXPORT_DIR OUT_DIR --prompt "..."
 
 MODEL_DIR is a Hugging Face model folder (saepipe's cache holds the default model's, written by
 transformers 5). Three things stop circuit-tracer 0.5.0 from running it offline as it is, each worked around

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.tools import quality
+from benchmarks import quality
 from stages.train.config import TrainConfig
-from store_schema.writer import write_array_store
+from store_schema.generated import write_array_store
 from tests.helpers.planted import PlantedFeatures
 
 pytest.importorskip("sae_lens")

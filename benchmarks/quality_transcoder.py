@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.tools.quality import train_and_evaluate
+from benchmarks.quality import train_and_evaluate
 from stages import evaluate
 from stages.basics import run_dir
 from stages.basics.device import resolve_device

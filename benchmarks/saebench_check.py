@@ -3,7 +3,7 @@ compared with it. Run with the Python of an environment that has sae-bench (it c
 saepipe: it pins numpy < 2 and datasets < 4); `make saebench` builds one and runs the comparison test.
 Standalone on purpose: it imports neither saepipe nor zarr.
 
-    python pipeline/tools/saebench_check.py INPUTS.npz OUTPUT.json
+    python benchmarks/saebench_check.py INPUTS.npz OUTPUT.json
 
 INPUTS.npz holds:
 - probing: `probe_x_train`, `probe_y_train`, `probe_x_test`, `probe_y_test` (mean-pooled features, binary

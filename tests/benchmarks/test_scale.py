@@ -1,11 +1,12 @@
-"""`saepipe scale` at tiny sizes: every part runs through its real code path and writes its keys beside
+"""`python -m benchmarks scale` at tiny sizes: every part runs through its real code path and writes its keys beside
 the raw figures they come from, and the scratch stores are gone afterwards."""
 
 import json
 
 import pytest
 
-from pipeline.tools.scale import ScaleConfig, format_scale_table, run_scale
+from benchmarks.cli import main as harnesses
+from benchmarks.scale import ScaleConfig, format_scale_table, run_scale
 from stages.basics.errors import SaepipeError
 from tests.helpers.cli import expect_error, run
 
@@ -60,5 +61,7 @@ def test_every_part_writes_its_keys_and_raw_figures(tiny_scale):
 def test_bad_settings_are_refused_before_any_work(tmp_path):
     with pytest.raises(SaepipeError, match="unknown part colect"):
         run_scale(ScaleConfig(out=tmp_path, only="colect"))
-    expect_error(run("scale", "--out", tmp_path, "--collect-tokens", "100,10"), "two sizes, smaller first")
+    expect_error(
+        run("scale", "--out", tmp_path, "--collect-tokens", "100,10", cli=harnesses), "two sizes, smaller first"
+    )
     assert not (tmp_path / "scale.json").exists()

@@ -6,7 +6,8 @@ import statistics
 
 import pytest
 
-from pipeline.tools import bench
+from benchmarks import bench
+from tests.helpers.cli import expect_error, run
 
 
 def test_sides_alternate_round_by_round():
@@ -115,3 +116,16 @@ def test_collect_is_measured_against_hf_itself_where_the_model_has_a_checkpoint(
     )
     assert result["collect_vs_forward"] > 0
     assert result["collect"]["forward"] == result["collect"]["collect_forward"] == "hf-sdpa"
+
+
+def test_bench_refuses_unknown_keys_and_zero_rounds(tmp_path):
+    from benchmarks.cli import main as harnesses
+
+    expect_error(
+        run("bench", "--out", str(tmp_path / "b"), "--only", "read_vs_memmap,warp_speed", cli=harnesses),
+        "--only: unknown benchmark warp_speed",
+    )
+    expect_error(
+        run("bench", "--out", str(tmp_path / "b"), "--rounds", "0", cli=harnesses), "--rounds must be at least 1"
+    )
+    assert not (tmp_path / "b").exists()  # refused before any work

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from pipeline.tools import gpu_check
+from benchmarks import gpu_check
 from stages.basics.errors import SaepipeError
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.tools.child import peak_rss_bytes, run_in_child
+from benchmarks.child import peak_rss_bytes, run_in_child
 
 HOOK = "big"
 _POOL_ROWS = 65_536  # distinct random rows the store's rows are drawn from (content does not change speed)
@@ -41,7 +41,7 @@ def drop_from_page_cache(files: list[Path]) -> None:
 
 def write_big_store(path: Path, gigabytes: float, d: int, chunk_rows: int, progress: bool) -> int:
     """A store of about `gigabytes` of training rows (plus one chunk of eval rows); its row count."""
-    from store_schema.writer import write_generated_store
+    from store_schema.generated import write_generated_store
 
     n_train = max(1, int(gigabytes * 1e9 / (d * 2)) // chunk_rows) * chunk_rows
     pool = np.random.default_rng(7).standard_normal((_POOL_ROWS, d), dtype=np.float32).astype(np.float16)

@@ -1,4 +1,4 @@
-"""`saepipe gpu-check` (`make gpu-check`): every CUDA path of saepipe run once, in a few minutes on one GPU, into one JSON file.
+"""`python -m benchmarks gpu-check` (`make gpu-check`): every CUDA path of saepipe run once, in a few minutes on one GPU, into one JSON file.
 
 A researcher's first GPU run should not be the first time these lines run. Each step below runs on its
 own: one that fails is recorded (its error and traceback) and the next still runs, so one lease of a GPU
@@ -66,8 +66,8 @@ from stages.host_model.model import run_to_hooks
 from stages.train import run_train
 from stages.train.config import TrainConfig
 from stages.train.loop import TrainingRun, run_sweep
+from store_schema.generated import write_array_store
 from store_schema.reader import open_store
-from store_schema.writer import write_array_store
 
 GOAL_STEPS_PER_S = 1000  # TopK at batch 4,096, d 768, width 16k, k 32 on one H100/H200
 SAE_ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu", "mp")
@@ -497,7 +497,7 @@ class GpuCheck:
         return {"backend": backend, "seconds_with_launch": time.perf_counter() - started, "fve": last["fve"]}
 
     def bench(self, which: int) -> dict:
-        from pipeline.tools.bench import BenchConfig, run_bench
+        from benchmarks.bench import BenchConfig, run_bench
 
         d_in, width = self.sizes.bench[which]
         bench_cfg = BenchConfig(

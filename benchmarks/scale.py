@@ -1,4 +1,4 @@
-"""`saepipe scale` (make scale): what changes when a store gets big, measured on this machine through the
+"""`python -m benchmarks scale` (make scale): what changes when a store gets big, measured on this machine through the
 real code paths (docs/scale.md). Writes OUT/scale.json, each key beside its raw figures, and removes its
 scratch stores as it goes.
 
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.tools import bench
-from pipeline.tools.measurements import run_parts, targets_table
-from pipeline.tools.scale_big_store import measure_big_store
-from pipeline.tools.scale_collect import measure_collect_growth
-from pipeline.tools.scale_s3 import measure_s3_streaming
+from benchmarks import bench
+from benchmarks.measurements import run_parts, targets_table
+from benchmarks.scale_big_store import measure_big_store
+from benchmarks.scale_collect import measure_collect_growth
+from benchmarks.scale_s3 import measure_s3_streaming
 from stages.basics.defaults import DEFAULT_HOOK, DEFAULT_MODEL
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError

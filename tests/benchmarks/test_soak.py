@@ -2,7 +2,7 @@
 
 import json
 
-from pipeline.tools.soak import SoakConfig, run_soak
+from benchmarks.soak import SoakConfig, run_soak
 
 
 def test_a_short_soak_finds_the_store_consistent(tmp_path):

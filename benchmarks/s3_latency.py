@@ -29,7 +29,7 @@ READY = "s3-latency ready on port "
 def s3_server(latency_s: float = 0.03, startup_timeout_s: float = 60.0) -> Iterator[str]:
     """The endpoint URL of a fresh moto S3 server behind the latency proxy; both stop on exit."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.tools.s3_latency", "--latency", str(latency_s)],
+        [sys.executable, "-m", "benchmarks.s3_latency", "--latency", str(latency_s)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -1,4 +1,4 @@
-"""`saepipe soak`: a store under load, for a bounded time (a benchmark, not a unit test).
+"""`python -m benchmarks soak`: a store under load, for a bounded time (a benchmark, not a unit test).
 
 One process trains from the store while two others read it and a fourth appends to it
 (`collect --append`, again and again; the last append is killed at the deadline and then resumed, as

@@ -1,4 +1,4 @@
-"""Benchmarks (`saepipe bench`, `make bench`): speed as ratios measured in one run on one machine.
+"""Benchmarks (`python -m benchmarks bench`, `make bench`): speed as ratios measured in one run on one machine.
 
 Absolute times on shared machines drift, so every figure is a ratio of two sides measured in the same
 run, alternating the sides round by round; each side's rate is the median over its rounds. The raw
@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.child import peak_rss_bytes, run_in_child
+from benchmarks.measurements import run_parts, targets_table
+from benchmarks.quality import saelens_training_sae
 from pipeline import api
-from pipeline.tools.child import peak_rss_bytes, run_in_child
-from pipeline.tools.measurements import run_parts, targets_table
-from pipeline.tools.quality import saelens_training_sae
 from stages.basics import run_dir
 from stages.basics.defaults import DEFAULT_HOOK, DEFAULT_MODEL
 from stages.basics.device import resolve_device, synchronize
@@ -63,9 +63,9 @@ from stages.saes.matching_pursuit import MatchingPursuitSAE
 from stages.text.sources import open_text_source
 from stages.train.config import TrainConfig
 from stages.train.loop import TrainingRun, run_train
+from store_schema.generated import write_array_store
 from store_schema.loader import RowAlignedBatches, ShuffledBatches
 from store_schema.reader import open_store
-from store_schema.writer import write_array_store
 
 # sae_lens (and the datasets cache its activation runner writes) is optional, the test extra: imported
 # by the benchmarks that run it.
@@ -350,7 +350,7 @@ def _sparsify_stepper(cfg: BenchConfig, device: torch.device):
     removed, its default optimizer (schedule-free SignSGD, momentum 0.95), the dead-latent counters.
     Its encoder (FusedEncoder) is plain PyTorch; its decoder is Triton's kernel on CUDA when triton is
     installed, else torch's embedding_bag (`sparsify_decoder` in bench.json says which ran)."""
-    from pipeline.tools.quality_transcoder import import_sparsify, sparsify_default_lr
+    from benchmarks.quality_transcoder import import_sparsify, sparsify_default_lr
 
     sparsify = import_sparsify()
     from schedulefree import ScheduleFreeWrapper
@@ -483,7 +483,7 @@ def bench_train(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
 
 
 def bench_train_sparsify(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
-    from pipeline.tools.quality_transcoder import sparsify_decoder
+    from benchmarks.quality_transcoder import sparsify_decoder
 
     store = _bench_store(cfg, workdir)
     batches = _random_batches(cfg, device)

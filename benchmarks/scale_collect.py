@@ -11,7 +11,7 @@ import statistics
 import time
 from pathlib import Path
 
-from pipeline.tools.child import peak_rss_bytes, run_in_child
+from benchmarks.child import peak_rss_bytes, run_in_child
 
 SYNTHETIC_HOOK = "blocks.1.hook_resid_post"
 

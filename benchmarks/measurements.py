@@ -1,4 +1,4 @@
-"""What `saepipe bench` and `saepipe scale` share: running named parts in turn into one JSON file that
+"""What `python -m benchmarks bench` and `python -m benchmarks scale` share: running named parts in turn into one JSON file that
 keeps what was measured if a later part fails, and a table of each key against its target."""
 
 from __future__ import annotations

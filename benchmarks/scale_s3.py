@@ -1,5 +1,5 @@
-"""Streaming from object storage at speed (issue 14, item 3): measured against moto's S3 server on
-loopback behind a proxy that adds a fixed latency to every request (pipeline/tools/s3_latency.py).
+"""Streaming from object storage at speed, measured against moto's S3 server on
+loopback behind a proxy that adds a fixed latency to every request (benchmarks/s3_latency.py).
 
 A Python test server on 2 cores is far slower than a local disk, so both figures are ratios to what
 the same server gives:
@@ -9,7 +9,7 @@ the same server gives:
 - s3_train_vs_local: TopK training steps/s from s3:// over the same training from the local store, both
   streaming, at a width whose data rate is a sizable share of what the server delivers.
 Beside them: the loader's peak RSS growth while streaming, and `store copy` from s3:// to a local folder
-(wall time, peak RSS growth). Run: `python -m pipeline.tools.scale_s3` (prints the JSON).
+(wall time, peak RSS growth). Run: `python -m benchmarks.scale_s3` (prints the JSON).
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ import numpy as np
 import psutil
 import torch
 
-from pipeline.tools.child import peak_rss_bytes, rss_bytes, run_in_child
-from pipeline.tools.s3_latency import s3_environment, s3_server
+from benchmarks.child import peak_rss_bytes, rss_bytes, run_in_child
+from benchmarks.s3_latency import s3_environment, s3_server
 from stages.basics import run_dir
 from stages.basics.distributed import World
 from stages.train.config import TrainConfig
 from stages.train.loop import TrainingRun
 from store_schema.copy import copy_store
+from store_schema.generated import write_array_store
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import REMOTE_CONCURRENCY, open_store, storage_options
-from store_schema.writer import write_array_store
 
 HOOK = "scale"
 COPY_THREADS = inspect.signature(copy_store).parameters["threads"].default  # `store copy`'s default

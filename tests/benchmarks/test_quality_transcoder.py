@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pipeline.tools import quality_transcoder as qt
+from benchmarks import quality_transcoder as qt
 from stages import evaluate
 from stages.train.config import TrainConfig
 from store_schema.reader import open_store
