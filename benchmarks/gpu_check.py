@@ -29,7 +29,7 @@ The model: `--model` (the prepared default where it exists), or `--model-shape D
 model's config and tokenizer files but no weights (what can travel to a lent GPU machine within its
 size limit): the check builds that architecture with random weights, which costs what the real model
 costs per token. `--device cpu` runs every step at toy sizes: the dry run that CI and a laptop can do
-(tests/pipeline/test_gpu_check.py).
+(tests/benchmarks/test_gpu_check.py).
 
 How to run it on a lent GPU machine: docs/benchmarks.md#the-gpu-check.
 """

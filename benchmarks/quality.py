@@ -221,7 +221,7 @@ def compare_with_saelens(base: TrainConfig, cfg: QualityConfig) -> list[dict]:
     tasks = None  # the model's side of absorption and probing: built before training, so a failure comes first
     if probing is not None:
         host = evaluate.load_eval_model(store, None, device)
-        bos = store.header["tokenizer"]["bos_token_id"]
+        bos = store.header.tokenizer.bos_token_id
         letters = first_letter_task(host, base.hook, bos, device, cfg.absorption_words, base.seed, base.progress)
         texts = probing_texts(base.hook, norm, store, host, probing, device, base.seed, base.progress)
         tasks = (letters, texts, norm, device)
@@ -318,7 +318,7 @@ def _train_dictionary_learning(cfg: TrainConfig, k: int, store, device):
     decay = int(cfg.steps * cfg.decay_frac)
     trainer = trainer_class(
         steps=cfg.steps, activation_dim=store.width(cfg.hook), dict_size=cfg.width, k=k, layer=0,
-        lm_name=store.header["model"]["name"], lr=cfg.resolved_lr(), warmup_steps=warmup,
+        lm_name=store.header.model.name, lr=cfg.resolved_lr(), warmup_steps=warmup,
         decay_start=cfg.steps - decay if decay and cfg.steps - decay > warmup else None,
         seed=cfg.seed, device=str(device),
     )  # fmt: skip

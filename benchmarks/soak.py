@@ -169,7 +169,7 @@ def _appender(cfg: SoakConfig, store: Path, seconds: float) -> dict:
     """Append again and again until the deadline; the append in flight then is killed and resumed."""
     deadline = time.time() + seconds
     done = 0
-    tokens = open_store(store).header["token_budget"]
+    tokens = open_store(store).header.token_budget
     while True:
         tokens += cfg.append_tokens
         cmd = _cli("collect", "--append", str(store), "--tokens", str(tokens), "--no-progress")

@@ -8,7 +8,7 @@ from pathlib import Path
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
 from store_schema.reader import open_store
-from store_schema.schema import StoreError
+from store_schema.schema import SCHEMA_NAME, StoreError
 
 
 def describe(path: str) -> dict:
@@ -26,16 +26,16 @@ def describe_store(store) -> dict:
     h = store.header
     out = {
         "store": store.location,
-        "schema": f"{h['schema']} v{h['schema_version']} (written by {h['writer']})",
+        "schema": f"{SCHEMA_NAME} v{h.schema_version} (written by {h.writer})",
         "complete": store.complete,
-        "model": f"{h['model']['name']} (revision {h['model']['revision']}, d_model {h['d_model']}, {h['model']['dtype']})",
-        "text source": h["text_source"].get("name"),
+        "model": f"{h.model.name} (revision {h.model.revision}, d_model {h.d_model}, {h.model.dtype})",
+        "text source": h.text_source.get("name"),
         "hooks": ", ".join(
             h if store.width(h) == store.d_model else f"{h} (width {store.width(h)})" for h in store.hooks
         ),
-        "context size": f"{h['context_size']} (dropped positions {h['dropped_positions']})",
-        "rows": {s: f"{store.n_rows(s):,} of {h['layout']['planned_rows'][s]:,} planned" for s in ("train", "eval")},
-        "normalization": h["normalization_mode"],
+        "context size": f"{h.context_size} (dropped positions {list(h.dropped_positions)})",
+        "rows": {s: f"{store.n_rows(s):,} of {h.planned_rows[s]:,} planned" for s in ("train", "eval")},
+        "normalization": h.normalization_mode,
         "fingerprint": store.fingerprint,
     }
     for hook in store.hooks:

@@ -8,6 +8,7 @@ from pathlib import Path
 import zarr
 
 from store_schema import schema
+from store_schema.header import StoreHeader
 
 # A reader allocates at most one of these at a time; each must leave room for the rest of the process.
 LARGEST_SHARE_OF_MEMORY = 0.25
@@ -19,20 +20,18 @@ def available_host_memory_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_fits_in_memory(group: zarr.Group, header: dict, memory_bytes: int | None = None) -> None:
+def check_fits_in_memory(group: zarr.Group, header: StoreHeader, memory_bytes: int | None = None) -> None:
     """Raise a one-line StoreError when something a reader or a resumed collect allocates whole (a chunk
     of rows or tokens, the split of every context, the skipped contexts, a running sum) would take more
     than LARGEST_SHARE_OF_MEMORY of `memory_bytes` (the memory available now)."""
     memory = available_host_memory_bytes() if memory_bytes is None else memory_bytes
-    d = max([int(header["d_model"])] + [schema.hook_width(header, hook) for hook in header["hooks"]])
+    d = max([header.d_model] + [header.width(hook) for hook in header.hooks])
     tokens, split = group[schema.TOKENS], group[schema.CONTEXT_SPLIT]
     sizes = {
-        f"a chunk of rows ({header['layout']['chunk_rows']:,} x {d:,} fp16)": header["layout"]["chunk_rows"] * d * 2,
+        f"a chunk of rows ({header.chunk_rows:,} x {d:,} fp16)": header.chunk_rows * d * 2,
         f"a chunk of tokens {tuple(tokens.chunks)}": _product(tokens.chunks) * 4,
         f"the split of its {split.shape[0]:,} contexts": _product(split.shape) * 5,  # int8, and 4 bytes per context
-        f"its {header['progress'].get('skipped_count', 0):,} skipped contexts": (
-            int(header["progress"].get("skipped_count", 0)) * 8
-        ),
+        f"its {header.skipped_count:,} skipped contexts": header.skipped_count * 8,
         f"a running sum of width {d:,}": schema.RUNNING_SUM_SLOTS * d * 8,
     }
     what, largest = max(sizes.items(), key=lambda item: item[1])

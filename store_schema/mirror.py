@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from store_schema import schema
+from store_schema.header import StoreHeader
 from store_schema.lease import ObjectLease, conditional_put
 
 ROOT_METADATA = "zarr.json"
@@ -117,7 +118,7 @@ class RemoteMirror:
         return found
 
     # -- resuming from the bucket -------------------------------------------------------------------
-    def remote_header(self) -> dict | None:
+    def remote_header(self) -> StoreHeader | None:
         """The remote store's header, or None when the bucket holds no root metadata there yet."""
         try:
             head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.root_key)
@@ -126,7 +127,7 @@ class RemoteMirror:
             self._note_leftovers()
             return None
         self.root_etag = head["ETag"]
-        return root.get("attributes", {}).get(schema.ATTRS_KEY)
+        return StoreHeader.from_attrs(root.get("attributes", {}).get(schema.ATTRS_KEY))
 
     def _note_leftovers(self) -> None:
         """The ETags of objects a collect killed before its first commit left: this one overwrites them."""
@@ -135,14 +136,11 @@ class RemoteMirror:
             for path, info in self.fs.find(self.remote_root, detail=True).items():
                 self._etags[posixpath.relpath(path, self.remote_root)] = info["ETag"]
 
-    def rebuild(self, header: dict) -> None:
+    def rebuild(self, header: StoreHeader) -> None:
         """Replace the staging store by the bucket's store (`header`: its header), all but its committed
         full row chunks, which the collect will not write again."""
         shutil.rmtree(self.staging, ignore_errors=True)
-        full = {
-            split: header["progress"][split]["rows_committed"] // header["layout"]["chunk_rows"]
-            for split in schema.SPLITS
-        }
+        full = {split: header.rows_committed(split) // header.chunk_rows for split in schema.SPLITS}
         skipped = {
             f"{name}/c/": full[split] for split in schema.SPLITS for name in schema.row_array_names(header, split)
         }

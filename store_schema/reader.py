@@ -21,6 +21,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from store_schema import schema
+from store_schema.header import StoreHeader
 from store_schema.limits import check_fits_in_memory, check_root_metadata_size
 from store_schema.normalization import Normalization
 
@@ -36,7 +37,7 @@ class ActivationStore:
         self.location = location
         # chunk objects fetched at once from a remote store (a local one is read with the callers' threads)
         self.concurrency = concurrency
-        self.header = dict(group.attrs[schema.ATTRS_KEY])
+        self.header = StoreHeader.from_attrs(group.attrs[schema.ATTRS_KEY])
         # Whole committed chunks whose CRC32C this process has checked: a training run reads each chunk
         # every epoch, and checking it again would halve the read speed (docs/benchmarks.md: CRC32C rate).
         self._verified: set[tuple[str, str, int]] = set()
@@ -70,11 +71,11 @@ class ActivationStore:
                 f"{location} is not a Zarr group ({type(e).__name__}: {e}); "
                 f"pass the folder that `saepipe collect --out` wrote"
             ) from e
-        header = group.attrs.get(schema.ATTRS_KEY)
-        if not isinstance(header, dict):
+        attrs = group.attrs.get(schema.ATTRS_KEY)
+        if not isinstance(attrs, dict):
             raise schema.StoreError(f"{location} is a Zarr group but not a saepipe activation store")
         try:
-            schema.check_header(header)
+            header = StoreHeader.from_attrs(attrs)
             _check_arrays_match(group, header)
             check_fits_in_memory(group, header)
         except schema.StoreError as e:
@@ -84,39 +85,39 @@ class ActivationStore:
     # -- description --------------------------------------------------------------------------------
     @property
     def hooks(self) -> list[str]:
-        return list(self.header["hooks"])
+        return list(self.header.hooks)
 
     @property
     def d_model(self) -> int:
         """The model's residual width: the width of every hook's rows but those `width` says otherwise of."""
-        return int(self.header["d_model"])
+        return self.header.d_model
 
     def width(self, hook: str) -> int:
         """The width of one hook's rows (d_model, or e.g. an MLP's hidden width)."""
         self.require_hook(hook)
-        return schema.hook_width(self.header, hook)
+        return self.header.width(hook)
 
     @property
     def context_size(self) -> int:
-        return int(self.header["context_size"])
+        return self.header.context_size
 
     @property
     def complete(self) -> bool:
-        return bool(self.header["complete"])
+        return self.header.complete
 
     @property
     def fingerprint(self) -> str:
         """Identity of the store's contents: its configuration plus the rows committed so far."""
         rows = {s: self.n_rows(s) for s in schema.SPLITS}
-        return schema.fingerprint({"config": self.header["config_fingerprint"], "rows": rows})
+        return schema.fingerprint({"config": self.header.config_fingerprint, "rows": rows})
 
     def n_rows(self, split: str) -> int:
-        return int(self.header["progress"][split]["rows_committed"])
+        return self.header.rows_committed(split)
 
     def require_complete(self) -> None:
         if not self.complete:
             done = self.n_rows("train")
-            planned = self.header["layout"]["planned_rows"]["train"]
+            planned = self.header.planned_rows["train"]
             raise schema.StoreError(
                 f"store {self.location} is incomplete ({done:,} of {planned:,} training rows "
                 f"committed): finish it by re-running the same `saepipe collect` command"
@@ -127,27 +128,26 @@ class ActivationStore:
             raise schema.StoreError(f"hook '{hook}' is not in store {self.location}; it holds: {', '.join(self.hooks)}")
 
     def normalization(self, hook: str) -> Normalization:
-        saved = (self.header.get("normalization") or {}).get(hook)
+        saved = self.header.normalization_attrs(hook)
         if saved is None:
             raise schema.StoreError(f"store {self.location} has no normalization recorded for '{hook}' yet")
         mean = self.group[schema.norm_mean_path(hook)][:] if saved["mode"] == "center-scale" else None
         return Normalization.from_attrs(saved, mean)
 
     def running_stats(self, split: str, hook: str) -> schema.RunningStats | None:
-        saved = self.header["running_stats"][split].get(hook)
+        saved = self.header.running_stats_attrs(split, hook)
         if saved is None:
             return None
-        if not schema.small_metadata(self.header):  # version 1: the sum is in the attributes
+        if not self.header.small_metadata:  # version 1: the sum is in the attributes
             return schema.RunningStats.from_attrs(self.d_model, saved, saved["sum"])
         total = self.group[schema.running_sum_path(split, hook)][saved["sum_slot"]]
         return schema.RunningStats.from_attrs(self.width(hook), saved, total)
 
     def skipped_contexts(self) -> np.ndarray:
         """Contexts left out for non-finite activations (their indices into `tokens`)."""
-        progress = self.header["progress"]
-        if not schema.small_metadata(self.header):
-            return np.asarray(progress.get("skipped_contexts") or [], dtype=np.int64)
-        return self.group[schema.SKIPPED_CONTEXTS][: progress["skipped_count"]]
+        if not self.header.small_metadata:
+            return np.asarray(self.header.skipped_contexts_v1, dtype=np.int64)
+        return self.group[schema.SKIPPED_CONTEXTS][: self.header.skipped_count]
 
     # -- arrays -------------------------------------------------------------------------------------
     @cached_property
@@ -158,8 +158,7 @@ class ActivationStore:
     def context_split(self) -> np.ndarray:
         # The store's contexts as the attributes count them: an append grows `tokens` and `context_split`
         # before its rows are committed, and its contexts are not the store's until then.
-        counts = self.header.get("split") or {}
-        n = counts.get("n_train_contexts", 0) + counts.get("n_eval_contexts", 0) or None
+        n = self.header.split.n_contexts or None
         return self.group[schema.CONTEXT_SPLIT][:n]
 
     def contexts(self, split: str) -> np.ndarray:
@@ -178,7 +177,7 @@ class ActivationStore:
 
     @property
     def chunk_rows(self) -> int:
-        return int(self.header["layout"]["chunk_rows"])
+        return self.header.chunk_rows
 
     def read_rows(self, split: str, hook: str, start: int = 0, stop: int | None = None, threads: int = 4) -> np.ndarray:
         """Committed fp16 rows [start, stop) of one hook, read a chunk per task on a thread pool."""
@@ -337,7 +336,7 @@ class ActivationStore:
         )
 
     def read_row_stats(self, split: str, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray | None:
-        if self.header["normalization_mode"] != "token":
+        if self.header.normalization_mode != "token":
             return None
         stop = self.n_rows(split) if stop is None else min(stop, self.n_rows(split))
         return self.group[schema.row_stats_path(split, hook)][start:stop]
@@ -552,7 +551,7 @@ def _read_exactly(f, views: list[memoryview], offset: int) -> bool:
     return True
 
 
-def _check_arrays_match(group: zarr.Group, header: dict) -> None:
+def _check_arrays_match(group: zarr.Group, header: StoreHeader) -> None:
     """Every array the attributes name is there with readable metadata, and the row arrays match the
     attributes: width, chunking, enough rows (a header copied from another store, or edited, would
     otherwise read as garbage or fail as a bad checksum). Every damaged array is named."""
@@ -569,12 +568,12 @@ def _check_arrays_match(group: zarr.Group, header: dict) -> None:
         raise schema.StoreError(
             f"the store is damaged: {'; '.join(damaged)}; copy it again from its source, or collect it again"
         )
-    chunk_rows = header["layout"]["chunk_rows"]
+    chunk_rows = header.chunk_rows
     for split in schema.SPLITS:
-        committed = header["progress"][split]["rows_committed"]
-        for hook in header["hooks"]:
+        committed = header.rows_committed(split)
+        for hook in header.hooks:
             arr = arrays[schema.acts_path(split, hook)]
-            width = schema.hook_width(header, hook)
+            width = header.width(hook)
             shape_ok = arr.ndim == 2 and arr.shape[1] == width and arr.shape[0] >= committed
             # readers find row i in chunk i // chunk_rows: true when the chunks are that size, or one holds all
             chunks_ok = arr.chunks[0] == chunk_rows or arr.shape[0] <= arr.chunks[0]

@@ -6,10 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 from zarr.codecs import Crc32cCodec
+
+if TYPE_CHECKING:  # the header module imports this one
+    from store_schema.header import StoreHeader
 
 SCHEMA_NAME = "saepipe.activation-store"
 SCHEMA_VERSION = 3
@@ -77,28 +80,24 @@ def running_sum_path(split: str, hook: str) -> str:
     return f"running_sums/{split}/{hook}"
 
 
-def small_metadata(header: dict) -> bool:
-    """Whether the store keeps its running sums and skipped contexts in arrays (schema version 2 on)."""
-    return header.get("schema_version", 1) >= FIRST_SMALL_METADATA_VERSION
-
-
-def row_array_names(header: dict, split: str) -> list[str]:
+def row_array_names(header: StoreHeader, split: str) -> list[str]:
     """The arrays holding one row per stored position of `split`."""
-    names = [row_context_path(split), row_position_path(split)] + [acts_path(split, h) for h in header["hooks"]]
-    if header.get("normalization_mode") == "token":
-        names += [row_stats_path(split, h) for h in header["hooks"]]
+    names = [row_context_path(split), row_position_path(split)] + [acts_path(split, h) for h in header.hooks]
+    if header.normalization_mode == "token":
+        names += [row_stats_path(split, h) for h in header.hooks]
     return names
 
 
-def array_names(header: dict) -> list[str]:
-    """Every array a store with this (checked) header holds."""
+def array_names(header: StoreHeader) -> list[str]:
+    """Every array a store with this header holds."""
     names = [TOKENS, CONTEXT_SPLIT]
     for split in SPLITS:
         names += row_array_names(header, split)
-    if small_metadata(header):
-        names += [SKIPPED_CONTEXTS] + [running_sum_path(split, hook) for split in SPLITS for hook in header["hooks"]]
-    for hook, norm in (header.get("normalization") or {}).items():
-        if norm["mode"] == "center-scale":
+    if header.small_metadata:
+        names += [SKIPPED_CONTEXTS] + [running_sum_path(split, hook) for split in SPLITS for hook in header.hooks]
+    for hook in header.hooks:
+        norm = header.normalization_attrs(hook)
+        if norm is not None and norm["mode"] == "center-scale":
             names.append(norm_mean_path(hook))
     return names
 
@@ -179,11 +178,6 @@ def new_header(
     if widths:
         header["hook_widths"] = widths
     return header
-
-
-def hook_width(header: dict, hook: str) -> int:
-    """The width of one hook's rows: its entry in `hook_widths` (version 3), else d_model."""
-    return int((header.get("hook_widths") or {}).get(hook, header["d_model"]))
 
 
 class RunningStats:
@@ -269,115 +263,6 @@ class RunningStats:
             obj["nonfinite_contexts"],
             obj.get("outlier_rows", 0),
         )
-
-
-def check_header(header: dict) -> None:
-    """Raise StoreError unless `header` (the ATTRS_KEY attribute) is a store this code can read."""
-    if header.get("schema") != SCHEMA_NAME:
-        raise StoreError("not a saepipe activation store (its attributes carry no saepipe schema)")
-    version = header.get("schema_version")
-    if not isinstance(version, int) or version < 1:
-        raise StoreError(f"store has an invalid schema version {version!r}")
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"store uses schema version {version}, newer than this saepipe reads ({SCHEMA_VERSION}): "
-            f"upgrade saepipe (pip install -U saepipe)"
-        )
-    for key in ("hooks", "d_model", "context_size", "progress", "layout", "complete"):
-        if key not in header:
-            raise StoreError(f"store attributes lack '{key}': the store is damaged or was not written by saepipe")
-    problem = _header_problem(header)
-    if problem:
-        raise StoreError(
-            f"store attributes are damaged ({problem}): copy the store again from its source, or collect it again"
-        )
-
-
-def _is_int(value, minimum: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# Hook names become paths inside the store (train/acts/<hook>): from a store of unknown origin, only names
-# that cannot reach outside it, and not so many that listing them is a denial of service.
-SAFE_HOOK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
-MAX_HOOKS = 4096
-
-
-def _header_problem(header: dict) -> str | None:
-    """What in the attributes a reader relies on has the wrong shape or type (None: nothing)."""
-    hooks = header["hooks"]
-    if not (isinstance(hooks, list) and hooks and all(isinstance(h, str) and h for h in hooks)):
-        return "'hooks' is not a list of hook names"
-    if len(hooks) > MAX_HOOKS:
-        return f"it names {len(hooks):,} hooks, more than the {MAX_HOOKS:,} a store may hold"
-    for hook in hooks:  # hook names become paths in the store: none may lead outside it
-        if not SAFE_HOOK_NAME.fullmatch(hook) or ".." in hook:
-            return f"hook name {hook[:60]!r} is not a safe name (letters, digits, '_', '.', '-', at most 200)"
-    for key in ("d_model", "context_size"):
-        if not _is_int(header[key], 1):
-            return f"'{key}' is not a positive integer"
-    widths = header.get("hook_widths", {})
-    if not (isinstance(widths, dict) and all(h in hooks and _is_int(w, 1) for h, w in widths.items())):
-        return "'hook_widths' is not a positive width for hooks of the store"
-    if not isinstance(header["complete"], bool):
-        return "'complete' is not true or false"
-    if not isinstance(header.get("config_fingerprint"), str):
-        return "'config_fingerprint' is missing or not a string"
-    layout, progress = header["layout"], header["progress"]
-    if not (isinstance(layout, dict) and _is_int(layout.get("chunk_rows"), 1)):
-        return "'layout.chunk_rows' is not a positive integer"
-    planned = layout.get("planned_rows")
-    if not (isinstance(planned, dict) and all(_is_int(planned.get(s)) for s in SPLITS)):
-        return "'layout.planned_rows' does not give a row count per split"
-    if not isinstance(progress, dict):
-        return "'progress' is not an object"
-    for split in SPLITS:
-        done = progress.get(split)
-        if not (isinstance(done, dict) and _is_int(done.get("rows_committed")) and _is_int(done.get("blocks_done"))):
-            return f"'progress.{split}' does not give rows_committed and blocks_done"
-    if small_metadata(header):
-        if not _is_int(progress.get("skipped_count")):
-            return "'progress.skipped_count' is not a count"
-    else:
-        skipped = progress.get("skipped_contexts", [])
-        if not (isinstance(skipped, list) and all(_is_int(c) for c in skipped)):
-            return "'progress.skipped_contexts' is not a list of context indices"
-    for key in ("dropped_positions", "excluded_tokens"):
-        if not (isinstance(header.get(key, []), list) and all(_is_int(v) for v in header.get(key, []))):
-            return f"'{key}' is not a list of integers"
-    for key in ("model", "tokenizer", "text_source", "running_stats"):
-        if not isinstance(header.get(key, {}), dict):
-            return f"'{key}' is not an object"
-    if not (isinstance(header.get("model", {}).get("name", ""), str)):
-        return "'model.name' is not a string"
-    running = header.get("running_stats", {})
-    if not all(isinstance(running.get(s, {}), dict) for s in SPLITS):
-        return "'running_stats' does not hold an object per split"
-    if small_metadata(header):
-        for split in SPLITS:
-            for hook, stats in running.get(split, {}).items():
-                slot = stats.get("sum_slot") if isinstance(stats, dict) else None
-                if not (_is_int(slot) and slot < RUNNING_SUM_SLOTS):
-                    return f"'running_stats.{split}.{hook}' names no sum slot"
-    from store_schema.normalization import MODES  # here, not at the top: normalization imports torch, schema does not
-
-    norms = header.get("normalization")
-    if norms is not None:
-        if not isinstance(norms, dict):
-            return "'normalization' is not an object"
-        for hook, norm in norms.items():
-            if not (
-                isinstance(norm, dict)
-                and norm.get("mode") in MODES
-                and _is_number(norm.get("scale"))
-                and (norm.get("max_norm") is None or _is_number(norm["max_norm"]))
-            ):
-                return f"'normalization.{hook}' is not a mode, a scale and a max_norm"
-    return None
 
 
 def split_counts(n_contexts: int, eval_fraction: float) -> tuple[int, int]:

@@ -35,13 +35,16 @@ from zarr.core.buffer import default_buffer_prototype
 
 from store_schema import schema
 from store_schema.durable import chunk_files, fsync_files, fsync_path, fsync_tree, local_root, write_durably
+from store_schema.header import StoreHeader
 from store_schema.normalization import Normalization
 
 
 class StoreWriter:
     def __init__(self, group: zarr.Group, durable: bool = True):
         self.group = group
-        self.header = dict(group.attrs[schema.ATTRS_KEY])
+        # The root attribute as this writer keeps it up to date (progress, statistics, an append's state);
+        # what others read of it is `header`, the typed view.
+        self.attrs = dict(group.attrs[schema.ATTRS_KEY])
         # where to flush before each commit: the store's folder, or None (not asked, or not a local store)
         self.flush_root = local_root(group) if durable else None
         # called after every write of the root metadata (a collect straight to S3 mirrors the store then)
@@ -87,11 +90,10 @@ class StoreWriter:
     @classmethod
     def open(cls, path: str | os.PathLike, durable: bool = True) -> StoreWriter:
         group = zarr.open_group(store=str(path), mode="r+")
-        header = dict(group.attrs.get(schema.ATTRS_KEY, {}))
-        schema.check_header(header)
-        if header["schema_version"] < schema.FIRST_WRITABLE_VERSION:
+        header = StoreHeader.from_attrs(dict(group.attrs.get(schema.ATTRS_KEY, {})))
+        if header.schema_version < schema.FIRST_WRITABLE_VERSION:
             raise schema.StoreError(
-                f"store {path} uses schema version {header['schema_version']}, written by an earlier saepipe: it "
+                f"store {path} uses schema version {header.schema_version}, written by an earlier saepipe: it "
                 f"reads as it is, but this saepipe writes version {schema.FIRST_WRITABLE_VERSION} or later and "
                 f"cannot continue or grow it; finish it with the saepipe that started it, or collect it again"
             )
@@ -106,20 +108,25 @@ class StoreWriter:
 
     # -- state --------------------------------------------------------------------------------------
     @property
+    def header(self) -> StoreHeader:
+        """The store's header as it stands (typed, checked)."""
+        return StoreHeader.from_attrs(self.attrs)
+
+    @property
     def appending(self) -> bool:
-        return bool(self.header.get("append"))
+        return bool(self.attrs.get("append"))
 
     def _live(self) -> dict:
         """Where this writer's progress and statistics are kept: in the attributes themselves, or, during
         an append, in the `append` attribute (which readers do not look at)."""
-        return self.header["append"] if self.appending else self.header
+        return self.attrs["append"] if self.appending else self.attrs
 
     def progress(self, split: str) -> dict:
         return self._live()["progress"][split]
 
     def n_contexts(self) -> int:
         """Contexts of the store as readers see it (an append in progress adds more after them)."""
-        return int(self.header["split"]["n_train_contexts"] + self.header["split"]["n_eval_contexts"])
+        return int(self.attrs["split"]["n_train_contexts"] + self.attrs["split"]["n_eval_contexts"])
 
     def chunk_rows(self, split: str) -> int:
         """Rows per chunk of the split's row arrays (fewer than the layout's when the split is smaller)."""
@@ -127,7 +134,7 @@ class StoreWriter:
 
     def running_stats(self, split: str, hook: str) -> schema.RunningStats:
         saved = self._live()["running_stats"][split].get(hook)
-        d = schema.hook_width(self.header, hook)
+        d = self.header.width(hook)
         if saved is None:
             return schema.RunningStats(d)
         return schema.RunningStats.from_attrs(
@@ -135,7 +142,7 @@ class StoreWriter:
         )
 
     def normalizations(self) -> dict[str, Normalization] | None:
-        saved = self.header.get("normalization")
+        saved = self.attrs.get("normalization")
         if saved is None:
             return None
         return {
@@ -227,7 +234,7 @@ class StoreWriter:
                 f"committing {split} block {block_index}, but {self.progress(split)['blocks_done']} "
                 f"blocks are committed: blocks are committed in order"
             )
-        stats = {hook: self.running_stats(split, hook) for hook in self.header["hooks"]}
+        stats = {hook: self.running_stats(split, hook) for hook in self.attrs["hooks"]}
         for hook, block in block_stats.items():
             stats[hook].merge(block)
         self.commit(split, block_index + 1, self.progress(split)["rows_committed"] + n_rows, stats, dropped_contexts)
@@ -237,7 +244,7 @@ class StoreWriter:
         name: writing it changes nothing any reader or resume relies on."""
         named = {
             attrs["running_stats"][split][hook]["sum_slot"]
-            for attrs in (self.header, self.header.get("append") or {})
+            for attrs in (self.attrs, self.attrs.get("append") or {})
             if hook in attrs.get("running_stats", {}).get(split, {})
         }
         return min(set(range(schema.RUNNING_SUM_SLOTS)) - named)
@@ -271,12 +278,10 @@ class StoreWriter:
         contexts and rows the attributes count), then the `append` attribute records the append: a
         kill in between leaves the store as it was, and the next append grows the arrays again."""
         first, added = self.n_contexts(), len(tokens)
-        rows = {
-            split: self.header["progress"][split]["rows_committed"] + planned_rows[split] for split in schema.SPLITS
-        }
+        rows = {split: self.attrs["progress"][split]["rows_committed"] + planned_rows[split] for split in schema.SPLITS}
         for split in schema.SPLITS:
             chunk = self.chunk_rows(split)
-            if rows[split] > chunk and chunk != self.header["layout"]["chunk_rows"]:
+            if rows[split] > chunk and chunk != self.attrs["layout"]["chunk_rows"]:
                 raise schema.StoreError(
                     f"the store keeps its {split} rows in one chunk of {chunk:,} rows (it was "
                     f"written before stores could grow), too small for {rows[split]:,} rows: "
@@ -291,7 +296,7 @@ class StoreWriter:
         counts = {
             f"n_{split}_contexts": int((context_split == code).sum()) for split, code in schema.SPLIT_CODES.items()
         }
-        layout = self.header["layout"]["planned_rows"]
+        layout = self.attrs["layout"]["planned_rows"]
         grown = [schema.TOKENS, schema.CONTEXT_SPLIT] + [
             name for split in schema.SPLITS for name in schema.row_array_names(self.header, split)
         ]
@@ -306,8 +311,8 @@ class StoreWriter:
                 "planned_rows": {split: layout[split] + planned_rows[split] for split in schema.SPLITS},
                 "tokens_fingerprint": tokens_fingerprint,
                 "writer": writer,
-                "progress": self.header["progress"],
-                "running_stats": self.header["running_stats"],
+                "progress": self.attrs["progress"],
+                "running_stats": self.attrs["running_stats"],
             },
         )
 
@@ -325,7 +330,7 @@ class StoreWriter:
         if not self.appending:
             self._update(flush=self._metadata_files(resized), complete=True)
             return
-        append, header = self.header["append"], dict(self.header)
+        append, header = self.attrs["append"], dict(self.attrs)
         del header["append"]
         header["progress"], header["running_stats"] = append["progress"], append["running_stats"]
         header["token_budget"] = append["tokens"]
@@ -336,22 +341,22 @@ class StoreWriter:
         header["config_fingerprint"] = schema.fingerprint(
             {"collect_config": header["collect_config"], "appends": [a["tokens"] for a in header["appends"]]}
         )
-        self.header = header
+        self.attrs = header
         self._write_attributes(flush=self._metadata_files(resized))
 
     def _update(self, flush: list[Path] = (), **changes) -> None:
-        self.header.update(changes)
+        self.attrs.update(changes)
         self._write_attributes(flush)
 
     def _write_attributes(self, flush: list[Path] = ()) -> None:
         """Write the root metadata, the commit readers see; a durable writer first flushes `flush` (the
         files the new metadata points to) and writes it durably."""
         if self.flush_root is None:
-            self.group.update_attributes({schema.ATTRS_KEY: self.header})
+            self.group.update_attributes({schema.ATTRS_KEY: self.attrs})
         else:
             fsync_files(flush)
             metadata = self.group.metadata  # the bytes Zarr's update_attributes would write, written durably
-            metadata.attributes[schema.ATTRS_KEY] = self.header
+            metadata.attributes[schema.ATTRS_KEY] = self.attrs
             write_durably(
                 self.flush_root / "zarr.json",
                 metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes(),
@@ -433,6 +438,11 @@ def _write_tokens(
     return fingerprint.hexdigest(), planned
 
 
+def _width(attrs: dict, hook: str) -> int:
+    """A hook's row width in a header being built (before it can be read as a StoreHeader)."""
+    return int((attrs.get("hook_widths") or {}).get(hook, attrs["d_model"]))
+
+
 def _create_row_arrays(group: zarr.Group, header: dict) -> None:
     """The preallocated row arrays of both splits, the running sums' slots and the skipped contexts."""
     chunk_rows, planned_rows = header["layout"]["chunk_rows"], header["layout"]["planned_rows"]
@@ -451,7 +461,7 @@ def _create_row_arrays(group: zarr.Group, header: dict) -> None:
             )
         for hook in header["hooks"]:
             # fp16 activations barely compress; raw chunks (plus their checksum) read fastest.
-            width = schema.hook_width(header, hook)
+            width = _width(header, hook)
             group.create_array(
                 schema.acts_path(split, hook),
                 shape=(n, width),
@@ -472,7 +482,7 @@ def _create_row_arrays(group: zarr.Group, header: dict) -> None:
     with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # zeros too: a missing chunk is damage
         for split in schema.SPLITS:
             for hook in header["hooks"]:
-                width = schema.hook_width(header, hook)
+                width = _width(header, hook)
                 group.create_array(
                     schema.running_sum_path(split, hook),
                     data=np.zeros((schema.RUNNING_SUM_SLOTS, width)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -68,7 +67,7 @@ class Store:
 
     @property
     def model_name(self) -> str:
-        return self._store.header["model"]["name"]
+        return self._store.header.model.name
 
     @property
     def complete(self) -> bool:
@@ -91,9 +90,9 @@ class Store:
     def provenance(self) -> dict:
         """Where the rows came from: the model, the text, the tokenizer, the settings of the collect that
         wrote them and the saepipe that wrote them (copies of the store's header, safe to change)."""
-        header = self._store.header
-        keys = ("model", "text_source", "tokenizer", "collect_config", "writer", "dropped_positions")
-        return {key: copy.deepcopy(header[key]) for key in keys if key in header}
+        return self._store.header.records(
+            "model", "text_source", "tokenizer", "collect_config", "writer", "dropped_positions"
+        )
 
     def summary(self) -> dict:
         """What `saepipe info STORE` prints, as a dict."""

@@ -19,6 +19,7 @@ from stages.collect.config import CollectConfig
 from stages.collect.context_tokens import ContextTokens
 from stages.host_model.model import run_to_hooks
 from store_schema import schema
+from store_schema.header import StoreHeader
 from store_schema.normalization import Normalization
 from store_schema.writer import StoreWriter
 
@@ -121,13 +122,13 @@ def contexts_per_block(cfg: CollectConfig) -> int:
     return max(1, cfg.shuffle_buffer_rows // cfg.rows_per_context)
 
 
-def _block_plan(cfg: CollectConfig, header: dict, context_split: np.ndarray, split: str) -> list[np.ndarray]:
+def _block_plan(cfg: CollectConfig, header: StoreHeader, context_split: np.ndarray, split: str) -> list[np.ndarray]:
     """The split's contexts cut into blocks, those of the first collect, then those of each append in
     turn; training contexts in a seeded random order, so every block (the first one, which fixes the
     normalization, included) samples the whole corpus, or all the text an append added."""
-    firsts = [0] + [a["contexts"][0] for a in header.get("appends", [])]
-    if header.get("append"):
-        firsts.append(header["append"]["contexts"][0])
+    firsts = [0] + [a.contexts[0] for a in header.appends]
+    if header.pending_append:
+        firsts.append(header.pending_append.contexts[0])
     per_block, blocks = contexts_per_block(cfg), []
     for first, end in zip(firsts, firsts[1:] + [len(context_split)]):
         ids = first + np.flatnonzero(context_split[first:end] == schema.SPLIT_CODES[split])

@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from store_schema import schema
+from store_schema.header import StoreHeader
 
 
 class ContextTokens:
@@ -32,8 +33,8 @@ class ContextTokens:
         self._file.flush()
 
     @classmethod
-    def of_store(cls, group: zarr.Group, header: dict) -> ContextTokens:
-        return cls(group[schema.TOKENS], len(header["dropped_positions"]), header["excluded_tokens"])
+    def of_store(cls, group: zarr.Group, header: StoreHeader) -> ContextTokens:
+        return cls(group[schema.TOKENS], header.first_stored_position, list(header.excluded_tokens))
 
     def stored_mask(self, tokens: np.ndarray) -> np.ndarray:
         """Bool [n, C]: the positions of these contexts whose activations the store keeps."""

@@ -52,11 +52,11 @@ def plan_action(cfg: CollectConfig) -> PlanAction:
 
 def differing_settings(cfg: CollectConfig, existing: ActivationStore) -> str | None:
     """None when `existing` was collected with cfg's settings; else the ones that differ, listed."""
-    theirs = existing.header.get("collect_config", {})
+    theirs = existing.header.collect_config
     ours = cfg.content_fields()
-    if existing.header.get("config_fingerprint") == schema.fingerprint(ours):
+    if existing.header.config_fingerprint == schema.fingerprint(ours):
         return None
     differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-    if existing.header.get("appends"):
-        differing.append(f"grown by --append to {existing.header['token_budget']:,} tokens")
+    if existing.header.appends:
+        differing.append(f"grown by --append to {existing.header.token_budget:,} tokens")
     return ", ".join(differing) or "version"

@@ -64,7 +64,7 @@ def _collect_to_s3(cfg: CollectConfig, model) -> str:
         mirror = RemoteMirror(fs, remote_root, cfg.out, staging, lease)
         header = mirror.remote_header()
         if header is not None:
-            if header.get("complete") and not cfg.overwrite:
+            if header.complete and not cfg.overwrite:
                 _refuse_another_configuration(cfg, ActivationStore.open(cfg.out))
                 return str(cfg.out)
             print(f"resuming {cfg.out} from the bucket (staging store {staging})", file=sys.stderr)
@@ -165,10 +165,10 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: PlanAct
         return create_store(cfg, model, hooks)
     writer = StoreWriter.open(out, durable=cfg.fsync)
     writer.remove_leftover_temporaries()  # we hold the lock and no worker has started
-    if writer.header["model"]["revision"] != model.revision:
+    if writer.header.model.revision != model.revision:
         raise SaepipeError(
             f"{out} was collected from other weights of {cfg.model} "
-            f"(revision {writer.header['model']['revision']}, now {model.revision}): "
+            f"(revision {writer.header.model.revision}, now {model.revision}): "
             + ("an append needs the store's model" if cfg.append else "pass --overwrite to start again")
         )
     if action is PlanAction.START_APPEND:

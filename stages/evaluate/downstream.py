@@ -24,24 +24,24 @@ from store_schema.schema import stored_positions
 def load_eval_model(store: ActivationStore, model_name: str | None, device: torch.device):
     """The host model for the downstream metrics: the store's own unless named, checked against it."""
     header = store.header
-    name = model_name or header["model"]["name"]
-    model = load_host_model(name, str(device), header["model"].get("dtype", "float32"))
+    name = model_name or header.model.name
+    model = load_host_model(name, str(device), header.model.dtype)
     if model.d_model != store.d_model:
         raise SaepipeError(
             f"model {name} has d_model {model.d_model} but the store holds {store.d_model}: "
             f"pass --model with the model the store was collected from"
         )
-    if model.revision != header["model"]["revision"]:
+    if model.revision != header.model.revision:
         print(
             f"warning: model {name} weights (revision {model.revision}) differ from the store's "
-            f"({header['model']['revision']})",
+            f"({header.model.revision})",
             file=sys.stderr,
         )
     return model
 
 
 def held_out_contexts(store: ActivationStore, max_tokens: int | None) -> np.ndarray:
-    first = len(store.header["dropped_positions"])
+    first = store.header.first_stored_position
     contexts = store.contexts("eval")
     if max_tokens is not None:
         contexts = contexts[: max(1, math.ceil(max_tokens / (store.context_size - first)))]
@@ -53,7 +53,7 @@ def held_out_contexts(store: ActivationStore, max_tokens: int | None) -> np.ndar
 def positions_kept(store: ActivationStore, token_ids: np.ndarray) -> np.ndarray:
     """[n, ctx] True where the store keeps a row (before the outlier check, which needs activations)."""
     header = store.header
-    return stored_positions(token_ids, len(header["dropped_positions"]), header.get("excluded_tokens", []))
+    return stored_positions(token_ids, header.first_stored_position, list(header.excluded_tokens))
 
 
 def downstream_metrics(

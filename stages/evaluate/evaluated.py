@@ -78,10 +78,10 @@ def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) 
         check_hook_and_width("the transcoder", cfg["out_hook"], sae.d_out, store)
     else:
         check_hook_and_width("the SAE", cfg["hook"], sae.d_in, store)
-    if store.header["model"]["name"] != cfg["store"]["model"]["name"]:
+    if store.header.model.name != cfg["store"]["model"]["name"]:
         raise SaepipeError(
             f"the SAE was trained on {cfg['store']['model']['name']} activations but the store holds "
-            f"{store.header['model']['name']}: pass --store with a store of that model"
+            f"{store.header.model.name}: pass --store with a store of that model"
         )
 
 
@@ -138,9 +138,7 @@ def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: t
     hook = sae.inner.cfg.metadata.hook_name
     check_hook_and_width(f"the SAE at {folder}", hook, sae.d_in, store)
     identity = Normalization("none", max_norm=store.normalization(hook).max_norm)
-    return EvaluatedSAE(
-        out, sae, identity, hook, store.location, store.header["model"]["name"], f"{folder.name} (external)"
-    )
+    return EvaluatedSAE(out, sae, identity, hook, store.location, store.header.model.name, f"{folder.name} (external)")
 
 
 def is_saelens_folder(folder: Path) -> bool:

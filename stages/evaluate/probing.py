@@ -171,7 +171,7 @@ def kept_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the hook's raw activations at every position of a text the store would keep and `norm` calls an
     inlier [n_rows, d], the index of each row's text [n_rows]), on the CPU."""
-    bos = store.header["tokenizer"]["bos_token_id"]
+    bos = store.header.tokenizer.bos_token_id
     ids = [[bos, *model.tokenizer.encode(text)][: store.context_size] for text in texts]
     rows_out, owner_out = [], []
     for start in tqdm(range(0, len(ids), BATCH), desc="probing texts", disable=not progress, leave=False):

@@ -74,7 +74,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         if probing is not None:
             result["probing"] = sparse_probing(evaluated, store, host, probing, dev, progress=cfg.progress)
         if "absorption" in suites:
-            bos = store.header["tokenizer"]["bos_token_id"]
+            bos = store.header.tokenizer.bos_token_id
             result["absorption"] = absorption(
                 evaluated, host, bos, dev, max_words=cfg.absorption_words, progress=cfg.progress
             )

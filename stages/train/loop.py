@@ -117,10 +117,10 @@ def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder)
         "store": {
             "path": str(Path(store.location).resolve()) if "://" not in store.location else store.location,
             "fingerprint": store.fingerprint,
-            "config_fingerprint": store.header["config_fingerprint"],
-            "model": store.header["model"],
+            "config_fingerprint": store.header.config_fingerprint,
+            **store.header.records("model"),
             "context_size": store.context_size,
-            "dropped_positions": store.header["dropped_positions"],
+            "dropped_positions": list(store.header.dropped_positions),
         },
         "normalization": _normalization_record(store.normalization(cfg.read_hooks[0])),
         "training": cfg.to_json(),
@@ -458,9 +458,9 @@ def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out
     run_dir.save_sae(out, sae, run_config(cfg, store, sae) | {"finished": True})
     header = store.header
     provenance = {
-        "model_name": header["model"]["name"],
+        "model_name": header.model.name,
         "context_size": store.context_size,
-        "dataset": header["text_source"].get("name", ""),
+        "dataset": header.text_source.get("name", ""),
         "extra_metadata": {"saepipe_store_fingerprint": store.fingerprint},
     }
     if cfg.arch in ("clt", "crosscoder"):

@@ -2,6 +2,7 @@
 model, so the script a lent GPU runs first has run here; a step that breaks is recorded and the rest run."""
 
 import json
+import statistics
 import time
 
 import pytest
@@ -63,19 +64,41 @@ def test_the_profiles_summarize_the_forward_and_the_topk_step(dry_run):
 
 
 def test_the_figures_the_gpu_run_reports(dry_run):
-    _, result = dry_run
+    out, result = dry_run
     steps = result["steps"]
     assert steps["collect"]["tokens_per_s"] > 0 and len(steps["collect"]["hooks"]) == 5
     # tiny-random has no HF model under it: one forward pass to time, the bridge's
     assert steps["collect"]["forward"] == "transformer-bridge"
     assert list(steps["collect"]["forward_tokens_per_s"]) == ["transformer-bridge"]
+    assert steps["collect"]["forward_tokens_per_s"]["transformer-bridge"] > 0
     assert 0 <= steps["eval"]["ce_recovered"] <= 1.5 and steps["eval"]["kl"] >= 0
     assert steps["nccl"]["backend"] == "gloo"  # NCCL on CUDA
+    dry = gpu_check.DRY_SIZES
+    for which, name in enumerate(("bench_d768", "bench_d2304")):
+        d_in, width = dry.bench[which]
+        record = steps[name]
+        assert record["sizes"] == {
+            "d_in": d_in, "width": width, "k": dry.k, "batch_size": dry.bench_batch, "rounds": dry.bench_rounds
+        }  # fmt: skip
+        # each figure is the bench's own, from the raw rates its bench.json keeps beside it
+        written = json.loads((out / f"bench-d{d_in}" / "bench.json").read_text())
+        for key, raw, top, bottom in (
+            ("train_vs_saelens", written["train"], "ours_tokens_per_s", "saelens_tokens_per_s"),
+            ("train_vs_sparsify", written["sparsify"][f"width_{width}"], "ours_tokens_per_s", "sparsify_tokens_per_s"),
+            ("mp_vs_saelens", written["mp"], "ours_tokens_per_s", "saelens_tokens_per_s"),
+        ):
+            assert len(raw[top]) == len(raw[bottom]) == dry.bench_rounds, (name, key)
+            assert record[key] == written[key], (name, key)
+            assert written[key] == pytest.approx(statistics.median(raw[top]) / statistics.median(raw[bottom])), key
+        train = written["train"]
+        assert record["train_roofline_fraction"] == pytest.approx(
+            train["achieved_flop_per_s"] / train["matmul_flop_per_s"]
+        )
     first = steps["bench_d768"]
-    for key in ("train_vs_saelens", "train_roofline_fraction", "train_vs_sparsify", "mp_vs_saelens"):
-        assert first[key] > 0, key
-    assert first["steps_per_s"] > 0 and first["goal_steps_per_s"] == gpu_check.GOAL_STEPS_PER_S
-    assert steps["bench_d2304"]["sizes"]["d_in"] == gpu_check.DRY_SIZES.bench[1][0]
+    # the goal's figure: our TopK step's median rate at the first size, in steps (batches) a second
+    ours = json.loads((out / f"bench-d{dry.bench[0][0]}" / "bench.json").read_text())["train"]["ours_tokens_per_s"]
+    assert first["steps_per_s"] == pytest.approx(statistics.median(ours) / dry.bench_batch)
+    assert first["goal_steps_per_s"] == gpu_check.GOAL_STEPS_PER_S and "steps_per_s" not in steps["bench_d2304"]
     assert "FAILED" not in gpu_check.format_gpu_check(result)
 
 

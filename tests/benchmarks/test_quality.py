@@ -34,7 +34,9 @@ def test_topk_against_saelens_on_the_same_rows(tmp_path):
     assert [r["impl"].split()[0] for r in rows] == ["saepipe", "sae-lens"]
     for row in rows:
         assert row["l0"] == pytest.approx(8, abs=0.01)
-        assert 0.5 < row["fve"] <= 1 and row["wall_s"] > 0
+        assert 0.5 < row["fve"] <= 1 and 0 <= row["dead_fraction"] <= 1
+        # both sides train on the run's tokens: the rate is those tokens over the side's training wall time
+        assert row["wall_s"] > 0 and row["tokens_per_s"] == pytest.approx(base.steps * base.batch_size / row["wall_s"])
     table = (tmp_path / "q" / "quality.md").read_text()
     assert table.count("| topk |") == 2 and "ce_recovered" in table
 

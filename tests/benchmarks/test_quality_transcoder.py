@@ -32,7 +32,9 @@ def test_both_transcoders_are_trained_on_the_same_tokens_and_scored(mlp_store, c
     for row in rows:
         assert row["tokens"] == 40_960  # 80 batches of 512 rows each, the same batches for both
         assert row["l0"] == pytest.approx(8, abs=0.01)
-        assert 0 < row["fve"] <= 1 and row["tokens_per_s"] > 0 and row["wall_s"] > 0
+        assert 0 < row["fve"] <= 1 and row["wall_s"] > 0
+        # the rate is over the training loop alone, which ran within the wall time
+        assert row["tokens_per_s"] >= row["tokens"] / row["wall_s"]
         assert 0 <= row["dead_fraction"] < 1
         assert row["ce_recovered"] > 0 and row["kl"] >= 0 and row["downstream_tokens"] > 0
     # the same held-out rows (all of the tiny store's, fewer than 1,024) and CE/KL tokens for both

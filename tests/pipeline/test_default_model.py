@@ -51,15 +51,14 @@ def trained(tmp_path_factory):
 def test_store_of_the_default_model(trained):
     store = open_store(trained[0])
     h = store.header
-    assert h["model"]["name"] == "smollm2-135m" and h["d_model"] == 576 and h["model"]["n_layers"] == 30
-    assert h["hooks"] == [HOOK] and h["dropped_positions"] == [0]
-    assert h["text_source"]["name"] == "python-docs"
+    assert h.model.name == "smollm2-135m" and h.d_model == 576 and h.model.n_layers == 30
+    assert h.hooks == (HOOK,) and h.dropped_positions == (0,)
+    assert h.text_source["name"] == "python-docs"
     stats = store.running_stats("train", HOOK)
     # center-scale makes E‖x̂‖ = √d; without position 0 there are no attention-sink outliers left
     assert 0.8 * 576 < stats.mean_sq_norm < 1.5 * 576
     assert stats.max_abs < 200 and stats.nonfinite_values == 0
-    text = store.header["tokenizer"]
-    assert (store.tokens[:, 0] == text["bos_token_id"]).all()
+    assert (store.tokens[:, 0] == store.header.tokenizer.bos_token_id).all()
 
 
 def test_eval_of_the_default_model(trained):
@@ -104,7 +103,7 @@ def test_hf_forward_gives_the_bridges_rows_and_logits_on_the_default_model(train
     from tests.helpers.tolerance import FP16_ROUNDING, assert_within_fp16_rounding
 
     store = open_store(trained[0])
-    assert store.header["model"]["forward"] == "hf-sdpa"
+    assert store.header.model.forward == "hf-sdpa"
     tokens = torch.from_numpy(store.tokens[:2].astype(np.int64))
     hooks = [f"blocks.{layer}.{suffix}" for layer in (0, 15, 29) for suffix in (
         "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",

@@ -230,7 +230,7 @@ def _copy_store(tmp: Path, places: dict, name: str) -> Path:
 
 def _other_weights(tmp: Path, places: dict, monkeypatch) -> None:
     writer = StoreWriter.open(_copy_store(tmp, places, "s.zarr"))
-    writer._update(complete=False, model=dict(writer.header["model"], revision="other-weights"))
+    writer._update(complete=False, model=dict(writer.attrs["model"], revision="other-weights"))
 
 
 def _zarr_group(tmp: Path, places: dict, monkeypatch) -> None:

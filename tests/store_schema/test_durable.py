@@ -11,6 +11,7 @@ import numpy as np
 
 from store_schema import schema
 from store_schema.generated import write_array_store
+from store_schema.header import StoreHeader
 from store_schema.writer import StoreWriter
 
 
@@ -47,7 +48,7 @@ class SyscallLog:
         chunk = arrays["chunk_grid"]["configuration"]["chunk_shape"][0]
         for split in schema.SPLITS:
             rows = header["progress"][split]["rows_committed"]
-            for name in schema.row_array_names(header, split):
+            for name in schema.row_array_names(StoreHeader.from_attrs(header), split):
                 ndim = len(json.loads((root / name / "zarr.json").read_text())["shape"])
                 for c in range((rows + chunk - 1) // chunk):
                     path = root / name / "c" / "/".join(map(str, (c,) + (0,) * (ndim - 1)))
@@ -77,7 +78,7 @@ def test_a_scratch_writer_flushes_nothing(tmp_path, monkeypatch):
     writer = StoreWriter.open(store, durable=False)
     writer.commit("train", 2, 500, {"h": writer.running_stats("train", "h")}, [])
     assert log.flushed == []
-    assert StoreWriter.open(store).header["progress"]["train"]["blocks_done"] == 2
+    assert StoreWriter.open(store).header.progress["train"].blocks_done == 2
 
 
 def test_a_durable_commit_writes_the_bytes_zarr_writes(tmp_path):

@@ -8,6 +8,7 @@ import tracemalloc
 import pytest
 
 from store_schema import schema
+from store_schema.header import StoreHeader
 from store_schema.limits import check_fits_in_memory
 from store_schema.reader import ActivationStore
 
@@ -35,7 +36,7 @@ def test_absurd_sizes_in_the_metadata_are_refused_before_allocating(tiny_store, 
         if field == "chunk_rows":  # and the arrays agree, as a crafted store would
             header["layout"]["chunk_rows"] = 2**40
             for split in schema.SPLITS:
-                for name in schema.row_array_names(header, split):
+                for name in schema.row_array_names(StoreHeader.from_attrs(header), split):
                     meta_path = path / name / "zarr.json"
                     meta = json.loads(meta_path.read_text())
                     meta["chunk_grid"]["configuration"]["chunk_shape"][0] = 2**40

@@ -54,14 +54,12 @@ def test_root_metadata_stays_under_64_kib_with_8_hooks_of_width_4096(tmp_path):
 
 def test_a_version_1_store_still_reads_verifies_and_trains(tmp_path):
     store = open_store(V1_STORE)
-    assert store.header["schema_version"] == 1 and store.complete
+    assert store.header.schema_version == 1 and store.complete
     hook = store.hooks[0]
     rows = store.read_rows("train", hook).astype(np.float64)
     stats = store.running_stats("train", hook)
     assert stats.count == len(rows) == 615 and np.allclose(stats.total, rows.sum(axis=0))
-    assert (
-        len(store.skipped_contexts()) == 0 and len(store.contexts("train")) == store.header["split"]["n_train_contexts"]
-    )
+    assert len(store.skipped_contexts()) == 0 and len(store.contexts("train")) == store.header.split.n_train_contexts
     assert verify_store(store, progress=False).damaged == []
     copy = Path(shutil.copytree(V1_STORE, tmp_path / "v1.zarr"))
     run_ok("train", copy, "--width", "16", "--k", "2", "--tokens", "512", "--batch-size", "128",

@@ -32,8 +32,8 @@ def test_rows_are_the_models_activations_at_their_recorded_positions(tmp_path):
     contexts, positions = store.read_mapping("train")
     assert positions.min() == 1  # position 0 (BOS) is dropped by default
     tokens = store.tokens[:]
-    bos = store.header["tokenizer"]["bos_token_id"]
-    assert store.header["excluded_tokens"] == [bos]
+    bos = store.header.tokenizer.bos_token_id
+    assert store.header.excluded_tokens == (bos,)
     assert not (tokens[contexts, positions] == bos).any()  # separators inside contexts are not stored
     expected_rows = ((tokens[np.unique(contexts)] != bos)[:, 1:]).sum()
     outliers = store.running_stats("train", HOOKS[0]).outlier_rows + store.running_stats("train", HOOKS[1]).outlier_rows
@@ -129,7 +129,7 @@ def test_out_holding_another_configuration_is_refused(tmp_path):
     assert tree_bytes(Path(out)) == before  # nothing touched
     assert collect_stage.plan_action(CollectConfig(out=out, **SMALL)) is PlanAction.DONE
     collect_stage.run_collect(CollectConfig(out=out, **{**SMALL, "tokens": 3000, "overwrite": True}))
-    assert open_store(out).header["token_budget"] == 3000
+    assert open_store(out).header.token_budget == 3000
 
 
 def test_out_that_is_not_a_store_is_refused(tmp_path):
@@ -233,4 +233,4 @@ def test_without_outlier_filter_every_stored_position_is_kept(tmp_path):
     store = open_store(tmp_path / "s.zarr")
     contexts, _ = store.read_mapping("train")
     assert store.n_rows("train") == len(np.unique(contexts)) * 31
-    assert store.normalization(HOOKS[0]).max_norm is None and store.header["excluded_tokens"] == []
+    assert store.normalization(HOOKS[0]).max_norm is None and store.header.excluded_tokens == ()

@@ -13,6 +13,7 @@ from stages.basics.errors import SaepipeError
 from stages.collect import plan_action, run_collect
 from stages.collect.config import CollectConfig
 from store_schema.generated import write_array_store
+from store_schema.header import Append, StoreHeader
 from store_schema.reader import open_store
 from store_schema.schema import split_counts
 from store_schema.writer import StoreWriter
@@ -56,11 +57,11 @@ def rows_of(store) -> dict:
     return out
 
 
-def whole_chunks_below(store_path: Path, header: dict) -> dict[str, bytes]:
+def whole_chunks_below(store_path: Path, header: StoreHeader) -> dict[str, bytes]:
     """The chunk files of the row arrays that hold committed rows only."""
-    files, chunk = {}, header["layout"]["chunk_rows"]
+    files, chunk = {}, header.chunk_rows
     for split in ("train", "eval"):
-        full = header["progress"][split]["rows_committed"] // chunk
+        full = header.rows_committed(split) // chunk
         for path in (store_path / split).rglob("c/*"):
             if path.is_file() and int(path.name) < full:
                 files[str(path.relative_to(store_path))] = path.read_bytes()
@@ -83,10 +84,10 @@ def test_an_append_grows_the_store_and_leaves_every_committed_byte_as_it_was(bas
     assert result.exit_code == 0, result.output
 
     after = open_store(path)
-    assert after.complete and after.header["token_budget"] == 6000 and after.n_rows("train") >= 5000
-    assert after.header["appends"] == [
-        {"tokens": 6000, "contexts": [len(old["tokens"]), len(after.context_split)], "writer": after.header["writer"]}
-    ]
+    assert after.complete and after.header.token_budget == 6000 and after.n_rows("train") >= 5000
+    assert after.header.appends == (
+        Append(tokens=6000, contexts=(len(old["tokens"]), len(after.context_split)), writer=after.header.writer),
+    )
     new = rows_of(after)
     for key, value in old.items():  # every committed row, token and split: the same values, the same place
         np.testing.assert_array_equal(
@@ -94,7 +95,7 @@ def test_an_append_grows_the_store_and_leaves_every_committed_byte_as_it_was(bas
         )
     assert {k: v for k, v in whole_chunks_below(path, before.header).items()} == old_chunks  # files not rewritten
     assert {k: v for k, v in tree_bytes(path).items() if k.startswith("normalization/")} == norm_files
-    assert after.header["normalization"] == before.header["normalization"]
+    assert after.header.records("normalization") == before.header.records("normalization")
     assert after.fingerprint != before.fingerprint  # a run checkpointed on the old rows refuses to resume
 
     # The new rows come from the new contexts only, with the appended contexts' split, and they are the
@@ -171,8 +172,8 @@ def test_an_interrupted_append_resumes_bit_identical_while_readers_see_the_old_s
 
     during = open_store(cut)  # the append has committed 3 blocks and grown the arrays: readers see none of it
     assert (
-        during.header["append"]["progress"]["train"]["blocks_done"]
-        == before.header["progress"]["train"]["blocks_done"] + 3
+        during.header.to_attrs()["append"]["progress"]["train"]["blocks_done"]  # the append's own progress
+        == before.header.progress["train"].blocks_done + 3
     )
     assert during.complete and during.fingerprint == before.fingerprint
     assert during.n_rows("train") == before.n_rows("train") and during.tokens.shape[0] > len(old["tokens"])

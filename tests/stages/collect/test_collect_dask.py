@@ -83,7 +83,7 @@ def test_an_append_on_workers_writes_the_single_process_append(client, reference
     for path, where in ((single, {}), (dask, {"scheduler": client.scheduler.address})):
         shutil.copytree(reference, path)
         run_collect(CollectConfig(out=str(path), tokens=9000, append=True, progress=False, **where))
-    assert open_store(dask).header["token_budget"] == 9000
+    assert open_store(dask).header.token_budget == 9000
     assert tree_bytes(dask) == tree_bytes(single)
 
 

@@ -64,7 +64,7 @@ def test_a_collected_store_holds_each_stored_position_once(
         )
         store = open_store(out)
         tokens = store.tokens[:]
-        expected = schema.stored_positions(tokens, drop_first, store.header["excluded_tokens"])
+        expected = schema.stored_positions(tokens, drop_first, list(store.header.excluded_tokens))
         seen = np.zeros_like(expected, dtype=np.int64)
         outliers = 0
         for split in schema.SPLITS:

@@ -50,8 +50,8 @@ def test_store_from_token_pieces_matches_one_array(tmp_path):
     pieces = (tokens[i : i + 1024] for i in range(0, 3000, 1024))
     streamed = StoreWriter.create(tmp_path / "pieces.zarr", _header(3000), pieces, split, chunk_rows=64)
     assert streamed.header == whole.header
-    assert streamed.header["text_source"]["tokens_fingerprint"] == schema.tokens_fingerprint(tokens)
-    assert streamed.header["layout"]["planned_rows"] == schema.planned_rows(tokens, split, 1, [9])
+    assert streamed.header.text_source["tokens_fingerprint"] == schema.tokens_fingerprint(tokens)
+    assert streamed.header.planned_rows == schema.planned_rows(tokens, split, 1, [9])
     assert np.array_equal(streamed.group[schema.TOKENS][:], tokens)
 
 

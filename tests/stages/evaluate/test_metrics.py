@@ -61,7 +61,9 @@ def test_fve_matches_saelens_explained_variance():
     assert ours.result()["fve"] == pytest.approx(theirs.compute(), rel=1e-6)
 
 
-def test_sparsity_stats():
+def test_sparsity_stats_over_two_batches_give_the_hand_counted_l0_l1_dead_and_dense_latents():
+    """Counts accumulated across batches equal those of the whole: L0 and L1 per token, L0 quantiles and
+    histogram, per-latent densities, the dead fraction (never fired) and the dense fraction (density > 0.1)."""
     codes = torch.zeros(10, 6)
     codes[:, 0] = 1.0  # fires everywhere: dense
     codes[:5, 1] = 2.0

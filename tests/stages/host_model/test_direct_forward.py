@@ -149,7 +149,7 @@ def test_a_store_from_the_direct_path_holds_the_bridges_rows(tiny_llama_dir, tmp
     monkeypatch.setenv("SAEPIPE_FORWARD", "bridge")
     run_collect(CollectConfig(out=str(tmp_path / "bridge.zarr"), **settings))
     ours, theirs = open_store(tmp_path / "hf.zarr"), open_store(tmp_path / "bridge.zarr")
-    assert (ours.header["model"]["forward"], theirs.header["model"]["forward"]) == ("hf-sdpa", "transformer-bridge")
+    assert (ours.header.model.forward, theirs.header.model.forward) == ("hf-sdpa", "transformer-bridge")
     for hook in hooks:
         a = torch.from_numpy(ours.read_rows("train", hook).astype("float32"))
         b = torch.from_numpy(theirs.read_rows("train", hook).astype("float32"))

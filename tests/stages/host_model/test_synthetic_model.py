@@ -55,4 +55,4 @@ def test_collect_with_them_is_repeatable(tmp_path):
     assert a.complete and a.n_rows("train") >= 30_000 and a.d_model == 16
     hook = "blocks.2.hook_resid_post"
     assert np.array_equal(a.read_rows("train", hook), b.read_rows("train", hook))
-    assert a.header["model"]["name"] == "synthetic-d16" and a.header["text_source"]["kind"] == "synthetic"
+    assert a.header.model.name == "synthetic-d16" and a.header.text_source["kind"] == "synthetic"

@@ -245,7 +245,9 @@ def config(store="s", **kwargs) -> TrainConfig:
         (dict(k=8, residual_threshold=0.1), "--k sets the static matching pursuit's steps"),
     ],
 )
-def test_settings_errors(kwargs, message):
+def test_out_of_range_or_conflicting_pursuit_settings_are_refused_naming_the_flag(kwargs, message):
+    """k outside [1, width], a non-positive or infinite residual threshold, max_iterations < 1, and k
+    (the static pursuit) together with a dynamic pursuit's stopping rules are each refused."""
     with pytest.raises(SaepipeError, match=message):
         config(**kwargs).validate()
 

@@ -290,7 +290,9 @@ def test_bfloat16_autocast_forward_and_backward(arch):
         ("jumprelu", {"k": 8}, "--k does not apply"),
     ],
 )
-def test_settings_errors(arch, kw, match):
+def test_out_of_range_or_foreign_relu_and_jumprelu_settings_are_refused_in_one_line(arch, kw, match):
+    """Each bad coefficient, warmup fraction, bandwidth, threshold or target L0 is refused with the flag
+    named, as is a flag of another architecture; the message is one line."""
     with pytest.raises(SaepipeError, match=match) as err:
         TrainConfig.from_flat(store="s", out="o", arch=arch, width=512, **kw).validate()
     assert "\n" not in str(err.value)

@@ -308,7 +308,10 @@ def test_jsonl_files(tmp_path, datasets_cache):
     assert list(src.documents()) == [r["text"] for r in rows]
 
 
-def test_parquet_files(tmp_path, datasets_cache):
+def test_a_parquet_glob_reads_every_part_in_order_and_refuses_a_missing_or_non_text_column(tmp_path, datasets_cache):
+    """A glob over parquet parts yields the chosen column's documents part by part, row by row (and they
+    pack into contexts in that order); without a text column the one-line error lists the columns there
+    are, and a column that is not text is refused."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

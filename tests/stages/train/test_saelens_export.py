@@ -80,7 +80,9 @@ def test_folded_export_matches_our_sae_on_raw_activations(tmp_path, sae, mode):
     assert_matches(z_ours, rec_ours, z_sl, rec_sl)
 
 
-def test_cfg_json(tmp_path, sae):
+def test_the_exported_cfg_json_records_the_architecture_shape_and_metadata_and_loads_in_saelens(tmp_path, sae):
+    """cfg.json states the architecture, k, shape, dtype and (folded, so none) normalization, the hook, model,
+    dataset and context metadata, extra metadata and our own normalization record; SAELens loads it back."""
     out = export_saelens(
         tmp_path / "e",
         sae,

@@ -1,0 +1,357 @@
+"""The store's header, typed: what a store's root attribute `saepipe` records (SPEC.md), read and checked
+once, in one place.
+
+`StoreHeader.from_attrs` validates the attributes of any schema version this code reads (1, 2 or 3) and
+raises one StoreError, worded once (`damaged`), when they are not a store's; code outside store_schema reads
+typed fields instead of indexing the attribute dict. `to_attrs` gives the attributes back exactly as they
+were read, so a writer that rewrites them changes no byte it did not mean to.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from store_schema.schema import (
+    FIRST_SMALL_METADATA_VERSION,
+    RUNNING_SUM_SLOTS,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    SPLITS,
+    StoreError,
+)
+
+# Hook names become paths inside the store (train/acts/<hook>): from a store of unknown origin, only names
+# that cannot reach outside it, and not so many that listing them is a denial of service.
+SAFE_HOOK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
+MAX_HOOKS = 4096
+
+
+def damaged(problem: str) -> StoreError:
+    """The one error for attributes that are not a readable store's."""
+    return StoreError(
+        f"store attributes are damaged ({problem}): copy the store again from its source, or collect it again"
+    )
+
+
+class _Problem(Exception):
+    """What is wrong with the attributes, found while parsing them."""
+
+
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value, what: str, minimum: int = 0) -> int:
+    if not _is_int(value, minimum):
+        raise _Problem(f"'{what}' is not {'a positive integer' if minimum else 'a count'}")
+    return value
+
+
+def _object(value, what: str) -> Mapping:
+    if not isinstance(value, dict):
+        raise _Problem(f"'{what}' is not an object")
+    return MappingProxyType(value)
+
+
+def _ints(value, what: str) -> tuple[int, ...]:
+    if not (isinstance(value, list) and all(_is_int(v) for v in value)):
+        raise _Problem(f"'{what}' is not a list of integers")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The host model the rows came from."""
+
+    name: str
+    revision: str | None = None
+    d_model: int | None = None
+    n_layers: int | None = None
+    dtype: str = "float32"
+    forward: str | None = None  # hf-sdpa, transformer-bridge or synthetic (stores written since it was added)
+
+    @classmethod
+    def parse(cls, obj: Mapping) -> ModelRecord:
+        if not isinstance(obj.get("name", ""), str):
+            raise _Problem("'model.name' is not a string")
+        known = {key: obj[key] for key in ("revision", "d_model", "n_layers", "dtype", "forward") if key in obj}
+        return cls(name=obj.get("name", ""), **known)
+
+
+@dataclass(frozen=True)
+class TokenizerRecord:
+    """How the text was tokenized, and its special tokens."""
+
+    name: str | None = None
+    vocab_size: int | None = None
+    bos_token_id: int | None = None
+    separator_token_id: int | None = None
+    bos_at_position_0: bool = False
+
+    @classmethod
+    def parse(cls, obj: Mapping) -> TokenizerRecord:
+        keys = ("name", "vocab_size", "bos_token_id", "separator_token_id", "bos_at_position_0")
+        return cls(**{key: obj[key] for key in keys if key in obj})
+
+
+@dataclass(frozen=True)
+class ContextSplit:
+    """How many contexts each split holds (an append's pending contexts are not counted until committed)."""
+
+    eval_fraction: float | None = None
+    n_train_contexts: int | None = None  # None: not recorded (a store written from given rows)
+    n_eval_contexts: int | None = None
+
+    @property
+    def n_contexts(self) -> int:
+        return (self.n_train_contexts or 0) + (self.n_eval_contexts or 0)
+
+    @classmethod
+    def parse(cls, obj: Mapping) -> ContextSplit:
+        counts = {key: _int(obj[key], f"split.{key}") for key in ("n_train_contexts", "n_eval_contexts") if key in obj}
+        return cls(eval_fraction=obj.get("eval_fraction"), **counts)
+
+
+@dataclass(frozen=True)
+class SplitProgress:
+    """Rows committed to one split, in how many blocks."""
+
+    rows_committed: int
+    blocks_done: int
+
+
+@dataclass(frozen=True)
+class Append:
+    """One `--append` that grew the store (or, as `StoreHeader.pending_append`, one under way)."""
+
+    tokens: int
+    contexts: tuple[int, int]  # [first, stop) into `tokens`
+    writer: str = ""
+
+    @classmethod
+    def parse(cls, obj, what: str) -> Append:
+        if not (isinstance(obj, dict) and isinstance(obj.get("contexts"), list) and len(obj["contexts"]) == 2):
+            raise _Problem(f"'{what}' does not give the appended contexts")
+        first, stop = obj["contexts"]
+        return cls(_int(obj.get("tokens"), f"{what}.tokens"), (first, stop), obj.get("writer", ""))
+
+
+@dataclass(frozen=True)
+class StoreHeader:
+    """Every field SPEC.md describes, typed. Free-form records (the collect configuration, the text
+    source's description, the shuffle's settings) stay read-only mappings."""
+
+    schema_version: int
+    writer: str
+    config_fingerprint: str
+    collect_config: Mapping
+    model: ModelRecord
+    text_source: Mapping
+    tokenizer: TokenizerRecord
+    context_size: int
+    dropped_positions: tuple[int, ...]
+    excluded_tokens: tuple[int, ...]
+    outlier_factor: float | None
+    hooks: tuple[str, ...]
+    d_model: int
+    hook_widths: Mapping[str, int]
+    token_budget: int
+    shuffle: Mapping
+    split: ContextSplit
+    normalization_mode: str
+    warmup_rows: int
+    nonfinite_policy: str
+    chunk_rows: int
+    planned_rows: Mapping[str, int]
+    progress: Mapping[str, SplitProgress]
+    complete: bool
+    appends: tuple[Append, ...]
+    pending_append: Append | None
+    _attrs: dict = field(repr=False, compare=False)
+
+    # -- reading ------------------------------------------------------------------------------------
+    @classmethod
+    def from_attrs(cls, attrs) -> StoreHeader:
+        """The header of the root attribute `saepipe`; a StoreError (`damaged`) unless it is a store this
+        code reads."""
+        if not isinstance(attrs, dict) or attrs.get("schema") != SCHEMA_NAME:
+            raise StoreError("not a saepipe activation store (its attributes carry no saepipe schema)")
+        version = attrs.get("schema_version")
+        if not _is_int(version, 1):
+            raise StoreError(f"store has an invalid schema version {version!r}")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store uses schema version {version}, newer than this saepipe reads ({SCHEMA_VERSION}): "
+                f"upgrade saepipe (pip install -U saepipe)"
+            )
+        for key in ("hooks", "d_model", "context_size", "progress", "layout", "complete"):
+            if key not in attrs:
+                raise StoreError(f"store attributes lack '{key}': the store is damaged or was not written by saepipe")
+        try:
+            return cls._parse(attrs, version)
+        except _Problem as problem:
+            raise damaged(str(problem)) from None
+
+    @classmethod
+    def _parse(cls, attrs: dict, version: int) -> StoreHeader:
+        hooks = attrs["hooks"]
+        if not (isinstance(hooks, list) and hooks and all(isinstance(h, str) and h for h in hooks)):
+            raise _Problem("'hooks' is not a list of hook names")
+        if len(hooks) > MAX_HOOKS:
+            raise _Problem(f"it names {len(hooks):,} hooks, more than the {MAX_HOOKS:,} a store may hold")
+        for hook in hooks:  # hook names become paths in the store: none may lead outside it
+            if not SAFE_HOOK_NAME.fullmatch(hook) or ".." in hook:
+                raise _Problem(
+                    f"hook name {hook[:60]!r} is not a safe name (letters, digits, '_', '.', '-', at most 200)"
+                )
+        d_model = _int(attrs["d_model"], "d_model", 1)
+        context_size = _int(attrs["context_size"], "context_size", 1)
+        widths = attrs.get("hook_widths", {})
+        if not (isinstance(widths, dict) and all(h in hooks and _is_int(w, 1) for h, w in widths.items())):
+            raise _Problem("'hook_widths' is not a positive width for hooks of the store")
+        if not isinstance(attrs["complete"], bool):
+            raise _Problem("'complete' is not true or false")
+        if not isinstance(attrs.get("config_fingerprint"), str):
+            raise _Problem("'config_fingerprint' is missing or not a string")
+        layout = attrs["layout"]
+        if not (isinstance(layout, dict) and _is_int(layout.get("chunk_rows"), 1)):
+            raise _Problem("'layout.chunk_rows' is not a positive integer")
+        planned = layout.get("planned_rows")
+        if not (isinstance(planned, dict) and all(_is_int(planned.get(s)) for s in SPLITS)):
+            raise _Problem("'layout.planned_rows' does not give a row count per split")
+        progress = cls._progress(attrs["progress"], version)
+        for key in ("model", "tokenizer", "text_source", "running_stats", "collect_config", "shuffle", "split"):
+            _object(attrs.get(key, {}), key)
+        cls._check_running_stats(attrs.get("running_stats", {}), version)
+        cls._check_normalization(attrs.get("normalization"))
+        return cls(
+            schema_version=version,
+            writer=str(attrs.get("writer", "")),
+            config_fingerprint=attrs["config_fingerprint"],
+            collect_config=_object(attrs.get("collect_config", {}), "collect_config"),
+            model=ModelRecord.parse(attrs.get("model", {})),
+            text_source=_object(attrs.get("text_source", {}), "text_source"),
+            tokenizer=TokenizerRecord.parse(attrs.get("tokenizer", {})),
+            context_size=context_size,
+            dropped_positions=_ints(attrs.get("dropped_positions", []), "dropped_positions"),
+            excluded_tokens=_ints(attrs.get("excluded_tokens", []), "excluded_tokens"),
+            outlier_factor=attrs.get("outlier_factor"),
+            hooks=tuple(hooks),
+            d_model=d_model,
+            hook_widths=MappingProxyType({h: widths.get(h, d_model) for h in hooks}),
+            token_budget=attrs.get("token_budget", 0),
+            shuffle=_object(attrs.get("shuffle", {}), "shuffle"),
+            split=ContextSplit.parse(attrs.get("split", {})),
+            normalization_mode=attrs.get("normalization_mode", "none"),
+            warmup_rows=attrs.get("warmup_rows", 0),
+            nonfinite_policy=attrs.get("nonfinite_policy", "skip"),
+            chunk_rows=layout["chunk_rows"],
+            planned_rows=MappingProxyType({s: planned[s] for s in SPLITS}),
+            progress=MappingProxyType(progress),
+            complete=attrs["complete"],
+            appends=tuple(Append.parse(a, f"appends[{i}]") for i, a in enumerate(attrs.get("appends", []))),
+            pending_append=Append.parse(attrs["append"], "append") if attrs.get("append") else None,
+            _attrs=copy.deepcopy(attrs),
+        )
+
+    @staticmethod
+    def _progress(progress, version: int) -> dict[str, SplitProgress]:
+        if not isinstance(progress, dict):
+            raise _Problem("'progress' is not an object")
+        parsed = {}
+        for split in SPLITS:
+            done = progress.get(split)
+            if not (
+                isinstance(done, dict) and _is_int(done.get("rows_committed")) and _is_int(done.get("blocks_done"))
+            ):
+                raise _Problem(f"'progress.{split}' does not give rows_committed and blocks_done")
+            parsed[split] = SplitProgress(done["rows_committed"], done["blocks_done"])
+        if version >= FIRST_SMALL_METADATA_VERSION:
+            _int(progress.get("skipped_count"), "progress.skipped_count")
+        else:
+            skipped = progress.get("skipped_contexts", [])
+            if not (isinstance(skipped, list) and all(_is_int(c) for c in skipped)):
+                raise _Problem("'progress.skipped_contexts' is not a list of context indices")
+        return parsed
+
+    @staticmethod
+    def _check_running_stats(running, version: int) -> None:
+        if not all(isinstance(running.get(s, {}), dict) for s in SPLITS):
+            raise _Problem("'running_stats' does not hold an object per split")
+        if version >= FIRST_SMALL_METADATA_VERSION:
+            for split in SPLITS:
+                for hook, stats in running.get(split, {}).items():
+                    slot = stats.get("sum_slot") if isinstance(stats, dict) else None
+                    if not (_is_int(slot) and slot < RUNNING_SUM_SLOTS):
+                        raise _Problem(f"'running_stats.{split}.{hook}' names no sum slot")
+
+    @staticmethod
+    def _check_normalization(norms) -> None:
+        from store_schema.normalization import MODES  # here: normalization imports torch, this module does not
+
+        if norms is None:
+            return
+        if not isinstance(norms, dict):
+            raise _Problem("'normalization' is not an object")
+        for hook, norm in norms.items():
+            if not (
+                isinstance(norm, dict)
+                and norm.get("mode") in MODES
+                and _is_number(norm.get("scale"))
+                and (norm.get("max_norm") is None or _is_number(norm["max_norm"]))
+            ):
+                raise _Problem(f"'normalization.{hook}' is not a mode, a scale and a max_norm")
+
+    # -- what follows from it -----------------------------------------------------------------------
+    def to_attrs(self) -> dict:
+        """The root attribute as it was read (a copy)."""
+        return copy.deepcopy(self._attrs)
+
+    def width(self, hook: str) -> int:
+        """The width of one hook's rows (`hook_widths`, version 3; else d_model)."""
+        return self.hook_widths.get(hook, self.d_model)
+
+    @property
+    def small_metadata(self) -> bool:
+        """Whether running sums and skipped contexts live in arrays (version 2 on), not in the attributes."""
+        return self.schema_version >= FIRST_SMALL_METADATA_VERSION
+
+    @property
+    def first_stored_position(self) -> int:
+        """Positions before this one are never stored (the attention sink at 0, by default)."""
+        return len(self.dropped_positions)
+
+    def rows_committed(self, split: str) -> int:
+        return self.progress[split].rows_committed
+
+    def normalization_attrs(self, hook: str) -> dict | None:
+        """The recorded normalization of `hook` as attributes (its mean vector lives in an array)."""
+        saved = (self._attrs.get("normalization") or {}).get(hook)
+        return copy.deepcopy(saved)
+
+    def running_stats_attrs(self, split: str, hook: str) -> dict | None:
+        saved = self._attrs.get("running_stats", {}).get(split, {}).get(hook)
+        return copy.deepcopy(saved)
+
+    @property
+    def skipped_count(self) -> int:
+        progress = self._attrs["progress"]
+        return progress["skipped_count"] if self.small_metadata else len(progress.get("skipped_contexts", []))
+
+    @property
+    def skipped_contexts_v1(self) -> list[int]:
+        """Version 1 keeps the skipped contexts in the attributes."""
+        return list(self._attrs["progress"].get("skipped_contexts", []))
+
+    def records(self, *keys: str) -> dict:
+        """Deep copies of the named top-level records as they are stored (for JSON: cfg.json, provenance)."""
+        return {key: copy.deepcopy(self._attrs[key]) for key in keys if key in self._attrs}
