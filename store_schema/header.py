@@ -2,7 +2,7 @@
 once, in one place.
 
 `StoreHeader.from_attrs` validates the attributes of any schema version this code reads (1, 2 or 3) and
-raises one StoreError, worded once (`damaged`), when they are not a store's; code outside store_schema reads
+raises the damaged-store error (`schema.damaged`) when they are not a store's; code outside store_schema reads
 typed fields instead of indexing the attribute dict. `to_attrs` gives the attributes back exactly as they
 were read, so a writer that rewrites them changes no byte it did not mean to.
 """
@@ -23,19 +23,13 @@ from store_schema.schema import (
     SCHEMA_VERSION,
     SPLITS,
     StoreError,
+    damaged,
 )
 
 # Hook names become paths inside the store (train/acts/<hook>): from a store of unknown origin, only names
 # that cannot reach outside it, and not so many that listing them is a denial of service.
 SAFE_HOOK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
 MAX_HOOKS = 4096
-
-
-def damaged(problem: str) -> StoreError:
-    """The one error for attributes that are not a readable store's."""
-    return StoreError(
-        f"store attributes are damaged ({problem}): copy the store again from its source, or collect it again"
-    )
 
 
 class _Problem(Exception):
@@ -199,7 +193,7 @@ class StoreHeader:
         try:
             return cls._parse(attrs, version)
         except _Problem as problem:
-            raise damaged(str(problem)) from None
+            raise damaged(f"its attributes are malformed ({problem})") from None
 
     @classmethod
     def _parse(cls, attrs: dict, version: int) -> StoreHeader:

@@ -36,10 +36,9 @@ def check_fits_in_memory(group: zarr.Group, header: StoreHeader, memory_bytes: i
     }
     what, largest = max(sizes.items(), key=lambda item: item[1])
     if largest > LARGEST_SHARE_OF_MEMORY * memory:
-        raise schema.StoreError(
-            f"the store's metadata describes {what}: {largest / 2**30:,.1f} GiB in one piece, more than this "
-            f"machine can hold ({memory / 2**30:,.1f} GiB available); the store is damaged or was not written "
-            f"by saepipe: copy it again from its source, or collect it again"
+        raise schema.damaged(
+            f"its metadata describes {what}: {largest / 2**30:,.1f} GiB in one piece, more than this machine "
+            f"can hold ({memory / 2**30:,.1f} GiB available)"
         )
 
 

@@ -62,10 +62,8 @@ class ActivationStore:
             ) from None
         except Exception as e:  # zarr raises several kinds for "not a group"
             if "://" not in location and (Path(location) / "zarr.json").is_file():
-                raise schema.StoreError(
-                    f"the store's root metadata {Path(location) / 'zarr.json'} cannot be read "
-                    f"({type(e).__name__}: {e}): the store is damaged; copy it again from its "
-                    f"source, or collect it again"
+                raise schema.damaged(
+                    f"its root metadata {Path(location) / 'zarr.json'} cannot be read ({type(e).__name__}: {e})"
                 ) from None
             raise schema.StoreError(
                 f"{location} is not a Zarr group ({type(e).__name__}: {e}); "
@@ -233,7 +231,7 @@ class ActivationStore:
             path = None if raw is None else raw.path(chunk)
             on_disk = path is not None and path.exists()
             if checksummed and not on_disk and (path is not None or not chunk_exists(arr, (chunk, 0))):
-                raise schema.StoreError(_missing(name.format(chunk)))
+                raise _missing(name.format(chunk))
             if not on_disk:  # through Zarr (or an older store's unwritten fill-value chunk)
                 a, b = todo[0][0], max(first + len(dest) for first, dest in todo)
                 _scatter(_checked(lambda: arr[a:b], name.format(chunk)), a, todo)
@@ -282,13 +280,13 @@ class ActivationStore:
             if checksummed and (split, hook, chunk) not in self._verified:
                 # the whole chunk is read, gaps into scratch, so that its CRC32C can be checked
                 if not _read_verified(f, todo, base, arr.chunks[0], row_bytes):
-                    raise schema.StoreError(_damaged(name))
+                    raise schema.damaged(f"{name} fails its checksum (or is truncated)")
                 if (chunk + 1) * arr.chunks[0] <= self.n_rows(split):  # a chunk still being filled changes
                     self._verified.add((split, hook, chunk))
                 return
             for start, stretch in _adjacent_stretches(todo):
                 if not _read_exactly(f, [memoryview(dest).cast("B") for dest in stretch], (start - base) * row_bytes):
-                    raise schema.StoreError(f"{name} is truncated; the store is damaged: collect it again")
+                    raise schema.damaged(f"{name} is truncated")
 
     def _remote_chunks(self, split: str, hook: str) -> _RemoteChunks | None:
         """The fetcher of the array's chunk objects when it is remote and uncompressed; None otherwise."""
@@ -404,16 +402,16 @@ class _RemoteChunks:
         name = self.name.format(chunk)
         if buffer is None:
             if self.checksummed:
-                raise schema.StoreError(_missing(name))
+                raise _missing(name)
             return np.full((rows, self.width), self.arr.fill_value, self.arr.dtype)
         data = buffer.as_numpy_array()
         size = self.chunk_rows * self.width * self.arr.dtype.itemsize
         if len(data) != size + 4 * self.checksummed:
-            raise schema.StoreError(
-                _damaged(name) if self.checksummed else f"{name} is truncated; the store is damaged: collect it again"
+            raise schema.damaged(
+                f"{name} fails its checksum (or is truncated)" if self.checksummed else f"{name} is truncated"
             )
         if self.checksummed and google_crc32c.value(data[:size]) != int.from_bytes(data[size:].tobytes(), "little"):
-            raise schema.StoreError(_damaged(name))
+            raise schema.damaged(f"{name} fails its checksum (or is truncated)")
         return data[:size].view(self.arr.dtype).reshape(self.chunk_rows, self.width)[:rows]
 
 
@@ -428,15 +426,8 @@ def _scatter(rows: np.ndarray, first_row: int, pieces: list[tuple[int, np.ndarra
         dest[:] = rows[first - first_row : first - first_row + len(dest)]
 
 
-def _missing(name: str) -> str:
-    return f"{name} is missing; the store is damaged: run `saepipe store verify` and collect it again"
-
-
-def _damaged(name: str) -> str:
-    return (
-        f"{name} fails its checksum (or is truncated); the store is damaged: "
-        f"run `saepipe store verify` and collect it again"
-    )
+def _missing(name: str) -> schema.StoreError:
+    return schema.damaged(f"{name} is missing")
 
 
 def remote_concurrency() -> int:
@@ -491,9 +482,7 @@ def _checked(read, what: str):
     except ValueError as e:
         if not is_checksum_error(e):
             raise
-        raise schema.StoreError(
-            f"{what} fails its checksum; the store is damaged: run `saepipe store verify` and collect it again"
-        ) from None
+        raise schema.damaged(f"{what} fails its checksum") from None
 
 
 def _read_verified(f, pieces: list[tuple[int, np.ndarray]], base: int, chunk_rows: int, row_bytes: int) -> bool:
@@ -565,9 +554,7 @@ def _check_arrays_match(group: zarr.Group, header: StoreHeader) -> None:
         if not isinstance(arrays[name], zarr.Array):
             damaged.append(f"the array {name} is missing")
     if damaged:
-        raise schema.StoreError(
-            f"the store is damaged: {'; '.join(damaged)}; copy it again from its source, or collect it again"
-        )
+        raise schema.damaged("; ".join(damaged))
     chunk_rows = header.chunk_rows
     for split in schema.SPLITS:
         committed = header.rows_committed(split)
@@ -578,10 +565,10 @@ def _check_arrays_match(group: zarr.Group, header: StoreHeader) -> None:
             # readers find row i in chunk i // chunk_rows: true when the chunks are that size, or one holds all
             chunks_ok = arr.chunks[0] == chunk_rows or arr.shape[0] <= arr.chunks[0]
             if not (shape_ok and chunks_ok):
-                raise schema.StoreError(
+                raise schema.damaged(
                     f"the attributes disagree with the array {schema.acts_path(split, hook)} (shape {arr.shape}, "
                     f"chunks {arr.chunks}; attributes say width {width}, {committed:,} committed rows, "
-                    f"{chunk_rows} rows per chunk): the store is damaged; copy it again, or collect it again"
+                    f"{chunk_rows} rows per chunk)"
                 )
 
 

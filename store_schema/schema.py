@@ -56,6 +56,14 @@ class StoreError(Exception):
     """A store cannot be opened or used as asked; the message says why and what to do."""
 
 
+def damaged(what: str) -> StoreError:
+    """The one error for a damaged store, whatever part of it is damaged: `what`, then what to do."""
+    return StoreError(
+        f"{what}: the store is damaged; run `saepipe store verify` to list every damaged part, then copy the "
+        f"store again from its source, or collect it again"
+    )
+
+
 def acts_path(split: str, hook: str) -> str:
     return f"{split}/acts/{hook}"
 

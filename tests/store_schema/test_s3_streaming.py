@@ -150,14 +150,16 @@ def test_a_damaged_or_missing_chunk_object_is_refused_in_one_line(damaged):
     with pytest.raises(StoreError) as bad:
         store.read_chunks("train", "h", [0, 1])
     assert str(bad.value) == (
-        f"chunk 1 of train/acts/h in {damaged} fails its checksum (or is truncated); the store is damaged: "
-        f"run `saepipe store verify` and collect it again"
+        f"chunk 1 of train/acts/h in {damaged} fails its checksum (or is truncated): the store is damaged; "
+        f"run `saepipe store verify` to list every damaged part, then copy the store again from its source, "
+        f"or collect it again"
     )
     with pytest.raises(StoreError) as missing:
         store.read_rows("train", "h", 3 * CHUNK_ROWS, 3 * CHUNK_ROWS + 10)
     assert str(missing.value) == (
-        f"chunk 3 of train/acts/h in {damaged} is missing; the store is damaged: "
-        f"run `saepipe store verify` and collect it again"
+        f"chunk 3 of train/acts/h in {damaged} is missing: the store is damaged; "
+        f"run `saepipe store verify` to list every damaged part, then copy the store again from its source, "
+        f"or collect it again"
     )
     with pytest.raises(StoreError, match=r"^chunk [13] of train/acts/h in .* the store is damaged"):
         _batches(store, 0, 24, window_chunks=4)  # the streaming loader meets one of them in its first epoch
