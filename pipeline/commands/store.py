@@ -18,13 +18,8 @@ def store() -> None:
     """Look after a store: describe it, copy it, verify its checksums."""
 
 
-@store.command(name="info")
-@click.argument("path", type=click.Path())
-@click.option("--json", "print_json", is_flag=True, help="print the raw metadata as JSON")
-@click.pass_context
-def store_info(ctx: click.Context, path: str, print_json: bool) -> None:
-    """Describe a store (the same as `saepipe info`)."""
-    ctx.invoke(info, path=path, print_json=print_json)
+# `saepipe store info` is `saepipe info` itself (one command, listed in both places).
+store.add_command(info, name="info")
 
 
 @store.command(name="copy")

@@ -284,3 +284,8 @@ def test_the_installed_package_leaves_the_benchmarks_out():
     shipped = find_packages(where=REPO, include=include)
     assert {"pipeline", "stages", "store_schema"} <= set(shipped)
     assert not [p for p in shipped if p.split(".")[0] in ("benchmarks", "tests")]
+
+
+def test_store_info_is_info_itself(store):
+    assert run_ok("store", "info", str(store)).output == run_ok("info", str(store)).output
+    assert run_ok("store", "info", str(store), "--json").output == run_ok("info", str(store), "--json").output
