@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Protocol
 
 import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from store_schema import schema
 from store_schema.header import StoreHeader
@@ -27,6 +24,7 @@ from store_schema.normalization import Normalization
 
 REMOTE_CONCURRENCY = 16  # chunk requests in flight to a remote store: object stores answer in tens of ms
 CONCURRENCY_VARIABLE = "SAEPIPE_REMOTE_CONCURRENCY"
+Piece = tuple[int, np.ndarray]  # (first row, destination): rows [first, first + len(destination)) of one chunk
 
 
 class ActivationStore:
@@ -38,10 +36,8 @@ class ActivationStore:
         # chunk objects fetched at once from a remote store (a local one is read with the callers' threads)
         self.concurrency = concurrency
         self.header = StoreHeader.from_attrs(group.attrs[schema.ATTRS_KEY])
-        # Whole committed chunks whose CRC32C this process has checked: a training run reads each chunk
-        # every epoch, and checking it again would halve the read speed (docs/benchmarks.md: CRC32C rate).
-        self._verified: set[tuple[str, str, int]] = set()
         self._arrays: dict[str, zarr.Array] = {}
+        self._sources: dict[str, ChunkSource] = {}  # each array's chunk source (_source)
 
     @classmethod
     def open(cls, path: str | os.PathLike, concurrency: int | None = None) -> ActivationStore:
@@ -210,47 +206,19 @@ class ActivationStore:
         self.read_into(split, hook, [(a, out[offsets[i] : offsets[i + 1]]) for i, (a, b) in enumerate(ranges)], threads)
         return out
 
-    def read_into(self, split: str, hook: str, pieces: list[tuple[int, np.ndarray]], threads: int = 2) -> None:
+    def read_into(self, split: str, hook: str, pieces: list[Piece], threads: int = 2) -> None:
         """Fill each piece's destination (a contiguous fp16 [n, width(hook)] array) with the committed rows
-        [first, first + n); a piece lies within one chunk. When the array is local and uncompressed (what
-        collect writes) a chunk's file is read straight into the destinations, one `preadv` per stretch
-        of adjacent pieces, so scattering rows costs no more than reading them; one task per chunk on
-        `threads` threads. When it is remote and uncompressed, its chunk objects are fetched whole,
-        `concurrency` at a time (stream_chunks), and the rows copied out."""
+        [first, first + n); a piece lies within one chunk. The array's chunk source (_source) reads them:
+        a local array's chunk files straight into the destinations, a chunk per task on `threads`
+        threads; an object store's chunk objects whole, `concurrency` at a time, the rows copied out."""
         by_chunk = self._pieces_by_chunk(split, hook, pieces)
-        if self.streams_chunk_objects(split, hook):
-            for chunk, rows in self.stream_chunks(split, hook, sorted(by_chunk)):
-                _scatter(rows, chunk * self.chunk_rows, by_chunk[chunk])
-            return
-        arr = self.acts(split, hook)
-        raw, checksummed = _raw_chunk_files(arr), is_checksummed(arr)
-        name = self._chunk_name(split, hook)
+        if by_chunk:
+            self._source(split, hook).fill(by_chunk, threads)
 
-        def read(chunk: int) -> None:
-            todo = sorted(by_chunk[chunk], key=lambda piece: piece[0])
-            path = None if raw is None else raw.path(chunk)
-            on_disk = path is not None and path.exists()
-            if checksummed and not on_disk and (path is not None or not chunk_exists(arr, (chunk, 0))):
-                raise _missing(name.format(chunk))
-            if not on_disk:  # through Zarr (or an older store's unwritten fill-value chunk)
-                a, b = todo[0][0], max(first + len(dest) for first, dest in todo)
-                _scatter(_checked(lambda: arr[a:b], name.format(chunk)), a, todo)
-                return
-            self._read_file(split, hook, chunk, path, todo, checksummed)
-
-        if len(by_chunk) == 1 or threads <= 1:
-            for chunk in by_chunk:
-                read(chunk)
-        elif by_chunk:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(read, by_chunk))
-
-    def _pieces_by_chunk(
-        self, split: str, hook: str, pieces: list[tuple[int, np.ndarray]]
-    ) -> dict[int, list[tuple[int, np.ndarray]]]:
+    def _pieces_by_chunk(self, split: str, hook: str, pieces: list[Piece]) -> dict[int, list[Piece]]:
         """The non-empty pieces grouped by chunk, each checked to be committed rows within its chunk."""
         n_rows = self.n_rows(split)
-        by_chunk: dict[int, list[tuple[int, np.ndarray]]] = {}
+        by_chunk: dict[int, list[Piece]] = {}
         for first, dest in pieces:
             if not len(dest):
                 continue
@@ -267,63 +235,34 @@ class ActivationStore:
             by_chunk.setdefault(chunk, []).append((first, dest))
         return by_chunk
 
+    def _source(self, split: str, hook: str) -> ChunkSource:
+        """Where the array's chunks are read from, chosen here once per array: its local chunk files, or
+        its chunk objects in an object store (any store that is not a local folder)."""
+        path = schema.acts_path(split, hook)
+        source = self._sources.get(path)
+        if source is None:
+            arr, n_rows, name = self.acts(split, hook), self.n_rows(split), self._chunk_name(split, hook)
+            if isinstance(arr.store, LocalStore):
+                source = _ChunkFiles(arr, n_rows, name)
+            else:
+                source = _ChunkObjects(arr, n_rows, name, self.concurrency)
+            source = self._sources.setdefault(path, source)  # two threads asking at once get the same one
+        return source
+
     def _chunk_name(self, split: str, hook: str) -> str:
         return f"chunk {{}} of {schema.acts_path(split, hook)} in {self.location}"
 
-    def _read_file(
-        self, split: str, hook: str, chunk: int, path: Path, todo: list[tuple[int, np.ndarray]], checksummed: bool
-    ) -> None:
-        """The pieces (sorted, within `chunk`) straight from the chunk's local file."""
-        arr, name = self.acts(split, hook), self._chunk_name(split, hook).format(chunk)
-        row_bytes, base = self.width(hook) * 2, chunk * self.chunk_rows
-        with open(path, "rb") as f:
-            if checksummed and (split, hook, chunk) not in self._verified:
-                # the whole chunk is read, gaps into scratch, so that its CRC32C can be checked
-                if not _read_verified(f, todo, base, arr.chunks[0], row_bytes):
-                    raise schema.damaged(f"{name} fails its checksum (or is truncated)")
-                if (chunk + 1) * arr.chunks[0] <= self.n_rows(split):  # a chunk still being filled changes
-                    self._verified.add((split, hook, chunk))
-                return
-            for start, stretch in _adjacent_stretches(todo):
-                if not _read_exactly(f, [memoryview(dest).cast("B") for dest in stretch], (start - base) * row_bytes):
-                    raise schema.damaged(f"{name} is truncated")
-
-    def _remote_chunks(self, split: str, hook: str) -> _RemoteChunks | None:
-        """The fetcher of the array's chunk objects when it is remote and uncompressed; None otherwise."""
-        arr = self.acts(split, hook)
-        if isinstance(arr.store, LocalStore) or not _raw_layout(arr):
-            return None
-        return _RemoteChunks(arr, self._chunk_name(split, hook), self.n_rows(split))
-
     def streams_chunk_objects(self, split: str, hook: str) -> bool:
-        """Whether the split's chunks are remote objects, fetched whole (stream_chunks)."""
-        return self._remote_chunks(split, hook) is not None
+        """Whether the split's chunks are objects in an object store, fetched whole ahead of their use
+        (stream_chunks) rather than read in place."""
+        return self._source(split, hook).fetches_ahead
 
     def stream_chunks(self, split: str, hook: str, chunks: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
-        """(chunk, its committed fp16 rows, read-only) for each chunk in `chunks`, in that order, from a
-        remote store whose chunks are objects (streams_chunk_objects). `concurrency` requests are kept in
-        flight, running ahead of the caller; at most `concurrency` chunks are held besides the one last
-        yielded, which bounds the memory. Closing the iterator stops the fetching."""
-        remote = self._remote_chunks(split, hook)
-        if remote is None:
-            raise ValueError(f"{split}/{hook} of {self.location} has no chunk objects to stream")
-        pending: collections.deque[tuple[int, Future]] = collections.deque()
-        todo = iter(chunks)
-
-        def fill() -> None:
-            while len(pending) < self.concurrency and (chunk := next(todo, None)) is not None:
-                pending.append((chunk, remote.submit(chunk)))
-
-        try:
-            fill()
-            while pending:
-                chunk, future = pending.popleft()
-                rows = future.result()
-                fill()  # keep `concurrency` requests in flight while the caller uses this chunk
-                yield chunk, rows
-        finally:
-            for _, future in pending:
-                future.cancel()
+        """(chunk, its committed fp16 rows, read-only) for each chunk in `chunks`, in that order. From an
+        object store (streams_chunk_objects), `concurrency` requests are kept in flight, running ahead of
+        the caller; at most `concurrency` chunks are held besides the one last yielded, which bounds the
+        memory. Closing the iterator stops the fetching. A local store's chunks are read when asked for."""
+        return self._source(split, hook).stream(chunks)
 
     def read_mapping(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(context index, position) of committed rows [start, stop)."""
@@ -340,15 +279,179 @@ class ActivationStore:
         return self.group[schema.row_stats_path(split, hook)][start:stop]
 
 
-@dataclass(frozen=True)
-class _RawChunks:
-    """Where an array's chunk files are."""
+class ChunkSource(Protocol):
+    """Where one array of rows has its chunks: local chunk files (_ChunkFiles) or chunk objects in an
+    object store (_ChunkObjects). Either reads a chunk of the raw layout (_raw_layout) itself and checks
+    its CRC32C; any other chunk (compressed, or an older store's unwritten fill-value chunk) through Zarr."""
 
-    root: Path
-    array: zarr.Array
+    fetches_ahead: bool  # chunks are fetched whole, ahead of their use (stream), rather than read in place
 
-    def path(self, chunk: int) -> Path:
-        return self.root / self.array.metadata.encode_chunk_key((chunk, 0))
+    def fill(self, by_chunk: dict[int, list[Piece]], threads: int) -> None:
+        """Fill every piece, grouped by chunk (each within its chunk's committed rows)."""
+        ...
+
+    def stream(self, chunks: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(chunk, its committed rows, read-only) for each of `chunks`, in that order."""
+        ...
+
+
+class _Chunks:
+    """What both sources know of one array's chunks."""
+
+    def __init__(self, arr: zarr.Array, n_rows: int, name: str):
+        self.arr, self.n_rows, self._name = arr, n_rows, name
+        self.chunk_rows, self.width = arr.chunks[0], arr.shape[1]
+        self.checksummed = is_checksummed(arr)
+
+    def name(self, chunk: int) -> str:
+        return self._name.format(chunk)
+
+    def key(self, chunk: int) -> str:
+        """The chunk's key within the store."""
+        return _chunk_key(self.arr, (chunk, 0))
+
+    def committed(self, chunk: int) -> int:
+        """How many of the chunk's rows are committed."""
+        return max(0, min(self.chunk_rows, self.n_rows - chunk * self.chunk_rows))
+
+    def through_zarr(self, chunk: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the chunk, decoded by Zarr (a missing chunk reads as the fill value)."""
+        return _checked(lambda: self.arr[start:stop], self.name(chunk))
+
+
+class _ChunkFiles(_Chunks):
+    """A local array's chunk files. With the raw layout each is read straight into the destinations, one
+    `preadv` per stretch of adjacent pieces, so scattering rows costs no more than reading them; its
+    CRC32C is checked the first time the whole chunk is read. A chunk per task, on the `threads` threads
+    each call asks for (local disks need no more)."""
+
+    fetches_ahead = False
+
+    def __init__(self, arr: zarr.Array, n_rows: int, name: str):
+        super().__init__(arr, n_rows, name)
+        self.root = Path(arr.store.root)
+        self.raw = _raw_chunk_files(arr) is not None
+        # Whole committed chunks whose CRC32C this process has checked: a training run reads each chunk
+        # every epoch, and checking it again would halve the read speed (docs/benchmarks.md: CRC32C rate).
+        self._verified: set[int] = set()
+
+    def fill(self, by_chunk: dict[int, list[Piece]], threads: int) -> None:
+        if len(by_chunk) == 1 or threads <= 1:
+            for chunk, pieces in by_chunk.items():
+                self._read(chunk, pieces)
+            return
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(self._read, by_chunk, by_chunk.values()))
+
+    def stream(self, chunks: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+        for chunk in chunks:
+            rows = np.empty((self.committed(chunk), self.width), self.arr.dtype)
+            self.fill({chunk: [(chunk * self.chunk_rows, rows)]}, threads=1)
+            rows.flags.writeable = False
+            yield chunk, rows
+
+    def _read(self, chunk: int, pieces: list[Piece]) -> None:
+        """The pieces of one chunk, from its file when it has the raw layout, else through Zarr."""
+        pieces = sorted(pieces, key=lambda piece: piece[0])
+        path = self.root / self.key(chunk)
+        on_disk = path.exists()
+        if self.checksummed and not on_disk:  # collect writes every chunk: Zarr would read it as zeros
+            raise _missing(self.name(chunk))
+        if self.raw and on_disk:
+            self._read_file(chunk, path, pieces)
+            return
+        start, stop = pieces[0][0], max(first + len(dest) for first, dest in pieces)
+        _scatter(self.through_zarr(chunk, start, stop), start, pieces)
+
+    def _read_file(self, chunk: int, path: Path, pieces: list[Piece]) -> None:
+        """The pieces (sorted) straight from the chunk's file."""
+        row_bytes, base = self.width * self.arr.dtype.itemsize, chunk * self.chunk_rows
+        with open(path, "rb") as f:
+            if self.checksummed and chunk not in self._verified:
+                # the whole chunk is read, gaps into scratch, so that its CRC32C can be checked
+                if not _read_verified(f, pieces, base, self.chunk_rows, row_bytes):
+                    raise schema.damaged(f"{self.name(chunk)} fails its checksum (or is truncated)")
+                if (chunk + 1) * self.chunk_rows <= self.n_rows:  # a chunk still being filled changes
+                    self._verified.add(chunk)
+                return
+            for start, stretch in _adjacent_stretches(pieces):
+                if not _read_exactly(f, [memoryview(dest).cast("B") for dest in stretch], (start - base) * row_bytes):
+                    raise schema.damaged(f"{self.name(chunk)} is truncated")
+
+
+class _ChunkObjects(_Chunks):
+    """An object store's chunk objects (S3, GCS, HTTP: Zarr's FsspecStore): each fetched whole in one
+    request, `concurrency` requests in flight on as many threads, through the synchronous twin of the
+    store's fsspec filesystem (its requests run on fsspec's event loop); with the raw layout, its CRC32C
+    checked and its rows a read-only view of the response."""
+
+    fetches_ahead = True
+
+    def __init__(self, arr: zarr.Array, n_rows: int, name: str, concurrency: int):
+        super().__init__(arr, n_rows, name)
+        self.raw = _raw_layout(arr)
+        self.fs = _synchronous(arr.store.fs)
+        self.absent = arr.store.allowed_exceptions  # what the filesystem raises for a missing object
+        self.concurrency = concurrency
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="saepipe-fetch")
+
+    def fill(self, by_chunk: dict[int, list[Piece]], threads: int) -> None:
+        for chunk, rows in self.stream(sorted(by_chunk)):
+            _scatter(rows, chunk * self.chunk_rows, by_chunk[chunk])
+
+    def stream(self, chunks: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+        pending: collections.deque[tuple[int, Future]] = collections.deque()
+        todo = iter(chunks)
+
+        def fill() -> None:
+            while len(pending) < self.concurrency and (chunk := next(todo, None)) is not None:
+                pending.append((chunk, self._pool.submit(self._fetch, chunk)))
+
+        try:
+            fill()
+            while pending:
+                chunk, future = pending.popleft()
+                rows = future.result()
+                fill()  # keep `concurrency` requests in flight while the caller uses this chunk
+                yield chunk, rows
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+    def _fetch(self, chunk: int) -> np.ndarray:
+        """The chunk's committed rows [n, d], read-only. A missing or damaged checksummed chunk raises a
+        StoreError naming it."""
+        rows = self._fetch_raw(chunk) if self.raw else self._fetch_through_zarr(chunk)
+        rows.flags.writeable = False
+        return rows
+
+    def _fetch_raw(self, chunk: int) -> np.ndarray:
+        """The rows, a view of the response; the fill value when the object is missing from an array
+        without checksums (an older store's unwritten chunk, which Zarr reads so too)."""
+        try:
+            data = np.frombuffer(self.fs.cat_file(self._object(chunk)), np.uint8)
+        except self.absent:
+            if self.checksummed:
+                raise _missing(self.name(chunk)) from None
+            return np.full((self.committed(chunk), self.width), self.arr.fill_value, self.arr.dtype)
+        size = self.chunk_rows * self.width * self.arr.dtype.itemsize
+        if len(data) != size + 4 * self.checksummed or (
+            self.checksummed and google_crc32c.value(data[:size]) != int.from_bytes(data[size:].tobytes(), "little")
+        ):
+            what = "fails its checksum (or is truncated)" if self.checksummed else "is truncated"
+            raise schema.damaged(f"{self.name(chunk)} {what}")
+        return data[:size].view(self.arr.dtype).reshape(self.chunk_rows, self.width)[: self.committed(chunk)]
+
+    def _fetch_through_zarr(self, chunk: int) -> np.ndarray:
+        """The rows of a chunk Zarr must decode (compressed, filtered)."""
+        if self.checksummed and not self.fs.exists(self._object(chunk)):
+            raise _missing(self.name(chunk))
+        start = chunk * self.chunk_rows
+        return self.through_zarr(chunk, start, start + self.committed(chunk))
+
+    def _object(self, chunk: int) -> str:
+        """The chunk object's path in the filesystem."""
+        return _object_path(self.arr.store, self.key(chunk))
 
 
 def _raw_layout(arr: zarr.Array) -> bool:
@@ -368,56 +471,35 @@ def _raw_layout(arr: zarr.Array) -> bool:
     )
 
 
-def _raw_chunk_files(arr: zarr.Array) -> _RawChunks | None:
-    """The chunk files of a local array with the raw layout (_raw_layout), read straight into the
-    destinations; None for any other array."""
+def _raw_chunk_files(arr: zarr.Array) -> Path | None:
+    """The folder of a local array's chunk files when they have the raw layout (_raw_layout), read
+    straight into the destinations; None for any other array."""
     if not isinstance(arr.store, LocalStore) or not _raw_layout(arr):
         return None
-    return _RawChunks(Path(arr.store.root) / arr.path, arr)
+    return Path(arr.store.root) / arr.path
 
 
-class _RemoteChunks:
-    """The chunk objects of a remote array with the raw layout: each fetched whole in one request, as a
-    coroutine on Zarr's event loop (where the array's store lives; no thread per request), and its
-    CRC32C checked."""
-
-    def __init__(self, arr: zarr.Array, name: str, n_rows: int):
-        self.arr, self.name, self.n_rows = arr, name, n_rows
-        self.chunk_rows, self.width = arr.chunks[0], arr.shape[1]
-        self.checksummed = is_checksummed(arr)
-
-    def submit(self, chunk: int) -> Future:
-        """Start fetching `chunk`; the future's result is its committed rows (see _fetch)."""
-        return asyncio.run_coroutine_threadsafe(self._fetch(chunk), _zarr_loop())
-
-    async def _fetch(self, chunk: int) -> np.ndarray:
-        """The chunk's committed rows [n, d], a read-only view of the response; the fill value when the
-        object is missing from an array without checksums (an older store's unwritten chunk, which Zarr
-        reads so too). A missing or damaged checksummed chunk raises a StoreError naming it."""
-        key = self.arr.metadata.encode_chunk_key((chunk, 0))
-        buffer = await self.arr.store.get(
-            f"{self.arr.path}/{key}" if self.arr.path else key, default_buffer_prototype()
-        )
-        rows = max(0, min(self.chunk_rows, self.n_rows - chunk * self.chunk_rows))
-        name = self.name.format(chunk)
-        if buffer is None:
-            if self.checksummed:
-                raise _missing(name)
-            return np.full((rows, self.width), self.arr.fill_value, self.arr.dtype)
-        data = buffer.as_numpy_array()
-        size = self.chunk_rows * self.width * self.arr.dtype.itemsize
-        if len(data) != size + 4 * self.checksummed:
-            raise schema.damaged(
-                f"{name} fails its checksum (or is truncated)" if self.checksummed else f"{name} is truncated"
-            )
-        if self.checksummed and google_crc32c.value(data[:size]) != int.from_bytes(data[size:].tobytes(), "little"):
-            raise schema.damaged(f"{name} fails its checksum (or is truncated)")
-        return data[:size].view(self.arr.dtype).reshape(self.chunk_rows, self.width)[:rows]
+def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """The key of the chunk at `coords` within the array's store."""
+    key = arr.metadata.encode_chunk_key(coords)
+    return f"{arr.path}/{key}" if arr.path else key
 
 
-def _zarr_loop() -> asyncio.AbstractEventLoop:
-    """The event loop Zarr runs its stores' I/O on (a remote store's client belongs to it)."""
-    return zarr.core.sync._get_loop()
+def _object_path(store: FsspecStore, key: str) -> str:
+    """The path in the store's filesystem of the object at `key` (as the store itself finds it)."""
+    root = store.path.rstrip("/")
+    return f"{root}/{key}" if root else key
+
+
+def _synchronous(fs):
+    """The synchronous twin of a Zarr store's asynchronous fsspec filesystem: the same class and options,
+    but callable from any thread (its requests run on fsspec's own event loop; Zarr's loop is private to
+    Zarr). fsspec keeps one instance per class and options, so the twin is made once."""
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    if isinstance(fs, AsyncFileSystemWrapper):  # a synchronous filesystem that Zarr wrapped
+        return fs.sync_fs
+    return type(fs)(*fs.storage_args, **{**fs.storage_options, "asynchronous": False})
 
 
 def _scatter(rows: np.ndarray, first_row: int, pieces: list[tuple[int, np.ndarray]]) -> None:
@@ -465,9 +547,11 @@ def is_checksummed(arr: zarr.Array) -> bool:
 
 
 def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
-    """Whether the chunk at `coords` has been written, in any Zarr store (local or remote)."""
-    key = arr.metadata.encode_chunk_key(coords)
-    return sync(arr.store.exists(f"{arr.path}/{key}" if arr.path else key))
+    """Whether the chunk at `coords` has been written, in a local folder or an object store."""
+    key = _chunk_key(arr, coords)
+    if isinstance(arr.store, LocalStore):
+        return (Path(arr.store.root) / key).exists()
+    return _synchronous(arr.store.fs).exists(_object_path(arr.store, key))
 
 
 def is_checksum_error(e: ValueError) -> bool:

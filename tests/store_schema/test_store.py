@@ -87,6 +87,7 @@ def test_raw_chunk_reads_equal_zarr_reads(tmp_path, monkeypatch):
     compressed = zarr.create_array(str(tmp_path / "z.zarr"), shape=(10, 4), chunks=(5, 4), dtype="float16")
     assert reader._raw_chunk_files(compressed) is None  # zstd by default: Zarr must decode it
     monkeypatch.setattr(reader, "_raw_chunk_files", lambda arr: None)
+    store = open_store(tmp_path / "s.zarr")  # a store chooses how to read each array once, when first read
     np.testing.assert_array_equal(
         store.read_chunks("train", "h", [4, 0]), np.concatenate([expected[4096:], expected[:1024]])
     )
@@ -280,6 +281,7 @@ def test_read_into_scatters_rows_to_any_destinations(tmp_path, monkeypatch):
     for raw in (True, False):
         if not raw:
             monkeypatch.setattr(reader, "_raw_chunk_files", lambda arr: None)
+            store = open_store(tmp_path / "s.zarr")  # chosen once per array, when first read
         out = np.zeros((sum(lengths), 8), np.float16)
         pieces, slot = [], 0
         for i in [3, 0, 6, 1, 5, 2, 4]:
