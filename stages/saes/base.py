@@ -8,12 +8,14 @@ Recipe and derivations: docs/architectures.md#the-shared-training-recipe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from stages.basics import distributed
+from stages.saes.io import HookArgs, HookIO
 
 
 @dataclass
@@ -103,6 +105,10 @@ class SparseAutoencoder(nn.Module):
     # and its encoder reads its input as it is (no b_dec subtracted). Every other SAE writes what it reads.
     transcodes = False
 
+    # The SAELens format the run folder's export uses: "sae" (an SAE of one hook), "transcoder" (one hook
+    # to another), or None where SAELens has none (a crosscoder, a CLT).
+    saelens_format: str | None = "sae"
+
     def __init__(self, d_in: int, d_sae: int):
         super().__init__()
         self.d_in, self.d_sae = d_in, d_sae
@@ -149,6 +155,28 @@ class SparseAutoencoder(nn.Module):
         return _SelectedPreActs.apply(
             x, self.W_enc, self.b_enc, None if self.transcodes else self.b_dec, indices, values
         )
+
+    # -- what it reads and writes (stages/saes/io.py): an SAE reconstructs its one hook -------------------
+    @classmethod
+    def hook_io(cls, args: HookArgs) -> HookIO:
+        """The store hooks it encodes and reconstructs, from how the run names them."""
+        return HookIO((args.hook,), (args.hook,))
+
+    @classmethod
+    def shape_for(cls, io: HookIO, width: Callable[[str], int]) -> tuple[int, dict]:
+        """(d_in, the other sizes it is built with) from the widths of the store's hooks."""
+        return width(io.reads[0]), {}
+
+    @classmethod
+    def hook_record(cls, io: HookIO, width: Callable[[str], int], normalization: Callable[[str], dict]) -> dict:
+        """What cfg.json records of the hooks besides `hook` and the input's `normalization`."""
+        return {}
+
+    @classmethod
+    def missing_hooks_error(cls, io: HookIO, location: str, missing: list[str]) -> str | None:
+        """The error for a store at `location` that lacks `missing` of the hooks, where this architecture
+        can say better how to collect them than naming them (None: the store's own error)."""
+        return None
 
     @classmethod
     def from_settings(cls, d_in: int, width: int, settings: ArchSettings, **extra) -> SparseAutoencoder:

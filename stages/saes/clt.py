@@ -35,6 +35,7 @@ from stages.saes.base import (
     selected_pre_acts,
 )
 from stages.saes.batchtopk import BatchTopKSAE, above_threshold, batch_top_k, moved_threshold
+from stages.saes.io import HookArgs, HookIO
 from stages.saes.topk import TopKSettings
 
 # A layer's sparse code: (values [n, k], indices into that layer's latents [n, k]).
@@ -46,6 +47,7 @@ class CrossLayerTranscoder(SparseAutoencoder):
     activation = "topk"
     settings_class = TopKSettings
     transcodes = True
+    saelens_format = None
 
     def __init__(
         self,
@@ -75,6 +77,41 @@ class CrossLayerTranscoder(SparseAutoencoder):
         )
         self.b_dec = nn.Parameter(torch.zeros(self.n_layers * self.d_out))
         self.reset_parameters()
+
+    # -- what it reads and writes: each layer's MLP input, and each layer's MLP output -------------------
+    @classmethod
+    def hook_io(cls, args: HookArgs) -> HookIO:
+        layers = args.layers or range(0)
+        return HookIO(
+            tuple(f"blocks.{layer}.mlp.hook_in" for layer in layers),
+            tuple(f"blocks.{layer}.hook_mlp_out" for layer in layers),
+        )
+
+    @classmethod
+    def shape_for(cls, io: HookIO, width) -> tuple[int, dict]:
+        """Every layer's MLP input and output are d_model wide: `width` latents for each layer."""
+        return width(io.reads[0]), {"d_out": width(io.writes[0]), "n_layers": len(io.reads)}
+
+    @classmethod
+    def hook_record(cls, io: HookIO, width, normalization) -> dict:
+        """Every hook read and written, each with its normalization, and the layers."""
+        layers = [int(hook.split(".")[1]) for hook in io.reads]
+        return {
+            "in_hooks": list(io.reads),
+            "out_hooks": list(io.writes),
+            "layers": [layers[0], layers[-1]],
+            "normalizations": {hook: normalization(hook) for hook in io.batch_hooks},
+        }
+
+    @classmethod
+    def missing_hooks_error(cls, io: HookIO, location: str, missing: list[str]) -> str | None:
+        layers = [int(hook.split(".")[1]) for hook in io.reads]
+        span = f"{layers[0]}-{layers[-1]}"
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return (
+            f"--arch clt --layers {span} reads each layer's MLP input and output, but store {location} lacks "
+            f"{missing[0]}{more}: collect with --hook 'blocks.{{{span}}}.mlp.hook_in' --hook 'blocks.{{{span}}}.hook_mlp_out'"
+        )
 
     @classmethod
     def from_settings(cls, d_in: int, width: int, settings: TopKSettings, **extra) -> CrossLayerTranscoder:

@@ -21,6 +21,7 @@ import torch
 
 from stages.saes.base import SparseAutoencoder, TrainContext
 from stages.saes.composed import composed_class
+from stages.saes.io import HookArgs, HookIO
 
 CROSSCODER_ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 
@@ -28,11 +29,32 @@ CROSSCODER_ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 class CrosscoderMixin:
     """Turns an SAE class into a crosscoder of the same activation over hooks of widths `hook_widths`."""
 
+    saelens_format = None
+
     def __init__(self, d_in: int, d_sae: int, *args, hook_widths, **kwargs):
         self.hook_widths = tuple(int(w) for w in hook_widths)
         if sum(self.hook_widths) != d_in:
             raise ValueError(f"d_in {d_in} is not the sum of the hooks' widths {self.hook_widths}")
         super().__init__(d_in, d_sae, *args, **kwargs)
+
+    @classmethod
+    def hook_io(cls, args: HookArgs) -> HookIO:
+        return HookIO(tuple(args.hooks), tuple(args.hooks))
+
+    @classmethod
+    def shape_for(cls, io: HookIO, width) -> tuple[int, dict]:
+        """One SAE over the hooks' rows side by side."""
+        widths = [width(hook) for hook in io.reads]
+        return sum(widths), {"hook_widths": widths}
+
+    @classmethod
+    def hook_record(cls, io: HookIO, width, normalization) -> dict:
+        """Every hook, each with its own normalization."""
+        return {
+            "in_hooks": list(io.reads),
+            "out_hooks": list(io.writes),
+            "normalizations": {hook: normalization(hook) for hook in io.batch_hooks},
+        }
 
     @staticmethod
     def joined(batch) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 from stages.basics import distributed
 from stages.saes.base import SparseAutoencoder, TrainContext
 from stages.saes.composed import composed_class
+from stages.saes.io import HookArgs, HookIO
 
 # The activations a transcoder can use: the SAEs whose encoder is (x W_enc + bias) followed by a sparsity
 # rule, and whose training loss takes a target.
@@ -36,6 +37,7 @@ class TranscoderMixin:
 
     transcodes = True
     skip = False
+    saelens_format = "transcoder"
 
     def __init__(self, d_in: int, d_sae: int, *args, d_out: int, **kwargs):
         self.d_out = int(d_out)  # read by SparseAutoencoder.__init__ to size the decoder
@@ -44,6 +46,25 @@ class TranscoderMixin:
             self.W_skip = nn.Parameter(torch.zeros(d_in, self.d_out))
 
     activation = ""  # set on each generated class: the SAE architecture whose sparsity rule it uses
+
+    @classmethod
+    def hook_io(cls, args: HookArgs) -> HookIO:
+        return HookIO((args.in_hook,), (args.out_hook,))
+
+    @classmethod
+    def shape_for(cls, io: HookIO, width) -> tuple[int, dict]:
+        return width(io.reads[0]), {"d_out": width(io.writes[0])}
+
+    @classmethod
+    def hook_record(cls, io: HookIO, width, normalization) -> dict:
+        """The input's normalization is cfg.json's `normalization`; the output's is recorded beside it."""
+        (in_hook,), (out_hook,) = io.reads, io.writes
+        return {
+            "in_hook": in_hook,
+            "out_hook": out_hook,
+            "d_out": width(out_hook),
+            "out_normalization": normalization(out_hook),
+        }
 
     def encoder_bias(self) -> torch.Tensor:
         return self.b_enc  # the input is encoded as it is: b_dec is an output-space bias

@@ -12,11 +12,14 @@ from stages.saes import (
     MULTI_HOOK_ARCHS,
     TRANSCODER_ARCHS,
     ArchSettings,
+    SparseAutoencoder,
     arch_settings,
     require_arch,
+    sae_class,
     settings_arch,
     settings_for,
 )
+from stages.saes.io import HookArgs, HookIO
 
 
 @dataclass
@@ -94,9 +97,21 @@ class TrainConfig:
         return settings_arch(self.arch, self.activation)
 
     @property
+    def sae_class(self) -> type[SparseAutoencoder]:
+        """The module class the run trains (its architecture, made for its activation)."""
+        return sae_class(self.arch, self.activation)
+
+    @property
     def transcodes(self) -> bool:
         """Whether the run writes other hooks than it reads (a transcoder, or a CLT)."""
-        return self.arch in (*TRANSCODER_ARCHS, "clt")
+        return self.sae_class.transcodes
+
+    @property
+    def io(self) -> HookIO:
+        """The store hooks the run encodes and reconstructs, as its architecture reads its hook options."""
+        layers = self.layer_range if self.layers is not None else None
+        args = HookArgs(self.hook, tuple(self.hooks or ()), self.in_hook, self.out_hook, layers)
+        return self.sae_class.hook_io(args)
 
     @property
     def layer_range(self) -> range:
@@ -113,24 +128,18 @@ class TrainConfig:
     @property
     def in_hooks(self) -> tuple[str, ...]:
         """The hooks the run encodes."""
-        if self.arch == "clt":
-            return tuple(f"blocks.{layer}.mlp.hook_in" for layer in self.layer_range)
-        if self.arch == "crosscoder":
-            return self.hooks
-        return (self.in_hook,) if self.transcodes else (self.hook,)
+        return self.io.reads
 
     @property
     def out_hooks(self) -> tuple[str, ...]:
         """The hooks the run reconstructs."""
-        if self.arch == "clt":
-            return tuple(f"blocks.{layer}.hook_mlp_out" for layer in self.layer_range)
-        return (self.out_hook,) if self.transcodes else self.in_hooks
+        return self.io.writes
 
     @property
     def read_hooks(self) -> tuple[str, ...]:
         """The store's hooks a training batch holds, side by side: the hooks encoded, then those written
         when they are others."""
-        return self.in_hooks + self.out_hooks if self.transcodes else self.in_hooks
+        return self.io.batch_hooks
 
     @property
     def settings(self) -> ArchSettings:

@@ -77,14 +77,7 @@ def build_for_store(
 
 def sae_shape(cfg: TrainConfig, store: ActivationStore) -> tuple[int, dict]:
     """(d_in, the other sizes an architecture is built with) from the widths of the store's hooks."""
-    widths = [store.width(hook) for hook in cfg.in_hooks]
-    if cfg.arch == "crosscoder":  # one SAE over the hooks side by side
-        return sum(widths), {"hook_widths": widths}
-    if cfg.arch == "clt":  # every layer's MLP input and output are d_model wide
-        return widths[0], {"d_out": store.width(cfg.out_hooks[0]), "n_layers": len(widths)}
-    if cfg.transcodes:
-        return widths[0], {"d_out": store.width(cfg.out_hook)}
-    return widths[0], {}
+    return cfg.sae_class.shape_for(cfg.io, store.width)
 
 
 def read_sample(store: ActivationStore, hooks: tuple[str, ...], rows: int) -> torch.Tensor:
@@ -94,21 +87,11 @@ def read_sample(store: ActivationStore, hooks: tuple[str, ...], rows: int) -> to
 
 def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder) -> dict:
     """cfg.json: the SAE, the hooks it reads and writes with their normalizations, the store, the training."""
-    hooks: dict = {"hook": cfg.hook}
-    if cfg.arch in ("transcoder", "skip_transcoder"):  # the input's normalization is `normalization`
-        hooks |= {
-            "in_hook": cfg.in_hook,
-            "out_hook": cfg.out_hook,
-            "d_out": store.width(cfg.out_hook),
-            "out_normalization": _normalization_record(store.normalization(cfg.out_hook)),
-        }
-    elif cfg.arch in ("clt", "crosscoder"):  # every hook read or written, each with its normalization
-        hooks |= {
-            "in_hooks": list(cfg.in_hooks),
-            "out_hooks": list(cfg.out_hooks),
-            **({"layers": [cfg.layer_range.start, cfg.layer_range.stop - 1]} if cfg.arch == "clt" else {}),
-            "normalizations": {h: _normalization_record(store.normalization(h)) for h in cfg.read_hooks},
-        }
+
+    def normalization(hook: str) -> dict:
+        return _normalization_record(store.normalization(hook))
+
+    hooks = {"hook": cfg.hook, **cfg.sae_class.hook_record(cfg.io, store.width, normalization)}
     return {
         "saepipe_version": __version__,
         "sae": sae.config(),
@@ -316,7 +299,7 @@ def _open_checked(cfgs: list[TrainConfig], device: torch.device, world: distribu
     store = open_store(base.store)
     store.require_complete()
     _require_hooks(base, store)
-    for hook in base.out_hooks if base.transcodes else ():
+    for hook in base.io.writes if base.io.transcodes else ():
         if store.normalization(hook).has_row_stats:
             raise SaepipeError(
                 f"store {store.location} normalizes {hook} per token (mode token): a transcoder's prediction "
@@ -337,15 +320,11 @@ def _open_checked(cfgs: list[TrainConfig], device: torch.device, world: distribu
 
 
 def _require_hooks(cfg: TrainConfig, store: ActivationStore) -> None:
-    """The store holds every hook the run reads; a CLT's are named by its layer range."""
+    """The store holds every hook the run reads (an architecture may say how to collect those it lacks)."""
     missing = [hook for hook in cfg.read_hooks if hook not in store.hooks]
-    if cfg.arch == "clt" and missing:
-        first, last = cfg.layer_range.start, cfg.layer_range.stop - 1
-        raise SaepipeError(
-            f"--arch clt --layers {cfg.layers} reads each layer's MLP input and output, but store {store.location} "
-            f"lacks {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: collect with "
-            f"--hook 'blocks.{{{first}-{last}}}.mlp.hook_in' --hook 'blocks.{{{first}-{last}}}.hook_mlp_out'"
-        )
+    explained = missing and cfg.sae_class.missing_hooks_error(cfg.io, store.location, missing)
+    if explained:
+        raise SaepipeError(explained)
     for hook in cfg.read_hooks:
         store.require_hook(hook)
 
@@ -463,16 +442,17 @@ def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out
         "dataset": header.text_source.get("name", ""),
         "extra_metadata": {"saepipe_store_fingerprint": store.fingerprint},
     }
-    if cfg.arch in ("clt", "crosscoder"):
+    io, export = cfg.io, out / run_dir.SAELENS
+    if sae.saelens_format is None:
         print(f"saepipe: no SAELens export for {out}: SAELens has no {cfg.arch} format", file=sys.stderr)
-    elif not cfg.transcodes:
-        export_saelens(out / run_dir.SAELENS, sae, store.normalization(cfg.hook), hook_name=cfg.hook, **provenance)
+    elif sae.saelens_format == "sae":
+        (hook,) = io.reads
+        export_saelens(export, sae, store.normalization(hook), hook_name=hook, **provenance)
     else:
-        norms = store.normalization(cfg.in_hook), store.normalization(cfg.out_hook)
+        (in_hook,), (out_hook,) = io.reads, io.writes
+        norms = store.normalization(in_hook), store.normalization(out_hook)
         try:
-            export_saelens_transcoder(
-                out / run_dir.SAELENS, sae, *norms, in_hook=cfg.in_hook, out_hook=cfg.out_hook, **provenance
-            )
+            export_saelens_transcoder(export, sae, *norms, in_hook=in_hook, out_hook=out_hook, **provenance)
         except ValueError as e:  # what SAELens cannot hold: the run folder is complete without it
             print(f"saepipe: no SAELens export for {out}: {e}", file=sys.stderr)
     (out / run_dir.CHECKPOINT).unlink(missing_ok=True)
