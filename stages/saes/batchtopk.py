@@ -5,7 +5,7 @@ a row's L0 varies while the batch mean stays k; AuxK is inherited from TopKSAE. 
 the other rows, so `encode` (in training and eval mode alike) is a JumpReLU with one threshold θ, an EMA
 of the training batches' cut-offs, saved as the buffer `threshold` and exported to SAELens as "jumprelu".
 
-Recipe, derivation and measurements: docs/architectures.md#batchtopk
+Recipe and derivation: docs/architectures.md#batchtopk (the measurements behind it: docs/history.md#architectures-how-the-recipes-were-arrived-at)
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ Latents are numbered layer by layer: latent l · width + i is latent i of layer 
 A training batch is the tuple of row-aligned batches (x_0 .. x_{L−1}, y_0 .. y_{L−1}), or those side by
 side (the initialization sample); `encode` and `forward` take the inputs side by side [n, L · d_in].
 
-Formulas, the planted-feature test and measurements: docs/architectures.md#cross-layer-transcoders-clt
+Formulas and the planted-feature test: docs/architectures.md#cross-layer-transcoders-clt (measurements:
+docs/history.md#architectures-how-the-recipes-were-arrived-at)
 """
 
 from __future__ import annotations

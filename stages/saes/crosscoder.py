@@ -12,7 +12,7 @@ Anthropic's L1 sums the per-hook norms instead, a difference that only the relu 
 
 A training batch is the tuple of the hooks' row-aligned batches, or those side by side.
 
-Measurements and the planted-feature test: docs/architectures.md#crosscoders
+The planted-feature test: docs/architectures.md#crosscoders (measurements: docs/history.md#architectures-how-the-recipes-were-arrived-at)
 """
 
 from __future__ import annotations

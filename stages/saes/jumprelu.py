@@ -5,7 +5,8 @@
 
 θ is trained by the paper's rectangle-kernel straight-through estimator, which reaches θ only.
 
-Recipe, initialization, defaults in our units, λ and measurements: docs/architectures.md#jumprelu
+Recipe, initialization, defaults in our units and λ: docs/architectures.md#jumprelu (measurements:
+docs/history.md#architectures-how-the-recipes-were-arrived-at)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from the residual r (r starts at x − b_dec): exactly k steps (static), or unti
 a step that does not grow the support, or max_iterations (dynamic). Rows run batched in lockstep, with
 scores updated through the Gram matrix W Wᵀ. W_dec is the only weight matrix: W_enc = W_decᵀ, b_enc = 0.
 
-Algorithm, backward, settings and measurements: docs/architectures.md#mp
+Algorithm, backward and settings: docs/architectures.md#mp (measurements: docs/history.md#architectures-how-the-recipes-were-arrived-at)
 """
 
 from __future__ import annotations

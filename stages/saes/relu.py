@@ -5,7 +5,7 @@ train SAEs), optionally with ghost grads for dead latents (Anthropic, "Circuits 
 
 The decoder rows are free (no unit-norm constraint): the penalty weighs each code by its row's norm.
 
-Recipe, default λ, ghost grads and measurements: docs/architectures.md#relu
+Recipe, default λ and ghost grads: docs/architectures.md#relu (measurements: docs/history.md#architectures-how-the-recipes-were-arrived-at)
 """
 
 from __future__ import annotations

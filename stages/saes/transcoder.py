@@ -13,7 +13,7 @@ output space, so nothing is subtracted before encoding (as SAELens's Transcoder)
 A training batch is the pair (x, y) of row-aligned batches of the two hooks (stages.train reads them
 together), or the two side by side, [x | y] (the initialization sample).
 
-Formulas and measurements: docs/architectures.md#transcoders
+Formulas: docs/architectures.md#transcoders (measurements: docs/history.md#architectures-how-the-recipes-were-arrived-at)
 """
 
 from __future__ import annotations
