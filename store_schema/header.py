@@ -223,18 +223,16 @@ class StoreHeader:
         if not (isinstance(planned, dict) and all(_is_int(planned.get(s)) for s in SPLITS)):
             raise _Problem("'layout.planned_rows' does not give a row count per split")
         progress = cls._progress(attrs["progress"], version)
-        for key in ("model", "tokenizer", "text_source", "running_stats", "collect_config", "shuffle", "split"):
-            _object(attrs.get(key, {}), key)
-        cls._check_running_stats(attrs.get("running_stats", {}), version)
+        cls._check_running_stats(_object(attrs.get("running_stats", {}), "running_stats"), version)
         cls._check_normalization(attrs.get("normalization"))
         return cls(
             schema_version=version,
             writer=str(attrs.get("writer", "")),
             config_fingerprint=attrs["config_fingerprint"],
             collect_config=_object(attrs.get("collect_config", {}), "collect_config"),
-            model=ModelRecord.parse(attrs.get("model", {})),
+            model=ModelRecord.parse(_object(attrs.get("model", {}), "model")),
             text_source=_object(attrs.get("text_source", {}), "text_source"),
-            tokenizer=TokenizerRecord.parse(attrs.get("tokenizer", {})),
+            tokenizer=TokenizerRecord.parse(_object(attrs.get("tokenizer", {}), "tokenizer")),
             context_size=context_size,
             dropped_positions=_ints(attrs.get("dropped_positions", []), "dropped_positions"),
             excluded_tokens=_ints(attrs.get("excluded_tokens", []), "excluded_tokens"),
@@ -244,7 +242,7 @@ class StoreHeader:
             hook_widths=MappingProxyType({h: widths.get(h, d_model) for h in hooks}),
             token_budget=attrs.get("token_budget", 0),
             shuffle=_object(attrs.get("shuffle", {}), "shuffle"),
-            split=ContextSplit.parse(attrs.get("split", {})),
+            split=ContextSplit.parse(_object(attrs.get("split", {}), "split")),
             normalization_mode=attrs.get("normalization_mode", "none"),
             warmup_rows=attrs.get("warmup_rows", 0),
             nonfinite_policy=attrs.get("nonfinite_policy", "skip"),

@@ -30,12 +30,12 @@ Piece = tuple[int, np.ndarray]  # (first row, destination): rows [first, first +
 class ActivationStore:
     """A read-only view of a store that shows committed rows only."""
 
-    def __init__(self, group: zarr.Group, location: str, concurrency: int = REMOTE_CONCURRENCY):
+    def __init__(self, group: zarr.Group, location: str, header: StoreHeader, concurrency: int = REMOTE_CONCURRENCY):
         self.group = group
         self.location = location
         # chunk objects fetched at once from a remote store (a local one is read with the callers' threads)
         self.concurrency = concurrency
-        self.header = StoreHeader.from_attrs(group.attrs[schema.ATTRS_KEY])
+        self.header = header  # checked by `open`, with the arrays it names
         self._arrays: dict[str, zarr.Array] = {}
         self._sources: dict[str, ChunkSource] = {}  # each array's chunk source (_source)
 
@@ -74,7 +74,7 @@ class ActivationStore:
             check_fits_in_memory(group, header)
         except schema.StoreError as e:
             raise schema.StoreError(f"{location}: {e}") from None
-        return cls(group, location, concurrency)
+        return cls(group, location, header, concurrency)
 
     # -- description --------------------------------------------------------------------------------
     @property

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,14 @@ class StoreWriter:
     # -- state --------------------------------------------------------------------------------------
     @property
     def header(self) -> StoreHeader:
-        """The store's header as it stands (typed, checked)."""
+        """The store's header as it stands (typed, checked; parsed anew from `attrs` at each call)."""
         return StoreHeader.from_attrs(self.attrs)
+
+    @cached_property
+    def _layout(self) -> StoreHeader:
+        """The header as this writer found it: its hooks, their widths and the normalization mode, which
+        never change while it writes, so every commit reads them without parsing the attributes again."""
+        return self.header
 
     @property
     def appending(self) -> bool:
@@ -134,7 +141,7 @@ class StoreWriter:
 
     def running_stats(self, split: str, hook: str) -> schema.RunningStats:
         saved = self._live()["running_stats"][split].get(hook)
-        d = self.header.width(hook)
+        d = self._layout.width(hook)
         if saved is None:
             return schema.RunningStats(d)
         return schema.RunningStats.from_attrs(
@@ -290,7 +297,7 @@ class StoreWriter:
         _write_from(self.group[schema.TOKENS], first, tokens.astype(np.int32))
         _write_from(self.group[schema.CONTEXT_SPLIT], first, context_split.astype(np.int8))
         for split in schema.SPLITS:
-            for name in schema.row_array_names(self.header, split):
+            for name in schema.row_array_names(self._layout, split):
                 arr = self.group[name]
                 arr.resize((rows[split],) + arr.shape[1:])
         counts = {
@@ -298,7 +305,7 @@ class StoreWriter:
         }
         layout = self.attrs["layout"]["planned_rows"]
         grown = [schema.TOKENS, schema.CONTEXT_SPLIT] + [
-            name for split in schema.SPLITS for name in schema.row_array_names(self.header, split)
+            name for split in schema.SPLITS for name in schema.row_array_names(self._layout, split)
         ]
         self._update(
             flush=self._metadata_files(grown)
@@ -322,7 +329,7 @@ class StoreWriter:
         resized = []
         for split in schema.SPLITS:
             n = self.progress(split)["rows_committed"]
-            for name in schema.row_array_names(self.header, split):
+            for name in schema.row_array_names(self._layout, split):
                 arr = self.group[name]
                 if arr.shape[0] != n:
                     arr.resize((n,) + arr.shape[1:])
@@ -369,7 +376,7 @@ class StoreWriter:
         """The chunk files of the split's row arrays holding rows [first_row, stop_row)."""
         return [
             path
-            for name in schema.row_array_names(self.header, split)
+            for name in schema.row_array_names(self._layout, split)
             for path in self._chunk_files(name, first_row, stop_row)
         ]
 
