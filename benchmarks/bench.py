@@ -65,7 +65,7 @@ from stages.train.config import TrainConfig
 from stages.train.loop import TrainingRun, run_train
 from store_schema.generated import write_array_store
 from store_schema.loader import RowAlignedBatches, ShuffledBatches
-from store_schema.reader import open_store
+from store_schema.reader import ActivationStore, open_store
 
 # sae_lens (and the datasets cache its activation runner writes) is optional, the test extra: imported
 # by the benchmarks that run it.
@@ -315,10 +315,16 @@ def _our_stepper(cfg: BenchConfig, arch: str, store_path: Path, out: Path, devic
         overwrite=True,
         progress=False,
     ).validate()
-    run_dir.prepare(out, overwrite=True, resume=False)
-    run = TrainingRun(train_cfg, open_store(store_path), device, resuming=False, world=World())  # one process
+    run = fresh_training_run(train_cfg, open_store(store_path), device)
     autocast = contextlib.nullcontext()
     return lambda x, step: run.step(x, step, autocast)
+
+
+def fresh_training_run(cfg: TrainConfig, store: ActivationStore, device: torch.device) -> TrainingRun:
+    """A TrainingRun of `cfg` in one process, in a cleared run folder: its steps, taken on batches of the
+    caller's, are what a benchmark times."""
+    run_dir.prepare(Path(cfg.out), overwrite=True, resume=False)
+    return TrainingRun(cfg, store, device, resuming=False, world=World())
 
 
 def _saelens_stepper(cfg: BenchConfig, arch: str, device: torch.device):

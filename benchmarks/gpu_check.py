@@ -54,10 +54,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench import BenchConfig, fresh_training_run, run_bench
 from stages import evaluate
 from stages.basics import distributed, run_dir
 from stages.basics.device import resolve_device, synchronize
-from stages.basics.distributed import World
 from stages.basics.errors import SaepipeError, first_line
 from stages.basics.settings import progress_setting, setting
 from stages.collect import run_collect
@@ -65,7 +65,7 @@ from stages.collect.config import CollectConfig
 from stages.host_model.model import run_to_hooks
 from stages.train import run_train
 from stages.train.config import TrainConfig
-from stages.train.loop import TrainingRun, run_sweep
+from stages.train.loop import run_sweep
 from store_schema.generated import write_array_store
 from store_schema.reader import open_store
 
@@ -425,12 +425,11 @@ class GpuCheck:
         cfg = self._train_config(
             store, hooks, name, arch, width=width, tokens=rows * 10_000, geometric_median_rows=rows
         ).validate()
-        run_dir.prepare(Path(cfg.out), overwrite=True, resume=False)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-        run = TrainingRun(cfg, open_store(store), self.device, resuming=False, world=World())
+        run = fresh_training_run(cfg, open_store(store), self.device)
         gen = torch.Generator(self.device).manual_seed(0)
         x = tuple(torch.randn(rows, d_in, generator=gen, device=self.device) for _ in cfg.read_hooks)
         batch = x[0] if len(x) == 1 else x
@@ -497,7 +496,6 @@ class GpuCheck:
         return {"backend": backend, "seconds_with_launch": time.perf_counter() - started, "fve": last["fve"]}
 
     def bench(self, which: int) -> dict:
-        from benchmarks.bench import BenchConfig, run_bench
 
         d_in, width = self.sizes.bench[which]
         bench_cfg = BenchConfig(

@@ -35,12 +35,10 @@ import numpy as np
 import psutil
 import torch
 
+from benchmarks.bench import fresh_training_run
 from benchmarks.child import peak_rss_bytes, rss_bytes, run_in_child
 from benchmarks.s3_latency import s3_environment, s3_server
-from stages.basics import run_dir
-from stages.basics.distributed import World
 from stages.train.config import TrainConfig
-from stages.train.loop import TrainingRun
 from store_schema.copy import copy_store
 from store_schema.generated import write_array_store
 from store_schema.loader import ShuffledBatches
@@ -392,9 +390,8 @@ class _TimedTraining:
             overwrite=True,
             progress=False,
         ).validate()
-        run_dir.prepare(out, overwrite=True, resume=False)
         self.store = open_store(location, concurrency=concurrency)
-        self.run = TrainingRun(cfg, self.store, torch.device("cpu"), resuming=False, world=World())
+        self.run = fresh_training_run(cfg, self.store, torch.device("cpu"))
         self.loader = ShuffledBatches(
             self.store, HOOK, batch_size, device=torch.device("cpu"), seed=cfg.seed, resident=False
         )

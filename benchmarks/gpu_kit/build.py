@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.gpu_kit.image import IMAGE_PACKAGES, normalized
+from benchmarks.gpu_kit.image import IMAGE_PACKAGES, normalized, read_requirements
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -43,21 +43,12 @@ class KitError(Exception):
 
 def needed() -> list[str]:
     """needs.txt's names, in order."""
-    names = []
-    for line in (HERE / "needs.txt").read_text().splitlines():
-        name = line.split("#", 1)[0].strip()
-        if name:
-            names.append(normalized(name))
-    return names
+    return [name for name, _ in read_requirements(HERE / "needs.txt")]
 
 
 def pinned_versions(names: list[str], constraints: Path = REPO / "constraints.txt") -> dict[str, str]:
     """Each name's version in constraints.txt (what `make setup` installs and the tests run)."""
-    pins = {}
-    for line in constraints.read_text().splitlines():
-        name, sep, version = line.split("#", 1)[0].strip().partition("==")
-        if sep:
-            pins[normalized(name)] = version.strip()
+    pins = {name: version for name, version in read_requirements(constraints) if version}
     missing = [name for name in names if name not in pins]
     if missing:
         raise KitError(f"needs.txt names {', '.join(missing)}, which constraints.txt does not pin: pin it there")
