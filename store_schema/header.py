@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from store_schema.schema import (
     FIRST_SMALL_METADATA_VERSION,
@@ -22,9 +23,18 @@ from store_schema.schema import (
     SCHEMA_NAME,
     SCHEMA_VERSION,
     SPLITS,
+    RunningStats,
     StoreError,
     damaged,
+    fingerprint,
+    norm_mean_path,
+    running_sum_path,
 )
+
+if TYPE_CHECKING:  # normalization imports torch, this module does not
+    import zarr
+
+    from store_schema.normalization import Normalization
 
 # Hook names become paths inside the store (train/acts/<hook>): from a store of unknown origin, only names
 # that cannot reach outside it, and not so many that listing them is a denial of service.
@@ -122,6 +132,14 @@ class SplitProgress:
     rows_committed: int
     blocks_done: int
 
+    @classmethod
+    def from_attrs(cls, obj: Mapping) -> SplitProgress:
+        return cls(obj["rows_committed"], obj["blocks_done"])
+
+    def to_attrs(self) -> dict:
+        # blocks_done first: the key order stores have always been written with (their bytes)
+        return {"blocks_done": self.blocks_done, "rows_committed": self.rows_committed}
+
 
 @dataclass(frozen=True)
 class Append:
@@ -137,6 +155,10 @@ class Append:
             raise _Problem(f"'{what}' does not give the appended contexts")
         first, stop = obj["contexts"]
         return cls(_int(obj.get("tokens"), f"{what}.tokens"), (first, stop), obj.get("writer", ""))
+
+    def to_attrs(self) -> dict:
+        """Its entry in `appends`."""
+        return {"tokens": self.tokens, "contexts": list(self.contexts), "writer": self.writer}
 
 
 @dataclass(frozen=True)
@@ -266,7 +288,7 @@ class StoreHeader:
                 isinstance(done, dict) and _is_int(done.get("rows_committed")) and _is_int(done.get("blocks_done"))
             ):
                 raise _Problem(f"'progress.{split}' does not give rows_committed and blocks_done")
-            parsed[split] = SplitProgress(done["rows_committed"], done["blocks_done"])
+            parsed[split] = SplitProgress.from_attrs(done)
         if version >= FIRST_SMALL_METADATA_VERSION:
             _int(progress.get("skipped_count"), "progress.skipped_count")
         else:
@@ -325,14 +347,40 @@ class StoreHeader:
     def rows_committed(self, split: str) -> int:
         return self.progress[split].rows_committed
 
+    @property
+    def tokens_fingerprint(self) -> str | None:
+        """The fingerprint of the store's contexts (`tokens[:n_contexts]`), which an append must reproduce."""
+        return self.text_source.get("tokens_fingerprint")
+
     def normalization_attrs(self, hook: str) -> dict | None:
         """The recorded normalization of `hook` as attributes (its mean vector lives in an array)."""
         saved = (self._attrs.get("normalization") or {}).get(hook)
         return copy.deepcopy(saved)
 
+    def normalization(self, hook: str, group: zarr.Group) -> Normalization | None:
+        """The normalization recorded for `hook`, None until the warm-up fixed it (`group`: the store)."""
+        saved = self.normalization_attrs(hook)
+        return None if saved is None else read_normalization(group, hook, saved)
+
+    def normalizations(self, group: zarr.Group) -> dict[str, Normalization] | None:
+        """Every hook's recorded normalization, None until the warm-up fixed them (`group`: the store)."""
+        saved = self._attrs.get("normalization")
+        if saved is None:
+            return None
+        return {hook: read_normalization(group, hook, record) for hook, record in saved.items()}
+
     def running_stats_attrs(self, split: str, hook: str) -> dict | None:
         saved = self._attrs.get("running_stats", {}).get(split, {}).get(hook)
         return copy.deepcopy(saved)
+
+    def running_stats(self, split: str, hook: str, group: zarr.Group) -> RunningStats | None:
+        """The split's committed statistics of `hook`, None before its first commit (`group`: the store)."""
+        saved = self.running_stats_attrs(split, hook)
+        if saved is None:
+            return None
+        if not self.small_metadata:  # version 1: the sum is in the attributes
+            return RunningStats.from_attrs(self.d_model, saved, saved["sum"])
+        return read_running_stats(group, split, hook, saved, self.width(hook))
 
     @property
     def skipped_count(self) -> int:
@@ -347,3 +395,36 @@ class StoreHeader:
     def records(self, *keys: str) -> dict:
         """Deep copies of the named top-level records as they are stored (for JSON: cfg.json, provenance)."""
         return {key: copy.deepcopy(self._attrs[key]) for key in keys if key in self._attrs}
+
+    # -- what a writer makes of it ------------------------------------------------------------------
+    def with_append_merged(self) -> StoreHeader:
+        """The header once the append under way is the store's: its rows, statistics, contexts, budget
+        and tokens' fingerprint, with the append listed in `appends`. Every other record keeps its place
+        in the attributes, so only the bytes of what changed change."""
+        if self.pending_append is None:
+            raise ValueError("the store has no append under way")
+        attrs = self.to_attrs()
+        pending = attrs.pop("append")
+        attrs["progress"], attrs["running_stats"] = pending["progress"], pending["running_stats"]
+        attrs["token_budget"] = self.pending_append.tokens
+        attrs["split"] = {**attrs["split"], **{key: attrs["split"][key] + n for key, n in pending["split"].items()}}
+        attrs["layout"] = {**attrs["layout"], "planned_rows": pending["planned_rows"]}
+        attrs["text_source"] = {**attrs["text_source"], "tokens_fingerprint": pending["tokens_fingerprint"]}
+        attrs["appends"] = attrs.get("appends", []) + [self.pending_append.to_attrs()]  # earlier ones as stored
+        budgets = [a.tokens for a in (*self.appends, self.pending_append)]
+        attrs["config_fingerprint"] = fingerprint({"collect_config": attrs["collect_config"], "appends": budgets})
+        return StoreHeader.from_attrs(attrs)
+
+
+# -- records with arrays beside them: the one place, for reader and writer, that reads them ---------------
+def read_normalization(group: zarr.Group, hook: str, record: Mapping) -> Normalization:
+    """A hook's normalization from its record; a center-scale mean lives in an array of the store."""
+    from store_schema.normalization import Normalization
+
+    mean = group[norm_mean_path(hook)][:] if record["mode"] == "center-scale" else None
+    return Normalization.from_attrs(record, mean)
+
+
+def read_running_stats(group: zarr.Group, split: str, hook: str, record: Mapping, width: int) -> RunningStats:
+    """A hook's statistics from their record (version 2 on): the sum vector is in the slot it names."""
+    return RunningStats.from_attrs(width, record, group[running_sum_path(split, hook)][record["sum_slot"]])

@@ -97,7 +97,7 @@ class RemoteMirror:
     def _drop_committed_chunks(self, writer) -> None:
         """Delete the staging copies of the row chunks wholly below each split's committed rows."""
         for split in schema.SPLITS:
-            full = writer.progress(split)["rows_committed"] // writer.chunk_rows(split)
+            full = writer.progress(split).rows_committed // writer.chunk_rows(split)
             for name in schema.row_array_names(writer.header, split):
                 arr = writer.group[name]
                 for chunk in range(full):

@@ -122,20 +122,13 @@ class ActivationStore:
             raise schema.StoreError(f"hook '{hook}' is not in store {self.location}; it holds: {', '.join(self.hooks)}")
 
     def normalization(self, hook: str) -> Normalization:
-        saved = self.header.normalization_attrs(hook)
-        if saved is None:
+        norm = self.header.normalization(hook, self.group)
+        if norm is None:
             raise schema.StoreError(f"store {self.location} has no normalization recorded for '{hook}' yet")
-        mean = self.group[schema.norm_mean_path(hook)][:] if saved["mode"] == "center-scale" else None
-        return Normalization.from_attrs(saved, mean)
+        return norm
 
     def running_stats(self, split: str, hook: str) -> schema.RunningStats | None:
-        saved = self.header.running_stats_attrs(split, hook)
-        if saved is None:
-            return None
-        if not self.header.small_metadata:  # version 1: the sum is in the attributes
-            return schema.RunningStats.from_attrs(self.d_model, saved, saved["sum"])
-        total = self.group[schema.running_sum_path(split, hook)][saved["sum_slot"]]
-        return schema.RunningStats.from_attrs(self.width(hook), saved, total)
+        return self.header.running_stats(split, hook, self.group)
 
     def skipped_contexts(self) -> np.ndarray:
         """Contexts left out for non-finite activations (their indices into `tokens`)."""

@@ -36,7 +36,7 @@ from zarr.core.buffer import default_buffer_prototype
 
 from store_schema import schema
 from store_schema.durable import chunk_files, fsync_files, fsync_path, fsync_tree, local_root, write_durably
-from store_schema.header import StoreHeader
+from store_schema.header import SplitProgress, StoreHeader, read_running_stats
 from store_schema.normalization import Normalization
 
 
@@ -128,8 +128,9 @@ class StoreWriter:
         an append, in the `append` attribute (which readers do not look at)."""
         return self.attrs["append"] if self.appending else self.attrs
 
-    def progress(self, split: str) -> dict:
-        return self._live()["progress"][split]
+    def progress(self, split: str) -> SplitProgress:
+        """Rows and blocks committed to the split (during an append, the append's)."""
+        return SplitProgress.from_attrs(self._live()["progress"][split])
 
     def n_contexts(self) -> int:
         """Contexts of the store as readers see it (an append in progress adds more after them)."""
@@ -140,24 +141,13 @@ class StoreWriter:
         return int(self.group[schema.row_context_path(split)].chunks[0])
 
     def running_stats(self, split: str, hook: str) -> schema.RunningStats:
+        # from the live record (an append's own during an append), not `header`: read at every commit
         saved = self._live()["running_stats"][split].get(hook)
         d = self._layout.width(hook)
-        if saved is None:
-            return schema.RunningStats(d)
-        return schema.RunningStats.from_attrs(
-            d, saved, self.group[schema.running_sum_path(split, hook)][saved["sum_slot"]]
-        )
+        return schema.RunningStats(d) if saved is None else read_running_stats(self.group, split, hook, saved, d)
 
     def normalizations(self) -> dict[str, Normalization] | None:
-        saved = self.attrs.get("normalization")
-        if saved is None:
-            return None
-        return {
-            hook: Normalization.from_attrs(
-                attrs, self.group[schema.norm_mean_path(hook)][:] if attrs["mode"] == "center-scale" else None
-            )
-            for hook, attrs in saved.items()
-        }
+        return self.header.normalizations(self.group)
 
     # -- writing ------------------------------------------------------------------------------------
     def record_normalization(self, norms: dict[str, Normalization]) -> None:
@@ -205,10 +195,10 @@ class StoreWriter:
         """Make the split's rows up to `rows_committed` visible, with their statistics and the contexts this
         commit leaves out (`skipped_contexts`: non-finite activations). The sums and the skipped contexts
         are written to their arrays first, where no committed attribute points yet."""
-        written = self._row_chunk_files(split, self.progress(split)["rows_committed"], rows_committed)
+        written = self._row_chunk_files(split, self.progress(split).rows_committed, rows_committed)
         live = self._live()
         progress = dict(live["progress"])
-        progress[split] = {"blocks_done": blocks_done, "rows_committed": rows_committed}
+        progress[split] = SplitProgress(rows_committed, blocks_done).to_attrs()
         progress["skipped_count"], written_skipped = self._write_skipped(
             live["progress"]["skipped_count"], skipped_contexts
         )
@@ -236,15 +226,16 @@ class StoreWriter:
     ) -> None:
         """Commit the split's next block, whose `n_rows` rows follow the committed ones: its statistics
         are merged into the running ones and its dropped (non-finite) contexts recorded."""
-        if block_index != self.progress(split)["blocks_done"]:
+        done = self.progress(split)
+        if block_index != done.blocks_done:
             raise ValueError(
-                f"committing {split} block {block_index}, but {self.progress(split)['blocks_done']} "
+                f"committing {split} block {block_index}, but {done.blocks_done} "
                 f"blocks are committed: blocks are committed in order"
             )
         stats = {hook: self.running_stats(split, hook) for hook in self.attrs["hooks"]}
         for hook, block in block_stats.items():
             stats[hook].merge(block)
-        self.commit(split, block_index + 1, self.progress(split)["rows_committed"] + n_rows, stats, dropped_contexts)
+        self.commit(split, block_index + 1, done.rows_committed + n_rows, stats, dropped_contexts)
 
     def _free_sum_slot(self, split: str, hook: str) -> int:
         """A slot of the hook's running sums that neither the store's attributes nor a running append's
@@ -285,7 +276,7 @@ class StoreWriter:
         contexts and rows the attributes count), then the `append` attribute records the append: a
         kill in between leaves the store as it was, and the next append grows the arrays again."""
         first, added = self.n_contexts(), len(tokens)
-        rows = {split: self.attrs["progress"][split]["rows_committed"] + planned_rows[split] for split in schema.SPLITS}
+        rows = {split: self.progress(split).rows_committed + planned_rows[split] for split in schema.SPLITS}
         for split in schema.SPLITS:
             chunk = self.chunk_rows(split)
             if rows[split] > chunk and chunk != self.attrs["layout"]["chunk_rows"]:
@@ -328,7 +319,7 @@ class StoreWriter:
         an append, make its rows, statistics and contexts the store's, in one attribute write."""
         resized = []
         for split in schema.SPLITS:
-            n = self.progress(split)["rows_committed"]
+            n = self.progress(split).rows_committed
             for name in schema.row_array_names(self._layout, split):
                 arr = self.group[name]
                 if arr.shape[0] != n:
@@ -337,18 +328,7 @@ class StoreWriter:
         if not self.appending:
             self._update(flush=self._metadata_files(resized), complete=True)
             return
-        append, header = self.attrs["append"], dict(self.attrs)
-        del header["append"]
-        header["progress"], header["running_stats"] = append["progress"], append["running_stats"]
-        header["token_budget"] = append["tokens"]
-        header["split"] = {**header["split"], **{key: header["split"][key] + n for key, n in append["split"].items()}}
-        header["layout"] = {**header["layout"], "planned_rows": append["planned_rows"]}
-        header["text_source"] = {**header["text_source"], "tokens_fingerprint": append["tokens_fingerprint"]}
-        header["appends"] = header.get("appends", []) + [{key: append[key] for key in ("tokens", "contexts", "writer")}]
-        header["config_fingerprint"] = schema.fingerprint(
-            {"collect_config": header["collect_config"], "appends": [a["tokens"] for a in header["appends"]]}
-        )
-        self.attrs = header
+        self.attrs = self.header.with_append_merged().to_attrs()
         self._write_attributes(flush=self._metadata_files(resized))
 
     def _update(self, flush: list[Path] = (), **changes) -> None:
@@ -400,7 +380,7 @@ def _header_with_layout(header: dict, chunk_rows: int) -> dict:
     """A new store's header: `header` with its layout and empty progress (nothing committed yet)."""
     header = {**header, "text_source": dict(header["text_source"])}
     header["layout"] = {"chunk_rows": chunk_rows, "planned_rows": None}
-    header["progress"] = {split: {"blocks_done": 0, "rows_committed": 0} for split in schema.SPLITS}
+    header["progress"] = {split: SplitProgress(0, 0).to_attrs() for split in schema.SPLITS}
     header["progress"]["skipped_count"] = 0
     header["running_stats"] = {split: {} for split in schema.SPLITS}
     header["normalization"] = None

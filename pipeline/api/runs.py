@@ -13,9 +13,10 @@ from torch import nn
 from stages.basics import run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
-from stages.evaluate.evaluated import is_saelens_folder, load_saelens_sae, multi_hooks, run_hooks
+from stages.evaluate.evaluated import is_saelens_folder, load_saelens_sae, recorded_hooks
 from stages.saes import SparseAutoencoder
 from stages.saes.base import DenseCode
+from stages.saes.io import HookIO
 from stages.saes.saved import load_sae
 from store_schema.normalization import Normalization
 
@@ -68,14 +69,14 @@ class TrainedSAE(nn.Module):
     @property
     def d_out(self) -> int:
         """The width of what forward writes (a CLT: all its layers' outputs side by side)."""
-        if getattr(self.sae, "n_layers", None):
+        if self.sae.n_layers:
             return self.sae.n_layers * self.sae.d_out
         return self.sae.W_dec.shape[1]
 
     @property
     def d_in(self) -> int:
         """The width of what the module reads (a CLT: all its layers' inputs side by side)."""
-        return self.sae.d_in * (getattr(self.sae, "n_layers", None) or 1)
+        return self.sae.d_in * (self.sae.n_layers or 1)
 
     @property
     def d_sae(self) -> int:
@@ -84,9 +85,7 @@ class TrainedSAE(nn.Module):
     @property
     def arch(self) -> str:
         """Our architecture name (topk, ...), or "saelens <its architecture>" for a SAELens folder."""
-        if self.sae.arch == "external":
-            return f"saelens {self.sae.config()['architecture']}"
-        return self.sae.arch
+        return self.sae.display_arch
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations [..., d_in] -> latent activations [..., d_sae] (dense)."""
@@ -131,13 +130,13 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tra
     folder, device = Path(path), resolve_device(str(device))
     if (folder / run_dir.SAE_WEIGHTS).exists() or (folder / run_dir.CHECKPOINT).exists():
         sae, cfg = load_sae(folder, device)
-        multi = multi_hooks(cfg)
-        if multi is not None:
-            return _multi_hook_run(sae, cfg, multi, folder)
-        hook, norm, in_hook, in_norm = run_hooks(cfg)  # a transcoder reads in_hook and writes hook
-        if in_hook is None:
-            return TrainedSAE(sae, norm, hook, cfg, _eval_results(folder), folder)
-        return TrainedSAE(sae, in_norm, hook, cfg, _eval_results(folder), folder, in_hook, out_normalization=norm)
+        io, norms = recorded_hooks(sae, cfg)
+        if not io.single:
+            return _multi_hook_run(sae, cfg, io, norms, folder)
+        (read,), (write,) = io.reads, io.writes  # a transcoder reads another hook than it writes
+        in_hook = read if io.transcodes else None
+        evals = _eval_results(folder)
+        return TrainedSAE(sae, norms[read], write, cfg, evals, folder, in_hook, out_normalization=norms[write])
     if is_saelens_folder(folder):
         sae = load_saelens_sae(folder, device)
         cfg = json.loads((folder / "cfg.json").read_text())
@@ -149,17 +148,19 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tra
     )
 
 
-def _multi_hook_run(sae: SparseAutoencoder, cfg: dict, multi, folder: Path) -> TrainedSAE:
+def _multi_hook_run(
+    sae: SparseAutoencoder, cfg: dict, io: HookIO, norms: dict[str, Normalization], folder: Path
+) -> TrainedSAE:
     """A crosscoder or CLT on raw rows: each hook's block normalized and mapped back by its own."""
-    in_hooks, out_hooks, norms = multi
+    in_hooks, out_hooks = io.reads, io.writes
     per_token = [hook for hook, norm in norms.items() if norm.has_row_stats]
     if per_token:
         raise SaepipeError(
             f"{folder}: its store normalizes {per_token[0]} per token (mode token), which a {sae.arch} on raw rows "
             f"cannot invert; read the store's normalized rows and call the module `.sae` on them instead"
         )
-    widths_in = list(getattr(sae, "hook_widths", None) or [sae.d_in] * len(in_hooks))
-    widths_out = widths_in if in_hooks == out_hooks else [sae.d_out] * len(out_hooks)
+    widths = sae.widths_at(io)
+    widths_in, widths_out = [widths[h] for h in in_hooks], [widths[h] for h in out_hooks]
     joined_in = JoinedNormalization([norms[h] for h in in_hooks], widths_in)
     joined_out = JoinedNormalization([norms[h] for h in out_hooks], widths_out)
     return TrainedSAE(

@@ -11,9 +11,11 @@ from pathlib import Path
 import click
 
 from stages.basics.errors import SaepipeError
-from stages.evaluate.evaluated import multi_hooks, run_normalization
+from stages.evaluate.evaluated import recorded_hooks
+from stages.saes.io import HookIO
 from stages.saes.saved import load_sae
 from stages.train.circuit_tracer_export import export_clt, export_transcoder_set
+from store_schema.normalization import Normalization
 
 FORMATS = ("circuit-tracer",)
 
@@ -44,7 +46,7 @@ def export_circuit_tracer(runs: list[Path], out: Path, overwrite: bool = False) 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if any(cfg["sae"]["arch"] == "clt" for _, _, cfg in loaded):
+        if any(sae.circuit_tracer_format == "clt" for _, sae, _ in loaded):
             _clt(loaded, staging, model)
         else:
             _transcoder_set(loaded, staging, model)
@@ -66,30 +68,31 @@ def _clt(loaded, staging: Path, model: dict) -> None:
             f"{run} covers layers {first}-{last}, but circuit-tracer's CLT spans every layer of {model['name']} "
             f"(0-{model['n_layers'] - 1}): train with --layers 0-{model['n_layers'] - 1}"
         )
-    in_hooks, out_hooks, norms = multi_hooks(cfg)
-    export_clt(clt, norms, in_hooks, out_hooks, staging, model["name"])
+    io, norms = recorded_hooks(clt, cfg)
+    export_clt(clt, norms, io.reads, io.writes, staging, model["name"])
 
 
 def _transcoder_set(loaded, staging: Path, model: dict) -> None:
     layers = {}
     for run, sae, cfg in loaded:
-        layer = _mlp_layer(run, cfg)
+        layer, io, norms = _mlp_layer(run, sae, cfg)
         if layer in layers:
             raise SaepipeError(f"two runs transcode layer {layer} ({layers[layer][3]} and {run}): pass one per layer")
-        layers[layer] = (sae, run_normalization(cfg), run_normalization(cfg, "out_normalization"), run)
+        layers[layer] = (sae, norms[io.reads[0]], norms[io.writes[0]], run)
     export_transcoder_set({k: v[:3] for k, v in layers.items()}, staging, model["n_layers"], model["name"])
 
 
-def _mlp_layer(run: Path, cfg: dict) -> int:
-    """The layer whose MLP the transcoder run replaces (blocks.L.mlp.hook_in -> blocks.L.hook_mlp_out)."""
-    arch = cfg["sae"]["arch"]
-    if arch not in ("transcoder", "skip_transcoder"):
-        raise SaepipeError(f"{run} is a {arch} run: circuit-tracer reads transcoders (or one clt)")
-    in_hook, out_hook = cfg["in_hook"], cfg["out_hook"]
+def _mlp_layer(run: Path, sae, cfg: dict) -> tuple[int, HookIO, dict[str, Normalization]]:
+    """The layer whose MLP the transcoder run replaces (blocks.L.mlp.hook_in -> blocks.L.hook_mlp_out), with
+    the hooks it reads and writes and their normalizations."""
+    if sae.circuit_tracer_format != "transcoder":
+        raise SaepipeError(f"{run} is a {sae.arch} run: circuit-tracer reads transcoders (or one clt)")
+    io, norms = recorded_hooks(sae, cfg)
+    (in_hook,), (out_hook,) = io.reads, io.writes
     prefix = in_hook.removesuffix(".mlp.hook_in")
     if prefix == in_hook or out_hook != f"{prefix}.hook_mlp_out" or not prefix.startswith("blocks."):
         raise SaepipeError(
             f"{run} maps {in_hook} to {out_hook}: circuit-tracer's transcoders map a layer's MLP input to its "
             f"output (blocks.L.mlp.hook_in -> blocks.L.hook_mlp_out)"
         )
-    return int(prefix.removeprefix("blocks."))
+    return int(prefix.removeprefix("blocks.")), io, norms

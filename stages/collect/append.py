@@ -81,7 +81,7 @@ def begin(cfg: CollectConfig, model, writer: StoreWriter) -> None:
     need_train = math.ceil(cfg.tokens / cfg.rows_per_context) - old_train
     added = schema.contexts_needed(need_train * cfg.rows_per_context, cfg.rows_per_context, cfg.eval_fraction)
     tokens = _pack(cfg, model.tokenizer, header, first, first + added)
-    if schema.tokens_fingerprint(tokens[:first]) != header.text_source["tokens_fingerprint"]:
+    if schema.tokens_fingerprint(tokens[:first]) != header.tokens_fingerprint:
         raise SaepipeError(
             f"the text source {cfg.dataset} no longer packs into the store's contexts (its text or "
             f"the tokenizer changed): an append continues the very text the store was collected from"

@@ -146,7 +146,7 @@ def pending_blocks(cfg: CollectConfig, writer: StoreWriter) -> list[BlockTask]:
         plan = _block_plan(cfg, writer.header, context_split, split)
         tasks += [
             BlockTask(split, index, plan[index], index == len(plan) - 1)
-            for index in range(writer.progress(split)["blocks_done"], len(plan))
+            for index in range(writer.progress(split).blocks_done, len(plan))
         ]
     return tasks
 

@@ -46,5 +46,5 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
 def _write_and_commit(cfg: CollectConfig, writer: StoreWriter, normalized: NormalizedBlock) -> None:
     prepared = prepare_block(normalized, cfg.seed)
     summary = prepared.summary
-    prepared.rows.write(writer, summary.split, writer.progress(summary.split)["rows_committed"])
+    prepared.rows.write(writer, summary.split, writer.progress(summary.split).rows_committed)
     writer.commit_block(summary.split, summary.index, summary.n_rows, summary.stats, summary.dropped)

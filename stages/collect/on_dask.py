@@ -26,15 +26,19 @@ import sys
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from stages.basics.errors import SaepipeError
 from stages.collect.blocks import (
+    Block,
     BlockSummary,
     BlockTask,
     PreparedBlock,
@@ -50,13 +54,17 @@ from stages.collect.blocks import (
 from stages.collect.config import CollectConfig
 from stages.collect.context_tokens import ContextTokens
 from stages.host_model.loading import load_host_model
-from stages.host_model.model import validate_hooks
+from stages.host_model.model import HostModel, validate_hooks
+from stages.host_model.tokenizers import TextTokenizer
 from store_schema import schema
 from store_schema.lock import lock_path
+from store_schema.normalization import Normalization
 from store_schema.writer import StoreWriter
 
 # dask.distributed is imported where a cluster is used (--workers, --scheduler), in the client and in
 # the workers' tasks: a collect in one process never needs it, and importing it configures logging.
+if TYPE_CHECKING:
+    from distributed import Client, Future
 
 _IN_FLIGHT_PER_THREAD = 2
 _STOP_WAIT_S = 120
@@ -65,7 +73,7 @@ _HIGH = 1  # dask priority of everything after a forward pass: finish blocks bef
 
 # -- the cluster ------------------------------------------------------------------------------------
 @contextmanager
-def connect(cfg: CollectConfig) -> Iterator:
+def connect(cfg: CollectConfig) -> Iterator[Client]:
     """A dask Client: of a local cluster of `cfg.workers` processes, or of the one at `cfg.scheduler`."""
     from distributed import Client, LocalCluster
 
@@ -118,10 +126,10 @@ def worker_device(device: str, worker_name, n_gpus: int) -> str:
 
 # -- on the workers ---------------------------------------------------------------------------------
 _model_lock = threading.Lock()
-_model: tuple[tuple, object] | None = None  # ((name, device, dtype), HostModel): one model per worker process
+_model: tuple[tuple[str, str, str], HostModel] | None = None  # ((name, device, dtype), model): one per worker process
 
 
-def _worker_model(cfg: CollectConfig):
+def _worker_model(cfg: CollectConfig) -> HostModel:
     """The host model of this worker process, loaded on its first task and kept for the next ones."""
     global _model
     from distributed import get_worker
@@ -137,42 +145,50 @@ def _worker_model(cfg: CollectConfig):
 
 @dataclass
 class WorkerModelSummary:
-    """What the client needs to know of the model, which only the workers load."""
+    """What the client needs to know of the model, which only the workers load: the HostModel facts that
+    run_collect and create_store read, for `hooks` only."""
 
     name: str
     revision: str
     d_model: int
     n_layers: int
-    tokenizer: object
+    tokenizer: TextTokenizer
     hooks: list[str]
     n_ctx: int  # the longest context the model takes
     hook_widths: dict[str, int]
-    forward: str  # the forward pass that serves the hooks on the workers (HostModel.forward_path)
+    forward: str  # HostModel.forward_path(hooks): the forward pass that serves them on the workers
 
+    @classmethod
+    def of(cls, model: HostModel, hooks: list[str]) -> WorkerModelSummary:
+        return cls(
+            name=model.name,
+            revision=model.revision,
+            d_model=model.d_model,
+            n_layers=model.n_layers,
+            tokenizer=model.tokenizer,
+            hooks=hooks,
+            n_ctx=model.n_ctx,
+            hook_widths={hook: model.hook_width(hook) for hook in hooks},
+            forward=model.forward_path(hooks),
+        )
+
+    # HostModel's methods, as create_store calls them; answered for the summarized hooks only, as the
+    # forward path of other hooks may differ and only the workers' model knows it.
     def hook_width(self, hook: str) -> int:
         return self.hook_widths[hook]
 
-    def forward_path(self, hooks) -> str:
+    def forward_path(self, hooks: list[str]) -> str:
+        if set(hooks) != set(self.hooks):
+            raise ValueError(f"the workers' model was summarized for hooks {self.hooks}, not {list(hooks)}")
         return self.forward
 
 
 def _describe(cfg: CollectConfig) -> WorkerModelSummary:
     model = _worker_model(cfg)
-    hooks = validate_hooks(model, list(cfg.hooks))
-    return WorkerModelSummary(
-        model.name,
-        model.revision,
-        model.d_model,
-        model.n_layers,
-        model.tokenizer,
-        hooks,
-        model.n_ctx,
-        {hook: model.hook_width(hook) for hook in hooks},
-        model.forward_path(hooks),
-    )
+    return WorkerModelSummary.of(model, validate_hooks(model, list(cfg.hooks)))
 
 
-def _model_for(cfg: CollectConfig, revision: str):
+def _model_for(cfg: CollectConfig, revision: str) -> HostModel:
     """The worker's model, checked to be the weights the store was started with."""
     model = _worker_model(cfg)
     if model.revision != revision:
@@ -185,16 +201,24 @@ def _model_for(cfg: CollectConfig, revision: str):
     return model
 
 
-def _forward(cfg: CollectConfig, hooks: list[str], revision: str, task: BlockTask, tokens, keep):
+def _forward(
+    cfg: CollectConfig, hooks: list[str], revision: str, task: BlockTask, tokens: np.ndarray, keep: np.ndarray
+) -> Block:
     return forward_block(cfg, _model_for(cfg, revision), hooks, task, tokens, keep)
 
 
-def _prepare(cfg: CollectConfig, hooks: list[str], block, norms) -> PreparedBlock:
+def _prepare(cfg: CollectConfig, hooks: list[str], block: Block, norms: dict[str, Normalization]) -> PreparedBlock:
     return prepare_block(normalize_block(block, norms, hooks), cfg.seed)
 
 
 def _collect_block(
-    cfg: CollectConfig, hooks: list[str], revision: str, task: BlockTask, tokens, keep, norms
+    cfg: CollectConfig,
+    hooks: list[str],
+    revision: str,
+    task: BlockTask,
+    tokens: np.ndarray,
+    keep: np.ndarray,
+    norms: dict[str, Normalization],
 ) -> PreparedBlock:
     return _prepare(cfg, hooks, _forward(cfg, hooks, revision, task, tokens, keep), norms)
 
@@ -231,12 +255,14 @@ def _holds_lock(store: str, lock: str) -> bool:
 
 
 # -- on the client ----------------------------------------------------------------------------------
-def describe_model(client, cfg: CollectConfig) -> WorkerModelSummary:
+def describe_model(client: Client, cfg: CollectConfig) -> WorkerModelSummary:
     """Load the model on a worker (where it stays for that worker's blocks) and report it."""
     return client.submit(_describe, cfg, key=f"saepipe-describe-{uuid.uuid4().hex[:8]}").result()
 
 
-def fill_store_on_workers(cfg: CollectConfig, client, writer: StoreWriter, model_summary: WorkerModelSummary) -> None:
+def fill_store_on_workers(
+    cfg: CollectConfig, client: Client, writer: StoreWriter, model_summary: WorkerModelSummary
+) -> None:
     """Collect every block the store still lacks on the client's workers; the client commits them."""
     store = str(Path(cfg.out).resolve())  # workers may run elsewhere, in another folder
     lock = _check_workers_see_store(client, store)
@@ -255,7 +281,7 @@ def fill_store_on_workers(cfg: CollectConfig, client, writer: StoreWriter, model
             bar.close()
 
 
-def _check_workers_see_store(client, store: str) -> str:
+def _check_workers_see_store(client: Client, store: str) -> str:
     """The lock file's text, after checking that every worker reads the same text: the store is on a
     filesystem they all see."""
     lock = lock_path(store).read_text()
@@ -275,14 +301,14 @@ class BlockInFlight:
     """A block between its launch and its commit."""
 
     task: BlockTask
-    forward: object = None  # Future[Block], while the normalization is not fixed yet
-    prepared: object = None  # Future[PreparedBlock], until its rows are handed to write tasks
-    summary_future: object = None
-    summary: BlockSummary | None = None
-    writes: list = field(default_factory=list)  # futures of the write tasks holding its rows
+    forward: Future[Block] | None = None  # while the normalization is not fixed yet
+    prepared: Future[PreparedBlock] | None = None  # until its rows are handed to write tasks
+    summary_future: Future[BlockSummary] | None = None  # set with `prepared`
+    summary: BlockSummary | None = None  # its result, once placed
+    writes: list[Future[None]] = field(default_factory=list)  # the write tasks holding its rows
     open_chunks: int = 0  # chunks holding its rows that still wait for later blocks' rows
 
-    def futures(self) -> list:
+    def futures(self) -> list[Future]:
         return [f for f in (self.forward, self.prepared, self.summary_future, *self.writes) if f is not None]
 
 
@@ -291,15 +317,15 @@ class SharedChunk:
     """A chunk shared by consecutive blocks, collecting their pieces until it is full (or the split ends)."""
 
     first_row: int
-    pieces: list = field(default_factory=list)  # futures of Rows, in row order
-    blocks: list = field(default_factory=list)
+    pieces: list[Future[Rows]] = field(default_factory=list)  # in row order
+    blocks: list[BlockInFlight] = field(default_factory=list)
 
 
 class DaskBlockRunner:
     def __init__(
         self,
         cfg: CollectConfig,
-        client,
+        client: Client,
         writer: StoreWriter,
         hooks: list[str],
         revision: str,
@@ -310,13 +336,13 @@ class DaskBlockRunner:
         self.cfg, self.client, self.writer, self.hooks, self.revision = cfg, client, writer, hooks, revision
         self.store, self.lock, self.tokens = store, lock, tokens
         self.norms = writer.normalizations()
-        self.next_row = {split: writer.progress(split)["rows_committed"] for split in schema.SPLITS}
+        self.next_row = {split: writer.progress(split).rows_committed for split in schema.SPLITS}
         self.chunk_rows = {split: writer.chunk_rows(split) for split in schema.SPLITS}
         self.open: dict[str, SharedChunk | None] = {split: None for split in schema.SPLITS}
         self.in_flight: deque[BlockInFlight] = deque()
         self.run_id = uuid.uuid4().hex[:8]
 
-    def run(self, queue: deque[BlockTask], bar) -> None:
+    def run(self, queue: deque[BlockTask], bar: tqdm) -> None:
         while queue or self.in_flight:
             window = _IN_FLIGHT_PER_THREAD * max(1, sum(self.client.nthreads().values()))
             while queue and len(self.in_flight) < max(2, window):  # 2: a shared chunk's next block runs
@@ -351,7 +377,7 @@ class DaskBlockRunner:
                 file=sys.stderr,
             )
 
-    def _submit(self, kind: str, task: BlockTask, fn, *args, priority: int = _HIGH):
+    def _submit(self, kind: str, task: BlockTask, fn: Callable, *args, priority: int = _HIGH) -> Future:
         return self.client.submit(
             fn, *args, key=f"saepipe-{kind}-{task.split}-{task.index}-{self.run_id}", priority=priority
         )
@@ -365,7 +391,7 @@ class DaskBlockRunner:
             self._prepared(item, self._submit("collect", task, _collect_block, *args, self.norms, priority=0))
         self.in_flight.append(item)
 
-    def _prepared(self, item: BlockInFlight, future) -> None:
+    def _prepared(self, item: BlockInFlight, future: Future[PreparedBlock]) -> None:
         item.prepared = future
         item.summary_future = self._submit("summary", item.task, _summary, future)
 
@@ -456,12 +482,12 @@ class DaskBlockRunner:
             write.result()  # raises a failed write's error
         return True
 
-    def _commit(self, item: BlockInFlight, bar) -> None:
+    def _commit(self, item: BlockInFlight, bar: tqdm) -> None:
         s = item.summary
         self.writer.commit_block(s.split, s.index, s.n_rows, s.stats, s.dropped)
         bar.update(s.positions)
 
-    def _awaited(self) -> list:
+    def _awaited(self) -> list[Future]:
         """What the loop can wait on: the next summary to place, and the writes of the next block to commit."""
         waiting = [item.summary_future for item in self.in_flight if item.summary is None][:1]
         waiting += [w for w in self.in_flight[0].writes if not w.done()]

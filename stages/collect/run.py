@@ -174,7 +174,7 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: PlanAct
     if action is PlanAction.START_APPEND:
         append.begin(cfg, model, writer)
         return writer
-    done = {s: writer.progress(s)["rows_committed"] for s in schema.SPLITS}
+    done = {s: writer.progress(s).rows_committed for s in schema.SPLITS}
     print(
         f"resuming {'the append to ' if cfg.append else ''}{out}: {done['train']:,} train and {done['eval']:,} "
         f"eval rows committed",

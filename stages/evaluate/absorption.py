@@ -233,7 +233,7 @@ def absorption(
     evaluated: EvaluatedSAE, model, bos: int, device, max_words: int = 4000, seed: int = 0, progress: bool = True
 ) -> dict:
     """The absorption metrics of eval.json's `absorption`."""
-    if evaluated.read_hook is not None or evaluated.multi is not None:
+    if evaluated.io.transcodes or not evaluated.io.single:
         raise SaepipeError(f"absorption probes the hook an SAE reconstructs; a {evaluated.sae.arch} writes another")
     task = first_letter_task(model, evaluated.hook, bos, device, max_words, seed, progress)
     return absorption_scores(evaluated.sae, evaluated.normalization, task, device)

@@ -53,7 +53,7 @@ def saebench_core_keys(sae, density) -> dict:
         "normalized_freq_over_1_percent": share_over(0.01),
         "normalized_freq_over_10_percent": share_over(0.1),
     }
-    if not getattr(sae, "n_layers", None) and isinstance(getattr(sae, "W_enc", None), torch.Tensor):
+    if not sae.n_layers and isinstance(getattr(sae, "W_enc", None), torch.Tensor):
         out["average_max_encoder_cosine_sim"] = float(decoder_max_cosine(sae.W_enc.T).mean())
     return out
 
@@ -62,7 +62,7 @@ def core_extras(sae) -> dict:
     """The weight-space metrics of an SAE with a single encoder and decoder (not a CLT's per-layer ones;
     a transcoder's encoder reads another space than its decoder writes, so it has no encoder-decoder
     cosine)."""
-    if getattr(sae, "n_layers", None) or not isinstance(getattr(sae, "W_dec", None), torch.Tensor):
+    if sae.n_layers or not isinstance(getattr(sae, "W_dec", None), torch.Tensor):
         return {}
     best = decoder_max_cosine(sae.W_dec)
     out = {

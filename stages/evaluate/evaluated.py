@@ -14,6 +14,7 @@ from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
 from stages.saes import SparseAutoencoder
 from stages.saes.external import ExternalSAE
+from stages.saes.io import HookIO
 from stages.saes.saved import load_sae
 from store_schema.normalization import Normalization
 from store_schema.reader import ActivationStore, open_store
@@ -21,23 +22,21 @@ from store_schema.reader import ActivationStore, open_store
 # sae_lens is optional (the test extra): imported only to evaluate an SAE trained with it.
 
 
-def run_normalization(cfg: dict, key: str = "normalization") -> Normalization:
-    """The normalization a run recorded: of its hook (a transcoder's input hook), or with
-    key="out_normalization" of a transcoder's output hook."""
-    saved = cfg[key]
-    mean = None if saved.get("mean") is None else np.asarray(saved["mean"], np.float32)
-    return Normalization(saved["mode"], mean, float(saved["scale"]), saved.get("max_norm"))
+def normalization_of(record: dict) -> Normalization:
+    """A normalization as a run's cfg.json records it (stages.train.loop writes it)."""
+    mean = None if record.get("mean") is None else np.asarray(record["mean"], np.float32)
+    return Normalization(record["mode"], mean, float(record["scale"]), record.get("max_norm"))
 
 
-def run_hooks(cfg: dict) -> tuple[str, Normalization, str | None, Normalization | None]:
-    """(the hook a run writes, its normalization, the hook it reads when that is another one, its
-    normalization): an SAE reads and writes its hook; a transcoder reads in_hook and writes out_hook."""
-    multi = multi_hooks(cfg)
-    if multi is not None:  # a crosscoder or CLT: its first written hook (multi_hooks has them all)
-        return multi[1][0], multi[2][multi[1][0]], None, None
-    if cfg.get("in_hook") is None:
-        return cfg["hook"], run_normalization(cfg), None, None
-    return cfg["out_hook"], run_normalization(cfg, "out_normalization"), cfg["in_hook"], run_normalization(cfg)
+def run_normalization(cfg: dict) -> Normalization:
+    """The normalization of the hook a run reads (a transcoder's input hook)."""
+    return normalization_of(cfg["normalization"])
+
+
+def recorded_hooks(sae: SparseAutoencoder, cfg: dict) -> tuple[HookIO, dict[str, Normalization]]:
+    """(the hooks a run's SAE reads and writes, each hook's normalization) as its cfg.json records them."""
+    io, records = type(sae).recorded_io(cfg)
+    return io, {hook: normalization_of(record) for hook, record in records.items()}
 
 
 def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStore) -> None:
@@ -54,65 +53,55 @@ def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStor
         )
 
 
-def multi_hooks(cfg: dict) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Normalization]] | None:
-    """(hooks encoded, hooks written, each hook's normalization) of a run over several hooks at once (a
-    crosscoder or a CLT); None for an SAE or a transcoder."""
-    if cfg.get("in_hooks") is None:
-        return None
-    norms = {hook: run_normalization(cfg["normalizations"], hook) for hook in cfg["normalizations"]}
-    return tuple(cfg["in_hooks"]), tuple(cfg["out_hooks"]), norms
-
-
-def check_compatible(sae: SparseAutoencoder, cfg: dict, store: ActivationStore) -> None:
-    multi = multi_hooks(cfg)
-    if multi is not None:  # a crosscoder or CLT: every hook, each at the width the SAE was trained on
-        in_hooks, out_hooks, _ = multi
-        if hasattr(sae, "hook_widths"):  # a crosscoder: its rows are its hooks' side by side
-            widths = dict(zip(in_hooks, sae.hook_widths))
-        else:
-            widths = {hook: sae.d_in for hook in in_hooks} | {hook: sae.d_out for hook in out_hooks}
-        for hook, width in widths.items():
-            check_hook_and_width(f"the {cfg['sae']['arch']}", hook, width, store)
-    elif cfg.get("in_hook") is not None:  # a transcoder: its input and output hooks
-        check_hook_and_width("the transcoder", cfg["in_hook"], sae.d_in, store)
-        check_hook_and_width("the transcoder", cfg["out_hook"], sae.d_out, store)
-    else:
-        check_hook_and_width("the SAE", cfg["hook"], sae.d_in, store)
-    if store.header.model.name != cfg["store"]["model"]["name"]:
+def check_compatible(evaluated: EvaluatedSAE, store: ActivationStore) -> None:
+    """The store holds every hook the SAE reads and writes, at its width, from the SAE's model."""
+    sae, io = evaluated.sae, evaluated.io
+    which = "the SAE" if io.single and not io.transcodes else f"the {sae.arch}"
+    for hook, width in sae.widths_at(io).items():
+        check_hook_and_width(which, hook, width, store)
+    if store.header.model.name != evaluated.model_name:
         raise SaepipeError(
-            f"the SAE was trained on {cfg['store']['model']['name']} activations but the store holds "
+            f"the SAE was trained on {evaluated.model_name} activations but the store holds "
             f"{store.header.model.name}: pass --store with a store of that model"
         )
 
 
 @dataclass
 class EvaluatedSAE:
-    """What eval, report and compare need of a run folder: the SAE, the normalization mapping raw
-    activations into the SAE's input space, the hook and the store it is evaluated on."""
+    """What eval, report and compare need of a run folder: the SAE, the hooks it reads and writes with the
+    normalization mapping each hook's raw activations into the SAE's space, and the store it is evaluated
+    on."""
 
     path: Path
     sae: SparseAutoencoder
-    normalization: Normalization
-    hook: str
+    io: HookIO
+    normalizations: dict[str, Normalization]
     store_path: str
     model_name: str
     label: str  # a short name for tables and plots
-    # A transcoder reads another hook than the one it writes (`hook`, whose normalization is above).
-    read_hook: str | None = None
-    read_normalization: Normalization | None = None
-    # A crosscoder or CLT reads and writes several hooks: (in_hooks, out_hooks, normalization of each);
-    # `hook` is then its first written hook.
-    multi: tuple[tuple[str, ...], tuple[str, ...], dict[str, Normalization]] | None = None
+
+    @property
+    def hook(self) -> str:
+        """The (first) hook it writes: where it is spliced and scored."""
+        return self.io.writes[0]
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.normalizations[self.hook]
+
+    @property
+    def read_hook(self) -> str | None:
+        """The hook a transcoder reads (its input); None where the SAE reads what it writes."""
+        return self.io.reads[0] if self.io.single and self.io.transcodes else None
+
+    @property
+    def read_normalization(self) -> Normalization | None:
+        return None if self.read_hook is None else self.normalizations[self.read_hook]
 
     def inputs(self) -> list[tuple[str, Normalization]]:
         """The hooks the SAE encodes, each with the normalization mapping its raw rows into the SAE's input
         space: its hook; a transcoder's input hook; a crosscoder's or CLT's input hooks, side by side."""
-        if self.multi is not None:
-            in_hooks, _, norms = self.multi
-            return [(hook, norms[hook]) for hook in in_hooks]
-        if self.read_hook is not None:
-            return [(self.read_hook, self.read_normalization)]
-        return [(self.hook, self.normalization)]
+        return [(hook, self.normalizations[hook]) for hook in self.io.reads]
 
 
 def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_path: str | None = None) -> EvaluatedSAE:
@@ -122,10 +111,9 @@ def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_pa
         saved = run_dir.read_json(path / run_dir.EXTERNAL, "evaluate the SAE again with --external and --store")
         return open_external(saved["saelens_dir"], store_path or saved["store"], path, device)
     sae, cfg = load_sae(path, device)
+    io, norms = recorded_hooks(sae, cfg)
     store = store_path or cfg["store"]["path"]
-    hook, norm, read_hook, read_norm = run_hooks(cfg)
-    model = cfg["store"]["model"]["name"]
-    return EvaluatedSAE(path, sae, norm, hook, store, model, path.name, read_hook, read_norm, multi_hooks(cfg))
+    return EvaluatedSAE(path, sae, io, norms, store, cfg["store"]["model"]["name"], path.name)
 
 
 def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: torch.device | str) -> EvaluatedSAE:
@@ -138,7 +126,9 @@ def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: t
     hook = sae.inner.cfg.metadata.hook_name
     check_hook_and_width(f"the SAE at {folder}", hook, sae.d_in, store)
     identity = Normalization("none", max_norm=store.normalization(hook).max_norm)
-    return EvaluatedSAE(out, sae, identity, hook, store.location, store.header.model.name, f"{folder.name} (external)")
+    io = HookIO((hook,), (hook,))
+    label = f"{folder.name} (external)"
+    return EvaluatedSAE(out, sae, io, {hook: identity}, store.location, store.header.model.name, label)
 
 
 def is_saelens_folder(folder: Path) -> bool:

@@ -52,7 +52,7 @@ def multi_hook_store_metrics(
     normalized = {hook: ReconstructionStats(w, device) for hook, w in zip(out_hooks, widths)}
     raw = {hook: ReconstructionStats(w, device) for hook, w in zip(out_hooks, widths)}
     sparsity = SparsityStats(sae.d_sae, device)
-    n_layers = getattr(sae, "n_layers", None)  # a CLT's latents are numbered layer by layer
+    n_layers = sae.n_layers  # a CLT's latents are numbered layer by layer
     layer_l0 = torch.zeros(n_layers or 0, dtype=torch.float64, device=device)
 
     def rows(hook: str, start: int, stop: int) -> torch.Tensor:

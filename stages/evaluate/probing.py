@@ -92,7 +92,7 @@ def sparse_probing(
 ) -> dict:
     """Test accuracies of the k-sparse probes on the SAE's latents and on the model's dimensions, per class
     and averaged over the classes (`probing` in eval.json)."""
-    if evaluated.multi is not None:
+    if not evaluated.io.single:
         raise SaepipeError(f"k-sparse probing reads one hook; a {evaluated.sae.arch} reads several")
     [(hook, norm)] = evaluated.inputs()
     texts = probing_texts(hook, norm, store, model, data, device, seed, progress)

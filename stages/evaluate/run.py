@@ -33,8 +33,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         evaluated = open_evaluated(run_path, dev, cfg.store)
     store = open_store(evaluated.store_path)
     store.require_complete()
-    if (run_path / run_dir.CONFIG).exists():
-        check_compatible(evaluated.sae, run_dir.load_config(run_path), store)
+    check_compatible(evaluated, store)
     if cfg.splice_from < 0 or cfg.splice_from >= store.context_size:
         raise SaepipeError(f"--splice-from {cfg.splice_from} is outside the context (0 to {store.context_size - 1})")
     suites = _applicable_suites(cfg, evaluated)
@@ -55,7 +54,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         **({"in_hook": read_hook} if read_hook is not None else {}),
         "sae": sae.config(),
     }
-    if evaluated.multi is not None:  # a crosscoder or a CLT
+    if not evaluated.io.single:  # a crosscoder or a CLT
         result |= _multi_hook_metrics(cfg, evaluated, store, dev)
         density = result.pop("density")
     else:
@@ -65,7 +64,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         result |= core_extras(sae) | saebench_core_keys(sae, density)
     if truth is not None:
         result["ground_truth"] = ground_truth_metrics(sae, truth)
-    if cfg.use_model and evaluated.multi is None:
+    if cfg.use_model and evaluated.io.single:
         host = load_eval_model(store, cfg.model, dev)
         read = None if read_hook is None else (read_hook, evaluated.read_normalization)
         result |= downstream_metrics(
@@ -80,7 +79,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             )
         # Latent ablation measures how sparse an SAE's effect on the logits is; for transcoders it is
         # not defined yet.
-        if cfg.ablation_contexts > 0 and read_hook is None:
+        if cfg.ablation_contexts > 0 and not evaluated.io.transcodes:
             ids = held_out_contexts(store, None)[: cfg.ablation_contexts]
             token_rows = store.tokens.oindex[ids.tolist(), :]
             result |= ablation_sparsity(
@@ -97,11 +96,11 @@ def _applicable_suites(cfg: EvalConfig, evaluated: EvaluatedSAE) -> set[str]:
     not apply is refused (probing and absorption read one hook; absorption probes the hook an SAE writes)."""
     arch = evaluated.sae.arch
     inapplicable = {}
-    if evaluated.multi is not None:
+    if not evaluated.io.single:
         inapplicable |= {suite: f"it reads one hook; a {arch} reads several" for suite in ("probing", "absorption")}
-    elif evaluated.read_hook is not None:
+    elif evaluated.io.transcodes:
         inapplicable["absorption"] = f"it probes the hook an SAE reconstructs; a {arch} writes another"
-    if getattr(evaluated.sae, "n_layers", None):
+    if evaluated.sae.n_layers:
         inapplicable["ground-truth"] = f"it compares decoder rows; a {arch} has one decoder per layer"
     named = {name.strip() for name in cfg.suite.split(",")}
     if "all" in named:
@@ -113,15 +112,16 @@ def _applicable_suites(cfg: EvalConfig, evaluated: EvaluatedSAE) -> set[str]:
 
 def _multi_hook_metrics(cfg: EvalConfig, evaluated: EvaluatedSAE, store, device) -> dict:
     """A crosscoder's or CLT's metrics: per written hook, and (a CLT, with the model) CE/KL with every layer
-    spliced at once. A crosscoder has no downstream metric: it reads hooks that a splice would change."""
-    in_hooks, out_hooks, norms = evaluated.multi
+    spliced at once. A crosscoder has no downstream metric: it reads the hooks a splice would change, where
+    a CLT reads others than it writes."""
+    in_hooks, out_hooks, norms = evaluated.io.reads, evaluated.io.writes, evaluated.normalizations
     sae = evaluated.sae
     result = {"in_hooks": list(in_hooks), "out_hooks": list(out_hooks)}
     metrics, density = multi_hook_store_metrics(
         sae, store, in_hooks, out_hooks, norms, device, cfg.tokens, cfg.progress
     )
     result |= metrics | {"density": density}
-    if cfg.use_model and sae.arch == "clt":
+    if cfg.use_model and evaluated.io.transcodes:
         host = load_eval_model(store, cfg.model, device)
         result |= clt_downstream_metrics(
             sae, store, in_hooks, out_hooks, norms, host, device, cfg.tokens, cfg.splice_from, cfg.progress

@@ -49,7 +49,7 @@ def run_eval_set(cfg: EvalSetConfig) -> dict:
     for run in cfg.runs:
         evaluated = open_evaluated(run, device, cfg.store)
         config = run_dir.load_config(Path(run))
-        if evaluated.read_hook is None or evaluated.multi is not None:
+        if not (evaluated.io.single and evaluated.io.transcodes):
             raise SaepipeError(f"{run} is a {config['sae']['arch']} run: eval-set splices transcoders, one per layer")
         fingerprints[run] = config["store"]["fingerprint"]
         transcoders.append((hook_layer(evaluated.hook), run, evaluated, config))
@@ -64,8 +64,8 @@ def run_eval_set(cfg: EvalSetConfig) -> dict:
     require(not repeated, f"several runs write layer {', '.join(map(str, repeated))}'s MLP output: pass one per layer")
     store = open_store(cfg.store or transcoders[0][2].store_path)
     store.require_complete()
-    for _, _, evaluated, config in transcoders:
-        check_compatible(evaluated.sae, config, store)
+    for _, _, evaluated, _ in transcoders:
+        check_compatible(evaluated, store)
 
     per_layer: dict[str, list] = {"layer": layers, "run": [run for _, run, *_ in transcoders]}
     for _, _, t, _ in transcoders:

@@ -305,7 +305,7 @@ def browse(
 
     if model is not None:
         W_U = model.bridge.W_U.detach()
-        writes = sae.W_dec.shape[1] if evaluated.multi is None else None  # d_in, or a transcoder's d_out
+        writes = sae.W_dec.shape[1] if evaluated.io.single else None  # d_in, or a transcoder's d_out
         if writes is None:
             notes.append(f"a {sae.arch}'s latents write into several hooks: output-token tables left out")
         elif W_U.shape[0] != writes:

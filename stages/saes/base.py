@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stages.basics import distributed
+from stages.basics.errors import require
 from stages.saes.io import HookArgs, HookIO
 
 
@@ -109,6 +110,14 @@ class SparseAutoencoder(nn.Module):
     # to another), or None where SAELens has none (a crosscoder, a CLT).
     saelens_format: str | None = "sae"
 
+    # Latents numbered layer by layer with one decoder per layer written (a CLT sets its layer count);
+    # None: one decoder, whose rows are the latents' directions.
+    n_layers: int | None = None
+
+    # The circuit-tracer format `saepipe export` writes it in: "transcoder" (one layer's MLP, in a set of
+    # one per layer), "clt" (every layer at once), or None where circuit-tracer reads none.
+    circuit_tracer_format: str | None = None
+
     def __init__(self, d_in: int, d_sae: int):
         super().__init__()
         self.d_in, self.d_sae = d_in, d_sae
@@ -157,6 +166,15 @@ class SparseAutoencoder(nn.Module):
         )
 
     # -- what it reads and writes (stages/saes/io.py): an SAE reconstructs its one hook -------------------
+    # The train options that name its hooks (HookArgs): the others are refused.
+    hook_options = "--hook"
+
+    @classmethod
+    def check_hook_args(cls, args: HookArgs) -> None:
+        """Refuse hook options this architecture cannot read (the options it does not take are refused
+        before this, by `hook_options`)."""
+        require(not args.hooks, f"several --hook are for --arch crosscoder, not --arch {cls.arch}: pass one")
+
     @classmethod
     def hook_io(cls, args: HookArgs) -> HookIO:
         """The store hooks it encodes and reconstructs, from how the run names them."""
@@ -171,6 +189,22 @@ class SparseAutoencoder(nn.Module):
     def hook_record(cls, io: HookIO, width: Callable[[str], int], normalization: Callable[[str], dict]) -> dict:
         """What cfg.json records of the hooks besides `hook` and the input's `normalization`."""
         return {}
+
+    @property
+    def display_arch(self) -> str:
+        """The architecture as tables and reprs name it."""
+        return self.arch
+
+    @classmethod
+    def recorded_io(cls, record: dict) -> tuple[HookIO, dict[str, dict]]:
+        """(the hooks it encodes and reconstructs, each hook's normalization record) from a run's cfg.json:
+        what `hook_record` and the loop wrote."""
+        hook = record["hook"]
+        return HookIO((hook,), (hook,)), {hook: record["normalization"]}
+
+    def widths_at(self, io: HookIO) -> dict[str, int]:
+        """The width of each hook it reads and writes: what a store must hold to evaluate it."""
+        return {hook: self.d_in for hook in io.reads} | {hook: self.W_dec.shape[1] for hook in io.writes}
 
     @classmethod
     def missing_hooks_error(cls, io: HookIO, location: str, missing: list[str]) -> str | None:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from stages.basics import distributed
+from stages.basics.errors import require
 from stages.saes.base import (
     DenseCode,
     SparseAutoencoder,
@@ -36,7 +37,7 @@ from stages.saes.base import (
     selected_pre_acts,
 )
 from stages.saes.batchtopk import BatchTopKSAE, above_threshold, batch_top_k, moved_threshold
-from stages.saes.io import HookArgs, HookIO
+from stages.saes.io import HookArgs, HookIO, several_hooks_from_record, several_hooks_record
 from stages.saes.topk import TopKSettings
 
 # A layer's sparse code: (values [n, k], indices into that layer's latents [n, k]).
@@ -49,6 +50,7 @@ class CrossLayerTranscoder(SparseAutoencoder):
     settings_class = TopKSettings
     transcodes = True
     saelens_format = None
+    circuit_tracer_format = "clt"
 
     def __init__(
         self,
@@ -80,6 +82,12 @@ class CrossLayerTranscoder(SparseAutoencoder):
         self.reset_parameters()
 
     # -- what it reads and writes: each layer's MLP input, and each layer's MLP output -------------------
+    hook_options = "--layers"
+
+    @classmethod
+    def check_hook_args(cls, args: HookArgs) -> None:
+        require(args.layers is not None, "--arch clt needs --layers first-last (e.g. --layers 0-29)")
+
     @classmethod
     def hook_io(cls, args: HookArgs) -> HookIO:
         layers = args.layers or range(0)
@@ -97,12 +105,15 @@ class CrossLayerTranscoder(SparseAutoencoder):
     def hook_record(cls, io: HookIO, width, normalization) -> dict:
         """Every hook read and written, each with its normalization, and the layers."""
         layers = [int(hook.split(".")[1]) for hook in io.reads]
-        return {
-            "in_hooks": list(io.reads),
-            "out_hooks": list(io.writes),
-            "layers": [layers[0], layers[-1]],
-            "normalizations": {hook: normalization(hook) for hook in io.batch_hooks},
-        }
+        record = several_hooks_record(io, normalization)
+        return {**record, "layers": [layers[0], layers[-1]]}
+
+    @classmethod
+    def recorded_io(cls, record: dict) -> tuple[HookIO, dict[str, dict]]:
+        return several_hooks_from_record(record)
+
+    def widths_at(self, io: HookIO) -> dict[str, int]:
+        return {hook: self.d_in for hook in io.reads} | {hook: self.d_out for hook in io.writes}
 
     @classmethod
     def missing_hooks_error(cls, io: HookIO, location: str, missing: list[str]) -> str | None:

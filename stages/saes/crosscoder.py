@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from stages.basics.errors import require
 from stages.saes.base import SparseAutoencoder, TrainContext
 from stages.saes.composed import composed_class
-from stages.saes.io import HookArgs, HookIO
+from stages.saes.io import HookArgs, HookIO, several_hooks_from_record, several_hooks_record
 
 CROSSCODER_ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 
@@ -38,6 +39,13 @@ class CrosscoderMixin:
         super().__init__(d_in, d_sae, *args, **kwargs)
 
     @classmethod
+    def check_hook_args(cls, args: HookArgs) -> None:
+        require(
+            len(args.hooks) >= 2 and len(set(args.hooks)) == len(args.hooks),
+            "--arch crosscoder reads one latent space from several hooks: pass two or more different --hook",
+        )
+
+    @classmethod
     def hook_io(cls, args: HookArgs) -> HookIO:
         return HookIO(tuple(args.hooks), tuple(args.hooks))
 
@@ -50,11 +58,15 @@ class CrosscoderMixin:
     @classmethod
     def hook_record(cls, io: HookIO, width, normalization) -> dict:
         """Every hook, each with its own normalization."""
-        return {
-            "in_hooks": list(io.reads),
-            "out_hooks": list(io.writes),
-            "normalizations": {hook: normalization(hook) for hook in io.batch_hooks},
-        }
+        return several_hooks_record(io, normalization)
+
+    @classmethod
+    def recorded_io(cls, record: dict) -> tuple[HookIO, dict[str, dict]]:
+        return several_hooks_from_record(record)
+
+    def widths_at(self, io: HookIO) -> dict[str, int]:
+        """Its rows are its hooks' side by side."""
+        return dict(zip(io.reads, self.hook_widths))
 
     @staticmethod
     def joined(batch) -> torch.Tensor:

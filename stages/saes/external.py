@@ -36,6 +36,10 @@ class ExternalSAE(SparseAutoencoder):
         skip = getattr(self.inner, "W_skip", None)  # a SAELens skip transcoder: W_skip is [d_out, d_in]
         return out if skip is None else out + x @ skip.T
 
+    @property
+    def display_arch(self) -> str:
+        return f"saelens {self.inner.cfg.architecture()}"
+
     def config(self) -> dict:
         return {
             "arch": self.arch,

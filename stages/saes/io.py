@@ -4,13 +4,16 @@ Each architecture class answers three questions from how a run names its hooks (
 loop never asks which architecture it is training:
 - `hook_io(args)`: the store's hooks it encodes and those it reconstructs (`HookIO`);
 - `shape_for(io, width)`: its input width and the other sizes it is built with, from the hooks' widths;
-- `hook_record(io, width, normalization)`: what cfg.json records of those hooks, beside `hook`.
+- `hook_record(io, width, normalization)`: what cfg.json records of those hooks, beside `hook`;
+- `recorded_io(record)`: the same hooks, and each hook's normalization record, read back from cfg.json;
+- `widths_at(io)` (of a built SAE): the width of each hook it reads and writes.
 An SAE and a crosscoder reconstruct what they read; a transcoder and a cross-layer transcoder write other
 hooks (`HookIO.transcodes`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -44,3 +47,24 @@ class HookIO:
         """The hooks a training batch holds, side by side: those read, then those written when they are
         others."""
         return self.reads + self.writes if self.transcodes else self.reads
+
+    @property
+    def single(self) -> bool:
+        """Whether it reads one hook and writes one (an SAE, a transcoder), not several (a crosscoder, a
+        CLT): what measures that splice one hook into the model, or probe one, can take."""
+        return len(self.reads) == 1 and len(self.writes) == 1
+
+
+def several_hooks_record(io: HookIO, normalization: Callable[[str], dict]) -> dict:
+    """What cfg.json records of a run over several hooks at once (a crosscoder, a CLT): every hook read
+    and written, each with its own normalization."""
+    return {
+        "in_hooks": list(io.reads),
+        "out_hooks": list(io.writes),
+        "normalizations": {hook: normalization(hook) for hook in io.batch_hooks},
+    }
+
+
+def several_hooks_from_record(record: dict) -> tuple[HookIO, dict[str, dict]]:
+    """The hooks and normalization records that several_hooks_record wrote."""
+    return HookIO(tuple(record["in_hooks"]), tuple(record["out_hooks"])), record["normalizations"]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from stages.basics import distributed
+from stages.basics.errors import require
 from stages.saes.base import SparseAutoencoder, TrainContext
 from stages.saes.composed import composed_class
 from stages.saes.io import HookArgs, HookIO
@@ -38,6 +39,7 @@ class TranscoderMixin:
     transcodes = True
     skip = False
     saelens_format = "transcoder"
+    circuit_tracer_format = "transcoder"
 
     def __init__(self, d_in: int, d_sae: int, *args, d_out: int, **kwargs):
         self.d_out = int(d_out)  # read by SparseAutoencoder.__init__ to size the decoder
@@ -46,6 +48,21 @@ class TranscoderMixin:
             self.W_skip = nn.Parameter(torch.zeros(d_in, self.d_out))
 
     activation = ""  # set on each generated class: the SAE architecture whose sparsity rule it uses
+
+    hook_options = "--in-hook/--out-hook"
+
+    @classmethod
+    def check_hook_args(cls, args: HookArgs) -> None:
+        require(
+            args.in_hook is not None and args.out_hook is not None,
+            f"--arch {cls.arch} reads one hook and reconstructs another: pass --in-hook and --out-hook "
+            f"(e.g. --in-hook blocks.5.mlp.hook_in --out-hook blocks.5.hook_mlp_out)",
+        )
+        require(
+            args.in_hook != args.out_hook,
+            f"--in-hook and --out-hook are both {args.in_hook}: a transcoder maps one hook to another "
+            f"(for an SAE of one hook, use --arch {cls.activation} --hook {args.in_hook})",
+        )
 
     @classmethod
     def hook_io(cls, args: HookArgs) -> HookIO:
@@ -64,6 +81,14 @@ class TranscoderMixin:
             "out_hook": out_hook,
             "d_out": width(out_hook),
             "out_normalization": normalization(out_hook),
+        }
+
+    @classmethod
+    def recorded_io(cls, record: dict) -> tuple[HookIO, dict[str, dict]]:
+        in_hook, out_hook = record["in_hook"], record["out_hook"]
+        return HookIO((in_hook,), (out_hook,)), {
+            in_hook: record["normalization"],
+            out_hook: record["out_normalization"],
         }
 
     def encoder_bias(self) -> torch.Tensor:

@@ -50,7 +50,7 @@ def threshold_of(sae) -> torch.Tensor | None:
         )
     if sae.activation == "relu":
         return None
-    if hasattr(sae, "n_layers"):  # a CLT: one threshold per layer [n_layers]
+    if sae.n_layers:  # a CLT: one threshold per layer [n_layers]
         return sae.threshold.detach().float()
     return sae.saelens_export_of_activation().tensors["threshold"].detach().float().reshape(-1)
 

@@ -10,7 +10,6 @@ from stages.basics.settings import default_of, device_setting, progress_setting,
 from stages.saes import (
     ARCHITECTURES,
     MULTI_HOOK_ARCHS,
-    TRANSCODER_ARCHS,
     ArchSettings,
     SparseAutoencoder,
     arch_settings,
@@ -107,11 +106,15 @@ class TrainConfig:
         return self.sae_class.transcodes
 
     @property
+    def hook_args(self) -> HookArgs:
+        """The run's hook options (refusing a malformed --layers)."""
+        layers = self.layer_range if self.layers is not None else None
+        return HookArgs(self.hook, tuple(self.hooks or ()), self.in_hook, self.out_hook, layers)
+
+    @property
     def io(self) -> HookIO:
         """The store hooks the run encodes and reconstructs, as its architecture reads its hook options."""
-        layers = self.layer_range if self.layers is not None else None
-        args = HookArgs(self.hook, tuple(self.hooks or ()), self.in_hook, self.out_hook, layers)
-        return self.sae_class.hook_io(args)
+        return self.sae_class.hook_io(self.hook_args)
 
     @property
     def layer_range(self) -> range:
@@ -196,47 +199,25 @@ class TrainConfig:
 
     def _validate_hooks(self) -> None:
         """The hook options an architecture takes, and only those."""
-        arch, given = (
-            self.arch,
-            {
-                "--hook": self.hook is not None or bool(self.hooks),
-                "--in-hook/--out-hook": self.in_hook is not None or self.out_hook is not None,
-                "--layers": self.layers is not None,
-            },
-        )
-        takes = {"clt": "--layers", "crosscoder": "--hook"}.get(
-            arch, "--in-hook/--out-hook" if arch in TRANSCODER_ARCHS else "--hook"
-        )
-        for options, present in given.items():
-            require(not present or options == takes, f"{options} does not apply to --arch {arch}: it takes {takes}")
-        if arch in MULTI_HOOK_ARCHS:
-            settings_arch(arch, self.activation)  # refuses an activation the architecture cannot take
+        if self.arch in MULTI_HOOK_ARCHS:
+            settings_arch(self.arch, self.activation)  # refuses an activation the architecture cannot take
         else:
             require(
                 self.activation == "topk",
                 f"--activation is the sparsity rule of a transcoder, crosscoder or clt; for an SAE pass "
                 f"--arch {self.activation}",
             )
-            require(not self.hooks, f"several --hook are for --arch crosscoder, not --arch {arch}: pass one")
-        if arch == "crosscoder":
+        given = {
+            "--hook": self.hook is not None or bool(self.hooks),
+            "--in-hook/--out-hook": self.in_hook is not None or self.out_hook is not None,
+            "--layers": self.layers is not None,
+        }
+        takes = self.sae_class.hook_options
+        for options, present in given.items():
             require(
-                len(self.hooks) >= 2 and len(set(self.hooks)) == len(self.hooks),
-                "--arch crosscoder reads one latent space from several hooks: pass two or more different --hook",
+                not present or options == takes, f"{options} does not apply to --arch {self.arch}: it takes {takes}"
             )
-        if arch == "clt":
-            require(self.layers is not None, "--arch clt needs --layers first-last (e.g. --layers 0-29)")
-            self.layer_range  # noqa: B018 - refuses a malformed range
-        if arch in TRANSCODER_ARCHS:
-            require(
-                self.in_hook is not None and self.out_hook is not None,
-                f"--arch {arch} reads one hook and reconstructs another: pass --in-hook and --out-hook "
-                f"(e.g. --in-hook blocks.5.mlp.hook_in --out-hook blocks.5.hook_mlp_out)",
-            )
-            require(
-                self.in_hook != self.out_hook,
-                f"--in-hook and --out-hook are both {self.in_hook}: a transcoder maps one hook to another "
-                f"(for an SAE of one hook, use --arch {self.activation} --hook {self.in_hook})",
-            )
+        self.sae_class.check_hook_args(self.hook_args)
         require(
             not (self.transcodes and getattr(self.settings, "ghost_grads", False)),
             "--ghost-grads does not apply to transcoders (it revives latents by reconstructing the input)",

@@ -111,7 +111,7 @@ def run_config(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder)
 
 
 def _normalization_record(norm) -> dict:
-    """A normalization as cfg.json records it (stages.evaluate.evaluated.run_normalization reads it back)."""
+    """A normalization as cfg.json records it (stages.evaluate.evaluated.normalization_of reads it back)."""
     return {**norm.to_attrs(), "mean": None if norm.mean is None else norm.mean.tolist()}
 
 

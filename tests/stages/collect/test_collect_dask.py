@@ -42,7 +42,7 @@ def commits(monkeypatch):
         if stop_at and len(seen) == stop_at[0]:
             raise KeyboardInterrupt  # as from Ctrl-C, between two commits
         real(self, split, *args)
-        seen.append((split, self.progress(split)["rows_committed"]))
+        seen.append((split, self.progress(split).rows_committed))
 
     monkeypatch.setattr(StoreWriter, "commit_block", commit_block)
     return seen, stop_at
@@ -147,6 +147,24 @@ def test_local_workers_share_the_gpus_of_a_node():
     assert collect_dask.worker_device("auto", 3, 1) == "auto"  # one visible GPU (CUDA_VISIBLE_DEVICES, dask-cuda)
     assert collect_dask.worker_device("auto", "tcp://10.0.0.5:4321", 4) == "auto"  # not a local cluster's worker
     assert collect_dask.worker_device("cpu", 1, 4) == "cpu" and collect_dask.worker_device("cuda:2", 0, 4) == "cuda:2"
+
+
+def test_the_workers_model_summary_gives_the_forward_path_of_its_own_hooks_only():
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    summary = collect_dask.WorkerModelSummary(
+        name="m",
+        revision="r",
+        d_model=8,
+        n_layers=2,
+        tokenizer=None,
+        hooks=hooks,
+        n_ctx=16,
+        hook_widths=dict.fromkeys(hooks, 8),
+        forward="hf-sdpa",
+    )
+    assert summary.forward_path(hooks[::-1]) == "hf-sdpa" and summary.hook_width(hooks[1]) == 8
+    with pytest.raises(ValueError, match="summarized for hooks"):
+        summary.forward_path(hooks[:1])  # another hook set may take another forward pass
 
 
 def test_an_unreachable_scheduler_is_named(tmp_path):
