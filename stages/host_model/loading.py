@@ -46,7 +46,7 @@ def _parse_dtype(dtype: str) -> tuple[str, torch.dtype]:
 
 
 def load_host_model(name: str, device: str = "auto", dtype: str = "float32") -> HostModel:
-    """Load ``smollm2-135m``, ``tiny-random``, ``synthetic[-d<N>]``, an HF model id or a local HF model directory."""
+    """Load ``smollm2-135m``, ``tiny-random``, ``synthetic[-d<N>]``, ``null-d<N>``, an HF model id or a local HF model directory."""
     name = str(name).strip()
     if not name:
         raise SaepipeError("no model named: use --model smollm2-135m, an HF model id or a local model directory")

@@ -56,3 +56,24 @@ def test_collect_with_them_is_repeatable(tmp_path):
     hook = "blocks.2.hook_resid_post"
     assert np.array_equal(a.read_rows("train", hook), b.read_rows("train", hook))
     assert a.header.model.name == "synthetic-d16" and a.header.text_source["kind"] == "synthetic"
+
+
+def test_the_null_model_fires_the_same_rows_for_every_context_and_stores_them(tmp_path):
+    """null-d<N> costs no work per token: each position's row is fixed, whatever the token. A collect with
+    it goes through the same path as a real model and stores those rows, normalized."""
+    model = load_host_model("null-d8", device="cpu")
+    tokens = torch.tensor([[256, 5, 7], [256, 9, 1]])
+    hooks = ["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out"]
+    acts = run_to_hooks(model, tokens, hooks)
+    assert acts[hooks[0]].shape == (2, 3, 8) and torch.equal(acts[hooks[0]][0], acts[hooks[0]][1])
+    assert not torch.equal(acts[hooks[0]][0, 1], acts[hooks[0]][0, 2])  # one row per position
+    assert model.forward_path(hooks) == "null"
+    with pytest.raises(SaepipeError, match="needs its width"):
+        load_host_model("null", device="cpu")
+
+    run_ok("collect", "--model", "null-d16", "--dataset", "synthetic-text", "--hook", "blocks.1.hook_resid_post",
+           "--tokens", "20000", "--context-size", "64", "--no-progress", "--out", tmp_path / "n.zarr")  # fmt: skip
+    store = open_store(tmp_path / "n.zarr")
+    assert store.complete and store.n_rows("train") >= 20_000 and store.header.model.name == "null-d16"
+    rows = store.read_rows("train", "blocks.1.hook_resid_post").astype(np.float32)
+    assert np.isfinite(rows).all() and len(np.unique(rows, axis=0)) <= 63  # at most one row per stored position
