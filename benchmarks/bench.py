@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from benchmarks.child import peak_rss_bytes, run_in_child
-from benchmarks.measurements import run_parts, targets_table
+from benchmarks.collect_ceiling import bench_collect_ceiling
+from benchmarks.measurements import alternate, ratio, run_parts, targets_table
 from benchmarks.quality import saelens_training_sae
 from pipeline import api
 from stages.basics import run_dir
@@ -83,6 +84,10 @@ TARGETS = {
     "fsync_cost": ("<=", 0.02),  # collect_vs_forward lost to flushing every commit
     "collect_vs_saelens": (">=", 1.2),  # or a profile of both sides showing the same forward pass
     "stream_peak_rss_gb": ("<=", None),  # the loader's buffer + 1 GB, known only once measured
+    "collect_ceiling_tokens_per_s_d576": ("report", None),  # collect with the null model: its own work only
+    "collect_ceiling_tokens_per_s_d2304": ("report", None),
+    "collect_ceiling_vs_disk": (">=", 0.5),  # the d-576 ceiling's bytes/s over a raw sequential write's
+    "collect_ceiling_multi_hook": (">=", 0.8),  # 8 hooks of d 576 over one, in bytes/s
 }
 HOOK = "bench"
 
@@ -107,6 +112,7 @@ class BenchConfig:
     collect_contexts: int = 128
     collect_batch: int = 16
     context_size: int = 128
+    ceiling_tokens: int = setting(524_288, "tokens of each collect_ceiling collect (d 2304: a quarter)")
     stream_chunk_rows: int = 8192  # the store chunk of the streaming benchmark (the loader reads 8 at a time)
     only: str = setting("", "comma-separated keys to measure", shown_default="all")
     progress: bool = progress_setting()
@@ -141,19 +147,6 @@ def _saelens_layer(hook: str) -> int | None:
     """The block whose output `hook` is, when SAELens's HF hooks can reach it (blocks.N.hook_resid_post)."""
     match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
     return None if match is None else int(match.group(1))
-
-
-def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Run each side once per round, in turn; each call returns a rate. The lists keep every round."""
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(rounds):
-        for name, side in sides.items():
-            rates[name].append(side())
-    return rates
-
-
-def ratio(rates: dict[str, list[float]], top: str, bottom: str) -> float:
-    return statistics.median(rates[top]) / statistics.median(rates[bottom])
 
 
 # -- read_vs_memmap ---------------------------------------------------------------------------------
@@ -828,6 +821,9 @@ BENCHMARKS: dict[str, Callable[[BenchConfig, Path, torch.device], dict]] = {
     "collect_vs_forward": bench_collect,
     "collect_vs_saelens": bench_collect_saelens,
     "stream_peak_rss_gb": bench_stream_rss,
+    "collect_ceiling_vs_disk": lambda cfg, workdir, device: bench_collect_ceiling(
+        cfg.ceiling_tokens, cfg.rounds, workdir, device
+    ),
 }
 KEYS = tuple(BENCHMARKS)
 

@@ -34,7 +34,7 @@ def main() -> None:
 
 @main.command()
 @options(BenchConfig, "out", "device", "only", "d_in", "width", "wide_width", "k", "batch_size", "rounds")
-@options(BenchConfig, "model", "collect_hook")
+@options(BenchConfig, "model", "collect_hook", "ceiling_tokens")
 @options(BenchConfig, "progress")
 def bench(**values) -> None:
     """Measure speed as same-run ratios (reader, training, matching pursuit, collect, memory); writes

@@ -4,6 +4,7 @@ keeps what was measured if a later part fails, and a table of each key against i
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -29,5 +30,20 @@ def targets_table(result: dict, targets: dict[str, tuple[str, float | None]], li
     lines = ["| key | value | target |", "| --- | ---: | --- |"]
     for key, (op, target) in targets.items():
         if key in result:
-            lines.append(f"| {key} | {result[key]:.4g} | {op} {limits.get(key, target):.4g} |")
+            wanted = "report" if op == "report" else f"{op} {limits.get(key, target):.4g}"
+            lines.append(f"| {key} | {result[key]:.4g} | {wanted} |")
     return "\n".join(lines)
+
+
+def alternate(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run each side once per round, in turn; each call returns a rate. The lists keep every round."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, side in sides.items():
+            rates[name].append(side())
+    return rates
+
+
+def ratio(rates: dict[str, list[float]], top: str, bottom: str) -> float:
+    """The median rate of side `top` over that of side `bottom`."""
+    return statistics.median(rates[top]) / statistics.median(rates[bottom])

@@ -91,6 +91,21 @@ class Normalization:
         row_scale = centered.norm(dim=1, keepdim=True) / math.sqrt(x.shape[1]) + _TOKEN_EPS
         return centered / row_scale, torch.cat([row_mean, row_scale], dim=1)
 
+    def apply_(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`apply` on float32 rows, written into them: the same operations in the same order, so the very
+        same values, without a second block-sized buffer (collect's rows)."""
+        if x.dtype != torch.float32:
+            raise ValueError(f"apply_ normalizes float32 rows in place, got {x.dtype}")
+        if self.mode == "none":
+            return x, None
+        if self.mode == "center-scale":
+            mean = torch.as_tensor(self.mean, device=x.device, dtype=torch.float32)
+            return x.sub_(mean).mul_(torch.tensor(self.scale, dtype=torch.float32, device=x.device)), None
+        row_mean = x.mean(dim=1, keepdim=True)
+        centered = x.sub_(row_mean)
+        row_scale = centered.norm(dim=1, keepdim=True) / math.sqrt(x.shape[1]) + _TOKEN_EPS
+        return centered.div_(row_scale), torch.cat([row_mean, row_scale], dim=1)
+
     def invert(self, x_hat: torch.Tensor, row_stats: torch.Tensor | None = None) -> torch.Tensor:
         """Normalized rows [..., d] -> raw rows (float32)."""
         x_hat = x_hat.float()

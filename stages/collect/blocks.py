@@ -2,12 +2,20 @@
 
 The work is cut into blocks of whole contexts (the shuffle buffer). A block depends only on (seed, block
 index) and goes through three steps: `forward_block` (the model, up to the deepest hook),
-`normalize_block` (outliers marked, rows normalized) and `prepare_block` (rows permuted and cast to
-fp16, the block's own statistics). Its rows are then written after the rows committed so far and the
-block is committed, strictly in block order."""
+`mark_outliers` (rows beyond the outlier bound marked) and `prepare_block` (rows permuted, normalized
+and cast to fp16, the block's own statistics). Its rows are then written after the rows committed so far and the
+block is committed, strictly in block order.
+
+The rows stay on the model's device until they are fp16 in stored order (`prepare_rows`): on a GPU the
+finiteness check, the outlier mask, the normalization, the permutation and the cast run there, and only
+the fp16 rows cross to the host, through pinned buffers and a copy that overlaps the next batch's forward
+(`HostStaging`). The statistics are float64 sums over those fp16 rows on the host (`summarize`): numpy's
+sums have one order on every machine, where torch's CPU reductions split by thread count, and a resumed
+or dask-run collect must end with the very same sums."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,21 +38,24 @@ class Block:
 
     split: str
     index: int
-    raw: dict[str, torch.Tensor]  # hook -> float32 [n, d] on CPU, rows in context order
+    raw: dict[str, torch.Tensor]  # hook -> float32 [n, d] on the model's device, rows in context order
     row_context: np.ndarray  # [n] context index of each row
     row_position: np.ndarray  # [n] position of each row in its context
     nonfinite: dict[str, tuple[int, int]]  # hook -> (non-finite values, contexts hit)
     dropped: list[int]  # contexts skipped for non-finite activations
 
+    def to_host(self) -> Block:
+        """The block with its rows on the CPU: what travels between dask workers."""
+        return Block(**{**self.__dict__, "raw": {h: r.cpu() for h, r in self.raw.items()}})
+
 
 @dataclass
-class NormalizedBlock:
-    """A block with its outliers marked and its kept rows normalized (float32, still in context order)."""
+class MarkedBlock:
+    """A block with its outlier rows marked, and the normalization its kept rows are stored in."""
 
     block: Block
     keep: np.ndarray  # [n] bool: rows within every hook's outlier bound
-    acts: dict[str, np.ndarray]  # hook -> [kept, d]
-    row_stats: dict[str, np.ndarray]  # hook -> [kept, 2] (mean, scale) under --normalize token
+    norms: dict[str, Normalization]
     outlier_rows: dict[str, int]  # hook -> rows beyond its bound
 
 
@@ -56,12 +67,19 @@ class Rows:
     row_context: np.ndarray  # [n]
     row_position: np.ndarray  # [n]
     row_stats: dict[str, np.ndarray] | None  # hook -> float32 [n, 2], --normalize token only
+    wait: Callable[[], None] | None = None  # until it returns, the arrays may still be filling (HostStaging)
+
+    def wait_copied(self) -> None:
+        if self.wait is not None:
+            self.wait()
+            self.wait = None
 
     def __len__(self) -> int:
         return len(self.row_context)
 
     def slice(self, lo: int, hi: int, copy: bool = False) -> Rows:
         """Rows [lo, hi); copied when the slice should not keep the whole block alive."""
+        self.wait_copied()
         take = (lambda a: a[lo:hi].copy()) if copy else (lambda a: a[lo:hi])
         return Rows(
             {h: take(a) for h, a in self.acts.items()},
@@ -72,6 +90,8 @@ class Rows:
 
     @staticmethod
     def concat(parts: list[Rows]) -> Rows:
+        for part in parts:
+            part.wait_copied()
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
@@ -85,6 +105,7 @@ class Rows:
         )
 
     def write(self, writer: StoreWriter, split: str, start: int) -> None:
+        self.wait_copied()
         writer.write_rows(split, start, self.acts, self.row_context, self.row_position, self.row_stats)
 
 
@@ -170,46 +191,63 @@ def forward_block(
     cfg: CollectConfig, model, hooks: list[str], task: BlockTask, tokens: np.ndarray, keep: np.ndarray, on_rows=None
 ) -> Block:
     """Run the model over the block's contexts (`tokens`, `keep`: their rows of the store's tokens and
-    stored-position mask); `on_rows(n)` hears of the rows of each batch."""
-    raw: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    row_context, row_position, dropped = [], [], []
+    stored-position mask); `on_rows(n)` hears of the rows of each batch. The stored positions' rows are
+    gathered on the model's device into one buffer per hook; the host learns only whether a batch had
+    non-finite values (and, when it had, how many)."""
+    raw: dict[str, torch.Tensor] = {}
+    filled, row_context, row_position, dropped = 0, [], [], []
     nonfinite = {h: [0, 0] for h in hooks}
     for start in range(0, len(task.contexts), cfg.batch_size):
         ids = task.contexts[start : start + cfg.batch_size]
         acts = run_to_hooks(model, torch.from_numpy(tokens[start : start + cfg.batch_size].astype(np.int64)), hooks)
-        mask = torch.from_numpy(keep[start : start + cfg.batch_size])
-        acts = {hook: acts[hook].float().cpu() for hook in hooks}
-        finite = torch.ones(len(ids), dtype=torch.bool)
-        for hook in hooks:
-            bad_values = (~torch.isfinite(acts[hook]) & mask[..., None]).sum(dim=(1, 2))
-            nonfinite[hook][0] += int(bad_values.sum())
-            nonfinite[hook][1] += int((bad_values > 0).sum())
-            finite &= bad_values == 0
-        if not bool(finite.all()):
-            bad = [int(c) for c in ids[~finite.numpy()]]
-            if cfg.nonfinite == "abort":
+        mask = keep[start : start + cfg.batch_size].copy()
+        device = acts[hooks[0]].device
+        bad_values = _nonfinite_values(acts, hooks, torch.from_numpy(mask).to(device, non_blocking=True))
+        if bad_values is not None:
+            for hook, bad in zip(hooks, bad_values):
+                nonfinite[hook][0] += int(bad.sum())
+                nonfinite[hook][1] += int((bad > 0).sum())
+            finite = (bad_values == 0).all(dim=0).numpy()
+            bad = [int(c) for c in ids[~finite]]
+            if bad and cfg.nonfinite == "abort":
                 raise SaepipeError(
                     f"non-finite activations in context(s) {bad[:5]} of the {task.split} split: "
                     f"rerun with --nonfinite skip to leave such contexts out (they are counted)"
                 )
             dropped += bad
             mask &= finite[:, None]
+        stored = np.flatnonzero(mask)  # the batch's stored rows, as rows of [batch x context]
+        if not raw:  # room for every stored position of the block (fewer when contexts are dropped)
+            rows = int(keep.sum())
+            raw = {h: torch.empty(rows, acts[h].shape[-1], dtype=torch.float32, device=device) for h in hooks}
+        where = torch.from_numpy(stored).to(device, non_blocking=True)
         for hook in hooks:
-            raw[hook].append(acts[hook][mask])
-        ctx_idx, positions = np.nonzero(mask.numpy())
-        row_context.append(ids[ctx_idx])
-        row_position.append(positions)
+            flat = acts[hook].reshape(-1, acts[hook].shape[-1])
+            torch.index_select(flat, 0, where, out=raw[hook][filled : filled + len(stored)])
+        filled += len(stored)
+        row_context.append(ids[stored // mask.shape[1]])
+        row_position.append(stored % mask.shape[1])
         if on_rows is not None:
-            on_rows(int(mask.sum()))
+            on_rows(len(stored))
     return Block(
         task.split,
         task.index,
-        {h: torch.cat(v) for h, v in raw.items()},
+        {h: r[:filled] for h, r in raw.items()},
         np.concatenate(row_context),
         np.concatenate(row_position),
         {h: (v[0], v[1]) for h, v in nonfinite.items()},
         dropped,
     )
+
+
+def _nonfinite_values(acts: dict[str, torch.Tensor], hooks: list[str], mask: torch.Tensor) -> torch.Tensor | None:
+    """Non-finite values at stored positions per hook and context [hooks, batch] (CPU), or None when there
+    are none. A row holding a non-finite value has a non-finite sum, so one cheap pass (the row sums)
+    clears almost every batch; only a batch with a suspect row is counted value by value."""
+    suspect = torch.stack([(~torch.isfinite(acts[h].sum(dim=-1)) & mask).any() for h in hooks]).any()
+    if not bool(suspect):
+        return None
+    return torch.stack([(~torch.isfinite(acts[h]) & mask[..., None]).sum(dim=(1, 2)) for h in hooks]).cpu()
 
 
 def estimate_normalization(cfg: CollectConfig, hooks: list[str], block: Block) -> dict[str, Normalization]:
@@ -231,46 +269,98 @@ def fix_normalization(writer: StoreWriter, norms: dict[str, Normalization]) -> d
     return writer.normalizations()
 
 
-def normalize_block(block: Block, norms: dict[str, Normalization], hooks: list[str]) -> NormalizedBlock:
+def mark_outliers(block: Block, norms: dict[str, Normalization], hooks: list[str]) -> MarkedBlock:
+    """Mark the rows beyond any hook's outlier bound, on the rows' device."""
     inlier = {h: norms[h].inliers(block.raw[h]) for h in hooks}
-    keep = torch.stack(list(inlier.values())).all(dim=0).numpy()
-    acts, row_stats = {}, {}
-    for hook in hooks:
-        normalized, per_row = norms[hook].apply(block.raw[hook][keep])
-        acts[hook] = normalized.numpy()
-        if per_row is not None:
-            row_stats[hook] = per_row.numpy()
-    return NormalizedBlock(block, keep, acts, row_stats, {h: int((~inlier[h]).sum()) for h in hooks})
+    keep = torch.stack(list(inlier.values())).all(dim=0)
+    outliers = torch.stack([(~inlier[h]).sum() for h in hooks]).tolist()
+    return MarkedBlock(block, keep.cpu().numpy(), {h: norms[h] for h in hooks}, dict(zip(hooks, outliers)))
 
 
-def prepare_block(normalized: NormalizedBlock, seed: int) -> PreparedBlock:
-    """Permute a training block's rows (seeded by the block), cast them to fp16, and summarize them."""
-    block, keep = normalized.block, normalized.keep
+class HostStaging:
+    """Where fp16 rows land on the host. From a CUDA device: pinned buffers, reused in turn (`slots` blocks
+    may be in flight at once), filled by copies that do not block the device; `Rows.wait` waits for them.
+    From the CPU the rows are the device's own memory: nothing is copied."""
+
+    def __init__(self, slots: int = 2):
+        self.slots, self.turn = slots, 0
+        self.buffers: dict[tuple[int, str], torch.Tensor] = {}
+
+    def to_host(self, rows: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], Callable[[], None] | None]:
+        """(numpy views of the rows on the host, a wait for their copies or None)."""
+        first = next(iter(rows.values()), None)
+        if first is None or first.device.type != "cuda":
+            return {name: t.cpu().numpy() for name, t in rows.items()}, None
+        slot, self.turn = self.turn, (self.turn + 1) % self.slots
+        host = {}
+        for name, tensor in rows.items():
+            buffer = self.buffers.get((slot, name))
+            if buffer is None or buffer.numel() < tensor.numel():
+                buffer = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=True)
+                self.buffers[(slot, name)] = buffer
+            view = buffer[: tensor.numel()].view(tensor.shape)
+            view.copy_(tensor, non_blocking=True)
+            host[name] = view.numpy()
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, copied.synchronize
+
+
+def prepare_rows(marked: MarkedBlock, seed: int, staging: HostStaging | None = None) -> Rows:
+    """The kept rows in stored order (a training block's permuted, seeded by the block), normalized and cast
+    to fp16 on their device: one gather, then in place. The fp16 rows then go to the host (`staging`:
+    pinned, without waiting for the copy; see `Rows.wait`). Normalization acts row by row, so normalizing
+    after the permutation gives the very values of normalizing before it."""
+    block, keep = marked.block, marked.keep
     n = int(keep.sum())
     perm = np.arange(n)
     if block.split == "train":
         perm = np.random.default_rng([seed, schema.SPLIT_CODES[block.split], block.index]).permutation(n)
-    acts, stats = {}, {}
-    for hook, rows in normalized.acts.items():
-        acts[hook] = _to_fp16(rows[perm], hook)
+    source = np.flatnonzero(keep)[perm]  # the block's row of each stored row
+    device_rows, order = {}, None
+    for hook, norm in marked.norms.items():
+        raw = block.raw[hook]
+        if order is None:
+            order = torch.from_numpy(source).to(raw.device, non_blocking=True)
+        normalized, per_row = norm.apply_(raw.index_select(0, order))
+        device_rows[hook] = _to_fp16(normalized, hook)
+        if per_row is not None:
+            device_rows[f"{hook}/row_stats"] = per_row
+    host, wait = (staging or HostStaging()).to_host(device_rows)
+    acts = {hook: host[hook] for hook in marked.norms}
+    row_stats = {hook: host[f"{hook}/row_stats"] for hook in marked.norms if f"{hook}/row_stats" in host}
+    return Rows(acts, block.row_context[source], block.row_position[source], row_stats or None, wait)
+
+
+def summarize(marked: MarkedBlock, rows: Rows) -> BlockSummary:
+    """The block's own statistics over its stored (fp16, host) rows, in float64, and what committing it
+    needs. Waits for the rows' copy to the host."""
+    rows.wait_copied()
+    block, stats = marked.block, {}
+    for hook, acts in rows.acts.items():
         stats[hook] = schema.RunningStats(
-            rows.shape[1],
+            acts.shape[1],
             nonfinite_values=block.nonfinite[hook][0],
             nonfinite_contexts=block.nonfinite[hook][1],
-            outlier_rows=normalized.outlier_rows[hook],
+            outlier_rows=marked.outlier_rows[hook],
         )
-        stats[hook].update(acts[hook])
-    row_stats = {hook: per_row[perm] for hook, per_row in normalized.row_stats.items()}
-    rows = Rows(acts, block.row_context[keep][perm], block.row_position[keep][perm], row_stats or None)
-    return PreparedBlock(BlockSummary(block.split, block.index, n, len(block.row_context), stats, block.dropped), rows)
+        stats[hook].update(acts)
+    return BlockSummary(block.split, block.index, len(rows), len(block.row_context), stats, block.dropped)
 
 
-def _to_fp16(rows: np.ndarray, hook: str) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        out = rows.astype(np.float16)
-    if not np.isfinite(out).all():
+def prepare_block(marked: MarkedBlock, seed: int) -> PreparedBlock:
+    """The block's rows in stored order, on the host, and its summary."""
+    rows = prepare_rows(marked, seed)
+    return PreparedBlock(summarize(marked, rows), rows)
+
+
+def _to_fp16(rows: torch.Tensor, hook: str) -> torch.Tensor:
+    out = rows.to(torch.float16)
+    # A float32 sum of fp16 values cannot overflow (65504 x 2^31 rows is far below float32's range), so it
+    # is finite exactly when every value is: one pass over the half-size rows.
+    if not bool(torch.isfinite(out.sum(dtype=torch.float32))):
         raise SaepipeError(
-            f"normalized activations at {hook} overflow float16 (max |x| {np.abs(rows).max():.3g}): "
+            f"normalized activations at {hook} overflow float16 (max |x| {rows.abs().max().item():.3g}): "
             f"use --normalize center-scale or token, or lower --outlier-factor"
         )
     return out

@@ -21,7 +21,8 @@ RUN_SETTINGS = frozenset(
 class CollectConfig:
     out: str = setting(help="the store folder to write (STORE.zarr)")
     model: str = setting(
-        DEFAULT_MODEL, "smollm2-135m (offline), an HF id, a local HF model folder, synthetic (scale tests) or null-d<N> (no forward work: collect's own ceiling)"
+        DEFAULT_MODEL,
+        "smollm2-135m (offline), an HF id, a local HF model folder, synthetic (scale tests) or null-d<N> (no forward work: collect's own ceiling)",
     )
     dataset: str = setting(
         DEFAULT_DATASET,

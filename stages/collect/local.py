@@ -1,19 +1,23 @@
-"""Collect in this process: the main thread runs the model and normalizes while a writer thread prepares,
-writes and commits the previous block."""
+"""Collect in this process: the main thread runs the model and does collect's own work on the rows where the
+model left them (normalization, permutation, the fp16 cast: on a GPU, there), while a writer thread
+summarizes, writes and commits the previous block."""
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from stages.collect.blocks import (
-    NormalizedBlock,
+    HostStaging,
+    MarkedBlock,
+    Rows,
     estimate_normalization,
     fix_normalization,
     forward_block,
-    normalize_block,
+    mark_outliers,
     pending_blocks,
-    prepare_block,
+    prepare_rows,
     progress_bar,
+    summarize,
 )
 from stages.collect.config import CollectConfig
 from stages.collect.context_tokens import ContextTokens
@@ -25,6 +29,8 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
         todo = pending_blocks(cfg, writer)
         bar = progress_bar(cfg, tokens, todo)
         norms = writer.normalizations()
+        # Two blocks' host buffers: the one the writer thread writes and the one being filled.
+        staging = HostStaging(slots=2)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool:
             pending: Future | None = None
             for task in todo:
@@ -34,17 +40,17 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
                 # The torch work stays on this thread: torch ops issued from a second thread start a second
                 # OpenMP team, whose spinning threads slow the forward pass (docs/benchmarks.md); the writer's
                 # share is numpy and I/O.
-                normalized = normalize_block(block, norms, hooks)
+                marked = mark_outliers(block, norms, hooks)
+                rows = prepare_rows(marked, cfg.seed, staging)
                 if pending is not None:
                     pending.result()  # one block in flight: bounded memory, writer errors surface here
-                pending = pool.submit(_write_and_commit, cfg, writer, normalized)
+                pending = pool.submit(_write_and_commit, writer, marked, rows)
             if pending is not None:
                 pending.result()
     bar.close()
 
 
-def _write_and_commit(cfg: CollectConfig, writer: StoreWriter, normalized: NormalizedBlock) -> None:
-    prepared = prepare_block(normalized, cfg.seed)
-    summary = prepared.summary
-    prepared.rows.write(writer, summary.split, writer.progress(summary.split).rows_committed)
+def _write_and_commit(writer: StoreWriter, normalized: MarkedBlock, rows: Rows) -> None:
+    summary = summarize(normalized, rows)
+    rows.write(writer, summary.split, writer.progress(summary.split).rows_committed)
     writer.commit_block(summary.split, summary.index, summary.n_rows, summary.stats, summary.dropped)

@@ -46,7 +46,7 @@ from stages.collect.blocks import (
     estimate_normalization,
     fix_normalization,
     forward_block,
-    normalize_block,
+    mark_outliers,
     pending_blocks,
     prepare_block,
     progress_bar,
@@ -204,11 +204,11 @@ def _model_for(cfg: CollectConfig, revision: str) -> HostModel:
 def _forward(
     cfg: CollectConfig, hooks: list[str], revision: str, task: BlockTask, tokens: np.ndarray, keep: np.ndarray
 ) -> Block:
-    return forward_block(cfg, _model_for(cfg, revision), hooks, task, tokens, keep)
+    return forward_block(cfg, _model_for(cfg, revision), hooks, task, tokens, keep).to_host()  # travels
 
 
 def _prepare(cfg: CollectConfig, hooks: list[str], block: Block, norms: dict[str, Normalization]) -> PreparedBlock:
-    return prepare_block(normalize_block(block, norms, hooks), cfg.seed)
+    return prepare_block(mark_outliers(block, norms, hooks), cfg.seed)
 
 
 def _collect_block(

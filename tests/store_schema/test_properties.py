@@ -41,6 +41,9 @@ def test_normalization_round_trips(mode, x, offset):
     except ValueError:  # only a sample without spread cannot fix center-scale
         assume(False)
     normalized, row_stats = norm.apply(raw)
+    in_place, in_place_stats = norm.apply_(raw.clone())  # collect's: the very same values, bit for bit
+    torch.testing.assert_close(in_place, normalized, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(in_place_stats, row_stats, rtol=0, atol=0, equal_nan=True)
     spread = float((raw - raw.mean()).abs().max()) + 1.0
     torch.testing.assert_close(norm.invert(normalized, row_stats), raw, rtol=1e-5, atol=1e-4 * (spread + abs(offset)))
     # through the store's fp16: each value comes back within fp16's relative precision of its own size

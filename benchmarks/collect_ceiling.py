@@ -1,0 +1,135 @@
+"""Collect's own ceiling: a collect with the null host model (`null-d<N>`, no work per token), so every
+second is collect's own work (tokenizing, normalizing, permuting, the fp16 cast, statistics, checksums,
+writes, commits). On a GPU the forward pass is that fast; this is the speed stage one then has.
+
+Keys (each side alternated round by round with the others of its ratio, medians):
+- collect_ceiling_tokens_per_s_d576 / _d2304: one hook, context 1024, fsync on (reported);
+- collect_ceiling_vs_disk: the d-576 ceiling in bytes/s over a raw sequential write of the same bytes
+  (`os.write` of the store's chunk size, an fsync per block, as collect's commits);
+- collect_ceiling_multi_hook: 8 hooks of d 576 over one, in bytes/s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.measurements import alternate, ratio
+from stages.collect import run_collect
+from stages.collect.config import CollectConfig
+from stages.host_model.loading import load_host_model
+from store_schema.reader import open_store
+
+CONTEXT = 1024
+MULTI_HOOKS = 8
+
+
+def _config(out: Path, width: int, hooks: tuple[str, ...], tokens: int, device: torch.device) -> CollectConfig:
+    return CollectConfig(
+        model=f"null-d{width}",
+        dataset="synthetic-text",
+        hooks=hooks,
+        tokens=tokens,
+        context_size=CONTEXT,
+        eval_fraction=0.0,
+        device=str(device),
+        out=str(out),
+        overwrite=True,
+        warmup_rows=min(65_536, tokens // 4),
+        progress=False,
+    )
+
+
+class _Ceiling:
+    """One collect configuration, timed: bytes of stored activations per second, and tokens per second."""
+
+    def __init__(self, cfg: CollectConfig, device: torch.device):
+        self.cfg, self.model = cfg, load_host_model(cfg.model, str(device))
+        self.last_tokens_per_s = 0.0
+
+    def bytes_per_s(self) -> float:
+        started = time.perf_counter()
+        run_collect(self.cfg, model=self.model)
+        elapsed = time.perf_counter() - started
+        store = open_store(self.cfg.out)
+        rows = store.n_rows("train")
+        self.last_tokens_per_s = rows / elapsed
+        return rows * sum(store.width(h) for h in store.hooks) * 2 / elapsed
+
+    def tokens_per_s(self) -> float:
+        self.bytes_per_s()
+        return self.last_tokens_per_s
+
+
+def raw_write_bytes_per_s(folder: Path, total_bytes: int, chunk_bytes: int, block_bytes: int) -> float:
+    """A plain sequential write of `total_bytes` in `chunk_bytes` pieces, each block's worth fsynced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "raw.bin"
+    piece = np.random.default_rng(0).integers(0, 255, chunk_bytes, dtype=np.uint8).tobytes()
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        written = since_sync = 0
+        while written < total_bytes:
+            written += os.write(fd, piece)
+            since_sync += len(piece)
+            if since_sync >= block_bytes:
+                os.fsync(fd)
+                since_sync = 0
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return written / elapsed
+
+
+def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch.device) -> dict:
+    hook = "blocks.1.hook_resid_post"
+    d576 = _Ceiling(_config(workdir / "ceiling-d576.zarr", 576, (hook,), tokens, device), device)
+    d576.bytes_per_s()  # warm-up: the first collect pays for imports and the page cache
+    store = open_store(d576.cfg.out)
+    chunk_bytes = store.group[f"train/acts/{hook}"].chunks[0] * 576 * 2
+    block_bytes = d576.cfg.shuffle_buffer_rows * 576 * 2
+    total_bytes = store.n_rows("train") * 576 * 2
+    many = tuple(f"blocks.{layer}.{suffix}" for layer in range(2) for suffix in
+                 ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"))[:MULTI_HOOKS]  # fmt: skip
+    multi = _Ceiling(_config(workdir / "ceiling-multi.zarr", 576, many, tokens // MULTI_HOOKS, device), device)
+    rates = alternate(
+        {
+            "one_hook_bytes_per_s": d576.bytes_per_s,
+            "disk_bytes_per_s": lambda: raw_write_bytes_per_s(workdir / "raw", total_bytes, chunk_bytes, block_bytes),
+            "multi_hook_bytes_per_s": multi.bytes_per_s,
+        },
+        rounds,
+    )
+    d576_tokens = float(np.median(rates["one_hook_bytes_per_s"])) / (576 * 2)
+    wide = _Ceiling(_config(workdir / "ceiling-d2304.zarr", 2304, (hook,), tokens // 4, device), device)
+    d2304_tokens = float(np.median([wide.tokens_per_s() for _ in range(rounds)]))
+    for cfg in (d576.cfg, multi.cfg, wide.cfg):
+        _remove(Path(cfg.out))
+    return {
+        "collect_ceiling_tokens_per_s_d576": d576_tokens,
+        "collect_ceiling_tokens_per_s_d2304": d2304_tokens,
+        "collect_ceiling_vs_disk": ratio(rates, "one_hook_bytes_per_s", "disk_bytes_per_s"),
+        "collect_ceiling_multi_hook": ratio(rates, "multi_hook_bytes_per_s", "one_hook_bytes_per_s"),
+        "collect_ceiling": {
+            **rates,
+            "context_size": CONTEXT,
+            "tokens": tokens,
+            "tokens_d2304": tokens // 4,
+            "multi_hooks": list(many),
+            "chunk_bytes": chunk_bytes,
+            "block_bytes": block_bytes,
+            "device": str(device),
+        },
+    }
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
