@@ -16,6 +16,7 @@ or dask-run collect must end with the very same sums."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -335,17 +336,36 @@ def prepare_rows(marked: MarkedBlock, seed: int, staging: HostStaging | None = N
 def summarize(marked: MarkedBlock, rows: Rows) -> BlockSummary:
     """The block's own statistics over its stored (fp16, host) rows, in float64, and what committing it
     needs. Waits for the rows' copy to the host."""
+    return summarize_in(None, marked, rows)()
+
+
+def summarize_in(pool: Executor | None, marked: MarkedBlock, rows: Rows) -> Callable[[], BlockSummary]:
+    """`summarize`, each hook's statistics started in `pool` (numpy's sums let go of the GIL, so they run
+    beside the rows' write); the returned call waits for them."""
     rows.wait_copied()
-    block, stats = marked.block, {}
-    for hook, acts in rows.acts.items():
-        stats[hook] = schema.RunningStats(
-            acts.shape[1],
+    block = marked.block
+
+    def hook_stats(hook: str) -> schema.RunningStats:
+        stats = schema.RunningStats(
+            rows.acts[hook].shape[1],
             nonfinite_values=block.nonfinite[hook][0],
             nonfinite_contexts=block.nonfinite[hook][1],
             outlier_rows=marked.outlier_rows[hook],
         )
-        stats[hook].update(acts)
-    return BlockSummary(block.split, block.index, len(rows), len(block.row_context), stats, block.dropped)
+        stats.update(rows.acts[hook])
+        return stats
+
+    if pool is None:
+        done = {hook: hook_stats(hook) for hook in rows.acts}
+        started = {hook: (lambda stats=stats: stats) for hook, stats in done.items()}
+    else:
+        started = {hook: pool.submit(hook_stats, hook).result for hook in rows.acts}
+
+    def summary() -> BlockSummary:
+        stats = {hook: result() for hook, result in started.items()}
+        return BlockSummary(block.split, block.index, len(rows), len(block.row_context), stats, block.dropped)
+
+    return summary
 
 
 def prepare_block(marked: MarkedBlock, seed: int) -> PreparedBlock:
@@ -354,13 +374,15 @@ def prepare_block(marked: MarkedBlock, seed: int) -> PreparedBlock:
     return PreparedBlock(summarize(marked, rows), rows)
 
 
+# The smallest float32 that rounds to inf in float16: anything at or beyond it overflows the cast.
+_FP16_OVERFLOW = 65520.0
+
+
 def _to_fp16(rows: torch.Tensor, hook: str) -> torch.Tensor:
-    out = rows.to(torch.float16)
-    # A float32 sum of fp16 values cannot overflow (65504 x 2^31 rows is far below float32's range), so it
-    # is finite exactly when every value is: one pass over the half-size rows.
-    if not bool(torch.isfinite(out.sum(dtype=torch.float32))):
+    low, high = torch.aminmax(rows)  # one pass over the float32 rows; NaN fails the test below as well
+    if not (float(low) > -_FP16_OVERFLOW and float(high) < _FP16_OVERFLOW):
         raise SaepipeError(
             f"normalized activations at {hook} overflow float16 (max |x| {rows.abs().max().item():.3g}): "
             f"use --normalize center-scale or token, or lower --outlier-factor"
         )
-    return out
+    return rows.to(torch.float16)

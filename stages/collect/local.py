@@ -4,7 +4,7 @@ summarizes, writes and commits the previous block."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from stages.collect.blocks import (
     HostStaging,
@@ -17,7 +17,7 @@ from stages.collect.blocks import (
     pending_blocks,
     prepare_rows,
     progress_bar,
-    summarize,
+    summarize_in,
 )
 from stages.collect.config import CollectConfig
 from stages.collect.context_tokens import ContextTokens
@@ -31,7 +31,11 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
         norms = writer.normalizations()
         # Two blocks' host buffers: the one the writer thread writes and the one being filled.
         staging = HostStaging(slots=2)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool:
+        # A block's statistics are summed while its rows are written: each hook's in a thread of its own.
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool,
+            ThreadPoolExecutor(max_workers=len(hooks), thread_name_prefix="saepipe-stats") as stats_pool,
+        ):
             pending: Future | None = None
             for task in todo:
                 block = forward_block(cfg, model, hooks, task, *tokens.read(task.contexts), bar.update)
@@ -44,13 +48,15 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
                 rows = prepare_rows(marked, cfg.seed, staging)
                 if pending is not None:
                     pending.result()  # one block in flight: bounded memory, writer errors surface here
-                pending = pool.submit(_write_and_commit, writer, marked, rows)
+                pending = pool.submit(_write_and_commit, writer, marked, rows, stats_pool)
             if pending is not None:
                 pending.result()
     bar.close()
 
 
-def _write_and_commit(writer: StoreWriter, normalized: MarkedBlock, rows: Rows) -> None:
-    summary = summarize(normalized, rows)
-    rows.write(writer, summary.split, writer.progress(summary.split).rows_committed)
-    writer.commit_block(summary.split, summary.index, summary.n_rows, summary.stats, summary.dropped)
+def _write_and_commit(writer: StoreWriter, marked: MarkedBlock, rows: Rows, stats_pool: Executor) -> None:
+    summary = summarize_in(stats_pool, marked, rows)
+    split = marked.block.split
+    rows.write(writer, split, writer.progress(split).rows_committed)
+    done = summary()
+    writer.commit_block(done.split, done.index, done.n_rows, done.stats, done.dropped)
