@@ -11,6 +11,7 @@ Keys (each side alternated round by round with the others of its ratio, medians)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from benchmarks.measurements import alternate, ratio
+from stages.basics.device import synchronize
 from stages.collect import run_collect
 from stages.collect.config import CollectConfig
 from stages.host_model.loading import load_host_model
@@ -29,7 +31,8 @@ CONTEXT = 1024
 MULTI_HOOKS = 8
 
 
-def _config(out: Path, width: int, hooks: tuple[str, ...], tokens: int, device: torch.device) -> CollectConfig:
+def collect_config(out: Path, width: int, hooks: tuple[str, ...], tokens: int, device: torch.device) -> CollectConfig:
+    """A collect of the null model of `width`: `tokens` tokens at context 1024, fsync on."""
     return CollectConfig(
         model=f"null-d{width}",
         dataset="synthetic-text",
@@ -45,25 +48,44 @@ def _config(out: Path, width: int, hooks: tuple[str, ...], tokens: int, device: 
     )
 
 
+def collect_rate(cfg: CollectConfig, model=None, profile: bool = False) -> dict:
+    """One collect, timed: tokens and bytes of stored activations per second; with `profile` (CUDA), the
+    share of its wall time no kernel ran (torch.profiler's device time over the wall time)."""
+    model = model if model is not None else load_host_model(cfg.model, cfg.device)
+    profiler = contextlib.nullcontext()
+    if profile:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        profiler = torch.profiler.profile(activities=activities)
+    synchronize(model.device)
+    started = time.perf_counter()
+    with profiler as prof:
+        run_collect(cfg, model=model)
+        synchronize(model.device)
+    elapsed = time.perf_counter() - started
+    store = open_store(cfg.out)
+    rows = store.n_rows("train")
+    out = {
+        "tokens_per_s": rows / elapsed,
+        "bytes_per_s": rows * sum(store.width(h) for h in store.hooks) * 2 / elapsed,
+        "seconds": elapsed,
+    }
+    if profile:
+        busy_us = sum(event.self_device_time_total for event in prof.key_averages())
+        out["idle_share"] = max(0.0, 1 - busy_us / 1e6 / elapsed)
+    return out
+
+
 class _Ceiling:
-    """One collect configuration, timed: bytes of stored activations per second, and tokens per second."""
+    """One null-model collect configuration, timed again at each call; the model is loaded once."""
 
     def __init__(self, cfg: CollectConfig, device: torch.device):
         self.cfg, self.model = cfg, load_host_model(cfg.model, str(device))
-        self.last_tokens_per_s = 0.0
 
     def bytes_per_s(self) -> float:
-        started = time.perf_counter()
-        run_collect(self.cfg, model=self.model)
-        elapsed = time.perf_counter() - started
-        store = open_store(self.cfg.out)
-        rows = store.n_rows("train")
-        self.last_tokens_per_s = rows / elapsed
-        return rows * sum(store.width(h) for h in store.hooks) * 2 / elapsed
+        return collect_rate(self.cfg, self.model)["bytes_per_s"]
 
     def tokens_per_s(self) -> float:
-        self.bytes_per_s()
-        return self.last_tokens_per_s
+        return collect_rate(self.cfg, self.model)["tokens_per_s"]
 
 
 def raw_write_bytes_per_s(folder: Path, total_bytes: int, chunk_bytes: int, block_bytes: int) -> float:
@@ -91,7 +113,7 @@ def raw_write_bytes_per_s(folder: Path, total_bytes: int, chunk_bytes: int, bloc
 
 def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch.device) -> dict:
     hook = "blocks.1.hook_resid_post"
-    d576 = _Ceiling(_config(workdir / "ceiling-d576.zarr", 576, (hook,), tokens, device), device)
+    d576 = _Ceiling(collect_config(workdir / "ceiling-d576.zarr", 576, (hook,), tokens, device), device)
     d576.bytes_per_s()  # warm-up: the first collect pays for imports and the page cache
     store = open_store(d576.cfg.out)
     chunk_bytes = store.group[f"train/acts/{hook}"].chunks[0] * 576 * 2
@@ -99,7 +121,7 @@ def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch
     total_bytes = store.n_rows("train") * 576 * 2
     many = tuple(f"blocks.{layer}.{suffix}" for layer in range(2) for suffix in
                  ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"))[:MULTI_HOOKS]  # fmt: skip
-    multi = _Ceiling(_config(workdir / "ceiling-multi.zarr", 576, many, tokens // MULTI_HOOKS, device), device)
+    multi = _Ceiling(collect_config(workdir / "ceiling-multi.zarr", 576, many, tokens // MULTI_HOOKS, device), device)
     rates = alternate(
         {
             "one_hook_bytes_per_s": d576.bytes_per_s,
@@ -109,7 +131,7 @@ def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch
         rounds,
     )
     d576_tokens = float(np.median(rates["one_hook_bytes_per_s"])) / (576 * 2)
-    wide = _Ceiling(_config(workdir / "ceiling-d2304.zarr", 2304, (hook,), tokens // 4, device), device)
+    wide = _Ceiling(collect_config(workdir / "ceiling-d2304.zarr", 2304, (hook,), tokens // 4, device), device)
     d2304_tokens = float(np.median([wide.tokens_per_s() for _ in range(rounds)]))
     for cfg in (d576.cfg, multi.cfg, wide.cfg):
         _remove(Path(cfg.out))

@@ -10,6 +10,10 @@ recorded with what it had measured so far, and the next still runs.
 - collect: the host model over the python-docs text to a store of five hooks (two layers' MLP input and
   output, a residual stream), timed; then the forward pass to those hooks timed through HF's own
   modules and through the bridge (forward_rates), and one batch of it profiled.
+- collect_speed: collect's own ceiling (the null model, `null-d<N>`, context 1024, one hook) at d 576
+  and d 2304; collect at context 1024 against its own forward pass alone (the same model's HF path to
+  the same hook), for the model and for a d-2304 model of its family; and the share of a collect's wall
+  time the GPU sat idle (torch.profiler's kernel time).
 - train_steps: every architecture's training step (bf16 autocast on CUDA) on random batches at d 768 /
   width 16k and d 2304 / width 64k: steps/s and peak memory; the TopK step profiled.
 - train_loop: every architecture through the whole training loop, resident and streaming, a few steps
@@ -77,13 +81,14 @@ ALL_ARCHS = (*SAE_ARCHS, "transcoder", "skip_transcoder", "crosscoder", "clt")
 # CPU keeps them too: its steps take a few seconds each.
 STEP_BUDGETS = {
     "environment": 20,
-    "collect": 90,
-    "train_steps": 120,
+    "collect": 80,
+    "collect_speed": 45,
+    "train_steps": 100,
     "train_loop": 50,
     "eval": 30,
-    "nccl": 40,
-    "bench_d768": 45,
-    "bench_d2304": 45,
+    "nccl": 35,
+    "bench_d768": 40,
+    "bench_d2304": 40,
 }
 PACKAGES = ("torch", "transformers", "numpy", "zarr", "numcodecs", "transformer-lens", "safetensors", "triton",
             "sae-lens", "eai-sparsify")  # fmt: skip
@@ -145,10 +150,13 @@ class Sizes:
     bench: tuple[tuple[int, int], ...]  # (d_in, width) of each bench step
     bench_batch: int
     bench_rounds: int
+    ceiling_tokens: int  # of each null-model collect at d 576 (a quarter at d 2304)
+    speed_contexts: int  # contexts of 1024 of collect_speed's model collects
+    wide_model: int  # the width of collect_speed's wider model of the --model-shape family
 
 
-GPU_SIZES = Sizes(100_000, 20, 4096, 4096, 32, ((768, 16_384), (2304, 65_536)), 4096, 3)
-DRY_SIZES = Sizes(4_000, 3, 256, 128, 8, ((32, 128), (48, 256)), 256, 1)
+GPU_SIZES = Sizes(100_000, 20, 4096, 4096, 32, ((768, 16_384), (2304, 65_536)), 4096, 3, 2**20, 256, 2304)
+DRY_SIZES = Sizes(4_000, 3, 256, 128, 8, ((32, 128), (48, 256)), 256, 1, 8 * 1023, 2, 128)
 
 
 @dataclass
@@ -190,13 +198,14 @@ def forward_rates(model, hooks: list[str], contexts, batch: int = 16, rounds: in
     return rates
 
 
-def random_weights_model(shape_dir: Path, out: Path) -> Path:
-    """A local HF model folder of `shape_dir`'s architecture and tokenizer with seeded random weights."""
+def random_weights_model(shape_dir: Path, out: Path, **overrides) -> Path:
+    """A local HF model folder of `shape_dir`'s architecture and tokenizer with seeded random weights;
+    `overrides`: config fields changed (another width of the same family)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if (out / "config.json").exists():
         return out
-    config = AutoConfig.from_pretrained(shape_dir)
+    config = AutoConfig.from_pretrained(shape_dir, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
@@ -270,6 +279,7 @@ class GpuCheck:
         return {
             "environment": self.environment,
             "collect": self.collect,
+            "collect_speed": self.collect_speed,
             "train_steps": self.train_steps,
             "train_loop": self.train_loop,
             "eval": self.eval,
@@ -366,6 +376,61 @@ class GpuCheck:
             f"collect's forward pass to {len(hooks)} hooks, 16 contexts", lambda: run_to_hooks(model, batch, hooks)
         )
         return record
+
+    def collect_speed(self) -> dict:
+        """Collect's own ceiling, collect against its own forward pass at context 1024, and the GPU's idle
+        share during a collect (docs/benchmarks.md#the-gpu-check)."""
+        from benchmarks.collect_ceiling import collect_config, collect_rate
+
+        s, record = self.sizes, {}
+        hook = "blocks.1.hook_resid_post"
+        for width, tokens in ((576, s.ceiling_tokens), (2304, s.ceiling_tokens // 4)):
+            cfg = collect_config(self.out / f"ceiling-d{width}.zarr", width, (hook,), tokens, self.device)
+            record[f"collect_ceiling_tokens_per_s_d{width}"] = collect_rate(cfg)["tokens_per_s"]
+            self.partial = dict(record)
+        self.model_name = self.model_name or self._model()
+        models = {"model": self.model_name}
+        if self.cfg.model_shape:  # a wider model of the same family (on a GPU, Gemma-2-2B's width), two layers
+            width = s.wide_model
+            heads = max(1, width // 64)
+            wide = dict(hidden_size=width, intermediate_size=4 * width, num_attention_heads=heads,
+                        num_key_value_heads=3 if heads % 3 == 0 else 1, num_hidden_layers=2)  # fmt: skip
+            folder = self.out / f"d{width}-model"
+            models[f"d{width}"] = str(random_weights_model(Path(self.cfg.model_shape), folder, **wide))
+        for label, name in models.items():
+            record[label] = self._collect_against_forward(name)
+            self.partial = dict(record)
+        return record
+
+    def _collect_against_forward(self, name: str) -> dict:
+        """One collect of the model at context 1024 (or its longest) to its middle layer's residual stream, against the same
+        forward pass to that hook alone; with CUDA, the share of the collect's wall time with no kernel
+        running."""
+        from benchmarks.collect_ceiling import collect_rate
+        from stages.host_model.loading import load_host_model
+
+        model = load_host_model(name, str(self.device))
+        hook = f"blocks.{model.n_layers // 2}.hook_resid_post"
+        context = min(1024, model.n_ctx)  # the tiny dry-run model holds 256
+        tokens = self.sizes.speed_contexts * (context - 1)
+        cfg = CollectConfig(
+            out=str(self.out / "speed.zarr"), model=name, hooks=(hook,), tokens=tokens, context_size=context,
+            dataset="synthetic-text", eval_fraction=0.0, batch_size=16, device=str(self.device), overwrite=True,
+            progress=False, warmup_rows=min(16_384, tokens),
+        )  # fmt: skip
+        collect_rate(cfg, model)  # warm-up: the kernels' first launches, the page cache
+        measured = collect_rate(cfg, model, profile=self.device.type == "cuda")
+        contexts = open_store(cfg.out).tokens[:]
+        forward = forward_rates(model, [hook], contexts, batch=16, rounds=2)[model.forward_path([hook])]
+        return {
+            "d_model": model.d_model,
+            "context_size": context,
+            "forward": model.forward_path([hook]),
+            "collect_tokens_per_s": measured["tokens_per_s"],
+            "forward_tokens_per_s": forward,
+            "collect_vs_forward": measured["tokens_per_s"] / forward,
+            "gpu_idle_share": measured.get("idle_share"),
+        }
 
     def _train_config(self, store: str, hooks: dict[str, str], name: str, arch: str, **values) -> TrainConfig:
         """A run of `arch` on the hooks of mlp_and_resid_hooks: SAEs on the residual stream, a transcoder

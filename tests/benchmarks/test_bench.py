@@ -67,6 +67,7 @@ def test_tiny_bench_writes_every_key(tmp_path):
         collect_batch=4,
         context_size=16,
         stream_chunk_rows=256,
+        ceiling_tokens=8 * 1023,
         only=",".join(k for k in bench.KEYS if k != "collect_vs_saelens"),
         progress=False,
     )
@@ -85,6 +86,8 @@ def test_tiny_bench_writes_every_key(tmp_path):
         ("train_vs_sparsify_16k", sparsify["width_512"], "ours_tokens_per_s", "sparsify_tokens_per_s"),
         ("mp_vs_saelens", result["mp"], "ours_tokens_per_s", "saelens_tokens_per_s"),
         ("collect_vs_forward", result["collect"], "collect_tokens_per_s", "forward_tokens_per_s"),
+        ("collect_ceiling_vs_disk", result["collect_ceiling"], "one_hook_bytes_per_s", "disk_bytes_per_s"),
+        ("collect_ceiling_multi_hook", result["collect_ceiling"], "multi_hook_bytes_per_s", "one_hook_bytes_per_s"),
     ):
         assert len(raw[top]) == len(raw[bottom]) == cfg.rounds, key
         assert min(raw[top] + raw[bottom]) > 0, key
@@ -110,7 +113,15 @@ def test_tiny_bench_writes_every_key(tmp_path):
     assert 0 < stream["peak_rss_bytes"] < 8e9
     assert result["stream_peak_rss_gb"] == pytest.approx(stream["peak_rss_bytes"] / 1e9)
     assert stream["limit_gb"] == pytest.approx(stream["buffer_bytes"] / 1e9 + 1)
-    assert "| read_vs_memmap |" in bench.format_bench_table(result)
+    # the null-model ceiling: tokens/s at d 576 are its bytes/s over 576 fp16 values a token
+    ceiling = result["collect_ceiling"]
+    assert result["collect_ceiling_tokens_per_s_d576"] == pytest.approx(
+        statistics.median(ceiling["one_hook_bytes_per_s"]) / (576 * 2)
+    )
+    assert result["collect_ceiling_tokens_per_s_d2304"] > 0 and len(ceiling["multi_hooks"]) == 8
+    assert ceiling["context_size"] == 1024 and ceiling["block_bytes"] % ceiling["chunk_bytes"] == 0
+    table = bench.format_bench_table(result)
+    assert "| read_vs_memmap |" in table and "| collect_ceiling_tokens_per_s_d576 |" in table and "| report |" in table
 
 
 def ratio_of_medians(raw: dict, top: str, bottom: str) -> float:
