@@ -6,12 +6,14 @@ Keys (each side alternated round by round with the others of its ratio, medians)
 - collect_ceiling_tokens_per_s_d576 / _d2304: one hook, context 1024, fsync on (reported);
 - collect_ceiling_vs_disk: the d-576 ceiling in bytes/s over a raw sequential write of the same bytes
   (`os.write` of the store's chunk size, an fsync per block, as collect's commits);
-- collect_ceiling_multi_hook: 8 hooks of d 576 over one, in bytes/s.
+- collect_ceiling_multi_hook: 8 hooks of d 576 over one, in bytes/s (an eighth of the tokens in blocks of an
+  eighth of the rows: the same bytes in as many blocks).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import time
@@ -121,7 +123,10 @@ def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch
     total_bytes = store.n_rows("train") * 576 * 2
     many = tuple(f"blocks.{layer}.{suffix}" for layer in range(2) for suffix in
                  ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"))[:MULTI_HOOKS]  # fmt: skip
-    multi = _Ceiling(collect_config(workdir / "ceiling-multi.zarr", 576, many, tokens // MULTI_HOOKS, device), device)
+    # an eighth of the tokens in blocks of an eighth of the rows: the same bytes, in as many blocks
+    multi_cfg = collect_config(workdir / "ceiling-multi.zarr", 576, many, tokens // MULTI_HOOKS, device)
+    multi_cfg = dataclasses.replace(multi_cfg, shuffle_buffer_rows=d576.cfg.shuffle_buffer_rows // MULTI_HOOKS)
+    multi = _Ceiling(multi_cfg, device)
     rates = alternate(
         {
             "one_hook_bytes_per_s": d576.bytes_per_s,
