@@ -27,6 +27,7 @@ from stages.basics.device import synchronize
 from stages.collect import run_collect
 from stages.collect.config import CollectConfig
 from stages.host_model.loading import load_host_model
+from store_schema import schema
 from store_schema.reader import open_store
 
 CONTEXT = 1024
@@ -118,7 +119,7 @@ def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch
     d576 = _Ceiling(collect_config(workdir / "ceiling-d576.zarr", 576, (hook,), tokens, device), device)
     d576.bytes_per_s()  # warm-up: the first collect pays for imports and the page cache
     store = open_store(d576.cfg.out)
-    chunk_bytes = store.group[f"train/acts/{hook}"].chunks[0] * 576 * 2
+    chunk_bytes = store.group[schema.acts_path("train", hook)].chunks[0] * 576 * 2
     block_bytes = d576.cfg.shuffle_buffer_rows * 576 * 2
     total_bytes = store.n_rows("train") * 576 * 2
     many = tuple(f"blocks.{layer}.{suffix}" for layer in range(2) for suffix in
@@ -139,7 +140,7 @@ def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch
     wide = _Ceiling(collect_config(workdir / "ceiling-d2304.zarr", 2304, (hook,), tokens // 4, device), device)
     d2304_tokens = float(np.median([wide.tokens_per_s() for _ in range(rounds)]))
     for cfg in (d576.cfg, multi.cfg, wide.cfg):
-        _remove(Path(cfg.out))
+        shutil.rmtree(cfg.out, ignore_errors=True)
     return {
         "collect_ceiling_tokens_per_s_d576": d576_tokens,
         "collect_ceiling_tokens_per_s_d2304": d2304_tokens,
@@ -156,7 +157,3 @@ def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch
             "device": str(device),
         },
     }
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench import BenchConfig, fresh_training_run, run_bench
+from benchmarks.collect_ceiling import collect_config, collect_rate
 from stages import evaluate
 from stages.basics import distributed, run_dir
 from stages.basics.device import resolve_device, synchronize
@@ -380,8 +381,6 @@ class GpuCheck:
     def collect_speed(self) -> dict:
         """Collect's own ceiling, collect against its own forward pass at context 1024, and the GPU's idle
         share during a collect (docs/benchmarks.md#the-gpu-check)."""
-        from benchmarks.collect_ceiling import collect_config, collect_rate
-
         s, record = self.sizes, {}
         hook = "blocks.1.hook_resid_post"
         for width, tokens in ((576, s.ceiling_tokens), (2304, s.ceiling_tokens // 4)):
@@ -403,10 +402,9 @@ class GpuCheck:
         return record
 
     def _collect_against_forward(self, name: str) -> dict:
-        """One collect of the model at context 1024 (or its longest) to its middle layer's residual stream, against the same
-        forward pass to that hook alone; with CUDA, the share of the collect's wall time with no kernel
-        running."""
-        from benchmarks.collect_ceiling import collect_rate
+        """One collect of the model at context 1024 (or its longest) to its middle layer's residual stream,
+        against the same forward pass to that hook alone; with CUDA, the share of the collect's wall time
+        with no kernel running."""
         from stages.host_model.loading import load_host_model
 
         model = load_host_model(name, str(self.device))

@@ -291,7 +291,7 @@ class HostStaging:
         """(numpy views of the rows on the host, a wait for their copies or None)."""
         first = next(iter(rows.values()), None)
         if first is None or first.device.type != "cuda":
-            return {name: t.cpu().numpy() for name, t in rows.items()}, None
+            return _on_host(rows), None
         slot, self.turn = self.turn, (self.turn + 1) % self.slots
         host = {}
         for name, tensor in rows.items():
@@ -307,10 +307,15 @@ class HostStaging:
         return host, copied.synchronize
 
 
+def _on_host(rows: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The rows as numpy arrays: the tensors' own memory on a CPU, a copy that waits from a GPU."""
+    return {name: tensor.cpu().numpy() for name, tensor in rows.items()}
+
+
 def prepare_rows(marked: MarkedBlock, seed: int, staging: HostStaging | None = None) -> Rows:
     """The kept rows in stored order (a training block's permuted, seeded by the block), normalized and cast
     to fp16 on their device: one gather, then in place. The fp16 rows then go to the host (`staging`:
-    pinned, without waiting for the copy; see `Rows.wait`). Normalization acts row by row, so normalizing
+    pinned, without waiting for the copy, see `Rows.wait`; without it, a plain copy). Normalization acts row by row, so normalizing
     after the permutation gives the very values of normalizing before it."""
     block, keep = marked.block, marked.keep
     n = int(keep.sum())
@@ -318,16 +323,14 @@ def prepare_rows(marked: MarkedBlock, seed: int, staging: HostStaging | None = N
     if block.split == "train":
         perm = np.random.default_rng([seed, schema.SPLIT_CODES[block.split], block.index]).permutation(n)
     source = np.flatnonzero(keep)[perm]  # the block's row of each stored row
-    device_rows, order = {}, None
+    order = torch.from_numpy(source).to(next(iter(block.raw.values())).device, non_blocking=True)
+    device_rows = {}
     for hook, norm in marked.norms.items():
-        raw = block.raw[hook]
-        if order is None:
-            order = torch.from_numpy(source).to(raw.device, non_blocking=True)
-        normalized, per_row = norm.apply_(raw.index_select(0, order))
+        normalized, per_row = norm.apply_(block.raw[hook].index_select(0, order))
         device_rows[hook] = _to_fp16(normalized, hook)
         if per_row is not None:
             device_rows[f"{hook}/row_stats"] = per_row
-    host, wait = (staging or HostStaging()).to_host(device_rows)
+    host, wait = staging.to_host(device_rows) if staging is not None else (_on_host(device_rows), None)
     acts = {hook: host[hook] for hook in marked.norms}
     row_stats = {hook: host[f"{hook}/row_stats"] for hook in marked.norms if f"{hook}/row_stats" in host}
     return Rows(acts, block.row_context[source], block.row_position[source], row_stats or None, wait)
@@ -336,36 +339,33 @@ def prepare_rows(marked: MarkedBlock, seed: int, staging: HostStaging | None = N
 def summarize(marked: MarkedBlock, rows: Rows) -> BlockSummary:
     """The block's own statistics over its stored (fp16, host) rows, in float64, and what committing it
     needs. Waits for the rows' copy to the host."""
-    return summarize_in(None, marked, rows)()
+    rows.wait_copied()
+    return _summary(marked, rows, {hook: _hook_stats(marked, rows, hook) for hook in rows.acts})
 
 
-def summarize_in(pool: Executor | None, marked: MarkedBlock, rows: Rows) -> Callable[[], BlockSummary]:
+def summarize_in(pool: Executor, marked: MarkedBlock, rows: Rows) -> Callable[[], BlockSummary]:
     """`summarize`, each hook's statistics started in `pool` (numpy's sums let go of the GIL, so they run
     beside the rows' write); the returned call waits for them."""
     rows.wait_copied()
+    started = {hook: pool.submit(_hook_stats, marked, rows, hook) for hook in rows.acts}
+    return lambda: _summary(marked, rows, {hook: future.result() for hook, future in started.items()})
+
+
+def _hook_stats(marked: MarkedBlock, rows: Rows, hook: str) -> schema.RunningStats:
     block = marked.block
+    stats = schema.RunningStats(
+        rows.acts[hook].shape[1],
+        nonfinite_values=block.nonfinite[hook][0],
+        nonfinite_contexts=block.nonfinite[hook][1],
+        outlier_rows=marked.outlier_rows[hook],
+    )
+    stats.update(rows.acts[hook])
+    return stats
 
-    def hook_stats(hook: str) -> schema.RunningStats:
-        stats = schema.RunningStats(
-            rows.acts[hook].shape[1],
-            nonfinite_values=block.nonfinite[hook][0],
-            nonfinite_contexts=block.nonfinite[hook][1],
-            outlier_rows=marked.outlier_rows[hook],
-        )
-        stats.update(rows.acts[hook])
-        return stats
 
-    if pool is None:
-        done = {hook: hook_stats(hook) for hook in rows.acts}
-        started = {hook: (lambda stats=stats: stats) for hook, stats in done.items()}
-    else:
-        started = {hook: pool.submit(hook_stats, hook).result for hook in rows.acts}
-
-    def summary() -> BlockSummary:
-        stats = {hook: result() for hook, result in started.items()}
-        return BlockSummary(block.split, block.index, len(rows), len(block.row_context), stats, block.dropped)
-
-    return summary
+def _summary(marked: MarkedBlock, rows: Rows, stats: dict[str, schema.RunningStats]) -> BlockSummary:
+    block = marked.block
+    return BlockSummary(block.split, block.index, len(rows), len(block.row_context), stats, block.dropped)
 
 
 def prepare_block(marked: MarkedBlock, seed: int) -> PreparedBlock:
