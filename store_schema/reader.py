@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
@@ -14,10 +13,10 @@ from typing import Protocol
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from store_schema import schema
+from store_schema.chunk_files import is_checksummed, raw_layout
 from store_schema.header import StoreHeader
 from store_schema.limits import check_fits_in_memory, check_root_metadata_size
 from store_schema.normalization import Normalization
@@ -274,7 +273,7 @@ class ActivationStore:
 
 class ChunkSource(Protocol):
     """Where one array of rows has its chunks: local chunk files (_ChunkFiles) or chunk objects in an
-    object store (_ChunkObjects). Either reads a chunk of the raw layout (_raw_layout) itself and checks
+    object store (_ChunkObjects). Either reads a chunk of the raw layout (raw_layout) itself and checks
     its CRC32C; any other chunk (compressed, or an older store's unwritten fill-value chunk) through Zarr."""
 
     fetches_ahead: bool  # chunks are fetched whole, ahead of their use (stream), rather than read in place
@@ -382,7 +381,7 @@ class _ChunkObjects(_Chunks):
 
     def __init__(self, arr: zarr.Array, n_rows: int, name: str, concurrency: int):
         super().__init__(arr, n_rows, name)
-        self.raw = _raw_layout(arr)
+        self.raw = raw_layout(arr)
         self.fs = _synchronous(arr.store.fs)
         self.absent = arr.store.allowed_exceptions  # what the filesystem raises for a missing object
         self.concurrency = concurrency
@@ -447,27 +446,10 @@ class _ChunkObjects(_Chunks):
         return _object_path(self.arr.store, self.key(chunk))
 
 
-def _raw_layout(arr: zarr.Array) -> bool:
-    """Whether the array's chunks are plain little-endian bytes with no compression, filters or sharding
-    (optionally followed by Zarr's crc32c checksum), whole rows each: such a chunk (file or object) is
-    exactly the rows' bytes, so reading it skips Zarr's decode pipeline and its copies."""
-    serializer = arr.serializer
-    only_checksum = len(arr.compressors) == 1 and is_checksummed(arr)
-    return not (
-        (arr.compressors and not only_checksum)
-        or arr.filters
-        or not isinstance(serializer, BytesCodec)
-        or serializer.endian is None
-        or serializer.endian.value != sys.byteorder
-        or len(arr.shape) != 2
-        or arr.chunks[1] != arr.shape[1]
-    )
-
-
 def _raw_chunk_files(arr: zarr.Array) -> Path | None:
-    """The folder of a local array's chunk files when they have the raw layout (_raw_layout), read
+    """The folder of a local array's chunk files when they have the raw layout (raw_layout), read
     straight into the destinations; None for any other array."""
-    if not isinstance(arr.store, LocalStore) or not _raw_layout(arr):
+    if not isinstance(arr.store, LocalStore) or not raw_layout(arr):
         return None
     return Path(arr.store.root) / arr.path
 
@@ -533,10 +515,6 @@ def storage_options(location: str, concurrency: int) -> dict | None:
     if "max_concurrency" not in configured:
         options["max_concurrency"] = 1
     return options
-
-
-def is_checksummed(arr: zarr.Array) -> bool:
-    return any(isinstance(codec, Crc32cCodec) for codec in arr.compressors)
 
 
 def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from store_schema import schema
-from store_schema.reader import ActivationStore, chunk_exists, is_checksum_error, is_checksummed
+from store_schema.chunk_files import is_checksummed
+from store_schema.reader import ActivationStore, chunk_exists, is_checksum_error
 
 
 def _row_split(name: str) -> str | None:

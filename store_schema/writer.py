@@ -35,6 +35,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 
 from store_schema import schema
+from store_schema.chunk_files import ChunkFileWriter
 from store_schema.durable import chunk_files, fsync_files, fsync_path, fsync_tree, local_root, write_durably
 from store_schema.header import SplitProgress, StoreHeader, read_running_stats
 from store_schema.normalization import Normalization
@@ -50,6 +51,8 @@ class StoreWriter:
         self.flush_root = local_root(group) if durable else None
         # called after every write of the root metadata (a collect straight to S3 mirrors the store then)
         self.after_commit: Callable[[StoreWriter], None] | None = None
+        # writes the row arrays' chunk files (flushed as they are written when the commits are durable)
+        self.chunk_files = ChunkFileWriter(durable=self.flush_root is not None)
 
     # -- creation -----------------------------------------------------------------------------------
     @classmethod
@@ -176,13 +179,21 @@ class StoreWriter:
     ) -> None:
         """Write one block's rows at [start, start + n); invisible until `commit`."""
         stop = start + len(row_context)
+        writes = [
+            (schema.row_context_path(split), row_context.astype(np.int32)),
+            (schema.row_position_path(split), row_position.astype(np.int16)),
+        ]
+        for hook, rows in acts.items():
+            writes.append((schema.acts_path(split, hook), rows))
+            if row_stats is not None:
+                writes.append((schema.row_stats_path(split, hook), row_stats[hook]))
+        arrays = [(self.group[name], data) for name, data in writes]
+        # the raw-layout arrays (the rows: nearly all the bytes) straight to their chunk files, many at once
+        self.chunk_files.write([(arr, start, data) for arr, data in arrays if self.chunk_files.handles(arr)])
         with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # a runtime setting: not saved with the array
-            self.group[schema.row_context_path(split)][start:stop] = row_context.astype(np.int32)
-            self.group[schema.row_position_path(split)][start:stop] = row_position.astype(np.int16)
-            for hook, rows in acts.items():
-                self.group[schema.acts_path(split, hook)][start:stop] = rows
-                if row_stats is not None:
-                    self.group[schema.row_stats_path(split, hook)][start:stop] = row_stats[hook]
+            for arr, data in arrays:
+                if not self.chunk_files.handles(arr):
+                    arr[start:stop] = data
 
     def commit(
         self,
