@@ -72,8 +72,12 @@ def _collect_to_s3(cfg: CollectConfig, model) -> str:
         else:
             print(f"collecting into {cfg.out} through the staging store {staging}", file=sys.stderr)
         local = dataclasses.replace(cfg, out=str(staging), fsync=False, overwrite=False)  # the bucket keeps it
-        with StoreLock(staging):
-            _collect_locked(local, model, after_commit=mirror.sync)
+        try:
+            with StoreLock(staging):
+                _collect_locked(local, model, after_commit=mirror.sync)
+                mirror.flush()  # every commit in the bucket before the lease goes
+        finally:
+            mirror.close()  # no upload outlives the lease
     shutil.rmtree(staging)
     return str(cfg.out)
 
