@@ -88,6 +88,7 @@ TARGETS = {
     "collect_ceiling_tokens_per_s_d2304": ("report", None),
     "collect_ceiling_vs_disk": (">=", 0.5),  # the d-576 ceiling's bytes/s over a raw sequential write's
     "collect_ceiling_multi_hook": (">=", 0.8),  # 8 hooks of d 576 over one, in bytes/s
+    "store_write_vs_disk": ("report", None),  # the store writer alone over the same raw write
 }
 HOOK = "bench"
 

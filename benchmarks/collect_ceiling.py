@@ -7,7 +7,10 @@ Keys (each side alternated round by round with the others of its ratio, medians)
 - collect_ceiling_vs_disk: the d-576 ceiling in bytes/s over a raw sequential write of the same bytes
   (`os.write` of the store's chunk size, an fsync per block, as collect's commits);
 - collect_ceiling_multi_hook: 8 hooks of d 576 over one, in bytes/s (an eighth of the tokens in blocks of an
-  eighth of the rows: the same bytes in as many blocks).
+  eighth of the rows: the same bytes in as many blocks);
+- store_write_vs_disk (reported): the store writer alone (`StoreWriter.write_rows` of the d-576 store's rows in
+  blocks of the collect's size, starting mid-chunk as collect's blocks do, each block's files flushed as a
+  commit flushes them) over the same raw sequential write: how much of the disk the write path leaves.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from stages.collect import run_collect
 from stages.collect.config import CollectConfig
 from stages.host_model.loading import load_host_model
 from store_schema import schema
+from store_schema.durable import chunk_files, fsync_files
 from store_schema.reader import open_store
+from store_schema.writer import StoreWriter
 
 CONTEXT = 1024
 MULTI_HOOKS = 8
@@ -114,6 +119,25 @@ def raw_write_bytes_per_s(folder: Path, total_bytes: int, chunk_bytes: int, bloc
     return written / elapsed
 
 
+def writer_bytes_per_s(store_path: Path, hook: str, block_rows: int) -> float:
+    """The store writer alone: every train row of the store rewritten with random rows in blocks of
+    `block_rows`, the first starting mid-chunk, each block's chunk files flushed (a durable commit's share)."""
+    writer = StoreWriter.open(store_path)
+    n, chunk = writer.progress("train").rows_committed, writer.chunk_rows("train")
+    rows = np.random.default_rng(0).standard_normal((block_rows, writer.header.width(hook)), np.float32)
+    rows = rows.astype(np.float16)
+    mapping = np.zeros(block_rows, np.int32), np.zeros(block_rows, np.int16)
+    starts = [0, *range(chunk // 2, n, block_rows)]
+    arrays = [writer.group[name] for name in schema.row_array_names(writer.header, "train")]
+    started = time.perf_counter()
+    for start, stop in zip(starts, starts[1:] + [n]):
+        size = stop - start
+        writer.write_rows("train", start, {hook: rows[:size]}, mapping[0][:size], mapping[1][:size])
+        fsync_files(path for arr in arrays for path in chunk_files(store_path, arr, start, stop))
+    writer.chunk_files.close()
+    return n * rows.shape[1] * 2 / (time.perf_counter() - started)
+
+
 def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch.device) -> dict:
     hook = "blocks.1.hook_resid_post"
     d576 = _Ceiling(collect_config(workdir / "ceiling-d576.zarr", 576, (hook,), tokens, device), device)
@@ -133,6 +157,7 @@ def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch
             "one_hook_bytes_per_s": d576.bytes_per_s,
             "disk_bytes_per_s": lambda: raw_write_bytes_per_s(workdir / "raw", total_bytes, chunk_bytes, block_bytes),
             "multi_hook_bytes_per_s": multi.bytes_per_s,
+            "writer_bytes_per_s": lambda: writer_bytes_per_s(Path(d576.cfg.out), hook, d576.cfg.shuffle_buffer_rows),
         },
         rounds,
     )
@@ -146,6 +171,7 @@ def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch
         "collect_ceiling_tokens_per_s_d2304": d2304_tokens,
         "collect_ceiling_vs_disk": ratio(rates, "one_hook_bytes_per_s", "disk_bytes_per_s"),
         "collect_ceiling_multi_hook": ratio(rates, "multi_hook_bytes_per_s", "one_hook_bytes_per_s"),
+        "store_write_vs_disk": ratio(rates, "writer_bytes_per_s", "disk_bytes_per_s"),
         "collect_ceiling": {
             **rates,
             "context_size": CONTEXT,

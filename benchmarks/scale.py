@@ -43,6 +43,7 @@ TARGETS = {
     "big_store_train_vs_resident": (">=", 0.9),
     "s3_read_vs_raw_get": (">=", 0.8),
     "s3_train_vs_local": (">=", 0.9),
+    "s3_collect_vs_raw_put": (">=", 0.7),  # collect straight to s3:// (null model) over plain parallel PUTs
     "fsync_cost": ("<=", 0.02),
 }
 PARTS = ("collect", "metadata", "big_store", "s3", "fsync")

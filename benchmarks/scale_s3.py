@@ -37,6 +37,7 @@ import torch
 
 from benchmarks.bench import fresh_training_run
 from benchmarks.child import peak_rss_bytes, rss_bytes, run_in_child
+from benchmarks.s3_collect import measure_s3_collect
 from benchmarks.s3_latency import s3_environment, s3_server
 from stages.train.config import TrainConfig
 from store_schema.copy import copy_store
@@ -61,6 +62,8 @@ def measure_s3_streaming(
     k: int = 32,
     train_steps: int = 50,
     rounds: int = 4,
+    collect_tokens: int = 524_288,
+    collect_width: int = 576,
     progress: bool = True,
 ) -> dict:
     """The figures above, as a dict for runs/scale/scale.json. The store has n_chunks chunk objects of
@@ -101,6 +104,8 @@ def measure_s3_streaming(
             result |= _measure_train(url, local, scratch, concurrency, batch_size, width, k, train_steps, rounds)
             say("store copy s3:// -> local")
             result |= _measure_copy(url, scratch / "copied.zarr")
+            say("collect straight to s3:// against plain parallel PUTs of its files")
+            result |= measure_s3_collect(bucket, scratch, collect_tokens, collect_width, rounds, _rounds)
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

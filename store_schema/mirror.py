@@ -8,9 +8,11 @@ which, while the collect goes on to its next block:
    commit): the remote commit, one PUT, visible to readers all at once. It is conditional on the ETag
    of the root this writer last wrote (If-Match; If-None-Match for the first), so a writer whose lease
    was taken can never commit over the one that took it;
-3. deletes from the staging store the row chunks wholly below that commit's rows: the collect never
-   writes them again, and the bucket holds them. Local scratch is thus the store's small arrays and
-   metadata, its tokens (4 bytes a token) and about two blocks of rows, whatever the store's size.
+3. deletes from the staging store the row chunks wholly below that commit's rows and the token chunks:
+   the collect never writes them again (nor reads the tokens: it read them once, before its first
+   commit), and the bucket holds them. Local scratch is thus the store's small arrays and metadata, the
+   collect's own scratch copy of the tokens (4 bytes a token) and about two blocks of rows, whatever the
+   store's size.
 
 One commit is in flight at a time: the next `sync` waits for it. So the bucket takes the commits in
 order, each only once its files are there, and no upload overwrites an object the bucket's root names:
@@ -139,8 +141,14 @@ class RemoteMirror:
         self.root_etag = response["ETag"]
 
     def _committed_chunks(self, writer) -> list[str]:
-        """The staging files of the row chunks wholly below each split's committed rows."""
-        found = []
+        """The staging files the collect never writes or reads again once they are in the bucket: the row
+        chunks wholly below each split's committed rows, and the token chunks (a collect reads its tokens
+        once, into a scratch file of its own, before its first commit; a store in S3 never grows)."""
+        tokens = writer.group[schema.TOKENS]
+        found = [
+            posixpath.join(schema.TOKENS, tokens.metadata.encode_chunk_key((chunk, 0)))
+            for chunk in range(-(-tokens.shape[0] // tokens.chunks[0]))
+        ]
         for split in schema.SPLITS:
             full = writer.progress(split).rows_committed // writer.chunk_rows(split)
             for name in schema.row_array_names(writer.header, split):
@@ -150,7 +158,7 @@ class RemoteMirror:
         return found
 
     def _drop(self, committed_chunks: list[str]) -> None:
-        """Delete the staging copies of committed row chunks (in the bucket now, never written again)."""
+        """Delete the staging copies of `committed_chunks` that are in the bucket."""
         with self._lock:
             for key in committed_chunks:
                 if key in self._synced and self._synced[key] != _IN_BUCKET_ONLY:

@@ -88,6 +88,7 @@ def test_tiny_bench_writes_every_key(tmp_path):
         ("collect_vs_forward", result["collect"], "collect_tokens_per_s", "forward_tokens_per_s"),
         ("collect_ceiling_vs_disk", result["collect_ceiling"], "one_hook_bytes_per_s", "disk_bytes_per_s"),
         ("collect_ceiling_multi_hook", result["collect_ceiling"], "multi_hook_bytes_per_s", "one_hook_bytes_per_s"),
+        ("store_write_vs_disk", result["collect_ceiling"], "writer_bytes_per_s", "disk_bytes_per_s"),
     ):
         assert len(raw[top]) == len(raw[bottom]) == cfg.rounds, key
         assert min(raw[top] + raw[bottom]) > 0, key

@@ -27,7 +27,16 @@ def tiny_scale(tmp_path_factory):
         train_steps=6,
         fsync_contexts=16,
         s3_options=dict(
-            d_model=32, chunk_rows=1024, n_chunks=12, batch_size=1024, width=64, k=4, train_steps=4, rounds=2
+            d_model=32,
+            chunk_rows=1024,
+            n_chunks=12,
+            batch_size=1024,
+            width=64,
+            k=4,
+            train_steps=4,
+            rounds=2,
+            collect_tokens=8192,
+            collect_width=16,
         ),
     )
     return out, run_scale(cfg)
@@ -83,11 +92,14 @@ def test_every_part_writes_its_keys_and_raw_figures(tiny_scale):
     for key, raw, top, bottom in (
         ("s3_read_vs_raw_get", result["s3_read"], "loader_bytes_per_s", "raw_get_bytes_per_s"),
         ("s3_train_vs_local", result["s3_train"], "s3_steps_per_s", "local_steps_per_s"),
+        ("s3_collect_vs_raw_put", result["s3_collect"], "collect_bytes_per_s", "raw_put_bytes_per_s"),
     ):
         assert len(raw[top]) == len(raw[bottom]) == 2, key
         assert raw["round_ratios"] == pytest.approx([a / b for a, b in zip(raw[top], raw[bottom])]), key
         assert result[key] == pytest.approx(statistics.median(raw["round_ratios"])), key
         assert raw[f"{top}_median"] == pytest.approx(statistics.median(raw[top])), key
+    # the raw side PUT the files of a local collect of the same configuration
+    assert result["s3_collect"]["tokens"] == 8192 and result["s3_collect"]["files"] > 10
     table = format_scale_table(result)
     assert "| collect_rss_ratio |" in table and "| big_store_peak_rss_gb |" in table
 

@@ -70,7 +70,7 @@ def _wait_for(condition, timeout: float = 120) -> None:
 
 def test_bucket_gets_the_local_bytes_with_bounded_scratch(bucket, local_bytes, monkeypatch):
     url, _ = bucket
-    row_chunks_after_sync = []
+    row_chunks_after_sync, token_chunks_after_sync = [], []
     sync = RemoteMirror.sync
 
     def counting_sync(self, writer):
@@ -78,6 +78,7 @@ def test_bucket_gets_the_local_bytes_with_bounded_scratch(bucket, local_bytes, m
         row_chunks_after_sync.append(
             max(len(list((self.staging / name / "c").glob("*"))) for name in ("train/row_context", "eval/row_context"))
         )
+        token_chunks_after_sync.append(len([p for p in (self.staging / "tokens").rglob("c/*/*") if p.is_file()]))
 
     monkeypatch.setattr(RemoteMirror, "sync", counting_sync)
     run_collect(CollectConfig(out=f"{url}/s.zarr", tokens=TOKENS, **SETTINGS))
@@ -86,6 +87,8 @@ def test_bucket_gets_the_local_bytes_with_bounded_scratch(bucket, local_bytes, m
     # the chunk being filled, and those of the one commit on its way to the bucket
     chunks_per_block = -(-SETTINGS["shuffle_buffer_rows"] // SETTINGS["chunk_rows"])
     assert len(row_chunks_after_sync) > 20 and max(row_chunks_after_sync) <= 2 + chunks_per_block
+    # the tokens are not kept twice: their chunks leave the staging store once the first commit is in the bucket
+    assert token_chunks_after_sync[0] > 0 and token_chunks_after_sync[2:] == [0] * len(token_chunks_after_sync[2:])
     assert not any((Path(os.environ["SAEPIPE_CACHE"]) / "staging").iterdir())  # staging removed
 
 
