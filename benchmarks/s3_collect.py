@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import os
 import shutil
 import statistics
 import time
@@ -19,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import fsspec.asyn
+import psutil
 import torch
 
 from benchmarks.collect_ceiling import collect_config
@@ -43,16 +45,23 @@ def measure_s3_collect(bucket: str, scratch: Path, tokens: int, width: int, roun
     shutil.rmtree(local.out)
     puts = _RawPuts(bucket, bodies, UPLOADS_IN_FLIGHT)
 
+    busy: dict[str, list[float]] = {"collect": [], "raw_put": []}
+
+    def timed(side: str, work) -> float:
+        """Bytes/s of `work()`; notes the share of the machine's cores this process and the S3 server
+        (its child) kept busy meanwhile: near 1, the two sides share a saturated CPU."""
+        cpu_before, started = _cpu_seconds(), time.perf_counter()
+        work()
+        elapsed = time.perf_counter() - started
+        busy[side].append((_cpu_seconds() - cpu_before) / (elapsed * (os.cpu_count() or 1)))
+        return total / elapsed
+
     def collect_side() -> float:
         cfg = dataclasses.replace(local, out=f"s3://{bucket}/{uuid.uuid4().hex}.zarr", overwrite=False)
-        started = time.perf_counter()
-        run_collect(cfg, model=model)
-        return total / (time.perf_counter() - started)
+        return timed("collect", lambda: run_collect(cfg, model=model))
 
     def raw_side() -> float:
-        started = time.perf_counter()
-        puts.put_all(uuid.uuid4().hex)
-        return total / (time.perf_counter() - started)
+        return timed("raw_put", lambda: puts.put_all(uuid.uuid4().hex))
 
     try:
         rates = alternate({"collect_bytes_per_s": collect_side, "raw_put_bytes_per_s": raw_side}, rounds)
@@ -65,6 +74,7 @@ def measure_s3_collect(bucket: str, scratch: Path, tokens: int, width: int, roun
             **rates,
             **{f"{side}_median": statistics.median(values) for side, values in rates.items()},
             "round_ratios": ratios,
+            "cpu_busy_share": busy,
             "tokens": tokens,
             "width": width,
             "files": len(bodies),
@@ -72,6 +82,18 @@ def measure_s3_collect(bucket: str, scratch: Path, tokens: int, width: int, roun
             "uploads_in_flight": UPLOADS_IN_FLIGHT,
         },
     }
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its children (the S3 server, its proxy)."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 class _RawPuts:
