@@ -44,6 +44,18 @@ class Normalization:
         if self.mode == "center-scale" and self.mean is None:
             raise ValueError("center-scale normalization needs a mean")
 
+    def problem(self) -> str | None:
+        """Why rows normalized (or inverted) with this would be wrong, or None when it is usable: a scale
+        that is not a positive finite number, a mean or outlier bound that is not finite."""
+        if self.mode == "center-scale":
+            if not (math.isfinite(self.scale) and self.scale > 0):
+                return f"scale {self.scale} (it must be a positive finite number)"
+            if not np.isfinite(self.mean).all():
+                return f"{int((~np.isfinite(self.mean)).sum())} non-finite values in its mean"
+        if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
+            return f"outlier bound {self.max_norm} (it must be a positive finite number)"
+        return None
+
     @property
     def has_row_stats(self) -> bool:
         """True when each stored row carries its own (mean, scale) pair needed to invert it."""
@@ -64,7 +76,10 @@ class Normalization:
         if not math.isfinite(mean_norm) or mean_norm <= 0:
             raise ValueError("cannot estimate center-scale normalization: warm-up rows have no spread")
         scale = float(np.float32(math.sqrt(x.shape[1]) / mean_norm))
-        return cls(mode, mean.numpy().astype(np.float32), scale, max_norm)
+        estimated = cls(mode, mean.numpy().astype(np.float32), scale, max_norm)
+        if estimated.problem() is not None:  # e.g. a spread so small that its inverse overflows float32
+            raise ValueError(f"cannot estimate center-scale normalization from the warm-up rows: {estimated.problem()}")
+        return estimated
 
     def same_transform(self, other: Normalization) -> bool:
         """Whether both map raw rows to the same normalized rows (max_norm only marks outliers)."""

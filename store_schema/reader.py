@@ -70,6 +70,7 @@ class ActivationStore:
         try:
             header = StoreHeader.from_attrs(attrs)
             _check_arrays_match(group, header)
+            _check_normalizations(group, header)
             check_fits_in_memory(group, header)
         except schema.StoreError as e:
             raise schema.StoreError(f"{location}: {e}") from None
@@ -625,6 +626,21 @@ def _check_arrays_match(group: zarr.Group, header: StoreHeader) -> None:
                     f"chunks {arr.chunks}; attributes say width {width}, {committed:,} committed rows, "
                     f"{chunk_rows} rows per chunk)"
                 )
+
+
+def _check_normalizations(group: zarr.Group, header: StoreHeader) -> None:
+    """Every recorded normalization can be used: rows normalized or inverted with a scale of 0, a negative
+    one or a non-finite mean would be garbage, or NaN, with no error anywhere downstream."""
+    for hook in header.hooks:
+        try:
+            norm = header.normalization(hook, group)
+        except (KeyError, TypeError, ValueError) as e:
+            raise schema.damaged(
+                f"the normalization recorded for {hook} cannot be read ({type(e).__name__}: {e})"
+            ) from None
+        problem = None if norm is None else norm.problem()
+        if problem is not None:
+            raise schema.damaged(f"the normalization recorded for {hook} is not usable: {problem}")
 
 
 def local_path(location: str) -> str:

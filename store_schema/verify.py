@@ -1,8 +1,13 @@
-"""`saepipe store verify`: check every chunk of a store against the CRC32C written with it.
+"""`saepipe store verify`: check every chunk of a store against the CRC32C written with it, every stored
+row for finiteness, and the tokens against the fingerprint recorded when they were written.
 
 Each array's chunks are decoded through Zarr, whose crc32c codec compares the stored checksum with the
 bytes; a chunk below the committed rows that has no file is damage too (collect writes every chunk).
-Every bad chunk is named, not just the first.
+A checksum says a chunk holds what was written; it cannot tell that what was written is usable. So the
+committed rows of every activation chunk are checked for NaN and inf (a collect never stores them: it
+leaves such contexts out), and the token chunks, decoded in order, must give the recorded fingerprint
+(a context changed or reordered and checksummed anew would otherwise make eval replay the wrong text).
+One chunk is held at a time. Every problem is named, not just the first.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from tqdm import tqdm
 
 from store_schema import schema
@@ -42,18 +48,60 @@ def verify_store(store: ActivationStore, progress: bool = True) -> Verification:
         split = _row_split(name)
         rows = arr.shape[0] if split is None else min(arr.shape[0], store.n_rows(split))
         plan += [(name, arr, i) for i in range(math.ceil(rows / arr.chunks[0]))]
+    tokens = _TokensCheck(store)
     for name, arr, i in tqdm(plan, desc="verify", unit="chunk", disable=not progress):
         where = (i,) + (0,) * (arr.ndim - 1)
         if not chunk_exists(arr, where):
             problems.append(f"chunk {i} of {name} is missing")
+            tokens.broken |= name == schema.TOKENS
             continue
         try:
-            arr.get_block_selection(where)
+            block = arr.get_block_selection(where)
         except ValueError as e:
             if not is_checksum_error(e):
                 raise
             problems.append(f"chunk {i} of {name} fails its checksum")
+            tokens.broken |= name == schema.TOKENS
+            continue
+        split = _row_split(name)
+        if split is not None and arr.dtype.kind == "f":
+            committed = block[: max(0, store.n_rows(split) - i * arr.chunks[0])]
+            bad = int(committed.size - np.isfinite(committed).sum())
+            if bad:
+                problems.append(f"chunk {i} of {name} holds {bad:,} non-finite values (NaN or inf) in committed rows")
+        if name == schema.TOKENS:
+            tokens.add(i * arr.chunks[0], block)
+    problems += tokens.problems()
     return Verification(len(plan), problems, unverifiable, foreign_files(store))
+
+
+class _TokensCheck:
+    """The tokens' fingerprint, fed their chunks in order: that of the contexts the header counts (an
+    append in progress writes more after them), compared with the one recorded when they were written."""
+
+    def __init__(self, store: ActivationStore):
+        header = store.header
+        self.expected = header.tokens_fingerprint
+        self.n = header.split.n_contexts if header.split.n_train_contexts is not None else store.tokens.shape[0]
+        self.fingerprint, self.next, self.broken = schema.TokensFingerprint(), 0, False
+
+    def add(self, first: int, block: np.ndarray) -> None:
+        if first != self.next:  # a chunk before it was missing or damaged: already reported
+            self.broken = True
+            return
+        self.fingerprint.update(block[: max(0, self.n - first)])
+        self.next = first + len(block)
+
+    def problems(self) -> list[str]:
+        if self.expected is None or self.broken:
+            return []
+        found = self.fingerprint.hexdigest()
+        if found == self.expected:
+            return []
+        return [
+            f"{schema.TOKENS} does not match the fingerprint recorded when it was written ({found}, recorded "
+            f"{self.expected}): contexts were changed, reordered or replaced"
+        ]
 
 
 def foreign_files(store: ActivationStore) -> list[str]:

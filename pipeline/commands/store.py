@@ -45,7 +45,8 @@ def store_copy(src: str, dst: str, threads: int, progress: bool) -> None:
 @click.argument("path", type=click.Path())
 @click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="no progress bars")
 def store_verify(path: str, progress: bool) -> None:
-    """Check every chunk against the CRC32C written with it; name every damaged or missing chunk."""
+    """Check every chunk against the CRC32C written with it, every stored row for NaN and inf, and the tokens
+    against their recorded fingerprint; name every damaged or missing chunk."""
     result = verify_store(open_store(path), progress=progress)
     for name in result.unverifiable:
         click.echo(f"warning: {name} has no checksums (written before saepipe recorded them): not verified", err=True)
@@ -63,4 +64,4 @@ def store_verify(path: str, progress: bool) -> None:
             f"{len(result.foreign)} file(s) in {path} are not part of the store (listed above): remove them "
             f"(a store holds only its own files), or copy the store again"
         )
-    click.echo(f"ok: {result.checked:,} chunks match their checksums")
+    click.echo(f"ok: {result.checked:,} chunks match their checksums; every row is finite and the tokens match")

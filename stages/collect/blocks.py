@@ -258,10 +258,15 @@ def estimate_normalization(cfg: CollectConfig, hooks: list[str], block: Block) -
             "every context of the first block had non-finite activations: "
             "the model or its dtype is broken (try --dtype float32)"
         )
-    return {
-        hook: Normalization.estimate(cfg.normalize, block.raw[hook][: cfg.warmup_rows], cfg.outlier_factor)
-        for hook in hooks
-    }
+    norms = {}
+    for hook in hooks:
+        try:
+            norms[hook] = Normalization.estimate(cfg.normalize, block.raw[hook][: cfg.warmup_rows], cfg.outlier_factor)
+        except ValueError as e:  # rows with no spread, or one so small its inverse is not a float32
+            raise SaepipeError(
+                f"{hook}: {e}; collect it with --normalize token or none, or check the model's activations there"
+            ) from None
+    return norms
 
 
 def fix_normalization(writer: StoreWriter, norms: dict[str, Normalization]) -> dict[str, Normalization]:

@@ -88,3 +88,80 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_one_is_not(tmp_path):
     lock_path(other).write_text(json.dumps({"pid": 1, "host": "another-machine", "started": "earlier"}))
     result = run_catching(*COLLECT, "--out", other)
     assert result.exit_code == 2 and f"remove {lock_path(other)}" in result.output
+
+
+def _rewrite_checksummed(path, data: bytes) -> None:
+    """Replace a checksummed chunk's bytes, checksum and all, as a tool that rewrites chunks would: the
+    chunk then passes its checksum, and only what verify knows beyond it can find the change."""
+    import google_crc32c
+
+    path.write_bytes(data + google_crc32c.value(data).to_bytes(4, "little"))
+
+
+def test_non_finite_rows_and_reordered_tokens_with_good_checksums_are_named(tiny_store, tmp_path):
+    import numpy as np
+    from numcodecs import Zstd
+
+    store = tmp_path / "edited.zarr"
+    shutil.copytree(tiny_store, store)
+    chunk = store / "train" / "acts" / HOOK / "c" / "0" / "0"
+    rows = np.frombuffer(chunk.read_bytes()[:-4], np.float16).copy()
+    rows[:64] = np.inf
+    rows[100] = np.nan
+    _rewrite_checksummed(chunk, rows.tobytes())
+    tokens_chunk = store / "tokens" / "c" / "0" / "0"
+    raw = Zstd().decode(tokens_chunk.read_bytes()[:-4])
+    meta = json.loads((store / "tokens" / "zarr.json").read_text())
+    contexts = np.frombuffer(raw, np.int32).reshape(-1, meta["shape"][1])
+    swapped = contexts[[1, 0, *range(2, len(contexts))]]  # two contexts trade places
+    _rewrite_checksummed(tokens_chunk, bytes(Zstd().encode(swapped.tobytes())))
+
+    result = run_catching("store", "verify", store, "--no-progress")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert f"chunk 0 of train/acts/{HOOK} holds 65 non-finite values (NaN or inf) in committed rows" in lines
+    assert any(line.startswith("tokens does not match the fingerprint recorded") for line in lines), lines
+    assert "fails its checksum" not in result.output
+
+
+def test_a_store_whose_normalization_cannot_be_used_is_refused_at_open(tiny_store, tmp_path):
+    from store_schema.reader import ActivationStore
+    from store_schema.schema import StoreError
+
+    import numpy as np
+    import zarr
+
+    cases = {"scale 0.0": 0, "scale -2.0": -2.0, "1 non-finite values in its mean": None}
+    for why, scale in cases.items():
+        store = tmp_path / f"{len(why)}.zarr"
+        shutil.copytree(tiny_store, store)
+        if scale is None:  # the mean array, rewritten through Zarr (its checksum is right)
+            mean = zarr.open_array(str(store / "normalization" / HOOK / "mean"), mode="r+")
+            values = mean[:]
+            values[3] = np.nan
+            mean[:] = values
+        else:
+            root = json.loads((store / "zarr.json").read_text())
+            root["attributes"]["saepipe"]["normalization"][HOOK]["scale"] = scale
+            (store / "zarr.json").write_text(json.dumps(root))
+        try:
+            ActivationStore.open(store)
+        except StoreError as e:
+            assert f"the normalization recorded for {HOOK} is not usable: {why}" in str(e)
+            assert "saepipe store verify" in str(e) and "\n" not in str(e)
+        else:
+            raise AssertionError(f"a store with {why} was opened")
+        result = run_catching("store", "verify", store, "--no-progress")
+        assert result.exit_code == 2 and "is not usable" in result.output.strip().splitlines()[-1], result.output
+
+
+def test_a_normalization_that_cannot_be_used_is_never_estimated():
+    import pytest
+    import torch
+
+    from store_schema.normalization import Normalization
+
+    tiny = torch.zeros(64, 8, dtype=torch.float64)
+    tiny[:, 0] = torch.linspace(0, 1e-44, 64, dtype=torch.float64)  # a spread whose inverse overflows float32
+    with pytest.raises(ValueError, match="scale inf"):
+        Normalization.estimate("center-scale", tiny)
