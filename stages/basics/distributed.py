@@ -119,6 +119,13 @@ def mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def max_(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum over ranks, in place."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def min_(tensor: torch.Tensor) -> torch.Tensor:
     if active():
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)

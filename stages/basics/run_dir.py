@@ -40,7 +40,7 @@ def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:
             )
         if (run_dir / CHECKPOINT).exists():
             return True
-        if (run_dir / SAE_WEIGHTS).exists():
+        if _finished(run_dir):
             raise SaepipeError(
                 f"{run_dir} holds a finished run with no checkpoint to resume: pass --overwrite to train again"
             )
@@ -65,10 +65,35 @@ def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:
     return False
 
 
+def _finished(run_dir: Path) -> bool:
+    """Whether the run says it finished (cfg.json is written last, once every file it promises is there).
+    Weights with a cfg.json that does not say (or cannot be read) count as finished, as they always did."""
+    try:
+        config = json.loads((run_dir / CONFIG).read_text())
+    except (OSError, ValueError):
+        config = None
+    said = config.get("finished") if isinstance(config, dict) else None
+    return said if isinstance(said, bool) else (run_dir / SAE_WEIGHTS).exists()
+
+
 def write_json_atomic(path: Path, obj) -> None:
+    """Replace `path` with `obj` as JSON: a temporary, flushed, renamed into place, then its folder flushed
+    (a power cut leaves the old document or the new one, never a part of one)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_npy_atomic(path: Path, array) -> None:
@@ -78,11 +103,17 @@ def save_npy_atomic(path: Path, array) -> None:
     os.replace(tmp, path)
 
 
-def save_sae(run_dir: Path, sae: torch.nn.Module, config: dict) -> None:
+def save_weights(run_dir: Path, sae: torch.nn.Module) -> None:
+    """The SAE's weights as float32 safetensors, written as `write_json_atomic` writes."""
     tmp = run_dir / (SAE_WEIGHTS + ".tmp")
     save_file({k: v.detach().float().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, run_dir / SAE_WEIGHTS)
-    write_json_atomic(run_dir / CONFIG, config)
+    _fsync_folder(run_dir)
 
 
 def read_json(path: Path, fix: str) -> dict:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import torch
 
 from stages.basics import run_dir, tracking
 from stages.basics.device import resolve_device
@@ -31,6 +34,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         evaluated = _open_external_into(cfg, run_path, dev)
     else:
         evaluated = open_evaluated(run_path, dev, cfg.store)
+    _require_finite_weights(evaluated)
     store = open_store(evaluated.store_path)
     store.require_complete()
     check_compatible(evaluated, store)
@@ -60,6 +64,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     else:
         metrics, density = store_metrics(sae, store, hook, norm, dev, cfg.tokens, cfg.progress, read_hook=read_hook)
         result |= metrics
+    _require_finite_metrics(result, run_path, store.location)
     if "core" in suites:
         result |= core_extras(sae) | saebench_core_keys(sae, density)
     if truth is not None:
@@ -89,6 +94,27 @@ def run_eval(cfg: EvalConfig) -> dict:
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
     tracking.log_eval(run_path, result)  # into the run's wandb run, when it was trained with --wandb
     return result
+
+
+def _require_finite_weights(evaluated: EvaluatedSAE) -> None:
+    """Refuse an SAE whose weights hold NaN or inf before any work: every metric would be NaN."""
+    bad = [name for name, tensor in evaluated.sae.state_dict().items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise SaepipeError(
+            f"the SAE of {evaluated.path} holds non-finite weights ({', '.join(bad)}): its training diverged; "
+            f"train it again (a lower --lr, or a store that passes `saepipe store verify`)"
+        )
+
+
+def _require_finite_metrics(result: dict, run_path: Path, store: str) -> None:
+    """The store's reconstruction metrics of a finite SAE are finite unless the rows are not: then nothing is
+    written (an eval.json already there stays as it was)."""
+    bad = sorted(key for key, value in result.items() if isinstance(value, float) and not math.isfinite(value))
+    if bad:
+        raise SaepipeError(
+            f"evaluating {run_path} on {store} gives non-finite {', '.join(bad)}: the store's rows hold NaN or inf "
+            f"(run `saepipe store verify {store}`); nothing was written"
+        )
 
 
 def _applicable_suites(cfg: EvalConfig, evaluated: EvaluatedSAE) -> set[str]:

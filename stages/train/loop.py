@@ -191,12 +191,16 @@ class TrainingRun:
             raise
         self.keys = self.KEYS + self.sae.extra_log_keys
         self.sums = torch.zeros(len(self.keys), device=device)
+        # the first step whose loss was not finite (-1: none yet), kept on the device: no sync per step
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
 
     def step(self, x: torch.Tensor | tuple[torch.Tensor, ...], step: int, autocast) -> None:
         """One optimizer step on batch x (a transcoder's: the pair of its hooks' row-aligned batches)."""
         dead = self.tokens_since_fired >= self.dead_window
         with autocast:  # the forward only; backward runs in the dtypes the forward chose
             loss, metrics = self.loss(x, TrainContext(self.mse_scale, dead, step / self.cfg.steps))
+        first = self.first_bad_step
+        self.first_bad_step = torch.where((first < 0) & ~torch.isfinite(loss.detach()), step, first)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.before_optimizer_step()
@@ -211,8 +215,18 @@ class TrainingRun:
         self.tokens_since_fired[distributed.sum_(metrics["fire_counts"]) > 0] = 0
         self.sums += torch.stack([metrics[k].float() for k in self.keys])
 
+    def require_finite(self) -> None:
+        """Stop at a loss that was not finite: the weights are garbage from that step on, and nothing more of
+        this run may be written (its last checkpoint, taken before, stays). Every rank calls this (a sync)."""
+        first = int(distributed.max_(self.first_bad_step.clone()))
+        if first >= 0:
+            raise SaepipeError(
+                diverged(self.out, self.cfg.store, f"the loss was not finite (NaN or inf) at step {first}")
+            )
+
     def write_log(self, done: int, window_steps: int, elapsed: float) -> dict:
         """Every rank calls this (the metrics are averaged over ranks); rank 0 writes the line."""
+        self.require_finite()
         distributed.mean_(self.sums)
         row = {
             "step": done,
@@ -231,6 +245,7 @@ class TrainingRun:
         return row
 
     def checkpoint(self, step: int) -> None:
+        self.require_finite()
         if not self.world.is_main:
             return
         Checkpoint(
@@ -432,9 +447,22 @@ def _prepare_run_folders(cfgs: list[TrainConfig]) -> list[bool] | SaepipeError:
         return e
 
 
+def diverged(out: Path, store: str, what: str) -> str:
+    """The one line of a run stopped by non-finite values: where, what is kept, the likely causes."""
+    return (
+        f"training of {out} stopped: {what}; nothing of it was marked finished, and its last checkpoint (if "
+        f"any) is kept. Likely causes: non-finite rows in the store (run `saepipe store verify {store}`), or a "
+        f"learning rate too high for this architecture (a lower --lr, with --overwrite)"
+    )
+
+
 def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out: Path) -> None:
-    """Final weights, config and the SAELens export; the checkpoint goes once they are safely written."""
-    run_dir.save_sae(out, sae, run_config(cfg, store, sae) | {"finished": True})
+    """The final weights and the SAELens export, then cfg.json saying the run finished: written last, so a
+    run that says so has every file it promises. The checkpoint goes once they are all safely written."""
+    bad = [name for name, tensor in sae.state_dict().items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise SaepipeError(diverged(out, cfg.store, f"its final weights hold non-finite values ({', '.join(bad)})"))
+    run_dir.save_weights(out, sae)
     header = store.header
     provenance = {
         "model_name": header.model.name,
@@ -455,4 +483,5 @@ def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out
             export_saelens_transcoder(export, sae, *norms, in_hook=in_hook, out_hook=out_hook, **provenance)
         except ValueError as e:  # what SAELens cannot hold: the run folder is complete without it
             print(f"saepipe: no SAELens export for {out}: {e}", file=sys.stderr)
+    run_dir.write_json_atomic(out / run_dir.CONFIG, run_config(cfg, store, sae) | {"finished": True})
     (out / run_dir.CHECKPOINT).unlink(missing_ok=True)

@@ -254,6 +254,35 @@ def _damaged_chunk(tmp: Path, places: dict, monkeypatch) -> None:
     chunk.write_bytes(bytes(data))
 
 
+def _nonfinite_rows(tmp: Path, places: dict, monkeypatch) -> None:
+    """inf in the first rows of every activation chunk, each checksummed anew: only verify's finiteness
+    check, training and eval find it."""
+    import google_crc32c
+
+    store = _copy_store(tmp, places, "nan.zarr")
+    for chunk in sorted(store.glob(f"*/acts/{HOOK}/c/*/0")):
+        rows = np.frombuffer(chunk.read_bytes()[:-4], np.float16).copy()
+        rows[:64] = np.inf
+        data = rows.tobytes()
+        chunk.write_bytes(data + google_crc32c.value(data).to_bytes(4, "little"))
+
+
+def _zero_scale(tmp: Path, places: dict, monkeypatch) -> None:
+    store = _copy_store(tmp, places, "scale.zarr")
+    root = json.loads((store / "zarr.json").read_text())
+    root["attributes"]["saepipe"]["normalization"][HOOK]["scale"] = 0
+    (store / "zarr.json").write_text(json.dumps(root))
+
+
+def _nan_weights(tmp: Path, places: dict, monkeypatch) -> None:
+    from safetensors.torch import load_file, save_file
+
+    run = Path(shutil.copytree(places["run"], tmp / "run"))
+    weights = load_file(run / run_dir.SAE_WEIGHTS)
+    weights["W_dec"][0, 0] = float("nan")
+    save_file(weights, run / run_dir.SAE_WEIGHTS)
+
+
 def _missing_chunk(tmp: Path, places: dict, monkeypatch) -> None:
     (_copy_store(tmp, places, "damaged.zarr") / TRAIN_CHUNK).unlink()
 
@@ -347,6 +376,9 @@ SETUPS = {
     "newer_schema": _newer_schema,
     "damaged_chunk": _damaged_chunk,
     "missing_chunk": _missing_chunk,
+    "nonfinite_rows": _nonfinite_rows,
+    "zero_scale": _zero_scale,
+    "nan_weights": _nan_weights,
     "no_s3fs": _no_s3fs,
     "no_saelens": _no_saelens,
     "no_wandb": _no_wandb,

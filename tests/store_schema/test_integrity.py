@@ -125,11 +125,11 @@ def test_non_finite_rows_and_reordered_tokens_with_good_checksums_are_named(tiny
 
 
 def test_a_store_whose_normalization_cannot_be_used_is_refused_at_open(tiny_store, tmp_path):
-    from store_schema.reader import ActivationStore
-    from store_schema.schema import StoreError
-
     import numpy as np
     import zarr
+
+    from store_schema.reader import ActivationStore
+    from store_schema.schema import StoreError
 
     cases = {"scale 0.0": 0, "scale -2.0": -2.0, "1 non-finite values in its mean": None}
     for why, scale in cases.items():

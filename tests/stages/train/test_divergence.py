@@ -1,0 +1,96 @@
+"""A run that goes non-finite stops at once with one line naming the step, marks nothing finished and keeps
+its last good checkpoint; a run says it finished only once every file it promises is written."""
+
+import json
+import shutil
+
+import google_crc32c
+import numpy as np
+import torch
+
+from stages.basics import run_dir
+from stages.train import loop
+from stages.train.checkpoint import Checkpoint
+from tests.helpers.cli import HOOK, run_catching
+
+TRAIN = ("--width", "32", "--k", "4", "--tokens", "20000", "--batch-size", "256", "--no-progress")
+
+
+def _poison(store, chunk: int) -> None:
+    """Put inf into the first rows of a train chunk and checksum it anew (verify still names it)."""
+    path = store / "train" / "acts" / HOOK / "c" / str(chunk) / "0"
+    rows = np.frombuffer(path.read_bytes()[:-4], np.float16).copy()
+    rows[:4096] = np.inf
+    data = rows.tobytes()
+    path.write_bytes(data + google_crc32c.value(data).to_bytes(4, "little"))
+
+
+def test_non_finite_rows_stop_training_at_the_step_and_keep_the_last_checkpoint(tiny_store, tmp_path):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    _poison(store, 5)
+    out = tmp_path / "run"
+    result = run_catching("train", store, *TRAIN, "--checkpoint-every", "4", "--log-every", "3", "--out", out)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "the loss was not finite (NaN or inf) at step" in line and f"saepipe store verify {store}" in line
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert 0 <= step < 78  # 20,000 tokens in batches of 256
+    config = json.loads((out / run_dir.CONFIG).read_text())
+    assert config["finished"] is False and not (out / run_dir.SAE_WEIGHTS).exists()
+    assert not (out / run_dir.SAELENS).exists()
+    logged = [json.loads(line) for line in (out / run_dir.TRAIN_LOG).read_text().splitlines()]
+    assert all(np.isfinite(row["loss"]) for row in logged)  # no line of the diverged window
+    if step >= 4:  # a checkpoint taken before the bad step is kept, and its weights are finite
+        saved = Checkpoint.load(out / run_dir.CHECKPOINT)
+        assert saved.step <= step
+        assert all(torch.isfinite(v).all() for v in saved.sae.values())
+
+
+def test_a_run_is_marked_finished_only_after_its_export(tiny_store, tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "export_saelens", no_space)
+    out = tmp_path / "run"
+    full = run_catching("train", tiny_store, *TRAIN, "--out", out)
+    assert full.exit_code == 2 and "no space left on device" in full.output.strip().splitlines()[-1], full.output
+    assert json.loads((out / run_dir.CONFIG).read_text())["finished"] is False
+    monkeypatch.undo()
+    result = run_catching("train", tiny_store, *TRAIN, "--out", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / run_dir.CONFIG).read_text())["finished"] is True
+    assert (out / run_dir.SAELENS / "cfg.json").exists()
+
+
+def _poison_eval(store) -> None:
+    path = store / "eval" / "acts" / HOOK / "c" / "0" / "0"
+    rows = np.frombuffer(path.read_bytes()[:-4], np.float16).copy()
+    rows[:64] = np.nan
+    data = rows.tobytes()
+    path.write_bytes(data + google_crc32c.value(data).to_bytes(4, "little"))
+
+
+def test_eval_never_writes_non_finite_metrics_over_a_good_eval_json(tiny_store, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    assert run_catching("train", tiny_store, *TRAIN, "--out", out).exit_code == 0
+    assert run_catching("eval", out, "--no-model", "--no-progress").exit_code == 0
+    good = (out / run_dir.EVAL).read_bytes()
+
+    poisoned = tmp_path / "poisoned.zarr"
+    shutil.copytree(tiny_store, poisoned)
+    _poison_eval(poisoned)
+    result = run_catching("eval", out, "--store", poisoned, "--no-model", "--no-progress")
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "gives non-finite" in line and f"saepipe store verify {poisoned}" in line and "nothing was written" in line
+    assert (out / run_dir.EVAL).read_bytes() == good
+
+    weights = load_file(out / run_dir.SAE_WEIGHTS)
+    weights["W_dec"][0, 0] = float("nan")
+    save_file(weights, out / run_dir.SAE_WEIGHTS)
+    result = run_catching("eval", out, "--no-model", "--no-progress")
+    assert result.exit_code == 2 and "holds non-finite weights (W_dec)" in result.output, result.output
+    assert (out / run_dir.EVAL).read_bytes() == good
