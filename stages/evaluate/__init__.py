@@ -3,13 +3,14 @@ the host model, downstream (CE loss and KL with the SAE spliced in, ablation spa
 
 from stages.evaluate.config import EvalConfig
 from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model
-from stages.evaluate.evaluated import EvaluatedSAE, open_evaluated, open_external, run_normalization
+from stages.evaluate.evaluated import EvaluatedSAE, check_compatible, open_evaluated, open_external, run_normalization
 from stages.evaluate.reconstruction import store_metrics
 from stages.evaluate.run import format_eval_table, run_eval
 
 __all__ = [
     "EvalConfig",
     "EvaluatedSAE",
+    "check_compatible",
     "downstream_metrics",
     "format_eval_table",
     "held_out_contexts",

@@ -54,7 +54,9 @@ def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStor
 
 
 def check_compatible(evaluated: EvaluatedSAE, store: ActivationStore) -> None:
-    """The store holds every hook the SAE reads and writes, at its width, from the SAE's model."""
+    """The store holds every hook the SAE reads and writes, at its width, from the SAE's model; and when the
+    run recorded it, it is the very store the run was trained on."""
+    check_same_store(store, evaluated.store_fingerprint, evaluated.path)
     sae, io = evaluated.sae, evaluated.io
     which = "the SAE" if io.single and not io.transcodes else f"the {sae.arch}"
     for hook, width in sae.widths_at(io).items():
@@ -63,6 +65,17 @@ def check_compatible(evaluated: EvaluatedSAE, store: ActivationStore) -> None:
         raise SaepipeError(
             f"the SAE was trained on {evaluated.model_name} activations but the store holds "
             f"{store.header.model.name}: pass --store with a store of that model"
+        )
+
+
+def check_same_store(store: ActivationStore, expected: str | None, run: Path) -> None:
+    """A store found where a run recorded one is the store it recorded (`expected`: its fingerprint), not one
+    collected again or replaced there since: its held-out rows could be the SAE's training rows."""
+    if expected is not None and store.fingerprint != expected:
+        raise SaepipeError(
+            f"{store.location} is not the store {run} recorded (fingerprint {store.fingerprint}, recorded "
+            f"{expected}): it was collected again or replaced since; put that store back, or evaluate on this "
+            f"one with `saepipe eval {run} --store {store.location}`"
         )
 
 
@@ -79,6 +92,9 @@ class EvaluatedSAE:
     store_path: str
     model_name: str
     label: str  # a short name for tables and plots
+    # the fingerprint of the store at `store_path` when the run recorded it (it was trained on that store);
+    # None when the store was named by the user (--store) or the SAE is external
+    store_fingerprint: str | None = None
 
     @property
     def hook(self) -> str:
@@ -113,7 +129,8 @@ def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_pa
     sae, cfg = load_sae(path, device)
     io, norms = recorded_hooks(sae, cfg)
     store = store_path or cfg["store"]["path"]
-    return EvaluatedSAE(path, sae, io, norms, store, cfg["store"]["model"]["name"], path.name)
+    recorded = None if store_path else cfg["store"].get("fingerprint")
+    return EvaluatedSAE(path, sae, io, norms, store, cfg["store"]["model"]["name"], path.name, recorded)
 
 
 def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: torch.device | str) -> EvaluatedSAE:

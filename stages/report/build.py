@@ -11,7 +11,7 @@ from stages.basics import tracking
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.basics.settings import device_setting, setting
-from stages.evaluate import open_evaluated
+from stages.evaluate import check_compatible, open_evaluated
 from stages.host_model.loading import load_host_model
 from stages.report import plots
 from stages.report.html import Image, Page, render
@@ -79,9 +79,12 @@ def build_report(opts: ReportOptions) -> Path:
         evaluated = open_evaluated(run.path, device)
         evaluated.label = run.label
         store_path = evaluated.store_path
-        if not Path(store_path).exists() and "://" not in store_path and run.eval.get("store"):
-            store_path = run.eval["store"]  # cfg.json may hold a path relative to where training ran
-        browser, density = browse(evaluated, open_store(store_path), run.density, opts.browse, model_for, device)
+        if run.eval.get("store") and run.eval.get("store_fingerprint"):
+            # the store eval measured (its --store, if it was given one), which the report's figures are of
+            store_path, evaluated.store_fingerprint = run.eval["store"], run.eval["store_fingerprint"]
+        store = open_store(store_path)
+        check_compatible(evaluated, store)
+        browser, density = browse(evaluated, store, run.density, opts.browse, model_for, device)
         histograms = {}
         for latent in browser.latents:
             png = plots.activation_histogram(latent.values, f"latent {latent.latent}", plots.run_color(i))

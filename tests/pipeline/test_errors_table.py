@@ -283,6 +283,14 @@ def _nan_weights(tmp: Path, places: dict, monkeypatch) -> None:
     save_file(weights, run / run_dir.SAE_WEIGHTS)
 
 
+def _replaced_store(tmp: Path, places: dict, monkeypatch) -> None:
+    """`{tmp}/run`: `{run}` as if its store had been collected again since (the fingerprint it recorded differs)."""
+    run = Path(shutil.copytree(places["run"], tmp / "run"))
+    config = json.loads((run / run_dir.CONFIG).read_text())
+    config["store"]["fingerprint"] = "0123456789abcdef"
+    (run / run_dir.CONFIG).write_text(json.dumps(config))
+
+
 def _missing_chunk(tmp: Path, places: dict, monkeypatch) -> None:
     (_copy_store(tmp, places, "damaged.zarr") / TRAIN_CHUNK).unlink()
 
@@ -379,6 +387,7 @@ SETUPS = {
     "nonfinite_rows": _nonfinite_rows,
     "zero_scale": _zero_scale,
     "nan_weights": _nan_weights,
+    "replaced_store": _replaced_store,
     "no_s3fs": _no_s3fs,
     "no_saelens": _no_saelens,
     "no_wandb": _no_wandb,

@@ -1,0 +1,35 @@
+"""A run knows its store: eval and report of a run whose store was collected again (or replaced) at the
+same path refuse with one line naming both fingerprints, before any work; naming the new store with
+--store evaluates on it deliberately."""
+
+import json
+import shutil
+
+from stages.basics import run_dir
+from tests.helpers.cli import collect_args, run_catching, run_ok
+
+TRAIN = ("--width", "32", "--k", "4", "--tokens", "4096", "--batch-size", "256", "--no-progress")
+
+
+def test_a_replaced_store_is_refused_by_eval_and_report(tiny_store, tmp_path):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    out = tmp_path / "run"
+    run_ok("train", store, *TRAIN, "--out", out)
+    run_ok("eval", out, "--no-model", "--no-progress")
+    good = (out / run_dir.EVAL).read_bytes()
+    recorded = json.loads((out / run_dir.CONFIG).read_text())["store"]["fingerprint"]
+
+    shutil.rmtree(store)  # the same command with another seed: other held-out contexts, other rows
+    run_ok(*collect_args(4000), "--seed", "7", "--out", store)
+    for command in (("eval", out, "--no-model", "--no-progress"), ("report", out, "--no-model", "--no-progress")):
+        result = run_catching(*command, *(("--out", tmp_path / "report") if command[0] == "report" else ()))
+        assert result.exit_code == 2, result.output
+        line = result.output.strip().splitlines()[-1]
+        assert f"{store} is not the store {out} recorded" in line and f"recorded {recorded}" in line, line
+        assert f"saepipe eval {out} --store {store}" in line
+    assert (out / run_dir.EVAL).read_bytes() == good and not (tmp_path / "report").exists()
+
+    run_ok("eval", out, "--store", store, "--no-model", "--no-progress")  # on purpose: evaluated, and recorded
+    assert json.loads((out / run_dir.EVAL).read_text())["store_fingerprint"] != recorded
+    run_ok("report", out, "--no-model", "--no-progress", "--out", tmp_path / "report")  # of the store eval used
