@@ -396,6 +396,15 @@ class StoreHeader:
         """Deep copies of the named top-level records as they are stored (for JSON: cfg.json, provenance)."""
         return {key: copy.deepcopy(self._attrs[key]) for key in keys if key in self._attrs}
 
+    def config_fingerprints(self) -> list[str]:
+        """Every configuration fingerprint the store has had: as collected, then after each append in turn
+        (what a run trained on it before an append recorded)."""
+        collect_config, budgets = self.to_attrs()["collect_config"], [a.tokens for a in self.appends]
+        grown = [
+            fingerprint({"collect_config": collect_config, "appends": budgets[: i + 1]}) for i in range(len(budgets))
+        ]
+        return [fingerprint(collect_config), *grown]
+
     # -- what a writer makes of it ------------------------------------------------------------------
     def with_append_merged(self) -> StoreHeader:
         """The header once the append under way is the store's: its rows, statistics, contexts, budget

@@ -56,7 +56,7 @@ def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStor
 def check_compatible(evaluated: EvaluatedSAE, store: ActivationStore) -> None:
     """The store holds every hook the SAE reads and writes, at its width, from the SAE's model; and when the
     run recorded it, it is the very store the run was trained on."""
-    check_same_store(store, evaluated.store_fingerprint, evaluated.path)
+    check_same_store(store, evaluated.store_fingerprint, evaluated.path, evaluated.store_config_fingerprint)
     sae, io = evaluated.sae, evaluated.io
     which = "the SAE" if io.single and not io.transcodes else f"the {sae.arch}"
     for hook, width in sae.widths_at(io).items():
@@ -68,10 +68,13 @@ def check_compatible(evaluated: EvaluatedSAE, store: ActivationStore) -> None:
         )
 
 
-def check_same_store(store: ActivationStore, expected: str | None, run: Path) -> None:
+def check_same_store(store: ActivationStore, expected: str | None, run: Path, config: str | None = None) -> None:
     """A store found where a run recorded one is the store it recorded (`expected`: its fingerprint), not one
-    collected again or replaced there since: its held-out rows could be the SAE's training rows."""
-    if expected is not None and store.fingerprint != expected:
+    collected again or replaced there since: its held-out rows could be the SAE's training rows. The store
+    grown by `collect --append` since (the same configuration, `config`) is the same store: an append keeps
+    every row and held-out context it had."""
+    grown = config is not None and bool(store.header.appends) and config in store.header.config_fingerprints()
+    if expected is not None and store.fingerprint != expected and not grown:
         raise SaepipeError(
             f"{store.location} is not the store {run} recorded (fingerprint {store.fingerprint}, recorded "
             f"{expected}): it was collected again or replaced since; put that store back, or evaluate on this "
@@ -92,9 +95,10 @@ class EvaluatedSAE:
     store_path: str
     model_name: str
     label: str  # a short name for tables and plots
-    # the fingerprint of the store at `store_path` when the run recorded it (it was trained on that store);
-    # None when the store was named by the user (--store) or the SAE is external
+    # the fingerprints (of its rows, of its configuration) of the store at `store_path` as the run recorded
+    # them (it was trained on that store); None when the store was named by the user (--store), or external
     store_fingerprint: str | None = None
+    store_config_fingerprint: str | None = None
 
     @property
     def hook(self) -> str:
@@ -129,8 +133,8 @@ def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_pa
     sae, cfg = load_sae(path, device)
     io, norms = recorded_hooks(sae, cfg)
     store = store_path or cfg["store"]["path"]
-    recorded = None if store_path else cfg["store"].get("fingerprint")
-    return EvaluatedSAE(path, sae, io, norms, store, cfg["store"]["model"]["name"], path.name, recorded)
+    recorded = (None, None) if store_path else (cfg["store"].get("fingerprint"), cfg["store"].get("config_fingerprint"))
+    return EvaluatedSAE(path, sae, io, norms, store, cfg["store"]["model"]["name"], path.name, *recorded)
 
 
 def open_external(saelens_dir: str | Path, store_path: str, out: Path, device: torch.device | str) -> EvaluatedSAE:

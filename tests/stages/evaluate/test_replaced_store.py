@@ -33,3 +33,12 @@ def test_a_replaced_store_is_refused_by_eval_and_report(tiny_store, tmp_path):
     run_ok("eval", out, "--store", store, "--no-model", "--no-progress")  # on purpose: evaluated, and recorded
     assert json.loads((out / run_dir.EVAL).read_text())["store_fingerprint"] != recorded
     run_ok("report", out, "--no-model", "--no-progress", "--out", tmp_path / "report")  # of the store eval used
+
+
+def test_the_store_grown_by_append_is_still_the_runs_store(tiny_store, tmp_path):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    out = tmp_path / "run"
+    run_ok("train", store, *TRAIN, "--out", out)
+    run_ok("collect", "--append", store, "--tokens", 6000, "--no-progress")
+    run_ok("eval", out, "--no-model", "--no-progress")  # every row and held-out context it had, and more
