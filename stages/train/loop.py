@@ -162,12 +162,7 @@ class TrainingRun:
         self.start = 0
         if resuming:
             ckpt = Checkpoint.load(self.out / run_dir.CHECKPOINT)
-            # the checkpoint holds the configuration as JSON (tuples as lists): compare it as JSON
-            if ckpt.store_fingerprint != store.fingerprint or ckpt.config != json.loads(json.dumps(cfg.to_json())):
-                raise SaepipeError(
-                    f"{self.out} was trained with another store or configuration: pass the same "
-                    f"arguments to --resume, or --overwrite to start again"
-                )
+            _require_same_run(ckpt, cfg, store, self.out)
             self.sae.load_state_dict(ckpt.sae)
             self.optimizer.load_state_dict(ckpt.optimizer)
             self.scheduler.load_state_dict(ckpt.scheduler)
@@ -445,6 +440,30 @@ def _prepare_run_folders(cfgs: list[TrainConfig]) -> list[bool] | SaepipeError:
         return [run_dir.prepare(Path(c.out), overwrite=c.overwrite, resume=c.resume) for c in cfgs]
     except SaepipeError as e:
         return e
+
+
+# Where a run's files are, not what it computes: a store or run folder moved, copied, or named by another
+# path (./s.zarr, an absolute path, another working directory) is the same run. The store's identity is
+# its fingerprint.
+_PATH_SETTINGS = ("store", "out")
+
+
+def _require_same_run(ckpt: Checkpoint, cfg: TrainConfig, store: ActivationStore, out: Path) -> None:
+    """--resume continues the checkpoint's run: the same store (by fingerprint) and the same settings."""
+    if ckpt.store_fingerprint != store.fingerprint:
+        raise SaepipeError(
+            f"{out} was trained with another store (fingerprint {ckpt.store_fingerprint}; {store.location} has "
+            f"{store.fingerprint}): pass the store it was trained on to --resume, or --overwrite to start again"
+        )
+    # the checkpoint holds the configuration as JSON (tuples as lists): compare it as JSON
+    ours = {k: v for k, v in json.loads(json.dumps(cfg.to_json())).items() if k not in _PATH_SETTINGS}
+    theirs = {k: v for k, v in ckpt.config.items() if k not in _PATH_SETTINGS}
+    differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differing:
+        raise SaepipeError(
+            f"{out} was trained with other settings (differs in: {', '.join(differing)}): pass the same "
+            f"arguments to --resume, or --overwrite to start again"
+        )
 
 
 def diverged(out: Path, store: str, what: str) -> str:
