@@ -116,8 +116,13 @@ class Store:
         activations when `raw` (the recorded normalization inverted, exact up to fp16 rounding)."""
         split = _split(split)
         n = self._store.n_rows(split)
+        if int(start) < 0 or (stop is not None and int(stop) < int(start)):
+            raise StoreError(
+                f"rows({start}, {stop}) is not a range of rows: give 0 <= start <= stop (the {split} split has "
+                f"{n:,} rows; negative indices are not counted from the end)"
+            )
         stop = n if stop is None else min(int(stop), n)
-        start = max(0, min(int(start), stop))
+        start = min(int(start), stop)
         context, position = self._store.read_mapping(split, start, stop)
         tokens = self._token_at(context, position)
         acts = None
@@ -181,6 +186,7 @@ class Store:
     ) -> Batches:
         """Endless shuffled batches [batch_size, d_model] of one hook: the loader `saepipe train` uses.
         Batch `i` depends only on (seed, i), so `start=i` resumes a sequence exactly where it stopped."""
+        _check_batching(batch_size, start)
         return Batches(
             self._store, hook, batch_size, device=device, dtype=dtype, seed=seed, start=start, raw=raw,
             split=_split(split), resident=resident,
@@ -203,10 +209,20 @@ class Store:
         """A torch IterableDataset of batches for a DataLoader (use ``batch_size=None`` there): each
         DataLoader worker of each torch.distributed rank gets its own share of every global batch, so no
         row is served twice in an epoch. See ActivationDataset."""
+        _check_batching(batch_size, start)
+        if n_batches is not None and int(n_batches) < 0:
+            raise StoreError(f"n_batches must be at least 0 (or None: endless), got {n_batches}")
         return ActivationDataset(
             self.location, hook, batch_size, seed=seed, n_batches=n_batches, start=start, raw=raw,
             split=_split(split), dtype=dtype, rank=rank, world_size=world_size,
         )  # fmt: skip
+
+
+def _check_batching(batch_size: int, start: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise StoreError(f"batch_size must be a positive whole number of rows, got {batch_size!r}")
+    if isinstance(start, bool) or not isinstance(start, int | np.integer) or start < 0:
+        raise StoreError(f"start must be a batch index of at least 0, got {start!r}")
 
 
 def open_store(path: str | os.PathLike) -> Store:
