@@ -8,6 +8,7 @@ cannot be checked from here, so the message says how to remove it by hand.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -47,30 +48,41 @@ class StoreLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):  # a second try after removing a stale lock
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None and time.time() - self._mtime() < _WRITING_GRACE_S:
-                    holder = {"pid": "?", "host": "?", "started": "just now"}  # being written by its taker
-                if holder is not None and not self._stale(holder):
-                    raise StoreError(
-                        f"{self.kind} {self.store} is being written by pid {holder['pid']} on "
-                        f"{holder['host']} (since {holder['started']}): wait for it to finish; if that "
-                        f"process is gone, remove {self.path}"
-                    ) from None
-                print(
-                    f"saepipe: taking over the stale lock {self.path} of a collect that is gone "
-                    f"({holder or 'unreadable'})",
-                    file=sys.stderr,
+            fd = self._create()
+            if fd is not None:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                self.held = True
+                return self
+            holder = self._holder()
+            if holder is None and time.time() - self._mtime() < _WRITING_GRACE_S:
+                holder = {"pid": "?", "host": "?", "started": "just now"}  # being written by its taker
+            if holder is not None and not self._stale(holder):
+                raise StoreError(
+                    f"{self.kind} {self.store} is being written by pid {holder['pid']} on "
+                    f"{holder['host']} (since {holder['started']}): wait for it to finish; if that "
+                    f"process is gone, remove {self.path}"
                 )
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
+            print(
+                f"saepipe: taking over the stale lock {self.path} of a collect that is gone ({holder or 'unreadable'})",
+                file=sys.stderr,
+            )
+            self.path.unlink(missing_ok=True)
         raise StoreError(f"could not take the lock {self.path}: another collect took it first; try again")
+
+    def _create(self) -> int | None:
+        """The new lock file's descriptor; None when a lock is there already."""
+        try:
+            return os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise StoreError(
+                f"cannot write beside {self.kind} {self.store} ({e.strerror}: {self.path}): it is on a "
+                f"read-only place; copy it somewhere writable, or choose a writable --out"
+            ) from None
 
     def __exit__(self, *exc) -> None:
         if self.held:

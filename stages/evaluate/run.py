@@ -21,13 +21,21 @@ from stages.evaluate.multi_hook import clt_downstream_metrics, multi_hook_store_
 from stages.evaluate.probing import probing_classes, sparse_probing
 from stages.evaluate.reconstruction import store_metrics
 from stages.text.probing_tasks import probing_data
+from store_schema.lock import StoreLock
 from store_schema.reader import open_store
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate the run folder cfg.run (or, with cfg.external, a SAELens SAE folder, writing into cfg.run)
-    and write eval.json and the per-latent firing fractions there."""
+    and write eval.json and the per-latent firing fractions there. The run folder's lock is held throughout,
+    as training holds it: a `train --overwrite` (or a second eval) of the same folder waits its turn instead
+    of leaving an eval.json of the old weights beside the new ones."""
     cfg.validate()
+    with StoreLock(cfg.run, kind="run folder"):
+        return _run_eval(cfg)
+
+
+def _run_eval(cfg: EvalConfig) -> dict:
     run_path = Path(cfg.run)
     dev = resolve_device(cfg.device)
     if cfg.external is not None:

@@ -42,3 +42,32 @@ def test_the_store_grown_by_append_is_still_the_runs_store(tiny_store, tmp_path)
     run_ok("train", store, *TRAIN, "--out", out)
     run_ok("collect", "--append", store, "--tokens", 6000, "--no-progress")
     run_ok("eval", out, "--no-model", "--no-progress")  # every row and held-out context it had, and more
+
+
+def test_eval_holds_the_run_folder_as_training_does(tiny_store, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from store_schema.lock import StoreLock
+
+    out = tmp_path / "run"
+    run_ok("train", tiny_store, *TRAIN, "--out", out)
+    with StoreLock(out, kind="run folder"):  # a live training (or eval) of the folder, this process
+        result = run_catching("eval", out, "--no-model", "--no-progress")
+        assert result.exit_code == 2 and f"run folder {out} is being written by pid {os.getpid()}" in result.output
+        trained = run_catching("train", tiny_store, *TRAIN, "--out", out, "--overwrite")
+        assert trained.exit_code == 2 and "is being written by pid" in trained.output
+    assert not (out / run_dir.EVAL).exists()
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):  # a run folder on read-only media (root ignores chmod)
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    result = run_catching("eval", out, "--no-model", "--no-progress")
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert f"cannot write beside run folder {out} (Read-only file system" in line and "read-only place" in line
