@@ -13,6 +13,8 @@ from store_schema.schema import SCHEMA_NAME, StoreError
 
 def describe(path: str) -> dict:
     p = Path(path)
+    if (p / run_dir.SAELENS_WEIGHTS).exists() and not (p / run_dir.SAE_WEIGHTS).exists():
+        return describe_saelens(p)
     if (p / run_dir.CONFIG).exists() or (p / run_dir.CHECKPOINT).exists():
         return describe_run(p)
 
@@ -49,6 +51,22 @@ def describe_store(store) -> dict:
                 "outlier rows left out": stats.outlier_rows,
             }
     return out
+
+
+def describe_saelens(p: Path) -> dict:
+    """A SAELens SAE folder (a run's saelens/ export, or SAELens's own): what its cfg.json says."""
+    cfg = run_dir.read_json(p / run_dir.CONFIG, "export the run again (saepipe export), or fetch the SAE again")
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    return {
+        "saelens sae": str(p),
+        "architecture": cfg.get("architecture"),
+        "d_in": cfg.get("d_in"),
+        "d_sae": cfg.get("d_sae"),
+        "hook": metadata.get("hook_name", cfg.get("hook_name")),
+        "model": metadata.get("model_name", cfg.get("model_name")),
+        "normalize_activations": cfg.get("normalize_activations"),
+        "evaluate with": f"saepipe eval OUT --external {p} --store STORE",
+    }
 
 
 def describe_run(p: Path) -> dict:

@@ -23,14 +23,28 @@ EVAL = "eval.json"
 FEATURE_DENSITY = "feature_density.npy"  # eval: each latent's firing fraction over the eval rows
 EXTERNAL = "external.json"  # an eval folder of an SAE trained elsewhere: where it is, and the store
 SAELENS = "saelens"
+SAELENS_WEIGHTS = "sae_weights.safetensors"  # what marks a SAELens SAE folder (the export's, or SAELens's own)
 WANDB = "wandb.json"  # the wandb run a tracked run logs to (--wandb): project, id, name, entity, last step sent
 WANDB_FILES = "wandb"  # wandb's own files (an offline run's records, its logs): wandb names the folder
+
+
+def refuse_inside_store(out: Path) -> None:
+    """An --out folder must not lie inside an activation store: a store holds only its own files (verify
+    names any other as damage), and replacing the store would delete what was written there."""
+    for folder in (Path(out).absolute(), *Path(out).absolute().parents):
+        try:
+            root = json.loads((folder / "zarr.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(root, dict) and "saepipe" in (root.get("attributes") or {}):
+            raise SaepipeError(f"--out {out} is inside the store {folder}: choose an --out outside it")
 
 
 def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:
     """Make `run_dir` ready for training; True when resuming from its checkpoint."""
     if run_dir.exists() and not run_dir.is_dir():
         raise SaepipeError(f"--out {run_dir} is a file: pass a folder for the run")
+    refuse_inside_store(run_dir)
     if resume:
         if (run_dir / PICKLED_CHECKPOINT).exists() and not (run_dir / CHECKPOINT).exists():
             raise SaepipeError(

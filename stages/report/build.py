@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.basics import tracking
+from stages.basics import run_dir, tracking
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.basics.settings import device_setting, setting
@@ -63,6 +63,7 @@ def build_report(opts: ReportOptions) -> Path:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise SaepipeError(f"--out {out} is a file: pass a folder for index.html and the PNG files")
+    run_dir.refuse_inside_store(out)
     device = resolve_device(opts.device)
     model_for = ModelCache(device) if opts.use_model else None
 

@@ -14,8 +14,13 @@ from stages.saes import build_sae
 
 def load_sae(run: Path, device: torch.device | str = "cpu"):
     """(SAE module, cfg dict) of a finished run."""
-    cfg = run_dir.load_config(run)
     weights = Path(run) / run_dir.SAE_WEIGHTS
+    if not weights.exists() and (Path(run) / run_dir.SAELENS_WEIGHTS).exists():
+        raise SaepipeError(
+            f"{run} is a SAELens SAE folder (a run's saelens/ export, or SAELens's own), not a saepipe run: "
+            f"evaluate it with `saepipe eval OUT --external {run} --store STORE`, or pass the run folder above it"
+        )
+    cfg = run_dir.load_config(run)
     if not weights.exists():
         raise SaepipeError(
             f"{run} has a {run_dir.CONFIG} but no {run_dir.SAE_WEIGHTS}: the run did not finish; "

@@ -275,6 +275,7 @@ def run_sweep(cfgs: list[TrainConfig], nproc: int = 1) -> list[Path]:
         cfgs = [dataclasses.replace(cfg, hook=hook) for cfg in cfgs]
     for cfg in cfgs:
         cfg.validate()
+        run_dir.refuse_inside_store(Path(cfg.out))  # before its lock, which is written beside the folder
     if any(cfg.wandb for cfg in cfgs):
         require_wandb()  # a missing wandb is refused before any work
     base = cfgs[0]
