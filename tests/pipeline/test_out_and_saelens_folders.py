@@ -13,7 +13,9 @@ def test_a_runs_saelens_export_is_described_and_evaluated_as_one(tiny_store, tmp
     info = run_ok("info", out / "saelens").output
     assert "architecture: topk" in info and f"--external {out / 'saelens'} --store STORE" in info
     result = run_catching("eval", out / "saelens", "--no-model")
-    assert result.exit_code == 2 and "is a SAELens SAE folder" in result.output and "did not finish" not in result.output
+    assert (
+        result.exit_code == 2 and "is a SAELens SAE folder" in result.output and "did not finish" not in result.output
+    )
 
 
 def test_report_and_train_refuse_an_out_inside_a_store(tiny_store, tmp_path):
