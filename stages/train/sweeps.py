@@ -80,7 +80,16 @@ def parse_axes(specs: list[str]) -> dict[str, list]:
             raise SaepipeError(f"--sweep {name}: not a training parameter; sweepable: {', '.join(sweepable())}")
         if name in axes:
             raise SaepipeError(f"--sweep {name} is given twice: list all its values in one --sweep")
-        axes[name] = [_convert(name, fields[name], v.strip()) for v in values.split(",")]
+        texts = [v.strip() for v in values.split(",")]
+        if "" in texts:
+            raise SaepipeError(f"--sweep {spec} has an empty value: give values separated by commas, e.g. {name}=16,32")
+        axes[name] = [_convert(name, fields[name], text) for text in texts]
+        repeated = sorted({_label(v) for v in axes[name] if axes[name].count(v) > 1})
+        if repeated:
+            raise SaepipeError(
+                f"--sweep {spec} repeats {', '.join(repeated)}: each SAE of a sweep needs settings of its own; "
+                f"give each value once"
+            )
     return axes
 
 
