@@ -68,6 +68,15 @@ def check_compatible(evaluated: EvaluatedSAE, store: ActivationStore) -> None:
         )
 
 
+def require_store_there(location: str, run: Path) -> None:
+    """The store a run recorded is still where it was; if not, say how to point the run at a copy."""
+    if "://" not in location and not Path(location).exists():
+        raise SaepipeError(
+            f"the store {location} that {run} recorded is gone: evaluate on a copy of it with "
+            f"`saepipe eval {run} --store COPY` (the report then uses it too), or collect it again with its command"
+        )
+
+
 def check_same_store(store: ActivationStore, expected: str | None, run: Path, config: str | None = None) -> None:
     """A store found where a run recorded one is the store it recorded (`expected`: its fingerprint), not one
     collected again or replaced there since: its held-out rows could be the SAE's training rows. The store

@@ -15,7 +15,13 @@ from stages.evaluate.absorption import absorption
 from stages.evaluate.config import EvalConfig
 from stages.evaluate.core_extras import core_extras, saebench_core_keys
 from stages.evaluate.downstream import downstream_metrics, held_out_contexts, load_eval_model, positions_kept
-from stages.evaluate.evaluated import EvaluatedSAE, check_compatible, open_evaluated, open_external
+from stages.evaluate.evaluated import (
+    EvaluatedSAE,
+    check_compatible,
+    open_evaluated,
+    open_external,
+    require_store_there,
+)
 from stages.evaluate.ground_truth import decoder_rows, ground_truth_metrics, load_truth
 from stages.evaluate.multi_hook import clt_downstream_metrics, multi_hook_store_metrics
 from stages.evaluate.probing import probing_classes, sparse_probing
@@ -43,6 +49,8 @@ def _run_eval(cfg: EvalConfig) -> dict:
     else:
         evaluated = open_evaluated(run_path, dev, cfg.store)
     _require_finite_weights(evaluated)
+    if cfg.store is None:
+        require_store_there(evaluated.store_path, run_path)
     store = open_store(evaluated.store_path)
     store.require_complete()
     check_compatible(evaluated, store)

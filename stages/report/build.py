@@ -12,6 +12,7 @@ from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.basics.settings import device_setting, setting
 from stages.evaluate import check_compatible, open_evaluated
+from stages.evaluate.evaluated import require_store_there
 from stages.host_model.loading import load_host_model
 from stages.report import plots
 from stages.report.html import Image, Page, render
@@ -83,6 +84,7 @@ def build_report(opts: ReportOptions) -> Path:
         if run.eval.get("store") and run.eval.get("store_fingerprint"):
             # the store eval measured (its --store, if it was given one), which the report's figures are of
             store_path, evaluated.store_fingerprint = run.eval["store"], run.eval["store_fingerprint"]
+        require_store_there(store_path, run.path)
         store = open_store(store_path)
         check_compatible(evaluated, store)
         browser, density = browse(evaluated, store, run.density, opts.browse, model_for, device)

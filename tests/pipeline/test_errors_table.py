@@ -291,6 +291,18 @@ def _replaced_store(tmp: Path, places: dict, monkeypatch) -> None:
     (run / run_dir.CONFIG).write_text(json.dumps(config))
 
 
+def _gone_store(tmp: Path, places: dict, monkeypatch) -> None:
+    """`{tmp}/run`: `{run}` as if its store (and the one its eval used) had been deleted since."""
+    run = Path(shutil.copytree(places["run"], tmp / "run"))
+    for name, where in ((run_dir.CONFIG, ("store", "path")), (run_dir.EVAL, ("store",))):
+        document = json.loads((run / name).read_text())
+        inner = document
+        for key in where[:-1]:
+            inner = inner[key]
+        inner[where[-1]] = str(tmp / "gone.zarr")
+        (run / name).write_text(json.dumps(document))
+
+
 def _missing_chunk(tmp: Path, places: dict, monkeypatch) -> None:
     (_copy_store(tmp, places, "damaged.zarr") / TRAIN_CHUNK).unlink()
 
@@ -388,6 +400,7 @@ SETUPS = {
     "zero_scale": _zero_scale,
     "nan_weights": _nan_weights,
     "replaced_store": _replaced_store,
+    "gone_store": _gone_store,
     "no_s3fs": _no_s3fs,
     "no_saelens": _no_saelens,
     "no_wandb": _no_wandb,
