@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -117,10 +118,28 @@ def save_npy_atomic(path: Path, array) -> None:
     os.replace(tmp, path)
 
 
+def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' `save_file`, its I/O failures raised as the OSError they are (it raises its own error
+    type, whose message holds the OS error: a full disk would otherwise be a traceback, not the one line
+    the CLI gives for it); a partly written file is removed."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        Path(path).unlink(missing_ok=True)
+        raise
+    except Exception as e:
+        Path(path).unlink(missing_ok=True)
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def save_weights(run_dir: Path, sae: torch.nn.Module) -> None:
     """The SAE's weights as float32 safetensors, written as `write_json_atomic` writes."""
     tmp = run_dir / (SAE_WEIGHTS + ".tmp")
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp))
+    save_tensors({k: v.detach().float().contiguous().cpu() for k, v in sae.state_dict().items()}, tmp)
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
 
 _META_KEY = "saepipe_checkpoint"
@@ -54,9 +54,9 @@ class Checkpoint:
             "scheduler": self.scheduler,
         }
         tmp = path.with_name(path.name + ".tmp")
-        save_file(
+        run_dir.save_tensors(
             {name: t.detach().contiguous().cpu() for name, t in tensors.items()},
-            str(tmp),
+            tmp,
             metadata={_META_KEY: json.dumps(document)},
         )
         os.replace(tmp, path)

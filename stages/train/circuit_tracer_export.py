@@ -24,8 +24,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
 from stages.train.transcoder_export import affine, fold_encoder, fold_transcoder
 from store_schema.normalization import Normalization
@@ -118,7 +118,7 @@ def _write(out: Path, files: dict[str, dict[str, torch.Tensor]], kind: str, mode
         if bad:
             raise SaepipeError(f"cannot export non-finite weights ({', '.join(bad)}) for circuit-tracer")
         tmp = out / (name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        run_dir.save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp)
         tmp.replace(out / name)
     config = {
         "model_kind": kind,

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from stages import __version__
+from stages.basics import run_dir
 from stages.saes.base import SparseAutoencoder
 from store_schema.normalization import Normalization
 
@@ -223,7 +223,7 @@ def write_saelens_folder(out_dir: str | Path, tensors: dict[str, torch.Tensor], 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
-        save_file(tensors, str(tmp / SAE_WEIGHTS_FILENAME))
+        run_dir.save_tensors(tensors, tmp / SAE_WEIGHTS_FILENAME)
         with open(tmp / SAE_CFG_FILENAME, "w") as f:
             json.dump(cfg, f, indent=2)
             f.flush()

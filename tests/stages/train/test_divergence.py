@@ -94,3 +94,21 @@ def test_eval_never_writes_non_finite_metrics_over_a_good_eval_json(tiny_store, 
     result = run_catching("eval", out, "--no-model", "--no-progress")
     assert result.exit_code == 2 and "holds non-finite weights (W_dec)" in result.output, result.output
     assert (out / run_dir.EVAL).read_bytes() == good
+
+
+def test_a_full_disk_while_saving_tensors_is_the_clis_one_line(tiny_store, tmp_path, monkeypatch):
+    """safetensors raises its own error type for I/O failures: a full disk during a checkpoint write was a
+    traceback. It is now the OSError it is, and the CLI's one line; the partial file is gone."""
+    from stages.basics import run_dir as run_dir_module
+
+    def full(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(run_dir_module, "save_file", full)
+    out = tmp_path / "run"
+    result = run_catching("train", tiny_store, *TRAIN, "--checkpoint-every", "8", "--out", out)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: no space left on device writing") and "checkpoint.safetensors.tmp" in line
+    assert "Traceback" not in result.output and not list(out.glob("*.tmp"))
