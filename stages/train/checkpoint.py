@@ -9,6 +9,7 @@ someone else is never unpickled: its `checkpoint.pt` is refused."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,21 @@ class Checkpoint:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 document = json.loads((f.metadata() or {})[_META_KEY])
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            return cls._from_parts(document, tensors)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise SaepipeError(f"the checkpoint {path} is damaged ({type(e).__name__}): {fix}") from None
+
+    @classmethod
+    def _from_parts(cls, document: dict, tensors: dict[str, torch.Tensor]) -> Checkpoint:
+        """The checkpoint from its JSON document and tensors; a document of the wrong shape raises
+        KeyError, TypeError or ValueError (a damaged checkpoint), never anything that runs on."""
+        if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
+            raise TypeError("the document is not a checkpoint's")
+        step, mse_scale = document["step"], float(document["mse_scale"])
+        if not (isinstance(step, int) and step >= 0 and math.isfinite(mse_scale) and mse_scale > 0):
+            raise ValueError(f"step {step!r} or mse_scale {mse_scale!r} out of range")
+        if not isinstance(document["store_fingerprint"], str):
+            raise TypeError("store_fingerprint is not a string")
         state: dict[int, dict] = {int(i): dict(v) for i, v in document["optimizer"]["state"].items()}
         sae = {}
         for name, t in tensors.items():
@@ -84,12 +98,12 @@ class Checkpoint:
             for group in document["optimizer"]["param_groups"]
         ]
         return cls(
-            step=int(document["step"]),
+            step=step,
             sae=sae,
             optimizer={"state": state, "param_groups": groups},
             scheduler=document["scheduler"],
             tokens_since_fired=tensors[_CLOCK],
-            mse_scale=float(document["mse_scale"]),
+            mse_scale=mse_scale,
             store_fingerprint=document["store_fingerprint"],
             config=document["config"],
         )

@@ -303,6 +303,26 @@ def _gone_store(tmp: Path, places: dict, monkeypatch) -> None:
         (run / name).write_text(json.dumps(document))
 
 
+def _edited_cfg(change):
+    """`{tmp}/run`: `{run}` whose cfg.json was edited by hand (`change(config)`)."""
+
+    def setup(tmp: Path, places: dict, monkeypatch) -> None:
+        run = Path(shutil.copytree(places["run"], tmp / "run"))
+        config = json.loads((run / run_dir.CONFIG).read_text())
+        change(config)
+        (run / run_dir.CONFIG).write_text(json.dumps(config))
+
+    return setup
+
+
+def _odd_checkpoint(tmp: Path, places: dict, monkeypatch) -> None:
+    """`{tmp}/run` holds a checkpoint whose JSON document is a list, not the checkpoint's record."""
+    from safetensors.torch import save_file
+
+    (tmp / "run").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp / "run" / run_dir.CHECKPOINT), metadata={"saepipe_checkpoint": "[1, 2]"})
+
+
 def _missing_chunk(tmp: Path, places: dict, monkeypatch) -> None:
     (_copy_store(tmp, places, "damaged.zarr") / TRAIN_CHUNK).unlink()
 
@@ -401,6 +421,9 @@ SETUPS = {
     "nan_weights": _nan_weights,
     "replaced_store": _replaced_store,
     "gone_store": _gone_store,
+    "huge_cfg": _edited_cfg(lambda config: config["sae"].update(d_sae=10**12)),
+    "word_k_cfg": _edited_cfg(lambda config: config["sae"].update(k="eight")),
+    "odd_checkpoint": _odd_checkpoint,
     "no_s3fs": _no_s3fs,
     "no_saelens": _no_saelens,
     "no_wandb": _no_wandb,

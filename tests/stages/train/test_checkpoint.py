@@ -2,6 +2,7 @@
 exactly, a damaged one is refused in one line, and a pickled checkpoint.pt from an earlier saepipe (or
 from anyone) is refused without ever being unpickled."""
 
+import json
 import os
 from pathlib import Path
 
@@ -91,3 +92,27 @@ def test_no_code_unpickles_anything():
     sources = [p for top in ("stages", "pipeline", "store_schema") for p in (REPO / top).rglob("*.py")]
     offenders = [str(p) for p in sources if "torch.load(" in p.read_text() or "pickle.load" in p.read_text()]
     assert offenders == []
+
+
+def test_checkpoints_with_malformed_documents_are_damaged_not_tracebacks(tmp_path):
+    import pytest
+    from safetensors.torch import save_file
+
+    from stages.basics.errors import SaepipeError
+    from stages.train.checkpoint import _META_KEY, Checkpoint
+
+    good = {"step": 3, "mse_scale": 1.0, "store_fingerprint": "f", "config": {}, "scheduler": {},
+            "optimizer": {"param_groups": [], "state": {}}}  # fmt: skip
+    documents = {
+        "empty": "{}",
+        "list": "[1, 2]",
+        "deep": "[" * 100_000 + "]" * 100_000,
+        "text scale": json.dumps({**good, "mse_scale": "abc"}),
+        "negative step": json.dumps({**good, "step": -4}),
+        "nan scale": json.dumps({**good, "mse_scale": float("nan")}),
+    }
+    for name, document in documents.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"clock": torch.zeros(1)}, str(path), metadata={_META_KEY: document})
+        with pytest.raises(SaepipeError, match=r"is damaged \(\w+\): pass --overwrite to train again"):
+            Checkpoint.load(path)
