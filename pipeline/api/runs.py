@@ -130,7 +130,7 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> Tra
     folder, device = Path(path), resolve_device(str(device))
     if (folder / run_dir.SAE_WEIGHTS).exists() or (folder / run_dir.CHECKPOINT).exists():
         sae, cfg = load_sae(folder, device)
-        io, norms = recorded_hooks(sae, cfg)
+        io, norms = recorded_hooks(sae, cfg, folder)
         if not io.single:
             return _multi_hook_run(sae, cfg, io, norms, folder)
         (read,), (write,) = io.reads, io.writes  # a transcoder reads another hook than it writes

@@ -68,7 +68,7 @@ def _clt(loaded, staging: Path, model: dict) -> None:
             f"{run} covers layers {first}-{last}, but circuit-tracer's CLT spans every layer of {model['name']} "
             f"(0-{model['n_layers'] - 1}): train with --layers 0-{model['n_layers'] - 1}"
         )
-    io, norms = recorded_hooks(clt, cfg)
+    io, norms = recorded_hooks(clt, cfg, run)
     export_clt(clt, norms, io.reads, io.writes, staging, model["name"])
 
 
@@ -87,7 +87,7 @@ def _mlp_layer(run: Path, sae, cfg: dict) -> tuple[int, HookIO, dict[str, Normal
     the hooks it reads and writes and their normalizations."""
     if sae.circuit_tracer_format != "transcoder":
         raise SaepipeError(f"{run} is a {sae.arch} run: circuit-tracer reads transcoders (or one clt)")
-    io, norms = recorded_hooks(sae, cfg)
+    io, norms = recorded_hooks(sae, cfg, run)
     (in_hook,), (out_hook,) = io.reads, io.writes
     prefix = in_hook.removesuffix(".mlp.hook_in")
     if prefix == in_hook or out_hook != f"{prefix}.hook_mlp_out" or not prefix.startswith("blocks."):

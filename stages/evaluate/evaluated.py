@@ -33,10 +33,23 @@ def run_normalization(cfg: dict) -> Normalization:
     return normalization_of(cfg["normalization"])
 
 
-def recorded_hooks(sae: SparseAutoencoder, cfg: dict) -> tuple[HookIO, dict[str, Normalization]]:
-    """(the hooks a run's SAE reads and writes, each hook's normalization) as its cfg.json records them."""
-    io, records = type(sae).recorded_io(cfg)
-    return io, {hook: normalization_of(record) for hook, record in records.items()}
+def recorded_hooks(
+    sae: SparseAutoencoder, cfg: dict, run: Path | str = "the run"
+) -> tuple[HookIO, dict[str, Normalization]]:
+    """(the hooks a run's SAE reads and writes, each hook's normalization) as its cfg.json records them;
+    a record that is not there, or not usable, is a damaged run folder (`run`: how to name it)."""
+    try:
+        io, records = type(sae).recorded_io(cfg)
+        norms = {hook: normalization_of(record) for hook, record in records.items()}
+        problem = next((f"{hook}: {n.problem()}" for hook, n in norms.items() if n.problem() is not None), None)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        raise SaepipeError(
+            f"{run}/{run_dir.CONFIG} does not record usable hooks and normalizations ({problem}): the run folder "
+            f"is damaged; train it again (saepipe train ... --overwrite)"
+        )
+    return io, norms
 
 
 def check_hook_and_width(which: str, hook: str, d_in: int, store: ActivationStore) -> None:
@@ -140,7 +153,7 @@ def open_evaluated(run: str | Path, device: torch.device | str = "cpu", store_pa
         saved = run_dir.read_json(path / run_dir.EXTERNAL, "evaluate the SAE again with --external and --store")
         return open_external(saved["saelens_dir"], store_path or saved["store"], path, device)
     sae, cfg = load_sae(path, device)
-    io, norms = recorded_hooks(sae, cfg)
+    io, norms = recorded_hooks(sae, cfg, path)
     store = store_path or cfg["store"]["path"]
     recorded = (None, None) if store_path else (cfg["store"].get("fingerprint"), cfg["store"].get("config_fingerprint"))
     return EvaluatedSAE(path, sae, io, norms, store, cfg["store"]["model"]["name"], path.name, *recorded)

@@ -423,6 +423,7 @@ SETUPS = {
     "gone_store": _gone_store,
     "huge_cfg": _edited_cfg(lambda config: config["sae"].update(d_sae=10**12)),
     "word_k_cfg": _edited_cfg(lambda config: config["sae"].update(k="eight")),
+    "word_scale_cfg": _edited_cfg(lambda config: config["normalization"].update(scale="big")),
     "odd_checkpoint": _odd_checkpoint,
     "no_s3fs": _no_s3fs,
     "no_saelens": _no_saelens,
