@@ -62,6 +62,13 @@ class SaepipeGroup(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_USER_ERROR)
         except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+                click.echo(
+                    f"error: cannot write {e.filename} ({e.strerror}): choose a writable --out, or copy what "
+                    f"you are working on somewhere writable",
+                    err=True,
+                )
+                sys.exit(EXIT_USER_ERROR)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             # Every writer commits atomically, so what was committed before the disk filled is intact.

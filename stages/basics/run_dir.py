@@ -160,7 +160,22 @@ def read_json(path: Path, fix: str) -> dict:
     return obj
 
 
+SWEEP_SUMMARY = "sweep.json"  # what `train --sweep` writes in the folder above its runs
+
+
+def require_not_sweep(folder: Path) -> None:
+    """A sweep's folder holds runs, one per setting: name them, not it."""
+    if (Path(folder) / SWEEP_SUMMARY).is_file() and not (Path(folder) / CONFIG).exists():
+        runs = sorted(p.name for p in Path(folder).iterdir() if (p / CONFIG).exists())
+        shown = ", ".join(runs[:3]) + (", ..." if len(runs) > 3 else "")
+        raise SaepipeError(
+            f"{folder} is a sweep's folder, which holds one run per setting ({shown}): pass the runs, "
+            f"e.g. {Path(folder) / '*'}"
+        )
+
+
 def load_config(run_dir: Path) -> dict:
+    require_not_sweep(run_dir)
     cfg_path = Path(run_dir) / CONFIG
     if not cfg_path.exists():
         raise SaepipeError(f"{run_dir} is not a finished saepipe run (no {CONFIG}): train it with `saepipe train`")

@@ -35,6 +35,7 @@ class EvaluatedRun:
 
 
 def require_eval(path: Path) -> Path:
+    run_dir.require_not_sweep(path)
     eval_path = path / run_dir.EVAL
     if not eval_path.is_file():
         raise SaepipeError(f"{path} has no eval.json: run `saepipe eval {path}` first")

@@ -122,7 +122,7 @@ def write_summary(sweep_dir: Path, axes: dict[str, list], outs: list[Path]) -> d
         "axes": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in axes.items()},
         "runs": runs,
     }
-    run_dir.write_json_atomic(sweep_dir / "sweep.json", summary)
+    run_dir.write_json_atomic(sweep_dir / run_dir.SWEEP_SUMMARY, summary)
     return summary
 
 

@@ -28,3 +28,37 @@ def test_report_and_train_refuse_an_out_inside_a_store(tiny_store, tmp_path):
         assert result.exit_code == 2, result.output
         assert f"is inside the store {tiny_store}" in result.output.strip().splitlines()[-1]
     assert sorted(p.relative_to(tiny_store) for p in tiny_store.rglob("*")) == before
+
+
+def test_a_sweep_folder_is_pointed_to_its_runs(tiny_store, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_ok("train", tiny_store, *TRAIN, "--sweep", "k=2,4", "--out", sweep)
+    for command in (("eval", sweep, "--no-model"), ("report", sweep, "--no-model", "--out", tmp_path / "report")):
+        result = run_catching(*command)
+        assert result.exit_code == 2, result.output
+        line = result.output.strip().splitlines()[-1]
+        assert f"{sweep} is a sweep's folder, which holds one run per setting (k=2, k=4)" in line, line
+
+
+def test_a_read_only_out_is_one_line(tiny_store, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    run_ok("train", tiny_store, *TRAIN, "--out", out)
+    run_ok("eval", out, "--no-model", "--no-progress")
+    report = tmp_path / "report"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self == report:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    result = run_catching("report", out, "--no-model", "--no-progress", "--out", report)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: cannot write {report} (Read-only file system): choose a writable --out, or copy what you are "
+        f"working on somewhere writable"
+    )
