@@ -210,18 +210,17 @@ class TrainingRun:
         self.tokens_since_fired[distributed.sum_(metrics["fire_counts"]) > 0] = 0
         self.sums += torch.stack([metrics[k].float() for k in self.keys])
 
-    def require_finite(self) -> None:
-        """Stop at a loss that was not finite: the weights are garbage from that step on, and nothing more of
-        this run may be written (its last checkpoint, taken before, stays). Every rank calls this (a sync)."""
+    def divergence(self) -> str | None:
+        """Why this run must stop (a loss that was not finite: the weights are garbage from that step on, and
+        nothing more of it may be written; its last checkpoint, taken before, stays), or None. Every rank
+        calls this (a sync), so every rank decides alike."""
         first = int(distributed.max_(self.first_bad_step.clone()))
-        if first >= 0:
-            raise SaepipeError(
-                diverged(self.out, self.cfg.store, f"the loss was not finite (NaN or inf) at step {first}")
-            )
+        if first < 0:
+            return None
+        return diverged(self.out, self.cfg.store, f"the loss was not finite (NaN or inf) at step {first}")
 
     def write_log(self, done: int, window_steps: int, elapsed: float) -> dict:
         """Every rank calls this (the metrics are averaged over ranks); rank 0 writes the line."""
-        self.require_finite()
         distributed.mean_(self.sums)
         row = {
             "step": done,
@@ -240,7 +239,6 @@ class TrainingRun:
         return row
 
     def checkpoint(self, step: int) -> None:
-        self.require_finite()
         if not self.world.is_main:
             return
         Checkpoint(
@@ -386,16 +384,29 @@ def _train_runs(
         dynamic_ncols=True,
     )
     window_start, window_steps = time.perf_counter(), 0
+    active, stopped = list(runs), []  # a sweep's runs go on when one of them diverges
     try:
         for step in range(start, base.steps):
             x = next(batches)
-            for run in runs:
+            for run in active:
                 run.step(x, step, autocast)
             window_steps += 1
             done = step + 1
-            if done % base.log_every == 0 or done == base.steps:
+            logging = done % base.log_every == 0 or done == base.steps
+            checkpointing = done % base.checkpoint_every == 0 and done < base.steps
+            if logging or checkpointing:  # nothing of a diverged run is written: no log line, no checkpoint
+                for run in list(active):
+                    problem = run.divergence()
+                    if problem is not None:
+                        active.remove(run)
+                        stopped.append(problem)
+                        if len(runs) > 1 and world.is_main:
+                            print(f"saepipe: {problem}; the sweep's other runs go on", file=sys.stderr)
+                if not active:
+                    break
+            if logging:
                 elapsed = time.perf_counter() - window_start
-                rows = [run.write_log(done, window_steps, elapsed) for run in runs]
+                rows = [run.write_log(done, window_steps, elapsed) for run in active]
                 row = rows[0]
                 bar.set_postfix(
                     loss=f"{row['loss']:.4f}",
@@ -405,8 +416,8 @@ def _train_runs(
                     tok_s=f"{row['tokens_per_s']:,.0f}",
                 )
                 window_start, window_steps = time.perf_counter(), 0
-            if done % base.checkpoint_every == 0 and done < base.steps:
-                for run in runs:
+            if checkpointing:
+                for run in active:
                     run.checkpoint(done)
             bar.update(1)
     finally:
@@ -415,10 +426,19 @@ def _train_runs(
             run.close()
     bar.close()
     if world.is_main:
-        for run in runs:
+        for run in active:
             finish(run.cfg, store, run.sae, run.out)
             run.tracker.finish(run_dir.load_config(run.out))
     distributed.barrier()  # the run folders are complete when any rank returns
+    if stopped:
+        for run in runs:
+            if run not in active:
+                run.tracker.fail()
+        if len(runs) == 1:
+            raise SaepipeError(stopped[0])
+        raise SaepipeError(
+            f"{len(stopped)} of the sweep's {len(runs)} runs stopped, the others finished; the first: {stopped[0]}"
+        )
 
 
 def _check_before_launch(cfgs: list[TrainConfig], device: torch.device, nproc: int) -> None:

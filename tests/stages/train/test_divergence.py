@@ -112,3 +112,16 @@ def test_a_full_disk_while_saving_tensors_is_the_clis_one_line(tiny_store, tmp_p
     line = result.output.strip().splitlines()[-1]
     assert line.startswith("error: no space left on device writing") and "checkpoint.safetensors.tmp" in line
     assert "Traceback" not in result.output and not list(out.glob("*.tmp"))
+
+
+def test_a_diverging_run_of_a_sweep_stops_alone(tiny_store, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_catching("train", tiny_store, *TRAIN, "--sweep", "lr=1e-3,1e30", "--out", sweep)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert "1 of the sweep's 2 runs stopped, the others finished" in lines[-1], lines[-1]
+    assert any("the sweep's other runs go on" in line for line in lines[:-1])
+    finished = {path.name: json.loads((path / run_dir.CONFIG).read_text())["finished"] for path in sweep.iterdir()
+                if (path / run_dir.CONFIG).exists()}  # fmt: skip
+    assert finished == {"lr=0.001": True, "lr=1e+30": False}, finished
+    assert (sweep / "lr=0.001" / run_dir.SAELENS).exists() and not (sweep / "lr=1e+30" / run_dir.SAE_WEIGHTS).exists()
