@@ -4,6 +4,8 @@ all come from its config field, so the CLI and the Python API cannot drift apart
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from collections.abc import Callable
 
 import click
@@ -24,6 +26,8 @@ def option_for(field: dataclasses.Field, **overrides) -> Callable:
     annotation = str(field.type).replace(" ", "").removesuffix("|None")
     if annotation == "bool":
         kwargs |= {"is_flag": True, "flag_value": not meta["inverted"], "show_default": False}
+        if field.name == "progress":
+            kwargs["callback"] = _quiet_libraries_unless_progress
     elif annotation == "tuple[int,...]":  # given comma-separated: --groups 512,2048,4096
         kwargs |= {"type": str, "callback": _comma_separated_integers(flag, meta)}
         kwargs["default"] = None if kwargs["default"] in (None, ()) else ",".join(map(str, kwargs["default"]))
@@ -38,6 +42,21 @@ def option_for(field: dataclasses.Field, **overrides) -> Callable:
     if meta["metavar"] is not None:
         kwargs["metavar"] = meta["metavar"]
     return click.option(flag, field.name, **(kwargs | overrides))
+
+
+def _quiet_libraries_unless_progress(ctx: click.Context, param: click.Parameter, progress: bool) -> bool:
+    """--no-progress silences the libraries' own bars too (transformers' "Loading weights", the hub's
+    downloads): their switch is read when transformers is imported, which happens later, when a model
+    loads; one already imported is switched off directly."""
+    if not progress:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        for module, switch_off in (
+            ("huggingface_hub", lambda m: m.utils.disable_progress_bars()),
+            ("transformers", lambda m: m.utils.logging.disable_progress_bar()),
+        ):
+            if module in sys.modules:
+                switch_off(sys.modules[module])
+    return progress
 
 
 def _comma_separated_integers(flag: str, meta) -> Callable:

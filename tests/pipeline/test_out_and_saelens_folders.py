@@ -62,3 +62,25 @@ def test_a_read_only_out_is_one_line(tiny_store, tmp_path, monkeypatch):
         f"error: cannot write {report} (Read-only file system): choose a writable --out, or copy what you are "
         f"working on somewhere writable"
     )
+
+
+def test_no_progress_silences_the_libraries_bars_too(tiny_llama_dir, tmp_path):
+    """transformers draws its own "Loading weights" bar when a model loads: --no-progress hides it too."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers.files import REPO
+
+    def collect(*flags: str) -> str:
+        command = [sys.executable, "-m", "pipeline.cli", "collect", "--model", str(tiny_llama_dir[0]), "--hook",
+                   "blocks.1.hook_resid_post", "--tokens", "1000", "--context-size", "32", "--out",
+                   str(tmp_path / f"s{len(flags)}.zarr"), *flags]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    assert "Loading weights" in collect()  # what there is to hide: the bar shows without the flag
+    assert "Loading weights" not in collect("--no-progress")
