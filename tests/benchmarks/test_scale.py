@@ -11,6 +11,7 @@ from benchmarks.cli import main as harnesses
 from benchmarks.scale import ScaleConfig, format_scale_table, run_scale
 from stages.basics.errors import SaepipeError
 from tests.helpers.cli import expect_error, run
+from tests.helpers.s3 import TINY_S3_MEASUREMENT
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +27,7 @@ def tiny_scale(tmp_path_factory):
         progress=False,
         train_steps=6,
         fsync_contexts=16,
-        s3_options=dict(
-            d_model=32,
-            chunk_rows=1024,
-            n_chunks=12,
-            batch_size=1024,
-            width=64,
-            k=4,
-            train_steps=4,
-            rounds=2,
-            collect_tokens=8192,
-            collect_width=16,
-        ),
+        s3_options=TINY_S3_MEASUREMENT,
     )
     return out, run_scale(cfg)
 

@@ -55,3 +55,19 @@ def objects(url: str) -> dict[str, bytes]:
     fs.invalidate_cache()  # listings are cached, and the bucket changes under the tests
     root = url.removeprefix("s3://").rstrip("/")
     return {path[len(root) + 1 :]: fs.cat_file(path) for path in fs.find(root)}
+
+
+# measure_s3_streaming's sizes for tests (benchmarks/scale_s3.py): a few seconds in all, every part run,
+# the collect straight to S3 included (its default collects half a million tokens of d 576)
+TINY_S3_MEASUREMENT = dict(
+    d_model=32,
+    chunk_rows=1024,
+    n_chunks=12,
+    batch_size=1024,
+    width=64,
+    k=4,
+    train_steps=4,
+    rounds=2,
+    collect_tokens=8192,
+    collect_width=16,
+)

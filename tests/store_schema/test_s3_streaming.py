@@ -18,6 +18,7 @@ from store_schema.generated import write_array_store
 from store_schema.loader import ShuffledBatches
 from store_schema.reader import open_store
 from store_schema.schema import StoreError
+from tests.helpers.s3 import TINY_S3_MEASUREMENT
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -192,21 +193,9 @@ def test_store_copy_streams_large_files_in_pieces(tmp_path, s3, monkeypatch):
 def test_measure_s3_streaming_on_tiny_sizes(tmp_path):
     from benchmarks.scale_s3 import measure_s3_streaming
 
-    result = measure_s3_streaming(
-        tmp_path,
-        latency_s=0.02,
-        d_model=32,
-        chunk_rows=1024,
-        n_chunks=12,
-        batch_size=1024,
-        width=64,
-        k=4,
-        train_steps=4,
-        rounds=2,
-        progress=False,
-    )
+    result = measure_s3_streaming(tmp_path, latency_s=0.02, progress=False, **TINY_S3_MEASUREMENT)
     assert result["s3_latency_ms"] == pytest.approx(20) and result["s3_concurrency"] >= 1
-    for key in ("s3_read_vs_raw_get", "s3_train_vs_local"):
+    for key in ("s3_read_vs_raw_get", "s3_train_vs_local", "s3_collect_vs_raw_put"):
         assert result[key] > 0
     read, train, copied = result["s3_read"], result["s3_train"], result["s3_copy"]
     for figure in (
