@@ -27,7 +27,7 @@ from store_schema.generated import write_array_store
 from store_schema.lock import lock_path
 from store_schema.writer import StoreWriter
 from tests.helpers.cli import run_catching, run_ok
-from tests.helpers.files import REPO
+from tests.helpers.files import REPO, poison_chunk
 
 DOC = REPO / "docs" / "errors.md"
 COLUMNS = ["id", "trigger", "message", "exit", "setup"]
@@ -257,14 +257,9 @@ def _damaged_chunk(tmp: Path, places: dict, monkeypatch) -> None:
 def _nonfinite_rows(tmp: Path, places: dict, monkeypatch) -> None:
     """inf in the first rows of every activation chunk, each checksummed anew: only verify's finiteness
     check, training and eval find it."""
-    import google_crc32c
-
     store = _copy_store(tmp, places, "nan.zarr")
     for chunk in sorted(store.glob(f"*/acts/{HOOK}/c/*/0")):
-        rows = np.frombuffer(chunk.read_bytes()[:-4], np.float16).copy()
-        rows[:64] = np.inf
-        data = rows.tobytes()
-        chunk.write_bytes(data + google_crc32c.value(data).to_bytes(4, "little"))
+        poison_chunk(chunk, 64, np.inf)
 
 
 def _zero_scale(tmp: Path, places: dict, monkeypatch) -> None:

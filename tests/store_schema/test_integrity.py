@@ -10,6 +10,7 @@ import sys
 
 from store_schema.lock import lock_path
 from tests.helpers.cli import HOOK, collect_args, run_catching
+from tests.helpers.files import rewrite_checksummed
 
 
 def test_a_fresh_store_verifies(tiny_store):
@@ -90,14 +91,6 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_one_is_not(tmp_path):
     assert result.exit_code == 2 and f"remove {lock_path(other)}" in result.output
 
 
-def _rewrite_checksummed(path, data: bytes) -> None:
-    """Replace a checksummed chunk's bytes, checksum and all, as a tool that rewrites chunks would: the
-    chunk then passes its checksum, and only what verify knows beyond it can find the change."""
-    import google_crc32c
-
-    path.write_bytes(data + google_crc32c.value(data).to_bytes(4, "little"))
-
-
 def test_non_finite_rows_and_reordered_tokens_with_good_checksums_are_named(tiny_store, tmp_path):
     import numpy as np
     from numcodecs import Zstd
@@ -108,13 +101,13 @@ def test_non_finite_rows_and_reordered_tokens_with_good_checksums_are_named(tiny
     rows = np.frombuffer(chunk.read_bytes()[:-4], np.float16).copy()
     rows[:64] = np.inf
     rows[100] = np.nan
-    _rewrite_checksummed(chunk, rows.tobytes())
+    rewrite_checksummed(chunk, rows.tobytes())
     tokens_chunk = store / "tokens" / "c" / "0" / "0"
     raw = Zstd().decode(tokens_chunk.read_bytes()[:-4])
     meta = json.loads((store / "tokens" / "zarr.json").read_text())
     contexts = np.frombuffer(raw, np.int32).reshape(-1, meta["shape"][1])
     swapped = contexts[[1, 0, *range(2, len(contexts))]]  # two contexts trade places
-    _rewrite_checksummed(tokens_chunk, bytes(Zstd().encode(swapped.tobytes())))
+    rewrite_checksummed(tokens_chunk, bytes(Zstd().encode(swapped.tobytes())))
 
     result = run_catching("store", "verify", store, "--no-progress")
     assert result.exit_code == 2, result.output

@@ -4,7 +4,6 @@ its last good checkpoint; a run says it finished only once every file it promise
 import json
 import shutil
 
-import google_crc32c
 import numpy as np
 import torch
 
@@ -12,23 +11,15 @@ from stages.basics import run_dir
 from stages.train import loop
 from stages.train.checkpoint import Checkpoint
 from tests.helpers.cli import HOOK, run_catching
+from tests.helpers.files import poison_chunk
 
 TRAIN = ("--width", "32", "--k", "4", "--tokens", "20000", "--batch-size", "256", "--no-progress")
-
-
-def _poison(store, chunk: int) -> None:
-    """Put inf into the first rows of a train chunk and checksum it anew (verify still names it)."""
-    path = store / "train" / "acts" / HOOK / "c" / str(chunk) / "0"
-    rows = np.frombuffer(path.read_bytes()[:-4], np.float16).copy()
-    rows[:4096] = np.inf
-    data = rows.tobytes()
-    path.write_bytes(data + google_crc32c.value(data).to_bytes(4, "little"))
 
 
 def test_non_finite_rows_stop_training_at_the_step_and_keep_the_last_checkpoint(tiny_store, tmp_path):
     store = tmp_path / "s.zarr"
     shutil.copytree(tiny_store, store)
-    _poison(store, 5)
+    poison_chunk(store / "train" / "acts" / HOOK / "c" / "5" / "0", 4096, np.inf)
     out = tmp_path / "run"
     result = run_catching("train", store, *TRAIN, "--checkpoint-every", "4", "--log-every", "3", "--out", out)
     assert result.exit_code == 2, result.output
@@ -63,14 +54,6 @@ def test_a_run_is_marked_finished_only_after_its_export(tiny_store, tmp_path, mo
     assert (out / run_dir.SAELENS / "cfg.json").exists()
 
 
-def _poison_eval(store) -> None:
-    path = store / "eval" / "acts" / HOOK / "c" / "0" / "0"
-    rows = np.frombuffer(path.read_bytes()[:-4], np.float16).copy()
-    rows[:64] = np.nan
-    data = rows.tobytes()
-    path.write_bytes(data + google_crc32c.value(data).to_bytes(4, "little"))
-
-
 def test_eval_never_writes_non_finite_metrics_over_a_good_eval_json(tiny_store, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -81,7 +64,7 @@ def test_eval_never_writes_non_finite_metrics_over_a_good_eval_json(tiny_store, 
 
     poisoned = tmp_path / "poisoned.zarr"
     shutil.copytree(tiny_store, poisoned)
-    _poison_eval(poisoned)
+    poison_chunk(poisoned / "eval" / "acts" / HOOK / "c" / "0" / "0", 64, np.nan)
     result = run_catching("eval", out, "--store", poisoned, "--no-model", "--no-progress")
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]
