@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from stages.basics.errors import SaepipeError
+from store_schema.durable import fsync_path, write_durably
 
 SAE_WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
@@ -92,23 +93,9 @@ def _finished(run_dir: Path) -> bool:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Replace `path` with `obj` as JSON: a temporary, flushed, renamed into place, then its folder flushed
-    (a power cut leaves the old document or the new one, never a part of one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Replace `path` with `obj` as JSON, atomically and durably (a power cut leaves the old document or the
+    new one, never a part of one)."""
+    write_durably(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def save_npy_atomic(path: Path, array) -> None:
@@ -140,13 +127,9 @@ def save_weights(run_dir: Path, sae: torch.nn.Module) -> None:
     """The SAE's weights as float32 safetensors, written as `write_json_atomic` writes."""
     tmp = run_dir / (SAE_WEIGHTS + ".tmp")
     save_tensors({k: v.detach().float().contiguous().cpu() for k, v in sae.state_dict().items()}, tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, run_dir / SAE_WEIGHTS)
-    _fsync_folder(run_dir)
+    fsync_path(run_dir)
 
 
 def read_json(path: Path, fix: str) -> dict:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from stages.basics import run_dir, tracking
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
@@ -26,6 +24,7 @@ from stages.evaluate.ground_truth import decoder_rows, ground_truth_metrics, loa
 from stages.evaluate.multi_hook import clt_downstream_metrics, multi_hook_store_metrics
 from stages.evaluate.probing import probing_classes, sparse_probing
 from stages.evaluate.reconstruction import store_metrics
+from stages.saes.base import nonfinite_tensors
 from stages.text.probing_tasks import probing_data
 from store_schema.lock import StoreLock
 from store_schema.reader import open_store
@@ -114,7 +113,7 @@ def _run_eval(cfg: EvalConfig) -> dict:
 
 def _require_finite_weights(evaluated: EvaluatedSAE) -> None:
     """Refuse an SAE whose weights hold NaN or inf before any work: every metric would be NaN."""
-    bad = [name for name, tensor in evaluated.sae.state_dict().items() if not torch.isfinite(tensor).all()]
+    bad = nonfinite_tensors(evaluated.sae.state_dict())
     if bad:
         raise SaepipeError(
             f"the SAE of {evaluated.path} holds non-finite weights ({', '.join(bad)}): its training diverged; "

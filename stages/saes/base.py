@@ -8,7 +8,7 @@ Recipe and derivations: docs/architectures.md#the-shared-training-recipe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +87,11 @@ class ArchSettings:
 
     def check(self, width: int) -> None:
         """Raise SaepipeError for a value this architecture cannot take at this width."""
+
+
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors holding NaN or inf (an SAE's state dict, an export's files)."""
+    return [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
 
 
 class SparseAutoencoder(nn.Module):

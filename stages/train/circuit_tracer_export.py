@@ -27,6 +27,7 @@ import torch
 
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
+from stages.saes.base import nonfinite_tensors
 from stages.train.transcoder_export import affine, fold_encoder, fold_transcoder
 from store_schema.normalization import Normalization
 
@@ -114,7 +115,7 @@ def _write(out: Path, files: dict[str, dict[str, torch.Tensor]], kind: str, mode
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, tensors in files.items():
-        bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+        bad = nonfinite_tensors(tensors)
         if bad:
             raise SaepipeError(f"cannot export non-finite weights ({', '.join(bad)}) for circuit-tracer")
         tmp = out / (name + ".tmp")

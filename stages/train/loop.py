@@ -30,7 +30,7 @@ from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
 from stages.basics.tracking import Tracker, require_wandb
 from stages.saes import MULTI_HOOK_ARCHS, SparseAutoencoder, new_sae
-from stages.saes.base import TrainContext, geometric_median
+from stages.saes.base import TrainContext, geometric_median, nonfinite_tensors
 from stages.train.checkpoint import Checkpoint
 from stages.train.config import TrainConfig, only_hook
 from stages.train.saelens_export import export_saelens
@@ -499,7 +499,7 @@ def diverged(out: Path, store: str, what: str) -> str:
 def finish(cfg: TrainConfig, store: ActivationStore, sae: SparseAutoencoder, out: Path) -> None:
     """The final weights and the SAELens export, then cfg.json saying the run finished: written last, so a
     run that says so has every file it promises. The checkpoint goes once they are all safely written."""
-    bad = [name for name, tensor in sae.state_dict().items() if not torch.isfinite(tensor).all()]
+    bad = nonfinite_tensors(sae.state_dict())
     if bad:
         raise SaepipeError(diverged(out, cfg.store, f"its final weights hold non-finite values ({', '.join(bad)})"))
     run_dir.save_weights(out, sae)

@@ -18,7 +18,7 @@ import torch
 
 from stages import __version__
 from stages.basics import run_dir
-from stages.saes.base import SparseAutoencoder
+from stages.saes.base import SparseAutoencoder, nonfinite_tensors
 from store_schema.normalization import Normalization
 
 SAE_CFG_FILENAME = "cfg.json"
@@ -170,7 +170,7 @@ def export_saelens(
     scale = input_scale(norm, sae.d_in)
     arch_cfg = {key: value / scale if key in arch.input_units else value for key, value in arch.cfg.items()}
     tensors = {**weights, **{k: v.detach().to("cpu", torch.float32).contiguous() for k, v in arch.tensors.items()}}
-    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    bad = nonfinite_tensors(tensors)
     if bad:
         raise ValueError(f"cannot export an SAE with non-finite weights ({', '.join(bad)})")
 

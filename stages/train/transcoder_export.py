@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from stages.saes.base import SparseAutoencoder
+from stages.saes.base import SparseAutoencoder, nonfinite_tensors
 from stages.train.saelens_export import base_metadata, center_scale, write_saelens_folder
 from store_schema.normalization import Normalization
 
@@ -89,7 +89,7 @@ def export_saelens_transcoder(
         )
     tensors = fold_transcoder(sae, in_norm, out_norm)
     tensors |= {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in arch.tensors.items()}
-    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    bad = nonfinite_tensors(tensors)
     if bad:
         raise ValueError(f"cannot export a transcoder with non-finite weights ({', '.join(bad)})")
     metadata = base_metadata(sae, model_name, in_hook, context_size, dataset)
