@@ -7,6 +7,7 @@ from pathlib import Path
 
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
+from stages.basics.eval_record import read_eval
 from store_schema.reader import open_store
 from store_schema.schema import SCHEMA_NAME, StoreError
 
@@ -86,7 +87,7 @@ def describe_run(p: Path) -> dict:
         last = log[-1]
         out["last log"] = {k: last[k] for k in ("step", "tokens", "loss", "fve", "l0", "dead_fraction")}
     if (p / run_dir.EVAL).exists():
-        ev = run_dir.read_json(p / run_dir.EVAL, f"evaluate the run again (saepipe eval {p})")
+        ev = read_eval(p / run_dir.EVAL, f"evaluate the run again (saepipe eval {p})")
         out["eval"] = {k: ev[k] for k in ("fve", "l0", "dead_fraction", "ce_recovered", "kl") if k in ev}
     return out
 

@@ -13,6 +13,7 @@ from torch import nn
 from stages.basics import run_dir
 from stages.basics.device import resolve_device
 from stages.basics.errors import SaepipeError
+from stages.basics.eval_record import read_eval
 from stages.evaluate.evaluated import is_saelens_folder, load_saelens_sae, recorded_hooks
 from stages.saes import SparseAutoencoder
 from stages.saes.base import DenseCode
@@ -173,4 +174,4 @@ def _eval_results(folder: Path) -> dict | None:
     path = folder / run_dir.EVAL
     if not path.exists():
         return None
-    return run_dir.read_json(path, f"evaluate the run again (saepipe eval {folder})")
+    return read_eval(path, f"evaluate the run again (saepipe eval {folder})")

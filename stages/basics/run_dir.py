@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -61,24 +62,33 @@ def prepare(run_dir: Path, *, overwrite: bool, resume: bool) -> bool:
                 f"{run_dir} holds a finished run with no checkpoint to resume: pass --overwrite to train again"
             )
         if run_dir.is_dir() and any(run_dir.iterdir()):
+            _require_run_folder(run_dir)
             print(
                 f"saepipe: {run_dir} has no checkpoint (its run stopped before the first): training starts "
                 f"from the beginning",
                 file=sys.stderr,
             )
     elif run_dir.exists() and any(run_dir.iterdir()):
+        if not any((run_dir / name).exists() for name in (CONFIG, CHECKPOINT, PICKLED_CHECKPOINT)):
+            raise SaepipeError(
+                f"--out {run_dir} is not a saepipe run folder{' (refusing to overwrite it)' if overwrite else ''}: "
+                f"choose another --out"
+            )
         if not overwrite:
             raise SaepipeError(
                 f"--out {run_dir} is not empty: pass --resume to continue its run, "
                 f"--overwrite to replace it, or choose another --out"
             )
-        if not any((run_dir / name).exists() for name in (CONFIG, CHECKPOINT, PICKLED_CHECKPOINT)):
-            raise SaepipeError(
-                f"--out {run_dir} is not a saepipe run folder; refusing to overwrite it: choose another --out"
-            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return False
+
+
+def _require_run_folder(run_dir: Path) -> None:
+    """A non-empty --out to resume holds what a run writes, not someone's other files."""
+    if not any((run_dir / name).exists() for name in (CONFIG, CHECKPOINT, TRAIN_LOG, SAE_WEIGHTS)):
+        shown = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
+        raise SaepipeError(f"--out {run_dir} is not a saepipe run folder (it holds {shown}): choose another --out")
 
 
 def _finished(run_dir: Path) -> bool:
@@ -94,8 +104,19 @@ def _finished(run_dir: Path) -> bool:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Replace `path` with `obj` as JSON, atomically and durably (a power cut leaves the old document or the
-    new one, never a part of one)."""
-    write_durably(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+    new one, never a part of one). A float that is not finite is written as null: NaN is not JSON, and
+    browsers and jq refuse a file holding it."""
+    write_durably(Path(path), (json.dumps(_finite_or_null(obj), indent=2, allow_nan=False) + "\n").encode())
+
+
+def _finite_or_null(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_null(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(value) for value in obj]
+    return obj
 
 
 def save_npy_atomic(path: Path, array) -> None:

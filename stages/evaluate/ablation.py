@@ -69,7 +69,7 @@ def ablation_sparsity(
         size = delta.shape[1] * delta.shape[2]
         scores += ((l1[moved] / l2[moved]).pow(2) / size).tolist()
     if not scores:
-        return {"ablation_sparsity": float("nan"), "ablation_count": 0, "ablation_future_tokens": future_tokens}
+        return {"ablation_sparsity": None, "ablation_count": 0, "ablation_future_tokens": future_tokens}
     values = np.asarray(scores)
     return {
         "ablation_sparsity": float(values.mean()),

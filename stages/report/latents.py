@@ -272,6 +272,9 @@ def browse(
         notes.append(f"no feature_density.npy beside eval.json: firing fractions are from the {n:,} scanned rows")
     chosen = choose_latents(density, sae.d_sae, opts)
     latents = list(chosen)
+    if not latents:  # no latent fired on the scanned rows and none was named: nothing to show
+        notes.append(f"no latent fired on the {n:,} scanned eval rows: the browser is empty")
+        return LatentBrowser(n, store.n_rows("eval"), [], notes), density
     acts = scan_activations(evaluated, inputs, latents, n, opts.progress)
     grouped = RowsByContext(*store.read_mapping("eval", 0, n))
 

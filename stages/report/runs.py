@@ -14,6 +14,7 @@ import numpy as np
 
 from stages.basics import run_dir
 from stages.basics.errors import SaepipeError
+from stages.basics.eval_record import read_eval
 
 
 @dataclass
@@ -46,7 +47,17 @@ def read_density(path: Path, d_sae: int | None) -> np.ndarray | None:
     file = path / run_dir.FEATURE_DENSITY
     if not file.is_file():
         return None
-    density = np.load(file)
+    try:
+        density = np.load(file)  # never a pickle: np.load refuses object arrays
+    except (ValueError, OSError, EOFError):
+        raise SaepipeError(
+            f"{file} is damaged (not a NumPy array of firing fractions): evaluate the run again (saepipe eval {path})"
+        ) from None
+    if density.dtype.kind not in "fiu" or not np.all((density >= 0) & (density <= 1)):
+        raise SaepipeError(
+            f"{file} is damaged (firing fractions outside 0 to 1, or not numbers): evaluate the run again "
+            f"(saepipe eval {path})"
+        )
     if d_sae is not None and density.shape != (d_sae,):
         print(
             f"warning: {file} holds {density.shape} values for an SAE of {d_sae} latents; ignoring it", file=sys.stderr
@@ -82,7 +93,7 @@ def load_runs(paths: list[str | Path]) -> list[EvaluatedRun]:
         require_eval(path)
     runs = []
     for path, label in zip(resolved, unique_labels([p.resolve() for p in resolved])):
-        metrics = run_dir.read_json(path / run_dir.EVAL, f"evaluate the run again (saepipe eval {path})")
+        metrics = read_eval(path / run_dir.EVAL, f"evaluate the run again (saepipe eval {path})")
         d_sae = (metrics.get("sae") or {}).get("d_sae")
         runs.append(EvaluatedRun(path, label, metrics, run_dir.read_log(path), read_density(path, d_sae)))
     return runs

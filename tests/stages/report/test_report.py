@@ -202,6 +202,21 @@ def test_latent_out_of_range_is_refused(runs, tmp_path):
     expect_error(run("report", folders[0], "--latents", "3,x", "--out", tmp_path / "r"), "--latents must be")
 
 
+def test_a_run_whose_latents_never_fire_is_reported_with_an_empty_browser(runs, tmp_path):
+    """A JumpReLU whose thresholds start far above every activation has no latent that fires: the
+    report says so, where it once indexed the decoder with an empty float tensor (IndexError)."""
+    root, _ = runs
+    silent = tmp_path / "silent"
+    train = ["--arch", "jumprelu", "--init-threshold", "1000000", "--width", WIDTH, "--tokens", "2048"]
+    run_ok("train", root / "s.zarr", *train, "--batch-size", "512", "--no-progress", "--device", "cpu", "--out", silent)
+    run_ok("eval", silent, "--no-progress", "--device", "cpu")
+    record = json.loads((silent / "eval.json").read_text())
+    assert record["l0"] == 0 and record["ablation_sparsity"] is None  # null, not NaN: no ablation moved a logit
+    out = tmp_path / "report"
+    run_ok("report", silent, "--out", out, "--device", "cpu", "--no-progress")
+    assert "no latent fired on the" in (out / "index.html").read_text()
+
+
 def test_sparse_codes_are_read_without_densifying_them_the_same_as_dense():
     import torch
 
