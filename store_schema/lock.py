@@ -39,12 +39,16 @@ def lock_path(store: str | os.PathLike) -> Path:
 class StoreLock:
     """`with StoreLock(path):` around everything that writes the store at `path`."""
 
-    def __init__(self, store: str | os.PathLike, kind: str = "store"):
+    def __init__(self, store: str | os.PathLike, kind: str = "store", read_only_fix: str = ""):
         self.store, self.path = Path(store), lock_path(store)
         self.kind = kind  # what the messages call the folder: "store", "run folder"
+        self.read_only_fix = read_only_fix or "copy it somewhere writable, or choose a writable --out"
         self.held = False
+        self.made: list[Path] = []
 
     def __enter__(self) -> StoreLock:
+        # the folders made here to hold the lock (a sweep's folder): removed again if they stay empty
+        self.made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):  # a second try after removing a stale lock
@@ -81,13 +85,19 @@ class StoreLock:
                 raise
             raise StoreError(
                 f"cannot write beside {self.kind} {self.store} ({e.strerror}: {self.path}): it is on a "
-                f"read-only place; copy it somewhere writable, or choose a writable --out"
+                f"read-only place; {self.read_only_fix}"
             ) from None
 
     def __exit__(self, *exc) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+        for folder in self.made:  # innermost first; one that holds something stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.made = []
 
     def _holder(self) -> dict | None:
         try:

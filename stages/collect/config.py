@@ -13,7 +13,7 @@ from store_schema.normalization import MODES as NORMALIZATION_MODES
 
 # Where and how a collect runs, never what it writes: the other fields decide the store's bytes.
 RUN_SETTINGS = frozenset(
-    {"out", "device", "overwrite", "resume", "fsync", "progress", "workers", "scheduler", "append"}
+    {"out", "device", "overwrite", "resume", "fsync", "progress", "workers", "scheduler", "append", "mirrored"}
 )
 
 
@@ -79,6 +79,7 @@ class CollectConfig:
         metavar="ADDRESS",
     )
     append: bool = False  # `out` is a complete store to grow to `tokens` training tokens, with its own settings
+    mirrored: bool = False  # `out` stages a collect to S3: its chunks leave it as they are uploaded
 
     def __post_init__(self) -> None:
         self.hooks = tuple(expand_hook_ranges(self.hooks))  # blocks.{0-29}.hook_mlp_out: one name per layer

@@ -19,6 +19,7 @@ from stages.collect.config import CollectConfig
 from stages.collect.header import create_store
 from stages.collect.local import fill_store_here
 from stages.collect.plan import PlanAction, differing_settings, plan_action
+from stages.collect.room import require_disk_room
 from stages.host_model.loading import load_host_model
 from stages.host_model.model import validate_hooks
 from store_schema import schema
@@ -71,7 +72,7 @@ def _collect_to_s3(cfg: CollectConfig, model) -> str:
             mirror.rebuild(header)
         else:
             print(f"collecting into {cfg.out} through the staging store {staging}", file=sys.stderr)
-        local = dataclasses.replace(cfg, out=str(staging), fsync=False, overwrite=False)  # the bucket keeps it
+        local = dataclasses.replace(cfg, out=str(staging), fsync=False, overwrite=False, mirrored=True)
         try:
             with StoreLock(staging):
                 _collect_locked(local, model, after_commit=mirror.sync)
@@ -164,6 +165,9 @@ def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: PlanAct
                 f"--context-size {cfg.context_size:,} is more than {cfg.model} takes: its contexts hold at most "
                 f"{model.n_ctx:,} tokens; pass --context-size {model.n_ctx} or less"
             )
+        if not cfg.mirrored:  # the bucket keeps a collect to S3; its staging holds a few blocks at a time
+            widths = [model.hook_width(hook) for hook in hooks]
+            require_disk_room(out, cfg.tokens, cfg.eval_fraction, hooks, widths)
         if out.exists():
             shutil.rmtree(out)
         return create_store(cfg, model, hooks)

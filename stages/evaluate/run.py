@@ -36,7 +36,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     as training holds it: a `train --overwrite` (or a second eval) of the same folder waits its turn instead
     of leaving an eval.json of the old weights beside the new ones."""
     cfg.validate()
-    with StoreLock(cfg.run, kind="run folder"):
+    fix = "eval writes eval.json into it: copy the run folder somewhere writable and evaluate the copy"
+    with StoreLock(cfg.run, kind="run folder", read_only_fix=fix):
         return _run_eval(cfg)
 
 
@@ -55,6 +56,8 @@ def _run_eval(cfg: EvalConfig) -> dict:
     check_compatible(evaluated, store)
     if cfg.splice_from < 0 or cfg.splice_from >= store.context_size:
         raise SaepipeError(f"--splice-from {cfg.splice_from} is outside the context (0 to {store.context_size - 1})")
+    if cfg.use_model and (evaluated.io.single or evaluated.io.transcodes):  # CE and KL will be measured
+        _require_a_position_to_splice(store, cfg.splice_from)
     suites = _applicable_suites(cfg, evaluated)
     probing = None  # the probing texts, read before any other work so that bad data is refused at once
     if "probing" in suites:
@@ -109,6 +112,23 @@ def _run_eval(cfg: EvalConfig) -> dict:
     run_dir.write_json_atomic(run_path / run_dir.EVAL, result)
     tracking.log_eval(run_path, result)  # into the run's wandb run, when it was trained with --wandb
     return result
+
+
+def _require_a_position_to_splice(store, splice_from: int) -> None:
+    """CE and KL score the next-token predictions made from stored positions at or after --splice-from;
+    the last position predicts nothing. A store whose only stored position is the last has none."""
+    kept, last = len(store.header.dropped_positions), store.context_size - 1
+    if max(splice_from, kept) < last:
+        return
+    if kept < last:
+        fix = f"pass a --splice-from below {last}"
+    else:
+        fix = "evaluate with --no-model, or collect longer contexts (--context-size)"
+    raise SaepipeError(
+        f"no position can be spliced: the store keeps positions {kept} to {last} of its "
+        f"{store.context_size}-token contexts, --splice-from is {splice_from}, and the last position predicts "
+        f"no next token; {fix}"
+    )
 
 
 def _require_finite_weights(evaluated: EvaluatedSAE) -> None:
@@ -216,7 +236,7 @@ TABLE_KEYS = (
 def format_eval_table(result: dict) -> str:
     lines = [f"{'metric':<30}{'value':>14}", "-" * 44]
     for key in TABLE_KEYS:
-        if key in result:
+        if result.get(key) is not None:  # None: not defined here (no latent's ablation moved a logit)
             lines.append(f"{key:<30}{result[key]:>14.5g}")
     if "l0_quantiles" in result:
         q = result["l0_quantiles"]

@@ -33,6 +33,7 @@ from stages.saes import MULTI_HOOK_ARCHS, SparseAutoencoder, new_sae
 from stages.saes.base import TrainContext, geometric_median, nonfinite_tensors
 from stages.train.checkpoint import Checkpoint
 from stages.train.config import TrainConfig, only_hook
+from stages.train.memory_check import require_room, training_bytes
 from stages.train.saelens_export import export_saelens
 from stages.train.transcoder_export import export_saelens_transcoder
 from store_schema.loader import RowAlignedBatches, ShuffledBatches, batches_of
@@ -78,6 +79,11 @@ def build_for_store(
 def sae_shape(cfg: TrainConfig, store: ActivationStore) -> tuple[int, dict]:
     """(d_in, the other sizes an architecture is built with) from the widths of the store's hooks."""
     return cfg.sae_class.shape_for(cfg.io, store.width)
+
+
+def _training_bytes(cfg: TrainConfig, store: ActivationStore) -> int:
+    d_in, shape = sae_shape(cfg, store)
+    return training_bytes(cfg.arch, cfg.activation, d_in, cfg.width, cfg.settings, cfg.batch_size, **shape)
 
 
 def read_sample(store: ActivationStore, hooks: tuple[str, ...], rows: int) -> torch.Tensor:
@@ -308,6 +314,7 @@ def _open_checked(cfgs: list[TrainConfig], device: torch.device, world: distribu
     store = open_store(base.store)
     store.require_complete()
     _require_hooks(base, store)
+    require_room([(f"{cfg.out} (--width {cfg.width:,})", _training_bytes(cfg, store)) for cfg in cfgs], device)
     for hook in base.io.writes if base.io.transcodes else ():
         if store.normalization(hook).has_row_stats:
             raise SaepipeError(

@@ -3,6 +3,7 @@ prints the row's message as one error line, the last one, with no traceback, and
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -298,14 +299,14 @@ def _gone_store(tmp: Path, places: dict, monkeypatch) -> None:
         (run / name).write_text(json.dumps(document))
 
 
-def _edited_cfg(change):
-    """`{tmp}/run`: `{run}` whose cfg.json was edited by hand (`change(config)`)."""
+def _edited(name: str, change):
+    """`{tmp}/run`: `{run}` whose JSON file `name` was edited by hand (`change(document)`)."""
 
     def setup(tmp: Path, places: dict, monkeypatch) -> None:
         run = Path(shutil.copytree(places["run"], tmp / "run"))
-        config = json.loads((run / run_dir.CONFIG).read_text())
-        change(config)
-        (run / run_dir.CONFIG).write_text(json.dumps(config))
+        document = json.loads((run / name).read_text())
+        change(document)
+        (run / name).write_text(json.dumps(document))
 
     return setup
 
@@ -390,6 +391,30 @@ def _unfinished_run(tmp: Path, places: dict, monkeypatch) -> None:
     shutil.copy(places["run"] / "cfg.json", tmp / "run" / "cfg.json")
 
 
+def _read_only_tmp(tmp: Path, places: dict, monkeypatch) -> None:
+    """`{tmp}` on read-only media, as the OS reports it (EROFS; root ignores chmod), after `{run}` was copied
+    to `{tmp}/run`: creating a file or a folder there fails, reading works."""
+    shutil.copytree(places["run"], tmp / "run")
+    real_open, real_mkdir = os.open, Path.mkdir
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def read_only(path) -> OSError:
+        return OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & writes and Path(path).absolute().is_relative_to(tmp):
+            raise read_only(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(self, *args, **kwargs):
+        if self.absolute().is_relative_to(tmp) and not self.exists() and self.parent.exists():
+            raise read_only(self)  # as the OS does, a missing parent is named first (ENOENT)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(Path, "mkdir", guarded_mkdir)
+
+
 def _damaged(name: str, garble):
     def setup(tmp: Path, places: dict, monkeypatch) -> None:
         run = Path(shutil.copytree(places["run"], tmp / "run"))
@@ -416,9 +441,9 @@ SETUPS = {
     "nan_weights": _nan_weights,
     "replaced_store": _replaced_store,
     "gone_store": _gone_store,
-    "huge_cfg": _edited_cfg(lambda config: config["sae"].update(d_sae=10**12)),
-    "word_k_cfg": _edited_cfg(lambda config: config["sae"].update(k="eight")),
-    "word_scale_cfg": _edited_cfg(lambda config: config["normalization"].update(scale="big")),
+    "huge_cfg": _edited(run_dir.CONFIG, lambda config: config["sae"].update(d_sae=10**12)),
+    "word_k_cfg": _edited(run_dir.CONFIG, lambda config: config["sae"].update(k="eight")),
+    "word_scale_cfg": _edited(run_dir.CONFIG, lambda config: config["normalization"].update(scale="big")),
     "odd_checkpoint": _odd_checkpoint,
     "no_s3fs": _no_s3fs,
     "no_saelens": _no_saelens,
@@ -433,6 +458,10 @@ SETUPS = {
     "damaged_eval": _damaged("eval.json", lambda data: b"{not json"),
     "damaged_log": _damaged("train_log.jsonl", lambda data: data.split(b"\n", 1)[0] + b"\n{not json\n"),
     "damaged_weights": _damaged("sae.safetensors", lambda data: b"garbage"),
+    "read_only_tmp": _read_only_tmp,
+    "damaged_density": _damaged(run_dir.FEATURE_DENSITY, lambda data: b"garbage"),
+    "edited_eval": _edited(run_dir.EVAL, lambda record: record.update(fve="high")),
+    "edited_histogram": _edited(run_dir.EVAL, lambda record: record["log10_density_histogram"].update(edges=[0])),
 }
 
 _real_prepare_default_model = host_models.prepare_default_model

@@ -76,6 +76,19 @@ def test_a_second_collect_on_a_store_being_written_refuses(tmp_path):
     assert not lock_path(store).exists()
 
 
+def test_folders_made_to_hold_a_lock_go_again_when_nothing_else_was_written(tmp_path):
+    """A sweep's runs lock beside themselves, inside the sweep's folder: a sweep refused before training
+    leaves no empty folder behind; one that wrote its runs keeps them."""
+    from store_schema.lock import StoreLock
+
+    with StoreLock(tmp_path / "sweep" / "deep" / "k=4", kind="run folder"):
+        assert lock_path(tmp_path / "sweep" / "deep" / "k=4").exists()
+    assert list(tmp_path.iterdir()) == []
+    with StoreLock(tmp_path / "sweep" / "k=4", kind="run folder"):
+        (tmp_path / "sweep" / "k=4").mkdir()
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["k=4"]
+
+
 def test_a_stale_lock_is_taken_over_and_a_foreign_one_is_not(tmp_path):
     store = tmp_path / "s.zarr"
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
