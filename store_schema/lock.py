@@ -119,3 +119,10 @@ class StoreLock:
             and str(holder["pid"]).isdigit()
             and not pid_alive(int(holder["pid"]))
         )
+
+
+def live_holder(store: str | os.PathLike) -> dict | None:
+    """Who holds the lock of `store` now ({pid, host, started}), or None: no lock, or a stale one."""
+    lock = StoreLock(store)
+    holder = lock._holder()
+    return holder if holder is not None and not lock._stale(holder) else None

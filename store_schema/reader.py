@@ -19,6 +19,7 @@ from store_schema import schema
 from store_schema.chunk_files import is_checksummed, raw_layout
 from store_schema.header import StoreHeader
 from store_schema.limits import check_fits_in_memory, check_root_metadata_size
+from store_schema.lock import live_holder
 from store_schema.normalization import Normalization
 
 REMOTE_CONCURRENCY = 16  # chunk requests in flight to a remote store: object stores answer in tens of ms
@@ -46,6 +47,12 @@ class ActivationStore:
         else REMOTE_CONCURRENCY)."""
         location = local_path(str(path))
         if "://" not in location and not Path(location).exists():
+            holder = live_holder(location)
+            if holder is not None:  # a collect that is still packing its text has not created the store yet
+                raise schema.StoreError(
+                    f"no store at {location} yet: a collect (pid {holder['pid']} on {holder['host']}, since "
+                    f"{holder['started']}) is creating it; wait for it to finish"
+                )
             raise schema.StoreError(f"no store at {location}: run `saepipe collect --out {location}` first")
         concurrency = remote_concurrency() if concurrency is None else concurrency
         check_root_metadata_size(location)

@@ -47,7 +47,8 @@ def store_copy(src: str, dst: str, threads: int, progress: bool) -> None:
 def store_verify(path: str, progress: bool) -> None:
     """Check every chunk against the CRC32C written with it, every stored row for NaN and inf, and the tokens
     against their recorded fingerprint; name every damaged or missing chunk."""
-    result = verify_store(open_store(path), progress=progress)
+    opened = open_store(path)
+    result = verify_store(opened, progress=progress)
     for name in result.unverifiable:
         click.echo(f"warning: {name} has no checksums (written before saepipe recorded them): not verified", err=True)
     for line in result.damaged:
@@ -65,3 +66,10 @@ def store_verify(path: str, progress: bool) -> None:
             f"(a store holds only its own files), or copy the store again"
         )
     click.echo(f"ok: {result.checked:,} chunks match their checksums; every row is finite and the tokens match")
+    if not opened.complete:  # what is committed is sound, but the store is not one to train on yet
+        done, planned = opened.n_rows("train"), opened.header.planned_rows["train"]
+        click.echo(
+            f"note: the store is incomplete ({done:,} of {planned:,} training rows committed): finish it by "
+            f"re-running the same `saepipe collect` command",
+            err=True,
+        )

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from store_schema.lock import lock_path
 from tests.helpers.cli import HOOK, collect_args, run_catching
@@ -18,6 +19,21 @@ def test_a_fresh_store_verifies(tiny_store):
     assert result.exit_code == 0, result.output
     assert result.output.startswith("ok: ") and "warning" not in result.output
     assert int(result.output.split()[1].replace(",", "")) >= 8 + 3  # 8 train act chunks, tokens, splits...
+
+
+def test_an_incomplete_store_verifies_with_a_note_that_it_is_not_finished(tiny_store, tmp_path):
+    """What an interrupted collect committed is sound, and verify says so; it also says the store is not
+    one to train on yet, where "ok" alone read as a finished store."""
+    from store_schema.writer import StoreWriter
+
+    store = Path(shutil.copytree(tiny_store, tmp_path / "s.zarr"))
+    StoreWriter.open(store)._update(complete=False)
+    result = run_catching("store", "verify", store, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("ok: ")
+    assert (
+        "note: the store is incomplete (" in result.output and "re-running the same `saepipe collect`" in result.output
+    )
 
 
 def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(tiny_store, tmp_path):
@@ -87,6 +103,20 @@ def test_folders_made_to_hold_a_lock_go_again_when_nothing_else_was_written(tmp_
     with StoreLock(tmp_path / "sweep" / "k=4", kind="run folder"):
         (tmp_path / "sweep" / "k=4").mkdir()
     assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["k=4"]
+
+
+def test_a_store_whose_collect_has_not_created_it_yet_says_so(tmp_path):
+    """While a collect packs its text the store does not exist yet, but its lock does: a train or verify
+    then names the collect, not "run saepipe collect first"."""
+    from store_schema.lock import StoreLock
+
+    store = tmp_path / "s.zarr"
+    with StoreLock(store):
+        result = run_catching("store", "verify", store, "--no-progress")
+    line = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and f"no store at {store} yet: a collect (pid {os.getpid()} on" in line, line
+    assert "wait for it to finish" in line
+    assert "run `saepipe collect" in run_catching("store", "verify", store).output  # no lock: no collect
 
 
 def test_a_stale_lock_is_taken_over_and_a_foreign_one_is_not(tmp_path):
