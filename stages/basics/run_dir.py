@@ -183,7 +183,43 @@ def load_config(run_dir: Path) -> dict:
     cfg_path = Path(run_dir) / CONFIG
     if not cfg_path.exists():
         raise SaepipeError(f"{run_dir} is not a finished saepipe run (no {CONFIG}): train it with `saepipe train`")
-    return read_json(cfg_path, "train the run again (saepipe train ... --overwrite)")
+    fix = "train the run again (saepipe train ... --overwrite)"
+    config = read_json(cfg_path, fix)
+    problem = config_problem(config)
+    if problem is not None:
+        raise SaepipeError(f"{cfg_path} is damaged ({problem}): {fix}")
+    return config
+
+
+def config_problem(config: dict) -> str | None:
+    """What makes `config` not a cfg.json that `saepipe train` wrote, for the fields every reader takes
+    as given (the `sae` record is checked against the weights, the hooks and normalizations by
+    `recorded_hooks`)."""
+    store = config.get("store")
+    if not isinstance(store, dict) or not isinstance(store.get("path"), str):
+        return "its 'store' record names no store path"
+    model = store.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        return "store.model names no model"
+    for key in ("fingerprint", "config_fingerprint"):
+        if key in store and not isinstance(store[key], str):
+            return f"store.{key} is {store[key]!r}, not text"
+    if not isinstance(config.get("training"), dict):
+        return "its 'training' record is missing"
+    for key in ("hook", "in_hook", "out_hook"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            return f"{key} is {config[key]!r}, not a hook name"
+    for key in ("in_hooks", "out_hooks"):
+        if key in config and not (isinstance(config[key], list) and all(isinstance(h, str) for h in config[key])):
+            return f"{key} is not a list of hook names"
+    layers = config.get("layers")
+    if layers is not None and not (
+        isinstance(layers, list) and len(layers) == 2 and all(isinstance(n, int) and n >= 0 for n in layers)
+    ):
+        return f"layers is {layers!r}, not [first, last]"
+    if "normalization" in config and not isinstance(config["normalization"], dict):
+        return f"normalization is {config['normalization']!r}, not a record"
+    return None
 
 
 def read_log(run_dir: Path) -> list[dict]:

@@ -280,11 +280,15 @@ def _nan_weights(tmp: Path, places: dict, monkeypatch) -> None:
 
 
 def _replaced_store(tmp: Path, places: dict, monkeypatch) -> None:
-    """`{tmp}/run`: `{run}` as if its store had been collected again since (the fingerprint it recorded differs)."""
+    """`{tmp}/run`: `{run}` as if its store had been collected again since (the fingerprint its training and
+    its eval recorded differs)."""
     run = Path(shutil.copytree(places["run"], tmp / "run"))
     config = json.loads((run / run_dir.CONFIG).read_text())
     config["store"]["fingerprint"] = "0123456789abcdef"
     (run / run_dir.CONFIG).write_text(json.dumps(config))
+    record = json.loads((run / run_dir.EVAL).read_text())
+    record["store_fingerprint"] = "0123456789abcdef"
+    (run / run_dir.EVAL).write_text(json.dumps(record))
 
 
 def _gone_store(tmp: Path, places: dict, monkeypatch) -> None:
@@ -442,6 +446,7 @@ SETUPS = {
     "replaced_store": _replaced_store,
     "gone_store": _gone_store,
     "huge_cfg": _edited(run_dir.CONFIG, lambda config: config["sae"].update(d_sae=10**12)),
+    "no_store_cfg": _edited(run_dir.CONFIG, lambda config: config.pop("store")),
     "word_k_cfg": _edited(run_dir.CONFIG, lambda config: config["sae"].update(k="eight")),
     "word_scale_cfg": _edited(run_dir.CONFIG, lambda config: config["normalization"].update(scale="big")),
     "odd_checkpoint": _odd_checkpoint,
