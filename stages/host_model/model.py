@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -252,12 +253,19 @@ class _Pass:
         return out.float() if logits else None
 
 
-def run_to_hooks(model: HostModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+def run_to_hooks(
+    model: HostModel, tokens: torch.Tensor, hooks: list[str], buffers: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """One forward pass that stops as soon as every requested hook has fired.
 
     Returns {hook: float32 [batch, ctx, model.hook_width(hook)]} on the model's device. Layers after the deepest
     requested one never run (a stop raised from the last hook to fire, which also spares the rest of that
     block and the unembedding; on the bridge, its stop_at_layer besides).
+
+    `buffers`: where to capture, kept by the caller from call to call (a collect's batches): each hook's is
+    made, or made larger, as needed, and the tensors returned are views of them, valid until the next call.
+    A batch's activations are tens of MB: a fresh tensor each time is fresh pages from the kernel, whose
+    faults cost collect more than the copy itself on a CPU.
     """
     hooks = validate_hooks(model, hooks)
     tokens = _prepare_tokens(model, tokens)
@@ -277,7 +285,10 @@ def run_to_hooks(model: HostModel, tokens: torch.Tensor, hooks: list[str]) -> di
             tensor = _as_rows(tensor)
             if tuple(tensor.shape) != expected:
                 raise RuntimeError(f"hook {names[0]} gave shape {tuple(tensor.shape)}, expected {expected}")
-            value = tensor.detach().to(torch.float32, copy=True)
+            if buffers is None:
+                value = tensor.detach().to(torch.float32, copy=True)
+            else:
+                value = _capture_buffer(buffers, names[0], expected, tensor.device).copy_(tensor.detach())
             for name in names:
                 captured[name] = value
             if len(captured) == len(hooks):
@@ -293,6 +304,17 @@ def run_to_hooks(model: HostModel, tokens: torch.Tensor, hooks: list[str]) -> di
     if missing:
         raise RuntimeError(f"hooks {missing} did not fire during the forward pass of {model.name}")
     return {h: captured[h] for h in hooks}
+
+
+def _capture_buffer(
+    buffers: dict[str, torch.Tensor], hook: str, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """A float32 view of `shape` on the front of `hook`'s buffer (made, or made larger, first)."""
+    size = math.prod(shape)
+    buffer = buffers.get(hook)
+    if buffer is None or buffer.numel() < size or buffer.device != device:
+        buffer = buffers[hook] = torch.empty(size, dtype=torch.float32, device=device)
+    return buffer[:size].view(shape)
 
 
 def logits_with_hook_replaced(

@@ -154,8 +154,8 @@ def nan_in_context(monkeypatch):
     real = host_models.run_to_hooks
     poisoned = []
 
-    def run(model, tokens, hooks):
-        acts = real(model, tokens, hooks)
+    def run(model, tokens, hooks, buffers=None):
+        acts = real(model, tokens, hooks, buffers)
         bad = tokens[:, 1] % 2 == 0
         poisoned.extend(tokens[bad, :3].tolist())
         for h in hooks:
@@ -207,8 +207,8 @@ def test_massive_activation_rows_are_left_out_and_counted(tmp_path, monkeypatch)
 
     real = host_models.run_to_hooks
 
-    def run(model, tokens, hooks):  # position 7 becomes an attention-sink-like outlier, 300x the norm
-        acts = {h: a.clone() for h, a in real(model, tokens, hooks).items()}
+    def run(model, tokens, hooks, buffers=None):  # position 7 becomes an attention-sink-like outlier, 300x the norm
+        acts = {h: a.clone() for h, a in real(model, tokens, hooks, buffers).items()}
         for h in hooks:
             acts[h][:, 7] *= 300.0
         return acts

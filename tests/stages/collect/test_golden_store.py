@@ -2,7 +2,9 @@
 change what collect writes. Recorded before the layout refactor; re-recorded for schema version 2, where
 every row array, token and mapping file kept its bytes, the root metadata changed and the running sums'
 and skipped contexts' arrays are new; re-recorded when the header's model gained `forward` (only
-zarr.json changed).
+zarr.json changed); re-recorded when RunningStats.update summed 256 rows at a time (only zarr.json's
+floats: one sum of squares, 395091.5961106577 -> ...576, moved by one unit in the last place; every
+row, column sum and maximum kept its bytes).
 
 Activations are floats computed by the CPU's kernels, whose last bits depend on the instruction set
 (AVX-512, AVX2, ...). A kernel probe, recorded with the manifest, tells whether this machine computes

@@ -207,6 +207,22 @@ def test_several_hooks_in_one_pass_match_single_runs(tiny, tokens):
         assert torch.equal(together[hook], run_to_hooks(tiny, tokens, [hook])[hook])
 
 
+def test_captures_into_reused_buffers_equal_fresh_ones(tiny, tokens):
+    """A collect captures batch after batch into the same buffers (a fresh tensor per batch is fresh
+    pages): the values are the same, the memory is reused, and a larger batch grows the buffer."""
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.hook_resid_pre"]
+    buffers: dict[str, torch.Tensor] = {}
+    first = run_to_hooks(tiny, tokens[:2], hooks, buffers)
+    for hook in hooks:
+        assert torch.equal(first[hook], run_to_hooks(tiny, tokens[:2], [hook])[hook])
+    storage = {hook: buffers[hook].data_ptr() for hook in hooks}
+    again = run_to_hooks(tiny, tokens[1:3], hooks, buffers)
+    assert {hook: again[hook].data_ptr() for hook in hooks} == storage  # the same memory, new values
+    assert torch.equal(again[hooks[0]], run_to_hooks(tiny, tokens[1:3], hooks[:1])[hooks[0]])
+    whole = run_to_hooks(tiny, tokens, hooks, buffers)  # three contexts: more than the buffers held
+    assert whole[hooks[1]].shape[0] == 3 and torch.equal(whole[hooks[1]], run_to_hooks(tiny, tokens, hooks)[hooks[1]])
+
+
 def test_run_stops_after_the_deepest_requested_layer(tiny, tokens):
     blocks = native_blocks(tiny)
     unembed = tiny.bridge.unembed.original_component
