@@ -4,6 +4,7 @@ summarizes, writes and commits the previous block."""
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from stages.collect.blocks import (
@@ -31,10 +32,12 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
         norms = writer.normalizations()
         # Two blocks' host buffers: the one the writer thread writes and the one being filled.
         staging = HostStaging(slots=2)
-        # A block's statistics are summed while its rows are written: each hook's in a thread of its own.
+        # A block's statistics are summed while its rows are written, hooks side by side on up to one
+        # thread per core (eight hooks' threads on 2 cores took 2.5 times the CPU for the same sums).
+        stats_threads = max(1, min(len(hooks), os.cpu_count() or 1))
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool,
-            ThreadPoolExecutor(max_workers=len(hooks), thread_name_prefix="saepipe-stats") as stats_pool,
+            ThreadPoolExecutor(max_workers=stats_threads, thread_name_prefix="saepipe-stats") as stats_pool,
         ):
             pending: Future | None = None
             for task in todo:
