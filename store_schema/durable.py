@@ -16,6 +16,8 @@ from pathlib import Path
 
 import zarr
 
+from store_schema.shards import rows_per_file
+
 PARTIAL_SUFFIX = ".partial"  # the suffix Zarr's local store gives its temporaries too
 
 
@@ -72,10 +74,11 @@ def local_root(group: zarr.Group) -> Path | None:
 
 
 def chunk_files(root: Path, arr: zarr.Array, first_row: int, stop_row: int) -> list[Path]:
-    """The chunk files holding rows [first_row, stop_row) of a row array (chunked by rows only)."""
+    """The files (chunks, or shards of chunks) holding rows [first_row, stop_row) of a row array (chunked
+    by rows only)."""
     if stop_row <= first_row:
         return []
-    rows = arr.chunks[0]
+    rows = rows_per_file(arr)
     tail = (0,) * (arr.ndim - 1)
     return [
         root / arr.path / arr.metadata.encode_chunk_key((chunk,) + tail)

@@ -127,18 +127,30 @@ class ContextSplit:
 
 @dataclass(frozen=True)
 class SplitProgress:
-    """Rows committed to one split, in how many blocks."""
+    """Rows committed to one split, and the whole blocks they hold. A sharded store commits on shard
+    boundaries, so the rows committed can run into the next block: `rows_in_blocks` (when given) are
+    the rows of the `blocks_done` whole blocks, whose statistics and skipped contexts are committed;
+    the rows after them are the committed head of block `blocks_done`, written again by nobody."""
 
     rows_committed: int
     blocks_done: int
+    rows_in_blocks: int | None = None  # None: every committed row is in a whole block
+
+    @property
+    def block_rows(self) -> int:
+        """Rows of the whole blocks committed: where the next block's rows start."""
+        return self.rows_committed if self.rows_in_blocks is None else self.rows_in_blocks
 
     @classmethod
     def from_attrs(cls, obj: Mapping) -> SplitProgress:
-        return cls(obj["rows_committed"], obj["blocks_done"])
+        return cls(obj["rows_committed"], obj["blocks_done"], obj.get("rows_in_blocks"))
 
     def to_attrs(self) -> dict:
         # blocks_done first: the key order stores have always been written with (their bytes)
-        return {"blocks_done": self.blocks_done, "rows_committed": self.rows_committed}
+        attrs = {"blocks_done": self.blocks_done, "rows_committed": self.rows_committed}
+        if self.block_rows != self.rows_committed:
+            attrs["rows_in_blocks"] = self.block_rows
+        return attrs
 
 
 @dataclass(frozen=True)
@@ -187,6 +199,7 @@ class StoreHeader:
     warmup_rows: int
     nonfinite_policy: str
     chunk_rows: int
+    shard_rows: int | None  # rows per shard file of the row arrays; None: a file per chunk
     planned_rows: Mapping[str, int]
     progress: Mapping[str, SplitProgress]
     complete: bool
@@ -241,6 +254,9 @@ class StoreHeader:
         layout = attrs["layout"]
         if not (isinstance(layout, dict) and _is_int(layout.get("chunk_rows"), 1)):
             raise _Problem("'layout.chunk_rows' is not a positive integer")
+        shard_rows = layout.get("shard_rows")
+        if shard_rows is not None and not (_is_int(shard_rows, 1) and shard_rows % layout["chunk_rows"] == 0):
+            raise _Problem("'layout.shard_rows' is not a positive multiple of 'layout.chunk_rows'")
         planned = layout.get("planned_rows")
         if not (isinstance(planned, dict) and all(_is_int(planned.get(s)) for s in SPLITS)):
             raise _Problem("'layout.planned_rows' does not give a row count per split")
@@ -269,6 +285,7 @@ class StoreHeader:
             warmup_rows=attrs.get("warmup_rows", 0),
             nonfinite_policy=attrs.get("nonfinite_policy", "skip"),
             chunk_rows=layout["chunk_rows"],
+            shard_rows=shard_rows,
             planned_rows=MappingProxyType({s: planned[s] for s in SPLITS}),
             progress=MappingProxyType(progress),
             complete=attrs["complete"],
@@ -288,6 +305,10 @@ class StoreHeader:
                 isinstance(done, dict) and _is_int(done.get("rows_committed")) and _is_int(done.get("blocks_done"))
             ):
                 raise _Problem(f"'progress.{split}' does not give rows_committed and blocks_done")
+            if "rows_in_blocks" in done and not (
+                _is_int(done["rows_in_blocks"]) and done["rows_in_blocks"] <= done["rows_committed"]
+            ):
+                raise _Problem(f"'progress.{split}.rows_in_blocks' is not a count of committed rows")
             parsed[split] = SplitProgress.from_attrs(done)
         if version >= FIRST_SMALL_METADATA_VERSION:
             _int(progress.get("skipped_count"), "progress.skipped_count")

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # the header module imports this one
     from store_schema.header import StoreHeader
 
 SCHEMA_NAME = "saepipe.activation-store"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Version 2 keeps the root metadata small whatever the corpus, width and hooks: the running statistics'
 # sum vectors and the skipped contexts live in arrays, not in the attributes rewritten at every commit.
 FIRST_SMALL_METADATA_VERSION = 2
@@ -23,6 +23,10 @@ FIRST_SMALL_METADATA_VERSION = 2
 # attention's per-head outputs). A store whose hooks are all d_model wide is still written as version 2,
 # so every saepipe that reads version 2 reads it.
 FIRST_HOOK_WIDTHS_VERSION = 3
+# Version 4 adds sharded row arrays (`layout.shard_rows`: many chunks to a file) and commits that end on
+# shard boundaries, which can leave the head of a block committed before the block (a split's
+# `rows_in_blocks`). A store written without shards is still written as version 2 or 3.
+FIRST_SHARDED_VERSION = 4
 # The oldest version this saepipe continues or grows (a version 1 store only reads).
 FIRST_WRITABLE_VERSION = 2
 ATTRS_KEY = "saepipe"  # every attribute of ours lives under this one root attribute

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -39,6 +40,17 @@ from store_schema.chunk_files import ChunkFileWriter
 from store_schema.durable import chunk_files, fsync_files, fsync_path, fsync_tree, local_root, write_durably
 from store_schema.header import SplitProgress, StoreHeader, read_running_stats
 from store_schema.normalization import Normalization
+
+
+@dataclass
+class WholeBlock:
+    """A block being committed whole: its rows (which follow the previous block's), its own statistics and
+    the contexts it left out (non-finite activations)."""
+
+    index: int
+    n_rows: int
+    stats: dict[str, schema.RunningStats]
+    dropped: list[int]
 
 
 class StoreWriter:
@@ -64,18 +76,20 @@ class StoreWriter:
         context_split: np.ndarray,
         chunk_rows: int,
         durable: bool = True,
+        shard_chunks: int = 1,
     ) -> StoreWriter:
         """Write the empty store (tokens, split, preallocated row arrays, attributes) to a temporary
         folder beside `path` and rename it into place, so a killed or failed creation leaves no half
         store. `tokens`: the contexts' token ids, an array or its pieces in order (each [n, context_size],
         best a multiple of TOKENS_CHUNK_CONTEXTS), written as they come so that a corpus of any size is
-        never held in memory; the header gains their fingerprint and the rows each split will hold."""
+        never held in memory; the header gains their fingerprint and the rows each split will hold.
+        `shard_chunks` > 1: the row arrays keep that many chunks to a file (a Zarr shard)."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             group = zarr.open_group(store=str(tmp), mode="w")
-            header = _header_with_layout(header, chunk_rows)
+            header = _header_with_layout(header, chunk_rows, shard_chunks)
             header["text_source"]["tokens_fingerprint"], header["layout"]["planned_rows"] = _write_tokens(
                 group, header, [tokens] if isinstance(tokens, np.ndarray) else tokens, context_split
             )
@@ -202,15 +216,18 @@ class StoreWriter:
         rows_committed: int,
         stats: dict[str, schema.RunningStats],
         skipped_contexts: list[int],
+        rows_in_blocks: int | None = None,
     ) -> None:
-        """Make the split's rows up to `rows_committed` visible, with their statistics and the contexts this
-        commit leaves out (`skipped_contexts`: non-finite activations). The sums and the skipped contexts
-        are written to their arrays first, where no committed attribute points yet."""
+        """Make the split's rows up to `rows_committed` visible, with the statistics of its `blocks_done`
+        whole blocks (`rows_in_blocks` rows, when fewer: the rest is the head of the next block) and the
+        contexts this commit leaves out (`skipped_contexts`: non-finite activations). The sums and the
+        skipped contexts are written to their arrays first, where no committed attribute points yet."""
+        progress = SplitProgress(rows_committed, blocks_done, rows_in_blocks)
         written = self._row_chunk_files(split, self.progress(split).rows_committed, rows_committed)
         live = self._live()
-        progress = dict(live["progress"])
-        progress[split] = SplitProgress(rows_committed, blocks_done).to_attrs()
-        progress["skipped_count"], written_skipped = self._write_skipped(
+        progress_attrs = dict(live["progress"])
+        progress_attrs[split] = progress.to_attrs()
+        progress_attrs["skipped_count"], written_skipped = self._write_skipped(
             live["progress"]["skipped_count"], skipped_contexts
         )
         running = dict(live["running_stats"])
@@ -223,9 +240,9 @@ class StoreWriter:
             written += self._chunk_files(schema.running_sum_path(split, hook), slot, slot + 1)
         written += written_skipped
         if self.appending:
-            self._update(flush=written, append={**live, "progress": progress, "running_stats": running})
+            self._update(flush=written, append={**live, "progress": progress_attrs, "running_stats": running})
         else:
-            self._update(flush=written, progress=progress, running_stats=running)
+            self._update(flush=written, progress=progress_attrs, running_stats=running)
 
     def commit_block(
         self,
@@ -235,18 +252,33 @@ class StoreWriter:
         block_stats: dict[str, schema.RunningStats],
         dropped_contexts: list[int],
     ) -> None:
-        """Commit the split's next block, whose `n_rows` rows follow the committed ones: its statistics
-        are merged into the running ones and its dropped (non-finite) contexts recorded."""
+        """Commit the split's next block, whose `n_rows` rows follow those of the whole blocks committed
+        so far: its statistics are merged into the running ones and its dropped (non-finite) contexts
+        recorded."""
+        self.commit_blocks(split, [WholeBlock(block_index, n_rows, block_stats, dropped_contexts)])
+
+    def commit_blocks(self, split: str, blocks: list[WholeBlock], rows_committed: int | None = None) -> None:
+        """Commit the split's next whole `blocks` (none, when the commit only adds the head of one) and
+        make its rows visible up to `rows_committed` (default: the end of the last block); rows past the
+        blocks' end are the head of the next block. Statistics are merged a block at a time, in order,
+        which gives the same sums however the blocks fall into commits."""
         done = self.progress(split)
-        if block_index != done.blocks_done:
-            raise ValueError(
-                f"committing {split} block {block_index}, but {done.blocks_done} "
-                f"blocks are committed: blocks are committed in order"
-            )
         stats = {hook: self.running_stats(split, hook) for hook in self.attrs["hooks"]}
-        for hook, block in block_stats.items():
-            stats[hook].merge(block)
-        self.commit(split, block_index + 1, done.rows_committed + n_rows, stats, dropped_contexts)
+        dropped, block_rows = [], done.block_rows
+        for i, block in enumerate(blocks):
+            if block.index != done.blocks_done + i:
+                raise ValueError(
+                    f"committing {split} block {block.index}, but {done.blocks_done + i} "
+                    f"blocks are committed: blocks are committed in order"
+                )
+            for hook, block_stats in block.stats.items():
+                stats[hook].merge(block_stats)
+            dropped += block.dropped
+            block_rows += block.n_rows
+        rows = block_rows if rows_committed is None else rows_committed
+        if not block_rows <= rows or rows < done.rows_committed:
+            raise ValueError(f"committing {split} rows to {rows:,}, outside [{block_rows:,}, the blocks' rows]")
+        self.commit(split, done.blocks_done + len(blocks), rows, stats, dropped, block_rows)
 
     def _free_sum_slot(self, split: str, hook: str) -> int:
         """A slot of the hook's running sums that neither the store's attributes nor a running append's
@@ -387,10 +419,13 @@ class StoreWriter:
         return [path for path in (self.flush_root / name).rglob("*") if path.is_file()]
 
 
-def _header_with_layout(header: dict, chunk_rows: int) -> dict:
+def _header_with_layout(header: dict, chunk_rows: int, shard_chunks: int) -> dict:
     """A new store's header: `header` with its layout and empty progress (nothing committed yet)."""
     header = {**header, "text_source": dict(header["text_source"])}
     header["layout"] = {"chunk_rows": chunk_rows, "planned_rows": None}
+    if shard_chunks > 1:
+        header["layout"]["shard_rows"] = chunk_rows * shard_chunks
+        header["schema_version"] = max(header["schema_version"], schema.FIRST_SHARDED_VERSION)
     header["progress"] = {split: SplitProgress(0, 0).to_attrs() for split in schema.SPLITS}
     header["progress"]["skipped_count"] = 0
     header["running_stats"] = {split: {} for split in schema.SPLITS}
@@ -444,7 +479,13 @@ def _width(attrs: dict, hook: str) -> int:
 def _create_row_arrays(group: zarr.Group, header: dict) -> None:
     """The preallocated row arrays of both splits, the running sums' slots and the skipped contexts."""
     chunk_rows, planned_rows = header["layout"]["chunk_rows"], header["layout"]["planned_rows"]
+    shard_rows = header["layout"].get("shard_rows")
     row_stats = header["normalization_mode"] == "token"
+
+    def shards(width: int | None) -> tuple[int, ...] | None:
+        """Zarr's `shards` for a row array of rows `width` wide (None: a 1-D array), or None unsharded."""
+        return None if shard_rows is None else (shard_rows,) + (() if width is None else (width,))
+
     for split in schema.SPLITS:
         n = planned_rows[split]
         chunk = (chunk_rows,)  # also for a smaller split: its arrays can then grow (--append)
@@ -454,6 +495,7 @@ def _create_row_arrays(group: zarr.Group, header: dict) -> None:
                 shape=(n,),
                 dtype=dtype,
                 chunks=chunk,
+                shards=shards(None),
                 fill_value=-1,
                 compressors=schema.checksummed(ZstdCodec()),
             )
@@ -465,6 +507,7 @@ def _create_row_arrays(group: zarr.Group, header: dict) -> None:
                 shape=(n, width),
                 dtype="float16",
                 chunks=chunk + (width,),
+                shards=shards(width),
                 compressors=schema.checksummed(),
                 fill_value=0,
             )
@@ -474,6 +517,7 @@ def _create_row_arrays(group: zarr.Group, header: dict) -> None:
                     shape=(n, 2),
                     dtype="float32",
                     chunks=chunk + (2,),
+                    shards=shards(2),
                     compressors=schema.checksummed(),
                     fill_value=0,
                 )

@@ -20,7 +20,7 @@ STORE_SETTINGS = tuple(name for name in settings_of(CollectConfig) if name not i
     CollectConfig,
     "model", "dataset", "dataset_split", "text_column", "hooks", "tokens", "context_size", "out", "normalize",
     "eval_fraction", "batch_size", "device", "dtype", "seed", "drop_first", "exclude_special", "outlier_factor",
-    "shuffle_buffer_rows", "chunk_rows", "warmup_rows", "nonfinite", "workers", "scheduler",
+    "shuffle_buffer_rows", "chunk_rows", "shard_chunks", "warmup_rows", "nonfinite", "workers", "scheduler",
     out={"required": False},  # or --append STORE
 )  # fmt: skip
 @click.option(

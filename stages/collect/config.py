@@ -13,8 +13,14 @@ from store_schema.normalization import MODES as NORMALIZATION_MODES
 
 # Where and how a collect runs, never what it writes: the other fields decide the store's bytes.
 RUN_SETTINGS = frozenset(
-    {"out", "device", "overwrite", "resume", "fsync", "progress", "workers", "scheduler", "append", "mirrored"}
-)
+    {
+        "out", "device", "overwrite", "resume", "fsync", "progress", "workers", "scheduler", "append", "mirrored",
+        "shard_chunks",  # the files the rows are kept in, not the rows: a store resumes with its own
+    }
+)  # fmt: skip
+# Chunks per shard file of a new store's row arrays: a 1B-token store in thousands of files, not hundreds
+# of thousands; a shard (151 MB at d 576 with 8,192-row chunks) is what a collect holds back per hook.
+DEFAULT_SHARD_CHUNKS = 16
 
 
 @dataclass
@@ -54,6 +60,12 @@ class CollectConfig:
     )
     shuffle_buffer_rows: int = setting(65_536, "rows shuffled together before writing")
     chunk_rows: int = setting(8_192, "rows per Zarr chunk")
+    shard_chunks: int | None = setting(
+        None,
+        "chunks per Zarr shard (file) of a new store's rows; 1 keeps a file per chunk (a store resumes with its own)",
+        shown_default=f"{DEFAULT_SHARD_CHUNKS}; 1 with --workers or --scheduler",
+        metavar="N",
+    )
     warmup_rows: int = setting(65_536, "rows the normalization is estimated from")
     nonfinite: str = setting(
         "skip", "contexts with NaN/inf activations: leave them out (counted) or stop", choices=("skip", "abort")
@@ -85,6 +97,8 @@ class CollectConfig:
         self.hooks = tuple(expand_hook_ranges(self.hooks))  # blocks.{0-29}.hook_mlp_out: one name per layer
         if self.outlier_factor == 0:  # 0 keeps every row, as None does
             self.outlier_factor = None
+        if self.shard_chunks is None:
+            self.shard_chunks = 1 if self.distributed else DEFAULT_SHARD_CHUNKS
 
     def validate(self) -> CollectConfig:
         require(len(self.hooks) > 0, "give at least one --hook")
@@ -108,6 +122,12 @@ class CollectConfig:
         require(
             self.outlier_factor is None or self.outlier_factor > 1,
             f"--outlier-factor must be above 1 (or 0 to keep every row), got {self.outlier_factor}",
+        )
+        require(self.shard_chunks >= 1, f"--shard-chunks must be at least 1, got {self.shard_chunks}")
+        require(
+            self.shard_chunks == 1 or not self.distributed,
+            f"--shard-chunks {self.shard_chunks} with --workers/--scheduler: dask workers write chunks of "
+            "one shard side by side; drop --shard-chunks (a file per chunk) or collect in one process",
         )
         require(self.nonfinite in ("skip", "abort"), f"--nonfinite must be skip or abort, got {self.nonfinite!r}")
         require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")

@@ -67,4 +67,4 @@ def create_store(cfg: CollectConfig, model, hooks: list[str]) -> StoreWriter:
         nonfinite_policy=cfg.nonfinite,
         hook_widths={hook: model.hook_width(hook) for hook in hooks},
     )
-    return StoreWriter.create(cfg.out, header, tokens, context_split, cfg.chunk_rows, durable=cfg.fsync)
+    return StoreWriter.create(cfg.out, header, tokens, context_split, cfg.chunk_rows, cfg.fsync, cfg.shard_chunks)

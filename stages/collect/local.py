@@ -20,6 +20,7 @@ from stages.collect.blocks import (
     progress_bar,
     summarize_in,
 )
+from stages.collect.commits import ShardAlignedCommits
 from stages.collect.config import CollectConfig
 from stages.collect.context_tokens import ContextTokens
 from store_schema.writer import StoreWriter
@@ -40,6 +41,7 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
             ThreadPoolExecutor(max_workers=stats_threads, thread_name_prefix="saepipe-stats") as stats_pool,
         ):
             pending: Future | None = None
+            commits = ShardAlignedCommits(writer)
             for task in todo:
                 block = forward_block(cfg, model, hooks, task, *tokens.read(task.contexts), bar.update)
                 if norms is None:
@@ -51,15 +53,13 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
                 rows = prepare_rows(marked, cfg.seed, staging)
                 if pending is not None:
                     pending.result()  # one block in flight: bounded memory, writer errors surface here
-                pending = pool.submit(_write_and_commit, writer, marked, rows, stats_pool)
+                pending = pool.submit(_write_and_commit, commits, marked, rows, task.last_of_split, stats_pool)
             if pending is not None:
                 pending.result()
     bar.close()
 
 
-def _write_and_commit(writer: StoreWriter, marked: MarkedBlock, rows: Rows, stats_pool: Executor) -> None:
-    summary = summarize_in(stats_pool, marked, rows)
-    split = marked.block.split
-    rows.write(writer, split, writer.progress(split).rows_committed)
-    done = summary()
-    writer.commit_block(done.split, done.index, done.n_rows, done.stats, done.dropped)
+def _write_and_commit(
+    commits: ShardAlignedCommits, marked: MarkedBlock, rows: Rows, last_of_split: bool, stats_pool: Executor
+) -> None:
+    commits.add(marked.block.split, rows, last_of_split, summarize_in(stats_pool, marked, rows))

@@ -336,7 +336,7 @@ class DaskBlockRunner:
         self.cfg, self.client, self.writer, self.hooks, self.revision = cfg, client, writer, hooks, revision
         self.store, self.lock, self.tokens = store, lock, tokens
         self.norms = writer.normalizations()
-        self.next_row = {split: writer.progress(split).rows_committed for split in schema.SPLITS}
+        self.next_row = {split: writer.progress(split).block_rows for split in schema.SPLITS}
         self.chunk_rows = {split: writer.chunk_rows(split) for split in schema.SPLITS}
         self.open: dict[str, SharedChunk | None] = {split: None for split in schema.SPLITS}
         self.in_flight: deque[BlockInFlight] = deque()

@@ -137,6 +137,8 @@ def _collect_locked(cfg: CollectConfig, model, after_commit=None) -> Path:
     if cfg.distributed:
         if model is not None:
             raise ValueError("a collect across dask workers loads the model on each worker: pass no model")
+        if action is not PlanAction.CREATE:
+            _refuse_workers_on_shards(out)
 
         with on_dask.connect(cfg) as client:
             model_summary = on_dask.describe_model(client, cfg)
@@ -152,6 +154,17 @@ def _collect_locked(cfg: CollectConfig, model, after_commit=None) -> Path:
         fill_store_here(cfg, model, hooks, writer)
     writer.finalize()
     return out
+
+
+def _refuse_workers_on_shards(out: Path) -> None:
+    """Dask workers write the chunks of a block side by side, each its own file: a store that keeps its
+    rows in shards (many chunks to a file) is continued by one process."""
+    shard_rows = ActivationStore.open(out).header.shard_rows
+    if shard_rows is not None:
+        raise SaepipeError(
+            f"store {out} keeps its rows in shards of {shard_rows:,} rows, which dask workers cannot write "
+            f"side by side: continue it without --workers/--scheduler"
+        )
 
 
 def _open_or_create(cfg: CollectConfig, model, hooks: list[str], action: PlanAction) -> StoreWriter:

@@ -2,8 +2,9 @@
 chunks."""
 
 HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
-# Blocks of about 20 contexts (<= 620 rows) and 256-row chunks: block boundaries fall inside chunks. No
-# token budget: add `tokens` (or `append`).
+# Blocks of about 20 contexts (<= 620 rows), 256-row chunks, 4 chunks to a shard: block boundaries fall
+# inside chunks and shards, so commits (on shard boundaries) fall inside blocks. No token budget: add
+# `tokens` (or `append`).
 SETTINGS = dict(
     model="tiny-random",
     hooks=HOOKS,
@@ -12,6 +13,7 @@ SETTINGS = dict(
     batch_size=8,
     shuffle_buffer_rows=620,
     chunk_rows=256,
+    shard_chunks=4,
     warmup_rows=500,
     progress=False,
 )
@@ -26,5 +28,5 @@ def cli_args(*hooks: str, tokens: int) -> list[str]:
         args += ["--hook", hook]
     return args + [
         "--tokens", str(tokens), "--context-size", "32", "--batch-size", "8", "--shuffle-buffer-rows", "620",
-        "--chunk-rows", "256", "--warmup-rows", "500", "--eval-fraction", "0.1", "--no-progress",
+        "--chunk-rows", "256", "--shard-chunks", "4", "--warmup-rows", "500", "--eval-fraction", "0.1", "--no-progress",
     ]  # fmt: skip

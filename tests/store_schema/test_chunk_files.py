@@ -12,13 +12,14 @@ from store_schema import chunk_files, schema
 from store_schema.chunk_files import ChunkFileWriter
 
 
-def _array(root, name, rows, width, dtype, checksummed=True):
+def _array(root, name, rows, width, dtype, checksummed=True, shard_chunks=None):
     group = zarr.open_group(store=str(root), mode="a")
     return group.create_array(
         name,
         shape=(rows, width),
         dtype=dtype,
         chunks=(64, width),
+        shards=None if shard_chunks is None else (64 * shard_chunks, width),
         compressors=schema.checksummed() if checksummed else (),
         fill_value=0,
     )
@@ -28,14 +29,24 @@ def _files(root):
     return {path.relative_to(root): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
-@pytest.mark.parametrize("dtype,checksummed", [("float16", True), ("float32", True), ("float16", False)])
-def test_writes_the_bytes_zarr_writes_whole_and_in_part(tmp_path, dtype, checksummed):
+@pytest.mark.parametrize(
+    "dtype,checksummed,shard_chunks",
+    [
+        ("float16", True, None),
+        ("float32", True, None),
+        ("float16", False, None),
+        ("float16", True, 2),
+        ("float16", True, 3),
+    ],
+)
+def test_writes_the_bytes_zarr_writes_whole_and_in_part(tmp_path, dtype, checksummed, shard_chunks):
     rng = np.random.default_rng(0)
-    # blocks that start and end inside chunks, one inside a single chunk, and a short last chunk
+    # blocks that start and end inside chunks and shards, one inside a single chunk, and a short last
+    # chunk (in a short last shard)
     writes = [(0, 100), (100, 130), (130, 131), (131, 300), (300, 330)]
     data = rng.standard_normal((330, 24)).astype(dtype)
-    ours = _array(tmp_path / "ours", "a", 330, 24, dtype, checksummed)
-    theirs = _array(tmp_path / "theirs", "a", 330, 24, dtype, checksummed)
+    ours = _array(tmp_path / "ours", "a", 330, 24, dtype, checksummed, shard_chunks)
+    theirs = _array(tmp_path / "theirs", "a", 330, 24, dtype, checksummed, shard_chunks)
     writer = ChunkFileWriter(durable=True, threads=3)
     assert writer.handles(ours)
     for start, stop in writes:
@@ -55,15 +66,17 @@ def test_arrays_zarr_must_encode_are_left_to_zarr(tmp_path):
     assert not writer.handles(compressed) and not writer.handles(split_rows)
 
 
-def test_a_partial_write_over_a_damaged_chunk_is_refused_and_leaves_it(tmp_path):
-    arr = _array(tmp_path / "s", "a", 128, 8, "float16")
+@pytest.mark.parametrize("shard_chunks,flipped", [(None, 5), (2, 5), (2, -7)])
+def test_a_partial_write_over_a_damaged_chunk_is_refused_and_leaves_it(tmp_path, shard_chunks, flipped):
+    arr = _array(tmp_path / "s", "a", 128, 8, "float16", shard_chunks=shard_chunks)
     writer = ChunkFileWriter(durable=False)
     writer.write([(arr, 0, np.ones((40, 8), np.float16))])
     chunk = tmp_path / "s" / "a" / "c" / "0" / "0"
     damaged = bytearray(chunk.read_bytes())
-    damaged[5] ^= 0xFF
+    damaged[flipped] ^= 0xFF  # a row, or (at the end of a shard) its index
     chunk.write_bytes(bytes(damaged))
-    with pytest.raises(schema.StoreError, match="chunk 0 of a.*fails its checksum.*store verify"):
+    what = "chunk" if shard_chunks is None else "shard"
+    with pytest.raises(schema.StoreError, match=f"{what} 0 of a.*fails its checksum.*store verify"):
         writer.write([(arr, 40, np.ones((10, 8), np.float16))])
     assert chunk.read_bytes() == bytes(damaged)  # the damage stays for verify to find, not checksummed anew
 
