@@ -56,7 +56,7 @@ from stages.basics.distributed import World
 from stages.basics.errors import SaepipeError
 from stages.basics.settings import device_setting, progress_setting, setting
 from stages.collect import run_collect
-from stages.collect.config import CollectConfig
+from stages.collect.config import DEFAULT_SHARD_CHUNKS, CollectConfig
 from stages.host_model.loading import load_host_model
 from stages.host_model.model import hook_layer, run_to_hooks, validate_hooks
 from stages.host_model.smollm2 import prepare_default_model
@@ -155,7 +155,12 @@ def bench_read(cfg: BenchConfig, workdir: Path, device: torch.device) -> dict:
     """On the CPU whatever `device` is: the reader's own speed."""
     rows = _random_rows(cfg, np.random.default_rng(0))
     store_path = write_array_store(
-        _fresh(workdir / "read.zarr"), rows, rows[: cfg.batch_size], hook=HOOK, chunk_rows=8192
+        _fresh(workdir / "read.zarr"),
+        rows,
+        rows[: cfg.batch_size],
+        hook=HOOK,
+        chunk_rows=8192,
+        shard_chunks=DEFAULT_SHARD_CHUNKS,  # the layout a collect writes
     )
     raw_path = workdir / "read.raw"
     rows.tofile(raw_path)
@@ -778,7 +783,9 @@ def bench_stream_rss(cfg: BenchConfig, workdir: Path, device: torch.device) -> d
     rows = np.empty((n_rows, cfg.d_in), np.float16)
     for i in range(0, n_rows, 65_536):
         rows[i : i + 65_536] = gen.standard_normal((min(65_536, n_rows - i), cfg.d_in), dtype=np.float32)
-    write_array_store(_fresh(path), rows, rows[: cfg.batch_size], hook=HOOK, chunk_rows=chunk_rows)
+    write_array_store(
+        _fresh(path), rows, rows[: cfg.batch_size], hook=HOOK, chunk_rows=chunk_rows, shard_chunks=DEFAULT_SHARD_CHUNKS
+    )
     store_bytes = n_rows * cfg.d_in * 2
     del rows
     assert open_store(path).n_rows("train") == n_rows

@@ -41,6 +41,7 @@ def drop_from_page_cache(files: list[Path]) -> None:
 
 def write_big_store(path: Path, gigabytes: float, d: int, chunk_rows: int, progress: bool) -> int:
     """A store of about `gigabytes` of training rows (plus one chunk of eval rows); its row count."""
+    from stages.collect.config import DEFAULT_SHARD_CHUNKS
     from store_schema.generated import write_generated_store
 
     n_train = max(1, int(gigabytes * 1e9 / (d * 2)) // chunk_rows) * chunk_rows
@@ -52,7 +53,14 @@ def write_big_store(path: Path, gigabytes: float, d: int, chunk_rows: int, progr
     shutil.rmtree(path, ignore_errors=True)
     with tqdm(total=n_train + chunk_rows, unit="row", unit_scale=True, desc="big store", disable=not progress) as bar:
         write_generated_store(
-            path, {"train": n_train, "eval": chunk_rows}, d, rows, hook=HOOK, chunk_rows=chunk_rows, on_rows=bar.update
+            path,
+            {"train": n_train, "eval": chunk_rows},
+            d,
+            rows,
+            hook=HOOK,
+            chunk_rows=chunk_rows,
+            shard_chunks=DEFAULT_SHARD_CHUNKS,  # the layout a collect writes
+            on_rows=bar.update,
         )
     return n_train
 

@@ -2,7 +2,8 @@
 collect's own work is what is timed): does its peak memory or its commit time grow with the corpus?
 
 Each collect runs in a fresh process through `run_collect`, the command's own code path, with fsync on
-(the default); the child times every block's write and commit by wrapping the writer's methods."""
+(the default); the child times every commit's write and commit by wrapping the writer's methods (a
+commit writes whole shards: the blocks it finishes, and the head of the next)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ SYNTHETIC_HOOK = "blocks.1.hook_resid_post"
 
 
 def timed_collect(args: dict) -> dict:
-    """In the child: collect `args` (CollectConfig fields); per-block write and commit seconds, and the
+    """In the child: collect `args` (CollectConfig fields); per-commit write and commit seconds, and the
     process's peak RSS."""
     from stages.collect.config import CollectConfig
     from stages.collect.run import run_collect
     from store_schema.writer import StoreWriter
 
-    blocks: list[dict] = []
-    write_rows, commit_block = StoreWriter.write_rows, StoreWriter.commit_block
+    commits: list[dict] = []
+    write_rows, commit_blocks = StoreWriter.write_rows, StoreWriter.commit_blocks
     pending_write = {"seconds": 0.0}
 
     def timed_write_rows(self, *a, **k):
@@ -32,22 +33,22 @@ def timed_collect(args: dict) -> dict:
         write_rows(self, *a, **k)
         pending_write["seconds"] += time.perf_counter() - started
 
-    def timed_commit_block(self, split, block_index, *a, **k):
+    def timed_commit_blocks(self, split, blocks, *a, **k):
         started = time.perf_counter()
-        commit_block(self, split, block_index, *a, **k)
+        commit_blocks(self, split, blocks, *a, **k)
         commit = time.perf_counter() - started
-        blocks.append({"split": split, "block": block_index, "write_s": pending_write["seconds"], "commit_s": commit})
+        commits.append({"split": split, "blocks": len(blocks), "write_s": pending_write["seconds"], "commit_s": commit})
         pending_write["seconds"] = 0.0
 
-    StoreWriter.write_rows, StoreWriter.commit_block = timed_write_rows, timed_commit_block
+    StoreWriter.write_rows, StoreWriter.commit_blocks = timed_write_rows, timed_commit_blocks
     started = time.perf_counter()
     run_collect(CollectConfig(**args))
-    return {"seconds": time.perf_counter() - started, "blocks": blocks, "peak_rss_bytes": peak_rss_bytes()}
+    return {"seconds": time.perf_counter() - started, "commits": commits, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def _tenths(blocks: list[dict], key: str) -> tuple[float, float]:
-    """Median `key` of the first and of the last tenth of the training blocks."""
-    train = [b[key] for b in blocks if b["split"] == "train"]
+def _tenths(commits: list[dict], key: str) -> tuple[float, float]:
+    """Median `key` of the first and of the last tenth of the training commits."""
+    train = [c[key] for c in commits if c["split"] == "train"]
     tenth = max(1, len(train) // 10)
     return statistics.median(train[:tenth]), statistics.median(train[-tenth:])
 
@@ -70,14 +71,15 @@ def measure_collect_growth(workdir: Path, small_tokens: int, large_tokens: int, 
         result = run_in_child(f"{__name__}.timed_collect", args, f"the {tokens:,}-token collect", progress)
         store_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         shutil.rmtree(out)
-        first, last = _tenths(result["blocks"], "commit_s")
-        first_write, last_write = _tenths(result["blocks"], "write_s")
+        first, last = _tenths(result["commits"], "commit_s")
+        first_write, last_write = _tenths(result["commits"], "write_s")
         runs[name] = {
             "tokens": tokens,
             "seconds": round(result["seconds"], 2),
             "tokens_per_s": round(tokens / result["seconds"]),
             "store_bytes": store_bytes,
-            "train_blocks": sum(b["split"] == "train" for b in result["blocks"]),
+            "train_blocks": sum(c["blocks"] for c in result["commits"] if c["split"] == "train"),
+            "train_commits": sum(c["split"] == "train" for c in result["commits"]),
             "peak_rss_bytes": result["peak_rss_bytes"],
             "commit_s_first_tenth_median": first,
             "commit_s_last_tenth_median": last,

@@ -21,6 +21,7 @@ def write_array_store(
     *,
     hook: str = "synthetic",
     chunk_rows: int = 4096,
+    shard_chunks: int = 1,
 ) -> Path:
     """A complete store (normalization `none`) holding the given rows, as if collected: one position per
     "context", so its mapping and token arrays are trivial. For tests and ground-truth benchmarks. Rows of
@@ -36,6 +37,7 @@ def write_array_store(
         lambda split, start, stop: {h: rows[start:stop] for h, rows in splits[split].items()},
         hook=first,
         chunk_rows=chunk_rows,
+        shard_chunks=shard_chunks,
         widths={h: rows.shape[1] for h, rows in train.items()},
     )
 
@@ -49,6 +51,7 @@ def write_generated_store(
     hook: str = "synthetic",
     chunk_rows: int = 4096,
     commit_chunks: int = 8,
+    shard_chunks: int = 1,
     on_rows: Callable[[int], None] | None = None,
     widths: dict[str, int] | None = None,
 ) -> Path:
@@ -56,6 +59,7 @@ def write_generated_store(
     start, stop)` and committed `commit_chunks` chunks at a time as a collect would, so a store of any
     size is written in bounded memory (the synthetic stores of tests and benchmarks). One position per
     "context": the mapping and token arrays are trivial. `on_rows(n)` hears of each piece written.
+    `shard_chunks` > 1: the row arrays are sharded, and each commit writes whole shards.
     Several hooks: `widths` {hook: width} (d is then the model's width), and `rows` gives {hook: rows}."""
     widths = widths or {hook: d}
     n_train, n_eval = n_rows["train"], n_rows["eval"]
@@ -88,9 +92,9 @@ def write_generated_store(
         nonfinite_policy="skip",
         hook_widths=widths,
     )
-    writer = StoreWriter.create(path, header, token_pieces, split, chunk_rows)
+    writer = StoreWriter.create(path, header, token_pieces, split, chunk_rows, shard_chunks=shard_chunks)
     writer.record_normalization({h: Normalization("none") for h in widths})
-    step = chunk_rows * commit_chunks
+    step = chunk_rows * shard_chunks * max(1, commit_chunks // shard_chunks)
     for name, offset in (("train", 0), ("eval", n_train)):
         stats = {h: schema.RunningStats(w) for h, w in widths.items()}
         for block, start in enumerate(range(0, n_rows[name], step)):

@@ -8,11 +8,11 @@ which, while the collect goes on to its next block:
    commit): the remote commit, one PUT, visible to readers all at once. It is conditional on the ETag
    of the root this writer last wrote (If-Match; If-None-Match for the first), so a writer whose lease
    was taken can never commit over the one that took it;
-3. deletes from the staging store the row chunks wholly below that commit's rows and the token chunks:
-   the collect never writes them again (nor reads the tokens: it read them once, before its first
-   commit), and the bucket holds them. Local scratch is thus the store's small arrays and metadata, the
-   collect's own scratch copy of the tokens (4 bytes a token) and about two blocks of rows, whatever the
-   store's size.
+3. deletes from the staging store the row files (chunks, or shards of chunks) wholly below that commit's
+   rows and the token files: the collect never writes them again (nor reads the tokens: it read them
+   once, before its first commit), and the bucket holds them. Local scratch is thus the store's small
+   arrays and metadata, the collect's own scratch copy of the tokens (4 bytes a token) and about two
+   blocks of rows, whatever the store's size.
 
 One commit is in flight at a time: the next `sync` waits for it. So the bucket takes the commits in
 order, each only once its files are there, and no upload overwrites an object the bucket's root names:
@@ -23,7 +23,7 @@ the next `sync` or by `flush` (which waits for the last commit) and stops the co
 reaches the bucket.
 
 A collect that resumes rebuilds the staging store from the bucket (`rebuild`): every object but the
-committed full row chunks. Collect is deterministic, so rows it writes again are the same bytes."""
+committed full row files. Collect is deterministic, so rows it writes again are the same bytes."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from pathlib import Path
 from store_schema import schema
 from store_schema.header import StoreHeader
 from store_schema.lease import ObjectLease, conditional_put
+from store_schema.shards import rows_per_file
 
 ROOT_METADATA = "zarr.json"
 
@@ -142,19 +143,20 @@ class RemoteMirror:
 
     def _committed_chunks(self, writer) -> list[str]:
         """The staging files the collect never writes or reads again once they are in the bucket: the row
-        chunks wholly below each split's committed rows, and the token chunks (a collect reads its tokens
-        once, into a scratch file of its own, before its first commit; a store in S3 never grows)."""
+        files (chunks, or shards of chunks) wholly below each split's committed rows, and the token files
+        (a collect reads its tokens once, into a scratch file of its own, before its first commit; a store
+        in S3 never grows). A shard still part-filled stays: the collect writes it whole again, from what
+        it holds, when it adds chunks to it."""
         tokens = writer.group[schema.TOKENS]
         found = [
-            posixpath.join(schema.TOKENS, tokens.metadata.encode_chunk_key((chunk, 0)))
-            for chunk in range(-(-tokens.shape[0] // tokens.chunks[0]))
+            posixpath.join(schema.TOKENS, tokens.metadata.encode_chunk_key((index, 0)))
+            for index in range(-(-tokens.shape[0] // rows_per_file(tokens)))
         ]
         for split in schema.SPLITS:
-            full = writer.progress(split).rows_committed // writer.chunk_rows(split)
             for name in schema.row_array_names(writer.header, split):
                 arr = writer.group[name]
-                tail = (0,) * (arr.ndim - 1)
-                found += [posixpath.join(name, arr.metadata.encode_chunk_key((chunk,) + tail)) for chunk in range(full)]
+                full, tail = writer.progress(split).rows_committed // rows_per_file(arr), (0,) * (arr.ndim - 1)
+                found += [posixpath.join(name, arr.metadata.encode_chunk_key((index,) + tail)) for index in range(full)]
         return found
 
     def _drop(self, committed_chunks: list[str]) -> None:
@@ -200,9 +202,10 @@ class RemoteMirror:
 
     def rebuild(self, header: StoreHeader) -> None:
         """Replace the staging store by the bucket's store (`header`: its header), all but its committed
-        full row chunks, which the collect will not write again."""
+        full row files (chunks, or shards of chunks), which the collect will not write again."""
         shutil.rmtree(self.staging, ignore_errors=True)
-        full = {split: header.rows_committed(split) // header.chunk_rows for split in schema.SPLITS}
+        file_rows = header.shard_rows or header.chunk_rows  # every row array is sharded alike, or none is
+        full = {split: header.rows_committed(split) // file_rows for split in schema.SPLITS}
         skipped = {
             f"{name}/c/": full[split] for split in schema.SPLITS for name in schema.row_array_names(header, split)
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +16,7 @@ import numpy as np
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
-from store_schema import schema
+from store_schema import schema, shards
 from store_schema.chunk_files import is_checksummed, raw_layout
 from store_schema.header import StoreHeader
 from store_schema.limits import check_fits_in_memory, check_root_metadata_size
@@ -281,8 +282,9 @@ class ActivationStore:
 
 class ChunkSource(Protocol):
     """Where one array of rows has its chunks: local chunk files (_ChunkFiles) or chunk objects in an
-    object store (_ChunkObjects). Either reads a chunk of the raw layout (raw_layout) itself and checks
-    its CRC32C; any other chunk (compressed, or an older store's unwritten fill-value chunk) through Zarr."""
+    object store (_ChunkObjects). Either reads a chunk of the raw layout (raw_layout) itself, from its own
+    file or from its shard's where the shard's index puts it, and checks its CRC32C; any other chunk
+    (compressed, or an older store's unwritten fill-value chunk) through Zarr."""
 
     fetches_ahead: bool  # chunks are fetched whole, ahead of their use (stream), rather than read in place
 
@@ -296,19 +298,52 @@ class ChunkSource(Protocol):
 
 
 class _Chunks:
-    """What both sources know of one array's chunks."""
+    """What both sources know of one array's chunks, and of the shards that hold them when it is sharded."""
 
     def __init__(self, arr: zarr.Array, n_rows: int, name: str):
         self.arr, self.n_rows, self._name = arr, n_rows, name
         self.chunk_rows, self.width = arr.chunks[0], arr.shape[1]
         self.checksummed = is_checksummed(arr)
+        self.sharded, self.shard_chunks = arr.shards is not None, shards.shard_chunks(arr)
+        self.index_bytes = shards.index_bytes(self.shard_chunks)
+        # a chunk as stored (raw layout): its rows, then their CRC32C when checksummed
+        self.stored_bytes = self.chunk_rows * self.width * arr.dtype.itemsize + 4 * self.checksummed
+        # The indexes of whole committed shards: each would otherwise be read again for every chunk of the
+        # shard (a request each, from an object store). A shard still being filled is replaced as it fills.
+        self._indexes: dict[int, np.ndarray] = {}
 
     def name(self, chunk: int) -> str:
         return self._name.format(chunk)
 
     def key(self, chunk: int) -> str:
-        """The chunk's key within the store."""
-        return _chunk_key(self.arr, (chunk, 0))
+        """The key within the store of the file that holds the chunk: its own, or its shard's."""
+        return _file_key(self.arr, (chunk, 0))
+
+    def offset(self, chunk: int, read_index) -> int | None:
+        """Where the chunk starts in its shard, as the shard's index says (`read_index()`: the shard's last
+        `index_bytes`, asked for only when the index is not cached); None when the shard does not hold the
+        chunk in an array without checksums (Zarr reads it as the fill value). A damaged index, or one
+        that does not hold a chunk of a checksummed array (collect writes every chunk), raises."""
+        shard = chunk // self.shard_chunks
+        index = self._indexes.get(shard)
+        if index is None:
+            index = shards.decode_index(read_index(), self.shard_chunks)
+            if index is None:
+                raise schema.damaged(
+                    f"{self.name(chunk)} cannot be found: its shard's index fails its checksum (or is truncated)"
+                )
+            if (shard + 1) * self.shard_chunks * self.chunk_rows <= self.n_rows:
+                self._indexes[shard] = index
+        start, nbytes = index[chunk % self.shard_chunks]
+        if start == shards.ABSENT:
+            if self.checksummed:
+                raise _missing(self.name(chunk))
+            return None
+        if nbytes != self.stored_bytes:
+            raise schema.damaged(
+                f"{self.name(chunk)} is {int(nbytes):,} bytes by its shard's index, not {self.stored_bytes:,}"
+            )
+        return int(start)
 
     def committed(self, chunk: int) -> int:
         """How many of the chunk's rows are committed."""
@@ -322,8 +357,9 @@ class _Chunks:
 class _ChunkFiles(_Chunks):
     """A local array's chunk files. With the raw layout each is read straight into the destinations, one
     `preadv` per stretch of adjacent pieces, so scattering rows costs no more than reading them; its
-    CRC32C is checked the first time the whole chunk is read. A chunk per task, on the `threads` threads
-    each call asks for (local disks need no more)."""
+    CRC32C is checked the first time the whole chunk is read. A chunk of a sharded array is read so too,
+    from its place in its shard's file. A chunk per task, on the `threads` threads each call asks for
+    (local disks need no more)."""
 
     fetches_ahead = False
 
@@ -364,26 +400,34 @@ class _ChunkFiles(_Chunks):
         _scatter(self.through_zarr(chunk, start, stop), start, pieces)
 
     def _read_file(self, chunk: int, path: Path, pieces: list[Piece]) -> None:
-        """The pieces (sorted) straight from the chunk's file."""
+        """The pieces (sorted) straight from the chunk's file: its own, or its shard's from where the shard's
+        index puts it (index and rows read through one open file: a shard replaced meanwhile is not mixed)."""
         row_bytes, base = self.width * self.arr.dtype.itemsize, chunk * self.chunk_rows
         with open(path, "rb") as f:
+            at = self.offset(chunk, lambda: _read_tail(f, self.index_bytes)) if self.sharded else 0
+            if at is None:
+                for _, dest in pieces:
+                    dest[...] = self.arr.fill_value
+                return
             if self.checksummed and chunk not in self._verified:
                 # the whole chunk is read, gaps into scratch, so that its CRC32C can be checked
-                if not _read_verified(f, pieces, base, self.chunk_rows, row_bytes):
+                if not _read_verified(f, pieces, base, self.chunk_rows, row_bytes, at):
                     raise schema.damaged(f"{self.name(chunk)} fails its checksum (or is truncated)")
                 if (chunk + 1) * self.chunk_rows <= self.n_rows:  # a chunk still being filled changes
                     self._verified.add(chunk)
                 return
             for start, stretch in _adjacent_stretches(pieces):
-                if not _read_exactly(f, [memoryview(dest).cast("B") for dest in stretch], (start - base) * row_bytes):
+                views = [memoryview(dest).cast("B") for dest in stretch]
+                if not _read_exactly(f, views, at + (start - base) * row_bytes):
                     raise schema.damaged(f"{self.name(chunk)} is truncated")
 
 
 class _ChunkObjects(_Chunks):
     """An object store's chunk objects (S3, GCS, HTTP: Zarr's FsspecStore): each fetched whole in one
-    request, `concurrency` requests in flight on as many threads, through the synchronous twin of the
-    store's fsspec filesystem (its requests run on fsspec's event loop); with the raw layout, its CRC32C
-    checked and its rows a read-only view of the response."""
+    request (a chunk of a sharded array: its byte range of its shard, once the shard's index is known),
+    `concurrency` requests in flight on as many threads, through the synchronous twin of the store's
+    fsspec filesystem (its requests run on fsspec's event loop); with the raw layout, its CRC32C checked
+    and its rows a read-only view of the response."""
 
     fetches_ahead = True
 
@@ -427,12 +471,15 @@ class _ChunkObjects(_Chunks):
 
     def _fetch_raw(self, chunk: int) -> np.ndarray:
         """The rows, a view of the response; the fill value when the object is missing from an array
-        without checksums (an older store's unwritten chunk, which Zarr reads so too)."""
+        without checksums (an older store's unwritten chunk, which Zarr reads so too), or its shard does
+        not hold it."""
         try:
-            data = np.frombuffer(self.fs.cat_file(self._object(chunk)), np.uint8)
+            data = self._stored(chunk)
         except self.absent:
             if self.checksummed:
                 raise _missing(self.name(chunk)) from None
+            data = None
+        if data is None:
             return np.full((self.committed(chunk), self.width), self.arr.fill_value, self.arr.dtype)
         size = self.chunk_rows * self.width * self.arr.dtype.itemsize
         if len(data) != size + 4 * self.checksummed or (
@@ -442,6 +489,16 @@ class _ChunkObjects(_Chunks):
             raise schema.damaged(f"{self.name(chunk)} {what}")
         return data[:size].view(self.arr.dtype).reshape(self.chunk_rows, self.width)[: self.committed(chunk)]
 
+    def _stored(self, chunk: int) -> np.ndarray | None:
+        """The chunk's bytes as stored: its whole object, or its range of its shard (two requests: the
+        shard's index, unless cached, then the range); None when a shard of an array without checksums
+        does not hold it."""
+        path = self._object(chunk)
+        if not self.sharded:
+            return np.frombuffer(self.fs.cat_file(path), np.uint8)
+        at = self.offset(chunk, lambda: _cat_range(self.fs, path, -self.index_bytes))
+        return None if at is None else np.frombuffer(_cat_range(self.fs, path, at, at + self.stored_bytes), np.uint8)
+
     def _fetch_through_zarr(self, chunk: int) -> np.ndarray:
         """The rows of a chunk Zarr must decode (compressed, filtered)."""
         if self.checksummed and not self.fs.exists(self._object(chunk)):
@@ -450,7 +507,7 @@ class _ChunkObjects(_Chunks):
         return self.through_zarr(chunk, start, start + self.committed(chunk))
 
     def _object(self, chunk: int) -> str:
-        """The chunk object's path in the filesystem."""
+        """The path in the filesystem of the object that holds the chunk: its own, or its shard's."""
         return _object_path(self.arr.store, self.key(chunk))
 
 
@@ -462,10 +519,28 @@ def _raw_chunk_files(arr: zarr.Array) -> Path | None:
     return Path(arr.store.root) / arr.path
 
 
-def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
-    """The key of the chunk at `coords` within the array's store."""
+def _file_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """The key within the array's store of the file (object) that holds the chunk at `coords`: the chunk's
+    own, or, when the array is sharded, its shard's (Zarr's chunk grid is then the grid of shards)."""
+    if arr.shards is not None:
+        coords = tuple(c // (s // n) for c, s, n in zip(coords, arr.shards, arr.chunks))
     key = arr.metadata.encode_chunk_key(coords)
     return f"{arr.path}/{key}" if arr.path else key
+
+
+def _read_tail(f, n: int) -> bytes:
+    """The last `n` bytes of an open file (all of it when it is shorter)."""
+    f.seek(max(0, os.fstat(f.fileno()).st_size - n))
+    return f.read(n)
+
+
+def _cat_range(fs, path: str, start: int, stop: int | None = None) -> bytes:
+    """Bytes [start, stop) of an object (`start` < 0 and no `stop`: its last -start bytes), in one ranged
+    request. A server that ignores ranges sends the whole object (Python's http.server does): the range
+    is then cut from it. Fewer bytes than asked: the object is shorter."""
+    data = fs.cat_file(path, start=start, end=stop)
+    asked = -start if stop is None else stop - start
+    return data[start:stop] if len(data) > asked else data
 
 
 def _object_path(store: FsspecStore, key: str) -> str:
@@ -526,11 +601,27 @@ def storage_options(location: str, concurrency: int) -> dict | None:
 
 
 def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
-    """Whether the chunk at `coords` has been written, in a local folder or an object store."""
-    key = _chunk_key(arr, coords)
-    if isinstance(arr.store, LocalStore):
-        return (Path(arr.store.root) / key).exists()
-    return _synchronous(arr.store.fs).exists(_object_path(arr.store, key))
+    """Whether the chunk at `coords` has been written, in a local folder or an object store: its file, and
+    when the array is sharded, its entry in its shard's index. A shard whose index fails its checksum is
+    taken to hold it: decoding the chunk names that damage."""
+    key = _file_key(arr, coords)
+    if arr.shards is None:
+        if isinstance(arr.store, LocalStore):
+            return (Path(arr.store.root) / key).exists()
+        return _synchronous(arr.store.fs).exists(_object_path(arr.store, key))
+    per_shard = tuple(s // n for s, n in zip(arr.shards, arr.chunks))
+    size = shards.index_bytes(math.prod(per_shard))
+    try:
+        if isinstance(arr.store, LocalStore):
+            with open(Path(arr.store.root) / key, "rb") as f:
+                tail = _read_tail(f, size)
+        else:
+            tail = _cat_range(_synchronous(arr.store.fs), _object_path(arr.store, key), -size)
+    except (FileNotFoundError, *getattr(arr.store, "allowed_exceptions", ())):
+        return False
+    index = shards.decode_index(tail, math.prod(per_shard))
+    inner = np.ravel_multi_index(tuple(c % n for c, n in zip(coords, per_shard)), per_shard)
+    return index is None or index[inner][0] != shards.ABSENT
 
 
 def is_checksum_error(e: ValueError) -> bool:
@@ -548,9 +639,12 @@ def _checked(read, what: str):
         raise schema.damaged(f"{what} fails its checksum") from None
 
 
-def _read_verified(f, pieces: list[tuple[int, np.ndarray]], base: int, chunk_rows: int, row_bytes: int) -> bool:
-    """Read a whole checksummed chunk file in one pass: the pieces' rows into their destinations, the rows
-    between them into scratch, and the trailing CRC32C; True when the CRC matches the bytes."""
+def _read_verified(
+    f, pieces: list[tuple[int, np.ndarray]], base: int, chunk_rows: int, row_bytes: int, offset: int = 0
+) -> bool:
+    """Read a whole checksummed chunk, stored at `offset` in the file (0: a file of its own), in one pass:
+    the pieces' rows into their destinations, the rows between them into scratch, and the trailing CRC32C;
+    True when the CRC matches the bytes."""
     views, position = [], base
     for first, dest in pieces:
         if first > position:
@@ -560,7 +654,7 @@ def _read_verified(f, pieces: list[tuple[int, np.ndarray]], base: int, chunk_row
     if position < base + chunk_rows:
         views.append(memoryview(bytearray((base + chunk_rows - position) * row_bytes)))
     trailer = memoryview(bytearray(4))
-    if not _read_exactly(f, [*views, trailer], 0):
+    if not _read_exactly(f, [*views, trailer], offset):
         return False
     crc = 0
     for view in views:

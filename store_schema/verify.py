@@ -2,7 +2,9 @@
 row for finiteness, and the tokens against the fingerprint recorded when they were written.
 
 Each array's chunks are decoded through Zarr, whose crc32c codec compares the stored checksum with the
-bytes; a chunk below the committed rows that has no file is damage too (collect writes every chunk).
+bytes (and, for a chunk of a sharded array, its shard's index with the index's); a chunk below the
+committed rows that has no file, or that its shard's index does not hold, is damage too (collect writes
+every chunk).
 A checksum says a chunk holds what was written; it cannot tell that what was written is usable. So the
 committed rows of every activation chunk are checked for NaN and inf (a collect never stores them: it
 leaves such contexts out), and the token chunks, decoded in order, must give the recorded fingerprint
@@ -56,7 +58,7 @@ def verify_store(store: ActivationStore, progress: bool = True) -> Verification:
             tokens.broken |= name == schema.TOKENS
             continue
         try:
-            block = arr.get_block_selection(where)
+            block = _decode_chunk(arr, where)
         except ValueError as e:
             if not is_checksum_error(e):
                 raise
@@ -73,6 +75,16 @@ def verify_store(store: ActivationStore, progress: bool = True) -> Verification:
             tokens.add(i * arr.chunks[0], block)
     problems += tokens.problems()
     return Verification(len(plan), problems, unverifiable, foreign_files(store))
+
+
+def _decode_chunk(arr, where: tuple[int, ...]) -> np.ndarray:
+    """The chunk at `where` (chunked along the rows only) as Zarr decodes it: a block of the array's grid,
+    or, when the array is sharded, the rows of one inner chunk (Zarr's blocks are then whole shards), its
+    shard's index checked on the way."""
+    if arr.shards is None:
+        return arr.get_block_selection(where)
+    rows = arr.chunks[0]
+    return arr[where[0] * rows : (where[0] + 1) * rows]
 
 
 class _TokensCheck:
@@ -106,7 +118,8 @@ class _TokensCheck:
 
 def foreign_files(store: ActivationStore) -> list[str]:
     """Files under the store that none of its arrays owns (a store copied into it, stray files): the
-    header names every array, and an array owns its zarr.json and the chunk files of its grid."""
+    header names every array, and an array owns its zarr.json and the files of its grid (chunks, or the
+    shards of a sharded array)."""
     from store_schema.copy import store_filesystem  # copy imports the reader too: keep the graph acyclic
 
     fs, root = store_filesystem(store.location)
@@ -116,7 +129,7 @@ def foreign_files(store: ActivationStore) -> list[str]:
         arr = store.group[name]
         parts = name.split("/")
         owned |= {"/".join(parts[:i] + ["zarr.json"]) for i in range(1, len(parts) + 1)}  # its groups' too
-        grids[name] = [math.ceil(n / c) for n, c in zip(arr.shape, arr.chunks)]
+        grids[name] = [math.ceil(n / c) for n, c in zip(arr.shape, arr.shards or arr.chunks)]
     found = []
     for path in sorted(fs.find(root)):
         relative = path[len(root.rstrip("/")) + 1 :]

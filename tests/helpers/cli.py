@@ -39,9 +39,12 @@ def expect_error(result: Result, *fragments: str) -> None:
         assert fragment in line, line
 
 
-def collect_args(tokens: int, *, warmup_rows: int = 1000, eval_fraction: float | None = None) -> list[str]:
-    """`saepipe collect` of the tiny random model at HOOK, in contexts of 32 tokens, 512-row chunks and a
-    1,000-row shuffle buffer, without a progress bar: add `--out`. The first three are `collect --model
+def collect_args(
+    tokens: int, *, warmup_rows: int = 1000, eval_fraction: float | None = None, shard_chunks: int = 1
+) -> list[str]:
+    """`saepipe collect` of the tiny random model at HOOK, in contexts of 32 tokens, 512-row chunks (a
+    file each, unless `shard_chunks`: the tests that damage a store name its chunk files) and a 1,000-row
+    shuffle buffer, without a progress bar: add `--out`. The first three are `collect --model
     tiny-random`."""
     args = [
         "collect",
@@ -57,6 +60,8 @@ def collect_args(tokens: int, *, warmup_rows: int = 1000, eval_fraction: float |
         "1000",
         "--chunk-rows",
         "512",
+        "--shard-chunks",
+        str(shard_chunks),
         "--warmup-rows",
         str(warmup_rows),
     ]

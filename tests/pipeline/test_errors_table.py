@@ -121,6 +121,8 @@ def places(tmp_path_factory) -> dict[str, Path]:
         32,
         "--chunk-rows",
         512,
+        "--shard-chunks",  # a file per chunk: the rows that damage {store} name its chunk files
+        1,
         "--no-progress",
         "--out",
         p["store"],

@@ -199,9 +199,11 @@ def test_damaged_metadata_or_chunks_are_named_and_training_refuses(whole_store, 
     }[damage]
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2])  # truncated, as by a copy cut short
-    named = {"root": "zarr.json", "array": f"train/acts/{HOOK}/zarr.json", "chunk": f"chunk 1 of train/acts/{HOOK}"}[
-        damage
-    ]
+    named = {  # the file c/1/0 is shard 1: chunks 4 to 7 (cli_args: four chunks a shard)
+        "root": "zarr.json",
+        "array": f"train/acts/{HOOK}/zarr.json",
+        "chunk": f"chunk 4 of train/acts/{HOOK}",
+    }[damage]
     for command in (["store", "verify", str(store)], ["train", str(store), "--out", str(tmp_path / "run"), *TRAIN]):
         result = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", *command], capture_output=True, text=True, env=ENV

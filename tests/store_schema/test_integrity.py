@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from store_schema.lock import lock_path
-from tests.helpers.cli import HOOK, collect_args, run_catching
-from tests.helpers.files import rewrite_checksummed
+from tests.helpers.cli import HOOK, collect_args, run_catching, run_ok
+from tests.helpers.files import inner_chunk, rewrite_checksummed
 
 
 def test_a_fresh_store_verifies(tiny_store):
@@ -36,23 +38,27 @@ def test_an_incomplete_store_verifies_with_a_note_that_it_is_not_finished(tiny_s
     )
 
 
-def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(tiny_store, tmp_path):
+@pytest.mark.parametrize("shard_chunks", [1, 2])
+def test_flipped_bytes_and_a_missing_chunk_are_named_and_training_refuses(tiny_store, tmp_path, shard_chunks):
     store = tmp_path / "damaged.zarr"
-    shutil.copytree(tiny_store, store)
-    acts = store / "train" / "acts" / HOOK / "c"
-    for chunk in ("3", "5"):
-        path = acts / chunk / "0"
+    if shard_chunks == 1:
+        shutil.copytree(tiny_store, store)
+    else:  # the same collect, two chunks to a shard file
+        run_ok(*collect_args(4000, shard_chunks=shard_chunks), "--out", store)
+    for chunk in (3, 5):
+        path, offset = inner_chunk(store, f"train/acts/{HOOK}", chunk)
         data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x01
+        data[offset + 512 * 64] ^= 0x01  # a byte inside the chunk's rows (512 rows of d 64, fp16)
         path.write_bytes(bytes(data))
-    (store / "train" / "row_position" / "c" / "1").unlink()
+    (store / "train" / "row_position" / "c" / "1").unlink()  # chunk 1, or the shard of chunks 2 and 3
     result = run_catching("store", "verify", store, "--no-progress")
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert f"chunk 3 of train/acts/{HOOK} fails its checksum" in lines
     assert f"chunk 5 of train/acts/{HOOK} fails its checksum" in lines
-    assert "chunk 1 of train/row_position is missing" in lines
-    assert lines[-1].startswith("error: 3 damaged chunk(s)")
+    missing = [1] if shard_chunks == 1 else [2, 3]
+    assert all(f"chunk {i} of train/row_position is missing" in lines for i in missing)
+    assert lines[-1].startswith(f"error: {2 + len(missing)} damaged chunk(s)")
 
     out = tmp_path / "run"
     result = run_catching(

@@ -14,8 +14,12 @@ from stages.collect.config import CollectConfig
 from store_schema.reader import open_store
 from store_schema.writer import StoreWriter
 from tests.helpers.cli import run_catching
-from tests.helpers.collect import SMALL
+from tests.helpers.collect import SMALL as SHARDED
 from tests.helpers.files import tree_bytes
+
+# dask workers write a file per chunk (chunks of one shard would be written side by side), and so does
+# the single-process collect they are compared with
+SMALL = {**SHARDED, "shard_chunks": 1}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,31 @@ def test_a_workers_error_is_the_one_line_error_of_a_single_process_collect(clien
             )
         )
     assert not out.exists()
+
+
+def test_a_sharded_store_is_not_continued_on_workers_and_stays_as_it_was(client, tmp_path, monkeypatch):
+    out = tmp_path / "s.zarr"
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+
+    real = StoreWriter.commit_blocks
+    monkeypatch.setattr(
+        StoreWriter,
+        "commit_blocks",
+        lambda self, split, blocks, rows=None: (
+            real(self, split, blocks, rows) if self.progress(split).rows_committed == 0 else interrupted(self)
+        ),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_collect(CollectConfig(out=str(out), **SHARDED))
+    monkeypatch.setattr(StoreWriter, "commit_blocks", real)
+    before = tree_bytes(out)
+    with pytest.raises(SaepipeError, match="keeps its rows in shards of 1,024 rows.*continue it without --workers"):
+        run_collect(CollectConfig(out=str(out), scheduler=client.scheduler.address, **SMALL))
+    assert tree_bytes(out) == before
+    with pytest.raises(SaepipeError, match="--shard-chunks 4 with --workers/--scheduler"):
+        CollectConfig(out=str(out), workers=2, **SHARDED).validate()
 
 
 def test_workers_and_scheduler_together_are_refused(tmp_path):

@@ -36,7 +36,7 @@ def wide_store(tmp_path_factory):
 def test_layer_sets_expand_and_widths_are_recorded(wide_store):
     store = open_store(wide_store)
     assert store.complete and store.hooks == EXPANDED
-    assert store.header.schema_version == 3
+    assert store.header.schema_version == 4  # sharded (SETTINGS); unsharded it would be 3
     assert store.header.to_attrs()["hook_widths"] == {"blocks.1.mlp.hook_post": 256}  # only widths other than d_model
     assert store.header.width("blocks.1.mlp.hook_post") == 256 and store.header.width(store.hooks[0]) == store.d_model
     assert [store.width(h) for h in EXPANDED] == [64, 64, 64, 64, 256, 64]
@@ -62,8 +62,8 @@ def test_inner_rows_are_the_models_activations_row_aligned(wide_store):
 
 
 def test_a_store_of_d_model_hooks_stays_version_2(tiny_store):
-    header = open_store(tiny_store).header
-    assert header.schema_version == 2 and "hook_widths" not in header.to_attrs()
+    header = open_store(tiny_store).header  # a file per chunk (collect_args): no shards either
+    assert header.schema_version == 2 and "hook_widths" not in header.to_attrs() and header.shard_rows is None
 
 
 def test_damaged_widths_are_refused(wide_store, tmp_path):

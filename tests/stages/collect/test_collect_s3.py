@@ -22,7 +22,8 @@ pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
 REPO = Path(__file__).resolve().parents[3]
-TOKENS = 12_000  # about twenty training blocks
+TOKENS = 12_000  # about twenty training blocks, in eleven shards
+SHARD_ROWS = SETTINGS["chunk_rows"] * SETTINGS["shard_chunks"]
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +85,10 @@ def test_bucket_gets_the_local_bytes_with_bounded_scratch(bucket, local_bytes, m
     run_collect(CollectConfig(out=f"{url}/s.zarr", tokens=TOKENS, **SETTINGS))
     assert objects(f"{url}/s.zarr") == local_bytes  # every object, byte for byte; nothing else
     assert sorted(objects(url)) == [f"s.zarr/{name}" for name in sorted(local_bytes)]  # the lease is gone
-    # the chunk being filled, and those of the one commit on its way to the bucket
-    chunks_per_block = -(-SETTINGS["shuffle_buffer_rows"] // SETTINGS["chunk_rows"])
-    assert len(row_chunks_after_sync) > 20 and max(row_chunks_after_sync) <= 2 + chunks_per_block
+    # the shard being filled, and those of the one commit on its way to the bucket (a commit writes whole
+    # shards: those a block and the rows held before it fill)
+    shards_per_commit = -(-SETTINGS["shuffle_buffer_rows"] // SHARD_ROWS) + 1
+    assert len(row_chunks_after_sync) > 10 and max(row_chunks_after_sync) <= 2 + shards_per_commit
     # the tokens are not kept twice: their chunks leave the staging store once the first commit is in the bucket
     assert token_chunks_after_sync[0] > 0 and token_chunks_after_sync[2:] == [0] * len(token_chunks_after_sync[2:])
     assert not any((Path(os.environ["SAEPIPE_CACHE"]) / "staging").iterdir())  # staging removed
@@ -112,7 +114,7 @@ def test_a_failed_upload_stops_the_collect_and_the_bucket_keeps_whole_commits(
     if "zarr.json" in remote:  # what the bucket's root counts is there, byte for byte as a local collect's
         root = json.loads(remote["zarr.json"])["attributes"]["saepipe"]
         for split in ("train", "eval"):
-            full = root["progress"][split]["rows_committed"] // SETTINGS["chunk_rows"]
+            full = root["progress"][split]["rows_committed"] // SHARD_ROWS
             for name in (f"{split}/row_context", *(f"{split}/acts/{hook}" for hook in HOOKS)):
                 for chunk in range(full):
                     key = f"{name}/c/{chunk}" + ("/0" if "/acts/" in name else "")

@@ -4,7 +4,8 @@ every row array, token and mapping file kept its bytes, the root metadata change
 and skipped contexts' arrays are new; re-recorded when the header's model gained `forward` (only
 zarr.json changed); re-recorded when RunningStats.update summed 256 rows at a time (only zarr.json's
 floats: one sum of squares, 395091.5961106577 -> ...576, moved by one unit in the last place; every
-row, column sum and maximum kept its bytes).
+row, column sum and maximum kept its bytes). The same collect with two chunks to a shard (schema version
+4) has its own manifest since 2026-12-08; the file-per-chunk store's kept every byte when shards came.
 
 Activations are floats computed by the CPU's kernels, whose last bits depend on the instruction set
 (AVX-512, AVX2, ...). A kernel probe, recorded with the manifest, tells whether this machine computes
@@ -21,11 +22,16 @@ import os
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers.cli import run
 
-MANIFEST = Path(__file__).parent / "golden" / "tiny_store.json"
+# by chunks per shard: a file per chunk, and the sharded layout (two chunks a shard)
+MANIFESTS = {
+    1: Path(__file__).parent / "golden" / "tiny_store.json",
+    2: Path(__file__).parent / "golden" / "tiny_store_sharded.json",
+}
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
     "they you were her she there"
@@ -92,18 +98,20 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def test_tiny_store_bytes_are_unchanged(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shard_chunks", sorted(MANIFESTS))
+def test_tiny_store_bytes_are_unchanged(tmp_path, monkeypatch, shard_chunks):
     rng = random.Random(0)
     (tmp_path / "corpus").mkdir()
     for i in range(40):
         (tmp_path / "corpus" / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(400)) + "\n")
     monkeypatch.chdir(tmp_path)  # the dataset is named by a relative path: the config fingerprint stays put
-    result = run(*COLLECT)
+    result = run(*COLLECT, "--shard-chunks", shard_chunks)
     assert result.exit_code == 0, result.output
     files, probe = manifest_of(tmp_path / "s.zarr", tmp_path), kernel_probe()
+    manifest = MANIFESTS[shard_chunks]
     if os.environ.get("SAEPIPE_WRITE_GOLDEN"):
-        MANIFEST.write_text(json.dumps({"kernel_probe": probe, "files": files}, indent=1, sort_keys=True) + "\n")
-    recorded = json.loads(MANIFEST.read_text())
+        manifest.write_text(json.dumps({"kernel_probe": probe, "files": files}, indent=1, sort_keys=True) + "\n")
+    recorded = json.loads(manifest.read_text())
     same_kernels = recorded["kernel_probe"] == probe
     assert sorted(files) == sorted(recorded["files"])
     compared = [name for name in files if same_kernels or not (floats_reach(name) or name == "zarr.json#floats")]
