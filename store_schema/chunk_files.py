@@ -102,26 +102,45 @@ class ChunkFileWriter:
         """Whether `arr`'s chunks are written here (a local array of the raw layout), not through Zarr."""
         return self._describe(arr) is not None
 
-    def write(self, writes: list[tuple[zarr.Array, int, np.ndarray]]) -> None:
-        """Write each (array, first row, rows) of `writes` (arrays this writer `handles`); returns when every
+    def write(self, writes: list[tuple[zarr.Array, int, np.ndarray | list[np.ndarray]]]) -> None:
+        """Write each (array, first row, rows) of `writes` (arrays this writer `handles`); `rows` is an array
+        or the arrays that follow one another (written as one, never joined in memory). Returns when every
         file is in place. Files are split across the threads; the first error is raised after all end."""
         jobs = []
         for arr, start, rows in writes:
             raw = self._describe(arr)
-            rows = np.ascontiguousarray(rows, dtype=raw.dtype)
-            if rows.shape[1:] != (raw.width,):
-                raise ValueError(f"rows of width {rows.shape[1:]} for {raw.path}, whose rows are {raw.width} wide")
-            stop, per_file = start + len(rows), raw.file_rows
-            for index in range(start // per_file, (stop - 1) // per_file + 1 if len(rows) else 0):
+            segments = [np.ascontiguousarray(part, dtype=raw.dtype) for part in _as_list(rows) if len(part)]
+            if any(part.shape[1:] != (raw.width,) for part in segments):
+                raise ValueError(f"rows of another width for {raw.path}, whose rows are {raw.width} wide")
+            stop, per_file = start + sum(len(part) for part in segments), raw.file_rows
+            for index in range(start // per_file, (stop - 1) // per_file + 1 if stop > start else 0):
                 lo, hi = max(start, index * per_file), min(stop, (index + 1) * per_file)
-                jobs.append((raw, index, arr.shape[0], lo - index * per_file, rows[lo - start : hi - start]))
-        if len(jobs) <= 1 or self.threads <= 1:
-            for job in jobs:
-                _write_file(*job, durable=self.durable)
+                parts = _rows_between(segments, lo - start, hi - start)
+                jobs.append((raw, index, arr.shape[0], lo - index * per_file, parts))
+        files = [_planned_file(*job) for job in jobs]  # reads what a partial write keeps (rare): here
+        try:
+            for file in files:
+                file.open()
+            # every inner chunk of every file on the threads (a shard's chunks side by side, as the files
+            # of an unsharded array), then each file's index, flush and close
+            self._each(_write_chunk, [(file, place) for file in files for place in range(len(file.chunks))])
+            self._each(_finish_file, [(file, self.durable) for file in files])
+            for file in files:
+                os.replace(file.tmp, file.path)
+        except BaseException:
+            for file in files:
+                file.discard()
+            raise
+
+    def _each(self, fn, calls: list[tuple]) -> None:
+        """fn(*call) for every call, on the threads; returns when all have ended, raising the first error."""
+        if len(calls) <= 1 or self.threads <= 1:
+            for call in calls:
+                fn(*call)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="saepipe-chunk-write")
-        futures = [self._pool.submit(_write_file, *job, durable=self.durable) for job in jobs]
+        futures = [self._pool.submit(fn, *call) for call in calls]
         errors = [future.exception() for future in futures]  # waits for every one: no write left in flight
         first = next((error for error in errors if error is not None), None)
         if first is not None:
@@ -153,56 +172,102 @@ class ChunkFileWriter:
         return raw
 
 
-def _write_file(raw: _RawArray, index: int, array_rows: int, offset: int, rows: np.ndarray, durable: bool) -> None:
-    """Write `rows` at row `offset` of file `index` (of an array of `array_rows` rows): the whole file
-    anew, the rows and inner chunks it already held kept."""
+@dataclass
+class _PlannedFile:
+    """One file about to be written anew: its inner chunks (each the row arrays that make it up, at its
+    byte offset) and its index, written to a temporary that replaces the file once all is written."""
+
+    path: Path
+    chunks: list[tuple[int, list[np.ndarray]]]  # (byte offset, the chunk's rows in parts)
+    checksummed: bool
+    index: list[bytes]  # the shard's index and its CRC32C (nothing when the array is not sharded)
+    tmp: Path | None = None
+    fd: int | None = None
+
+    def open(self) -> None:
+        self.tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    @property
+    def end(self) -> int:
+        """Where the chunks end (and the index begins)."""
+        offset, parts = self.chunks[-1]
+        return offset + sum(part.nbytes for part in parts) + 4 * self.checksummed
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _planned_file(raw: _RawArray, index: int, array_rows: int, offset: int, rows: list[np.ndarray]) -> _PlannedFile:
+    """What writing `rows` (arrays that follow one another) at row `offset` of file `index` (of an array of
+    `array_rows` rows) makes of the file: the whole file anew, the rows and inner chunks it held kept."""
     path = raw.file(index)
+    n = sum(len(part) for part in rows)
     # the inner chunks the file can hold: those of the array's chunk grid (a last shard has fewer)
     first_chunk = index * raw.shard_chunks
     in_grid = max(0, min(raw.shard_chunks, -(-array_rows // raw.chunk_rows) - first_chunk))
-    covered = offset == 0 and len(rows) >= min(raw.file_rows, array_rows - index * raw.file_rows)
+    covered = offset == 0 and n >= min(raw.file_rows, array_rows - index * raw.file_rows)
     held = {} if covered else _existing_chunks(raw, index, path)
-    chunks = dict(held)
-    for inner in range(offset // raw.chunk_rows, (offset + len(rows) - 1) // raw.chunk_rows + 1):
-        lo, hi = max(offset, inner * raw.chunk_rows), min(offset + len(rows), (inner + 1) * raw.chunk_rows)
-        part = rows[lo - offset : hi - offset]
+    chunks: dict[int, list[np.ndarray]] = {inner: [body] for inner, body in held.items()}
+    for inner in range(offset // raw.chunk_rows, (offset + n - 1) // raw.chunk_rows + 1):
+        lo, hi = max(offset, inner * raw.chunk_rows), min(offset + n, (inner + 1) * raw.chunk_rows)
+        parts = _rows_between(rows, lo - offset, hi - offset)
         if hi - lo == raw.chunk_rows:
-            chunks[inner] = part
+            chunks[inner] = parts
             continue
         body = held.get(inner)
         body = np.full((raw.chunk_rows, raw.width), raw.fill_value, raw.dtype) if body is None else body.copy()
-        body[lo - inner * raw.chunk_rows : hi - inner * raw.chunk_rows] = part
-        chunks[inner] = body
+        body[lo - inner * raw.chunk_rows : hi - inner * raw.chunk_rows] = np.concatenate(parts)
+        chunks[inner] = [body]
     if raw.sharded and any(inner >= in_grid for inner in chunks):
         raise ValueError(f"rows past the end of {raw.path}'s {array_rows:,} rows")
-    pieces = []
-    for inner in sorted(chunks):
-        data = chunks[inner].reshape(-1).view(np.uint8)  # (google_crc32c refuses a writable memoryview)
+    present = [inner in chunks for inner in range(raw.shard_chunks)]
+    entries = shards.sequential_entries(present, raw.stored_chunk_bytes)
+    placed = [(int(entries[inner][0]) if raw.sharded else 0, chunks[inner]) for inner in sorted(chunks)]
+    return _PlannedFile(path, placed, raw.checksummed, shards.encode_index(entries) if raw.sharded else [])
+
+
+def _write_chunk(file: _PlannedFile, place: int) -> None:
+    """Write inner chunk `place` of `file` (its rows, then their CRC32C) at its offset in the temporary."""
+    offset, parts = file.chunks[place]
+    pieces, crc = [], 0
+    for part in parts:
+        data = part.reshape(-1).view(np.uint8)  # (google_crc32c refuses a writable memoryview)
         pieces.append(data)
-        if raw.checksummed:
-            pieces.append(google_crc32c.value(data).to_bytes(4, "little"))
-    if raw.sharded:
-        present = [inner in chunks for inner in range(raw.shard_chunks)]
-        pieces += shards.encode_index(shards.sequential_entries(present, raw.stored_chunk_bytes))
-    _replace_file(path, pieces, durable)
+        crc = google_crc32c.extend(crc, data) if file.checksummed else crc
+    if file.checksummed:
+        pieces.append(crc.to_bytes(4, "little"))
+    _write_all(file.fd, pieces, offset)
 
 
-def _replace_file(path: Path, pieces: list, durable: bool) -> None:
-    """Write `pieces` to a temporary beside `path` (flushed when `durable`) and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, pieces)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _finish_file(file: _PlannedFile, durable: bool) -> None:
+    """Write the file's index after its chunks, flush it when `durable`, and close it."""
+    if file.index:
+        _write_all(file.fd, file.index, file.end)
+    if durable:
+        os.fsync(file.fd)
+    os.close(file.fd)
+    file.fd = None
+
+
+def _as_list(rows: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
+    return list(rows) if isinstance(rows, (list, tuple)) else [rows]
+
+
+def _rows_between(segments: list[np.ndarray], lo: int, hi: int) -> list[np.ndarray]:
+    """Views of rows [lo, hi) of `segments` taken as one run of rows."""
+    parts, start = [], 0
+    for part in segments:
+        a, b = max(lo, start), min(hi, start + len(part))
+        if a < b:
+            parts.append(part[a - start : b - start])
+        start += len(part)
+    return parts
 
 
 def _existing_chunks(raw: _RawArray, index: int, path: Path) -> dict[int, np.ndarray]:
@@ -237,11 +302,12 @@ def _checked_chunk(raw: _RawArray, data: np.ndarray, damaged: Exception) -> np.n
     return data[:size].view(raw.dtype).reshape(raw.chunk_rows, raw.width)
 
 
-def _write_all(fd: int, pieces: list) -> None:
-    """Write every byte of `pieces` in order (writev may write less than asked)."""
+def _write_all(fd: int, pieces: list, offset: int) -> None:
+    """Write every byte of `pieces` in order from `offset` (pwritev may write less than asked)."""
     views = [memoryview(piece).cast("B") for piece in pieces]
     while views:
-        written = os.writev(fd, views[:_IOV_MAX])
+        written = os.pwritev(fd, views[:_IOV_MAX], offset)
+        offset += written
         while views and written >= len(views[0]):
             written -= len(views[0])
             views.pop(0)

@@ -186,12 +186,15 @@ class StoreWriter:
         self,
         split: str,
         start: int,
-        acts: dict[str, np.ndarray],
-        row_context: np.ndarray,
-        row_position: np.ndarray,
-        row_stats: dict[str, np.ndarray] | None = None,
+        acts: dict[str, np.ndarray | list[np.ndarray]],
+        row_context: np.ndarray | list[np.ndarray],
+        row_position: np.ndarray | list[np.ndarray],
+        row_stats: dict[str, np.ndarray | list[np.ndarray]] | None = None,
     ) -> None:
-        """Write one block's rows at [start, start + n); invisible until `commit`."""
+        """Write one block's rows at [start, start + n); invisible until `commit`. Each array's rows may
+        come as the arrays that follow one another (rows held back and a new block's): the raw-layout
+        arrays write them as they are, the others (compressed by Zarr) joined."""
+        row_context, row_position = _joined(row_context), _joined(row_position)
         stop = start + len(row_context)
         writes = [
             (schema.row_context_path(split), row_context.astype(np.int32)),
@@ -202,12 +205,12 @@ class StoreWriter:
             if row_stats is not None:
                 writes.append((schema.row_stats_path(split, hook), row_stats[hook]))
         arrays = [(self.group[name], data) for name, data in writes]
-        # the raw-layout arrays (the rows: nearly all the bytes) straight to their chunk files, many at once
+        # the raw-layout arrays (the rows: nearly all the bytes) straight to their files, many at once
         self.chunk_files.write([(arr, start, data) for arr, data in arrays if self.chunk_files.handles(arr)])
         with zarr.config.set(schema.EVERY_CHUNK_WRITTEN_CONFIG):  # a runtime setting: not saved with the array
             for arr, data in arrays:
                 if not self.chunk_files.handles(arr):
-                    arr[start:stop] = data
+                    arr[start:stop] = _joined(data)
 
     def commit(
         self,
@@ -538,6 +541,11 @@ def _create_row_arrays(group: zarr.Group, header: dict) -> None:
         chunks=(schema.SKIPPED_CHUNK,),
         compressors=schema.checksummed(ZstdCodec()),
     )
+
+
+def _joined(rows: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """Rows given as one array, or as the arrays that follow one another, as one array."""
+    return np.concatenate(rows) if isinstance(rows, (list, tuple)) else rows
 
 
 def _write_from(arr: zarr.Array, first: int, data: np.ndarray) -> None:

@@ -16,22 +16,54 @@ An unsharded store commits every block as it comes, as it always did.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+import numpy as np
 
 from stages.collect.blocks import BlockSummary, Rows
 from store_schema.writer import StoreWriter, WholeBlock
 
 
-@dataclass
-class _Held:
-    """A split's rows written by no commit yet, and the blocks they finish or begin."""
+class _Carry:
+    """A split's rows held back for the next commit, in buffers of one shard's rows made once and reused
+    (fresh arrays of a block's size cost their page faults at every block: that made collect a third
+    slower). Held rows stay fewer than a shard's: a commit takes them as soon as they fill one."""
 
-    rows: list[Rows] = field(default_factory=list)  # in order, after the committed rows
-    blocks: list[tuple[WholeBlock, int]] = field(default_factory=list)  # (block, the row it ends at)
+    def __init__(self, shard_rows: int):
+        self.shard_rows, self.n = shard_rows, 0
+        self.buffers: Rows | None = None
+        self.blocks: list[tuple[WholeBlock, int]] = []  # blocks not committed whole: (block, the row it ends at)
 
-    @property
-    def n_rows(self) -> int:
-        return sum(len(part) for part in self.rows)
+    def rows(self) -> Rows | None:
+        """The rows held (views of the buffers), or None when there are none."""
+        return None if self.n == 0 else self.buffers.slice(0, self.n)
+
+    def hold(self, rows: Rows) -> None:
+        """Copy `rows` in after the rows held."""
+        if not len(rows):
+            return
+        if self.buffers is None:
+            self.buffers = _empty_like(rows, self.shard_rows)
+        if self.n + len(rows) > self.shard_rows:
+            raise AssertionError(f"{self.n + len(rows):,} rows held, more than a shard's {self.shard_rows:,}")
+        rows.wait_copied()
+        target = self.buffers
+        for hook, acts in rows.acts.items():
+            target.acts[hook][self.n : self.n + len(rows)] = acts
+        target.row_context[self.n : self.n + len(rows)] = rows.row_context
+        target.row_position[self.n : self.n + len(rows)] = rows.row_position
+        for hook, stats in (rows.row_stats or {}).items():
+            target.row_stats[hook][self.n : self.n + len(rows)] = stats
+        self.n += len(rows)
+
+
+def _empty_like(rows: Rows, n: int) -> Rows:
+    """Buffers of `n` rows shaped and typed as `rows`."""
+
+    def like(a):
+        return np.empty((n,) + a.shape[1:], a.dtype)
+
+    stats = None if rows.row_stats is None else {h: like(a) for h, a in rows.row_stats.items()}
+    return Rows({h: like(a) for h, a in rows.acts.items()}, like(rows.row_context), like(rows.row_position), stats)
 
 
 class ShardAlignedCommits:
@@ -40,7 +72,7 @@ class ShardAlignedCommits:
     def __init__(self, writer: StoreWriter):
         self.writer = writer
         self.unit = writer.header.shard_rows  # None: a commit per block
-        self._held = {}
+        self._carry: dict[str, _Carry] = {}
 
     def add(self, split: str, rows: Rows, last_of_split: bool, summary: Callable[[], BlockSummary]) -> None:
         """Take the split's next block: `rows` in stored order, and the call that gives its own statistics
@@ -53,36 +85,40 @@ class ShardAlignedCommits:
             block = summary()
             writer.commit_block(split, block.index, block.n_rows, block.stats, block.dropped)
             return
-        held = self._held.setdefault(split, _Held())
-        start = held.blocks[-1][1] if held.blocks else done.block_rows
-        if not held.blocks:  # the first block since a commit of whole blocks, or since a resume
+        carry = self._carry.setdefault(split, _Carry(self.unit))
+        start = carry.blocks[-1][1] if carry.blocks else done.block_rows
+        if not carry.blocks:  # the first block since a commit of whole blocks, or since a resume
             rows = rows.slice(done.rows_committed - start, len(rows))  # its head may be committed already
-        end = done.rows_committed + held.n_rows + len(rows)
-        held.rows.append(rows)
+        end = done.rows_committed + carry.n + len(rows)
         boundary = end if last_of_split else end - end % self.unit
+        # the rows up to the boundary: those held, then this block's first (never fewer than held: a
+        # boundary among them would have been committed with the block that brought them)
+        take = boundary - done.rows_committed - carry.n if boundary > done.rows_committed else 0
         if boundary > done.rows_committed:
-            self._write(split, held, done.rows_committed, boundary)
+            _write_parts(writer, split, done.rows_committed, [carry.rows(), rows.slice(0, take)])
         block = summary()
-        held.blocks.append((WholeBlock(block.index, block.n_rows, block.stats, block.dropped), start + block.n_rows))
+        carry.blocks.append((WholeBlock(block.index, block.n_rows, block.stats, block.dropped), start + block.n_rows))
         if boundary > done.rows_committed:
-            whole = [block for block, block_end in held.blocks if block_end <= boundary]
-            held.blocks = [(block, block_end) for block, block_end in held.blocks if block_end > boundary]
+            whole = [b for b, block_end in carry.blocks if block_end <= boundary]
+            carry.blocks = [(b, block_end) for b, block_end in carry.blocks if block_end > boundary]
             writer.commit_blocks(split, whole, boundary)
-        if len(rows) and end > max(boundary, done.rows_committed):
-            # this block's rows still held must outlive its host buffer (HostStaging reuses it); those of
-            # earlier blocks are copies already
-            last = held.rows[-1]
-            held.rows[-1] = last.slice(0, len(last), copy=True)
+            carry.n = 0
+        carry.hold(rows.slice(take, len(rows)))
+        if last_of_split:
+            del self._carry[split]  # its buffers with it
 
-    def _write(self, split: str, held: _Held, committed: int, boundary: int) -> None:
-        """Write rows [committed, boundary) of those `held`, which keeps the rest."""
-        parts, rest, row = [], [], committed
-        for part in held.rows:
-            take = max(0, min(len(part), boundary - row))
-            if take:
-                parts.append(part.slice(0, take))
-            if take < len(part):
-                rest.append(part.slice(take, len(part)))
-            row += len(part)
-        Rows.concat(parts).write(self.writer, split, committed)
-        held.rows = rest
+
+def _write_parts(writer: StoreWriter, split: str, start: int, parts: list[Rows | None]) -> None:
+    """Write rows that follow one another from several `Rows` (held, and a block's) as one run, unjoined."""
+    parts = [part for part in parts if part is not None and len(part)]
+    for part in parts:
+        part.wait_copied()
+    first = parts[0]
+    writer.write_rows(
+        split,
+        start,
+        {hook: [part.acts[hook] for part in parts] for hook in first.acts},
+        [part.row_context for part in parts],
+        [part.row_position for part in parts],
+        None if first.row_stats is None else {h: [part.row_stats[h] for part in parts] for h in first.row_stats},
+    )

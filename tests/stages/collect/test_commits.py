@@ -31,13 +31,13 @@ def _progress(store) -> dict:
 
 
 def test_every_shard_file_of_the_rows_is_written_once(tmp_path, monkeypatch):
-    real, written = chunk_files._write_file, []
+    real, written = chunk_files._planned_file, []
 
     def counted(raw, index, *args, **kwargs):
         written.append((raw.path, index))
         return real(raw, index, *args, **kwargs)
 
-    monkeypatch.setattr(chunk_files, "_write_file", counted)
+    monkeypatch.setattr(chunk_files, "_planned_file", counted)
     out = tmp_path / "s.zarr"
     run_collect(CollectConfig(out=str(out), tokens=TOKENS, **SETTINGS))
     store = open_store(out)
