@@ -28,7 +28,7 @@ import torch
 from benchmarks.measurements import alternate, ratio
 from stages.basics.device import synchronize
 from stages.collect import run_collect
-from stages.collect.config import CollectConfig
+from stages.collect.config import DEFAULT_SHARD_CHUNKS, CollectConfig
 from stages.host_model.loading import load_host_model
 from store_schema import schema
 from store_schema.durable import chunk_files, fsync_files
@@ -157,7 +157,13 @@ def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch
                  ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"))[:MULTI_HOOKS]  # fmt: skip
     # an eighth of the tokens in blocks of an eighth of the rows: the same bytes, in as many blocks
     multi_cfg = collect_config(workdir / "ceiling-multi.zarr", 576, many, tokens // MULTI_HOOKS, device)
-    multi_cfg = dataclasses.replace(multi_cfg, shuffle_buffer_rows=d576.cfg.shuffle_buffer_rows // MULTI_HOOKS)
+    # and shards of an eighth of the rows (two chunks, not sixteen): a commit still takes two blocks, as
+    # one hook's does; with sixteen the whole store would be one shard, written only after the last block
+    multi_cfg = dataclasses.replace(
+        multi_cfg,
+        shuffle_buffer_rows=d576.cfg.shuffle_buffer_rows // MULTI_HOOKS,
+        shard_chunks=DEFAULT_SHARD_CHUNKS // MULTI_HOOKS,
+    )
     multi = _Ceiling(multi_cfg, device)
     rates = alternate(
         {
@@ -169,7 +175,10 @@ def bench_collect_ceiling(tokens: int, rounds: int, workdir: Path, device: torch
         rounds,
     )
     d576_tokens = float(np.median(rates["one_hook_bytes_per_s"])) / (576 * 2)
-    wide = _Ceiling(collect_config(workdir / "ceiling-d2304.zarr", 2304, (hook,), tokens // 4, device), device)
+    # a quarter of the tokens, and shards of a quarter of the rows (the d-576 shard's bytes): commits come
+    # as often as the d-576 collect's, where sixteen chunks would make the store one shard
+    wide_cfg = collect_config(workdir / "ceiling-d2304.zarr", 2304, (hook,), tokens // 4, device)
+    wide = _Ceiling(dataclasses.replace(wide_cfg, shard_chunks=DEFAULT_SHARD_CHUNKS // 4), device)
     d2304_tokens = float(np.median([wide.tokens_per_s() for _ in range(rounds)]))
     for cfg in (d576.cfg, multi.cfg, wide.cfg):
         shutil.rmtree(cfg.out, ignore_errors=True)

@@ -69,6 +69,7 @@ class Rows:
     row_position: np.ndarray  # [n]
     row_stats: dict[str, np.ndarray] | None  # hook -> float32 [n, 2], --normalize token only
     wait: Callable[[], None] | None = None  # until it returns, the arrays may still be filling (HostStaging)
+    borrowed: bool = False  # the arrays are HostStaging's, filled again a few blocks later: copy what is kept
 
     def wait_copied(self) -> None:
         if self.wait is not None:
@@ -87,6 +88,7 @@ class Rows:
             take(self.row_context),
             take(self.row_position),
             None if self.row_stats is None else {h: take(a) for h, a in self.row_stats.items()},
+            borrowed=self.borrowed and not copy,
         )
 
     @staticmethod
@@ -340,7 +342,7 @@ def prepare_rows(marked: MarkedBlock, seed: int, staging: HostStaging | None = N
     host, wait = staging.to_host(device_rows) if staging is not None else (_on_host(device_rows), None)
     acts = {hook: host[hook] for hook in marked.norms}
     row_stats = {hook: host[f"{hook}/row_stats"] for hook in marked.norms if f"{hook}/row_stats" in host}
-    return Rows(acts, block.row_context[source], block.row_position[source], row_stats or None, wait)
+    return Rows(acts, block.row_context[source], block.row_position[source], row_stats or None, wait, wait is not None)
 
 
 # Rows gathered, normalized and cast at a time on a CPU: each piece stays in cache through the five

@@ -24,36 +24,45 @@ from store_schema.writer import StoreWriter, WholeBlock
 
 
 class _Carry:
-    """A split's rows held back for the next commit, in buffers of one shard's rows made once and reused
-    (fresh arrays of a block's size cost their page faults at every block: that made collect a third
-    slower). Held rows stay fewer than a shard's: a commit takes them as soon as they fill one."""
+    """A split's rows held back for the next commit: fewer than a shard's (a commit takes them as soon as
+    they fill one). Rows of the block's own memory (on a CPU) are held as they are; rows in HostStaging's
+    pinned buffers (from a GPU), which a later block fills again, are copied into buffers of one shard's
+    rows, made once and reused (fresh arrays of a block's size cost their page faults at every block)."""
 
     def __init__(self, shard_rows: int):
         self.shard_rows, self.n = shard_rows, 0
+        self.parts: list[Rows] = []
         self.buffers: Rows | None = None
         self.blocks: list[tuple[WholeBlock, int]] = []  # blocks not committed whole: (block, the row it ends at)
 
-    def rows(self) -> Rows | None:
-        """The rows held (views of the buffers), or None when there are none."""
-        return None if self.n == 0 else self.buffers.slice(0, self.n)
-
     def hold(self, rows: Rows) -> None:
-        """Copy `rows` in after the rows held."""
+        """Keep `rows` after the rows held."""
         if not len(rows):
             return
-        if self.buffers is None:
-            self.buffers = _empty_like(rows, self.shard_rows)
         if self.n + len(rows) > self.shard_rows:
             raise AssertionError(f"{self.n + len(rows):,} rows held, more than a shard's {self.shard_rows:,}")
-        rows.wait_copied()
-        target = self.buffers
-        for hook, acts in rows.acts.items():
-            target.acts[hook][self.n : self.n + len(rows)] = acts
-        target.row_context[self.n : self.n + len(rows)] = rows.row_context
-        target.row_position[self.n : self.n + len(rows)] = rows.row_position
-        for hook, stats in (rows.row_stats or {}).items():
-            target.row_stats[hook][self.n : self.n + len(rows)] = stats
+        if rows.borrowed:
+            rows = self._copied(rows)
+        self.parts.append(rows)
         self.n += len(rows)
+
+    def clear(self) -> None:
+        self.parts, self.n = [], 0
+
+    def _copied(self, rows: Rows) -> Rows:
+        """`rows` copied into the buffers, at the place they take among the rows held."""
+        if self.buffers is None:
+            self.buffers = _empty_like(rows, self.shard_rows)
+        rows.wait_copied()
+        lo, hi = self.n, self.n + len(rows)
+        target = self.buffers.slice(lo, hi)
+        for hook, acts in rows.acts.items():
+            target.acts[hook][...] = acts
+        target.row_context[...] = rows.row_context
+        target.row_position[...] = rows.row_position
+        for hook, stats in (rows.row_stats or {}).items():
+            target.row_stats[hook][...] = stats
+        return target
 
 
 def _empty_like(rows: Rows, n: int) -> Rows:
@@ -73,11 +82,22 @@ class ShardAlignedCommits:
         self.writer = writer
         self.unit = writer.header.shard_rows  # None: a commit per block
         self._carry: dict[str, _Carry] = {}
+        self._failed = False
 
     def add(self, split: str, rows: Rows, last_of_split: bool, summary: Callable[[], BlockSummary]) -> None:
         """Take the split's next block: `rows` in stored order, and the call that gives its own statistics
         (summed while the rows are written). Write and commit what now fills whole shards, or everything
-        when it is the split's last block."""
+        when it is the split's last block. Once one call has failed, every later one refuses: what is held
+        no longer follows the commits (blocks queued behind the failed one must not be written)."""
+        if self._failed:
+            raise RuntimeError("an earlier block's write or commit failed: the blocks after it are not written")
+        try:
+            self._add(split, rows, last_of_split, summary)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _add(self, split: str, rows: Rows, last_of_split: bool, summary: Callable[[], BlockSummary]) -> None:
         writer = self.writer
         done = writer.progress(split)
         if self.unit is None:
@@ -95,22 +115,22 @@ class ShardAlignedCommits:
         # boundary among them would have been committed with the block that brought them)
         take = boundary - done.rows_committed - carry.n if boundary > done.rows_committed else 0
         if boundary > done.rows_committed:
-            _write_parts(writer, split, done.rows_committed, [carry.rows(), rows.slice(0, take)])
+            _write_parts(writer, split, done.rows_committed, [*carry.parts, rows.slice(0, take)])
         block = summary()
         carry.blocks.append((WholeBlock(block.index, block.n_rows, block.stats, block.dropped), start + block.n_rows))
         if boundary > done.rows_committed:
             whole = [b for b, block_end in carry.blocks if block_end <= boundary]
             carry.blocks = [(b, block_end) for b, block_end in carry.blocks if block_end > boundary]
             writer.commit_blocks(split, whole, boundary)
-            carry.n = 0
+            carry.clear()
         carry.hold(rows.slice(take, len(rows)))
         if last_of_split:
             del self._carry[split]  # its buffers with it
 
 
-def _write_parts(writer: StoreWriter, split: str, start: int, parts: list[Rows | None]) -> None:
+def _write_parts(writer: StoreWriter, split: str, start: int, parts: list[Rows]) -> None:
     """Write rows that follow one another from several `Rows` (held, and a block's) as one run, unjoined."""
-    parts = [part for part in parts if part is not None and len(part)]
+    parts = [part for part in parts if len(part)]
     for part in parts:
         part.wait_copied()
     first = parts[0]

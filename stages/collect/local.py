@@ -5,6 +5,7 @@ summarizes, writes and commits the previous block."""
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from stages.collect.blocks import (
@@ -26,13 +27,18 @@ from stages.collect.context_tokens import ContextTokens
 from store_schema.writer import StoreWriter
 
 
+# Blocks handed to the writer thread and not yet written: two, so that the forward pass goes on while a
+# commit writes the shards that two blocks filled (a commit per block of a sharded store is the exception).
+WRITER_BLOCKS = 2
+
+
 def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWriter) -> None:
     with ContextTokens.of_store(writer.group, writer.header) as tokens:
         todo = pending_blocks(cfg, writer)
         bar = progress_bar(cfg, tokens, todo)
         norms = writer.normalizations()
-        # Two blocks' host buffers: the one the writer thread writes and the one being filled.
-        staging = HostStaging(slots=2)
+        # Host buffers for the blocks the writer thread has (WRITER_BLOCKS) and the one being filled.
+        staging = HostStaging(slots=WRITER_BLOCKS + 1)
         # A block's statistics are summed while its rows are written, hooks side by side on up to one
         # thread per core (eight hooks' threads on 2 cores took 2.5 times the CPU for the same sums).
         stats_threads = max(1, min(len(hooks), os.cpu_count() or 1))
@@ -40,7 +46,7 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="saepipe-writer") as pool,
             ThreadPoolExecutor(max_workers=stats_threads, thread_name_prefix="saepipe-stats") as stats_pool,
         ):
-            pending: Future | None = None
+            pending: deque[Future] = deque()
             commits = ShardAlignedCommits(writer)
             for task in todo:
                 block = forward_block(cfg, model, hooks, task, *tokens.read(task.contexts), bar.update)
@@ -51,11 +57,11 @@ def fill_store_here(cfg: CollectConfig, model, hooks: list[str], writer: StoreWr
                 # share is numpy and I/O.
                 marked = mark_outliers(block, norms, hooks)
                 rows = prepare_rows(marked, cfg.seed, staging)
-                if pending is not None:
-                    pending.result()  # one block in flight: bounded memory, writer errors surface here
-                pending = pool.submit(_write_and_commit, commits, marked, rows, task.last_of_split, stats_pool)
-            if pending is not None:
-                pending.result()
+                while len(pending) >= WRITER_BLOCKS:
+                    pending.popleft().result()  # bounded memory; writer errors surface here
+                pending.append(pool.submit(_write_and_commit, commits, marked, rows, task.last_of_split, stats_pool))
+            while pending:
+                pending.popleft().result()
     bar.close()
 
 
