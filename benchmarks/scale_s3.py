@@ -39,7 +39,9 @@ from benchmarks.bench import fresh_training_run
 from benchmarks.child import peak_rss_bytes, rss_bytes, run_in_child
 from benchmarks.s3_collect import measure_s3_collect
 from benchmarks.s3_latency import s3_environment, s3_server
+from stages.collect.config import DEFAULT_SHARD_CHUNKS
 from stages.train.config import TrainConfig
+from store_schema import shards
 from store_schema.copy import copy_store
 from store_schema.generated import write_array_store
 from store_schema.loader import ShuffledBatches
@@ -127,7 +129,9 @@ def _write_store(path: Path, n_rows: int, d_model: int, chunk_rows: int) -> None
     rows = np.empty((n_rows, d_model), np.float16)
     for i in range(0, n_rows, 65_536):
         rows[i : i + 65_536] = gen.standard_normal((min(65_536, n_rows - i), d_model), dtype=np.float32)
-    write_array_store(path, rows, rows[:chunk_rows], hook=HOOK, chunk_rows=chunk_rows)
+    write_array_store(
+        path, rows, rows[:chunk_rows], hook=HOOK, chunk_rows=chunk_rows, shard_chunks=DEFAULT_SHARD_CHUNKS
+    )  # the layout a collect writes
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -180,7 +184,8 @@ def _measure_read(url: str, concurrency: int, batch_size: int, rounds: int) -> d
             "round_ratios": ratios,
             "loader_batches_per_s_median": medians["loader_bytes_per_s_median"] / (batch_size * store.d_model * 2),
             "epoch_bytes": epoch_bytes,
-            "chunk_objects": len(keys),
+            "chunks": len(keys),
+            "shard_objects": len({path for path, _, _ in keys}),
             "batch_size": batch_size,
             "peak_rss_growth_bytes": peak_growth,
             "memory_bound_bytes": bound,
@@ -192,7 +197,7 @@ class _RawGets:
     """Plain parallel GETs with the S3 client the store reader uses (same connections, one GET per
     object), on fsspec's event loop; the client is made and its session opened before any timing."""
 
-    def __init__(self, url: str, keys: list[str], concurrency: int):
+    def __init__(self, url: str, keys: list[list], concurrency: int):
         import s3fs
 
         self.fs = s3fs.S3FileSystem(skip_instance_cache=True, **storage_options(url, concurrency))
@@ -207,12 +212,13 @@ class _RawGets:
         """Total bytes of one GET of every key."""
         return fsspec.asyn.sync(self.fs.loop, self._get_all, self.keys)
 
-    async def _get_all(self, keys: list[str]) -> int:
+    async def _get_all(self, keys: list[list]) -> int:
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def get(key: str) -> int:
+        async def get(key: list) -> int:
+            path, start, end = key
             async with gate:
-                return len(await self.fs._cat_file(key))
+                return len(await self.fs._cat_file(path, start=start, end=end))
 
         return sum(await asyncio.gather(*(get(key) for key in keys)))
 
@@ -321,14 +327,27 @@ def _measure_train(
     }
 
 
-def _chunk_keys(url: str, store) -> list[str]:
-    """The bucket paths of the training chunk objects of `store`, opened from `url`."""
+def _chunk_keys(url: str, store) -> list[list]:
+    """[bucket path, first byte, end byte] of each training chunk of `store`, opened from `url`: a chunk
+    object whole (end None), or a chunk's range of its shard object, as its shard's index gives it."""
+    import s3fs
+
     arr = store.acts("train", HOOK)
     n_chunks = -(-store.n_rows("train") // store.chunk_rows)
-    return [f"{url.removeprefix('s3://')}/{arr.path}/{arr.metadata.encode_chunk_key((c, 0))}" for c in range(n_chunks)]
+    per_shard = shards.shard_chunks(arr)
+    path = lambda i: f"{url.removeprefix('s3://')}/{arr.path}/{arr.metadata.encode_chunk_key((i, 0))}"  # noqa: E731
+    if arr.shards is None:
+        return [[path(c), 0, None] for c in range(n_chunks)]
+    fs, keys = s3fs.S3FileSystem(), []
+    for shard in range(-(-n_chunks // per_shard)):
+        index = shards.decode_index(fs.cat_file(path(shard), start=-shards.index_bytes(per_shard)), per_shard)
+        for inner in range(min(per_shard, n_chunks - shard * per_shard)):
+            start, nbytes = (int(v) for v in index[inner])
+            keys.append([path(shard), start, start + nbytes])
+    return keys
 
 
-# Another process pulling chunk objects from the S3 server at a given rate, `concurrency` at a time.
+# Another process pulling chunks (objects, or ranges of shard objects) from the S3 server at a given rate, `concurrency` at a time.
 _TRAFFIC_CHILD = """
 import asyncio, json, sys, time
 import s3fs
@@ -343,12 +362,13 @@ async def main():
 
     async def get(key):
         nonlocal requested
+        path, start, end = key
         async with gate:
             due = started + requested * object_bytes / rate  # evenly spaced requests make the rate
             requested += 1
             if due > time.perf_counter():
                 await asyncio.sleep(due - time.perf_counter())
-            await fs._cat_file(key)
+            await fs._cat_file(path, start=start, end=end)
 
     print("pulling", flush=True)
     while True:
@@ -359,10 +379,10 @@ asyncio.run(main())
 
 
 @contextlib.contextmanager
-def _traffic(keys: list[str], object_bytes: int, bytes_per_s: float, concurrency: int) -> Iterator[None]:
-    """Another process pulling the objects `keys` (each `object_bytes`) from the S3 server while the block
-    runs, at `bytes_per_s`."""
-    url = f"s3://{keys[0]}"
+def _traffic(keys: list[list], object_bytes: int, bytes_per_s: float, concurrency: int) -> Iterator[None]:
+    """Another process pulling the chunks `keys` (_chunk_keys; each `object_bytes`) from the S3 server
+    while the block runs, at `bytes_per_s`."""
+    url = f"s3://{keys[0][0]}"
     child = subprocess.Popen(
         [sys.executable, "-c", _TRAFFIC_CHILD, json.dumps([keys, bytes_per_s, concurrency, url, object_bytes])],
         stdout=subprocess.PIPE,

@@ -26,7 +26,6 @@ from stages.collect.config import CollectConfig
 from stages.collect.context_tokens import ContextTokens
 from store_schema.writer import StoreWriter
 
-
 # Blocks handed to the writer thread and not yet written: two, so that the forward pass goes on while a
 # commit writes the shards that two blocks filled (a commit per block of a sharded store is the exception).
 WRITER_BLOCKS = 2

@@ -78,7 +78,8 @@ def test_every_part_writes_its_keys_and_raw_figures(tiny_scale):
     assert result["fsync_cost"] == pytest.approx(no_fsync - fsync["collect_vs_forward"])
     # s3: each ratio is the median of its rounds' ratios, each side measured once a round
     assert result["s3_latency_ms"] == pytest.approx(20)
-    assert result["s3_store"]["chunks"] == result["s3_read"]["chunk_objects"] == 12
+    assert result["s3_store"]["chunks"] == result["s3_read"]["chunks"] == 12
+    assert result["s3_read"]["shard_objects"] == 1  # 12 chunks, in a shard of up to 16
     for key, raw, top, bottom in (
         ("s3_read_vs_raw_get", result["s3_read"], "loader_bytes_per_s", "raw_get_bytes_per_s"),
         ("s3_train_vs_local", result["s3_train"], "s3_steps_per_s", "local_steps_per_s"),

@@ -3,17 +3,14 @@ server; the store copied there and back, verified there, and trained from there,
 training from the local folder."""
 
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from tests.helpers.cli import collect_args, run, run_catching
-from tests.helpers.s3 import free_port, moto_bucket
+from tests.helpers.http import served_over_http
+from tests.helpers.s3 import moto_bucket
 
 TRAIN = ["--width", "32", "--k", "4", "--tokens", "12000", "--batch-size", "256", "--seed", "1", "--no-progress"]
 
@@ -119,22 +116,8 @@ def test_an_interrupted_copy_is_not_a_store_and_resumes(collected, tmp_path, mon
 def http_root(collected):
     pytest.importorskip("aiohttp")
     local, _ = collected
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(local.parent)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
+    with served_over_http(local.parent) as url:
+        yield url
 
 
 def test_train_verify_and_copy_from_a_read_only_http_server(collected, http_root, tmp_path):

@@ -6,10 +6,6 @@ being filled in its staging store."""
 
 import dataclasses
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import types
 from pathlib import Path
 
@@ -23,7 +19,8 @@ from store_schema.generated import write_array_store
 from store_schema.mirror import RemoteMirror
 from store_schema.reader import open_store
 from store_schema.verify import verify_store
-from tests.helpers.s3 import free_port, moto_bucket
+from tests.helpers.http import served_over_http
+from tests.helpers.s3 import moto_bucket
 
 CHUNK_ROWS, SHARD_CHUNKS, D = 64, 4, 16
 SHARD_ROWS = CHUNK_ROWS * SHARD_CHUNKS
@@ -304,22 +301,8 @@ def test_sharded_rows_read_from_s3_and_damage_is_named(stores, rows, bucket, mon
 def http_root(stores):
     """The stores' folder, served read-only by Python's http.server (which ignores Range headers)."""
     pytest.importorskip("aiohttp")
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(stores[1].parent)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
+    with served_over_http(stores[1].parent) as url:
+        yield url
 
 
 def test_sharded_rows_read_over_http_from_a_server_that_ignores_ranges(stores, rows, http_root, monkeypatch):
