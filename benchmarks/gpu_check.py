@@ -66,7 +66,7 @@ from stages.basics.device import resolve_device, synchronize
 from stages.basics.errors import SaepipeError, first_line
 from stages.basics.settings import progress_setting, setting
 from stages.collect import run_collect
-from stages.collect.config import CollectConfig
+from stages.collect.config import DEFAULT_SHARD_CHUNKS, CollectConfig
 from stages.host_model.model import run_to_hooks
 from stages.train import run_train
 from stages.train.config import TrainConfig
@@ -385,6 +385,8 @@ class GpuCheck:
         hook = "blocks.1.hook_resid_post"
         for width, tokens in ((576, s.ceiling_tokens), (2304, s.ceiling_tokens // 4)):
             cfg = collect_config(self.out / f"ceiling-d{width}.zarr", width, (hook,), tokens, self.device)
+            # shards of the d-576 shard's bytes, as `make bench` takes them (benchmarks/collect_ceiling.py)
+            cfg = dataclasses.replace(cfg, shard_chunks=max(1, DEFAULT_SHARD_CHUNKS * 576 // width))
             record[f"collect_ceiling_tokens_per_s_d{width}"] = collect_rate(cfg)["tokens_per_s"]
             self.partial = dict(record)
         self.model_name = self.model_name or self._model()

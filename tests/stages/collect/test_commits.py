@@ -95,3 +95,30 @@ def test_a_sharded_store_holds_the_rows_and_statistics_of_an_unsharded_one(whole
             np.testing.assert_array_equal(ours.total, theirs.total)
     files = lambda path: sum(1 for p in path.rglob("*") if p.is_file())  # noqa: E731
     assert files(whole) < files(flat)
+
+
+def test_rows_in_reused_host_buffers_are_copied_before_they_are_held(whole, tmp_path, monkeypatch):
+    """From a GPU, a block's rows sit in HostStaging's pinned buffers, which a later block fills again.
+    Here every block's rows are marked so, and overwritten as soon as the writer is done with them: the
+    rows held for the next commit must have been copied, or the store would hold the garbage."""
+    from stages.collect import blocks, local
+    from stages.collect.commits import ShardAlignedCommits
+
+    real_prepare, real_add = blocks.prepare_rows, ShardAlignedCommits.add
+
+    def borrowed_rows(*args, **kwargs):
+        rows = real_prepare(*args, **kwargs)
+        rows.borrowed = True
+        return rows
+
+    def add_then_refill(self, split, rows, last_of_split, summary):
+        real_add(self, split, rows, last_of_split, summary)
+        for acts in rows.acts.values():
+            acts[...] = np.float16(7.0)  # the staging buffer, filled by a later block
+        rows.row_context[...] = -5
+
+    monkeypatch.setattr(local, "prepare_rows", borrowed_rows)
+    monkeypatch.setattr(ShardAlignedCommits, "add", add_then_refill)
+    out = tmp_path / "s.zarr"
+    run_collect(CollectConfig(out=str(out), tokens=TOKENS, **SETTINGS))
+    assert tree_bytes(out) == tree_bytes(whole)
