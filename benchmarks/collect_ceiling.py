@@ -125,16 +125,13 @@ def writer_bytes_per_s(store_path: Path, hook: str, block_rows: int) -> float:
     write), each block's files flushed (a durable commit's share)."""
     writer = StoreWriter.open(store_path)
     n, chunk = writer.progress("train").rows_committed, writer.chunk_rows("train")
-    rows = np.random.default_rng(0).standard_normal((block_rows, writer.header.width(hook)), np.float32)
-    rows = rows.astype(np.float16)
-    mapping = np.zeros(block_rows, np.int32), np.zeros(block_rows, np.int16)
     # collect's writes: blocks that start mid-chunk, or, into a sharded store, whole shards
     shard = writer.header.shard_rows
     starts = list(range(0, n, shard)) if shard else [0, *range(chunk // 2, n, block_rows)]
-    rows = rows if not shard or shard <= block_rows else np.resize(rows, (shard, rows.shape[1]))
-    mapping = (
-        mapping if len(mapping[0]) >= len(rows) else (np.zeros(len(rows), np.int32), np.zeros(len(rows), np.int16))
-    )
+    most = max(stop - start for start, stop in zip(starts, starts[1:] + [n]))
+    rows = np.random.default_rng(0).standard_normal((most, writer.header.width(hook)), np.float32)
+    rows = rows.astype(np.float16)
+    mapping = np.zeros(most, np.int32), np.zeros(most, np.int16)
     arrays = [writer.group[name] for name in schema.row_array_names(writer.header, "train")]
     started = time.perf_counter()
     for start, stop in zip(starts, starts[1:] + [n]):

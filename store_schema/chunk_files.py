@@ -5,10 +5,10 @@ optionally Zarr's CRC32C) stores each chunk as exactly its bytes and a 4-byte li
 bytes Zarr's own pipeline would write: in a file of its own, or, when the array is sharded, as one of the
 inner chunks of a shard file that ends with Zarr's index (store_schema.shards). Zarr writes chunks one
 after another on one thread and copies each on the way (its crc32c codec appends the checksum to a copy
-of the chunk); here a file is one `writev` of the rows as they lie in memory, their checksums and the
-index, to a temporary renamed into place (as Zarr's local store does, so a reader never sees half a
-file), and the files of a write go to a pool of threads, whose writes, flushes and checksums run outside
-the GIL. Writing part of a file reads the rest of it first, as Zarr does; the part already there must
+of the chunk); here each chunk is one `pwritev` of the rows as they lie in memory and their checksum, at
+its offset in a temporary file, the chunks of a write (a shard's too) side by side on a pool of threads,
+whose writes, flushes and checksums run outside the GIL. Then each file gets its index (a shard), is
+flushed, and is renamed into place (as Zarr's local store does, so a reader never sees half a file). Writing part of a file reads the rest of it first, as Zarr does; the part already there must
 pass its checksums, or the store is damaged and nothing is written over it.
 """
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import math
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -609,8 +608,8 @@ def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
         if isinstance(arr.store, LocalStore):
             return (Path(arr.store.root) / key).exists()
         return _synchronous(arr.store.fs).exists(_object_path(arr.store, key))
-    per_shard = tuple(s // n for s, n in zip(arr.shards, arr.chunks))
-    size = shards.index_bytes(math.prod(per_shard))
+    per_shard = shards.shard_chunks(arr)  # row arrays are sharded along their rows only
+    size = shards.index_bytes(per_shard)
     try:
         if isinstance(arr.store, LocalStore):
             with open(Path(arr.store.root) / key, "rb") as f:
@@ -619,9 +618,8 @@ def chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
             tail = _cat_range(_synchronous(arr.store.fs), _object_path(arr.store, key), -size)
     except (FileNotFoundError, *getattr(arr.store, "allowed_exceptions", ())):
         return False
-    index = shards.decode_index(tail, math.prod(per_shard))
-    inner = np.ravel_multi_index(tuple(c % n for c, n in zip(coords, per_shard)), per_shard)
-    return index is None or index[inner][0] != shards.ABSENT
+    index = shards.decode_index(tail, per_shard)
+    return index is None or index[coords[0] % per_shard][0] != shards.ABSENT
 
 
 def is_checksum_error(e: ValueError) -> bool:

@@ -279,8 +279,11 @@ class StoreWriter:
             dropped += block.dropped
             block_rows += block.n_rows
         rows = block_rows if rows_committed is None else rows_committed
-        if not block_rows <= rows or rows < done.rows_committed:
-            raise ValueError(f"committing {split} rows to {rows:,}, outside [{block_rows:,}, the blocks' rows]")
+        if rows < max(block_rows, done.rows_committed):
+            raise ValueError(
+                f"committing {split} rows to {rows:,}, fewer than the {block_rows:,} of its whole blocks or "
+                f"the {done.rows_committed:,} committed before"
+            )
         self.commit(split, done.blocks_done + len(blocks), rows, stats, dropped, block_rows)
 
     def _free_sum_slot(self, split: str, hook: str) -> int:

@@ -111,6 +111,42 @@ class Rows:
         self.wait_copied()
         writer.write_rows(split, start, self.acts, self.row_context, self.row_position, self.row_stats)
 
+    @staticmethod
+    def write_run(parts: list[Rows], writer: StoreWriter, split: str, start: int) -> None:
+        """Write rows that follow one another in several `parts` as one run from `start`, without joining
+        them in memory (`concat` joins them)."""
+        parts = [part for part in parts if len(part)]
+        for part in parts:
+            part.wait_copied()
+        first = parts[0]
+        writer.write_rows(
+            split,
+            start,
+            {h: [part.acts[h] for part in parts] for h in first.acts},
+            [part.row_context for part in parts],
+            [part.row_position for part in parts],
+            None if first.row_stats is None else {h: [part.row_stats[h] for part in parts] for h in first.row_stats},
+        )
+
+    def empty_like(self, n: int) -> Rows:
+        """Buffers for `n` rows, shaped and typed as these."""
+
+        def like(a):
+            return np.empty((n,) + a.shape[1:], a.dtype)
+
+        stats = None if self.row_stats is None else {h: like(a) for h, a in self.row_stats.items()}
+        return Rows({h: like(a) for h, a in self.acts.items()}, like(self.row_context), like(self.row_position), stats)
+
+    def copy_to(self, target: Rows) -> None:
+        """Copy these rows into `target` (as many rows, shaped alike)."""
+        self.wait_copied()
+        for h, acts in self.acts.items():
+            target.acts[h][...] = acts
+        target.row_context[...] = self.row_context
+        target.row_position[...] = self.row_position
+        for h, stats in (self.row_stats or {}).items():
+            target.row_stats[h][...] = stats
+
 
 @dataclass
 class BlockSummary:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-
 from stages.collect.blocks import BlockSummary, Rows
 from store_schema.writer import StoreWriter, WholeBlock
 
@@ -52,27 +50,10 @@ class _Carry:
     def _copied(self, rows: Rows) -> Rows:
         """`rows` copied into the buffers, at the place they take among the rows held."""
         if self.buffers is None:
-            self.buffers = _empty_like(rows, self.shard_rows)
-        rows.wait_copied()
-        lo, hi = self.n, self.n + len(rows)
-        target = self.buffers.slice(lo, hi)
-        for hook, acts in rows.acts.items():
-            target.acts[hook][...] = acts
-        target.row_context[...] = rows.row_context
-        target.row_position[...] = rows.row_position
-        for hook, stats in (rows.row_stats or {}).items():
-            target.row_stats[hook][...] = stats
+            self.buffers = rows.empty_like(self.shard_rows)
+        target = self.buffers.slice(self.n, self.n + len(rows))
+        rows.copy_to(target)
         return target
-
-
-def _empty_like(rows: Rows, n: int) -> Rows:
-    """Buffers of `n` rows shaped and typed as `rows`."""
-
-    def like(a):
-        return np.empty((n,) + a.shape[1:], a.dtype)
-
-    stats = None if rows.row_stats is None else {h: like(a) for h, a in rows.row_stats.items()}
-    return Rows({h: like(a) for h, a in rows.acts.items()}, like(rows.row_context), like(rows.row_position), stats)
 
 
 class ShardAlignedCommits:
@@ -111,14 +92,15 @@ class ShardAlignedCommits:
             rows = rows.slice(done.rows_committed - start, len(rows))  # its head may be committed already
         end = done.rows_committed + carry.n + len(rows)
         boundary = end if last_of_split else end - end % self.unit
+        commit = boundary > done.rows_committed
         # the rows up to the boundary: those held, then this block's first (never fewer than held: a
         # boundary among them would have been committed with the block that brought them)
-        take = boundary - done.rows_committed - carry.n if boundary > done.rows_committed else 0
-        if boundary > done.rows_committed:
-            _write_parts(writer, split, done.rows_committed, [*carry.parts, rows.slice(0, take)])
+        take = boundary - done.rows_committed - carry.n if commit else 0
+        if commit:
+            Rows.write_run([*carry.parts, rows.slice(0, take)], writer, split, done.rows_committed)
         block = summary()
         carry.blocks.append((WholeBlock(block.index, block.n_rows, block.stats, block.dropped), start + block.n_rows))
-        if boundary > done.rows_committed:
+        if commit:
             whole = [b for b, block_end in carry.blocks if block_end <= boundary]
             carry.blocks = [(b, block_end) for b, block_end in carry.blocks if block_end > boundary]
             writer.commit_blocks(split, whole, boundary)
@@ -126,19 +108,3 @@ class ShardAlignedCommits:
         carry.hold(rows.slice(take, len(rows)))
         if last_of_split:
             del self._carry[split]  # its buffers with it
-
-
-def _write_parts(writer: StoreWriter, split: str, start: int, parts: list[Rows]) -> None:
-    """Write rows that follow one another from several `Rows` (held, and a block's) as one run, unjoined."""
-    parts = [part for part in parts if len(part)]
-    for part in parts:
-        part.wait_copied()
-    first = parts[0]
-    writer.write_rows(
-        split,
-        start,
-        {hook: [part.acts[hook] for part in parts] for hook in first.acts},
-        [part.row_context for part in parts],
-        [part.row_position for part in parts],
-        None if first.row_stats is None else {h: [part.row_stats[h] for part in parts] for h in first.row_stats},
-    )

@@ -27,7 +27,8 @@ from stages.collect.context_tokens import ContextTokens
 from store_schema.writer import StoreWriter
 
 # Blocks handed to the writer thread and not yet written: two, so that the forward pass goes on while a
-# commit writes the shards that two blocks filled (a commit per block of a sharded store is the exception).
+# commit writes the shards that two blocks filled (a sharded store commits every second block or so, and
+# with one block in hand the forward pass waited behind each of those commits).
 WRITER_BLOCKS = 2
 
 
